@@ -1,0 +1,136 @@
+"""Explicit per-architecture access to a Hugging Face decoder's pieces.
+
+GateSkip never calls a Hugging Face decoder layer's `forward`: the gated
+execution (`execution.py`) walks the layers itself, so that it can gate each
+branch, skip tokens and manage its own KV cache. This module names, for each
+supported architecture, the modules that walk needs:
+
+    h -> attn_norm -> [q, k, v projections, (q/k norm), rope, attention, o_proj,
+         (post-attention norm)] -> h + g_attn * branch
+      -> mlp_norm  -> [mlp, (post-mlp norm)] -> h + g_mlp * branch
+
+Supported: Llama (SmolLM2) and Gemma-3 text models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import GateSkipError
+
+SUPPORTED_MODEL_TYPES = ("llama", "gemma3_text")
+
+
+@dataclass(frozen=True)
+class LayerParts:
+    """The modules of one decoder layer, in execution order."""
+
+    attn_norm: nn.Module
+    q_proj: nn.Linear
+    k_proj: nn.Linear
+    v_proj: nn.Linear
+    o_proj: nn.Linear
+    q_norm: nn.Module | None
+    k_norm: nn.Module | None
+    attn_post_norm: nn.Module | None
+    mlp_norm: nn.Module
+    mlp: nn.Module
+    mlp_post_norm: nn.Module | None
+    rope_kind: str | None  # Gemma-3: "sliding_attention" or "full_attention"
+    sliding_window: int | None
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Shapes and modules of a supported decoder-only model."""
+
+    model_type: str
+    n_layers: int
+    d_model: int
+    d_ff: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    attn_scale: float
+    final_logit_softcap: float | None
+    layers: tuple[LayerParts, ...]
+    embed: nn.Module
+    final_norm: nn.Module
+    lm_head: nn.Linear
+    rotary: nn.Module
+
+    def fingerprint(self) -> dict[str, int | str]:
+        """What a gate checkpoint must match to be loaded into this model."""
+        return {
+            "model_type": self.model_type,
+            "n_layers": self.n_layers,
+            "d_model": self.d_model,
+            "vocab_size": self.vocab_size,
+        }
+
+    def rope(self, layer: int, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for `positions` [B, T] at `layer` (Gemma-3 uses two rope bases)."""
+        kind = self.layers[layer].rope_kind
+        if kind is None:
+            return self.rotary(x, positions)
+        return self.rotary(x, positions, kind)
+
+
+def arch_spec(hf_model: nn.Module) -> ArchSpec:
+    """Describe `hf_model` (a *ForCausalLM) or fail with a clear message."""
+    config = hf_model.config
+    model_type = getattr(config, "model_type", "?")
+    if model_type == "gemma3":  # multimodal wrapper config; we only run the text stack
+        raise GateSkipError("Gemma-3 multimodal checkpoints are not supported; use a text-only (gemma3_text) model")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise GateSkipError(
+            f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    base = hf_model.model
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    is_gemma = model_type == "gemma3_text"
+    layers = []
+    for i, layer in enumerate(base.layers):
+        attn = layer.self_attn
+        rope_kind = config.layer_types[i] if is_gemma else None
+        window = config.sliding_window if (is_gemma and rope_kind == "sliding_attention") else None
+        layers.append(
+            LayerParts(
+                attn_norm=layer.input_layernorm,
+                q_proj=attn.q_proj,
+                k_proj=attn.k_proj,
+                v_proj=attn.v_proj,
+                o_proj=attn.o_proj,
+                q_norm=attn.q_norm if is_gemma else None,
+                k_norm=attn.k_norm if is_gemma else None,
+                attn_post_norm=layer.post_attention_layernorm if is_gemma else None,
+                # Llama's "post_attention_layernorm" is the MLP's input norm.
+                mlp_norm=layer.pre_feedforward_layernorm if is_gemma else layer.post_attention_layernorm,
+                mlp=layer.mlp,
+                mlp_post_norm=layer.post_feedforward_layernorm if is_gemma else None,
+                rope_kind=rope_kind,
+                sliding_window=window,
+            )
+        )
+    scale = config.query_pre_attn_scalar**-0.5 if is_gemma else head_dim**-0.5
+    return ArchSpec(
+        model_type=model_type,
+        n_layers=len(layers),
+        d_model=config.hidden_size,
+        d_ff=config.intermediate_size,
+        n_heads=config.num_attention_heads,
+        n_kv_heads=config.num_key_value_heads,
+        head_dim=head_dim,
+        vocab_size=config.vocab_size,
+        attn_scale=scale,
+        final_logit_softcap=getattr(config, "final_logit_softcapping", None) if is_gemma else None,
+        layers=tuple(layers),
+        embed=base.embed_tokens,
+        final_norm=base.norm,
+        lm_head=hf_model.lm_head,
+        rotary=base.rotary_emb,
+    )

