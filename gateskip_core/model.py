@@ -189,6 +189,8 @@ class GatedModel:
             resolved = QuantilePolicy()
         elif policy == "random":
             resolved = RandomPolicy(seed=seed)
+        elif policy == "calibrated" and budget.is_zero():
+            resolved = CalibratedPolicy(thresholds=np.full((self.spec.n_layers, 2), -math.inf), budget=budget)
         elif policy == "calibrated":
             resolved = self.calibrate(budget, protect_bos=protect_bos)
         else:
@@ -278,7 +280,8 @@ class GatedModel:
             batch = self.encode(texts[start : start + batch_size], chat=chat, max_tokens=max_tokens)
             for i, was_cut in enumerate(batch.truncated):
                 if was_cut:
-                    warnings.warn(f"text {start + i} truncated to the model's context", stacklevel=2)
+                    limit = min(max_tokens or self.max_context, self.max_context)
+                    warnings.warn(f"text {start + i} truncated to its first {limit} tokens", stacklevel=2)
             result = self.forward(batch.input_ids, batch.attention_mask, plan)
             sequences.extend(self._sequence_traces(batch.input_ids, batch.attention_mask, result, plan, "all"))
         return self._make_trace(sequences, plan)
@@ -288,7 +291,7 @@ class GatedModel:
             sequences=sequences,
             model=self.name,
             gates=self.gates_label,
-            policy=plan.policy.name if plan.policy is not None and not plan.budget.is_zero() else "none",
+            policy=plan.policy.name if plan.policy is not None else "none",
             skip_budget=np.asarray(plan.budget.fractions, dtype=np.float64),
             branches=plan.budget.branches,
             path=plan.path,

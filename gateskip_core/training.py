@@ -1,0 +1,351 @@
+"""Gate training: cross-entropy (or KL to the ungated model) + lambda * sparsity.
+
+    loss = CE(next token) + lambda * mean_branches(mean(g^2))      (l2; l1: mean(|g|))
+
+Skipping is applied while training (quantile policy, per sequence) with a budget
+that rises linearly from `skip_start` to `skip_end` over `skip_ramp_steps`;
+a skipped token's branch output is exactly zero, so it gets no CE gradient
+through its gate. By default only the gates train (frozen backbone).
+
+Reproducibility: the batch of step i is a pure function of (seed, i), and the
+training state (gates, optimiser, step) is checkpointed in safetensors, so
+`resume=True` continues a killed run and ends with the same gates as an
+uninterrupted run. Runs unchanged under `accelerate launch` (data parallel):
+each process takes its share of every batch's rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .checkpoint import GateCheckpoint, save_gates
+from .data import paragraphs, pydoc_texts, token_blocks
+from .errors import GateSkipError
+from .execution import SkipPlan, gated_forward
+from .gates import GATE_VARIANTS, GateSet
+from .model import CALIBRATION_BUDGETS, GatedModel, load_model
+from .policies import QuantilePolicy, SkipBudget
+from .registry import cache_root
+
+INSTRUCTIONS = [
+    "Explain what a hash table is in two sentences.",
+    "Write a short poem about autumn leaves.",
+    "Give three tips for learning a new language.",
+    "What is the difference between weather and climate?",
+    "Summarise the plot of Romeo and Juliet briefly.",
+    "How do I reverse a list in Python?",
+    "Why is the sky blue?",
+    "Suggest a name for a friendly robot and explain it.",
+    "List the planets of the solar system in order.",
+    "What are the benefits of regular exercise?",
+    "Describe how a bicycle works.",
+    "Translate 'good morning, how are you?' into French.",
+    "What is 17 times 23? Show your steps.",
+    "Write a polite email declining a meeting invitation.",
+    "Explain photosynthesis to a ten-year-old.",
+    "What should I pack for a weekend hiking trip?",
+    "Give an example of a metaphor and explain it.",
+    "How does a binary search work?",
+    "What causes earthquakes?",
+    "Write a haiku about the sea.",
+    "Compare cats and dogs as pets.",
+    "What is the capital of Australia, and why is it not Sydney?",
+    "Describe the water cycle.",
+    "Give me a recipe for a simple tomato sauce.",
+]
+
+
+@dataclass
+class TrainConfig:
+    model: str = "smollm2-135m-instruct"
+    gate: str = "vector"
+    shared: bool = False
+    full: bool = False  # fine-tune the backbone too
+    steps: int = 200
+    seq_len: int = 128
+    batch: int = 4
+    lr: float = 3e-3
+    sparsity_weight: float = 0.1
+    sparsity_loss: str = "l2"
+    skip_start: float = 0.0
+    skip_end: float = 0.2
+    skip_ramp_steps: int = 100
+    data: list[str] = field(default_factory=lambda: ["builtin"])
+    distill: bool = False
+    out: str = "gates.safetensors"
+    resume: bool = False
+    seed: int = 0
+    checkpoint_every: int = 25
+    val_every: int = 50
+    val_batches: int = 4
+    int8: bool = False
+    calibrate: bool = True
+
+    def validate(self) -> None:
+        if self.gate not in GATE_VARIANTS:
+            raise GateSkipError(f"--gate must be one of {', '.join(GATE_VARIANTS)}")
+        if self.sparsity_loss not in ("l1", "l2"):
+            raise GateSkipError("--sparsity-loss must be l1 or l2")
+        for name in ("steps", "seq_len", "batch"):
+            if getattr(self, name) < 1:
+                raise GateSkipError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.seq_len < 8:
+            raise GateSkipError("--seq-len must be at least 8")
+        for name in ("skip_start", "skip_end"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise GateSkipError(f"--{name.replace('_', '-')} must lie in [0, 1]")
+        if not self.out.endswith(".safetensors"):
+            raise GateSkipError("--out must end in .safetensors")
+        if self.lr <= 0:
+            raise GateSkipError("--lr must be positive")
+
+    def budget_at(self, step: int) -> float:
+        frac = min(1.0, step / self.skip_ramp_steps) if self.skip_ramp_steps > 0 else 1.0
+        return self.skip_start + (self.skip_end - self.skip_start) * frac
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    seconds: float
+    history: list[dict]
+    metrics: dict
+
+
+class _GateObjective(nn.Module):
+    """Loss of one batch; a module so that Accelerate can wrap it for data parallelism."""
+
+    def __init__(self, gm: GatedModel, gates: GateSet, config: TrainConfig):
+        super().__init__()
+        self.gates = gates
+        self.backbone = gm.backbone  # registered so --full trains it and DDP syncs it
+        self.gm = gm
+        self.config = config
+
+    def forward(self, input_ids: torch.Tensor, budget: float):
+        spec, cfg = self.gm.spec, self.config
+        plan = SkipPlan(SkipBudget.make(budget, spec.n_layers), QuantilePolicy(), "masked")
+        mask = torch.ones_like(input_ids)
+        out = gated_forward(spec, self.gates, input_ids, mask, plan, keep_gate_values=True)
+        logits = out.logits[:, :-1].float()
+        if cfg.distill:
+            with torch.no_grad():
+                teacher = self.gm.backbone(input_ids=input_ids).logits[:, :-1].float()
+            task = F.kl_div(
+                F.log_softmax(logits, -1).flatten(0, 1), F.log_softmax(teacher, -1).flatten(0, 1),
+                log_target=True, reduction="batchmean",
+            )  # fmt: skip
+        else:
+            task = F.cross_entropy(logits.flatten(0, 1), input_ids[:, 1:].flatten())
+        per_branch = [(g.pow(2) if cfg.sparsity_loss == "l2" else g.abs()).mean() for g in out.gate_values]
+        sparsity = torch.stack(per_branch).mean()
+        eligible = out.eligible.sum() * spec.n_layers * 2
+        skip_rate = out.skipped.sum() / eligible.clamp(min=1)
+        return task + cfg.sparsity_weight * sparsity, task.detach(), sparsity.detach(), skip_rate
+
+
+def builtin_texts(gm: GatedModel, split: str, progress: Callable[[str], None]) -> list[str]:
+    """pydoc prose, plus (instruction-tuned models) the model's own chat answers, cached."""
+    texts = pydoc_texts(split)
+    if gm.tokenizer.chat_template and split in ("train", "validation"):
+        texts = texts + [t for i, t in enumerate(instruction_answers(gm, progress)) if (i % 6 == 0) == (split == "validation")]
+    return texts
+
+
+def instruction_answers(gm: GatedModel, progress: Callable[[str], None], max_new_tokens: int = 96) -> list[str]:
+    """The model's own answers to INSTRUCTIONS, formatted with its chat template (generated once)."""
+    path = cache_root() / "data" / f"{Path(gm.name).name}-answers.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    progress(f"generating the model's answers to {len(INSTRUCTIONS)} instructions (one time)")
+    plain = GatedModel(gm.backbone, gm.tokenizer, gm.name)
+    gen = plain.generate(INSTRUCTIONS, max_new_tokens=max_new_tokens, chat=True)
+    texts = []
+    for instruction, answer in zip(INSTRUCTIONS, gen.text):
+        messages = [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer.strip()}]
+        texts.append(gm.tokenizer.apply_chat_template(messages, tokenize=False))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(texts))
+    tmp.replace(path)
+    return texts
+
+
+def _load_texts(config: TrainConfig, gm: GatedModel, progress) -> tuple[list[str], list[str]]:
+    if config.data == ["builtin"]:
+        return builtin_texts(gm, "train", progress), builtin_texts(gm, "validation", progress)
+    paras: list[str] = []
+    for name in config.data:
+        try:
+            paras.extend(paragraphs(Path(name).read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as err:
+            raise GateSkipError(f"cannot read data file {name}: {err}") from None
+    if len(paras) < 2:
+        raise GateSkipError("training data needs at least two paragraphs")
+    # Deterministic split: every 10th paragraph is validation.
+    return [p for i, p in enumerate(paras) if i % 10], [p for i, p in enumerate(paras) if not i % 10] or paras[:1]
+
+
+def _state_path(out: Path) -> Path:
+    return out.with_name(out.name.removesuffix(".safetensors") + ".state.safetensors")
+
+
+def _save_state(path: Path, step: int, objective: _GateObjective, optim: torch.optim.Optimizer, history, config):
+    tensors = {f"param.{k}": v.detach().contiguous() for k, v in objective.named_parameters() if v.requires_grad}
+    state = optim.state_dict()
+    for pid, st in state["state"].items():
+        for name, value in st.items():
+            tensors[f"optim.{pid}.{name}"] = torch.as_tensor(value).contiguous()
+    meta = {"step": str(step), "history": json.dumps(history), "config": json.dumps(asdict(config)),
+            "param_groups": json.dumps(state["param_groups"])}  # fmt: skip
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def _load_state(path: Path, objective: _GateObjective, optim: torch.optim.Optimizer):
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:
+        raise GateSkipError(f"cannot resume: {path.name} is damaged ({str(err).splitlines()[0]})") from None
+    params = dict(objective.named_parameters())
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if key.startswith("param."):
+                params[key[6:]].copy_(value)
+    opt_state: dict = {"state": {}, "param_groups": json.loads(meta["param_groups"])}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            opt_state["state"].setdefault(int(pid), {})[name] = value
+    optim.load_state_dict(opt_state)
+    return int(meta["step"]), json.loads(meta["history"])
+
+
+def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar: bool = True) -> TrainResult:
+    """Train gates as `config` says; returns where the gates were written and the metrics."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    config.validate()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    is_main = accelerator.is_main_process
+    log = progress if is_main else (lambda msg: None)
+    out = Path(config.out)
+    state_path = _state_path(out)
+    if state_path.exists() and not config.resume:
+        raise GateSkipError(f"{state_path} exists from an earlier run; pass --resume to continue it or delete it")
+
+    torch.manual_seed(config.seed)
+    gm = load_model(config.model, progress=log)
+    gates = GateSet(gm.spec.n_layers, gm.spec.d_model, config.gate, config.shared)
+    for p in gates.parameters():
+        p.requires_grad_(True)
+    if config.full:
+        for p in gm.backbone.parameters():
+            p.requires_grad_(True)
+    train_texts, val_texts = _load_texts(config, gm, log)
+    train_blocks = list(token_blocks(gm.tokenizer, train_texts, config.seq_len))
+    val_blocks = list(token_blocks(gm.tokenizer, val_texts, config.seq_len))[: config.val_batches * config.batch]
+    if len(train_blocks) < config.batch:
+        raise GateSkipError(f"training data gives {len(train_blocks)} blocks of {config.seq_len} tokens; need {config.batch}")
+    if not val_blocks:
+        raise GateSkipError("validation data is shorter than one block")
+    train_data, val_data = torch.stack(train_blocks), torch.stack(val_blocks)
+
+    objective = _GateObjective(gm, gates, config)
+    trainable = [p for p in objective.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+    start_step, history = 0, []
+    if config.resume and state_path.exists():
+        start_step, history = _load_state(state_path, objective, optim)
+        log(f"resuming from step {start_step}")
+    wrapped, optim = accelerator.prepare(objective, optim)
+
+    def batch_rows(step: int) -> torch.Tensor:
+        # Epoch-wise permutation seeded by (seed, epoch): a pure function of the step.
+        per_epoch = len(train_data) // config.batch
+        epoch, offset = divmod(step, per_epoch)
+        perm = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
+        rows = perm[offset * config.batch : (offset + 1) * config.batch]
+        return rows[accelerator.process_index :: accelerator.num_processes]
+
+    def validate(budget: float) -> dict:
+        objective.eval()
+        losses = []
+        with torch.no_grad():
+            for i in range(0, len(val_data), config.batch):
+                _, task, _, _ = objective(val_data[i : i + config.batch], budget)
+                losses.append(float(task))
+        objective.train()
+        return {"val_loss": float(np.mean(losses)), "val_budget": budget}
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=config.steps, initial=start_step, disable=not (is_main and show_bar), desc="train gates")
+    tokens_done = 0
+    step = start_step
+    for step in range(start_step, config.steps):
+        budget = config.budget_at(step)
+        loss, task, sparsity, skip_rate = wrapped(train_data[batch_rows(step)], budget)
+        if not torch.isfinite(loss):
+            bar.close()
+            raise GateSkipError(
+                f"loss became {float(loss)} at step {step}; stopped. The last good checkpoint is {state_path}"
+                " (try a lower --lr)"
+            )
+        optim.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optim.step()
+        tokens_done += config.batch * config.seq_len
+        rate = tokens_done / max(1e-9, time.perf_counter() - t0)
+        record = {"step": step + 1, "loss": float(loss), "task": float(task), "sparsity": float(sparsity),
+                  "skip_rate": float(skip_rate), "budget": budget}  # fmt: skip
+        if (step + 1) % config.val_every == 0 or step + 1 == config.steps:
+            record.update(validate(budget))
+        history.append(record)
+        bar.set_postfix(loss=f"{float(loss):.3f}", sparsity=f"{float(sparsity):.3f}",
+                        skip=f"{float(skip_rate):.2f}", tok_s=f"{rate:.0f}", refresh=False)  # fmt: skip
+        bar.update(1)
+        if is_main and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
+            _save_state(state_path, step + 1, accelerator.unwrap_model(wrapped), optim, history, config)
+        accelerator.wait_for_everyone()
+    bar.close()
+    seconds = time.perf_counter() - t0
+
+    metrics = {k: v for k, v in history[-1].items() if k.startswith("val")} if history else {}
+    for p in gates.parameters():
+        p.requires_grad_(False)
+    gm.attach_gates(gates, out.name)
+    budgets, thresholds = np.zeros(0), np.zeros((0, gm.spec.n_layers, 2))
+    if config.calibrate and is_main:
+        log("calibrating thresholds for budgets 0.05 .. 0.6")
+        budgets = CALIBRATION_BUDGETS
+        thresholds = np.stack([gm.fit_thresholds(SkipBudget.make(b, gm.spec.n_layers)).thresholds for b in budgets])
+    if is_main:
+        ckpt = GateCheckpoint(
+            gates=gates, model=gm.name, fingerprint=gm.spec.fingerprint(),
+            calibration_budgets=budgets, calibration_thresholds=thresholds,
+            training={**asdict(config), "seconds": round(seconds, 1), "processes": accelerator.num_processes},
+            metrics=metrics,
+        )  # fmt: skip
+        save_gates(ckpt, out, int8=config.int8)
+        log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) after {config.steps} steps in {seconds:.0f} s")
+    accelerator.wait_for_everyone()
+    return TrainResult(out=out, steps=config.steps, seconds=seconds, history=history, metrics=metrics)
+
+

@@ -1,0 +1,104 @@
+"""The explicit gated forward against Hugging Face, and masked vs physical execution."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from gateskip_core import SkipBudget, SkipPlan, load_model
+from gateskip_core.policies import BranchInput, Decision, SkipPolicy
+
+from .conftest import PROMPTS, TINY, spread_gates
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_ungated_forward_matches_hugging_face(name):
+    model = load_model(name)
+    batch = model.encode(PROMPTS)
+    ref = model.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    out = model.forward(batch.input_ids, batch.attention_mask, model.make_plan(0.0)).logits
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(out[real], ref[real], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_removing_gates_restores_the_model_bit_for_bit(name):
+    model = load_model(name)
+    batch = model.encode(PROMPTS)
+    before_hf = model.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    before = model.forward(batch.input_ids, batch.attention_mask, model.make_plan(0.0)).logits
+    pointers = {k: v.data_ptr() for k, v in model.backbone.state_dict().items()}
+    spread_gates(model)
+    gated = model.forward(batch.input_ids, batch.attention_mask, model.make_plan(0.0)).logits
+    assert not torch.equal(gated, before)  # the gates do change the output
+    assert {k: v.data_ptr() for k, v in model.backbone.state_dict().items()} == pointers
+    model.remove_gates()
+    after = model.forward(batch.input_ids, batch.attention_mask, model.make_plan(0.0)).logits
+    after_hf = model.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    assert torch.equal(after, before)
+    assert torch.equal(after_hf, before_hf)
+
+
+@pytest.mark.parametrize("kv", ["compute", "copy"])
+@pytest.mark.parametrize("skip", [0.3, 0.6])
+def test_masked_and_physical_paths_agree(tiny, skip, kv):
+    batch = tiny.encode(PROMPTS)
+    real = batch.attention_mask.bool()
+    outs = {}
+    for path in ("masked", "physical"):
+        plan = tiny.make_plan(skip, "quantile", path=path, kv=kv)
+        outs[path] = tiny.forward(batch.input_ids, batch.attention_mask, plan)
+    assert outs["masked"].skipped.any()
+    assert torch.equal(outs["masked"].skipped, outs["physical"].skipped)
+    torch.testing.assert_close(outs["masked"].logits[real], outs["physical"].logits[real], atol=1e-4, rtol=1e-4)
+
+
+@dataclass(frozen=True)
+class SkipPositions(SkipPolicy):
+    """Test policy: the given positions skip every branch of every layer."""
+
+    positions: tuple[int, ...] = ()
+    name: str = "fixed"
+    needs_gates: bool = False
+
+    def decide(self, inp: BranchInput) -> Decision:
+        skip = torch.zeros_like(inp.eligible)
+        for p in self.positions:
+            skip |= inp.positions == p
+        return Decision(skip=skip & inp.eligible, threshold=torch.full(skip.shape, float("nan")))
+
+
+@pytest.mark.parametrize("path", ["masked", "physical"])
+def test_skipped_token_still_influences_later_tokens_through_attention(tiny, path):
+    ids = tiny.encode(["abcdefghij"]).input_ids
+    mask = torch.ones_like(ids)
+    plan = SkipPlan(SkipBudget.make(1.0, tiny.spec.n_layers), SkipPositions((3,)), path)
+    out = tiny.forward(ids, mask, plan)
+    assert out.skipped[0, 3].all() and not out.skipped[0, 6].any()
+    changed = ids.clone()
+    changed[0, 3] = ids[0, 3] + 1
+    out2 = tiny.forward(changed, mask, plan)
+    # position 6 runs attention and sees position 3's keys/values, computed from its residual
+    assert (out.logits[0, 6] - out2.logits[0, 6]).abs().max() > 1e-4
+    torch.testing.assert_close(out.logits[0, :3], out2.logits[0, :3])  # causality
+
+
+def test_skipped_token_residual_passes_unchanged(tiny):
+    ids = tiny.encode(["abcdefghij"]).input_ids
+    plan = SkipPlan(SkipBudget.make(1.0, tiny.spec.n_layers), SkipPositions((4,)), "physical")
+    out = tiny.forward(ids, torch.ones_like(ids), plan, keep_hidden_states=True)
+    first = out.hidden_states[0][0, 4]
+    for h in out.hidden_states[1:]:
+        assert torch.equal(h[0, 4], first)
+    assert not torch.equal(out.hidden_states[-1][0, 5], out.hidden_states[0][0, 5])
+
+
+def test_masked_skip_outputs_are_exact_zeros(tiny):
+    ids = tiny.encode(["abcdefghij"]).input_ids
+    plan = SkipPlan(SkipBudget.make(1.0, tiny.spec.n_layers), SkipPositions((2, 7)), "masked")
+    out = tiny.forward(ids, torch.ones_like(ids), plan, keep_hidden_states=True)
+    for h in out.hidden_states[1:]:
+        assert torch.equal(h[0, 2], out.hidden_states[0][0, 2])
+        assert torch.equal(h[0, 7], out.hidden_states[0][0, 7])

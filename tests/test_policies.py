@@ -1,0 +1,115 @@
+"""Skip budgets and policies: exact counts, batch independence, padding, BOS, causality."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gateskip_core import GateSkipError, RandomPolicy, SkipBudget, load_model
+from gateskip_core.data import pydoc_texts
+
+from .conftest import PROMPTS
+
+
+@pytest.mark.parametrize("skip", [0.1, 0.25, 0.5, 0.9])
+def test_quantile_skips_exactly_floor_b_times_eligible(tiny, skip):
+    trace = tiny.trace(PROMPTS, skip=skip, policy="quantile")
+    for seq in trace.sequences:
+        n_eligible = int(seq.eligible.sum())
+        assert n_eligible == seq.n_tokens - 1  # BOS protected
+        expected = math.floor(skip * n_eligible + 1e-9)
+        assert (seq.skipped.sum(axis=0) == expected).all()
+        assert not seq.skipped[0].any()
+
+
+def test_quantile_skips_the_least_important_tokens(tiny):
+    seq = tiny.trace(PROMPTS[0], skip=0.3).sequences[0]
+    for layer in range(tiny.spec.n_layers):
+        for b in range(2):
+            skipped = seq.gate[seq.skipped[:, layer, b], layer, b]
+            kept = seq.gate[~seq.skipped[:, layer, b] & seq.eligible, layer, b]
+            assert skipped.max() <= kept.min()
+            assert seq.threshold[0, layer, b] == pytest.approx(skipped.max())
+
+
+def test_decisions_do_not_depend_on_batch_mates(tiny):
+    alone = tiny.trace(PROMPTS[2], skip=0.4)
+    batched = tiny.trace(PROMPTS, skip=0.4)
+    a, b = alone.sequences[0], batched.sequences[2]
+    assert np.array_equal(a.skipped, b.skipped)
+    np.testing.assert_allclose(a.gate, b.gate, atol=1e-5)
+
+
+def test_padding_is_never_skipped_and_bos_can_be_unprotected(tiny):
+    batch = tiny.encode(PROMPTS)
+    out = tiny.forward(batch.input_ids, batch.attention_mask, tiny.make_plan(0.9))
+    pad = ~batch.attention_mask.bool()
+    assert pad.any() and not out.skipped[pad].any()
+    assert not out.skipped[:, :, :, :][out.positions == 0].any()
+    free = tiny.trace(PROMPTS, skip=0.9, protect_bos=False)
+    assert all(s.eligible[0] for s in free.sequences)
+    assert any(s.skipped[0].any() for s in free.sequences)
+
+
+def test_per_layer_budget_and_branch_choice(tiny):
+    L = tiny.spec.n_layers
+    per_layer = [0.0] + [0.5] * (L - 1)
+    seq = tiny.trace(PROMPTS[0], skip=per_layer).sequences[0]
+    assert not seq.skipped[:, 0].any() and seq.skipped[:, 1:].any()
+    attn_only = tiny.trace(PROMPTS[0], skip=0.5, branches="attn").sequences[0]
+    assert attn_only.skipped[:, :, 0].any() and not attn_only.skipped[:, :, 1].any()
+    table = np.zeros((L, 2))
+    table[1, 1] = 0.5
+    seq = tiny.trace(PROMPTS[0], skip=table).sequences[0]
+    assert seq.skipped.sum() == seq.skipped[:, 1, 1].sum() > 0
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "x", [0.1, 0.2]])
+def test_bad_budgets_are_rejected(tiny, bad):
+    with pytest.raises(GateSkipError, match="skip budget"):
+        tiny.trace(PROMPTS[0], skip=bad)
+
+
+def test_random_policy_is_seeded_gate_free_and_hits_the_rate():
+    model = load_model("tiny-llama")  # no gates at all
+    texts = pydoc_texts("validation")[:4]
+    a = model.trace(texts, skip=0.3, policy="random", seed=1, max_tokens=200)
+    b = model.trace(texts, skip=0.3, policy="random", seed=1, max_tokens=200)
+    c = model.trace(texts, skip=0.3, policy="random", seed=2, max_tokens=200)
+    assert all(np.array_equal(x.skipped, y.skipped) for x, y in zip(a.sequences, b.sequences))
+    assert not all(np.array_equal(x.skipped, y.skipped) for x, y in zip(a.sequences, c.sequences))
+    assert a.skipped_fraction() == pytest.approx(0.3, abs=0.03)
+    with pytest.raises(GateSkipError, match="gates"):
+        model.trace(texts[0], skip=0.3, policy="quantile")
+
+
+def test_calibrated_policy_matches_budget_on_calibration_text_and_is_causal(tiny):
+    budget = SkipBudget.make(0.3, tiny.spec.n_layers)
+    policy = tiny.calibrate(budget)
+    calib = tiny.trace(pydoc_texts("calibration")[:6], skip=0.3, policy=policy, max_tokens=128)
+    assert calib.skipped_fraction() == pytest.approx(0.3, abs=0.06)
+    full = tiny.trace(PROMPTS[0], skip=0.3, policy="calibrated").sequences[0]
+    prefix_text = tiny.tokenizer.decode(full.token_ids[1:20])
+    prefix = tiny.trace(prefix_text, skip=0.3, policy="calibrated").sequences[0]
+    n = min(prefix.n_tokens, 20)
+    assert np.array_equal(prefix.token_ids[:n], full.token_ids[:n])
+    assert np.array_equal(prefix.skipped[:n], full.skipped[:n])
+
+
+def test_policy_needs_gates_error_is_one_line():
+    model = load_model("tiny-gemma3")
+    with pytest.raises(GateSkipError) as err:
+        model.trace("hello", skip=0.2, policy="calibrated")
+    assert "\n" not in str(err.value)
+
+
+def test_random_policy_decision_independent_of_batching():
+    policy = RandomPolicy(seed=3)
+    model = load_model("tiny-llama")
+    one = model.trace(PROMPTS[1], skip=0.5, policy=policy).sequences[0]
+    many = model.trace(PROMPTS, skip=0.5, policy=policy).sequences[1]
+    assert np.array_equal(one.skipped, many.skipped)
+    assert torch.is_tensor(torch.as_tensor(one.skipped))
