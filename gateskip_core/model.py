@@ -58,6 +58,24 @@ class Batch:
     truncated: list[bool]
 
 
+TIE_TOLERANCE = 1e-6
+
+
+def _threshold_between(sorted_values: torch.Tensor, k: int) -> float:
+    """A threshold that skips the k smallest values, placed midway to the next distinct value.
+
+    Placing it on an observed value would make decisions flip on rounding noise:
+    at layer 0 a gate depends only on the token id, so calibration text contains
+    exact copies of most tokens' importances.
+    """
+    if k <= 0:
+        return -math.inf
+    low = float(sorted_values[k - 1])
+    above = sorted_values[sorted_values > low + TIE_TOLERANCE]
+    high = float(above[0]) if above.numel() else low + 2 * TIE_TOLERANCE
+    return (low + high) / 2
+
+
 class _ThresholdFitter(SkipPolicy):
     """Fits calibrated thresholds in one pass: each branch takes the budget's quantile over
     all eligible calibration tokens, given the decisions already made in earlier layers."""
@@ -68,9 +86,9 @@ class _ThresholdFitter(SkipPolicy):
         self.thresholds = np.full((n_layers, 2), -math.inf)
 
     def decide(self, inp: BranchInput) -> Decision:
-        values = inp.importance[inp.eligible]
+        values = torch.sort(inp.importance[inp.eligible].double()).values
         k = int(math.floor(inp.budget * values.numel() + 1e-9))
-        thr = float(torch.sort(values).values[k - 1]) if k > 0 else -math.inf
+        thr = _threshold_between(values, k)
         self.thresholds[inp.layer, BRANCHES.index(inp.branch)] = thr
         threshold = torch.full_like(inp.importance, thr)
         return Decision(skip=inp.eligible & (inp.importance <= threshold), threshold=threshold)

@@ -257,7 +257,8 @@ def read_trace(path: str | Path) -> Trace:
     try:
         if suffix == ".csv":
             df = pd.read_csv(path, keep_default_na=False, dtype={"token": str, "model": str, "gates": str})
-            df["threshold"] = df["threshold"].replace("", "nan").astype(np.float64)
+            if "threshold" in df.columns:  # NaN thresholds are written as empty fields
+                df["threshold"] = df["threshold"].replace("", "nan").astype(np.float64)
         elif suffix in (".parquet", ".pq"):
             df = pd.read_parquet(path)
         else:
