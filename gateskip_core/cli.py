@@ -134,8 +134,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Argument errors print one line (no usage block); `--help` still shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gateskip", description="GateSkip Lens: learned residual gates")
+    parser = _OneLineParser(prog="gateskip", description="GateSkip Lens: learned residual gates")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("models", help="list the model registry and what is cached")

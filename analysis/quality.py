@@ -1,0 +1,110 @@
+"""Quality of a gated model against its ungated self, on held-out text.
+
+`evaluate` runs one skip plan over fixed token blocks and reports perplexity,
+KL divergence to the ungated model's next-token distribution, top-1 agreement
+with it, the skipped fraction and the net FLOPs saved (gate cost included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from gateskip_core import GatedModel, SkipPlan, account_sequence
+from gateskip_core.data import pydoc_texts, token_blocks
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The ungated model's log-probabilities on the evaluation blocks (computed once)."""
+
+    blocks: torch.Tensor  # [N, T]
+    log_probs: list[torch.Tensor]  # per batch [b, T-1, V]
+    batch_size: int
+
+
+def evaluation_blocks(model: GatedModel, texts: Sequence[str] | None = None, n_blocks: int = 8,
+                      seq_len: int = 128) -> torch.Tensor:  # fmt: skip
+    """Fixed token blocks of held-out text (default: the pydoc validation split)."""
+    texts = list(texts) if texts is not None else pydoc_texts("validation")
+    blocks = []
+    for block in token_blocks(model.tokenizer, texts, seq_len):
+        blocks.append(block)
+        if len(blocks) == n_blocks:
+            break
+    if not blocks:
+        raise ValueError("evaluation text is shorter than one block")
+    return torch.stack(blocks)
+
+
+def reference(model: GatedModel, blocks: torch.Tensor, batch_size: int = 4) -> Reference:
+    """Run the ungated backbone once; every evaluation compares against it."""
+    log_probs = []
+    with torch.no_grad():
+        for i in range(0, len(blocks), batch_size):
+            logits = model.backbone(input_ids=blocks[i : i + batch_size]).logits[:, :-1].float()
+            log_probs.append(F.log_softmax(logits, -1))
+    return Reference(blocks, log_probs, batch_size)
+
+
+def evaluate(model: GatedModel, ref: Reference, plan: SkipPlan, gates=True) -> dict[str, float]:
+    """ppl, kl_to_full, top1_agreement, skipped_fraction, flops_saved of one plan."""
+    nll = kl = agree = count = 0.0
+    skipped = eligible = 0
+    dense = executed = 0.0
+    gate_flops = model._gate_flops()
+    for i, ref_lp in enumerate(ref.log_probs):
+        ids = ref.blocks[i * ref.batch_size : (i + 1) * ref.batch_size]
+        out = model.forward(ids, torch.ones_like(ids), plan)
+        lp = F.log_softmax(out.logits[:, :-1].float(), -1)
+        target = ids[:, 1:]
+        nll += float(-lp.gather(-1, target[..., None]).sum())
+        kl += float((ref_lp.exp() * (ref_lp - lp)).sum())
+        agree += float((lp.argmax(-1) == ref_lp.argmax(-1)).sum())
+        count += target.numel()
+        skipped += int(out.skipped.sum())
+        eligible += int(out.eligible.sum()) * model.spec.n_layers * 2
+        for b in range(ids.shape[0]):
+            acc = account_sequence(model.spec, out.skipped[b].numpy(), gate_flops, ids.shape[1], "physical",
+                                   kv_copy=plan.kv == "copy")  # fmt: skip
+            dense += acc.dense_flops
+            executed += acc.skipping_flops
+    return {
+        "ppl": float(np.exp(nll / count)),
+        "kl_to_full": kl / count,
+        "top1_agreement": agree / count,
+        "skipped_fraction": skipped / eligible if eligible else 0.0,
+        "flops_saved": 1.0 - executed / dense,
+        "tokens": int(count),
+    }
+
+
+def quality_table(model: GatedModel, gate_sets: dict[str, str], budgets: Sequence[float], blocks: torch.Tensor,
+                  show_progress: bool = True) -> pd.DataFrame:  # fmt: skip
+    """Rows per (gates, policy, budget): the issue's quality evidence table.
+
+    `gate_sets` maps a label to a gates spec for `GatedModel.load_gates`; each is
+    evaluated with the quantile policy, and the first also with random skipping.
+    """
+    ref = reference(model, blocks)
+    rows = []
+    model.remove_gates()
+    rows.append({"gates": "ungated", "policy": "none", "skip_budget": 0.0, **evaluate(model, ref, model.make_plan(0.0))})
+    jobs = [(label, spec, "quantile", b) for label, spec in gate_sets.items() for b in budgets]
+    first = next(iter(gate_sets))
+    jobs += [(first, gate_sets[first], "random", b) for b in budgets]
+    current = None
+    for label, spec, policy, budget in tqdm(jobs, disable=not show_progress, desc="quality"):
+        if spec != current:
+            model.load_gates(spec)
+            current = spec
+        plan = model.make_plan(budget, policy)
+        rows.append({"gates": label if policy != "random" else "random skipping", "policy": policy,
+                     "skip_budget": budget, **evaluate(model, ref, plan)})  # fmt: skip
+    return pd.DataFrame(rows)

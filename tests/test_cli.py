@@ -1,0 +1,80 @@
+"""The `gateskip` command line: outputs and one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from gateskip_core import GateSet, GateCheckpoint, save_gates
+from gateskip_core.trace import TRACE_COLUMNS
+
+REQUIRED = ["sequence_id", "position", "token_id", "token", "layer", "module", "gate", "threshold", "skipped",
+            "skip_budget", "policy"]  # fmt: skip
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "gateskip_core.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_trace_from_file_writes_one_row_per_position_layer_branch(tmp_path):
+    text = tmp_path / "in.txt"
+    text.write_text("First paragraph, here.\n\n\nSecond one\nwith two lines.\n\n")
+    out = tmp_path / "t.csv"
+    res = run("trace", "--model", "tiny-llama", "--gates", "untrained", "--skip", "0.25", "--file", str(text),
+              "--out", str(out), "--path", "physical")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    df = pd.read_csv(out, keep_default_na=False)
+    assert set(REQUIRED) <= set(df.columns) and list(df.columns) == TRACE_COLUMNS
+    assert sorted(df["sequence_id"].unique()) == [0, 1]
+    assert set(df["module"]) == {"attn", "mlp"} and set(df["skipped"]) == {0, 1}
+    assert "net FLOPs saved" in res.stdout
+
+
+def test_models_lists_registry():
+    res = run("models")
+    assert res.returncode == 0
+    for name in ["smollm2-135m-instruct", "gemma3-270m", "tiny-llama", "tiny-gemma3"]:
+        assert name in res.stdout
+
+
+@pytest.fixture
+def other_model_gates(tmp_path):
+    gates = GateSet(7, 32, "scalar")
+    ckpt = GateCheckpoint(gates=gates, model="other", fingerprint={"model_type": "llama", "n_layers": 7,
+                          "d_model": 32, "vocab_size": 10})  # fmt: skip
+    return save_gates(ckpt, tmp_path / "other.safetensors")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "no-such-model", "--text", "hi"], "unknown model"),
+        (["--model", "tiny-llama", "--file", "/nonexistent/x.txt"], "file not found"),
+        (["--model", "tiny-llama", "--skip", "1.5", "--text", "hi"], "skip budget must lie in [0, 1]"),
+        (["--model", "tiny-llama", "--skip", "abc", "--text", "hi"], "skip budget must be a number"),
+        (["--model", "tiny-llama", "--text", "   "], "text is empty"),
+        (["--model", "tiny-llama", "--gates", "OTHER", "--text", "hi"], "was trained for other"),
+        (["--model", "tiny-llama", "--text", "hi", "--skip", "0.3"], "ranks tokens by their gates"),
+        (["--model", "tiny-llama", "--gates", "default", "--text", "hi"], "no trained vector gates ship"),
+    ],
+)
+def test_user_errors_exit_nonzero_with_one_line(tmp_path, other_model_gates, args, message):
+    args = [str(other_model_gates) if a == "OTHER" else a for a in args]
+    res = run("trace", *args, "--out", str(tmp_path / "o.csv"))
+    assert res.returncode != 0
+    lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_empty_file_and_bad_output_suffix(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    res = run("trace", "--model", "tiny-llama", "--file", str(empty), "--out", str(tmp_path / "o.csv"))
+    assert res.returncode == 2 and "text is empty" in res.stderr
+    res = run("trace", "--model", "tiny-llama", "--text", "hi", "--out", str(tmp_path / "o.json"))
+    assert res.returncode == 2 and ".csv or .parquet" in res.stderr
