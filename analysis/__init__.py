@@ -1,0 +1,1 @@
+"""Pure functions over GateSkip traces: information-flow statistics, sweeps, faithfulness, figures."""

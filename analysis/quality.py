@@ -53,11 +53,11 @@ def reference(model: GatedModel, blocks: torch.Tensor, batch_size: int = 4) -> R
     return Reference(blocks, log_probs, batch_size)
 
 
-def evaluate(model: GatedModel, ref: Reference, plan: SkipPlan, gates=True) -> dict[str, float]:
-    """ppl, kl_to_full, top1_agreement, skipped_fraction, flops_saved of one plan."""
+def evaluate(model: GatedModel, ref: Reference, plan: SkipPlan) -> dict[str, float]:
+    """ppl, kl_to_full, top1_agreement, skipped_fraction, flops_saved (net, gates charged) of one plan."""
     nll = kl = agree = count = 0.0
     skipped = eligible = 0
-    dense = executed = 0.0
+    dense = executed = gate_cost = 0.0
     gate_flops = model._gate_flops()
     for i, ref_lp in enumerate(ref.log_probs):
         ids = ref.blocks[i * ref.batch_size : (i + 1) * ref.batch_size]
@@ -75,12 +75,14 @@ def evaluate(model: GatedModel, ref: Reference, plan: SkipPlan, gates=True) -> d
                                    kv_copy=plan.kv == "copy")  # fmt: skip
             dense += acc.dense_flops
             executed += acc.skipping_flops
+            gate_cost += acc.gate_flops
     return {
         "ppl": float(np.exp(nll / count)),
         "kl_to_full": kl / count,
         "top1_agreement": agree / count,
         "skipped_fraction": skipped / eligible if eligible else 0.0,
         "flops_saved": 1.0 - executed / dense,
+        "flops_saved_gross": 1.0 - (executed - gate_cost) / dense,  # the skips alone, gates not charged
         "tokens": int(count),
     }
 

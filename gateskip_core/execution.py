@@ -90,6 +90,7 @@ class ForwardResult:
     gate_values: list[torch.Tensor] | None  # per (layer, branch) [B, T, d|1], kept for training
     gate_vectors: torch.Tensor | None  # [B, T, L, 2, d] on request
     hidden_states: list[torch.Tensor] | None = None  # residual stream before each layer and after the last
+    branch_deltas: list[torch.Tensor] | None = None  # per (layer, branch) what the branch added to h, grads kept
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -160,6 +161,7 @@ def gated_forward(
     logits_for: Literal["all", "last"] = "all",
     keep_gate_values: bool = False,
     keep_hidden_states: bool = False,
+    keep_branch_deltas: bool = False,
 ) -> ForwardResult:
     """Run the gated model on `input_ids` [B, T] (left padded), appending to `cache` if given."""
     if plan.policy is not None and plan.policy.needs_gates and gates is None and not plan.budget.is_zero():
@@ -181,6 +183,15 @@ def gated_forward(
     gate_values: list[torch.Tensor] | None = [] if keep_gate_values else None
     gate_vectors = torch.zeros(B, T, L, 2, spec.d_model) if plan.capture_gate_vectors and gates else None
     hidden_states: list[torch.Tensor] | None = [] if keep_hidden_states else None
+    branch_deltas: list[torch.Tensor] | None = [] if keep_branch_deltas else None
+    if keep_branch_deltas and plan.path != "masked":
+        raise GateSkipError("branch contributions (attribution) need the masked path")
+
+    def add_delta(h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        if branch_deltas is not None:
+            delta.retain_grad()  # d loss / d delta = d loss / d residual after this branch
+            branch_deltas.append(delta)
+        return h + delta
 
     def decide(layer: int, branch: str, x: torch.Tensor):
         """Gate values [B, T, d|1] (or None) and the skip mask [B, T] for one branch."""
@@ -225,7 +236,7 @@ def gated_forward(
                 y = post_norm(y)
             if g is not None:
                 y = g * y
-            return h + torch.where(run[..., None], y, torch.zeros_like(y))
+            return add_delta(h, torch.where(run[..., None], y, torch.zeros_like(y)))
         b_idx, t_idx, _, _ = _pack_rows(run)
         if b_idx.numel() == 0:
             return h
@@ -237,6 +248,8 @@ def gated_forward(
         return h.index_put((b_idx, t_idx), h[b_idx, t_idx] + y)
 
     h = spec.embed(input_ids)
+    if keep_branch_deltas:  # make the residual stream differentiable although the backbone is frozen
+        h = h.detach().requires_grad_(True)
     rope_cache: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
     prev_kv: tuple[torch.Tensor, torch.Tensor] | None = None
     for layer, parts in enumerate(spec.layers):
@@ -289,7 +302,7 @@ def gated_forward(
                 y = parts.attn_post_norm(y)
             if g is not None:
                 y = g * y
-            h = h + torch.where(run[..., None], y, torch.zeros_like(y))
+            h = add_delta(h, torch.where(run[..., None], y, torch.zeros_like(y)))
         else:
             b_idx, t_idx, rank, width = _pack_rows(run)
             if b_idx.numel():
@@ -333,4 +346,5 @@ def gated_forward(
         gate_values=gate_values,
         gate_vectors=gate_vectors,
         hidden_states=hidden_states,
+        branch_deltas=branch_deltas,
     )

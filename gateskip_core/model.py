@@ -121,6 +121,14 @@ class GatedModel:
             self.checkpoint = checkpoint
             self._calibration_memo.clear()
 
+    def view(self, gates: GateSet | None = None, label: str = "none", checkpoint: GateCheckpoint | None = None):
+        """Another GatedModel over the same backbone (no copy) with other gates: safe to use
+        concurrently with this one, e.g. an ungated baseline next to the gated model."""
+        other = GatedModel(self.backbone, self.tokenizer, self.name)
+        if gates is not None:
+            other.attach_gates(gates, label, checkpoint)
+        return other
+
     def remove_gates(self) -> None:
         """Back to the original model: the backbone was never modified."""
         with self._lock:

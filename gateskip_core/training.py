@@ -171,7 +171,7 @@ def instruction_answers(gm: GatedModel, progress: Callable[[str], None], max_new
     if path.is_file():
         return json.loads(path.read_text())
     progress(f"generating the model's answers to {len(INSTRUCTIONS)} instructions (one time)")
-    plain = GatedModel(gm.backbone, gm.tokenizer, gm.name)
+    plain = gm.view()
     gen = plain.generate(INSTRUCTIONS, max_new_tokens=max_new_tokens, chat=True)
     texts = []
     for instruction, answer in zip(INSTRUCTIONS, gen.text):

@@ -1,0 +1,110 @@
+"""Streaming a corpus through the model into one trace file, and back out again.
+
+`collect` traces paragraphs batch by batch and appends each batch to the output
+(a Parquet row group or a CSV chunk), so memory stays bounded by one batch.
+`iter_traces` reads such a file back chunk by chunk, yielding complete sequences.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from gateskip_core import GatedModel, GateSkipError, Trace
+from gateskip_core.trace import TRACE_COLUMNS
+
+
+def collect(model: GatedModel, paragraphs: Iterable[str], out: str | Path, batch_size: int = 8,
+            show_progress: bool = True, total: int | None = None, **trace_kwargs) -> dict:  # fmt: skip
+    """Trace every paragraph and append to `out` (.csv or .parquet); returns counts."""
+    out = Path(out)
+    suffix = out.suffix.lower()
+    if suffix not in (".csv", ".parquet"):
+        raise GateSkipError(f"--out must end in .csv or .parquet, got {str(out)!r}")
+    tmp = out.with_name(f".{out.name}.tmp")
+    writer = None
+    n_seq = n_rows = n_truncated = 0
+    bar = tqdm(total=total, disable=not show_progress, desc="collect", unit="seq")
+    batch: list[str] = []
+    try:
+        def flush():
+            nonlocal writer, n_seq, n_rows, n_truncated
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                trace = model.trace(batch, batch_size=batch_size, **trace_kwargs)
+            n_truncated += len(caught)
+            df = trace.to_dataframe()
+            df["sequence_id"] += n_seq
+            if suffix == ".parquet":
+                table = pa.Table.from_pandas(df, preserve_index=False)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+            else:
+                df.to_csv(tmp, mode="a", header=n_seq == 0, index=False)
+            n_seq += len(batch)
+            n_rows += len(df)
+            bar.update(len(batch))
+            batch.clear()
+
+        for text in paragraphs:
+            if text.strip():
+                batch.append(text)
+            if len(batch) == batch_size:
+                flush()
+        if batch:
+            flush()
+        if writer is not None:
+            writer.close()
+            writer = None
+        if n_seq == 0:
+            raise GateSkipError("the corpus has no non-empty paragraph")
+        tmp.replace(out)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+    return {"sequences": n_seq, "rows": n_rows, "truncated": n_truncated}
+
+
+def iter_traces(path: str | Path, chunk_rows: int = 200_000) -> Iterator[Trace]:
+    """Yield Traces of complete sequences from a trace file, a bounded chunk at a time."""
+    path = Path(path)
+    if not path.is_file():
+        raise GateSkipError(f"trace file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            chunks = (b.to_pandas() for b in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows))
+        elif suffix == ".csv":
+            chunks = pd.read_csv(path, chunksize=chunk_rows, keep_default_na=False,
+                                 dtype={"token": str, "model": str, "gates": str})  # fmt: skip
+        else:
+            raise GateSkipError(f"trace file must end in .csv or .parquet, got {path.name!r}")
+        carry = None
+        for chunk in chunks:
+            missing = [c for c in TRACE_COLUMNS if c not in chunk.columns]
+            if missing:
+                raise GateSkipError(f"not a GateSkip trace: missing columns {', '.join(missing)}")
+            if "threshold" in chunk and chunk["threshold"].dtype == object:
+                chunk["threshold"] = chunk["threshold"].replace("", "nan").astype(float)
+            if carry is not None:
+                chunk = pd.concat([carry, chunk], ignore_index=True)
+            last = chunk["sequence_id"].iloc[-1]
+            carry = chunk[chunk["sequence_id"] == last]
+            complete = chunk[chunk["sequence_id"] != last]
+            if len(complete):
+                yield Trace.from_dataframe(complete)
+        if carry is not None and len(carry):
+            yield Trace.from_dataframe(carry)
+    except GateSkipError:
+        raise
+    except Exception as err:
+        raise GateSkipError(f"cannot read trace {path}: {str(err).splitlines()[0]}") from None

@@ -1,0 +1,140 @@
+"""Plotly figure builders shared by the dashboard and the notebooks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from gateskip_core import BRANCHES, Trace
+
+METHOD_COLOURS = {"gateskip": "#d62728", "random": "#7f7f7f", "shortgpt": "#1f77b4", "attn-only": "#2ca02c",
+                  "mlp-only": "#9467bd"}  # fmt: skip
+
+
+def _label(tok: str) -> str:
+    return tok.replace("\n", "\\n").replace(" ", "·") or "∅"
+
+
+def gate_heatmap(trace: Trace, sequence: int = 0, modules: tuple[str, ...] = BRANCHES) -> go.Figure:
+    """Layers x tokens heatmap of gate values per branch; skipped cells marked with x."""
+    seq = trace.sequences[sequence]
+    T, L = seq.n_tokens, trace.n_layers
+    fig = make_subplots(rows=len(modules), cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=[f"{m} gates" for m in modules])  # fmt: skip
+    x = [f"{i}:{_label(t)}" for i, t in enumerate(seq.tokens)]
+    for row, module in enumerate(modules, start=1):
+        b = BRANCHES.index(module)
+        z = seq.gate[:, :, b].T  # [L, T]
+        status = np.where(seq.skipped[:, :, b].T, "skipped", "kept")
+        custom = np.stack(
+            [np.broadcast_to(np.array(seq.tokens, dtype=object), (L, T)),
+             np.broadcast_to(np.arange(T), (L, T)), np.broadcast_to(np.arange(L)[:, None], (L, T)),
+             seq.threshold[:, :, b].T, status], axis=-1,
+        )  # fmt: skip
+        fig.add_trace(
+            go.Heatmap(
+                z=z, x=x, y=list(range(L)), customdata=custom, colorscale="Viridis", zmin=0, zmax=1,
+                coloraxis="coloraxis",
+                hovertemplate=(f"token %{{customdata[0]|s}}<br>position %{{customdata[1]}}<br>layer %{{customdata[2]}}"
+                               f"<br>branch {module}<br>gate %{{z:.4f}}<br>threshold %{{customdata[3]:.4f}}"
+                               "<br>%{customdata[4]}<extra></extra>"),
+            ),
+            row=row, col=1,
+        )  # fmt: skip
+        ly, tx = np.nonzero(seq.skipped[:, :, b].T)
+        fig.add_trace(
+            go.Scatter(x=[x[t] for t in tx], y=ly, mode="markers", hoverinfo="skip", showlegend=False,
+                       marker=dict(symbol="x-thin", size=7, line=dict(width=1.5, color="white"))),
+            row=row, col=1,
+        )  # fmt: skip
+        fig.update_yaxes(title_text="layer", row=row, col=1)
+    fig.update_layout(coloraxis=dict(colorscale="Viridis", cmin=0, cmax=1, colorbar=dict(title="gate")),
+                      height=260 * len(modules) + 80, margin=dict(l=50, r=20, t=40, b=40))  # fmt: skip
+    return fig
+
+
+def token_strip(trace: Trace, sequence: int = 0) -> go.Figure:
+    """Each token coloured by how many of its branches it skipped."""
+    seq = trace.sequences[sequence]
+    counts = seq.skipped.sum(axis=(1, 2))
+    total = trace.n_layers * 2
+    fig = go.Figure(
+        go.Heatmap(z=[counts], x=list(range(seq.n_tokens)), y=[""], text=[[_label(t) for t in seq.tokens]],
+                   texttemplate="%{text}", colorscale="Reds", zmin=0, zmax=total,
+                   colorbar=dict(title="skipped"),
+                   hovertemplate="token %{text}<br>position %{x}<br>skipped %{z} of " + str(total) + "<extra></extra>")
+    )  # fmt: skip
+    fig.update_layout(height=140, margin=dict(l=20, r=20, t=10, b=20), xaxis=dict(showticklabels=False))
+    return fig
+
+
+def layer_profile_figure(layer_table: pd.DataFrame) -> go.Figure:
+    """Per layer: gate median with 5-95% band per branch, and skip rate."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["gate values (median, 5-95%)", "skip rate"])
+    for module, colour in zip(BRANCHES, ("#1f77b4", "#ff7f0e")):
+        part = layer_table[layer_table["module"] == module]
+        fig.add_trace(go.Scatter(
+            x=part["layer"], y=part["gate_p50"], name=module, line=dict(color=colour),
+            error_y=dict(type="data", symmetric=False, array=part["gate_p95"] - part["gate_p50"],
+                         arrayminus=part["gate_p50"] - part["gate_p5"]),
+        ), row=1, col=1)  # fmt: skip
+        fig.add_trace(go.Bar(x=part["layer"], y=part["skip_rate"], name=f"{module} skip rate",
+                             marker_color=colour, opacity=0.7), row=1, col=2)  # fmt: skip
+    fig.update_xaxes(title_text="layer")
+    fig.update_layout(height=360, barmode="group", margin=dict(l=40, r=20, t=40, b=40))
+    return fig
+
+
+def bos_figure(bos_table: pd.DataFrame) -> go.Figure:
+    fig = go.Figure()
+    for module in BRANCHES:
+        part = bos_table[bos_table["module"] == module]
+        fig.add_trace(go.Scatter(x=part["layer"], y=part["ratio"], mode="lines+markers", name=module,
+                                 customdata=part["mean_rank"],
+                                 hovertemplate="layer %{x}<br>BOS / others %{y:.3f}<br>mean rank %{customdata:.1f}"))  # fmt: skip
+    fig.add_hline(y=1.0, line_dash="dot")
+    fig.update_layout(title="first-token (BOS) gate relative to the other tokens", xaxis_title="layer",
+                      yaxis_title="BOS gate / mean of others", height=340)  # fmt: skip
+    return fig
+
+
+def token_type_figure(type_table: pd.DataFrame, module: str = "mlp", value: str = "gate_mean") -> go.Figure:
+    part = type_table[type_table["module"] == module].pivot(index="token_type", columns="layer", values=value)
+    fig = go.Figure(go.Heatmap(z=part.to_numpy(), x=list(part.columns), y=list(part.index), colorscale="Viridis",
+                               colorbar=dict(title=value)))  # fmt: skip
+    fig.update_layout(title=f"{value} by token type ({module})", xaxis_title="layer", height=340)
+    return fig
+
+
+def sweep_figure(sweep_df: pd.DataFrame, metric: str = "top1_agreement") -> go.Figure:
+    """Quality against net FLOPs saved, one line per method."""
+    fig = go.Figure()
+    for method, part in sweep_df.groupby("method", sort=False):
+        part = part.sort_values("flops_saved")
+        fig.add_trace(go.Scatter(x=part["flops_saved"], y=part[metric], mode="lines+markers", name=method,
+                                 line=dict(color=METHOD_COLOURS.get(method)), customdata=part["skip_budget"],
+                                 hovertemplate="budget %{customdata}<br>net FLOPs saved %{x:.1%}<br>"
+                                 + metric + " %{y:.4g}<extra>" + method + "</extra>"))  # fmt: skip
+    fig.update_layout(xaxis_title="net FLOPs saved (gate cost included)", yaxis_title=metric, height=400,
+                      xaxis_tickformat=".0%")  # fmt: skip
+    if metric == "ppl":
+        fig.update_yaxes(type="log")
+    return fig
+
+
+def faithfulness_figure(entries: pd.DataFrame, summary: pd.DataFrame) -> go.Figure:
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["gate vs estimated loss effect of skipping",
+                                                        "Spearman per layer"])  # fmt: skip
+    for module in BRANCHES:
+        part = entries[entries["module"] == module]
+        fig.add_trace(go.Scattergl(x=part["gate"], y=part["estimated_effect"], mode="markers", name=module,
+                                   marker=dict(size=4, opacity=0.5)), row=1, col=1)  # fmt: skip
+        per_layer = summary[(summary["scope"].str.startswith("layer")) & (summary["module"] == module)]
+        fig.add_trace(go.Bar(x=per_layer["layer"], y=per_layer["spearman"], name=f"{module} rho"), row=1, col=2)
+    fig.update_xaxes(title_text="gate (importance)", row=1, col=1)
+    fig.update_yaxes(title_text="Δ loss if skipped (estimate)", row=1, col=1)
+    fig.update_xaxes(title_text="layer", row=1, col=2)
+    fig.update_layout(height=380)
+    return fig

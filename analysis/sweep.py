@@ -1,0 +1,128 @@
+"""Quality against net compute: GateSkip and baselines at matched budgets.
+
+Methods, for each skip budget b:
+- `gateskip`: the gates' quantile policy at budget b (both branches);
+- `random`: random skipping at budget b, same gated model;
+- `shortgpt`: the ungated model with whole layers removed, lowest Block Influence
+  first (BI = 1 - cosine(layer input, layer output), measured on calibration
+  text), until its FLOP saving reaches what GateSkip's skips save at b;
+- `attn-only` / `mlp-only`: the gates' quantile policy on one branch type, at the
+  rate that gives the same FLOP saving (capped at skipping every eligible token).
+`flops_saved` is always net of the gates' own cost (see gateskip_core.compute).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from gateskip_core import GatedModel, GateSkipError, SkipBudget, SkipPlan, account_sequence
+from gateskip_core.policies import BranchInput, Decision, SkipPolicy
+
+from .quality import evaluate, evaluation_blocks, reference
+
+METHODS = ("gateskip", "random", "shortgpt", "attn-only", "mlp-only")
+SWEEP_COLUMNS = ["method", "skip_budget", "skipped_fraction", "flops_saved", "ppl", "kl_to_full",
+                 "top1_agreement", "tokens", "flops_saved_gross", "setting"]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LayerDropPolicy(SkipPolicy):
+    """ShortGPT as a skip policy: every token skips both branches of the removed layers."""
+
+    layers: frozenset = frozenset()
+    name: str = "shortgpt"
+    needs_gates: bool = False
+
+    def decide(self, inp: BranchInput) -> Decision:
+        skip = inp.eligible & (inp.layer in self.layers)
+        return Decision(skip=skip, threshold=torch.full(skip.shape, float("nan")))
+
+
+def block_influence(model: GatedModel, blocks: torch.Tensor) -> np.ndarray:
+    """Per layer: 1 - mean cosine similarity of its input and output hidden states (ungated model)."""
+    plan = SkipPlan(SkipBudget.make(0.0, model.spec.n_layers), None)
+    out = model.view().forward(blocks, torch.ones_like(blocks), plan, keep_hidden_states=True)
+    hs = out.hidden_states
+    return np.array([1 - F.cosine_similarity(hs[i], hs[i + 1], dim=-1).mean().item() for i in range(len(hs) - 1)])
+
+
+def _saving(model: GatedModel, skipped: np.ndarray, seq_len: int) -> float:
+    acc = account_sequence(model.spec, skipped, (0, 0), seq_len, "physical")
+    return 1 - acc.skipping_flops / acc.dense_flops
+
+
+def shortgpt_layers(model: GatedModel, influence: np.ndarray, target: float, seq_len: int) -> list[int]:
+    """Lowest-BI layers, removed one by one until the saving reaches `target`."""
+    removed: list[int] = []
+    skipped = np.zeros((seq_len, model.spec.n_layers, 2), bool)
+    for layer in np.argsort(influence):
+        if _saving(model, skipped, seq_len) >= target - 1e-9:
+            break
+        removed.append(int(layer))
+        skipped[:, layer, :] = True
+    return sorted(removed)
+
+
+def branch_rate_for(model: GatedModel, branch: str, target: float, seq_len: int) -> float:
+    """Skip rate on one branch type whose FLOP saving equals `target` (capped at 1)."""
+    skipped = np.zeros((seq_len, model.spec.n_layers, 2), bool)
+    skipped[1:, :, 0 if branch == "attn" else 1] = True  # every eligible token (BOS protected)
+    full = _saving(model, skipped, seq_len)
+    return float(min(1.0, target / full)) if full > 0 else 0.0
+
+
+def sweep(
+    model: GatedModel,
+    budgets: Sequence[float],
+    methods: Sequence[str] = METHODS,
+    blocks: torch.Tensor | None = None,
+    on_step: Callable[[int, int, str], None] | None = None,
+) -> pd.DataFrame:
+    """One row per (method, budget) for a model with gates attached; see the module docstring."""
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    if blocks is None:
+        blocks = evaluation_blocks(model)
+    if model.gates is None:
+        raise GateSkipError("a sweep needs gates; load gates first (e.g. --gates default)")
+    ref = reference(model, blocks)
+    seq_len = blocks.shape[1]
+    influence = block_influence(model, blocks) if "shortgpt" in methods else None
+    rows = []
+    total, done = len(budgets) * len(methods), 0
+
+    def step(name: str):
+        nonlocal done
+        done += 1
+        if on_step is not None:
+            on_step(done, total, name)
+
+    for budget in budgets:
+        gs = evaluate(model, ref, model.make_plan(budget, "quantile"))
+        target = gs["flops_saved_gross"]
+        for method in methods:
+            if method == "gateskip":
+                result, setting = gs, f"quantile b={budget:g}"
+            elif method == "random":
+                result, setting = evaluate(model, ref, model.make_plan(budget, "random")), f"random b={budget:g}"
+            elif method == "shortgpt":
+                layers = shortgpt_layers(model, influence, target, seq_len)
+                plan = SkipPlan(SkipBudget.make(1.0 if layers else 0.0, model.spec.n_layers),
+                                LayerDropPolicy(frozenset(layers)), protect_bos=False)  # fmt: skip
+                result = evaluate(model.view(), ref, plan)  # ShortGPT prunes the original, ungated model
+                setting = "removed layers " + (",".join(map(str, layers)) or "none")
+            else:
+                branch = method.split("-")[0]
+                rate = branch_rate_for(model, branch, target, seq_len)
+                result = evaluate(model, ref, model.make_plan(rate, "quantile", branches=branch))
+                setting = f"{branch} rate {rate:.3f}"
+            rows.append({"method": method, "skip_budget": budget, **result, "setting": setting})
+            step(method)
+    return pd.DataFrame(rows)[SWEEP_COLUMNS]
