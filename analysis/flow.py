@@ -23,7 +23,7 @@ import unicodedata
 import numpy as np
 import pandas as pd
 
-from gateskip_core import BRANCHES, Trace
+from gateskip_core import BRANCHES, SkipPolicy, Trace
 
 N_BINS = 2000  # histogram bins over [0, 1]: percentiles exact to 5e-4
 PERCENTILES = (5, 25, 50, 75, 95)
@@ -236,10 +236,11 @@ def reskip(
     budget: np.ndarray | float,
     branches=BRANCHES,
     protect_bos: bool = True,
+    policy: SkipPolicy | None = None,
     spec=None,
     gate_flops: tuple[int, int] = (0, 0),
 ) -> Trace:
-    """Estimate mode: re-threshold the captured gate values at a new budget (quantile rule, per sequence).
+    """Estimate mode: apply a skip policy to the gate values already captured (default: quantile).
 
     No model call, so later layers' gates are not updated for the changed
     residuals (re-running the model does that). Pass the model's `spec` and gate
@@ -247,29 +248,35 @@ def reskip(
     """
     from dataclasses import replace
 
-    from gateskip_core.compute import account_sequence
-    from gateskip_core.policies import SkipBudget
+    import torch
 
+    from gateskip_core.compute import account_sequence
+    from gateskip_core.policies import BranchInput, QuantilePolicy, SkipBudget
+
+    policy = policy or QuantilePolicy()
     fractions = SkipBudget.make(budget, trace.n_layers, branches).fractions
     sequences = []
     for seq in trace.sequences:
         eligible = seq.eligible.copy()
         eligible[0] = not protect_bos  # the first position is always a real token
-        n = int(eligible.sum())
+        elig_t = torch.from_numpy(eligible)[None]
+        positions = torch.arange(seq.n_tokens)[None]
         skipped = np.zeros_like(seq.skipped)
         threshold = np.full(seq.threshold.shape, -np.inf)
         for layer in range(trace.n_layers):
-            for b in range(2):
-                k = int(np.floor(fractions[layer, b] * n + 1e-9))
-                if k == 0:
+            for b, branch in enumerate(BRANCHES):
+                if fractions[layer, b] == 0:
                     continue
-                order = np.argsort(np.where(eligible, seq.gate[:, layer, b], np.inf), kind="stable")[:k]
-                skipped[order, layer, b] = True
-                threshold[:, layer, b] = seq.gate[order[-1], layer, b]
+                decision = policy.decide(BranchInput(
+                    layer=layer, branch=branch, budget=float(fractions[layer, b]),
+                    importance=torch.from_numpy(seq.gate[:, layer, b].astype(np.float32))[None],
+                    eligible=elig_t, positions=positions,
+                ))  # fmt: skip
+                skipped[:, layer, b] = (decision.skip & elig_t)[0].numpy()
+                threshold[:, layer, b] = decision.threshold[0].numpy()
         compute = seq.compute
         if spec is not None:
-            compute = account_sequence(spec, skipped, gate_flops, seq.n_tokens,
-                                       trace.path, kv_copy=trace.kv == "copy")  # fmt: skip
+            compute = account_sequence(spec, skipped, gate_flops, seq.n_tokens, trace.path, kv_copy=trace.kv == "copy")
         sequences.append(replace(seq, skipped=skipped, threshold=threshold, eligible=eligible, compute=compute))
     return replace(trace, sequences=sequences, skip_budget=np.asarray(fractions, dtype=np.float64),
-                   branches=tuple(branches), policy="quantile (estimate)", protect_bos=protect_bos)  # fmt: skip
+                   branches=tuple(branches), policy=f"{policy.name} (estimate)", protect_bos=protect_bos)  # fmt: skip

@@ -141,6 +141,21 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+@_command("dashboard")
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    app = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
+    if not app.is_file():
+        raise GateSkipError(f"dashboard app not found at {app}; install the project with `pip install -e .`")
+    env = dict(os.environ, GATESKIP_DASHBOARD_MODEL=args.model)
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
+           "--server.headless", "true", "--browser.gatherUsageStats", "false"]  # fmt: skip
+    print(f"GateSkip Lens dashboard on http://localhost:{args.port}  (Ctrl-C to stop)", file=sys.stderr)
+    return subprocess.call(cmd, env=env)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="gateskip", description="GateSkip Lens: learned residual gates")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=25)
     p.add_argument("--val-every", type=int, default=50)
     p.add_argument("--int8", action="store_true", help="store weights as int8 with per-row scales")
+
+    p = sub.add_parser("dashboard", help="start the Streamlit dashboard")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="model selected when the app opens")
+    p.add_argument("--port", type=int, default=8501)
 
     _register_analysis(sub)
     return parser

@@ -1,0 +1,326 @@
+"""GateSkip Lens dashboard: which tokens skip which layers, with live budget sliders.
+
+Run with `gateskip dashboard` (or `streamlit run dashboard/app.py`). UI only: all
+model, policy and statistics code lives in gateskip_core and analysis; the few
+glue functions are in dashboard/service.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from analysis import figures
+from analysis.flow import FlowStats, layer_skip_summary
+from analysis.sweep import METHODS, sweep
+from dashboard import service
+from gateskip_core import REGISTRY, GateSkipError
+from gateskip_core.data import paragraphs
+
+DEFAULT_MODEL = os.environ.get("GATESKIP_DASHBOARD_MODEL", "smollm2-135m-instruct")
+
+
+@st.cache_resource(show_spinner=False)
+def hub() -> service.ModelHub:
+    return service.ModelHub()
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def gated_view(model_name: str, gates: str, upload_digest: str | None, _upload: bytes | None):
+    """One view per (model, gates) per process, shared by all sessions (views are read-only)."""
+    return hub().view(model_name, gates, _upload)
+
+
+def sidebar() -> dict:
+    sb = st.sidebar
+    sb.header("Model and gates")
+    names = [n for n in REGISTRY]
+    model_name = sb.selectbox("Model", names, index=names.index(DEFAULT_MODEL) if DEFAULT_MODEL in names else 0)
+    with st.spinner(f"Loading {model_name} (the first load converts it once)…"):
+        base = hub().base(model_name)
+    choices = service.gate_choices(model_name)
+    gates = sb.selectbox("Gates", choices, help="shipped trained gates, untrained gates, none, or upload a file")
+    upload = None
+    if gates == "upload":
+        file = sb.file_uploader("Gate checkpoint (.safetensors)", type=None, key="gate_upload")
+        upload = file.getvalue() if file is not None else None
+    view = load_view(model_name, gates, upload)
+
+    sb.header("Skip budget")
+    mode = sb.radio("Mode", ["estimate", "exact"], horizontal=True,
+                    help="estimate: re-threshold the captured gates (no model call). "
+                         "exact: re-run the model with the skips applied.")  # fmt: skip
+    budget = sb.slider("Global skip budget", 0.0, 0.9, 0.25, 0.05, key="global_budget")
+    per_layer = None
+    with sb.expander("Per-layer budgets"):
+        if st.checkbox("Set per layer", key="per_layer_on"):
+            per_layer = [
+                st.slider(f"layer {i}", 0.0, 0.9, budget, 0.05, key=f"layer_budget_{i}")
+                for i in range(base.spec.n_layers)
+            ]
+    branches = sb.radio("Branches that may skip", ["both", "attn", "mlp"], horizontal=True)
+    policy = sb.selectbox("Policy", ["quantile", "calibrated", "random"])
+    protect_bos = sb.checkbox("Protect the first token (BOS)", value=True)
+    seed = int(sb.number_input("Seed (random policy)", value=0, step=1))
+    return dict(model_name=model_name, base=base, view=view, mode=mode,
+                budget=per_layer if per_layer is not None else budget, branches=branches, policy=policy,
+                protect_bos=protect_bos, seed=seed)  # fmt: skip
+
+
+def load_view(model_name: str, gates: str, upload: bytes | None):
+    """The chosen gates, or the previous working ones with an error when they cannot be loaded."""
+    digest = hashlib.sha256(upload).hexdigest() if upload is not None else None
+    try:
+        view = gated_view(model_name, gates, digest, upload)
+        st.session_state["last_good_gates"] = (model_name, gates, digest, upload)
+        return view
+    except GateSkipError as err:
+        st.sidebar.error(str(err))
+        last = st.session_state.get("last_good_gates")
+        if last is not None and last[0] == model_name:
+            st.sidebar.caption(f"still using the previous gates ({last[1]})")
+            return gated_view(*last)
+        fallback = service.gate_choices(model_name)[0]
+        return gated_view(model_name, fallback, None, None)
+
+
+def prompt_input(view) -> tuple[str, bool]:
+    example = st.selectbox("Example prompts", ["(your own)"] + list(service.EXAMPLE_PROMPTS), key="example")
+    default = service.EXAMPLE_PROMPTS.get(example, service.EXAMPLE_PROMPTS["Python prose"])
+    text = st.text_area("Prompt", value=default, height=100, key=f"prompt_{example}")
+    chat = False
+    if view.tokenizer.chat_template:
+        chat = st.checkbox("Format as a chat message (the model's chat template)", value=example.startswith("Chat"))
+    return text, chat
+
+
+def current_traces(cfg: dict, text: str, chat: bool):
+    """(captured, estimate, exact or None, quality or None, seconds or None, truncated)."""
+    view = cfg["view"]
+    key = ("capture", cfg["model_name"], view.gates_label, id(view), text, chat)
+    if st.session_state.get("capture_key") != key:
+        st.session_state["capture"] = service.capture(view, text, chat)
+        st.session_state["capture_key"] = key
+    captured, truncated = st.session_state["capture"]
+    args = (cfg["budget"], cfg["branches"], cfg["protect_bos"], cfg["policy"], cfg["seed"])
+    est = service.estimate(view, captured, *args)
+    ex = quality = seconds = None
+    if cfg["mode"] == "exact":
+        ex_key = ("exact", key, str(args))
+        if st.session_state.get("exact_key") != ex_key:
+            st.session_state["exact"] = service.exact(view, text, chat, *args)
+            st.session_state["exact_key"] = ex_key
+        ex, quality, seconds = st.session_state["exact"]
+    return captured, est, ex, quality, seconds, truncated
+
+
+def explore_view(cfg: dict) -> None:
+    view = cfg["view"]
+    text, chat = prompt_input(view)
+    if not text.strip():
+        st.info("Enter a prompt (or pick an example) to see which tokens skip which layers.")
+        return
+    try:
+        captured, est, ex, quality, seconds, truncated = current_traces(cfg, text, chat)
+    except GateSkipError as err:
+        st.error(str(err))
+        return
+    if truncated:
+        st.warning(f"The prompt is longer than {service.MAX_PROMPT_TOKENS} tokens; only the first "
+                   f"{service.MAX_PROMPT_TOKENS} are shown.")  # fmt: skip
+    shown = ex if ex is not None else est
+    st.session_state["shown_trace"] = shown
+    seq = shown.sequences[0]
+    cols = st.columns(5)
+    cols[0].metric("Skipped branch evaluations", int(seq.skipped.sum()))
+    cols[1].metric("Skipped fraction", f"{shown.skipped_fraction():.1%}")
+    cols[2].metric("Net FLOPs saved", f"{seq.compute.net_saved_fraction:+.1%}", help="gate cost included")
+    if quality is not None:
+        cols[3].metric("KL to ungated", f"{quality.kl_to_full:.4f}")
+        cols[4].metric("Top-1 agreement", f"{quality.top1_agreement:.1%}")
+        st.caption(f"exact mode: model re-run in {seconds:.2f} s")
+    else:
+        cols[3].metric("KL to ungated", "exact mode")
+        cols[4].metric("Top-1 agreement", "exact mode")
+        st.caption("estimate mode: gate values captured once, re-thresholded without a model call")
+    if view.gates is None:
+        st.info("No gates: every gate counts as 1.0, so only the random policy can choose what to skip.")
+
+    st.plotly_chart(figures.token_strip(shown), key="strip")
+    layout = st.radio("Heatmap", ["side by side", "attn", "mlp"], horizontal=True, key="heat_layout")
+    modules = ("attn", "mlp") if layout == "side by side" else (layout,)
+    heat = figures.gate_heatmap(shown, modules=modules)
+    st.plotly_chart(heat, key="heatmap")
+
+    if ex is not None:
+        differ = service.compare_decisions(est, ex)
+        st.subheader("Estimate vs exact")
+        st.write(f"{int(differ.sum())} of {differ.size} decisions differ between the estimate (captured gates "
+                 "re-thresholded) and the exact re-run (later layers see the changed residuals).")  # fmt: skip
+        per_layer = pd.DataFrame({"layer": range(differ.shape[1]), "attn": differ[:, :, 0].sum(0),
+                                  "mlp": differ[:, :, 1].sum(0)})  # fmt: skip
+        st.dataframe(per_layer[(per_layer["attn"] > 0) | (per_layer["mlp"] > 0)], hide_index=True)
+
+    st.subheader("Continuation: ungated vs with skipping")
+    n_new = st.slider("New tokens", 4, 48, 16, 4, key="n_new")
+    if st.button("Generate continuations", key="generate"):
+        try:
+            policy = cfg["policy"] if cfg["policy"] != "quantile" or view.gates else "random"
+            result = service.continuations(view, text, chat, n_new, skip=cfg["budget"], policy=policy,
+                                           branches=cfg["branches"], protect_bos=cfg["protect_bos"], seed=cfg["seed"])  # fmt: skip
+            st.session_state["continuations"] = result
+        except GateSkipError as err:
+            st.error(str(err))
+    result = st.session_state.get("continuations")
+    if result is not None:
+        left, right = st.columns(2)
+        left.markdown("**Ungated**")
+        left.code("".join(result.ungated) or "(nothing)")
+        right.markdown("**With skipping**")
+        marked = "".join(
+            f"⟦{tok}⟧" if i == result.first_divergence else tok for i, tok in enumerate(result.skipping)
+        )
+        right.code(marked or "(nothing)")
+        st.caption("identical" if result.first_divergence is None
+                   else f"first divergent token (marked ⟦ ⟧): #{result.first_divergence}")  # fmt: skip
+
+    st.subheader("Export")
+    c1, c2 = st.columns(2)
+    c1.download_button("Trace (CSV)", shown.to_dataframe().to_csv(index=False), "trace.csv", "text/csv")
+    c2.download_button("Heatmap (HTML)", heat.to_html(include_plotlyjs="cdn"), "heatmap.html", "text/html")
+
+
+def layers_view(cfg: dict) -> None:
+    shown = st.session_state.get("shown_trace")
+    if shown is None:
+        st.info("Run a prompt in the Explore view first.")
+        return
+    stats = FlowStats().add(shown)
+    table = stats.layer_table()
+    fig = figures.layer_profile_figure(table)
+    st.plotly_chart(fig, key="layer_profile")
+    st.dataframe(layer_skip_summary(table), hide_index=True)
+    bos = figures.bos_figure(stats.bos_table())
+    st.plotly_chart(bos, key="bos")
+    module = st.radio("Token types for", ["mlp", "attn"], horizontal=True, key="type_module")
+    types = figures.token_type_figure(stats.token_type_table(), module=module)
+    st.plotly_chart(types, key="types")
+    st.dataframe(table, hide_index=True)
+    c1, c2, c3 = st.columns(3)
+    c1.download_button("Layer statistics (CSV)", table.to_csv(index=False), "layer_stats.csv", "text/csv")
+    c2.download_button("Layer profile (HTML)", fig.to_html(include_plotlyjs="cdn"), "layer_profile.html")
+    c3.download_button("BOS profile (HTML)", bos.to_html(include_plotlyjs="cdn"), "bos_profile.html")
+
+
+def sweep_view(cfg: dict) -> None:
+    view = cfg["view"]
+    if view.gates is None:
+        st.warning("A sweep compares gates with baselines: choose gates in the sidebar.")
+        return
+    source = st.radio("Text", ["current prompt", "uploaded text file"], horizontal=True, key="sweep_source")
+    text = ""
+    shown = st.session_state.get("shown_trace")
+    if source == "uploaded text file":
+        file = st.file_uploader("Text file (UTF-8)", key="sweep_upload")
+        text = ""
+        if file is not None:
+            try:
+                text = "\n\n".join(paragraphs(file.getvalue().decode("utf-8")))
+            except UnicodeDecodeError:
+                st.error("the uploaded file is not UTF-8 text")
+    elif shown is not None:
+        text = shown.sequences[0].text  # the prompt as tokenised (chat formatting included)
+    budgets = st.multiselect("Budgets", [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6], default=[0.0, 0.1, 0.3, 0.5],
+                             key="sweep_budgets")
+    methods = st.multiselect("Methods", list(METHODS), default=list(METHODS), key="sweep_methods")
+    metric = st.selectbox("Quality metric", ["top1_agreement", "kl_to_full", "ppl"], key="sweep_metric")
+    if st.button("Run sweep", key="run_sweep"):
+        if not text.strip():
+            st.error("no text to sweep: enter a prompt in Explore or upload a file")
+        elif not budgets or not methods:
+            st.error("choose at least one budget and one method")
+        else:
+            bar = st.progress(0.0, text="sweeping…")
+            blocks = service.prompt_blocks(view, text)
+            table = sweep(view, sorted(budgets), methods, blocks,
+                          on_step=lambda done, total, name: bar.progress(done / total, text=f"{name} ({done}/{total})"))  # fmt: skip
+            bar.empty()
+            st.session_state["sweep"] = table
+    table = st.session_state.get("sweep")
+    if table is not None:
+        fig = figures.sweep_figure(table, metric)
+        st.plotly_chart(fig, key="sweep_fig")
+        st.dataframe(table, hide_index=True)
+        c1, c2 = st.columns(2)
+        c1.download_button("Sweep (CSV)", table.to_csv(index=False), "sweep.csv", "text/csv")
+        c2.download_button("Sweep figure (HTML)", fig.to_html(include_plotlyjs="cdn"), "sweep.html")
+
+
+def compare_view(cfg: dict) -> None:
+    shown = st.session_state.get("shown_trace")
+    if shown is None:
+        st.info("Run a prompt in the Explore view first.")
+        return
+    choices = [c for c in service.gate_choices(cfg["model_name"]) if c != "upload"]
+    left, right = st.columns(2)
+    specs = [left.selectbox("Left gates", choices, index=0, key="cmp_left"),
+             right.selectbox("Right gates", choices, index=min(1, len(choices) - 1), key="cmp_right")]  # fmt: skip
+    module = st.radio("Branch", ["mlp", "attn"], horizontal=True, key="cmp_module")
+    text = shown.sequences[0].text
+    if st.button("Compare on the current prompt and budget", key="run_compare"):
+        results = {}
+        for spec in specs:
+            view = gated_view(cfg["model_name"], spec, None, None)
+            policy = cfg["policy"] if view.gates is not None else "random"
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    results[spec] = service.exact(view, text, False, cfg["budget"], cfg["branches"],
+                                                  cfg["protect_bos"], policy, cfg["seed"])  # fmt: skip
+            except GateSkipError as err:
+                results[spec] = str(err)
+        st.session_state["compare"] = (specs, results)
+    stored = st.session_state.get("compare")
+    if stored is None:
+        return
+    for col, spec in zip((left, right), stored[0]):
+        col.markdown(f"**{spec}**")
+        result = stored[1][spec]
+        if isinstance(result, str):
+            col.error(result)
+            continue
+        trace, quality, _ = result
+        seq = trace.sequences[0]
+        m1, m2, m3 = col.columns(3)
+        m1.metric("Skipped fraction", f"{trace.skipped_fraction():.1%}")
+        m2.metric("Net FLOPs saved", f"{seq.compute.net_saved_fraction:+.1%}")
+        m3.metric("Top-1 agreement", f"{quality.top1_agreement:.1%}")
+        col.plotly_chart(figures.gate_heatmap(trace, modules=(module,)), key=f"cmp_heat_{spec}_{col is left}")
+
+
+def main() -> None:
+    st.set_page_config(page_title="GateSkip Lens", layout="wide")
+    st.title("GateSkip Lens")
+    st.caption("Which tokens skip which layers, and why: learned residual gates (arXiv 2510.13876).")
+    try:
+        cfg = sidebar()
+    except GateSkipError as err:
+        st.error(str(err))
+        return
+    explore, layers, sweep_tab, compare = st.tabs(["Explore", "Layers", "Sweep", "Compare"])
+    with explore:
+        explore_view(cfg)
+    with layers:
+        layers_view(cfg)
+    with sweep_tab:
+        sweep_view(cfg)
+    with compare:
+        compare_view(cfg)
+
+
+main()

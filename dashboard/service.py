@@ -1,0 +1,150 @@
+"""What the dashboard asks of the library, without any Streamlit code.
+
+- `ModelHub`: each backbone is loaded once per process and shared by every
+  browser session; sessions get their own `GatedModel.view` with their gates.
+- `explore`: one exact run (the gated model with the skips applied) and the
+  prompt's quality against the ungated model.
+- `estimate`: re-threshold captured gate values (no model call).
+- `compare_decisions`: where estimate and exact decisions differ.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from analysis.flow import reskip
+from gateskip_core import GatedModel, GateSkipError, Trace, load_gates, load_model
+from gateskip_core.model import SHIPPED_GATES_DIR
+
+MAX_PROMPT_TOKENS = 512
+EXAMPLE_PROMPTS = {
+    "Python prose": "A list comprehension consists of brackets containing an expression followed by a for clause, "
+    "then zero or more for or if clauses. The result is a new list.",
+    "Story": "Once upon a time, in a small village by the sea, there lived an old fisherman who told stories "
+    "to anyone who would listen.",
+    "Arithmetic": "Question: Tom has 3 apples and buys 5 more. How many apples does he have? Answer: 8.",
+    "Chat: explain": "Explain in two sentences why the sky is blue.",
+}
+
+
+class ModelHub:
+    """Process-wide model cache; loading is serialised, use is concurrent."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, GatedModel] = {}
+        self._lock = threading.Lock()
+
+    def base(self, name: str, progress=lambda msg: None) -> GatedModel:
+        with self._lock:
+            if name not in self._models:
+                self._models[name] = load_model(name, progress=progress)
+            return self._models[name]
+
+    def view(self, name: str, gates: str, uploaded: bytes | None = None) -> GatedModel:
+        """The shared backbone with the chosen gates attached (cache the result per choice)."""
+        base = self.base(name)
+        view = base.view()
+        if gates == "upload":
+            if uploaded is None:
+                raise GateSkipError("choose a .safetensors gate file to upload")
+            ckpt = gates_from_bytes(uploaded, base)
+            view.attach_gates(ckpt.gates, "uploaded", ckpt)
+        else:
+            view.load_gates(gates)
+        return view
+
+
+def gates_from_bytes(data: bytes, model: GatedModel):
+    """Validate an uploaded gate checkpoint against `model` (one-line GateSkipError on any problem)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "uploaded.safetensors"
+        path.write_bytes(data)
+        return load_gates(path, model.spec.fingerprint())
+
+
+def gate_choices(model_name: str) -> list[str]:
+    """Gate options for a model: shipped ones first when they exist."""
+    shipped = [
+        spec for spec, variant in (("default", "vector"), ("default-scalar", "scalar"))
+        if (SHIPPED_GATES_DIR / f"{model_name}-{variant}.safetensors").is_file()
+    ]  # fmt: skip
+    return shipped + ["untrained", "untrained:scalar", "none", "upload"]
+
+
+@dataclass
+class PromptQuality:
+    kl_to_full: float  # mean over positions of KL(ungated || skipped)
+    top1_agreement: float
+
+
+def prompt_quality(model: GatedModel, text: str, chat: bool, plan) -> PromptQuality:
+    batch = model.encode([text], chat=chat, max_tokens=MAX_PROMPT_TOKENS)
+    full = model.view().forward(batch.input_ids, batch.attention_mask, model.make_plan(0.0))
+    gated = model.forward(batch.input_ids, batch.attention_mask, plan)
+    lp_full = F.log_softmax(full.logits[0].float(), -1)
+    lp = F.log_softmax(gated.logits[0].float(), -1)
+    kl = float((lp_full.exp() * (lp_full - lp)).sum(-1).mean())
+    agree = float((lp.argmax(-1) == lp_full.argmax(-1)).float().mean())
+    return PromptQuality(kl, agree)
+
+
+@dataclass
+class Continuations:
+    ungated: list[str]
+    skipping: list[str]
+    first_divergence: int | None  # index of the first differing token, None if identical
+
+
+def continuations(model: GatedModel, text: str, chat: bool, n_new: int, **skip_kwargs) -> Continuations:
+    plain = model.view().generate(text, max_new_tokens=n_new, skip=0.0, chat=chat)
+    skipping = model.generate(text, max_new_tokens=n_new, chat=chat, **skip_kwargs)
+    a = plain.trace.extra["generated_token_ids"][0]
+    b = skipping.trace.extra["generated_token_ids"][0]
+    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    if first is None and len(a) != len(b):
+        first = min(len(a), len(b))
+    return Continuations(model.token_strings(a), model.token_strings(b), first)
+
+
+def capture(model: GatedModel, text: str, chat: bool) -> tuple[Trace, bool]:
+    """The prompt's gate values with nothing skipped (the basis of estimate mode), and whether it was cut."""
+    batch = model.encode([text], chat=chat, max_tokens=MAX_PROMPT_TOKENS)
+    trace = model.trace(text, skip=0.0, chat=chat, max_tokens=MAX_PROMPT_TOKENS)
+    return trace, bool(batch.truncated[0])
+
+
+def estimate(model: GatedModel, captured: Trace, budget, branches, protect_bos: bool, policy_name: str, seed: int):
+    """Estimate-mode trace: the policy applied to the captured gates, no forward pass."""
+    plan = model.make_plan(budget, policy_name, branches=branches, protect_bos=protect_bos, seed=seed)
+    return reskip(captured, plan.budget.fractions, branches=plan.budget.branches, protect_bos=protect_bos,
+                  policy=plan.policy, spec=model.spec, gate_flops=model._gate_flops())  # fmt: skip
+
+
+def exact(model: GatedModel, text: str, chat: bool, budget, branches, protect_bos: bool, policy_name: str,
+          seed: int) -> tuple[Trace, PromptQuality, float]:  # fmt: skip
+    """Exact-mode trace (later layers see the changed residuals), prompt quality and seconds taken."""
+    start = time.perf_counter()
+    plan = model.make_plan(budget, policy_name, branches=branches, protect_bos=protect_bos, seed=seed)
+    trace = model.trace(text, skip=plan.budget, policy=plan.policy, branches=branches, protect_bos=protect_bos,
+                        chat=chat, max_tokens=MAX_PROMPT_TOKENS)  # fmt: skip
+    trace.policy = policy_name
+    quality = prompt_quality(model, text, chat, plan)
+    return trace, quality, time.perf_counter() - start
+
+
+def compare_decisions(estimated: Trace, exact_trace: Trace) -> np.ndarray:
+    """[T, L, 2] bool: cells where estimate and exact decisions differ."""
+    return estimated.sequences[0].skipped != exact_trace.sequences[0].skipped
+
+
+def prompt_blocks(model: GatedModel, text: str) -> torch.Tensor:
+    batch = model.encode([text], max_tokens=MAX_PROMPT_TOKENS)
+    return batch.input_ids

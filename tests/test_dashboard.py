@@ -1,0 +1,141 @@
+"""Dashboard views through Streamlit's AppTest, on a tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from gateskip_core import GateCheckpoint, GateSet, load_model, save_gates
+from gateskip_core.model import GatedModel
+
+APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
+
+
+@pytest.fixture
+def app(monkeypatch):
+    monkeypatch.setenv("GATESKIP_DASHBOARD_MODEL", "tiny-llama")
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def metrics(at) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+@pytest.fixture
+def forward_calls(monkeypatch):
+    calls = []
+    original = GatedModel.forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GatedModel, "forward", counting)
+    return calls
+
+
+def test_estimate_slider_updates_without_calling_the_model(app, forward_calls):
+    before = metrics(app)["Skipped branch evaluations"]
+    app.sidebar.slider(key="global_budget").set_value(0.6).run()
+    after = metrics(app)
+    assert not app.exception
+    assert int(after["Skipped branch evaluations"]) > int(before)
+    assert after["KL to ungated"] == "exact mode"
+    assert forward_calls == []  # estimate mode re-thresholds captured gates
+
+
+def test_exact_mode_reruns_and_reports_quality_and_disagreement(app, forward_calls):
+    app.sidebar.radio[0].set_value("exact").run()
+    m = metrics(app)
+    assert not app.exception and forward_calls
+    assert float(m["KL to ungated"]) >= 0 and m["Top-1 agreement"].endswith("%")
+    assert any("decisions differ between the estimate" in md.value for md in app.markdown)
+
+
+def test_policy_branches_and_per_layer_controls_change_results(app):
+    base = metrics(app)["Skipped branch evaluations"]
+    app.sidebar.radio[1].set_value("attn").run()
+    attn_only = metrics(app)["Skipped branch evaluations"]
+    assert int(attn_only) < int(base)
+    app.sidebar.radio[1].set_value("both").run()
+    app.sidebar.checkbox(key="per_layer_on").check().run()
+    app.sidebar.slider(key="layer_budget_0").set_value(0.0).run()
+    assert int(metrics(app)["Skipped branch evaluations"]) < int(base)
+    app.sidebar.selectbox[2].set_value("random").run()
+    assert not app.exception
+
+
+def test_empty_and_overlong_prompts(app):
+    app.text_area[0].set_value("   ").run()
+    assert any("Enter a prompt" in i.value for i in app.info) and not app.exception
+    app.text_area[0].set_value("word " * 700).run()
+    assert any("longer than" in w.value for w in app.warning) and not app.exception
+
+
+def test_bad_uploads_show_one_error_and_keep_the_previous_gates(app, tmp_path):
+    app.sidebar.selectbox[1].set_value("upload").run()
+    uploader = app.sidebar.get("file_uploader")[0]
+    uploader.set_value(("g.safetensors", b"not a safetensors file", "application/octet-stream"))
+    app.run()
+    assert not app.exception
+    assert any("not a valid safetensors" in e.value for e in app.sidebar.error)
+    assert metrics(app)["Skipped branch evaluations"]  # the app still works
+
+    other = GateCheckpoint(gates=GateSet(3, 16), model="other", fingerprint={"model_type": "llama", "n_layers": 3,
+                           "d_model": 16, "vocab_size": 9})  # fmt: skip
+    path = save_gates(other, tmp_path / "other.safetensors")
+    app.sidebar.get("file_uploader")[0].set_value(("o.safetensors", path.read_bytes(), "application/octet-stream"))
+    app.run()
+    assert any("was trained for other" in e.value for e in app.sidebar.error)
+
+    tiny = load_model("tiny-llama", gates="untrained:scalar")
+    good = save_gates(GateCheckpoint(gates=tiny.gates, model=tiny.name, fingerprint=tiny.spec.fingerprint()),
+                      tmp_path / "good.safetensors")  # fmt: skip
+    app.sidebar.get("file_uploader")[0].set_value(("good.safetensors", good.read_bytes(), "application/octet-stream"))
+    app.run()
+    assert not app.sidebar.error and not app.exception
+
+
+def test_continuations_side_by_side(app):
+    app.button(key="generate").click().run()
+    assert not app.exception
+    assert len(app.code) >= 2
+    assert any("identical" in c.value or "first divergent token" in c.value for c in app.caption)
+
+
+def test_layers_view_and_exports(app):
+    assert not app.exception
+    labels = [b.label for b in app.get("download_button")]
+    for label in ["Trace (CSV)", "Heatmap (HTML)", "Layer statistics (CSV)", "Layer profile (HTML)"]:
+        assert label in labels
+    assert len(app.dataframe) >= 2  # layer summary and layer table
+
+
+def test_sweep_view_runs_with_progress_and_exports(app):
+    app.button(key="run_sweep").click().run()
+    assert not app.exception
+    tables = [d.value for d in app.dataframe if "method" in d.value.columns]
+    assert tables and set(tables[0]["method"]) == {"gateskip", "random", "shortgpt", "attn-only", "mlp-only"}
+    assert "Sweep (CSV)" in [b.label for b in app.get("download_button")]
+
+
+def test_compare_view_shows_two_gate_sets(app):
+    app.button(key="run_compare").click().run()
+    assert not app.exception
+    labels = [m.label for m in app.metric]
+    assert labels.count("Top-1 agreement") >= 3  # explore's, plus one per side
+
+
+def test_no_gates_falls_back_to_random_with_a_hint(app):
+    app.sidebar.selectbox[1].set_value("none").run()
+    assert not app.exception
+    assert any("use 'random'" in e.value for e in app.error)  # quantile needs gates: one clear line
+    app.sidebar.selectbox[2].set_value("random").run()
+    assert not app.exception and not app.error
+    assert any("No gates" in i.value for i in app.info)
+    assert int(metrics(app)["Skipped branch evaluations"]) > 0
