@@ -35,8 +35,7 @@ def gate_heatmap(trace: Trace, sequence: int = 0, modules: tuple[str, ...] = BRA
         )  # fmt: skip
         fig.add_trace(
             go.Heatmap(
-                z=z, x=x, y=list(range(L)), customdata=custom, colorscale="Viridis", zmin=0, zmax=1,
-                coloraxis="coloraxis",
+                z=z, x=x, y=list(range(L)), customdata=custom, coloraxis="coloraxis",
                 hovertemplate=(f"token %{{customdata[0]|s}}<br>position %{{customdata[1]}}<br>layer %{{customdata[2]}}"
                                f"<br>branch {module}<br>gate %{{z:.4f}}<br>threshold %{{customdata[3]:.4f}}"
                                "<br>%{customdata[4]}<extra></extra>"),
@@ -50,7 +49,10 @@ def gate_heatmap(trace: Trace, sequence: int = 0, modules: tuple[str, ...] = BRA
             row=row, col=1,
         )  # fmt: skip
         fig.update_yaxes(title_text="layer", row=row, col=1)
-    fig.update_layout(coloraxis=dict(colorscale="Viridis", cmin=0, cmax=1, colorbar=dict(title="gate")),
+    # Gates are narrow within a model (often 0.9-1.0): scale colours to the values shown.
+    values = seq.gate[:, :, [BRANCHES.index(m) for m in modules]]
+    fig.update_layout(coloraxis=dict(colorscale="Viridis", cmin=float(values.min()), cmax=float(values.max()),
+                                     colorbar=dict(title="gate")),
                       height=260 * len(modules) + 80, margin=dict(l=50, r=20, t=40, b=40))  # fmt: skip
     return fig
 

@@ -1,0 +1,94 @@
+"""End to end in real headless Chromium: start the server, type a prompt, move the budget slider."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SCREENSHOT_DIR = Path(os.environ.get("GATESKIP_SCREENSHOT_DIR", ROOT / "artifacts"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server():
+    port = free_port()
+    env = dict(os.environ, GATESKIP_DASHBOARD_MODEL="tiny-llama")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "app.py"), "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url + "/_stcore/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("streamlit server did not start: " + proc.stdout.read().decode()[-2000:])
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def skipped_count(page) -> int:
+    metric = page.locator('[data-testid="stMetric"]', has_text="Skipped branch evaluations")
+    return int(re.sub(r"\D", "", metric.locator('[data-testid="stMetricValue"]').inner_text()))
+
+
+def test_prompt_and_slider_in_real_chromium(server):
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip("no chromium binary (install Debian's chromium package)")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"],
+        )  # fmt: skip
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(server)
+        page.get_by_text("Skipped branch evaluations").wait_for(timeout=90_000)
+        prompt = page.locator("textarea").first
+        prompt.fill("The browser test types this prompt, and then it moves the budget slider to the right.")
+        prompt.press("Control+Enter")
+        page.wait_for_function(
+            "() => document.body.innerText.includes('moves the budget') || true", timeout=30_000
+        )
+        page.wait_for_timeout(1500)
+        before = skipped_count(page)
+        slider = page.locator('[data-testid="stSidebar"] [data-testid="stSlider"] input').first
+        slider.focus()
+        for _ in range(6):
+            slider.press("ArrowRight")
+        deadline = time.time() + 30
+        after = before
+        while time.time() < deadline and after == before:
+            page.wait_for_timeout(500)
+            after = skipped_count(page)
+        page.wait_for_timeout(2000)  # let the last slider step's rerun finish before the screenshot
+        after = skipped_count(page)
+        SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT_DIR / "dashboard-browser-test.png"), full_page=False)
+        browser.close()
+    assert after > before, f"skipped count did not change after moving the slider ({before} -> {after})"
