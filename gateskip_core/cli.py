@@ -129,7 +129,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         int8=args.int8,
     )  # fmt: skip
     result = train(config, progress=_progress)
-    if result.metrics:
+    if result.metrics and result.is_main_process:
         print(" ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()))
     return 0
 

@@ -123,6 +123,7 @@ class TrainResult:
     seconds: float
     history: list[dict]
     metrics: dict
+    is_main_process: bool = True
 
 
 class _GateObjective(nn.Module):
@@ -305,7 +306,7 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar
         if not torch.isfinite(loss):
             bar.close()
             raise GateSkipError(
-                f"loss became {float(loss)} at step {step}; stopped. The last good checkpoint is {state_path}"
+                f"loss became {float(loss.detach())} at step {step}; stopped. The last good checkpoint is {state_path}"
                 " (try a lower --lr)"
             )
         optim.zero_grad(set_to_none=True)
@@ -313,12 +314,12 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar
         optim.step()
         tokens_done += config.batch * config.seq_len
         rate = tokens_done / max(1e-9, time.perf_counter() - t0)
-        record = {"step": step + 1, "loss": float(loss), "task": float(task), "sparsity": float(sparsity),
+        record = {"step": step + 1, "loss": float(loss.detach()), "task": float(task), "sparsity": float(sparsity),
                   "skip_rate": float(skip_rate), "budget": budget}  # fmt: skip
         if (step + 1) % config.val_every == 0 or step + 1 == config.steps:
             record.update(validate(budget))
         history.append(record)
-        bar.set_postfix(loss=f"{float(loss):.3f}", sparsity=f"{float(sparsity):.3f}",
+        bar.set_postfix(loss=f"{record['loss']:.3f}", sparsity=f"{float(sparsity):.3f}",
                         skip=f"{float(skip_rate):.2f}", tok_s=f"{rate:.0f}", refresh=False)  # fmt: skip
         bar.update(1)
         if is_main and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
@@ -346,6 +347,7 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar
         save_gates(ckpt, out, int8=config.int8)
         log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) after {config.steps} steps in {seconds:.0f} s")
     accelerator.wait_for_everyone()
-    return TrainResult(out=out, steps=config.steps, seconds=seconds, history=history, metrics=metrics)
+    return TrainResult(out=out, steps=config.steps, seconds=seconds, history=history, metrics=metrics,
+                       is_main_process=is_main)  # fmt: skip
 
 
