@@ -33,6 +33,7 @@ def collect(model: GatedModel, paragraphs: Iterable[str], out: str | Path, batch
     bar = tqdm(total=total, disable=not show_progress, desc="collect", unit="seq")
     batch: list[str] = []
     try:
+
         def flush():
             nonlocal writer, n_seq, n_rows, n_truncated
             with warnings.catch_warnings(record=True) as caught:

@@ -97,7 +97,9 @@ def quality_table(model: GatedModel, gate_sets: dict[str, str], budgets: Sequenc
     ref = reference(model, blocks)
     rows = []
     model.remove_gates()
-    rows.append({"gates": "ungated", "policy": "none", "skip_budget": 0.0, **evaluate(model, ref, model.make_plan(0.0))})
+    rows.append(
+        {"gates": "ungated", "policy": "none", "skip_budget": 0.0, **evaluate(model, ref, model.make_plan(0.0))}
+    )
     jobs = [(label, spec, "quantile", b) for label, spec in gate_sets.items() for b in budgets]
     first = next(iter(gate_sets))
     jobs += [(first, gate_sets[first], "random", b) for b in budgets]

@@ -11,7 +11,6 @@ import hashlib
 import os
 import warnings
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -182,9 +181,7 @@ def explore_view(cfg: dict) -> None:
         left.markdown("**Ungated**")
         left.code("".join(result.ungated) or "(nothing)")
         right.markdown("**With skipping**")
-        marked = "".join(
-            f"⟦{tok}⟧" if i == result.first_divergence else tok for i, tok in enumerate(result.skipping)
-        )
+        marked = "".join(f"⟦{tok}⟧" if i == result.first_divergence else tok for i, tok in enumerate(result.skipping))
         right.code(marked or "(nothing)")
         st.caption("identical" if result.first_divergence is None
                    else f"first divergent token (marked ⟦ ⟧): #{result.first_divergence}")  # fmt: skip
@@ -235,8 +232,9 @@ def sweep_view(cfg: dict) -> None:
                 st.error("the uploaded file is not UTF-8 text")
     elif shown is not None:
         text = shown.sequences[0].text  # the prompt as tokenised (chat formatting included)
-    budgets = st.multiselect("Budgets", [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6], default=[0.0, 0.1, 0.3, 0.5],
-                             key="sweep_budgets")
+    budgets = st.multiselect(
+        "Budgets", [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6], default=[0.0, 0.1, 0.3, 0.5], key="sweep_budgets"
+    )
     methods = st.multiselect("Methods", list(METHODS), default=list(METHODS), key="sweep_methods")
     metric = st.selectbox("Quality metric", ["top1_agreement", "kl_to_full", "ppl"], key="sweep_metric")
     if st.button("Run sweep", key="run_sweep"):

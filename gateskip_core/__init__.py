@@ -5,7 +5,7 @@ from .compute import ComputeAccount, account_sequence
 from .errors import GateSkipError
 from .execution import KVCache, SkipPlan, gated_forward
 from .gates import BRANCHES, GateSet
-from .model import Generation, GatedModel, load_model
+from .model import GatedModel, Generation, load_model
 from .policies import CalibratedPolicy, QuantilePolicy, RandomPolicy, SkipBudget, SkipPolicy
 from .registry import DEFAULT_MODEL, REGISTRY, cache_root
 from .trace import SequenceTrace, Trace, read_trace

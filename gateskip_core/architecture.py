@@ -87,9 +87,7 @@ def arch_spec(hf_model: nn.Module) -> ArchSpec:
     if model_type == "gemma3":  # multimodal wrapper config; we only run the text stack
         raise GateSkipError("Gemma-3 multimodal checkpoints are not supported; use a text-only (gemma3_text) model")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise GateSkipError(
-            f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+        raise GateSkipError(f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     base = hf_model.model
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     is_gemma = model_type == "gemma3_text"

@@ -67,7 +67,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     print(f"cache: {cache_root()}  (set GATESKIP_CACHE to move it)")
     for entry in REGISTRY.values():
-        state = "built in" if entry.build else ("cached" if entry.is_cached() else "not cached (converted on first load)")
+        state = (
+            "built in" if entry.build else ("cached" if entry.is_cached() else "not cached (converted on first load)")
+        )
         print(f"{entry.name:24s} {state:38s} {entry.description}; from {entry.source}")
     return 0
 
@@ -211,8 +213,6 @@ def _register_analysis(sub) -> None:
     except ImportError:
         return
     register(sub, COMMANDS, _add_model_args, _add_skip_args, _budget)
-
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,7 +75,9 @@ class LayerCosts:
         )
 
 
-def keys_per_query(spec: ArchSpec, layer: int, query_positions: np.ndarray, n_total: int, convention: str) -> np.ndarray:
+def keys_per_query(
+    spec: ArchSpec, layer: int, query_positions: np.ndarray, n_total: int, convention: str
+) -> np.ndarray:
     """How many keys each query attends over (see module docstring)."""
     if convention == "full":
         return np.full(query_positions.shape, n_total, dtype=np.float64)

@@ -152,7 +152,9 @@ class GatedModel:
             variant = "scalar" if spec == "default-scalar" else "vector"
             path = SHIPPED_GATES_DIR / f"{self.name}-{variant}.safetensors"
             if not path.is_file():
-                raise GateSkipError(f"no trained {variant} gates ship for {self.name}; train some with `gateskip train`")
+                raise GateSkipError(
+                    f"no trained {variant} gates ship for {self.name}; train some with `gateskip train`"
+                )
             ckpt = load_gates(path, self.spec.fingerprint())
             self.attach_gates(ckpt.gates, f"shipped {variant}", ckpt)
         else:
@@ -437,9 +439,7 @@ class GatedModel:
         return Generation(texts[0] if isinstance(prompt, str) else texts, trace)
 
 
-def load_model(
-    name_or_path: str = DEFAULT_MODEL, gates: str | Path = "none", progress=lambda msg: None
-) -> GatedModel:
+def load_model(name_or_path: str = DEFAULT_MODEL, gates: str | Path = "none", progress=lambda msg: None) -> GatedModel:
     """Load a registry model, checkpoint directory or hub id, and attach gates.
 
     gates: 'none', 'default' (the shipped trained vector gates), 'default-scalar',

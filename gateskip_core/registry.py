@@ -95,9 +95,7 @@ REGISTRY: dict[str, RegistryEntry] = {
             locate_gguf=_gemma3_gguf,
         ),
         RegistryEntry("tiny-llama", "tiny random Llama (4 layers, d=64)", "built in", build=lambda: _tiny("llama")),
-        RegistryEntry(
-            "tiny-gemma3", "tiny random Gemma-3 (4 layers, d=64)", "built in", build=lambda: _tiny("gemma3")
-        ),
+        RegistryEntry("tiny-gemma3", "tiny random Gemma-3 (4 layers, d=64)", "built in", build=lambda: _tiny("gemma3")),
     ]
 }
 
@@ -160,7 +158,9 @@ def load_backbone(
             name = str(path.resolve())
         elif path.exists() or "/" not in name_or_path or name_or_path.startswith((".", "~")):
             known = ", ".join(REGISTRY)
-            raise GateSkipError(f"unknown model {name_or_path!r}; use one of {known}, a checkpoint directory or a hub id")
+            raise GateSkipError(
+                f"unknown model {name_or_path!r}; use one of {known}, a checkpoint directory or a hub id"
+            )
         else:
             try:
                 model, tokenizer = _load_dir(name_or_path)  # a hub id

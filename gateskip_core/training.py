@@ -17,7 +17,6 @@ each process takes its share of every batch's rows.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -162,7 +161,9 @@ def builtin_texts(gm: GatedModel, split: str, progress: Callable[[str], None]) -
     """pydoc prose, plus (instruction-tuned models) the model's own chat answers, cached."""
     texts = pydoc_texts(split)
     if gm.tokenizer.chat_template and split in ("train", "validation"):
-        texts = texts + [t for i, t in enumerate(instruction_answers(gm, progress)) if (i % 6 == 0) == (split == "validation")]
+        texts = texts + [
+            t for i, t in enumerate(instruction_answers(gm, progress)) if (i % 6 == 0) == (split == "validation")
+        ]
     return texts
 
 
@@ -264,7 +265,9 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar
     train_blocks = list(token_blocks(gm.tokenizer, train_texts, config.seq_len))
     val_blocks = list(token_blocks(gm.tokenizer, val_texts, config.seq_len))[: config.val_batches * config.batch]
     if len(train_blocks) < config.batch:
-        raise GateSkipError(f"training data gives {len(train_blocks)} blocks of {config.seq_len} tokens; need {config.batch}")
+        raise GateSkipError(
+            f"training data gives {len(train_blocks)} blocks of {config.seq_len} tokens; need {config.batch}"
+        )
     if not val_blocks:
         raise GateSkipError("validation data is shorter than one block")
     train_data, val_data = torch.stack(train_blocks), torch.stack(val_blocks)
@@ -349,5 +352,3 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar
     accelerator.wait_for_everyone()
     return TrainResult(out=out, steps=config.steps, seconds=seconds, history=history, metrics=metrics,
                        is_main_process=is_main)  # fmt: skip
-
-

@@ -72,9 +72,7 @@ def test_prompt_and_slider_in_real_chromium(server):
         prompt = page.locator("textarea").first
         prompt.fill("The browser test types this prompt, and then it moves the budget slider to the right.")
         prompt.press("Control+Enter")
-        page.wait_for_function(
-            "() => document.body.innerText.includes('moves the budget') || true", timeout=30_000
-        )
+        page.wait_for_function("() => document.body.innerText.includes('moves the budget') || true", timeout=30_000)
         page.wait_for_timeout(1500)
         before = skipped_count(page)
         slider = page.locator('[data-testid="stSidebar"] [data-testid="stSlider"] input').first

@@ -8,7 +8,7 @@ import sys
 import pandas as pd
 import pytest
 
-from gateskip_core import GateSet, GateCheckpoint, save_gates
+from gateskip_core import GateCheckpoint, GateSet, save_gates
 from gateskip_core.trace import TRACE_COLUMNS
 
 REQUIRED = ["sequence_id", "position", "token_id", "token", "layer", "module", "gate", "threshold", "skipped",

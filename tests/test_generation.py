@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gateskip_core import GatedModel
-
-from gateskip_core import load_model
+from gateskip_core import GatedModel, load_model
 
 from .conftest import spread_gates
 

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateskip_core import GateSkipError, REGISTRY, cache_root, load_model
-from gateskip_core import registry
+from gateskip_core import REGISTRY, GateSkipError, cache_root, load_model, registry
 
 
 def test_cache_dir_follows_environment(monkeypatch, tmp_path):

@@ -1,0 +1,47 @@
+"""Dashboard response times: estimate mode (no model call) and exact mode (model re-run).
+
+    python bench/dashboard_latency.py [--tokens 128] [--gates default]
+
+Times the same library calls the dashboard makes when a slider moves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from dashboard import service
+from gateskip_core.data import pydoc_texts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--gates", default="default")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    hub = service.ModelHub()
+    view = hub.view(args.model, args.gates)
+    ids = view.tokenizer(" ".join(pydoc_texts("validation")), add_special_tokens=False).input_ids
+    text = view.tokenizer.decode(ids[: args.tokens - 1])  # + BOS = the requested length
+    captured, _ = service.capture(view, text, chat=False)
+    n = captured.sequences[0].n_tokens
+    budgets = [0.1, 0.2, 0.3, 0.4, 0.5]
+    est, exact = [], []
+    for i in range(args.repeats):
+        b = budgets[i % len(budgets)]
+        start = time.perf_counter()
+        service.estimate(view, captured, b, "both", True, "quantile", 0)
+        est.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        service.exact(view, text, False, b, "both", True, "quantile", 0)
+        exact.append(time.perf_counter() - start)
+    print(f"{args.model}, {view.gates_label}, prompt of {n} tokens")
+    print(f"estimate mode (slider, no model call): median {statistics.median(est) * 1000:.0f} ms")
+    print(f"exact mode (model re-run + quality vs ungated): median {statistics.median(exact):.2f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Cold (first load: GGUF dequantised and converted) and warm (from the cache) load times.
+
+    python bench/load_times.py [--models smollm2-135m-instruct gemma3-270m]
+
+Cold loads use a fresh temporary cache directory, so your own cache is untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "gemma3-270m"])
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["GATESKIP_CACHE"] = cache
+        from gateskip_core import load_model
+
+        print(f"{'model':24s} {'cold (s)':>9s} {'warm (s)':>9s}")
+        for name in args.models:
+            start = time.perf_counter()
+            load_model(name)
+            cold = time.perf_counter() - start
+            start = time.perf_counter()
+            load_model(name)
+            warm = time.perf_counter() - start
+            print(f"{name:24s} {cold:9.1f} {warm:9.2f}")
+
+
+if __name__ == "__main__":
+    main()
