@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gateskip_core import GatedModel, SkipPlan, account_sequence
-from gateskip_core.data import pydoc_texts, token_blocks
+from gateskip_core.data import first_blocks, pydoc_texts
 
 
 @dataclass(frozen=True)
@@ -33,14 +33,7 @@ def evaluation_blocks(model: GatedModel, texts: Sequence[str] | None = None, n_b
                       seq_len: int = 128) -> torch.Tensor:  # fmt: skip
     """Fixed token blocks of held-out text (default: the pydoc validation split)."""
     texts = list(texts) if texts is not None else pydoc_texts("validation")
-    blocks = []
-    for block in token_blocks(model.tokenizer, texts, seq_len):
-        blocks.append(block)
-        if len(blocks) == n_blocks:
-            break
-    if not blocks:
-        raise ValueError("evaluation text is shorter than one block")
-    return torch.stack(blocks)
+    return first_blocks(model.tokenizer, texts, seq_len, n_blocks)
 
 
 def reference(model: GatedModel, blocks: torch.Tensor, batch_size: int = 4) -> Reference:

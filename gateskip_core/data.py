@@ -44,3 +44,17 @@ def token_blocks(tokenizer, texts: Iterable[str], seq_len: int, bos: bool = True
             if body < seq_len:
                 block = [tokenizer.bos_token_id] + block
             yield torch.tensor(block, dtype=torch.long)
+
+
+def first_blocks(tokenizer, texts: Iterable[str], seq_len: int, n_blocks: int) -> torch.Tensor:
+    """The first `n_blocks` blocks of `token_blocks` as one [n, seq_len] tensor (fewer if the text is short)."""
+    blocks = []
+    for block in token_blocks(tokenizer, texts, seq_len):
+        blocks.append(block)
+        if len(blocks) == n_blocks:
+            break
+    if not blocks:
+        from .errors import GateSkipError
+
+        raise GateSkipError(f"the text is shorter than one block of {seq_len} tokens")
+    return torch.stack(blocks)

@@ -25,7 +25,7 @@ import torch
 from .architecture import ArchSpec, arch_spec
 from .checkpoint import GateCheckpoint, load_gates
 from .compute import account_sequence
-from .data import pydoc_texts, token_blocks
+from .data import first_blocks, pydoc_texts
 from .errors import GateSkipError
 from .execution import ForwardResult, KVCache, SkipPlan, gated_forward
 from .gates import BRANCHES, GATE_VARIANTS, GateSet
@@ -265,14 +265,7 @@ class GatedModel:
         n_blocks: int = 8, seq_len: int = 128,
     ) -> CalibratedPolicy:  # fmt: skip
         texts = list(texts) if texts is not None else pydoc_texts("calibration")
-        blocks = []
-        for block in token_blocks(self.tokenizer, texts, seq_len):
-            blocks.append(block)
-            if len(blocks) == n_blocks:
-                break
-        if not blocks:
-            raise GateSkipError("calibration text is too short")
-        input_ids = torch.stack(blocks)
+        input_ids = first_blocks(self.tokenizer, texts, seq_len, n_blocks)
         fitter = _ThresholdFitter(self.spec.n_layers)
         plan = SkipPlan(budget, fitter, "masked", "compute", protect_bos)
         self.forward(input_ids, torch.ones_like(input_ids), plan)
