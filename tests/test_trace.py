@@ -74,3 +74,11 @@ def test_notebook_rendering_and_summary(tiny):
     html = trace._repr_html_()
     assert "skipped" in html and "&quot;" in html and "<script" not in html
     assert "net FLOPs saved" in trace.summary()
+
+
+def test_full_gate_vectors_on_request(tiny):
+    trace = tiny.trace("Gate vectors, please.", skip=0.2, gate_vectors=True)
+    seq = trace.sequences[0]
+    assert seq.gate_vectors.shape == (seq.n_tokens, tiny.spec.n_layers, 2, tiny.spec.d_model)
+    np.testing.assert_allclose(seq.gate_vectors.mean(-1), seq.gate, rtol=1e-5, atol=1e-6)
+    assert tiny.trace("Gate vectors, please.").sequences[0].gate_vectors is None
