@@ -85,12 +85,11 @@ class PromptQuality:
     top1_agreement: float
 
 
-def prompt_quality(model: GatedModel, text: str, chat: bool, plan) -> PromptQuality:
-    batch = model.encode([text], chat=chat, max_tokens=MAX_PROMPT_TOKENS)
+def prompt_quality(model: GatedModel, batch, gated_logits: torch.Tensor) -> PromptQuality:
+    """KL and top-1 agreement of the gated run's logits against the ungated model on the same tokens."""
     full = model.view().forward(batch.input_ids, batch.attention_mask, model.make_plan(0.0))
-    gated = model.forward(batch.input_ids, batch.attention_mask, plan)
     lp_full = F.log_softmax(full.logits[0].float(), -1)
-    lp = F.log_softmax(gated.logits[0].float(), -1)
+    lp = F.log_softmax(gated_logits[0].float(), -1)
     kl = float((lp_full.exp() * (lp_full - lp)).sum(-1).mean())
     agree = float((lp.argmax(-1) == lp_full.argmax(-1)).float().mean())
     return PromptQuality(kl, agree)
@@ -133,10 +132,10 @@ def exact(model: GatedModel, text: str, chat: bool, budget, branches, protect_bo
     """Exact-mode trace (later layers see the changed residuals), prompt quality and seconds taken."""
     start = time.perf_counter()
     plan = model.make_plan(budget, policy_name, branches=branches, protect_bos=protect_bos, seed=seed)
-    trace = model.trace(text, skip=plan.budget, policy=plan.policy, branches=branches, protect_bos=protect_bos,
-                        chat=chat, max_tokens=MAX_PROMPT_TOKENS)  # fmt: skip
-    trace.policy = policy_name
-    quality = prompt_quality(model, text, chat, plan)
+    batch = model.encode([text], chat=chat, max_tokens=MAX_PROMPT_TOKENS)
+    result = model.forward(batch.input_ids, batch.attention_mask, plan)  # one gated pass: trace and logits
+    trace = model.trace_of(batch, result, plan)
+    quality = prompt_quality(model, batch, result.logits)
     return trace, quality, time.perf_counter() - start
 
 

@@ -304,7 +304,12 @@ class GatedModel:
                     limit = min(max_tokens or self.max_context, self.max_context)
                     warnings.warn(f"text {start + i} truncated to its first {limit} tokens", stacklevel=2)
             result = self.forward(batch.input_ids, batch.attention_mask, plan)
-            sequences.extend(self._sequence_traces(batch.input_ids, batch.attention_mask, result, plan, "all"))
+            sequences.extend(self.trace_of(batch, result, plan).sequences)
+        return self._make_trace(sequences, plan)
+
+    def trace_of(self, batch: Batch, result: ForwardResult, plan: SkipPlan) -> Trace:
+        """The trace of a forward pass already run (when the caller also needs its logits)."""
+        sequences = self._sequence_traces(batch.input_ids, batch.attention_mask, result, plan, "all")
         return self._make_trace(sequences, plan)
 
     def _make_trace(self, sequences: list[SequenceTrace], plan: SkipPlan) -> Trace:
