@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from gateskip_core import GatedModel, GateSkipError, Trace
-from gateskip_core.trace import TRACE_COLUMNS
+from gateskip_core.trace import read_trace_frames
 
 
 def collect(model: GatedModel, paragraphs: Iterable[str], out: str | Path, batch_size: int = 8,
@@ -77,35 +77,14 @@ def collect(model: GatedModel, paragraphs: Iterable[str], out: str | Path, batch
 
 def iter_traces(path: str | Path, chunk_rows: int = 200_000) -> Iterator[Trace]:
     """Yield Traces of complete sequences from a trace file, a bounded chunk at a time."""
-    path = Path(path)
-    if not path.is_file():
-        raise GateSkipError(f"trace file not found: {path}")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".parquet":
-            chunks = (b.to_pandas() for b in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows))
-        elif suffix == ".csv":
-            chunks = pd.read_csv(path, chunksize=chunk_rows, keep_default_na=False,
-                                 dtype={"token": str, "model": str, "gates": str})  # fmt: skip
-        else:
-            raise GateSkipError(f"trace file must end in .csv or .parquet, got {path.name!r}")
-        carry = None
-        for chunk in chunks:
-            missing = [c for c in TRACE_COLUMNS if c not in chunk.columns]
-            if missing:
-                raise GateSkipError(f"not a GateSkip trace: missing columns {', '.join(missing)}")
-            if "threshold" in chunk and chunk["threshold"].dtype == object:
-                chunk["threshold"] = chunk["threshold"].replace("", "nan").astype(float)
-            if carry is not None:
-                chunk = pd.concat([carry, chunk], ignore_index=True)
-            last = chunk["sequence_id"].iloc[-1]
-            carry = chunk[chunk["sequence_id"] == last]
-            complete = chunk[chunk["sequence_id"] != last]
-            if len(complete):
-                yield Trace.from_dataframe(complete)
-        if carry is not None and len(carry):
-            yield Trace.from_dataframe(carry)
-    except GateSkipError:
-        raise
-    except Exception as err:
-        raise GateSkipError(f"cannot read trace {path}: {str(err).splitlines()[0]}") from None
+    carry = None
+    for chunk in read_trace_frames(path, chunk_rows):
+        if carry is not None:
+            chunk = pd.concat([carry, chunk], ignore_index=True)
+        last = chunk["sequence_id"].iloc[-1]
+        carry = chunk[chunk["sequence_id"] == last]  # may continue in the next chunk
+        complete = chunk[chunk["sequence_id"] != last]
+        if len(complete):
+            yield Trace.from_dataframe(complete)
+    if carry is not None and len(carry):
+        yield Trace.from_dataframe(carry)

@@ -19,11 +19,13 @@ Column reference (stable names):
 from __future__ import annotations
 
 import html
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from .compute import ComputeAccount
 from .errors import GateSkipError
@@ -248,23 +250,36 @@ def _atomic_write(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def read_trace(path: str | Path) -> Trace:
-    """Read a trace written by `Trace.to_csv` or `Trace.to_parquet`."""
+def read_trace_frames(path: str | Path, chunk_rows: int | None = None) -> Iterator[pd.DataFrame]:
+    """The rows of a trace file as DataFrames: one, or chunks of `chunk_rows` (bounded memory)."""
     path = Path(path)
     if not path.is_file():
         raise GateSkipError(f"trace file not found: {path}")
     suffix = path.suffix.lower()
+    if suffix not in (".csv", ".parquet", ".pq"):
+        raise GateSkipError(f"trace file must end in .csv or .parquet, got {path.name!r}")
     try:
         if suffix == ".csv":
-            df = pd.read_csv(path, keep_default_na=False, dtype={"token": str, "model": str, "gates": str})
-            if "threshold" in df.columns:  # NaN thresholds are written as empty fields
-                df["threshold"] = df["threshold"].replace("", "nan").astype(np.float64)
-        elif suffix in (".parquet", ".pq"):
-            df = pd.read_parquet(path)
+            frames = pd.read_csv(path, keep_default_na=False, chunksize=chunk_rows,
+                                 dtype={"token": str, "model": str, "gates": str})  # fmt: skip
+            frames = [frames] if chunk_rows is None else frames
+        elif chunk_rows is None:
+            frames = [pd.read_parquet(path)]
         else:
-            raise GateSkipError(f"trace file must end in .csv or .parquet, got {path.name!r}")
+            frames = (b.to_pandas() for b in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows))
+        for df in frames:
+            missing = [c for c in TRACE_COLUMNS if c not in df.columns]
+            if missing:
+                raise GateSkipError(f"not a GateSkip trace: missing columns {', '.join(missing)}")
+            if not pd.api.types.is_numeric_dtype(df["threshold"]):  # CSV writes NaN thresholds as empty fields
+                df["threshold"] = df["threshold"].replace("", "nan").astype(np.float64)
+            yield df
     except GateSkipError:
         raise
     except Exception as err:  # pandas/pyarrow raise many types for unreadable files
         raise GateSkipError(f"cannot read trace {path}: {str(err).splitlines()[0]}") from None
-    return Trace.from_dataframe(df)
+
+
+def read_trace(path: str | Path) -> Trace:
+    """Read a trace written by `Trace.to_csv` or `Trace.to_parquet`."""
+    return Trace.from_dataframe(next(read_trace_frames(path)))
