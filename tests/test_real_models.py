@@ -70,3 +70,17 @@ def test_gemma3_loads_and_runs():
     masked = model.forward(batch.input_ids, batch.attention_mask, model.make_plan(0.3))
     physical = model.forward(batch.input_ids, batch.attention_mask, model.make_plan(0.3, path="physical"))
     torch.testing.assert_close(masked.logits, physical.logits, atol=2e-3, rtol=1e-3)
+
+
+def test_transformer_lens_bridge_sees_the_same_residual_stream(smollm2):
+    from analysis.lens import hook_name, residual_stream_gap, to_transformer_lens
+
+    ids = smollm2.encode([TEXT]).input_ids
+    with torch.no_grad():
+        before = smollm2.backbone(input_ids=ids).logits
+        bridge = to_transformer_lens(smollm2)
+        torch.testing.assert_close(bridge(ids), before, atol=1e-3, rtol=1e-4)
+        assert torch.equal(smollm2.backbone(input_ids=ids).logits, before)  # our model is left as it was
+        _, cache = bridge.run_with_cache(ids)
+    assert hook_name(3, "mlp") in cache and hook_name(3, "attn") in cache
+    assert residual_stream_gap(smollm2, TEXT, bridge) < 1e-3
