@@ -35,6 +35,12 @@ def gated_view(model_name: str, gates: str, upload_digest: str | None, _upload: 
     return hub().view(model_name, gates, _upload)
 
 
+def figure_download(container, label: str, fig, file_name: str) -> None:
+    """A figure as a standalone HTML file; serialised only when clicked (keeps the slider path light)."""
+    container.download_button(label, lambda: fig.to_html(include_plotlyjs="cdn"), file_name, "text/html",
+                              key=f"download_{file_name}")  # fmt: skip
+
+
 def sidebar() -> dict:
     sb = st.sidebar
     sb.header("Model and gates")
@@ -150,7 +156,8 @@ def explore_view(cfg: dict) -> None:
     if view.gates is None:
         st.info("No gates: every gate counts as 1.0, so only the random policy can choose what to skip.")
 
-    st.plotly_chart(figures.token_strip(shown), key="strip")
+    strip = figures.token_strip(shown)
+    st.plotly_chart(strip, key="strip")
     layout = st.radio("Heatmap", ["side by side", "attn", "mlp"], horizontal=True, key="heat_layout")
     modules = ("attn", "mlp") if layout == "side by side" else (layout,)
     heat = figures.gate_heatmap(shown, modules=modules)
@@ -187,9 +194,10 @@ def explore_view(cfg: dict) -> None:
                    else f"first divergent token (marked ⟦ ⟧): #{result.first_divergence}")  # fmt: skip
 
     st.subheader("Export")
-    c1, c2 = st.columns(2)
-    c1.download_button("Trace (CSV)", shown.to_dataframe().to_csv(index=False), "trace.csv", "text/csv")
-    c2.download_button("Heatmap (HTML)", heat.to_html(include_plotlyjs="cdn"), "heatmap.html", "text/html")
+    c1, c2, c3 = st.columns(3)
+    c1.download_button("Trace (CSV)", lambda: shown.to_dataframe().to_csv(index=False), "trace.csv", "text/csv")
+    figure_download(c2, "Heatmap (HTML)", heat, "heatmap.html")
+    figure_download(c3, "Token strip (HTML)", strip, "token_strip.html")
 
 
 def layers_view(cfg: dict) -> None:
@@ -208,10 +216,11 @@ def layers_view(cfg: dict) -> None:
     types = figures.token_type_figure(stats.token_type_table(), module=module)
     st.plotly_chart(types, key="types")
     st.dataframe(table, hide_index=True)
-    c1, c2, c3 = st.columns(3)
-    c1.download_button("Layer statistics (CSV)", table.to_csv(index=False), "layer_stats.csv", "text/csv")
-    c2.download_button("Layer profile (HTML)", fig.to_html(include_plotlyjs="cdn"), "layer_profile.html")
-    c3.download_button("BOS profile (HTML)", bos.to_html(include_plotlyjs="cdn"), "bos_profile.html")
+    c1, c2, c3, c4 = st.columns(4)
+    c1.download_button("Layer statistics (CSV)", lambda: table.to_csv(index=False), "layer_stats.csv", "text/csv")
+    figure_download(c2, "Layer profile (HTML)", fig, "layer_profile.html")
+    figure_download(c3, "BOS profile (HTML)", bos, "bos_profile.html")
+    figure_download(c4, "Token types (HTML)", types, "token_types.html")
 
 
 def sweep_view(cfg: dict) -> None:
@@ -255,8 +264,8 @@ def sweep_view(cfg: dict) -> None:
         st.plotly_chart(fig, key="sweep_fig")
         st.dataframe(table, hide_index=True)
         c1, c2 = st.columns(2)
-        c1.download_button("Sweep (CSV)", table.to_csv(index=False), "sweep.csv", "text/csv")
-        c2.download_button("Sweep figure (HTML)", fig.to_html(include_plotlyjs="cdn"), "sweep.html")
+        c1.download_button("Sweep (CSV)", lambda: table.to_csv(index=False), "sweep.csv", "text/csv")
+        figure_download(c2, "Sweep figure (HTML)", fig, "sweep.html")
 
 
 def compare_view(cfg: dict) -> None:
@@ -298,7 +307,10 @@ def compare_view(cfg: dict) -> None:
         m1.metric("Skipped fraction", f"{trace.skipped_fraction():.1%}")
         m2.metric("Net FLOPs saved", f"{seq.compute.net_saved_fraction:+.1%}")
         m3.metric("Top-1 agreement", f"{quality.top1_agreement:.1%}")
-        col.plotly_chart(figures.gate_heatmap(trace, modules=(module,)), key=f"cmp_heat_{spec}_{col is left}")
+        heat = figures.gate_heatmap(trace, modules=(module,))
+        side = "left" if col is left else "right"
+        col.plotly_chart(heat, key=f"cmp_heat_{side}")
+        figure_download(col, f"{spec} heatmap (HTML)", heat, f"compare_{side}_{module}.html")
 
 
 def main() -> None:

@@ -88,5 +88,11 @@ def test_prompt_and_slider_in_real_chromium(server):
         after = skipped_count(page)
         SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SCREENSHOT_DIR / "dashboard-browser-test.png"), full_page=False)
+        with page.expect_download(timeout=60_000) as download:
+            page.get_by_role("button", name="Trace (CSV)").click()
+        csv_path = SCREENSHOT_DIR / "dashboard-browser-trace.csv"
+        download.value.save_as(str(csv_path))
         browser.close()
+    header = csv_path.read_text().splitlines()[0]
+    assert header.startswith("sequence_id,position,token_id,token,layer,module,gate,threshold,skipped")
     assert after > before, f"skipped count did not change after moving the slider ({before} -> {after})"
