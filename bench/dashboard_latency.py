@@ -2,7 +2,9 @@
 
     python bench/dashboard_latency.py [--tokens 128] [--gates default]
 
-Times the same library calls the dashboard makes when a slider moves.
+Times the library calls the dashboard makes when a slider moves, then a whole
+app rerun (Streamlit script, figures included) through AppTest, as a browser
+session would trigger it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,29 @@ def main() -> None:
     print(f"{args.model}, {view.gates_label}, prompt of {n} tokens")
     print(f"estimate mode (slider, no model call): median {statistics.median(est) * 1000:.0f} ms")
     print(f"exact mode (model re-run + quality vs ungated): median {statistics.median(exact):.2f} s")
+    app_rerun(args.model, text, args.repeats)
+
+
+def app_rerun(model: str, text: str, repeats: int) -> None:
+    import os
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    os.environ["GATESKIP_DASHBOARD_MODEL"] = model
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py"), default_timeout=300)
+    at.run()
+    at.text_area[0].set_value(text).run()
+    times = {}
+    for mode in ("estimate", "exact"):
+        at.sidebar.radio[0].set_value(mode).run()
+        samples = []
+        for i in range(repeats):
+            start = time.perf_counter()
+            at.sidebar.slider(key="global_budget").set_value([0.1, 0.2, 0.3, 0.4, 0.5][i % 5]).run()
+            samples.append(time.perf_counter() - start)
+        times[mode] = statistics.median(samples)
+    print(f"whole app rerun after a slider move: estimate {times['estimate']:.2f} s, exact {times['exact']:.2f} s")
 
 
 if __name__ == "__main__":
