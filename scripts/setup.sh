@@ -15,3 +15,5 @@ if [ "${GATESKIP_SKIP_BROWSER:-0}" != "1" ] && ! command -v chromium >/dev/null 
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
     || echo "setup: chromium could not be installed; the browser test will be skipped" >&2
 fi
+# pyenv installs console scripts (`gateskip`) behind shims that must be refreshed.
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
