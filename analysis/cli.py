@@ -92,6 +92,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
         bos.to_csv(args.bos_out, index=False)
     if args.types_out:
         stats.token_type_table().to_csv(args.types_out, index=False)
+    tokens = stats.token_table(min_count=args.min_count)
+    if len(tokens):
+        show = lambda part: ", ".join(
+            f"{t!r} {g:.3f} (x{c})" for t, g, c in zip(part["token"], part["mean_gate"], part["count"])
+        )  # noqa: E731
+        print(f"most important tokens (>= {args.min_count} occurrences): {show(tokens.head(8))}")
+        print(f"least important tokens: {show(tokens.tail(8))}")
+    if args.tokens_out:
+        tokens.to_csv(args.tokens_out, index=False)
     print(f"wrote {out}")
     return 0
 
@@ -161,6 +170,8 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
     p.add_argument("--out", required=True, help="layer_stats.csv")
     p.add_argument("--bos-out", help="also write the BOS anchor table (CSV)")
     p.add_argument("--types-out", help="also write the token-type table (CSV)")
+    p.add_argument("--tokens-out", help="also write per-token-id importance over the corpus (CSV)")
+    p.add_argument("--min-count", type=int, default=5, help="occurrences a token needs to be ranked")
     commands["stats"] = cmd_stats
 
     p = sub.add_parser("sweep", help="quality vs net FLOPs for GateSkip and baselines")
