@@ -94,9 +94,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
         stats.token_type_table().to_csv(args.types_out, index=False)
     tokens = stats.token_table(min_count=args.min_count)
     if len(tokens):
-        show = lambda part: ", ".join(
-            f"{t!r} {g:.3f} (x{c})" for t, g, c in zip(part["token"], part["mean_gate"], part["count"])
-        )  # noqa: E731
+
+        def show(part) -> str:
+            rows = zip(part["token"], part["mean_gate"], part["count"])
+            return ", ".join(f"{t!r} {g:.3f} (x{c})" for t, g, c in rows)
+
         print(f"most important tokens (>= {args.min_count} occurrences): {show(tokens.head(8))}")
         print(f"least important tokens: {show(tokens.tail(8))}")
     if args.tokens_out:

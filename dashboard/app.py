@@ -200,10 +200,17 @@ def explore_view(cfg: dict) -> None:
     figure_download(c3, "Token strip (HTML)", strip, "token_strip.html")
 
 
-def layers_view(cfg: dict) -> None:
+def explored_trace():
+    """The trace the Explore view shows, or None (with a hint) before it has run."""
     shown = st.session_state.get("shown_trace")
     if shown is None:
         st.info("Run a prompt in the Explore view first.")
+    return shown
+
+
+def layers_view(cfg: dict) -> None:
+    shown = explored_trace()
+    if shown is None:
         return
     stats = FlowStats().add(shown)
     table = stats.layer_table()
@@ -269,9 +276,8 @@ def sweep_view(cfg: dict) -> None:
 
 
 def compare_view(cfg: dict) -> None:
-    shown = st.session_state.get("shown_trace")
+    shown = explored_trace()
     if shown is None:
-        st.info("Run a prompt in the Explore view first.")
         return
     choices = [c for c in service.gate_choices(cfg["model_name"]) if c != "upload"]
     left, right = st.columns(2)
