@@ -116,7 +116,8 @@ def continuations(model: GatedModel, text: str, chat: bool, n_new: int, **skip_k
 def capture(model: GatedModel, text: str, chat: bool) -> tuple[Trace, bool]:
     """The prompt's gate values with nothing skipped (the basis of estimate mode), and whether it was cut."""
     batch = model.encode([text], chat=chat, max_tokens=MAX_PROMPT_TOKENS)
-    trace = model.trace(text, skip=0.0, chat=chat, max_tokens=MAX_PROMPT_TOKENS)
+    plan = model.make_plan(0.0)
+    trace = model.trace_of(batch, model.forward(batch.input_ids, batch.attention_mask, plan), plan)
     return trace, bool(batch.truncated[0])
 
 

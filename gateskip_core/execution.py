@@ -27,6 +27,7 @@ one model do not interfere.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import torch
@@ -143,6 +144,32 @@ def _attend(
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
+def _query_side(spec: ArchSpec, parts: LayerParts, cos, sin, slots, real, keys, values, slot_real,
+                x_rows: torch.Tensor, rows) -> torch.Tensor:  # fmt: skip
+    """Attention's query side: q projection, scores, weighted sum and o projection.
+
+    `rows` None: every token (`x_rows` [B, T, d]); otherwise the packed rows from
+    `_pack_rows` that run attention (`x_rows` [N, d]), padded per sequence for the
+    attention call. Keys and values cover every position either way.
+    """
+    B, T = real.shape
+    if rows is None:
+        flat = (x_rows.reshape(B * T, -1), cos.reshape(B * T, -1), sin.reshape(B * T, -1))
+        q = _project_q(parts, spec, *flat).view(B, T, spec.n_heads, -1).transpose(1, 2)
+        return parts.o_proj(_attend(spec, parts, q, slots, real, keys, values, slot_real))
+    b_idx, t_idx, rank, width = rows
+    q_rows = _project_q(parts, spec, x_rows, cos[b_idx, t_idx], sin[b_idx, t_idx])
+    q = torch.zeros(B, width, spec.n_heads, spec.head_dim, dtype=q_rows.dtype)
+    q = q.index_put((b_idx, rank), q_rows).transpose(1, 2)
+    q_slots = torch.zeros(B, width, dtype=torch.long).index_put((b_idx, rank), slots[b_idx, t_idx])
+    q_valid = torch.zeros(B, width, dtype=torch.bool).index_put((b_idx, rank), torch.tensor(True))
+    return parts.o_proj(_attend(spec, parts, q, q_slots, q_valid, keys, values, slot_real)[b_idx, rank])
+
+
+def _mlp(mlp, x_rows: torch.Tensor, rows) -> torch.Tensor:
+    return mlp(x_rows)  # the MLP is per token: the same code for all tokens or packed rows
+
+
 def _pack_rows(run: torch.Tensor):
     """Indices of tokens that run a branch, and their rank within their own sequence."""
     b_idx, t_idx = run.nonzero(as_tuple=True)
@@ -228,19 +255,25 @@ def gated_forward(
         return g, skip
 
     def apply_branch(h, x, g, skip, run_branch, post_norm):
-        """h + g * branch(x) for tokens that run the branch (masked or physical)."""
+        """h + g * branch(x) for tokens that run the branch.
+
+        `run_branch(x_rows, rows)` computes the branch: on the masked path for every token
+        (`x_rows` is [B, T, d], `rows` None), on the physical path only for the packed rows
+        that run it (`rows` from `_pack_rows`, `x_rows` [N, d]).
+        """
         run = real & ~skip
         if plan.path == "masked":
-            y = run_branch(x)
+            y = run_branch(x, None)
             if post_norm is not None:
                 y = post_norm(y)
             if g is not None:
                 y = g * y
             return add_delta(h, torch.where(run[..., None], y, torch.zeros_like(y)))
-        b_idx, t_idx, _, _ = _pack_rows(run)
+        rows = _pack_rows(run)
+        b_idx, t_idx = rows[0], rows[1]
         if b_idx.numel() == 0:
             return h
-        y = run_branch(x[b_idx, t_idx])
+        y = run_branch(x[b_idx, t_idx], rows)
         if post_norm is not None:
             y = post_norm(y)
         if g is not None:
@@ -292,37 +325,13 @@ def gated_forward(
         else:
             keys, values = k_new, v_new
 
-        run = real & ~skip
-        if plan.path == "masked":
-            q = _project_q(parts, spec, x.reshape(B * T, -1), cos.reshape(B * T, -1), sin.reshape(B * T, -1))
-            q = q.view(B, T, spec.n_heads, -1).transpose(1, 2)
-            attn_out = _attend(spec, parts, q, slots, real, keys, values, slot_real)
-            y = parts.o_proj(attn_out)
-            if parts.attn_post_norm is not None:
-                y = parts.attn_post_norm(y)
-            if g is not None:
-                y = g * y
-            h = add_delta(h, torch.where(run[..., None], y, torch.zeros_like(y)))
-        else:
-            b_idx, t_idx, rank, width = _pack_rows(run)
-            if b_idx.numel():
-                q_rows = _project_q(parts, spec, x[b_idx, t_idx], cos[b_idx, t_idx], sin[b_idx, t_idx])
-                q = torch.zeros(B, width, spec.n_heads, spec.head_dim, dtype=q_rows.dtype)
-                q = q.index_put((b_idx, rank), q_rows).transpose(1, 2)
-                q_slots = torch.zeros(B, width, dtype=torch.long).index_put((b_idx, rank), slots[b_idx, t_idx])
-                q_valid = torch.zeros(B, width, dtype=torch.bool).index_put((b_idx, rank), torch.tensor(True))
-                attn_out = _attend(spec, parts, q, q_slots, q_valid, keys, values, slot_real)[b_idx, rank]
-                y = parts.o_proj(attn_out)
-                if parts.attn_post_norm is not None:
-                    y = parts.attn_post_norm(y)
-                if g is not None:
-                    y = g[b_idx, t_idx] * y
-                h = h.index_put((b_idx, t_idx), h[b_idx, t_idx] + y)
+        attention = partial(_query_side, spec, parts, cos, sin, slots, real, keys, values, slot_real)
+        h = apply_branch(h, x, g, skip, attention, parts.attn_post_norm)
 
         # ---- MLP branch
         x = parts.mlp_norm(h)
         g, skip = decide(layer, "mlp", x)
-        h = apply_branch(h, x, g, skip, parts.mlp, parts.mlp_post_norm)
+        h = apply_branch(h, x, g, skip, partial(_mlp, parts.mlp), parts.mlp_post_norm)
 
     if hidden_states is not None:
         hidden_states.append(h)

@@ -51,7 +51,7 @@ class BranchGate(nn.Module):
         """Gate values for branch input `x` [..., d]: [..., d] or [..., 1] in (0, 1)."""
         return torch.sigmoid(self.net(x.detach()))
 
-    def flops_per_token(self, d_model: int) -> int:
+    def flops_per_token(self) -> int:
         """Multiply-adds x 2 of one gate evaluation (the sigmoid is not counted)."""
         return sum(2 * m.in_features * m.out_features for m in self.net.modules() if isinstance(m, nn.Linear))
 
@@ -77,7 +77,7 @@ class GateSet(nn.Module):
 
     def flops_per_token(self, branch: str) -> int:
         """FLOPs of evaluating one branch's gate for one token."""
-        return self.gate(0, branch).flops_per_token(self.d_model)
+        return self.gate(0, branch).flops_per_token()
 
     def describe(self) -> str:
         return f"{self.variant} gates ({'shared' if self.shared else 'per layer'})"

@@ -36,8 +36,6 @@ TRACE_COLUMNS = [
     "eligible", "skip_budget", "policy", "model", "gates", "path", "kv", "protect_bos", "branches",
     "prompt_length", "dense_flops", "skipping_flops", "executed_flops", "gate_flops",
 ]  # fmt: skip
-_SEQUENCE_CONSTANTS = ["prompt_length", "dense_flops", "skipping_flops", "executed_flops", "gate_flops"]
-_CALL_CONSTANTS = ["policy", "model", "gates", "path", "kv", "protect_bos", "branches"]
 
 
 @dataclass
