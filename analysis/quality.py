@@ -37,11 +37,11 @@ def evaluation_blocks(model: GatedModel, texts: Sequence[str] | None = None, n_b
 
 
 def reference(model: GatedModel, blocks: torch.Tensor, batch_size: int = 4) -> Reference:
-    """Run the ungated backbone once; every evaluation compares against it."""
+    """Run the original (ungated, unadapted) model once; every evaluation compares against it."""
     log_probs = []
     with torch.no_grad():
         for i in range(0, len(blocks), batch_size):
-            logits = model.backbone(input_ids=blocks[i : i + batch_size]).logits[:, :-1].float()
+            logits = model.original(input_ids=blocks[i : i + batch_size]).logits[:, :-1].float()
             log_probs.append(F.log_softmax(logits, -1))
     return Reference(blocks, log_probs, batch_size)
 

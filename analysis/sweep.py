@@ -1,7 +1,10 @@
 """Quality against net compute: GateSkip and baselines at matched budgets.
 
 Methods, for each skip budget b:
-- `gateskip`: the gates' quantile policy at budget b (both branches);
+- `gateskip`: the gates' quantile policy at budget b (both branches), spread over
+  layers by the gates' default allocation (global when they carry a sensitivity
+  profile, else uniform);
+- `gateskip-uniform`: the same gates with the paper's uniform per-layer rule;
 - `random`: random skipping at budget b, same gated model;
 - `shortgpt`: the ungated model with whole layers removed, lowest Block Influence
   first (BI = 1 - cosine(layer input, layer output), measured on calibration
@@ -26,7 +29,7 @@ from gateskip_core.policies import BranchInput, Decision, SkipPolicy
 
 from .quality import evaluate, evaluation_blocks, reference
 
-METHODS = ("gateskip", "random", "shortgpt", "attn-only", "mlp-only")
+METHODS = ("gateskip", "gateskip-uniform", "random", "shortgpt", "attn-only", "mlp-only")
 SWEEP_COLUMNS = ["method", "skip_budget", "skipped_fraction", "flops_saved", "ppl", "kl_to_full",
                  "top1_agreement", "tokens", "flops_saved_gross", "setting"]  # fmt: skip
 
@@ -110,8 +113,12 @@ def sweep(
         for method in methods:
             if method == "gateskip":
                 result, setting = gs, f"quantile b={budget:g}"
+            elif method == "gateskip-uniform":
+                plan = model.make_plan(budget, "quantile", allocation="uniform")
+                result, setting = evaluate(model, ref, plan), f"quantile uniform b={budget:g}"
             elif method == "random":
-                result, setting = evaluate(model, ref, model.make_plan(budget, "random")), f"random b={budget:g}"
+                plan = model.make_plan(budget, "random", allocation="uniform")
+                result, setting = evaluate(model, ref, plan), f"random b={budget:g}"
             elif method == "shortgpt":
                 layers = shortgpt_layers(model, influence, target, seq_len)
                 plan = SkipPlan(SkipBudget.make(1.0 if layers else 0.0, model.spec.n_layers),
@@ -121,7 +128,7 @@ def sweep(
             else:
                 branch = method.split("-")[0]
                 rate = branch_rate_for(model, branch, target, seq_len)
-                result = evaluate(model, ref, model.make_plan(rate, "quantile", branches=branch))
+                result = evaluate(model, ref, model.make_plan(rate, "quantile", branches=branch, allocation="uniform"))
                 setting = f"{branch} rate {rate:.3f}"
             rows.append({"method": method, "skip_budget": budget, **result, "setting": setting})
             step(method)

@@ -2,13 +2,19 @@
 
 Tensors: the GateSet's parameters (optionally int8 with one float32 scale per
 output row, dequantised at load), plus `calibration.budgets` [K] and
-`calibration.thresholds` [K, n_layers, 2] for the `calibrated` policy.
+`calibration.thresholds` [K, n_layers, 2] for the `calibrated` policy (uniform
+budgets), `calibration.global_thresholds` [K, n_layers, 2] for the same budgets
+spent by the global allocation, `allocation.sensitivity` [n_layers, 2] (the
+profile the global allocation uses; absent for gates trained without one), and
+`adapter.*` (the backbone adaptation, see `adapter.py`).
 Metadata (strings): format, model name, architecture fingerprint, gate variant,
-sharing, weight encoding, training configuration and validation metrics (JSON).
+low-rank rank, sharing, weight encoding, adapter, training configuration and
+validation metrics (JSON).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .adapter import ADAPTER_PREFIX, AdapterSpec
 from .errors import GateSkipError
 from .gates import GateSet
 
@@ -34,6 +41,18 @@ class GateCheckpoint:
     training: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     weights: str = "float32"
+    adapter: AdapterSpec = AdapterSpec()
+    adapter_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    sensitivity: np.ndarray | None = None  # [n_layers, 2] profile of the global allocation
+    global_thresholds: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 2)))
+
+    def adapter_key(self) -> str:
+        """A digest of the adapter tensors: views with equal adapters share one adapted backbone."""
+        digest = hashlib.sha256(self.adapter.label.encode())
+        for key in sorted(self.adapter_tensors):
+            digest.update(key.encode())
+            digest.update(self.adapter_tensors[key].numpy().tobytes())
+        return digest.hexdigest()
 
 
 def _quantise_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,11 +75,18 @@ def save_gates(ckpt: GateCheckpoint, path: str | Path, int8: bool = False) -> Pa
             tensors[key] = value
     tensors["calibration.budgets"] = torch.as_tensor(ckpt.calibration_budgets, dtype=torch.float64)
     tensors["calibration.thresholds"] = torch.as_tensor(ckpt.calibration_thresholds, dtype=torch.float64)
+    if len(ckpt.global_thresholds):
+        tensors["calibration.global_thresholds"] = torch.as_tensor(ckpt.global_thresholds, dtype=torch.float64)
+    if ckpt.sensitivity is not None:
+        tensors["allocation.sensitivity"] = torch.as_tensor(ckpt.sensitivity, dtype=torch.float64)
+    tensors.update({k: v.contiguous() for k, v in ckpt.adapter_tensors.items()})
     metadata = {
         "format": FORMAT,
         "model": ckpt.model,
         "fingerprint": json.dumps(ckpt.fingerprint, sort_keys=True),
         "variant": ckpt.gates.variant,
+        "rank": str(ckpt.gates.rank),
+        "adapter": ckpt.adapter.label,
         "shared": json.dumps(ckpt.gates.shared),
         "n_layers": str(ckpt.gates.n_layers),
         "d_model": str(ckpt.gates.d_model),
@@ -96,6 +122,7 @@ def load_gates(path: str | Path, expected_fingerprint: dict | None = None) -> Ga
             d_model=int(metadata["d_model"]),
             variant=metadata["variant"],
             shared=json.loads(metadata["shared"]),
+            rank=int(metadata.get("rank", "0")),
         )
         state = {}
         for key in gates.state_dict():
@@ -113,8 +140,18 @@ def load_gates(path: str | Path, expected_fingerprint: dict | None = None) -> Ga
             training=json.loads(metadata.get("training", "{}")),
             metrics=json.loads(metadata.get("metrics", "{}")),
             weights=metadata.get("weights", "float32"),
+            adapter=AdapterSpec.parse(metadata.get("adapter", "none")),
+            adapter_tensors={k: v for k, v in tensors.items() if k.startswith(ADAPTER_PREFIX)},
+            sensitivity=tensors["allocation.sensitivity"].numpy() if "allocation.sensitivity" in tensors else None,
+            global_thresholds=(
+                tensors["calibration.global_thresholds"].numpy()
+                if "calibration.global_thresholds" in tensors
+                else np.zeros((0, 0, 2))
+            ),
         )
-    except (KeyError, ValueError, RuntimeError) as err:
+        if ckpt.adapter.kind != "none" and not ckpt.adapter_tensors:
+            raise ValueError(f"metadata names adapter {ckpt.adapter.label} but the file has no adapter tensors")
+    except (KeyError, ValueError, RuntimeError, GateSkipError) as err:
         raise GateSkipError(f"{path.name} is a damaged gate checkpoint ({str(err).splitlines()[0]})") from None
     if expected_fingerprint is not None and fingerprint != expected_fingerprint:
         raise GateSkipError(

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import GateSkipError
+from .registry import DEFAULT_MODEL
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -45,7 +46,7 @@ def _progress(msg: str) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser, gates_default: str = "none") -> None:
-    p.add_argument("--model", default="smollm2-135m-instruct", help="registry name, checkpoint dir or hub id")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="registry name, checkpoint dir or hub id")
     p.add_argument(
         "--gates", default=gates_default,
         help="none | default (shipped vector) | default-scalar | untrained[:variant] | FILE.safetensors",
@@ -120,20 +121,69 @@ def _skip_map(trace, width: int = 80) -> str:
 
 @_command("train")
 def cmd_train(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
     from .training import TrainConfig, train
 
-    config = TrainConfig(
-        model=args.model, gate=args.gate, shared=args.shared, full=args.full, steps=args.steps,
-        seq_len=args.seq_len, batch=args.batch, lr=args.lr, sparsity_weight=args.sparsity_weight,
-        sparsity_loss=args.sparsity_loss, skip_start=args.skip_start, skip_end=args.skip_end,
-        skip_ramp_steps=args.skip_ramp_steps, data=args.data, distill=args.distill, out=args.out,
-        resume=args.resume, seed=args.seed, checkpoint_every=args.checkpoint_every, val_every=args.val_every,
-        int8=args.int8,
-    )  # fmt: skip
-    result = train(config, progress=_progress)
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    if args.full:
+        values["adapter"] = "full"
+    result = train(TrainConfig(**values), progress=_progress)
     if result.metrics and result.is_main_process:
         print(" ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()))
     return 0
+
+
+TRAIN_HELP = {
+    "model": "registry name, checkpoint dir or hub id",
+    "gate": "vector | scalar | mlp | lowrank:R (d -> R -> d)",
+    "shared": "one gate per branch type shared by all layers",
+    "adapter": "none (only gates train) | lora:R (LoRA on every projection, trained with the gates) | full",
+    "steps": "optimiser steps",
+    "seq_len": "tokens per training block (at least 8)",
+    "batch": "blocks per step",
+    "lr": "AdamW learning rate of the gates",
+    "adapter_lr": "AdamW learning rate of the adapter (or of the backbone with --adapter full)",
+    "sparsity_weight": "lambda of the sparsity term",
+    "sparsity_loss": "l2: mean(g^2) | l1: mean(|g|)",
+    "skip_start": "budget at step 0 (ramp) or lowest budget drawn (random)",
+    "skip_end": "budget after the ramp (ramp) or highest budget drawn (random)",
+    "skip_ramp_steps": "steps of the linear ramp",
+    "budget_schedule": "ramp | random (a budget drawn each step, for the whole slider)",
+    "allocation": "uniform (the same fraction everywhere) | global (by measured sensitivity and FLOPs)",
+    "bf16": "bfloat16 autocast for the forward passes",
+    "data": "text files, or 'builtin' (pydoc train split + the model's own chat answers)",
+    "distill": "KL to the original (frozen) model instead of cross-entropy",
+    "out": "GATES.safetensors",
+    "resume": "continue the run whose state file sits next to --out",
+    "seed": "seed of initialisation, data order and drawn budgets",
+    "checkpoint_every": "save the training state every N steps",
+    "val_every": "validation loss every N steps",
+    "val_batches": "validation batches",
+    "int8": "store gate weights as int8 with per-row scales",
+    "calibrate": "fit calibrated thresholds at the end",
+}
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    """One flag per `TrainConfig` field, defaults taken from it (so they cannot disagree)."""
+    from dataclasses import MISSING, fields
+
+    from .training import TrainConfig
+
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else f.default_factory()
+        help_text = f"{TRAIN_HELP[f.name]} (default: {default})"
+        if f.name == "out":
+            p.add_argument(flag, required=True, help=TRAIN_HELP[f.name])
+        elif f.name == "data":
+            p.add_argument(flag, nargs="+", default=default, help=help_text)
+        elif isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=TRAIN_HELP[f.name])
+        else:
+            p.add_argument(flag, type=type(default), default=default, help=help_text)
+    p.add_argument("--full", action="store_true", help="the same as --adapter full")
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -174,32 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="FILE.csv or FILE.parquet")
 
     p = sub.add_parser("train", help="train gates (only gates by default)")
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--gate", choices=["vector", "scalar", "mlp"], default="vector")
-    p.add_argument("--shared", action="store_true", help="one gate per branch type shared by all layers")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--freeze-backbone", action="store_true", help="train only the gates (default)")
-    mode.add_argument("--full", action="store_true", help="fine-tune the backbone too")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--sparsity-weight", type=float, default=0.1)
-    p.add_argument("--sparsity-loss", choices=["l2", "l1"], default="l2")
-    p.add_argument("--skip-start", type=float, default=0.0)
-    p.add_argument("--skip-end", type=float, default=0.2)
-    p.add_argument("--skip-ramp-steps", type=int, default=100)
-    p.add_argument("--data", nargs="+", default=["builtin"], help="text files, or 'builtin'")
-    p.add_argument("--distill", action="store_true", help="KL to the ungated model instead of CE")
-    p.add_argument("--out", required=True, help="GATES.safetensors")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=25)
-    p.add_argument("--val-every", type=int, default=50)
-    p.add_argument("--int8", action="store_true", help="store weights as int8 with per-row scales")
+    _add_train_args(p)
 
     p = sub.add_parser("dashboard", help="start the Streamlit dashboard")
-    p.add_argument("--model", default="smollm2-135m-instruct", help="model selected when the app opens")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model selected when the app opens")
     p.add_argument("--port", type=int, default=8501)
 
     _register_analysis(sub)

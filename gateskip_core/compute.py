@@ -123,3 +123,14 @@ def account_sequence(
         gate_flops=gates,
         tokens=T,
     )
+
+
+def branch_saving_flops(spec: ArchSpec, context: int = 256) -> np.ndarray:
+    """[n_layers, 2] FLOPs one token saves by skipping each (layer, branch) (attention: the query
+    side at `context` keys, capped by the sliding window; MLP: all of it). Weights of a global budget."""
+    costs = LayerCosts.of(spec)
+    out = np.zeros((spec.n_layers, 2))
+    for layer in range(spec.n_layers):
+        keys = keys_per_query(spec, layer, np.array([context - 1]), context, "causal")[0]
+        out[layer] = (costs.q + costs.o + costs.attn_per_key * keys, costs.mlp)
+    return out

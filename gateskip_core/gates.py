@@ -17,20 +17,42 @@ from typing import Literal
 import torch
 from torch import nn
 
-GateVariant = Literal["vector", "scalar", "mlp"]
+from .errors import GateSkipError
+
+GateVariant = Literal["vector", "scalar", "mlp", "lowrank"]
 BRANCHES = ("attn", "mlp")
-GATE_VARIANTS: tuple[str, ...] = ("vector", "scalar", "mlp")
+GATE_VARIANTS: tuple[str, ...] = ("vector", "scalar", "mlp", "lowrank")
+DEFAULT_LOWRANK_RANK = 16
 INIT_WEIGHT_STD = 0.01
 INIT_BIAS = 5.0  # sigmoid(5) = 0.993: gates start open, the model is almost unchanged
 
 
-class BranchGate(nn.Module):
-    """One gate: `vector` (d->d), `scalar` (d->1) or `mlp` (d->2d->ReLU->d)."""
+def parse_gate_variant(text: str) -> tuple[str, int]:
+    """'vector' | 'scalar' | 'mlp' | 'lowrank' | 'lowrank:R' -> (variant, rank); rank is 0 unless low-rank."""
+    variant, _, rank_text = str(text).partition(":")
+    if variant not in GATE_VARIANTS or (rank_text and variant != "lowrank"):
+        raise GateSkipError(f"unknown gate variant {text!r}; choose one of vector, scalar, mlp, lowrank:R")
+    if variant != "lowrank":
+        return variant, 0
+    try:
+        rank = int(rank_text) if rank_text else DEFAULT_LOWRANK_RANK
+    except ValueError:
+        raise GateSkipError(f"low-rank gate rank must be a whole number, got {rank_text!r}") from None
+    if rank < 1:
+        raise GateSkipError(f"low-rank gate rank must be at least 1, got {rank}")
+    return variant, rank
 
-    def __init__(self, d_model: int, variant: GateVariant):
+
+class BranchGate(nn.Module):
+    """One gate: `vector` (d->d), `scalar` (d->1), `mlp` (d->2d->ReLU->d) or `lowrank` (d->R->d)."""
+
+    def __init__(self, d_model: int, variant: GateVariant, rank: int = 0):
         super().__init__()
         self.variant = variant
-        if variant == "vector":
+        if variant == "lowrank":
+            # Down projection without bias; the up projection carries the b = 5 bias.
+            self.net = nn.Sequential(nn.Linear(d_model, rank, bias=False), nn.Linear(rank, d_model))
+        elif variant == "vector":
             self.net = nn.Linear(d_model, d_model)
         elif variant == "scalar":
             self.net = nn.Linear(d_model, 1)
@@ -44,8 +66,13 @@ class BranchGate(nn.Module):
         linears = [m for m in self.net.modules() if isinstance(m, nn.Linear)]
         for lin in linears:
             nn.init.normal_(lin.weight, std=INIT_WEIGHT_STD)
-            nn.init.zeros_(lin.bias)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
         nn.init.constant_(linears[-1].bias, INIT_BIAS)
+        if self.variant == "lowrank":
+            # Two N(0, 0.01) factors would start the gate's gradient near zero; the down
+            # projection starts as a random projection instead (the product is still ~0).
+            nn.init.normal_(linears[0].weight, std=linears[0].in_features**-0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Gate values for branch input `x` [..., d]: [..., d] or [..., 1] in (0, 1)."""
@@ -59,17 +86,22 @@ class BranchGate(nn.Module):
 class GateSet(nn.Module):
     """Gates for every (layer, branch) of one model; per layer or shared across layers."""
 
-    def __init__(self, n_layers: int, d_model: int, variant: GateVariant = "vector", shared: bool = False):
+    def __init__(
+        self, n_layers: int, d_model: int, variant: GateVariant = "vector", shared: bool = False, rank: int = 0
+    ):
         super().__init__()
         if variant not in GATE_VARIANTS:
-            raise ValueError(f"unknown gate variant {variant!r}; choose one of {GATE_VARIANTS}")
+            raise GateSkipError(f"unknown gate variant {variant!r}; choose one of {GATE_VARIANTS}")
+        if variant == "lowrank" and rank < 1:
+            rank = DEFAULT_LOWRANK_RANK
         self.n_layers = n_layers
         self.d_model = d_model
         self.variant = variant
+        self.rank = rank if variant == "lowrank" else 0
         self.shared = shared
         n_modules = 1 if shared else n_layers
-        self.attn = nn.ModuleList(BranchGate(d_model, variant) for _ in range(n_modules))
-        self.mlp = nn.ModuleList(BranchGate(d_model, variant) for _ in range(n_modules))
+        self.attn = nn.ModuleList(BranchGate(d_model, variant, self.rank) for _ in range(n_modules))
+        self.mlp = nn.ModuleList(BranchGate(d_model, variant, self.rank) for _ in range(n_modules))
 
     def gate(self, layer: int, branch: str) -> BranchGate:
         gates = self.attn if branch == "attn" else self.mlp
@@ -79,5 +111,10 @@ class GateSet(nn.Module):
         """FLOPs of evaluating one branch's gate for one token."""
         return self.gate(0, branch).flops_per_token()
 
+    @property
+    def variant_label(self) -> str:
+        """'vector', 'scalar', 'mlp' or 'lowrank:R' (what `parse_gate_variant` reads)."""
+        return f"lowrank:{self.rank}" if self.variant == "lowrank" else self.variant
+
     def describe(self) -> str:
-        return f"{self.variant} gates ({'shared' if self.shared else 'per layer'})"
+        return f"{self.variant_label} gates ({'shared' if self.shared else 'per layer'})"

@@ -28,7 +28,10 @@ from .compute import account_sequence
 from .data import first_blocks, pydoc_texts
 from .errors import GateSkipError
 from .execution import ForwardResult, KVCache, SkipPlan, gated_forward
-from .gates import BRANCHES, GATE_VARIANTS, GateSet
+from .adapter import ADAPTED
+from .compute import branch_saving_flops
+from .gates import BRANCHES, GateSet, parse_gate_variant
+from .allocation import ALLOCATIONS, allocate_budget
 from .policies import (
     POLICY_NAMES,
     BranchInput,
@@ -43,7 +46,19 @@ from .registry import DEFAULT_MODEL, load_backbone
 from .trace import SequenceTrace, Trace
 
 SHIPPED_GATES_DIR = Path(__file__).parent / "shipped_gates"
+# Gate specs that name a shipped file, and the file's suffix: {model}-{suffix}.safetensors
+SHIPPED_GATES = {"default": "default", "default-scalar": "scalar"}
 CALIBRATION_BUDGETS = np.round(np.arange(0.05, 0.6001, 0.05), 2)
+
+
+def shipped_gate_path(model_name: str, spec: str = "default") -> Path:
+    """Where the shipped gates `spec` ('default', 'default-scalar') for `model_name` live."""
+    return SHIPPED_GATES_DIR / f"{model_name}-{SHIPPED_GATES[spec]}.safetensors"
+
+
+def shipped_gate_specs(model_name: str) -> list[str]:
+    """The shipped gate specs that exist for `model_name`."""
+    return [spec for spec in SHIPPED_GATES if shipped_gate_path(model_name, spec).is_file()]
 
 
 class Generation(NamedTuple):
@@ -95,7 +110,12 @@ class _ThresholdFitter(SkipPolicy):
 
 
 class GatedModel:
+    """The user's model (`original`, never modified: the ungated reference), the backbone the
+    gated walk runs (`backbone`: the original, or an adapted copy when the gates came with an
+    adapter) and the gates."""
+
     def __init__(self, backbone, tokenizer, name: str, gates: GateSet | None = None, gates_label: str = "none"):
+        self.original = backbone
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.name = name
@@ -115,26 +135,42 @@ class GatedModel:
                 f"gates are for {gates.n_layers} layers and d={gates.d_model}; "
                 f"{self.name} has {self.spec.n_layers} layers and d={self.spec.d_model}"
             )
+        backbone = self.original
+        if checkpoint is not None and checkpoint.adapter.kind != "none":
+            backbone = ADAPTED.get(self.original, checkpoint.adapter, checkpoint.adapter_key(), checkpoint.adapter_tensors)
+            label = f"{label} [{gates.variant_label} gates, {checkpoint.adapter.label} adapter]"
         with self._lock:
             self.gates = gates
             self.gates_label = label
             self.checkpoint = checkpoint
+            if backbone is not self.backbone:
+                self.backbone = backbone
+                self.spec = arch_spec(backbone)
             self._calibration_memo.clear()
 
+    @property
+    def adapter(self) -> str:
+        """The adaptation of the backbone the gates run on: 'none', 'lora:R' or 'full'."""
+        return self.checkpoint.adapter.label if self.checkpoint is not None else "none"
+
     def view(self, gates: GateSet | None = None, label: str = "none", checkpoint: GateCheckpoint | None = None):
-        """Another GatedModel over the same backbone (no copy) with other gates: safe to use
-        concurrently with this one, e.g. an ungated baseline next to the gated model."""
-        other = GatedModel(self.backbone, self.tokenizer, self.name)
+        """Another GatedModel over the user's original model (no copy) with other gates: safe to use
+        concurrently with this one. `model.view()` is the ungated reference: the original model,
+        without the gates' adapter."""
+        other = GatedModel(self.original, self.tokenizer, self.name)
         if gates is not None:
             other.attach_gates(gates, label, checkpoint)
         return other
 
     def remove_gates(self) -> None:
-        """Back to the original model: the backbone was never modified."""
+        """Back to the original model: it was never modified."""
         with self._lock:
             self.gates = None
             self.gates_label = "none"
             self.checkpoint = None
+            if self.backbone is not self.original:
+                self.backbone = self.original
+                self.spec = arch_spec(self.original)
             self._calibration_memo.clear()
 
     def load_gates(self, gates: str | Path) -> None:
@@ -143,20 +179,16 @@ class GatedModel:
         if spec == "none":
             self.remove_gates()
         elif spec.startswith("untrained"):
-            variant = spec.partition(":")[2] or "vector"
-            if variant not in GATE_VARIANTS:
-                raise GateSkipError(f"unknown gate variant {variant!r}; choose one of {', '.join(GATE_VARIANTS)}")
+            variant, rank = parse_gate_variant(spec.partition(":")[2] or "vector")
             torch.manual_seed(0)
-            self.attach_gates(GateSet(self.spec.n_layers, self.spec.d_model, variant), f"untrained {variant}")
-        elif spec in ("default", "default-scalar"):
-            variant = "scalar" if spec == "default-scalar" else "vector"
-            path = SHIPPED_GATES_DIR / f"{self.name}-{variant}.safetensors"
+            gates = GateSet(self.spec.n_layers, self.spec.d_model, variant, rank=rank)
+            self.attach_gates(gates, f"untrained {gates.variant_label}")
+        elif spec in SHIPPED_GATES:
+            path = shipped_gate_path(self.name, spec)
             if not path.is_file():
-                raise GateSkipError(
-                    f"no trained {variant} gates ship for {self.name}; train some with `gateskip train`"
-                )
+                raise GateSkipError(f"no trained gates '{spec}' ship for {self.name}; train some with `gateskip train`")
             ckpt = load_gates(path, self.spec.fingerprint())
-            self.attach_gates(ckpt.gates, f"shipped {variant}", ckpt)
+            self.attach_gates(ckpt.gates, f"shipped {spec}", ckpt)
         else:
             ckpt = load_gates(spec, self.spec.fingerprint())
             self.attach_gates(ckpt.gates, Path(spec).name, ckpt)
@@ -207,10 +239,11 @@ class GatedModel:
         kv: str = "compute",
         seed: int = 0,
         capture_gate_vectors: bool = False,
+        allocation: str = "auto",
     ) -> SkipPlan:
         if isinstance(policy, CalibratedPolicy) and skip is None and policy.budget is not None:
             skip = policy.budget
-        budget = SkipBudget.make(0.0 if skip is None else skip, self.spec.n_layers, branches)
+        budget = self.budget(0.0 if skip is None else skip, branches, allocation)
         if isinstance(policy, SkipPolicy):
             resolved = policy
         elif policy == "quantile":
@@ -227,6 +260,33 @@ class GatedModel:
             raise GateSkipError(f"policy {resolved.name!r} ranks tokens by their gates; load gates or use 'random'")
         return SkipPlan(budget, resolved, path, kv, protect_bos, capture_gate_vectors)
 
+    def budget(
+        self,
+        skip: float | Sequence[float] | np.ndarray | SkipBudget,
+        branches: str | Sequence[str] = BRANCHES,
+        allocation: str = "auto",
+    ) -> SkipBudget:
+        """The per-(layer, branch) table for `skip`.
+
+        A single number is spread by `allocation`: 'uniform' (the paper's rule: the same
+        fraction everywhere), 'global' (one compute budget spent unevenly across layers
+        and branches, see `policies.allocate_budget`, with the sensitivity profile stored
+        in the gate checkpoint), or 'auto' (global when the gates carry a profile).
+        Per-layer lists and tables are used as given.
+        """
+        if allocation not in (*ALLOCATIONS, "auto"):
+            raise GateSkipError(f"allocation must be one of {', '.join(ALLOCATIONS)} or auto, got {allocation!r}")
+        sensitivity = self.checkpoint.sensitivity if self.checkpoint is not None else None
+        if allocation == "auto":
+            allocation = "global" if sensitivity is not None else "uniform"
+        if allocation == "uniform" or isinstance(skip, SkipBudget) or np.ndim(skip) != 0:
+            return SkipBudget.make(skip, self.spec.n_layers, branches)
+        if sensitivity is None:
+            raise GateSkipError("allocation 'global' needs gates trained with a sensitivity profile; use 'uniform'")
+        total = float(SkipBudget.make(skip, self.spec.n_layers).fractions[0, 0])  # validates the number
+        table = allocate_budget(total, sensitivity, branch_saving_flops(self.spec), branches)
+        return SkipBudget.make(table, self.spec.n_layers, branches, total=total)
+
     def calibrate(
         self, budget: SkipBudget, protect_bos: bool = True, texts: Sequence[str] | None = None
     ) -> CalibratedPolicy:
@@ -239,17 +299,14 @@ class GatedModel:
         if self.gates is None:
             raise GateSkipError("policy 'calibrated' needs gates; load gates or use 'random'")
         ckpt = self.checkpoint
-        if (
-            texts is None
-            and ckpt is not None
-            and budget.is_uniform()
-            and budget.branches == BRANCHES
-            and protect_bos
-            and len(ckpt.calibration_budgets)
-        ):
-            hits = np.flatnonzero(np.isclose(ckpt.calibration_budgets, budget.fractions[0, 0]))
-            if hits.size:
-                return CalibratedPolicy(thresholds=ckpt.calibration_thresholds[hits[0]], budget=budget)
+        if texts is None and ckpt is not None and budget.branches == BRANCHES and protect_bos:
+            if budget.total is not None:  # a global allocation of `total`
+                stored, total = ckpt.global_thresholds, budget.total
+            else:
+                stored, total = ckpt.calibration_thresholds, budget.fractions[0, 0] if budget.is_uniform() else None
+            hits = np.flatnonzero(np.isclose(ckpt.calibration_budgets, total)) if total is not None else []
+            if len(hits) and len(stored):
+                return CalibratedPolicy(thresholds=stored[hits[0]], budget=budget)
         key = (budget.fractions.tobytes(), budget.branches, protect_bos, None if texts is None else tuple(texts))
         with self._lock:
             memo = self._calibration_memo.get(key)

@@ -47,6 +47,7 @@ class SkipBudget:
 
     fractions: np.ndarray
     branches: BranchSet = BRANCHES
+    total: float | None = None  # set when a global allocation spread this compute budget
 
     @classmethod
     def make(
@@ -54,6 +55,7 @@ class SkipBudget:
         skip: float | Sequence[float] | np.ndarray | SkipBudget,
         n_layers: int,
         branches: str | Sequence[str] = BRANCHES,
+        total: float | None = None,
     ) -> SkipBudget:
         """One value for all, one per layer, or a [n_layers, 2] table (attn, mlp)."""
         if isinstance(skip, SkipBudget):
@@ -81,7 +83,7 @@ class SkipBudget:
             if name not in allowed:
                 arr[:, i] = 0.0
         arr.setflags(write=False)
-        return cls(fractions=arr, branches=allowed)
+        return cls(fractions=arr, branches=allowed, total=total)
 
     def at(self, layer: int, branch: str) -> float:
         return float(self.fractions[layer, BRANCHES.index(branch)])
@@ -96,6 +98,8 @@ class SkipBudget:
     def describe(self) -> str:
         """A scalar budget prints as '0.25'; non-uniform ones as their mean."""
         active = self.fractions[:, [BRANCHES.index(b) for b in self.branches]]
+        if self.total is not None:
+            return f"{self.total:g} (global)"
         if self.is_uniform():
             return f"{float(active.flat[0]):g}"
         return f"mean {float(active.mean()):.3g} (per layer)"

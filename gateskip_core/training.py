@@ -1,11 +1,19 @@
-"""Gate training: cross-entropy (or KL to the ungated model) + lambda * sparsity.
+"""Gate training: cross-entropy (or KL to the original model) + lambda * sparsity.
 
     loss = CE(next token) + lambda * mean_branches(mean(g^2))      (l2; l1: mean(|g|))
+    --distill: KL(original model || gated model) in place of CE
 
-Skipping is applied while training (quantile policy, per sequence) with a budget
-that rises linearly from `skip_start` to `skip_end` over `skip_ramp_steps`;
-a skipped token's branch output is exactly zero, so it gets no CE gradient
-through its gate. By default only the gates train (frozen backbone).
+Skipping is applied while training (quantile policy, per sequence). The budget
+either rises linearly from `skip_start` to `skip_end` over `skip_ramp_steps`
+(`ramp`) or is drawn uniformly from [skip_start, skip_end] at every step
+(`random`, so that one gate set serves every budget of the slider). It is spread
+over (layer, branch) uniformly or by the global allocation (`allocation.py`),
+whose sensitivity profile is measured on the original model before training.
+A skipped token's branch output is exactly zero, so it gets no gradient through
+its gate. By default only the gates train (frozen backbone); `adapter="lora:R"`
+trains a LoRA adapter with them and `adapter="full"` every backbone weight. The
+user's original model stays frozen: it is the distillation teacher and the
+reference every quality metric compares against (`adapter.py`).
 
 Reproducibility: the batch of step i is a pure function of (seed, i), and the
 training state (gates, optimiser, step) is checkpointed in safetensors, so
@@ -17,6 +25,7 @@ each process takes its share of every batch's rows.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -29,14 +38,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .adapter import AdapterSpec, adapter_tensors, make_trainable_copy
+from .allocation import ALLOCATIONS, allocate_budget, measure_sensitivity
+from .architecture import arch_spec
 from .checkpoint import GateCheckpoint, save_gates
+from .compute import branch_saving_flops
 from .data import paragraphs, pydoc_texts, token_blocks
 from .errors import GateSkipError
 from .execution import SkipPlan, gated_forward
-from .gates import GATE_VARIANTS, GateSet
+from .gates import GateSet, parse_gate_variant
 from .model import CALIBRATION_BUDGETS, GatedModel, load_model
 from .policies import QuantilePolicy, SkipBudget
-from .registry import cache_root
+from .registry import DEFAULT_MODEL, cache_root
 
 INSTRUCTIONS = [
     "Explain what a hash table is in two sentences.",
@@ -65,22 +78,51 @@ INSTRUCTIONS = [
     "Give me a recipe for a simple tomato sauce.",
 ]
 
+# Varied prompts for the model's own answers (training data that looks like what chat users see).
+TOPICS = [
+    "volcanoes", "the French Revolution", "black holes", "compound interest", "sourdough bread", "honeybees",
+    "the stock market", "recursion in programming", "the immune system", "jazz music", "electric cars",
+    "the Roman Empire", "machine learning", "coral reefs", "chess openings", "the human heart", "sleep",
+    "public speaking", "renewable energy", "the printing press", "octopuses", "time management", "rainbows",
+    "the Moon landing", "vaccines", "gardening tomatoes", "the internet", "Shakespeare", "glaciers", "coffee",
+    "a job interview", "saving money", "the Olympic Games", "photosynthesis in algae", "dinosaurs",
+    "writing a résumé", "the speed of light", "origami", "democracy", "friendship",
+]
+TEMPLATES = [
+    "Explain {t} to a beginner.",
+    "Write a short story that involves {t}.",
+    "What are three surprising facts about {t}?",
+    "Give me practical advice related to {t}.",
+    "Write a short dialogue between two friends about {t}.",
+    "What are the pros and cons of {t}?",
+]
+ANSWERS_VERSION = "v2"
+
+
+def chat_prompts() -> list[str]:
+    """The 24 fixed instructions plus topic x template prompts (264 in all), in a fixed order."""
+    return INSTRUCTIONS + [template.format(t=topic) for topic in TOPICS for template in TEMPLATES]
+
 
 @dataclass
 class TrainConfig:
-    model: str = "smollm2-135m-instruct"
-    gate: str = "vector"
+    model: str = DEFAULT_MODEL
+    gate: str = "vector"  # vector | scalar | mlp | lowrank:R
     shared: bool = False
-    full: bool = False  # fine-tune the backbone too
+    adapter: str = "none"  # none (frozen backbone) | lora:R | full
     steps: int = 200
     seq_len: int = 128
     batch: int = 4
-    lr: float = 3e-3
+    lr: float = 1e-2  # gates
+    adapter_lr: float = 1e-3  # the backbone's adapter (LoRA) or weights (full)
     sparsity_weight: float = 0.1
     sparsity_loss: str = "l2"
     skip_start: float = 0.0
     skip_end: float = 0.2
     skip_ramp_steps: int = 100
+    budget_schedule: str = "ramp"  # ramp | random
+    allocation: str = "uniform"  # uniform | global
+    bf16: bool = False  # bfloat16 autocast for the forward passes
     data: list[str] = field(default_factory=lambda: ["builtin"])
     distill: bool = False
     out: str = "gates.safetensors"
@@ -93,8 +135,12 @@ class TrainConfig:
     calibrate: bool = True
 
     def validate(self) -> None:
-        if self.gate not in GATE_VARIANTS:
-            raise GateSkipError(f"--gate must be one of {', '.join(GATE_VARIANTS)}")
+        parse_gate_variant(self.gate)
+        AdapterSpec.parse(self.adapter)
+        if self.budget_schedule not in ("ramp", "random"):
+            raise GateSkipError("--budget-schedule must be ramp or random")
+        if self.allocation not in ALLOCATIONS:
+            raise GateSkipError(f"--allocation must be one of {', '.join(ALLOCATIONS)}")
         if self.sparsity_loss not in ("l1", "l2"):
             raise GateSkipError("--sparsity-loss must be l1 or l2")
         for name in ("steps", "seq_len", "batch"):
@@ -107,10 +153,15 @@ class TrainConfig:
                 raise GateSkipError(f"--{name.replace('_', '-')} must lie in [0, 1]")
         if not self.out.endswith(".safetensors"):
             raise GateSkipError("--out must end in .safetensors")
-        if self.lr <= 0:
-            raise GateSkipError("--lr must be positive")
+        for name in ("lr", "adapter_lr"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
+                raise GateSkipError(f"--{name.replace('_', '-')} must be a positive number")
 
     def budget_at(self, step: int) -> float:
+        """The step's total budget: a pure function of (seed, step), so resumed runs draw the same."""
+        if self.budget_schedule == "random":
+            u = torch.rand((), generator=torch.Generator().manual_seed(self.seed * 7919 + step + 1)).item()
+            return self.skip_start + (self.skip_end - self.skip_start) * u
         frac = min(1.0, step / self.skip_ramp_steps) if self.skip_ramp_steps > 0 else 1.0
         return self.skip_start + (self.skip_end - self.skip_start) * frac
 
@@ -126,31 +177,40 @@ class TrainResult:
 
 
 class _GateObjective(nn.Module):
-    """Loss of one batch; a module so that Accelerate can wrap it for data parallelism."""
+    """Loss of one batch; a module so that Accelerate can wrap it for data parallelism.
 
-    def __init__(self, gm: GatedModel, gates: GateSet, config: TrainConfig):
+    `student` is the backbone that trains (a copy of the original, with its adapter);
+    the original model is the frozen teacher, kept out of the registered modules.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, gates: GateSet, config: TrainConfig):
         super().__init__()
         self.gates = gates
-        self.backbone = gm.backbone  # registered so --full trains it and DDP syncs it
-        self.gm = gm
+        self.backbone = student  # registered so that its trainable weights train and DDP syncs them
+        self.spec = arch_spec(student)
+        self._teacher = (teacher,)  # a tuple: not a submodule, never trained
         self.config = config
 
-    def forward(self, input_ids: torch.Tensor, budget: float):
-        spec, cfg = self.gm.spec, self.config
+    def forward(self, input_ids: torch.Tensor, budget: np.ndarray):
+        spec, cfg = self.spec, self.config
         plan = SkipPlan(SkipBudget.make(budget, spec.n_layers), QuantilePolicy(), "masked")
         mask = torch.ones_like(input_ids)
-        out = gated_forward(spec, self.gates, input_ids, mask, plan, keep_gate_values=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            out = gated_forward(spec, self.gates, input_ids, mask, plan, keep_gate_values=True)
+            if cfg.distill:
+                with torch.no_grad():
+                    teacher = self._teacher[0](input_ids=input_ids).logits[:, :-1]
         logits = out.logits[:, :-1].float()
         if cfg.distill:
-            with torch.no_grad():
-                teacher = self.gm.backbone(input_ids=input_ids).logits[:, :-1].float()
             task = F.kl_div(
-                F.log_softmax(logits, -1).flatten(0, 1), F.log_softmax(teacher, -1).flatten(0, 1),
-                log_target=True, reduction="batchmean",
-            )  # fmt: skip
+                F.log_softmax(logits, -1).flatten(0, 1),
+                F.log_softmax(teacher.float(), -1).flatten(0, 1),
+                log_target=True,
+                reduction="batchmean",
+            )
         else:
             task = F.cross_entropy(logits.flatten(0, 1), input_ids[:, 1:].flatten())
-        per_branch = [(g.pow(2) if cfg.sparsity_loss == "l2" else g.abs()).mean() for g in out.gate_values]
+        per_branch = [(g.float().pow(2) if cfg.sparsity_loss == "l2" else g.float().abs()).mean() for g in out.gate_values]
         sparsity = torch.stack(per_branch).mean()
         eligible = out.eligible.sum() * spec.n_layers * 2
         skip_rate = out.skipped.sum() / eligible.clamp(min=1)
@@ -161,22 +221,31 @@ def builtin_texts(gm: GatedModel, split: str, progress: Callable[[str], None]) -
     """pydoc prose, plus (instruction-tuned models) the model's own chat answers, cached."""
     texts = pydoc_texts(split)
     if gm.tokenizer.chat_template and split in ("train", "validation"):
-        texts = texts + [
-            t for i, t in enumerate(instruction_answers(gm, progress)) if (i % 6 == 0) == (split == "validation")
-        ]
+        answers = [t for i, t in enumerate(instruction_answers(gm, progress)) if (i % 6 == 0) == (split == "validation")]
+        # Interleave, so that every stretch of training blocks mixes prose and chat.
+        mixed, step = [], max(1, len(texts) // max(1, len(answers)))
+        for i, answer in enumerate(answers):
+            mixed.extend(texts[i * step : (i + 1) * step])
+            mixed.append(answer)
+        texts = mixed + texts[len(answers) * step :]
     return texts
 
 
-def instruction_answers(gm: GatedModel, progress: Callable[[str], None], max_new_tokens: int = 96) -> list[str]:
-    """The model's own answers to INSTRUCTIONS, formatted with its chat template (generated once)."""
-    path = cache_root() / "data" / f"{Path(gm.name).name}-answers.json"
+def instruction_answers(
+    gm: GatedModel, progress: Callable[[str], None], max_new_tokens: int = 96, batch_size: int = 16
+) -> list[str]:
+    """The model's own answers to `chat_prompts()`, formatted with its chat template (generated once, cached)."""
+    path = cache_root() / "data" / f"{Path(gm.name).name}-answers-{ANSWERS_VERSION}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    progress(f"generating the model's answers to {len(INSTRUCTIONS)} instructions (one time)")
+    prompts = chat_prompts()
+    progress(f"generating the model's answers to {len(prompts)} prompts (one time)")
     plain = gm.view()
-    gen = plain.generate(INSTRUCTIONS, max_new_tokens=max_new_tokens, chat=True)
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        answers += plain.generate(prompts[start : start + batch_size], max_new_tokens=max_new_tokens, chat=True).text
     texts = []
-    for instruction, answer in zip(INSTRUCTIONS, gen.text):
+    for instruction, answer in zip(prompts, answers):
         messages = [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer.strip()}]
         texts.append(gm.tokenizer.apply_chat_template(messages, tokenize=False))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -255,12 +324,12 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar
 
     torch.manual_seed(config.seed)
     gm = load_model(config.model, progress=log)
-    gates = GateSet(gm.spec.n_layers, gm.spec.d_model, config.gate, config.shared)
+    gate_variant, gate_rank = parse_gate_variant(config.gate)
+    adapter = AdapterSpec.parse(config.adapter)
+    gates = GateSet(gm.spec.n_layers, gm.spec.d_model, gate_variant, config.shared, rank=gate_rank)
     for p in gates.parameters():
         p.requires_grad_(True)
-    if config.full:
-        for p in gm.backbone.parameters():
-            p.requires_grad_(True)
+    student = make_trainable_copy(gm.original, adapter) if adapter.kind != "none" else gm.original
     train_texts, val_texts = _load_texts(config, gm, log)
     train_blocks = list(token_blocks(gm.tokenizer, train_texts, config.seq_len))
     val_blocks = list(token_blocks(gm.tokenizer, val_texts, config.seq_len))[: config.val_batches * config.batch]
@@ -272,9 +341,24 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar
         raise GateSkipError("validation data is shorter than one block")
     train_data, val_data = torch.stack(train_blocks), torch.stack(val_blocks)
 
-    objective = _GateObjective(gm, gates, config)
-    trainable = [p for p in objective.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+    sensitivity = None
+    if config.allocation == "global":
+        # Measured on the original model (the student starts equal to it), from fixed training blocks.
+        log("measuring the sensitivity of every (layer, branch) for the global allocation")
+        sensitivity = measure_sensitivity(gm.spec, train_data[: max(4, config.batch)])
+    saving = branch_saving_flops(gm.spec)
+
+    def budget_table(total: float) -> np.ndarray:
+        if sensitivity is None:
+            return np.full((gm.spec.n_layers, 2), total)
+        return allocate_budget(total, sensitivity, saving)
+
+    objective = _GateObjective(student, gm.original, gates, config)
+    groups = [{"params": list(gates.parameters()), "lr": config.lr}]
+    backbone_params = [p for p in student.parameters() if p.requires_grad]
+    if backbone_params:
+        groups.append({"params": backbone_params, "lr": config.adapter_lr})
+    optim = torch.optim.AdamW(groups, weight_decay=0.0)
     start_step, history = 0, []
     if config.resume and state_path.exists():
         start_step, history = _load_state(state_path, objective, optim)
@@ -294,7 +378,7 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar
         losses = []
         with torch.no_grad():
             for i in range(0, len(val_data), config.batch):
-                _, task, _, _ = objective(val_data[i : i + config.batch], budget)
+                _, task, _, _ = objective(val_data[i : i + config.batch], budget_table(budget))
                 losses.append(float(task))
         objective.train()
         return {"val_loss": float(np.mean(losses)), "val_budget": budget}
@@ -305,7 +389,7 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar
     step = start_step
     for step in range(start_step, config.steps):
         budget = config.budget_at(step)
-        loss, task, sparsity, skip_rate = wrapped(train_data[batch_rows(step)], budget)
+        loss, task, sparsity, skip_rate = wrapped(train_data[batch_rows(step)], budget_table(budget))
         if not torch.isfinite(loss):
             bar.close()
             raise GateSkipError(
@@ -320,7 +404,8 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar
         record = {"step": step + 1, "loss": float(loss.detach()), "task": float(task), "sparsity": float(sparsity),
                   "skip_rate": float(skip_rate), "budget": budget}  # fmt: skip
         if (step + 1) % config.val_every == 0 or step + 1 == config.steps:
-            record.update(validate(budget))
+            # Validate at the schedule's end budget, so that values of a random schedule compare across steps.
+            record.update(validate(config.skip_end if config.budget_schedule == "random" else budget))
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", sparsity=f"{float(sparsity):.3f}",
                         skip=f"{float(skip_rate):.2f}", tok_s=f"{rate:.0f}", refresh=False)  # fmt: skip
@@ -332,23 +417,33 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar
     seconds = time.perf_counter() - t0
 
     metrics = {k: v for k, v in history[-1].items() if k.startswith("val")} if history else {}
-    for p in gates.parameters():
+    for p in objective.parameters():
         p.requires_grad_(False)
-    gm.attach_gates(gates, out.name)
-    budgets, thresholds = np.zeros(0), np.zeros((0, gm.spec.n_layers, 2))
+    ckpt = GateCheckpoint(
+        gates=gates.eval(),
+        model=gm.name,
+        fingerprint=gm.spec.fingerprint(),
+        training={**asdict(config), "seconds": round(seconds, 1), "processes": accelerator.num_processes},
+        metrics=metrics,
+        adapter=adapter,
+        adapter_tensors=adapter_tensors(adapter, student, gm.original),
+        sensitivity=sensitivity,
+    )
     if config.calibrate and is_main:
-        log("calibrating thresholds for budgets 0.05 .. 0.6")
-        budgets = CALIBRATION_BUDGETS
-        thresholds = np.stack([gm.fit_thresholds(SkipBudget.make(b, gm.spec.n_layers)).thresholds for b in budgets])
+        log(f"calibrating thresholds for budgets {CALIBRATION_BUDGETS[0]:g} .. {CALIBRATION_BUDGETS[-1]:g}")
+        gm.attach_gates(gates, out.name, ckpt)  # the adapted backbone, rebuilt from what the checkpoint stores
+        ckpt.calibration_budgets = CALIBRATION_BUDGETS
+        ckpt.calibration_thresholds = np.stack(
+            [gm.fit_thresholds(gm.budget(b, allocation="uniform")).thresholds for b in CALIBRATION_BUDGETS]
+        )
+        if sensitivity is not None:
+            ckpt.global_thresholds = np.stack(
+                [gm.fit_thresholds(gm.budget(b, allocation="global")).thresholds for b in CALIBRATION_BUDGETS]
+            )
     if is_main:
-        ckpt = GateCheckpoint(
-            gates=gates, model=gm.name, fingerprint=gm.spec.fingerprint(),
-            calibration_budgets=budgets, calibration_thresholds=thresholds,
-            training={**asdict(config), "seconds": round(seconds, 1), "processes": accelerator.num_processes},
-            metrics=metrics,
-        )  # fmt: skip
         save_gates(ckpt, out, int8=config.int8)
         log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) after {config.steps} steps in {seconds:.0f} s")
     accelerator.wait_for_everyone()
-    return TrainResult(out=out, steps=config.steps, seconds=seconds, history=history, metrics=metrics,
-                       is_main_process=is_main)  # fmt: skip
+    return TrainResult(
+        out=out, steps=config.steps, seconds=seconds, history=history, metrics=metrics, is_main_process=is_main
+    )

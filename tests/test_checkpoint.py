@@ -76,5 +76,5 @@ def test_wrong_model_corrupt_truncated_and_foreign_files(tmp_path):
 
 def test_default_gates_error_when_none_ship():
     model = load_model("tiny-llama")
-    with pytest.raises(GateSkipError, match="no trained vector gates ship for tiny-llama"):
+    with pytest.raises(GateSkipError, match="no trained gates 'default' ship for tiny-llama"):
         model.load_gates("default")

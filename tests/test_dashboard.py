@@ -8,6 +8,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from gateskip_core import GateCheckpoint, GateSet, load_model, save_gates
+from analysis.sweep import METHODS
 from gateskip_core.model import GatedModel
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
@@ -120,7 +121,7 @@ def test_sweep_view_runs_with_progress_and_exports(app):
     app.button(key="run_sweep").click().run()
     assert not app.exception
     tables = [d.value for d in app.dataframe if "method" in d.value.columns]
-    assert tables and set(tables[0]["method"]) == {"gateskip", "random", "shortgpt", "attn-only", "mlp-only"}
+    assert tables and set(tables[0]["method"]) == set(METHODS)
     assert "Sweep (CSV)" in [b.label for b in app.get("download_button")]
 
 

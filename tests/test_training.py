@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from gateskip_core import GateSkipError, load_gates, load_model
+from gateskip_core.gates import INIT_BIAS
 from gateskip_core.training import TrainConfig, train
 
 FAST = dict(model="tiny-llama", seq_len=32, batch=4, checkpoint_every=2, val_every=2, skip_ramp_steps=4,
@@ -35,8 +36,8 @@ def test_training_moves_gates_and_writes_a_complete_checkpoint(tmp_path):
     assert ckpt.calibration_thresholds.shape == (12, 4, 2)
     assert np.all(np.diff(ckpt.calibration_thresholds[:, 0, 0]) >= 0)  # layer 0 sees only embeddings: monotone
     assert ckpt.training["steps"] == 6 and ckpt.training["gate"] == "vector" and "val_loss" in ckpt.metrics
-    moved = max((v - torch.full_like(v, 0)).abs().max() for v in ckpt.gates.state_dict().values())
-    assert moved > 0
+    for gates in (*ckpt.gates.attn, *ckpt.gates.mlp):  # every bias started at exactly INIT_BIAS
+        assert (gates.net.bias - INIT_BIAS).abs().max() > 1e-4
     # the stored thresholds reproduce their budget on the calibration text they were fitted on
     from gateskip_core.data import pydoc_texts, token_blocks
 
@@ -48,12 +49,14 @@ def test_training_moves_gates_and_writes_a_complete_checkpoint(tmp_path):
 
 def test_variants_shared_l1_full_and_distill(tmp_path):
     for i, extra in enumerate([dict(gate="scalar", shared=True), dict(gate="mlp", sparsity_loss="l1"),
-                               dict(full=True), dict(distill=True)]):  # fmt: skip
+                               dict(adapter="full"), dict(distill=True),
+                               dict(gate="lowrank:3", adapter="lora:2")]):  # fmt: skip
         out = tmp_path / f"g{i}.safetensors"
         train(TrainConfig(**FAST, steps=2, out=str(out), calibrate=False, **extra), progress=lambda m: None,
               show_bar=False)  # fmt: skip
         ckpt = load_gates(out)
-        assert ckpt.gates.variant == extra.get("gate", "vector") and ckpt.gates.shared == extra.get("shared", False)
+        assert ckpt.gates.variant_label == extra.get("gate", "vector")
+        assert ckpt.gates.shared == extra.get("shared", False) and ckpt.adapter.label == extra.get("adapter", "none")
 
 
 def test_user_data_files_and_config_errors(tmp_path):
@@ -61,7 +64,7 @@ def test_user_data_files_and_config_errors(tmp_path):
     data.write_text("\n\n".join(f"Paragraph number {i} says something about gates and layers." * 3 for i in range(30)))
     train(TrainConfig(**FAST, steps=2, out=str(tmp_path / "u.safetensors"), data=[str(data)], calibrate=False),
           progress=lambda m: None, show_bar=False)  # fmt: skip
-    for bad, msg in [(dict(gate="huge"), "--gate"), (dict(out="x.pt"), ".safetensors"), (dict(steps=0), "--steps"),
+    for bad, msg in [(dict(gate="huge"), "unknown gate variant .huge."), (dict(out="x.pt"), ".safetensors"), (dict(steps=0), "--steps"),
                      (dict(data=[str(tmp_path / "missing.txt")]), "cannot read data file")]:  # fmt: skip
         with pytest.raises(GateSkipError, match=msg):
             train(TrainConfig(**{**FAST, "steps": 2, "out": str(tmp_path / "e.safetensors"), **bad}),

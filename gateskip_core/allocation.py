@@ -1,0 +1,90 @@
+"""Budgets across layers: one compute budget spent unevenly over (layer, branch).
+
+The paper's rule skips the same fraction in every layer and branch, which skips
+exactly where a small model is most sensitive (layer 0, the attention sinks).
+The global allocation measures, once, how much the model's output changes when
+each branch is skipped for every token (`measure_sensitivity`), and then spends a
+budget where skipping is cheap in loss and dear in FLOPs (`allocate_budget`).
+Layer removal (ShortGPT) is the special case of rates 1 in a few layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .architecture import ArchSpec
+from .errors import GateSkipError
+from .execution import SkipPlan, gated_forward
+from .gates import BRANCHES
+from .policies import RandomPolicy, SkipBudget, parse_branches
+
+ALLOCATIONS = ("uniform", "global")
+MAX_ALLOCATED_RATE = 0.95
+
+
+def allocate_budget(
+    total: float,
+    sensitivity: np.ndarray,
+    saving_flops: np.ndarray,
+    branches: str | Sequence[str] = BRANCHES,
+    max_rate: float = MAX_ALLOCATED_RATE,
+) -> np.ndarray:
+    """Spend one global budget unevenly across (layer, branch): a [n_layers, 2] table of skip rates.
+
+    `total` is a fraction of compute: the rates r satisfy sum(c * r) = total * sum(c)
+    over the allowed branches, where c is `saving_flops` (what one skipped token
+    saves there), so a uniform table r = total meets it too. Each branch is
+    modelled as costing `sensitivity * r^2` (`sensitivity`: the loss increase when
+    the branch is skipped for every token); minimising the summed cost under the
+    compute constraint gives r = clip(lambda * c / sensitivity, 0, max_rate), with
+    lambda found by bisection. Insensitive, expensive branches skip most.
+    """
+    allowed = parse_branches(branches)
+    mask = np.zeros(sensitivity.shape, dtype=bool)
+    for name in allowed:
+        mask[:, BRANCHES.index(name)] = True
+    if not 0 <= total <= 1:
+        raise GateSkipError(f"skip budget must lie in [0, 1], got {total!r}")
+    c = np.where(mask, saving_flops, 0.0)
+    target = total * c.sum()
+    if total == 0:
+        return np.zeros(sensitivity.shape)
+    if target >= max_rate * c.sum():
+        return np.where(mask, max_rate, 0.0)
+    ratio = c / np.maximum(sensitivity, 1e-8)
+
+    def rates(lam: float) -> np.ndarray:
+        return np.clip(lam * ratio, 0.0, max_rate)
+
+    low, high = 0.0, 1.0
+    while (c * rates(high)).sum() < target:
+        high *= 2
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (mid, high) if (c * rates(mid)).sum() < target else (low, mid)
+    return rates(high)
+
+
+def measure_sensitivity(spec: ArchSpec, blocks: torch.Tensor, batch_size: int = 4) -> np.ndarray:
+    """[n_layers, 2]: mean KL(model || model with that one branch skipped for every token but BOS),
+    on token `blocks` [N, T]. The backbone is run without gates (n_layers * 2 + 1 passes)."""
+    sensitivity = np.zeros((spec.n_layers, 2))
+    with torch.no_grad():
+        for start in range(0, len(blocks), batch_size):
+            ids = blocks[start : start + batch_size]
+            mask = torch.ones_like(ids)
+            none = SkipPlan(SkipBudget.make(0.0, spec.n_layers), None)
+            ref = F.log_softmax(gated_forward(spec, None, ids, mask, none).logits.float(), -1)
+            for layer in range(spec.n_layers):
+                for bi in range(2):
+                    table = np.zeros((spec.n_layers, 2))
+                    table[layer, bi] = 1.0
+                    plan = SkipPlan(SkipBudget.make(table, spec.n_layers), RandomPolicy())
+                    lp = F.log_softmax(gated_forward(spec, None, ids, mask, plan).logits.float(), -1)
+                    kl = (ref.exp() * (ref - lp)).sum(-1).mean()
+                    sensitivity[layer, bi] += float(kl) * len(ids) / len(blocks)
+    return sensitivity
