@@ -18,7 +18,7 @@ import copy
 
 import torch
 
-from gateskip_core import GatedModel, SkipBudget, SkipPlan
+from gateskip_core import Capture, GatedModel, SkipBudget, SkipPlan
 from gateskip_core.registry import REGISTRY
 
 
@@ -43,7 +43,7 @@ def residual_stream_gap(model: GatedModel, text: str, bridge=None) -> float:
     ids = model.encode([text]).input_ids
     plain = model.view()
     out = plain.forward(ids, torch.ones_like(ids), SkipPlan(SkipBudget.make(0.0, model.spec.n_layers), None),
-                        keep_hidden_states=True)  # fmt: skip
+                        capture=Capture(hidden_states=True))  # fmt: skip
     with torch.no_grad():
         _, cache = bridge.run_with_cache(ids)
     gaps = [

@@ -51,7 +51,7 @@ def evaluate(model: GatedModel, ref: Reference, plan: SkipPlan) -> dict[str, flo
     nll = kl = agree = count = 0.0
     skipped = eligible = 0
     dense = executed = gate_cost = 0.0
-    gate_flops = model._gate_flops()
+    gate_flops = model.gate_flops()
     for i, ref_lp in enumerate(ref.log_probs):
         ids = ref.blocks[i * ref.batch_size : (i + 1) * ref.batch_size]
         out = model.forward(ids, torch.ones_like(ids), plan)

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from gateskip_core import GatedModel, GateSkipError, SkipBudget, SkipPlan, account_sequence
+from gateskip_core import Capture, GatedModel, GateSkipError, SkipBudget, SkipPlan, account_sequence
 from gateskip_core.policies import BranchInput, Decision, SkipPolicy
 
 from .quality import evaluate, evaluation_blocks, reference
@@ -50,7 +50,7 @@ class LayerDropPolicy(SkipPolicy):
 def block_influence(model: GatedModel, blocks: torch.Tensor) -> np.ndarray:
     """Per layer: 1 - mean cosine similarity of its input and output hidden states (ungated model)."""
     plan = SkipPlan(SkipBudget.make(0.0, model.spec.n_layers), None)
-    out = model.view().forward(blocks, torch.ones_like(blocks), plan, keep_hidden_states=True)
+    out = model.view().forward(blocks, torch.ones_like(blocks), plan, capture=Capture(hidden_states=True))
     hs = out.hidden_states
     return np.array([1 - F.cosine_similarity(hs[i], hs[i + 1], dim=-1).mean().item() for i in range(len(hs) - 1)])
 

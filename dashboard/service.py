@@ -20,7 +20,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from analysis.flow import reskip
 from gateskip_core import GatedModel, GateSkipError, Trace, load_gates, load_model
 from gateskip_core.model import SHIPPED_GATES_DIR
 
@@ -123,9 +122,8 @@ def capture(model: GatedModel, text: str, chat: bool) -> tuple[Trace, bool]:
 
 def estimate(model: GatedModel, captured: Trace, budget, branches, protect_bos: bool, policy_name: str, seed: int):
     """Estimate-mode trace: the policy applied to the captured gates, no forward pass."""
-    plan = model.make_plan(budget, policy_name, branches=branches, protect_bos=protect_bos, seed=seed)
-    return reskip(captured, plan.budget.fractions, branches=plan.budget.branches, protect_bos=protect_bos,
-                  policy=plan.policy, spec=model.spec, gate_flops=model._gate_flops())  # fmt: skip
+    return model.estimate(captured, skip=budget, policy=policy_name, branches=branches, protect_bos=protect_bos,
+                          seed=seed)
 
 
 def exact(model: GatedModel, text: str, chat: bool, budget, branches, protect_bos: bool, policy_name: str,

@@ -72,12 +72,18 @@ class ArchSpec:
             "vocab_size": self.vocab_size,
         }
 
-    def rope(self, layer: int, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for `positions` [B, T] at `layer` (Gemma-3 uses two rope bases)."""
-        kind = self.layers[layer].rope_kind
+    def rope_for(self, kind: str | None, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for `positions` [B, T] of the layers with rope `kind` (Gemma-3 uses two rope bases)."""
         if kind is None:
             return self.rotary(x, positions)
         return self.rotary(x, positions, kind)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm, LM head and (Gemma-3) logit soft-capping of residual stream `h`."""
+        logits = self.lm_head(self.final_norm(h))
+        if self.final_logit_softcap is not None:
+            logits = torch.tanh(logits / self.final_logit_softcap) * self.final_logit_softcap
+        return logits
 
 
 def arch_spec(hf_model: nn.Module) -> ArchSpec:

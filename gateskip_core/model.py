@@ -1,54 +1,62 @@
-"""`GatedModel`: a pretrained backbone, optional gates, and the calls users make.
+"""`GatedModel`: the front door. A pretrained model, optional gates, and the calls users make.
 
     model = load_model("smollm2-135m-instruct", gates="default")
     trace = model.trace("The cat sat on the mat.", skip=0.25, policy="quantile")
     text, trace = model.generate("Tell me a joke.", max_new_tokens=32, skip=0.25, policy="calibrated")
+    estimated = model.estimate(trace, skip=0.5)   # re-threshold captured gates, no model call
 
-Everything that steers a call (budget, policy, path, kv mode) is an argument of
-that call. The only state kept between calls is the backbone, the gates and a
-memo of calibrated thresholds (a pure function of gates and budget).
+Everything that steers a call (`SkipArgs`: budget, allocation, policy, path, kv
+mode, ...) is an argument of that call, declared once here. The only state kept
+between calls is the model, the gates and a memo of calibrated thresholds (a
+pure function of gates and budget). The walk itself is `execution.py`, cached
+decoding `generation.py`, threshold fitting `calibration.py`.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+
+from typing_extensions import TypedDict, Unpack
 
 import numpy as np
 import torch
 
 from .architecture import ArchSpec, arch_spec
+from .calibration import CALIBRATION_BUDGETS, Calibrator, fit_thresholds
 from .checkpoint import GateCheckpoint, load_gates
 from .compute import account_sequence
-from .data import first_blocks, pydoc_texts
 from .errors import GateSkipError
-from .execution import ForwardResult, KVCache, SkipPlan, gated_forward
+from .estimate import estimate_trace
+from .execution import Capture, ForwardResult, KVCache, SkipPlan, gated_forward
+from .generation import Generation, generate
 from .adapter import ADAPTED
 from .compute import branch_saving_flops
 from .gates import BRANCHES, GateSet, parse_gate_variant
 from .allocation import ALLOCATIONS, allocate_budget
-from .policies import (
-    POLICY_NAMES,
-    BranchInput,
-    CalibratedPolicy,
-    Decision,
-    QuantilePolicy,
-    RandomPolicy,
-    SkipBudget,
-    SkipPolicy,
-)
+from .policies import CalibratedPolicy, SkipBudget, SkipPolicy, resolve_policy
 from .registry import DEFAULT_MODEL, load_backbone
 from .trace import SequenceTrace, Trace
 
 SHIPPED_GATES_DIR = Path(__file__).parent / "shipped_gates"
 # Gate specs that name a shipped file, and the file's suffix: {model}-{suffix}.safetensors
 SHIPPED_GATES = {"default": "default", "default-scalar": "scalar"}
-CALIBRATION_BUDGETS = np.round(np.arange(0.05, 0.6001, 0.05), 2)
+
+
+class SkipArgs(TypedDict, total=False):
+    """The skip settings every call takes (see `GatedModel.make_plan`)."""
+
+    skip: float | Sequence[float] | np.ndarray | SkipBudget | None
+    policy: str | SkipPolicy
+    path: str
+    branches: str | Sequence[str]
+    protect_bos: bool
+    kv: str
+    seed: int
+    allocation: str
 
 
 def shipped_gate_path(model_name: str, spec: str = "default") -> Path:
@@ -61,52 +69,11 @@ def shipped_gate_specs(model_name: str) -> list[str]:
     return [spec for spec in SHIPPED_GATES if shipped_gate_path(model_name, spec).is_file()]
 
 
-class Generation(NamedTuple):
-    text: str | list[str]  # the generated continuation(s), prompt excluded
-    trace: Trace  # prompt and generated tokens
-
-
 @dataclass(frozen=True)
 class Batch:
     input_ids: torch.Tensor  # [B, T], left padded
     attention_mask: torch.Tensor
     truncated: list[bool]
-
-
-TIE_TOLERANCE = 1e-6
-
-
-def _threshold_between(sorted_values: torch.Tensor, k: int) -> float:
-    """A threshold that skips the k smallest values, placed midway to the next distinct value.
-
-    Placing it on an observed value would make decisions flip on rounding noise:
-    at layer 0 a gate depends only on the token id, so calibration text contains
-    exact copies of most tokens' importances.
-    """
-    if k <= 0:
-        return -math.inf
-    low = float(sorted_values[k - 1])
-    above = sorted_values[sorted_values > low + TIE_TOLERANCE]
-    high = float(above[0]) if above.numel() else low + 2 * TIE_TOLERANCE
-    return (low + high) / 2
-
-
-class _ThresholdFitter(SkipPolicy):
-    """Fits calibrated thresholds in one pass: each branch takes the budget's quantile over
-    all eligible calibration tokens, given the decisions already made in earlier layers."""
-
-    name = "calibrating"
-
-    def __init__(self, n_layers: int):
-        self.thresholds = np.full((n_layers, 2), -math.inf)
-
-    def decide(self, inp: BranchInput) -> Decision:
-        values = torch.sort(inp.importance[inp.eligible].double()).values
-        k = int(math.floor(inp.budget * values.numel() + 1e-9))
-        thr = _threshold_between(values, k)
-        self.thresholds[inp.layer, BRANCHES.index(inp.branch)] = thr
-        threshold = torch.full_like(inp.importance, thr)
-        return Decision(skip=inp.eligible & (inp.importance <= threshold), threshold=threshold)
 
 
 class GatedModel:
@@ -123,10 +90,18 @@ class GatedModel:
         self.gates: GateSet | None = None
         self.gates_label = "none"
         self.checkpoint: GateCheckpoint | None = None
-        self._calibration_memo: dict[tuple, CalibratedPolicy] = {}
+        self._calibrator = Calibrator()
         self._lock = threading.Lock()
         if gates is not None:
             self.attach_gates(gates, gates_label)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.original.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.original.parameters()).dtype
 
     # ---- gates
     def attach_gates(self, gates: GateSet, label: str = "custom", checkpoint: GateCheckpoint | None = None) -> None:
@@ -139,6 +114,7 @@ class GatedModel:
         if checkpoint is not None and checkpoint.adapter.kind != "none":
             backbone = ADAPTED.get(self.original, checkpoint.adapter, checkpoint.adapter_key(), checkpoint.adapter_tensors)
             label = f"{label} [{gates.variant_label} gates, {checkpoint.adapter.label} adapter]"
+        gates.to(device=self.device, dtype=self.dtype)  # the walk feeds the gates the backbone's activations
         with self._lock:
             self.gates = gates
             self.gates_label = label
@@ -146,7 +122,7 @@ class GatedModel:
             if backbone is not self.backbone:
                 self.backbone = backbone
                 self.spec = arch_spec(backbone)
-            self._calibration_memo.clear()
+        self._calibrator.clear()
 
     @property
     def adapter(self) -> str:
@@ -171,7 +147,7 @@ class GatedModel:
             if self.backbone is not self.original:
                 self.backbone = self.original
                 self.spec = arch_spec(self.original)
-            self._calibration_memo.clear()
+        self._calibrator.clear()
 
     def load_gates(self, gates: str | Path) -> None:
         """'none', 'default' (shipped vector gates), 'default-scalar', 'untrained[:variant]', or a file."""
@@ -228,7 +204,7 @@ class GatedModel:
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         return [self.tokenizer.decode([int(i)]) for i in ids]
 
-    # ---- policies
+    # ---- skip settings
     def make_plan(
         self,
         skip: float | Sequence[float] | np.ndarray | SkipBudget | None = 0.0,
@@ -238,27 +214,17 @@ class GatedModel:
         protect_bos: bool = True,
         kv: str = "compute",
         seed: int = 0,
-        capture_gate_vectors: bool = False,
         allocation: str = "auto",
     ) -> SkipPlan:
+        """The plan of one call: `skip` spread by `allocation` (see `budget`), a policy by name
+        ('quantile', 'calibrated', 'random') or object, the execution path and kv mode."""
         if isinstance(policy, CalibratedPolicy) and skip is None and policy.budget is not None:
             skip = policy.budget
         budget = self.budget(0.0 if skip is None else skip, branches, allocation)
-        if isinstance(policy, SkipPolicy):
-            resolved = policy
-        elif policy == "quantile":
-            resolved = QuantilePolicy()
-        elif policy == "random":
-            resolved = RandomPolicy(seed=seed)
-        elif policy == "calibrated" and budget.is_zero():
-            resolved = CalibratedPolicy(thresholds=np.full((self.spec.n_layers, 2), -math.inf), budget=budget)
-        elif policy == "calibrated":
-            resolved = self.calibrate(budget, protect_bos=protect_bos)
-        else:
-            raise GateSkipError(f"unknown policy {policy!r}; choose one of {', '.join(POLICY_NAMES)}")
+        resolved = resolve_policy(policy, seed, lambda: self.calibrate(budget, protect_bos=protect_bos))
         if resolved.needs_gates and self.gates is None and not budget.is_zero():
             raise GateSkipError(f"policy {resolved.name!r} ranks tokens by their gates; load gates or use 'random'")
-        return SkipPlan(budget, resolved, path, kv, protect_bos, capture_gate_vectors)
+        return SkipPlan(budget, resolved, path, kv, protect_bos)
 
     def budget(
         self,
@@ -290,69 +256,42 @@ class GatedModel:
     def calibrate(
         self, budget: SkipBudget, protect_bos: bool = True, texts: Sequence[str] | None = None
     ) -> CalibratedPolicy:
-        """Thresholds whose average skip rate on calibration text matches `budget`.
-
-        Uses the checkpoint's stored thresholds when it has them for this budget
-        (uniform, both branches, protected BOS); otherwise fits them on the
-        built-in calibration split of the pydoc text (memoised per budget).
-        """
-        if self.gates is None:
+        """Thresholds whose average skip rate on calibration text matches `budget`: the checkpoint's
+        stored ones when it has them for this budget, else fitted on `texts` (default: the
+        pydoc calibration split) and memoised."""
+        if self.gates is None and not budget.is_zero():
             raise GateSkipError("policy 'calibrated' needs gates; load gates or use 'random'")
-        ckpt = self.checkpoint
-        if texts is None and ckpt is not None and budget.branches == BRANCHES and protect_bos:
-            if budget.total is not None:  # a global allocation of `total`
-                stored, total = ckpt.global_thresholds, budget.total
-            else:
-                stored, total = ckpt.calibration_thresholds, budget.fractions[0, 0] if budget.is_uniform() else None
-            hits = np.flatnonzero(np.isclose(ckpt.calibration_budgets, total)) if total is not None else []
-            if len(hits) and len(stored):
-                return CalibratedPolicy(thresholds=stored[hits[0]], budget=budget)
-        key = (budget.fractions.tobytes(), budget.branches, protect_bos, None if texts is None else tuple(texts))
-        with self._lock:
-            memo = self._calibration_memo.get(key)
-        if memo is not None:
-            return memo
-        fitted = self.fit_thresholds(budget, protect_bos, texts)
-        with self._lock:
-            self._calibration_memo[key] = fitted
-        return fitted
+        return self._calibrator.policy(self, budget, protect_bos, texts)
 
-    def fit_thresholds(
-        self, budget: SkipBudget, protect_bos: bool = True, texts: Sequence[str] | None = None,
-        n_blocks: int = 8, seq_len: int = 128,
-    ) -> CalibratedPolicy:  # fmt: skip
-        texts = list(texts) if texts is not None else pydoc_texts("calibration")
-        input_ids = first_blocks(self.tokenizer, texts, seq_len, n_blocks)
-        fitter = _ThresholdFitter(self.spec.n_layers)
-        plan = SkipPlan(budget, fitter, "masked", "compute", protect_bos)
-        self.forward(input_ids, torch.ones_like(input_ids), plan)
-        return CalibratedPolicy(thresholds=fitter.thresholds, budget=budget)
+    def fit_thresholds(self, budget: SkipBudget, protect_bos: bool = True, texts=None) -> CalibratedPolicy:
+        """Fit calibrated thresholds now (no checkpoint lookup, no memo)."""
+        return fit_thresholds(self, budget, protect_bos, texts)
 
     # ---- calls
-    def forward(self, input_ids, attention_mask, plan: SkipPlan, cache: KVCache | None = None, **kw) -> ForwardResult:
+    def forward(
+        self, input_ids, attention_mask, plan: SkipPlan, cache: KVCache | None = None,
+        logits_for: str = "all", capture: Capture = Capture(),
+    ) -> ForwardResult:  # fmt: skip
+        """One gated pass without gradients, on the model's device."""
+        device = self.device
         with torch.no_grad():
-            return gated_forward(self.spec, self.gates, input_ids, attention_mask, plan, cache=cache, **kw)
+            return gated_forward(self.spec, self.gates, input_ids.to(device), attention_mask.to(device), plan,
+                                 cache=cache, logits_for=logits_for, capture=capture)  # fmt: skip
 
     def trace(
         self,
         text_or_texts: str | Sequence[str],
-        skip: float | Sequence[float] | np.ndarray | SkipBudget | None = 0.0,
-        policy: str | SkipPolicy = "quantile",
-        path: str = "masked",
-        branches: str | Sequence[str] = BRANCHES,
-        protect_bos: bool = True,
-        kv: str = "compute",
-        seed: int = 0,
         chat: bool = False,
         gate_vectors: bool = False,
         max_tokens: int | None = None,
         batch_size: int = 8,
+        **skip_args: Unpack[SkipArgs],
     ) -> Trace:
         """Run the gated model over one text or a list; one `SequenceTrace` per text."""
         texts = [text_or_texts] if isinstance(text_or_texts, str) else list(text_or_texts)
         if not texts:
             raise GateSkipError("no text given")
-        plan = self.make_plan(skip, policy, path, branches, protect_bos, kv, seed, gate_vectors)
+        plan = self.make_plan(**skip_args)
         sequences = []
         for start in range(0, len(texts), batch_size):
             batch = self.encode(texts[start : start + batch_size], chat=chat, max_tokens=max_tokens)
@@ -360,16 +299,21 @@ class GatedModel:
                 if was_cut:
                     limit = min(max_tokens or self.max_context, self.max_context)
                     warnings.warn(f"text {start + i} truncated to its first {limit} tokens", stacklevel=2)
-            result = self.forward(batch.input_ids, batch.attention_mask, plan)
-            sequences.extend(self.trace_of(batch, result, plan).sequences)
-        return self._make_trace(sequences, plan)
+            result = self.forward(batch.input_ids, batch.attention_mask, plan, capture=Capture(gate_vectors=gate_vectors))
+            sequences.extend(self.sequence_traces(batch.input_ids, batch.attention_mask, result, plan))
+        return self.make_trace(sequences, plan)
 
     def trace_of(self, batch: Batch, result: ForwardResult, plan: SkipPlan) -> Trace:
         """The trace of a forward pass already run (when the caller also needs its logits)."""
-        sequences = self._sequence_traces(batch.input_ids, batch.attention_mask, result, plan, "all")
-        return self._make_trace(sequences, plan)
+        return self.make_trace(self.sequence_traces(batch.input_ids, batch.attention_mask, result, plan), plan)
 
-    def _make_trace(self, sequences: list[SequenceTrace], plan: SkipPlan) -> Trace:
+    def estimate(self, captured: Trace, **skip_args: Unpack[SkipArgs]) -> Trace:
+        """Estimate mode: the skip settings applied to `captured`'s gate values, no model call
+        (later layers do not see the changed residuals; `trace` does)."""
+        plan = self.make_plan(**skip_args)
+        return estimate_trace(captured, plan, self.spec, self.gate_flops())
+
+    def make_trace(self, sequences: list[SequenceTrace], plan: SkipPlan) -> Trace:
         return Trace(
             sequences=sequences,
             model=self.name,
@@ -382,34 +326,40 @@ class GatedModel:
             protect_bos=plan.protect_bos,
         )
 
-    def _gate_flops(self) -> tuple[int, int]:
+    def gate_flops(self) -> tuple[int, int]:
+        """FLOPs per token of evaluating the (attention, MLP) gates: what the compute account charges."""
         if self.gates is None:
             return (0, 0)
         return (self.gates.flops_per_token("attn"), self.gates.flops_per_token("mlp"))
 
-    def _sequence_traces(self, input_ids, attention_mask, result: ForwardResult, plan: SkipPlan, logits_for: str,
-                         prompt_lengths: Sequence[int] | None = None, lm_head_tokens: Sequence[int] | None = None):  # fmt: skip
+    def sequence_traces(
+        self, input_ids, attention_mask, result: ForwardResult, plan: SkipPlan,
+        prompt_lengths: Sequence[int] | None = None, lm_head_tokens: Sequence[int] | None = None,
+    ) -> list[SequenceTrace]:  # fmt: skip
+        """One `SequenceTrace` per row (padding dropped). `lm_head_tokens`: positions whose logits
+        were computed (default: every position)."""
+        importance, threshold = result.importance.cpu(), result.threshold.cpu()
+        skipped_all, eligible = result.skipped.cpu(), result.eligible.cpu()
+        vectors = None if result.gate_vectors is None else result.gate_vectors.cpu()
         out = []
         for b in range(input_ids.shape[0]):
-            real = attention_mask[b].bool()
-            ids = input_ids[b][real].numpy()
-            skipped = result.skipped[b][real].numpy()
-            n_head = len(ids) if logits_for == "all" else 1
-            if lm_head_tokens is not None:
-                n_head = lm_head_tokens[b]
+            real = attention_mask[b].bool().cpu()
+            ids = input_ids[b].cpu()[real].numpy()
+            skipped = skipped_all[b][real].numpy()
+            n_head = len(ids) if lm_head_tokens is None else lm_head_tokens[b]
             out.append(
                 SequenceTrace(
                     token_ids=ids.astype(np.int64),
                     tokens=self.token_strings(ids),
-                    gate=result.importance[b][real].numpy().astype(np.float32),
-                    threshold=result.threshold[b][real].numpy().astype(np.float64),
+                    gate=importance[b][real].numpy().astype(np.float32),
+                    threshold=threshold[b][real].numpy().astype(np.float64),
                     skipped=skipped,
-                    eligible=result.eligible[b][real].numpy(),
+                    eligible=eligible[b][real].numpy(),
                     compute=account_sequence(
-                        self.spec, skipped, self._gate_flops(), n_head, plan.path, kv_copy=plan.kv == "copy"
+                        self.spec, skipped, self.gate_flops(), n_head, plan.path, kv_copy=plan.kv == "copy"
                     ),
                     prompt_length=len(ids) if prompt_lengths is None else prompt_lengths[b],
-                    gate_vectors=None if result.gate_vectors is None else result.gate_vectors[b][real].numpy(),
+                    gate_vectors=None if vectors is None else vectors[b][real].numpy(),
                 )
             )
         return out
@@ -418,89 +368,68 @@ class GatedModel:
         self,
         prompt: str | Sequence[str],
         max_new_tokens: int = 32,
-        skip: float | Sequence[float] | np.ndarray | SkipBudget | None = 0.0,
-        policy: str | SkipPolicy = "calibrated",
-        path: str = "masked",
-        branches: str | Sequence[str] = BRANCHES,
-        protect_bos: bool = True,
-        kv: str = "compute",
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int | None = None,
-        seed: int = 0,
         chat: bool = False,
         stop_at_eos: bool = True,
+        **skip_args: Unpack[SkipArgs],
     ) -> Generation:
-        """Generate with a KV cache under skipping; returns the continuation(s) and a trace of all tokens."""
+        """Generate with a KV cache under skipping (default policy: calibrated); returns the
+        continuation(s) and a trace of all tokens."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if max_new_tokens < 1:
             raise GateSkipError("max_new_tokens must be at least 1")
         if do_sample and temperature <= 0:
             raise GateSkipError("temperature must be positive when sampling")
-        plan = self.make_plan(skip, policy, path, branches, protect_bos, kv, seed)
+        plan = self.make_plan(**{"policy": "calibrated", **skip_args})
         batch = self.encode(prompts, chat=chat, max_tokens=self.max_context - max_new_tokens)
-        rng = torch.Generator().manual_seed(seed)
-        cache = KVCache()
-        B = len(prompts)
-        all_ids, all_mask = [batch.input_ids], [batch.attention_mask]
-        results = []
-        result = self.forward(batch.input_ids, batch.attention_mask, plan, cache=cache, logits_for="last")
-        results.append(result)
-        done = torch.zeros(B, dtype=torch.bool)
-        new_tokens: list[list[int]] = [[] for _ in range(B)]
-        heads = [1] * B
-        for step in range(max_new_tokens):
-            logits = result.logits[:, -1].float()
-            if do_sample:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, -math.inf)
-                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=rng).squeeze(1)
-            else:
-                nxt = logits.argmax(-1)
-            for b in range(B):
-                if not done[b]:
-                    new_tokens[b].append(int(nxt[b]))
-                    if stop_at_eos and int(nxt[b]) == self.tokenizer.eos_token_id:
-                        done[b] = True
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            # Finished sequences feed padding (masked out) so the batch stays aligned.
-            feed = torch.where(done, torch.full_like(nxt, self.tokenizer.pad_token_id), nxt)[:, None]
-            mask = (~done).long()[:, None]
-            for b in range(B):
-                heads[b] += int(mask[b, 0])
-            all_ids.append(feed)
-            all_mask.append(mask)
-            result = self.forward(feed, mask, plan, cache=cache, logits_for="last")
-            results.append(result)
-        merged = ForwardResult(
-            logits=torch.empty(0),
-            importance=torch.cat([r.importance for r in results], 1),
-            threshold=torch.cat([r.threshold for r in results], 1),
-            skipped=torch.cat([r.skipped for r in results], 1),
-            eligible=torch.cat([r.eligible for r in results], 1),
-            positions=torch.cat([r.positions for r in results], 1),
-            gate_values=None,
-            gate_vectors=None,
+        new_tokens, trace = generate(
+            self, batch, plan, max_new_tokens, do_sample, temperature, top_k, skip_args.get("seed", 0), stop_at_eos
         )
-        ids, mask = torch.cat(all_ids, 1), torch.cat(all_mask, 1)
-        prompt_lengths = batch.attention_mask.sum(1).tolist()
-        sequences = self._sequence_traces(ids, mask, merged, plan, "last", prompt_lengths, heads)
         texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in new_tokens]
-        trace = self._make_trace(sequences, plan)
-        trace.extra["generated_token_ids"] = new_tokens
         return Generation(texts[0] if isinstance(prompt, str) else texts, trace)
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, gates: str | Path = "none", progress=lambda msg: None) -> GatedModel:
-    """Load a registry model, checkpoint directory or hub id, and attach gates.
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    gates: str | Path = "none",
+    progress=lambda msg: None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "float32",
+) -> GatedModel:
+    """Load a registry model, checkpoint directory or hub id on `device` in `dtype`, and attach gates.
 
-    gates: 'none', 'default' (the shipped trained vector gates), 'default-scalar',
-    'untrained[:vector|scalar|mlp]' (freshly initialised), or a .safetensors path.
+    gates: 'none', 'default' (the shipped trained gates and adapter), 'default-scalar',
+    'untrained[:vector|scalar|mlp|lowrank:R]' (freshly initialised), or a .safetensors path.
     """
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
     backbone, tokenizer, name = load_backbone(name_or_path, progress)
+    backbone.to(device=device, dtype=dtype)
     model = GatedModel(backbone, tokenizer, name)
     model.load_gates(gates)
     return model
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'cpu', 'cuda', 'cuda:1', 'mps' -> a device that exists here (one-line error otherwise)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise GateSkipError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise GateSkipError(f"device {device!r} is not available on this machine")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise GateSkipError("device 'mps' is not available on this machine")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype not in DTYPES:
+        raise GateSkipError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]

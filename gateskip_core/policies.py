@@ -18,7 +18,7 @@ A threshold of -inf skips nothing; NaN means the policy uses no threshold.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -235,3 +235,16 @@ class RandomPolicy(SkipPolicy):
 
 
 POLICY_NAMES = ("quantile", "calibrated", "random")
+
+
+def resolve_policy(policy: str | SkipPolicy, seed: int, calibrated: Callable[[], SkipPolicy]) -> SkipPolicy:
+    """A policy object from a name; `calibrated()` fits or looks up the thresholds when asked for."""
+    if isinstance(policy, SkipPolicy):
+        return policy
+    if policy == "quantile":
+        return QuantilePolicy()
+    if policy == "random":
+        return RandomPolicy(seed=seed)
+    if policy == "calibrated":
+        return calibrated()
+    raise GateSkipError(f"unknown policy {policy!r}; choose one of {', '.join(POLICY_NAMES)}")

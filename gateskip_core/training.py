@@ -45,9 +45,10 @@ from .checkpoint import GateCheckpoint, save_gates
 from .compute import branch_saving_flops
 from .data import paragraphs, pydoc_texts, token_blocks
 from .errors import GateSkipError
-from .execution import SkipPlan, gated_forward
+from .execution import Capture, SkipPlan, gated_forward
 from .gates import GateSet, parse_gate_variant
-from .model import CALIBRATION_BUDGETS, GatedModel, load_model
+from .calibration import CALIBRATION_BUDGETS
+from .model import GatedModel, load_model
 from .policies import QuantilePolicy, SkipBudget
 from .registry import DEFAULT_MODEL, cache_root
 
@@ -196,7 +197,7 @@ class _GateObjective(nn.Module):
         plan = SkipPlan(SkipBudget.make(budget, spec.n_layers), QuantilePolicy(), "masked")
         mask = torch.ones_like(input_ids)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            out = gated_forward(spec, self.gates, input_ids, mask, plan, keep_gate_values=True)
+            out = gated_forward(spec, self.gates, input_ids, mask, plan, capture=Capture(gate_values=True))
             if cfg.distill:
                 with torch.no_grad():
                     teacher = self._teacher[0](input_ids=input_ids).logits[:, :-1]

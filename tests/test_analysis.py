@@ -12,7 +12,7 @@ import pytest
 from analysis import figures
 from analysis.corpus import collect, iter_traces
 from analysis.faithfulness import faithfulness
-from analysis.flow import FlowStats, layer_skip_summary, reskip, token_layer_matrix, token_type
+from analysis.flow import FlowStats, layer_skip_summary, token_layer_matrix, token_type
 from analysis.quality import evaluation_blocks
 from analysis.sweep import METHODS, block_influence, shortgpt_layers, sweep
 from gateskip_core import read_trace
@@ -75,16 +75,16 @@ def test_token_type(tok, pos, kind):
     assert token_type(tok, pos) == kind
 
 
-def test_reskip_matches_model_at_first_layer_and_summary(tiny):
+def test_estimate_matches_model_at_first_layer_and_summary(tiny):
     trace = tiny.trace("The quick brown fox jumps over the lazy dog.", skip=0.0)
-    est = reskip(trace, 0.4, spec=tiny.spec, gate_flops=tiny._gate_flops())
+    est = tiny.estimate(trace, skip=0.4)
     exact = tiny.trace("The quick brown fox jumps over the lazy dog.", skip=0.4)
     # layer 0's attention gates see the same residual in both, so the decisions agree there
     np.testing.assert_array_equal(est.sequences[0].skipped[:, 0, 0], exact.sequences[0].skipped[:, 0, 0])
     assert (est.sequences[0].skipped.sum(0) == exact.sequences[0].skipped.sum(0)).all()  # same counts everywhere
     from gateskip_core import account_sequence
 
-    expected = account_sequence(tiny.spec, est.sequences[0].skipped, tiny._gate_flops(), est.sequences[0].n_tokens,
+    expected = account_sequence(tiny.spec, est.sequences[0].skipped, tiny.gate_flops(), est.sequences[0].n_tokens,
                                 "masked")  # fmt: skip
     assert est.sequences[0].compute == expected
     summary = layer_skip_summary(FlowStats().add(exact).layer_table())

@@ -58,7 +58,7 @@ def other_model_gates(tmp_path):
         (["--model", "tiny-llama", "--text", "   "], "text is empty"),
         (["--model", "tiny-llama", "--gates", "OTHER", "--text", "hi"], "was trained for other"),
         (["--model", "tiny-llama", "--text", "hi", "--skip", "0.3"], "ranks tokens by their gates"),
-        (["--model", "tiny-llama", "--gates", "default", "--text", "hi"], "no trained gates .default. ship"),
+        (["--model", "tiny-llama", "--gates", "default", "--text", "hi"], "no trained gates 'default' ship"),
     ],
 )
 def test_user_errors_exit_nonzero_with_one_line(tmp_path, other_model_gates, args, message):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from gateskip_core import SkipBudget, SkipPlan, load_model
+from gateskip_core import Capture, SkipBudget, SkipPlan, load_model
 from gateskip_core.policies import BranchInput, Decision, SkipPolicy
 
 from .conftest import PROMPTS, TINY, spread_gates
@@ -88,7 +88,7 @@ def test_skipped_token_still_influences_later_tokens_through_attention(tiny, pat
 def test_skipped_token_residual_passes_unchanged(tiny):
     ids = tiny.encode(["abcdefghij"]).input_ids
     plan = SkipPlan(SkipBudget.make(1.0, tiny.spec.n_layers), SkipPositions((4,)), "physical")
-    out = tiny.forward(ids, torch.ones_like(ids), plan, keep_hidden_states=True)
+    out = tiny.forward(ids, torch.ones_like(ids), plan, capture=Capture(hidden_states=True))
     first = out.hidden_states[0][0, 4]
     for h in out.hidden_states[1:]:
         assert torch.equal(h[0, 4], first)
@@ -98,7 +98,7 @@ def test_skipped_token_residual_passes_unchanged(tiny):
 def test_masked_skip_outputs_are_exact_zeros(tiny):
     ids = tiny.encode(["abcdefghij"]).input_ids
     plan = SkipPlan(SkipBudget.make(1.0, tiny.spec.n_layers), SkipPositions((2, 7)), "masked")
-    out = tiny.forward(ids, torch.ones_like(ids), plan, keep_hidden_states=True)
+    out = tiny.forward(ids, torch.ones_like(ids), plan, capture=Capture(hidden_states=True))
     for h in out.hidden_states[1:]:
         assert torch.equal(h[0, 2], out.hidden_states[0][0, 2])
         assert torch.equal(h[0, 7], out.hidden_states[0][0, 7])

@@ -1,0 +1,112 @@
+"""Calibrated thresholds: fixed per-(layer, branch) thresholds fitted ahead of time.
+
+`fit_thresholds` runs the gated model once over calibration text; at each branch
+the budget's quantile of the eligible tokens' importances becomes the threshold,
+given the decisions already made in earlier layers. `Calibrator` serves a model's
+calibrated policies: thresholds stored in its gate checkpoint when they exist for
+the budget, otherwise fitted once per budget and memoised.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .data import first_blocks, pydoc_texts
+from .execution import SkipPlan, gated_forward
+from .gates import BRANCHES
+from .policies import BranchInput, CalibratedPolicy, Decision, SkipBudget, SkipPolicy
+
+CALIBRATION_BUDGETS = np.round(np.arange(0.05, 0.6001, 0.05), 2)
+TIE_TOLERANCE = 1e-6
+
+
+def threshold_between(sorted_values: torch.Tensor, k: int) -> float:
+    """A threshold that skips the k smallest values, placed midway to the next distinct value.
+
+    Placing it on an observed value would make decisions flip on rounding noise:
+    at layer 0 a gate depends only on the token id, so calibration text contains
+    exact copies of most tokens' importances.
+    """
+    if k <= 0:
+        return -math.inf
+    low = float(sorted_values[k - 1])
+    above = sorted_values[sorted_values > low + TIE_TOLERANCE]
+    high = float(above[0]) if above.numel() else low + 2 * TIE_TOLERANCE
+    return (low + high) / 2
+
+
+class ThresholdFitter(SkipPolicy):
+    """A policy that records, per branch, the threshold giving the budget's rate on this batch."""
+
+    name = "calibrating"
+
+    def __init__(self, n_layers: int):
+        self.thresholds = np.full((n_layers, 2), -math.inf)
+
+    def decide(self, inp: BranchInput) -> Decision:
+        values = torch.sort(inp.importance[inp.eligible].double()).values
+        k = int(math.floor(inp.budget * values.numel() + 1e-9))
+        thr = threshold_between(values, k)
+        self.thresholds[inp.layer, BRANCHES.index(inp.branch)] = thr
+        threshold = torch.full_like(inp.importance, thr)
+        return Decision(skip=inp.eligible & (inp.importance <= threshold), threshold=threshold)
+
+
+def fit_thresholds(
+    model, budget: SkipBudget, protect_bos: bool = True, texts: Sequence[str] | None = None,
+    n_blocks: int = 8, seq_len: int = 128,
+) -> CalibratedPolicy:  # fmt: skip
+    """Thresholds whose skip rate on `texts` (default: the pydoc calibration split) is `budget`."""
+    texts = list(texts) if texts is not None else pydoc_texts("calibration")
+    input_ids = first_blocks(model.tokenizer, texts, seq_len, n_blocks).to(model.device)
+    fitter = ThresholdFitter(model.spec.n_layers)
+    plan = SkipPlan(budget, fitter, "masked", "compute", protect_bos)
+    with torch.no_grad():
+        gated_forward(model.spec, model.gates, input_ids, torch.ones_like(input_ids), plan)
+    return CalibratedPolicy(thresholds=fitter.thresholds, budget=budget)
+
+
+class Calibrator:
+    """One model's calibrated policies: stored in the checkpoint, or fitted once per budget."""
+
+    def __init__(self) -> None:
+        self._memo: dict[tuple, CalibratedPolicy] = {}
+        self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._memo.clear()
+
+    def policy(self, model, budget: SkipBudget, protect_bos: bool = True, texts=None) -> CalibratedPolicy:
+        if budget.is_zero():
+            return CalibratedPolicy(thresholds=np.full((model.spec.n_layers, 2), -math.inf), budget=budget)
+        stored = self._stored(model.checkpoint, budget) if texts is None and protect_bos else None
+        if stored is not None:
+            return CalibratedPolicy(thresholds=stored, budget=budget)
+        key = (budget.fractions.tobytes(), budget.branches, protect_bos, None if texts is None else tuple(texts))
+        with self._lock:
+            memo = self._memo.get(key)
+        if memo is None:
+            memo = fit_thresholds(model, budget, protect_bos, texts)
+            with self._lock:
+                self._memo[key] = memo
+        return memo
+
+    @staticmethod
+    def _stored(ckpt, budget: SkipBudget) -> np.ndarray | None:
+        """The checkpoint's thresholds for this budget (uniform or global, both branches), if any."""
+        if ckpt is None or budget.branches != BRANCHES or not len(ckpt.calibration_budgets):
+            return None
+        if budget.total is not None:
+            table, total = ckpt.global_thresholds, budget.total
+        elif budget.is_uniform():
+            table, total = ckpt.calibration_thresholds, budget.fractions[0, 0]
+        else:
+            return None
+        hits = np.flatnonzero(np.isclose(ckpt.calibration_budgets, total))
+        return table[hits[0]] if hits.size and len(table) else None

@@ -1,0 +1,78 @@
+"""Cached decoding under skipping: prefill once, then one token per step with a `KVCache`.
+
+The same skip plan steers prefill and every step; with the `calibrated` policy
+a token gets the same decisions as in an uncached run over the whole text
+(tested). Finished sequences feed padding so the batch stays aligned.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from .execution import ForwardResult, KVCache, SkipPlan
+from .trace import Trace
+
+
+class Generation(NamedTuple):
+    text: str | list[str]  # the generated continuation(s), prompt excluded
+    trace: Trace  # prompt and generated tokens
+
+
+def next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, rng) -> torch.Tensor:
+    """Greedy or sampled next token ids [B] from last-position logits [B, V] (sampling on the CPU generator)."""
+    logits = logits.float().cpu()
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=rng).squeeze(1)
+
+
+def generate(
+    model, batch, plan: SkipPlan, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+    top_k: int | None = None, seed: int = 0, stop_at_eos: bool = True,
+) -> tuple[list[list[int]], Trace]:  # fmt: skip
+    """New token ids per prompt of `batch` (an encoded, left-padded `Batch`), and the trace of all tokens."""
+    rng = torch.Generator().manual_seed(seed)
+    cache = KVCache()
+    B = batch.input_ids.shape[0]
+    eos, pad = model.tokenizer.eos_token_id, model.tokenizer.pad_token_id
+    all_ids, all_mask = [batch.input_ids], [batch.attention_mask]
+    result = model.forward(batch.input_ids, batch.attention_mask, plan, cache=cache, logits_for="last")
+    results = [result]
+    done = torch.zeros(B, dtype=torch.bool)
+    new_tokens: list[list[int]] = [[] for _ in range(B)]
+    heads = [1] * B  # positions whose logits were computed, per sequence
+    for step in range(max_new_tokens):
+        nxt = next_tokens(result.logits[:, -1], do_sample, temperature, top_k, rng)
+        for b in range(B):
+            if not done[b]:
+                new_tokens[b].append(int(nxt[b]))
+                done[b] = stop_at_eos and int(nxt[b]) == eos
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        feed = torch.where(done, torch.full_like(nxt, pad), nxt)[:, None]
+        mask = (~done).long()[:, None]
+        heads = [n + int(m) for n, m in zip(heads, mask[:, 0])]
+        all_ids.append(feed)
+        all_mask.append(mask)
+        result = model.forward(feed, mask, plan, cache=cache, logits_for="last")
+        results.append(result)
+    merged = ForwardResult(
+        logits=torch.empty(0),
+        importance=torch.cat([r.importance for r in results], 1),
+        threshold=torch.cat([r.threshold for r in results], 1),
+        skipped=torch.cat([r.skipped for r in results], 1),
+        eligible=torch.cat([r.eligible for r in results], 1),
+        positions=torch.cat([r.positions for r in results], 1),
+    )
+    ids, mask = torch.cat(all_ids, 1), torch.cat(all_mask, 1)
+    prompt_lengths = batch.attention_mask.sum(1).tolist()
+    trace = model.make_trace(model.sequence_traces(ids, mask, merged, plan, prompt_lengths, heads), plan)
+    trace.extra["generated_token_ids"] = new_tokens
+    return new_tokens, trace
