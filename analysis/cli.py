@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from gateskip_core.errors import GateSkipError
+from gateskip_core.files import check_writable, write_all
 
 
 def _budgets(text: str) -> list[float]:
@@ -18,11 +19,18 @@ def _budgets(text: str) -> list[float]:
     return values
 
 
-def _check_out(path: str, suffixes=(".csv",)) -> Path:
+def _check_out(path: str | None, suffixes=(".csv",), option: str = "--out") -> Path | None:
+    """Checked before any work: the suffix, and that the file can be written."""
+    if path is None:
+        return None
     out = Path(path)
     if out.suffix.lower() not in suffixes:
-        raise GateSkipError(f"--out must end in {' or '.join(suffixes)}, got {path!r}")
-    return out
+        raise GateSkipError(f"{option} must end in {' or '.join(suffixes)}, got {path!r}")
+    return check_writable(out, option)
+
+
+def _csv(table):
+    return lambda tmp: table.to_csv(tmp, index=False)
 
 
 def cmd_quality(args: argparse.Namespace) -> int:
@@ -33,8 +41,9 @@ def cmd_quality(args: argparse.Namespace) -> int:
     out = _check_out(args.out)
     model = load_model(args.model)
     specs = dict(item.split("=", 1) if "=" in item else (item, item) for item in args.gates)
-    table = quality_table(model, specs, args.budgets, evaluation_blocks(model, n_blocks=args.blocks))
-    table.to_csv(out, index=False)
+    texts = _paragraphs_of(args.file) if args.file else None
+    table = quality_table(model, specs, args.budgets, evaluation_blocks(model, texts, n_blocks=args.blocks))
+    write_all({out: _csv(table)})
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"wrote {out}")
     return 0
@@ -60,10 +69,11 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
     from .corpus import collect
 
+    _check_out(args.out, (".csv", ".parquet"))
     paras = _paragraphs_of(args.file)
-    model = load_model(args.model, gates=args.gates)
+    model = load_model(args.model, gates=args.gates, device=args.device)
     counts = collect(model, paras, args.out, batch_size=args.batch_size, total=len(paras), skip=args.skip,
-                     policy=args.policy, path=args.path, branches=args.branches,
+                     policy=args.policy, path=args.path, branches=args.branches, allocation=args.allocation,
                      protect_bos=not args.no_protect_bos, seed=args.seed, max_tokens=args.max_tokens)  # fmt: skip
     print(f"wrote {counts['rows']} rows for {counts['sequences']} sequences to {args.out}"
           + (f" ({counts['truncated']} truncated to {args.max_tokens} tokens)" if counts["truncated"] else ""))  # fmt: skip
@@ -75,11 +85,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from .flow import FlowStats, layer_skip_summary
 
     out = _check_out(args.out)
+    optional = {name: _check_out(getattr(args, name), option="--" + name.replace("_", "-"))
+                for name in ("bos_out", "types_out", "tokens_out")}  # fmt: skip
     stats = FlowStats()
     for trace in iter_traces(args.trace):
         stats.add(trace)
     table = stats.layer_table()
-    table.to_csv(out, index=False)
+    outputs = {out: _csv(table)}
     print(f"{stats.n_sequences} sequences, {stats.n_tokens} tokens")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(layer_skip_summary(table).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
@@ -88,10 +100,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
         part = bos[bos["module"] == module]
         print(f"BOS/others gate ratio ({module}), layers 0-4: "
               + " ".join(f"{r:.3f}" for r in part["ratio"].head(5)))  # fmt: skip
-    if args.bos_out:
-        bos.to_csv(args.bos_out, index=False)
-    if args.types_out:
-        stats.token_type_table().to_csv(args.types_out, index=False)
+    if optional["bos_out"]:
+        outputs[optional["bos_out"]] = _csv(bos)
+    if optional["types_out"]:
+        outputs[optional["types_out"]] = _csv(stats.token_type_table())
     tokens = stats.token_table(min_count=args.min_count)
     if len(tokens):
 
@@ -101,9 +113,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
         print(f"most important tokens (>= {args.min_count} occurrences): {show(tokens.head(8))}")
         print(f"least important tokens: {show(tokens.tail(8))}")
-    if args.tokens_out:
-        tokens.to_csv(args.tokens_out, index=False)
-    print(f"wrote {out}")
+    if optional["tokens_out"]:
+        outputs[optional["tokens_out"]] = _csv(tokens)
+    write_all(outputs)
+    print(f"wrote {', '.join(map(str, outputs))}")
     return 0
 
 
@@ -114,26 +127,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import METHODS, sweep
 
     out = _check_out(args.out)
+    figure = _check_out(args.figure, (".html",), "--figure")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise GateSkipError(f"unknown method(s) {', '.join(bad) or '(none)'}; choose from {', '.join(METHODS)}")
     texts = _paragraphs_of(args.file) if args.file else None
-    model = load_model(args.model, gates=args.gates)
+    model = load_model(args.model, gates=args.gates, device=args.device)
     blocks = evaluation_blocks(model, texts, n_blocks=args.blocks, seq_len=args.seq_len)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(methods) * len(args.budgets), desc="sweep")
     table = sweep(model, args.budgets, methods, blocks, on_step=lambda done, total, name: bar.update(1))
     bar.close()
-    table.to_csv(out, index=False)
     print(table.drop(columns=["setting"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    if args.figure:
+    outputs = {out: _csv(table)}
+    if figure:
         from .figures import sweep_figure
 
-        sweep_figure(table, args.metric).write_html(args.figure, include_plotlyjs="cdn")
-        print(f"wrote {args.figure}")
-    print(f"wrote {out}")
+        fig = sweep_figure(table, args.metric)
+        outputs[figure] = lambda tmp: fig.write_html(tmp, include_plotlyjs="cdn")
+    write_all(outputs)
+    print(f"wrote {', '.join(map(str, outputs))}")
     return 0
 
 
@@ -143,14 +158,13 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
     from .faithfulness import faithfulness
 
     out = _check_out(args.out)
+    entries_out = _check_out(args.entries_out, option="--entries-out")
     text = args.text if args.text is not None else "\n\n".join(_paragraphs_of(args.file))
     if not text.strip():
         raise GateSkipError("text is empty")
-    model = load_model(args.model, gates=args.gates)
+    model = load_model(args.model, gates=args.gates, device=args.device)
     entries, summary = faithfulness(model, text, n_exact=args.exact, seed=args.seed, max_tokens=args.max_tokens)
-    summary.to_csv(out, index=False)
-    if args.entries_out:
-        entries.to_csv(args.entries_out, index=False)
+    write_all({out: _csv(summary), **({entries_out: _csv(entries)} if entries_out else {})})
     overall = summary[summary["scope"] != "layer"].loc[lambda d: ~d["scope"].str.startswith("layer")]
     print(overall.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"wrote {out}")
@@ -206,5 +220,6 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
                    help="LABEL=SPEC pairs; the first is also run with random skipping")  # fmt: skip
     p.add_argument("--budgets", type=_budgets, default=[0.1, 0.25, 0.5])
     p.add_argument("--blocks", type=int, default=8, help="held-out blocks of 128 tokens")
+    p.add_argument("--file", help="held-out text (default: the pydoc validation split)")
     p.add_argument("--out", required=True)
     commands["quality"] = cmd_quality

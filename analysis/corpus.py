@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from gateskip_core import GatedModel, GateSkipError, Trace
+from gateskip_core.files import atomic_target
 from gateskip_core.trace import read_trace_frames
 
 
@@ -27,51 +28,49 @@ def collect(model: GatedModel, paragraphs: Iterable[str], out: str | Path, batch
     suffix = out.suffix.lower()
     if suffix not in (".csv", ".parquet"):
         raise GateSkipError(f"--out must end in .csv or .parquet, got {str(out)!r}")
-    tmp = out.with_name(f".{out.name}.tmp")
     writer = None
     n_seq = n_rows = n_truncated = 0
     bar = tqdm(total=total, disable=not show_progress, desc="collect", unit="seq")
     batch: list[str] = []
     try:
+        with atomic_target(out) as tmp:
 
-        def flush():
-            nonlocal writer, n_seq, n_rows, n_truncated
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                trace = model.trace(batch, batch_size=batch_size, **trace_kwargs)
-            n_truncated += len(caught)
-            df = trace.to_dataframe()
-            df["sequence_id"] += n_seq
-            if suffix == ".parquet":
-                table = pa.Table.from_pandas(df, preserve_index=False)
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, table.schema)
-                writer.write_table(table)
-            else:
-                df.to_csv(tmp, mode="a", header=n_seq == 0, index=False)
-            n_seq += len(batch)
-            n_rows += len(df)
-            bar.update(len(batch))
-            batch.clear()
+            def flush():
+                nonlocal writer, n_seq, n_rows, n_truncated
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    trace = model.trace(batch, batch_size=batch_size, **trace_kwargs)
+                n_truncated += len(caught)
+                df = trace.to_dataframe()
+                df["sequence_id"] += n_seq
+                if suffix == ".parquet":
+                    table = pa.Table.from_pandas(df, preserve_index=False)
+                    if writer is None:
+                        writer = pq.ParquetWriter(tmp, table.schema)
+                    writer.write_table(table)
+                else:
+                    df.to_csv(tmp, mode="a", header=n_seq == 0, index=False)
+                n_seq += len(batch)
+                n_rows += len(df)
+                bar.update(len(batch))
+                batch.clear()
 
-        for text in paragraphs:
-            if text.strip():
-                batch.append(text)
-            if len(batch) == batch_size:
+            for text in paragraphs:
+                if text.strip():
+                    batch.append(text)
+                if len(batch) == batch_size:
+                    flush()
+            if batch:
                 flush()
-        if batch:
-            flush()
-        if writer is not None:
-            writer.close()
-            writer = None
-        if n_seq == 0:
-            raise GateSkipError("the corpus has no non-empty paragraph")
-        tmp.replace(out)
+            if writer is not None:
+                writer.close()
+                writer = None
+            if n_seq == 0:
+                raise GateSkipError("the corpus has no non-empty paragraph")
     finally:
         bar.close()
         if writer is not None:
             writer.close()
-        tmp.unlink(missing_ok=True)
     return {"sequences": n_seq, "rows": n_rows, "truncated": n_truncated}
 
 

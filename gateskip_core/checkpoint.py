@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from .adapter import ADAPTER_PREFIX, AdapterSpec
 from .errors import GateSkipError
+from .files import atomic_write
 from .gates import GateSet
 
 FORMAT = "gateskip-gates/1"
@@ -95,9 +96,7 @@ def save_gates(ckpt: GateCheckpoint, path: str | Path, int8: bool = False) -> Pa
         "metrics": json.dumps(ckpt.metrics, sort_keys=True),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return path
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import GateSkipError
+from .files import check_writable
 from .registry import DEFAULT_MODEL
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
@@ -49,8 +50,9 @@ def _add_model_args(p: argparse.ArgumentParser, gates_default: str = "none") -> 
     p.add_argument("--model", default=DEFAULT_MODEL, help="registry name, checkpoint dir or hub id")
     p.add_argument(
         "--gates", default=gates_default,
-        help="none | default (shipped vector) | default-scalar | untrained[:variant] | FILE.safetensors",
+        help="none | default (shipped gates + adapter) | default-scalar | untrained[:variant] | FILE.safetensors",
     )  # fmt: skip
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps")
 
 
 def _add_skip_args(p: argparse.ArgumentParser) -> None:
@@ -60,6 +62,9 @@ def _add_skip_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--branches", default="both", help="attn | mlp | both")
     p.add_argument("--no-protect-bos", action="store_true", help="allow the first token to skip")
     p.add_argument("--seed", type=int, default=0, help="seed of the random policy")
+    p.add_argument("--allocation", choices=["auto", "uniform", "global"], default="auto",
+                   help="spread of the budget over layers: uniform, global (by sensitivity and FLOPs; needs gates "
+                        "trained with it) or auto (global when the gates support it)")
 
 
 @_command("models")
@@ -83,18 +88,19 @@ def cmd_trace(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() not in (".csv", ".parquet"):
         raise GateSkipError(f"--out must end in .csv or .parquet, got {args.out!r}")
+    check_writable(out)
     if args.text is not None:
         texts = [args.text]
     else:
         texts = paragraphs(_read_text(args.file))
     if not texts or not any(t.strip() for t in texts):
         raise GateSkipError("text is empty")
-    model = load_model(args.model, gates=args.gates, progress=_progress)
+    model = load_model(args.model, gates=args.gates, progress=_progress, device=args.device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trace = model.trace(
             texts, skip=args.skip, policy=args.policy, path=args.path, branches=args.branches,
-            protect_bos=not args.no_protect_bos, seed=args.seed, chat=args.chat,
+            protect_bos=not args.no_protect_bos, seed=args.seed, chat=args.chat, allocation=args.allocation,
         )  # fmt: skip
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from .compute import ComputeAccount
 from .errors import GateSkipError
+from .files import atomic_write
 from .gates import BRANCHES
 
 TRACE_COLUMNS = [
@@ -135,12 +136,12 @@ class Trace:
 
     def to_csv(self, path: str | Path) -> Path:
         path = Path(path)
-        _atomic_write(path, lambda tmp: self.to_dataframe().to_csv(tmp, index=False))
+        atomic_write(path, lambda tmp: self.to_dataframe().to_csv(tmp, index=False))
         return path
 
     def to_parquet(self, path: str | Path) -> Path:
         path = Path(path)
-        _atomic_write(path, lambda tmp: self.to_dataframe().to_parquet(tmp, index=False))
+        atomic_write(path, lambda tmp: self.to_dataframe().to_parquet(tmp, index=False))
         return path
 
     def save(self, path: str | Path) -> Path:
@@ -234,18 +235,6 @@ class Trace:
             )
         body = html.escape(self.summary()).replace("\n", "<br>")
         return f"<div><p style='font-family: monospace'>{body}</p><p>{''.join(spans)}</p></div>"
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file and rename, so a failure never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        tmp.replace(path)
-    except OSError as err:
-        raise GateSkipError(f"cannot write {path}: {err.strerror or err}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_trace_frames(path: str | Path, chunk_rows: int | None = None) -> Iterator[pd.DataFrame]:

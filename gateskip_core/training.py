@@ -45,6 +45,7 @@ from .checkpoint import GateCheckpoint, save_gates
 from .compute import branch_saving_flops
 from .data import paragraphs, pydoc_texts, token_blocks
 from .errors import GateSkipError
+from .files import atomic_write, check_writable
 from .execution import Capture, SkipPlan, gated_forward
 from .gates import GateSet, parse_gate_variant
 from .calibration import CALIBRATION_BUDGETS
@@ -250,9 +251,7 @@ def instruction_answers(
         messages = [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer.strip()}]
         texts.append(gm.tokenizer.apply_chat_template(messages, tokenize=False))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(texts))
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(texts)))
     return texts
 
 
@@ -283,9 +282,7 @@ def _save_state(path: Path, step: int, objective: _GateObjective, optim: torch.o
             tensors[f"optim.{pid}.{name}"] = torch.as_tensor(value).contiguous()
     meta = {"step": str(step), "history": json.dumps(history), "config": json.dumps(asdict(config)),
             "param_groups": json.dumps(state["param_groups"])}  # fmt: skip
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def _load_state(path: Path, objective: _GateObjective, optim: torch.optim.Optimizer):
@@ -315,6 +312,7 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar
     from tqdm.auto import tqdm
 
     config.validate()
+    check_writable(config.out)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     is_main = accelerator.is_main_process
     log = progress if is_main else (lambda msg: None)
