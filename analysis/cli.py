@@ -72,11 +72,25 @@ def cmd_collect(args: argparse.Namespace) -> int:
     _check_out(args.out, (".csv", ".parquet"))
     paras = _paragraphs_of(args.file)
     model = load_model(args.model, gates=args.gates, device=args.device)
-    counts = collect(model, paras, args.out, batch_size=args.batch_size, total=len(paras), skip=args.skip,
-                     policy=args.policy, path=args.path, branches=args.branches, allocation=args.allocation,
-                     protect_bos=not args.no_protect_bos, seed=args.seed, max_tokens=args.max_tokens)  # fmt: skip
-    print(f"wrote {counts['rows']} rows for {counts['sequences']} sequences to {args.out}"
-          + (f" ({counts['truncated']} truncated to {args.max_tokens} tokens)" if counts["truncated"] else ""))  # fmt: skip
+    counts = collect(
+        model,
+        paras,
+        args.out,
+        batch_size=args.batch_size,
+        total=len(paras),
+        skip=args.skip,
+        policy=args.policy,
+        path=args.path,
+        branches=args.branches,
+        allocation=args.allocation,
+        protect_bos=not args.no_protect_bos,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+    )
+    print(
+        f"wrote {counts['rows']} rows for {counts['sequences']} sequences to {args.out}"
+        + (f" ({counts['truncated']} truncated to {args.max_tokens} tokens)" if counts["truncated"] else "")
+    )
     return 0
 
 
@@ -85,8 +99,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from .flow import FlowStats, layer_skip_summary
 
     out = _check_out(args.out)
-    optional = {name: _check_out(getattr(args, name), option="--" + name.replace("_", "-"))
-                for name in ("bos_out", "types_out", "tokens_out")}  # fmt: skip
+    optional = {
+        name: _check_out(getattr(args, name), option="--" + name.replace("_", "-"))
+        for name in ("bos_out", "types_out", "tokens_out")
+    }
     stats = FlowStats()
     for trace in iter_traces(args.trace):
         stats.add(trace)
@@ -98,8 +114,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     bos = stats.bos_table()
     for module in ("attn", "mlp"):
         part = bos[bos["module"] == module]
-        print(f"BOS/others gate ratio ({module}), layers 0-4: "
-              + " ".join(f"{r:.3f}" for r in part["ratio"].head(5)))  # fmt: skip
+        print(f"BOS/others gate ratio ({module}), layers 0-4: " + " ".join(f"{r:.3f}" for r in part["ratio"].head(5)))
     if optional["bos_out"]:
         outputs[optional["bos_out"]] = _csv(bos)
     if optional["types_out"]:
@@ -216,8 +231,12 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
 
     p = sub.add_parser("quality", help="perplexity / agreement of gates vs random skipping on held-out text")
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--gates", nargs="+", default=["trained=default", "untrained=untrained"],
-                   help="LABEL=SPEC pairs; the first is also run with random skipping")  # fmt: skip
+    p.add_argument(
+        "--gates",
+        nargs="+",
+        default=["trained=default", "untrained=untrained"],
+        help="LABEL=SPEC pairs; the first is also run with random skipping",
+    )
     p.add_argument("--budgets", type=_budgets, default=[0.1, 0.25, 0.5])
     p.add_argument("--blocks", type=int, default=8, help="held-out blocks of 128 tokens")
     p.add_argument("--file", help="held-out text (default: the pydoc validation split)")

@@ -21,8 +21,15 @@ from gateskip_core.files import atomic_target
 from gateskip_core.trace import read_trace_frames
 
 
-def collect(model: GatedModel, paragraphs: Iterable[str], out: str | Path, batch_size: int = 8,
-            show_progress: bool = True, total: int | None = None, **trace_kwargs) -> dict:  # fmt: skip
+def collect(
+    model: GatedModel,
+    paragraphs: Iterable[str],
+    out: str | Path,
+    batch_size: int = 8,
+    show_progress: bool = True,
+    total: int | None = None,
+    **trace_kwargs,
+) -> dict:
     """Trace every paragraph and append to `out` (.csv or .parquet); returns counts."""
     out = Path(out)
     suffix = out.suffix.lower()

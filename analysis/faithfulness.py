@@ -58,7 +58,9 @@ def faithfulness(model: GatedModel, text: str, n_exact: int = 32, seed: int = 0,
         raise GateSkipError("text is too short for a faithfulness analysis (need at least 4 tokens)")
     plan = SkipPlan(SkipBudget.make(0.0, L), None)
     with torch.enable_grad():
-        out = gated_forward(model.spec, model.gates, ids, torch.ones_like(ids), plan, capture=Capture(branch_deltas=True))
+        out = gated_forward(
+            model.spec, model.gates, ids, torch.ones_like(ids), plan, capture=Capture(branch_deltas=True)
+        )
         base_loss = _loss(out.logits, ids)
         base_loss.backward()
     estimate = np.zeros((T, L, 2))
@@ -96,14 +98,42 @@ def faithfulness(model: GatedModel, text: str, n_exact: int = 32, seed: int = 0,
     )
     summary = []
     for (layer, module), part in entries.groupby(["layer", "module"], sort=True):
-        summary.append({"scope": f"layer {layer}", "layer": layer, "module": module, "n": len(part),
-                        "spearman": _spearman(part["gate"].to_numpy(), part["estimated_effect"].to_numpy())})  # fmt: skip
+        summary.append(
+            {
+                "scope": f"layer {layer}",
+                "layer": layer,
+                "module": module,
+                "n": len(part),
+                "spearman": _spearman(part["gate"].to_numpy(), part["estimated_effect"].to_numpy()),
+            }
+        )
     for module, part in entries.groupby("module", sort=False):
-        summary.append({"scope": "overall", "layer": -1, "module": module, "n": len(part),
-                        "spearman": _spearman(part["gate"].to_numpy(), part["estimated_effect"].to_numpy())})  # fmt: skip
-    summary.append({"scope": "overall", "layer": -1, "module": "both", "n": len(entries),
-                    "spearman": _spearman(entries["gate"].to_numpy(), entries["estimated_effect"].to_numpy())})  # fmt: skip
+        summary.append(
+            {
+                "scope": "overall",
+                "layer": -1,
+                "module": module,
+                "n": len(part),
+                "spearman": _spearman(part["gate"].to_numpy(), part["estimated_effect"].to_numpy()),
+            }
+        )
+    summary.append(
+        {
+            "scope": "overall",
+            "layer": -1,
+            "module": "both",
+            "n": len(entries),
+            "spearman": _spearman(entries["gate"].to_numpy(), entries["estimated_effect"].to_numpy()),
+        }
+    )
     sampled = entries.dropna(subset=["exact_effect"])
-    summary.append({"scope": "estimate vs exact", "layer": -1, "module": "both", "n": len(sampled),
-                    "spearman": _spearman(sampled["estimated_effect"].to_numpy(), sampled["exact_effect"].to_numpy())})  # fmt: skip
+    summary.append(
+        {
+            "scope": "estimate vs exact",
+            "layer": -1,
+            "module": "both",
+            "n": len(sampled),
+            "spearman": _spearman(sampled["estimated_effect"].to_numpy(), sampled["exact_effect"].to_numpy()),
+        }
+    )
     return entries, pd.DataFrame(summary)

@@ -9,8 +9,13 @@ from plotly.subplots import make_subplots
 
 from gateskip_core import BRANCHES, Trace
 
-METHOD_COLOURS = {"gateskip": "#d62728", "random": "#7f7f7f", "shortgpt": "#1f77b4", "attn-only": "#2ca02c",
-                  "mlp-only": "#9467bd"}  # fmt: skip
+METHOD_COLOURS = {
+    "gateskip": "#d62728",
+    "random": "#7f7f7f",
+    "shortgpt": "#1f77b4",
+    "attn-only": "#2ca02c",
+    "mlp-only": "#9467bd",
+}
 
 
 def _label(tok: str) -> str:
@@ -21,39 +26,67 @@ def gate_heatmap(trace: Trace, sequence: int = 0, modules: tuple[str, ...] = BRA
     """Layers x tokens heatmap of gate values per branch; skipped cells marked with x."""
     seq = trace.sequences[sequence]
     T, L = seq.n_tokens, trace.n_layers
-    fig = make_subplots(rows=len(modules), cols=1, shared_xaxes=True, vertical_spacing=0.08,
-                        subplot_titles=[f"{m} gates" for m in modules])  # fmt: skip
+    fig = make_subplots(
+        rows=len(modules),
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.08,
+        subplot_titles=[f"{m} gates" for m in modules],
+    )
     x = [f"{i}:{_label(t)}" for i, t in enumerate(seq.tokens)]
     for row, module in enumerate(modules, start=1):
         b = BRANCHES.index(module)
         z = seq.gate[:, :, b].T  # [L, T]
         status = np.where(seq.skipped[:, :, b].T, "skipped", "kept")
         custom = np.stack(
-            [np.broadcast_to(np.array(seq.tokens, dtype=object), (L, T)),
-             np.broadcast_to(np.arange(T), (L, T)), np.broadcast_to(np.arange(L)[:, None], (L, T)),
-             seq.threshold[:, :, b].T, status], axis=-1,
-        )  # fmt: skip
+            [
+                np.broadcast_to(np.array(seq.tokens, dtype=object), (L, T)),
+                np.broadcast_to(np.arange(T), (L, T)),
+                np.broadcast_to(np.arange(L)[:, None], (L, T)),
+                seq.threshold[:, :, b].T,
+                status,
+            ],
+            axis=-1,
+        )
         fig.add_trace(
             go.Heatmap(
-                z=z, x=x, y=list(range(L)), customdata=custom, coloraxis="coloraxis",
-                hovertemplate=(f"token %{{customdata[0]|s}}<br>position %{{customdata[1]}}<br>layer %{{customdata[2]}}"
-                               f"<br>branch {module}<br>gate %{{z:.4f}}<br>threshold %{{customdata[3]:.4f}}"
-                               "<br>%{customdata[4]}<extra></extra>"),
+                z=z,
+                x=x,
+                y=list(range(L)),
+                customdata=custom,
+                coloraxis="coloraxis",
+                hovertemplate=(
+                    f"token %{{customdata[0]|s}}<br>position %{{customdata[1]}}<br>layer %{{customdata[2]}}"
+                    f"<br>branch {module}<br>gate %{{z:.4f}}<br>threshold %{{customdata[3]:.4f}}"
+                    "<br>%{customdata[4]}<extra></extra>"
+                ),
             ),
-            row=row, col=1,
-        )  # fmt: skip
+            row=row,
+            col=1,
+        )
         ly, tx = np.nonzero(seq.skipped[:, :, b].T)
         fig.add_trace(
-            go.Scatter(x=[x[t] for t in tx], y=ly, mode="markers", hoverinfo="skip", showlegend=False,
-                       marker=dict(symbol="x-thin", size=7, line=dict(width=1.5, color="white"))),
-            row=row, col=1,
-        )  # fmt: skip
+            go.Scatter(
+                x=[x[t] for t in tx],
+                y=ly,
+                mode="markers",
+                hoverinfo="skip",
+                showlegend=False,
+                marker=dict(symbol="x-thin", size=7, line=dict(width=1.5, color="white")),
+            ),
+            row=row,
+            col=1,
+        )
         fig.update_yaxes(title_text="layer", row=row, col=1)
     # Gates are narrow within a model (often 0.9-1.0): scale colours to the values shown.
     values = seq.gate[:, :, [BRANCHES.index(m) for m in modules]]
-    fig.update_layout(coloraxis=dict(colorscale="Viridis", cmin=float(values.min()), cmax=float(values.max()),
-                                     colorbar=dict(title="gate")),
-                      height=260 * len(modules) + 80, margin=dict(l=50, r=20, t=40, b=40))  # fmt: skip
+    fig.update_layout(
+        coloraxis=dict(
+            colorscale="Viridis", cmin=float(values.min()), cmax=float(values.max()), colorbar=dict(title="gate")
+        ),
+        height=260 * len(modules) + 80,
+        margin=dict(l=50, r=20, t=40, b=40),
+    )
     return fig
 
 
@@ -63,11 +96,19 @@ def token_strip(trace: Trace, sequence: int = 0) -> go.Figure:
     counts = seq.skipped.sum(axis=(1, 2))
     total = trace.n_layers * 2
     fig = go.Figure(
-        go.Heatmap(z=[counts], x=list(range(seq.n_tokens)), y=[""], text=[[_label(t) for t in seq.tokens]],
-                   texttemplate="%{text}", colorscale="Reds", zmin=0, zmax=total,
-                   colorbar=dict(title="skipped"),
-                   hovertemplate="token %{text}<br>position %{x}<br>skipped %{z} of " + str(total) + "<extra></extra>")
-    )  # fmt: skip
+        go.Heatmap(
+            z=[counts],
+            x=list(range(seq.n_tokens)),
+            y=[""],
+            text=[[_label(t) for t in seq.tokens]],
+            texttemplate="%{text}",
+            colorscale="Reds",
+            zmin=0,
+            zmax=total,
+            colorbar=dict(title="skipped"),
+            hovertemplate="token %{text}<br>position %{x}<br>skipped %{z} of " + str(total) + "<extra></extra>",
+        )
+    )
     fig.update_layout(height=140, margin=dict(l=20, r=20, t=10, b=20), xaxis=dict(showticklabels=False))
     return fig
 
@@ -77,13 +118,27 @@ def layer_profile_figure(layer_table: pd.DataFrame) -> go.Figure:
     fig = make_subplots(rows=1, cols=2, subplot_titles=["gate values (median, 5-95%)", "skip rate"])
     for module, colour in zip(BRANCHES, ("#1f77b4", "#ff7f0e")):
         part = layer_table[layer_table["module"] == module]
-        fig.add_trace(go.Scatter(
-            x=part["layer"], y=part["gate_p50"], name=module, line=dict(color=colour),
-            error_y=dict(type="data", symmetric=False, array=part["gate_p95"] - part["gate_p50"],
-                         arrayminus=part["gate_p50"] - part["gate_p5"]),
-        ), row=1, col=1)  # fmt: skip
-        fig.add_trace(go.Bar(x=part["layer"], y=part["skip_rate"], name=f"{module} skip rate",
-                             marker_color=colour, opacity=0.7), row=1, col=2)  # fmt: skip
+        fig.add_trace(
+            go.Scatter(
+                x=part["layer"],
+                y=part["gate_p50"],
+                name=module,
+                line=dict(color=colour),
+                error_y=dict(
+                    type="data",
+                    symmetric=False,
+                    array=part["gate_p95"] - part["gate_p50"],
+                    arrayminus=part["gate_p50"] - part["gate_p5"],
+                ),
+            ),
+            row=1,
+            col=1,
+        )
+        fig.add_trace(
+            go.Bar(x=part["layer"], y=part["skip_rate"], name=f"{module} skip rate", marker_color=colour, opacity=0.7),
+            row=1,
+            col=2,
+        )
     fig.update_xaxes(title_text="layer")
     fig.update_layout(height=360, barmode="group", margin=dict(l=40, r=20, t=40, b=40))
     return fig
@@ -93,19 +148,37 @@ def bos_figure(bos_table: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
     for module in BRANCHES:
         part = bos_table[bos_table["module"] == module]
-        fig.add_trace(go.Scatter(x=part["layer"], y=part["ratio"], mode="lines+markers", name=module,
-                                 customdata=part["mean_rank"],
-                                 hovertemplate="layer %{x}<br>BOS / others %{y:.3f}<br>mean rank %{customdata:.1f}"))  # fmt: skip
+        fig.add_trace(
+            go.Scatter(
+                x=part["layer"],
+                y=part["ratio"],
+                mode="lines+markers",
+                name=module,
+                customdata=part["mean_rank"],
+                hovertemplate="layer %{x}<br>BOS / others %{y:.3f}<br>mean rank %{customdata:.1f}",
+            )
+        )
     fig.add_hline(y=1.0, line_dash="dot")
-    fig.update_layout(title="first-token (BOS) gate relative to the other tokens", xaxis_title="layer",
-                      yaxis_title="BOS gate / mean of others", height=340)  # fmt: skip
+    fig.update_layout(
+        title="first-token (BOS) gate relative to the other tokens",
+        xaxis_title="layer",
+        yaxis_title="BOS gate / mean of others",
+        height=340,
+    )
     return fig
 
 
 def token_type_figure(type_table: pd.DataFrame, module: str = "mlp", value: str = "gate_mean") -> go.Figure:
     part = type_table[type_table["module"] == module].pivot(index="token_type", columns="layer", values=value)
-    fig = go.Figure(go.Heatmap(z=part.to_numpy(), x=list(part.columns), y=list(part.index), colorscale="Viridis",
-                               colorbar=dict(title=value)))  # fmt: skip
+    fig = go.Figure(
+        go.Heatmap(
+            z=part.to_numpy(),
+            x=list(part.columns),
+            y=list(part.index),
+            colorscale="Viridis",
+            colorbar=dict(title=value),
+        )
+    )
     fig.update_layout(title=f"{value} by token type ({module})", xaxis_title="layer", height=340)
     return fig
 
@@ -115,24 +188,46 @@ def sweep_figure(sweep_df: pd.DataFrame, metric: str = "top1_agreement") -> go.F
     fig = go.Figure()
     for method, part in sweep_df.groupby("method", sort=False):
         part = part.sort_values("flops_saved")
-        fig.add_trace(go.Scatter(x=part["flops_saved"], y=part[metric], mode="lines+markers", name=method,
-                                 line=dict(color=METHOD_COLOURS.get(method)), customdata=part["skip_budget"],
-                                 hovertemplate="budget %{customdata}<br>net FLOPs saved %{x:.1%}<br>"
-                                 + metric + " %{y:.4g}<extra>" + method + "</extra>"))  # fmt: skip
-    fig.update_layout(xaxis_title="net FLOPs saved (gate cost included)", yaxis_title=metric, height=400,
-                      xaxis_tickformat=".0%")  # fmt: skip
+        fig.add_trace(
+            go.Scatter(
+                x=part["flops_saved"],
+                y=part[metric],
+                mode="lines+markers",
+                name=method,
+                line=dict(color=METHOD_COLOURS.get(method)),
+                customdata=part["skip_budget"],
+                hovertemplate="budget %{customdata}<br>net FLOPs saved %{x:.1%}<br>"
+                + metric
+                + " %{y:.4g}<extra>"
+                + method
+                + "</extra>",
+            )
+        )
+    fig.update_layout(
+        xaxis_title="net FLOPs saved (gate cost included)", yaxis_title=metric, height=400, xaxis_tickformat=".0%"
+    )
     if metric == "ppl":
         fig.update_yaxes(type="log")
     return fig
 
 
 def faithfulness_figure(entries: pd.DataFrame, summary: pd.DataFrame) -> go.Figure:
-    fig = make_subplots(rows=1, cols=2, subplot_titles=["gate vs estimated loss effect of skipping",
-                                                        "Spearman per layer"])  # fmt: skip
+    fig = make_subplots(
+        rows=1, cols=2, subplot_titles=["gate vs estimated loss effect of skipping", "Spearman per layer"]
+    )
     for module in BRANCHES:
         part = entries[entries["module"] == module]
-        fig.add_trace(go.Scattergl(x=part["gate"], y=part["estimated_effect"], mode="markers", name=module,
-                                   marker=dict(size=4, opacity=0.5)), row=1, col=1)  # fmt: skip
+        fig.add_trace(
+            go.Scattergl(
+                x=part["gate"],
+                y=part["estimated_effect"],
+                mode="markers",
+                name=module,
+                marker=dict(size=4, opacity=0.5),
+            ),
+            row=1,
+            col=1,
+        )
         per_layer = summary[(summary["scope"].str.startswith("layer")) & (summary["module"] == module)]
         fig.add_trace(go.Bar(x=per_layer["layer"], y=per_layer["spearman"], name=f"{module} rho"), row=1, col=2)
     fig.update_xaxes(title_text="gate (importance)", row=1, col=1)

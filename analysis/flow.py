@@ -23,7 +23,7 @@ import unicodedata
 import numpy as np
 import pandas as pd
 
-from gateskip_core import BRANCHES, SkipPolicy, Trace
+from gateskip_core import BRANCHES, Trace
 
 N_BINS = 2000  # histogram bins over [0, 1]: percentiles exact to 5e-4
 PERCENTILES = (5, 25, 50, 75, 95)
@@ -147,9 +147,11 @@ class FlowStats:
                 n = self.count[layer, b]
                 mean = self.sum[layer, b] / n
                 row = {
-                    "layer": layer, "module": module, "gate_mean": mean,
+                    "layer": layer,
+                    "module": module,
+                    "gate_mean": mean,
                     "gate_std": float(np.sqrt(max(0.0, self.sumsq[layer, b] / n - mean**2))),
-                }  # fmt: skip
+                }
                 for p in PERCENTILES:
                     row[f"gate_p{p}"] = self._percentile(layer, b, p)
                 row["skip_rate"] = self.skipped[layer, b] / max(1, self.eligible[layer, b])
@@ -166,10 +168,17 @@ class FlowStats:
             for b, module in enumerate(BRANCHES):
                 first = self.bos_gate[layer, b] / max(1, self.bos_n)
                 others = self.bos_others[layer, b] / max(1, self.bos_n)
-                rows.append({"layer": layer, "module": module, "bos_gate": first, "others_gate": others,
-                             "ratio": first / others if others else float("nan"),
-                             "mean_rank": self.bos_rank[layer, b] / max(1, self.bos_n),
-                             "sequences": self.bos_n})  # fmt: skip
+                rows.append(
+                    {
+                        "layer": layer,
+                        "module": module,
+                        "bos_gate": first,
+                        "others_gate": others,
+                        "ratio": first / others if others else float("nan"),
+                        "mean_rank": self.bos_rank[layer, b] / max(1, self.bos_n),
+                        "sequences": self.bos_n,
+                    }
+                )
         return pd.DataFrame(rows)
 
     def token_type_table(self) -> pd.DataFrame:
@@ -181,10 +190,16 @@ class FlowStats:
                 for b, module in enumerate(BRANCHES):
                     n = self.type_count[k, layer, b]
                     e = self.type_eligible[k, layer, b]
-                    rows.append({"token_type": name, "layer": layer, "module": module,
-                                 "gate_mean": self.type_gate[k, layer, b] / n,
-                                 "skip_rate": self.type_skipped[k, layer, b] / e if e else float("nan"),
-                                 "tokens": int(n)})  # fmt: skip
+                    rows.append(
+                        {
+                            "token_type": name,
+                            "layer": layer,
+                            "module": module,
+                            "gate_mean": self.type_gate[k, layer, b] / n,
+                            "skip_rate": self.type_skipped[k, layer, b] / e if e else float("nan"),
+                            "tokens": int(n),
+                        }
+                    )
         return pd.DataFrame(rows)
 
     def token_table(self, min_count: int = 1) -> pd.DataFrame:
@@ -210,15 +225,17 @@ def layer_skip_summary(layer_table: pd.DataFrame) -> pd.DataFrame:
         n = len(part)
         third = max(1, n // 3)
         ordered = part.sort_values("skip_rate", ascending=False)
-        rows.append({
-            "module": module,
-            "most_skipped_layers": ",".join(str(x) for x in ordered["layer"].head(3)),
-            "least_skipped_layers": ",".join(str(x) for x in ordered["layer"].tail(3)),
-            "early_gate_mean": part["gate_mean"].head(third).mean(),
-            "late_gate_mean": part["gate_mean"].tail(third).mean(),
-            "early_skip_rate": part["skip_rate"].head(third).mean(),
-            "late_skip_rate": part["skip_rate"].tail(third).mean(),
-        })  # fmt: skip
+        rows.append(
+            {
+                "module": module,
+                "most_skipped_layers": ",".join(str(x) for x in ordered["layer"].head(3)),
+                "least_skipped_layers": ",".join(str(x) for x in ordered["layer"].tail(3)),
+                "early_gate_mean": part["gate_mean"].head(third).mean(),
+                "late_gate_mean": part["gate_mean"].tail(third).mean(),
+                "early_skip_rate": part["skip_rate"].head(third).mean(),
+                "late_skip_rate": part["skip_rate"].tail(third).mean(),
+            }
+        )
     return pd.DataFrame(rows)
 
 

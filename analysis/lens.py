@@ -42,8 +42,12 @@ def residual_stream_gap(model: GatedModel, text: str, bridge=None) -> float:
     bridge = bridge if bridge is not None else to_transformer_lens(model)
     ids = model.encode([text]).input_ids
     plain = model.view()
-    out = plain.forward(ids, torch.ones_like(ids), SkipPlan(SkipBudget.make(0.0, model.spec.n_layers), None),
-                        capture=Capture(hidden_states=True))  # fmt: skip
+    out = plain.forward(
+        ids,
+        torch.ones_like(ids),
+        SkipPlan(SkipBudget.make(0.0, model.spec.n_layers), None),
+        capture=Capture(hidden_states=True),
+    )
     with torch.no_grad():
         _, cache = bridge.run_with_cache(ids)
     gaps = [

@@ -29,8 +29,9 @@ class Reference:
     batch_size: int
 
 
-def evaluation_blocks(model: GatedModel, texts: Sequence[str] | None = None, n_blocks: int = 8,
-                      seq_len: int = 128) -> torch.Tensor:  # fmt: skip
+def evaluation_blocks(
+    model: GatedModel, texts: Sequence[str] | None = None, n_blocks: int = 8, seq_len: int = 128
+) -> torch.Tensor:
     """Fixed token blocks of held-out text (default: the pydoc validation split)."""
     texts = list(texts) if texts is not None else pydoc_texts("validation")
     return first_blocks(model.tokenizer, texts, seq_len, n_blocks)
@@ -64,8 +65,9 @@ def evaluate(model: GatedModel, ref: Reference, plan: SkipPlan) -> dict[str, flo
         skipped += int(out.skipped.sum())
         eligible += int(out.eligible.sum()) * model.spec.n_layers * 2
         for b in range(ids.shape[0]):
-            acc = account_sequence(model.spec, out.skipped[b].numpy(), gate_flops, ids.shape[1], "physical",
-                                   kv_copy=plan.kv == "copy")  # fmt: skip
+            acc = account_sequence(
+                model.spec, out.skipped[b].numpy(), gate_flops, ids.shape[1], "physical", kv_copy=plan.kv == "copy"
+            )
             dense += acc.dense_flops
             executed += acc.skipping_flops
             gate_cost += acc.gate_flops
@@ -80,8 +82,13 @@ def evaluate(model: GatedModel, ref: Reference, plan: SkipPlan) -> dict[str, flo
     }
 
 
-def quality_table(model: GatedModel, gate_sets: dict[str, str], budgets: Sequence[float], blocks: torch.Tensor,
-                  show_progress: bool = True) -> pd.DataFrame:  # fmt: skip
+def quality_table(
+    model: GatedModel,
+    gate_sets: dict[str, str],
+    budgets: Sequence[float],
+    blocks: torch.Tensor,
+    show_progress: bool = True,
+) -> pd.DataFrame:
     """Rows per (gates, policy, budget): the issue's quality evidence table.
 
     `gate_sets` maps a label to a gates spec for `GatedModel.load_gates`; each is
@@ -102,6 +109,12 @@ def quality_table(model: GatedModel, gate_sets: dict[str, str], budgets: Sequenc
             model.load_gates(spec)
             current = spec
         plan = model.make_plan(budget, policy)
-        rows.append({"gates": label if policy != "random" else "random skipping", "policy": policy,
-                     "skip_budget": budget, **evaluate(model, ref, plan)})  # fmt: skip
+        rows.append(
+            {
+                "gates": label if policy != "random" else "random skipping",
+                "policy": policy,
+                "skip_budget": budget,
+                **evaluate(model, ref, plan),
+            }
+        )
     return pd.DataFrame(rows)

@@ -30,8 +30,18 @@ from gateskip_core.policies import BranchInput, Decision, SkipPolicy
 from .quality import evaluate, evaluation_blocks, reference
 
 METHODS = ("gateskip", "gateskip-uniform", "random", "shortgpt", "attn-only", "mlp-only")
-SWEEP_COLUMNS = ["method", "skip_budget", "skipped_fraction", "flops_saved", "ppl", "kl_to_full",
-                 "top1_agreement", "tokens", "flops_saved_gross", "setting"]  # fmt: skip
+SWEEP_COLUMNS = [
+    "method",
+    "skip_budget",
+    "skipped_fraction",
+    "flops_saved",
+    "ppl",
+    "kl_to_full",
+    "top1_agreement",
+    "tokens",
+    "flops_saved_gross",
+    "setting",
+]
 
 
 @dataclass(frozen=True)
@@ -121,8 +131,11 @@ def sweep(
                 result, setting = evaluate(model, ref, plan), f"random b={budget:g}"
             elif method == "shortgpt":
                 layers = shortgpt_layers(model, influence, target, seq_len)
-                plan = SkipPlan(SkipBudget.make(1.0 if layers else 0.0, model.spec.n_layers),
-                                LayerDropPolicy(frozenset(layers)), protect_bos=False)  # fmt: skip
+                plan = SkipPlan(
+                    SkipBudget.make(1.0 if layers else 0.0, model.spec.n_layers),
+                    LayerDropPolicy(frozenset(layers)),
+                    protect_bos=False,
+                )
                 result = evaluate(model.view(), ref, plan)  # ShortGPT prunes the original, ungated model
                 setting = "removed layers " + (",".join(map(str, layers)) or "none")
             else:

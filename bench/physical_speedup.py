@@ -41,16 +41,22 @@ def main() -> None:
     ids = evaluation_blocks(model, n_blocks=args.batch, seq_len=args.seq_len)
     tokens = ids.numel()
     base = timed(model.view(), ids, model.view().make_plan(0.0), args.repeats)
-    print(f"{args.model}, {model.gates_label}, batch {args.batch} x {args.seq_len}, torch threads "
-          f"{torch.get_num_threads()}; ungated dense: {tokens / base:.0f} tok/s")  # fmt: skip
-    print(f"{'skip':>5s} {'masked tok/s':>13s} {'physical tok/s':>15s} {'speedup vs masked':>18s} "
-          f"{'vs ungated':>11s} {'net FLOPs saved':>16s}")  # fmt: skip
+    print(
+        f"{args.model}, {model.gates_label}, batch {args.batch} x {args.seq_len}, torch threads "
+        f"{torch.get_num_threads()}; ungated dense: {tokens / base:.0f} tok/s"
+    )
+    print(
+        f"{'skip':>5s} {'masked tok/s':>13s} {'physical tok/s':>15s} {'speedup vs masked':>18s} "
+        f"{'vs ungated':>11s} {'net FLOPs saved':>16s}"
+    )
     for budget in [float(b) for b in args.budgets.split(",")]:
         masked = timed(model, ids, model.make_plan(budget, path="masked"), args.repeats)
         physical = timed(model, ids, model.make_plan(budget, path="physical"), args.repeats)
         saved = model.trace(model.tokenizer.decode(ids[0][1:]), skip=budget, max_tokens=args.seq_len).compute
-        print(f"{budget:5.2f} {tokens / masked:13.0f} {tokens / physical:15.0f} {masked / physical:17.2f}x "
-              f"{base / physical:10.2f}x {saved.net_saved_fraction:15.1%}")  # fmt: skip
+        print(
+            f"{budget:5.2f} {tokens / masked:13.0f} {tokens / physical:15.0f} {masked / physical:17.2f}x "
+            f"{base / physical:10.2f}x {saved.net_saved_fraction:15.1%}"
+        )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,9 @@ def gated_view(model_name: str, gates: str, upload_digest: str | None, _upload: 
 
 def figure_download(container, label: str, fig, file_name: str) -> None:
     """A figure as a standalone HTML file; serialised only when clicked (keeps the slider path light)."""
-    container.download_button(label, lambda: fig.to_html(include_plotlyjs="cdn"), file_name, "text/html",
-                              key=f"download_{file_name}")  # fmt: skip
+    container.download_button(
+        label, lambda: fig.to_html(include_plotlyjs="cdn"), file_name, "text/html", key=f"download_{file_name}"
+    )
 
 
 def sidebar() -> dict:
@@ -57,9 +58,13 @@ def sidebar() -> dict:
     view = load_view(model_name, gates, upload)
 
     sb.header("Skip budget")
-    mode = sb.radio("Mode", ["estimate", "exact"], horizontal=True,
-                    help="estimate: re-threshold the captured gates (no model call). "
-                         "exact: re-run the model with the skips applied.")  # fmt: skip
+    mode = sb.radio(
+        "Mode",
+        ["estimate", "exact"],
+        horizontal=True,
+        help="estimate: re-threshold the captured gates (no model call). "
+        "exact: re-run the model with the skips applied.",
+    )
     budget = sb.slider("Global skip budget", 0.0, 0.9, 0.25, 0.05, key="global_budget")
     per_layer = None
     with sb.expander("Per-layer budgets"):
@@ -72,9 +77,17 @@ def sidebar() -> dict:
     policy = sb.selectbox("Policy", ["quantile", "calibrated", "random"])
     protect_bos = sb.checkbox("Protect the first token (BOS)", value=True)
     seed = int(sb.number_input("Seed (random policy)", value=0, step=1))
-    return dict(model_name=model_name, base=base, view=view, mode=mode,
-                budget=per_layer if per_layer is not None else budget, branches=branches, policy=policy,
-                protect_bos=protect_bos, seed=seed)  # fmt: skip
+    return dict(
+        model_name=model_name,
+        base=base,
+        view=view,
+        mode=mode,
+        budget=per_layer if per_layer is not None else budget,
+        branches=branches,
+        policy=policy,
+        protect_bos=protect_bos,
+        seed=seed,
+    )
 
 
 def load_view(model_name: str, gates: str, upload: bytes | None):
@@ -136,8 +149,10 @@ def explore_view(cfg: dict) -> None:
         st.error(str(err))
         return
     if truncated:
-        st.warning(f"The prompt is longer than {service.MAX_PROMPT_TOKENS} tokens; only the first "
-                   f"{service.MAX_PROMPT_TOKENS} are shown.")  # fmt: skip
+        st.warning(
+            f"The prompt is longer than {service.MAX_PROMPT_TOKENS} tokens; only the first "
+            f"{service.MAX_PROMPT_TOKENS} are shown."
+        )
     shown = ex if ex is not None else est
     st.session_state["shown_trace"] = shown
     seq = shown.sequences[0]
@@ -166,10 +181,13 @@ def explore_view(cfg: dict) -> None:
     if ex is not None:
         differ = service.compare_decisions(est, ex)
         st.subheader("Estimate vs exact")
-        st.write(f"{int(differ.sum())} of {differ.size} decisions differ between the estimate (captured gates "
-                 "re-thresholded) and the exact re-run (later layers see the changed residuals).")  # fmt: skip
-        per_layer = pd.DataFrame({"layer": range(differ.shape[1]), "attn": differ[:, :, 0].sum(0),
-                                  "mlp": differ[:, :, 1].sum(0)})  # fmt: skip
+        st.write(
+            f"{int(differ.sum())} of {differ.size} decisions differ between the estimate (captured gates "
+            "re-thresholded) and the exact re-run (later layers see the changed residuals)."
+        )
+        per_layer = pd.DataFrame(
+            {"layer": range(differ.shape[1]), "attn": differ[:, :, 0].sum(0), "mlp": differ[:, :, 1].sum(0)}
+        )
         st.dataframe(per_layer[(per_layer["attn"] > 0) | (per_layer["mlp"] > 0)], hide_index=True)
 
     st.subheader("Continuation: ungated vs with skipping")
@@ -177,8 +195,17 @@ def explore_view(cfg: dict) -> None:
     if st.button("Generate continuations", key="generate"):
         try:
             policy = cfg["policy"] if cfg["policy"] != "quantile" or view.gates else "random"
-            result = service.continuations(view, text, chat, n_new, skip=cfg["budget"], policy=policy,
-                                           branches=cfg["branches"], protect_bos=cfg["protect_bos"], seed=cfg["seed"])  # fmt: skip
+            result = service.continuations(
+                view,
+                text,
+                chat,
+                n_new,
+                skip=cfg["budget"],
+                policy=policy,
+                branches=cfg["branches"],
+                protect_bos=cfg["protect_bos"],
+                seed=cfg["seed"],
+            )
             st.session_state["continuations"] = result
         except GateSkipError as err:
             st.error(str(err))
@@ -190,8 +217,11 @@ def explore_view(cfg: dict) -> None:
         right.markdown("**With skipping**")
         marked = "".join(f"⟦{tok}⟧" if i == result.first_divergence else tok for i, tok in enumerate(result.skipping))
         right.code(marked or "(nothing)")
-        st.caption("identical" if result.first_divergence is None
-                   else f"first divergent token (marked ⟦ ⟧): #{result.first_divergence}")  # fmt: skip
+        st.caption(
+            "identical"
+            if result.first_divergence is None
+            else f"first divergent token (marked ⟦ ⟧): #{result.first_divergence}"
+        )
 
     st.subheader("Export")
     c1, c2, c3 = st.columns(3)
@@ -261,8 +291,13 @@ def sweep_view(cfg: dict) -> None:
         else:
             bar = st.progress(0.0, text="sweeping…")
             blocks = service.prompt_blocks(view, text)
-            table = sweep(view, sorted(budgets), methods, blocks,
-                          on_step=lambda done, total, name: bar.progress(done / total, text=f"{name} ({done}/{total})"))  # fmt: skip
+            table = sweep(
+                view,
+                sorted(budgets),
+                methods,
+                blocks,
+                on_step=lambda done, total, name: bar.progress(done / total, text=f"{name} ({done}/{total})"),
+            )
             bar.empty()
             st.session_state["sweep"] = table
     table = st.session_state.get("sweep")
@@ -281,8 +316,10 @@ def compare_view(cfg: dict) -> None:
         return
     choices = [c for c in service.gate_choices(cfg["model_name"]) if c != "upload"]
     left, right = st.columns(2)
-    specs = [left.selectbox("Left gates", choices, index=0, key="cmp_left"),
-             right.selectbox("Right gates", choices, index=min(1, len(choices) - 1), key="cmp_right")]  # fmt: skip
+    specs = [
+        left.selectbox("Left gates", choices, index=0, key="cmp_left"),
+        right.selectbox("Right gates", choices, index=min(1, len(choices) - 1), key="cmp_right"),
+    ]
     module = st.radio("Branch", ["mlp", "attn"], horizontal=True, key="cmp_module")
     text = shown.sequences[0].text
     if st.button("Compare on the current prompt and budget", key="run_compare"):
@@ -293,8 +330,9 @@ def compare_view(cfg: dict) -> None:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    results[spec] = service.exact(view, text, False, cfg["budget"], cfg["branches"],
-                                                  cfg["protect_bos"], policy, cfg["seed"])  # fmt: skip
+                    results[spec] = service.exact(
+                        view, text, False, cfg["budget"], cfg["branches"], cfg["protect_bos"], policy, cfg["seed"]
+                    )
             except GateSkipError as err:
                 results[spec] = str(err)
         st.session_state["compare"] = (specs, results)

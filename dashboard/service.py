@@ -72,9 +72,10 @@ def gates_from_bytes(data: bytes, model: GatedModel):
 def gate_choices(model_name: str) -> list[str]:
     """Gate options for a model: shipped ones first when they exist."""
     shipped = [
-        spec for spec, variant in (("default", "vector"), ("default-scalar", "scalar"))
+        spec
+        for spec, variant in (("default", "vector"), ("default-scalar", "scalar"))
         if (SHIPPED_GATES_DIR / f"{model_name}-{variant}.safetensors").is_file()
-    ]  # fmt: skip
+    ]
     return shipped + ["untrained", "untrained:scalar", "none", "upload"]
 
 
@@ -122,12 +123,14 @@ def capture(model: GatedModel, text: str, chat: bool) -> tuple[Trace, bool]:
 
 def estimate(model: GatedModel, captured: Trace, budget, branches, protect_bos: bool, policy_name: str, seed: int):
     """Estimate-mode trace: the policy applied to the captured gates, no forward pass."""
-    return model.estimate(captured, skip=budget, policy=policy_name, branches=branches, protect_bos=protect_bos,
-                          seed=seed)
+    return model.estimate(
+        captured, skip=budget, policy=policy_name, branches=branches, protect_bos=protect_bos, seed=seed
+    )
 
 
-def exact(model: GatedModel, text: str, chat: bool, budget, branches, protect_bos: bool, policy_name: str,
-          seed: int) -> tuple[Trace, PromptQuality, float]:  # fmt: skip
+def exact(
+    model: GatedModel, text: str, chat: bool, budget, branches, protect_bos: bool, policy_name: str, seed: int
+) -> tuple[Trace, PromptQuality, float]:
     """Exact-mode trace (later layers see the changed residuals), prompt quality and seconds taken."""
     start = time.perf_counter()
     plan = model.make_plan(budget, policy_name, branches=branches, protect_bos=protect_bos, seed=seed)

@@ -58,9 +58,13 @@ class ThresholdFitter(SkipPolicy):
 
 
 def fit_thresholds(
-    model, budget: SkipBudget, protect_bos: bool = True, texts: Sequence[str] | None = None,
-    n_blocks: int = 8, seq_len: int = 128,
-) -> CalibratedPolicy:  # fmt: skip
+    model,
+    budget: SkipBudget,
+    protect_bos: bool = True,
+    texts: Sequence[str] | None = None,
+    n_blocks: int = 8,
+    seq_len: int = 128,
+) -> CalibratedPolicy:
     """Thresholds whose skip rate on `texts` (default: the pydoc calibration split) is `budget`."""
     texts = list(texts) if texts is not None else pydoc_texts("calibration")
     input_ids = first_blocks(model.tokenizer, texts, seq_len, n_blocks).to(model.device)

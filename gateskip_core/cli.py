@@ -49,9 +49,10 @@ def _progress(msg: str) -> None:
 def _add_model_args(p: argparse.ArgumentParser, gates_default: str = "none") -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="registry name, checkpoint dir or hub id")
     p.add_argument(
-        "--gates", default=gates_default,
+        "--gates",
+        default=gates_default,
         help="none | default (shipped gates + adapter) | default-scalar | untrained[:variant] | FILE.safetensors",
-    )  # fmt: skip
+    )
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps")
 
 
@@ -62,9 +63,13 @@ def _add_skip_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--branches", default="both", help="attn | mlp | both")
     p.add_argument("--no-protect-bos", action="store_true", help="allow the first token to skip")
     p.add_argument("--seed", type=int, default=0, help="seed of the random policy")
-    p.add_argument("--allocation", choices=["auto", "uniform", "global"], default="auto",
-                   help="spread of the budget over layers: uniform, global (by sensitivity and FLOPs; needs gates "
-                        "trained with it) or auto (global when the gates support it)")
+    p.add_argument(
+        "--allocation",
+        choices=["auto", "uniform", "global"],
+        default="auto",
+        help="spread of the budget over layers: uniform, global (by sensitivity and FLOPs; needs gates "
+        "trained with it) or auto (global when the gates support it)",
+    )
 
 
 @_command("models")
@@ -99,9 +104,16 @@ def cmd_trace(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trace = model.trace(
-            texts, skip=args.skip, policy=args.policy, path=args.path, branches=args.branches,
-            protect_bos=not args.no_protect_bos, seed=args.seed, chat=args.chat, allocation=args.allocation,
-        )  # fmt: skip
+            texts,
+            skip=args.skip,
+            policy=args.policy,
+            path=args.path,
+            branches=args.branches,
+            protect_bos=not args.no_protect_bos,
+            seed=args.seed,
+            chat=args.chat,
+            allocation=args.allocation,
+        )
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     trace.save(out)
@@ -208,8 +220,19 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     if not app.is_file():
         raise GateSkipError(f"dashboard app not found at {app}; install the project with `pip install -e .`")
     env = dict(os.environ, GATESKIP_DASHBOARD_MODEL=args.model)
-    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
-           "--server.headless", "true", "--browser.gatherUsageStats", "false"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(app),
+        "--server.port",
+        str(args.port),
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+    ]
     print(f"GateSkip Lens dashboard on http://localhost:{args.port}  (Ctrl-C to stop)", file=sys.stderr)
     return subprocess.call(cmd, env=env)
 

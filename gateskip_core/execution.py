@@ -395,7 +395,9 @@ def gated_forward(
         x = parts.attn_norm(h)
         g, skip = decide_branch(call, layer, "attn", x)
         keys, values = layer_keys_values(call, layer, parts, x, skip, cos, sin)
-        h = apply_branch(call, h, x, g, skip, partial(query_side, call, parts, cos, sin, keys, values), parts.attn_post_norm)
+        h = apply_branch(
+            call, h, x, g, skip, partial(query_side, call, parts, cos, sin, keys, values), parts.attn_post_norm
+        )
         x = parts.mlp_norm(h)
         g, skip = decide_branch(call, layer, "mlp", x)
         h = apply_branch(call, h, x, g, skip, partial(run_mlp, parts.mlp), parts.mlp_post_norm)

@@ -72,7 +72,7 @@ class BranchGate(nn.Module):
         if self.variant == "lowrank":
             # Two N(0, 0.01) factors would start the gate's gradient near zero; the down
             # projection starts as a random projection instead (the product is still ~0).
-            nn.init.normal_(linears[0].weight, std=linears[0].in_features**-0.5)
+            nn.init.normal_(linears[0].weight, std=linears[0].in_features ** -0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Gate values for branch input `x` [..., d]: [..., d] or [..., 1] in (0, 1)."""

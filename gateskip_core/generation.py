@@ -34,9 +34,16 @@ def next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
 
 
 def generate(
-    model, batch, plan: SkipPlan, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
-    top_k: int | None = None, seed: int = 0, stop_at_eos: bool = True,
-) -> tuple[list[list[int]], Trace]:  # fmt: skip
+    model,
+    batch,
+    plan: SkipPlan,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    stop_at_eos: bool = True,
+) -> tuple[list[list[int]], Trace]:
     """New token ids per prompt of `batch` (an encoded, left-padded `Batch`), and the trace of all tokens."""
     rng = torch.Generator().manual_seed(seed)
     cache = KVCache()

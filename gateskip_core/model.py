@@ -20,23 +20,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from typing_extensions import TypedDict, Unpack
-
 import numpy as np
 import torch
+from typing_extensions import TypedDict, Unpack
 
+from .adapter import ADAPTED
+from .allocation import ALLOCATIONS, allocate_budget
 from .architecture import ArchSpec, arch_spec
-from .calibration import CALIBRATION_BUDGETS, Calibrator, fit_thresholds
+from .calibration import Calibrator, fit_thresholds
 from .checkpoint import GateCheckpoint, load_gates
-from .compute import account_sequence
+from .compute import account_sequence, branch_saving_flops
 from .errors import GateSkipError
 from .estimate import estimate_trace
 from .execution import Capture, ForwardResult, KVCache, SkipPlan, gated_forward
-from .generation import Generation, generate
-from .adapter import ADAPTED
-from .compute import branch_saving_flops
 from .gates import BRANCHES, GateSet, parse_gate_variant
-from .allocation import ALLOCATIONS, allocate_budget
+from .generation import Generation, generate
 from .policies import CalibratedPolicy, SkipBudget, SkipPolicy, resolve_policy
 from .registry import DEFAULT_MODEL, load_backbone
 from .trace import SequenceTrace, Trace
@@ -112,7 +110,9 @@ class GatedModel:
             )
         backbone = self.original
         if checkpoint is not None and checkpoint.adapter.kind != "none":
-            backbone = ADAPTED.get(self.original, checkpoint.adapter, checkpoint.adapter_key(), checkpoint.adapter_tensors)
+            backbone = ADAPTED.get(
+                self.original, checkpoint.adapter, checkpoint.adapter_key(), checkpoint.adapter_tensors
+            )
             label = f"{label} [{gates.variant_label} gates, {checkpoint.adapter.label} adapter]"
         gates.to(device=self.device, dtype=self.dtype)  # the walk feeds the gates the backbone's activations
         with self._lock:
@@ -269,14 +269,27 @@ class GatedModel:
 
     # ---- calls
     def forward(
-        self, input_ids, attention_mask, plan: SkipPlan, cache: KVCache | None = None,
-        logits_for: str = "all", capture: Capture = Capture(),
-    ) -> ForwardResult:  # fmt: skip
+        self,
+        input_ids,
+        attention_mask,
+        plan: SkipPlan,
+        cache: KVCache | None = None,
+        logits_for: str = "all",
+        capture: Capture = Capture(),
+    ) -> ForwardResult:
         """One gated pass without gradients, on the model's device."""
         device = self.device
         with torch.no_grad():
-            return gated_forward(self.spec, self.gates, input_ids.to(device), attention_mask.to(device), plan,
-                                 cache=cache, logits_for=logits_for, capture=capture)  # fmt: skip
+            return gated_forward(
+                self.spec,
+                self.gates,
+                input_ids.to(device),
+                attention_mask.to(device),
+                plan,
+                cache=cache,
+                logits_for=logits_for,
+                capture=capture,
+            )
 
     def trace(
         self,
@@ -299,7 +312,9 @@ class GatedModel:
                 if was_cut:
                     limit = min(max_tokens or self.max_context, self.max_context)
                     warnings.warn(f"text {start + i} truncated to its first {limit} tokens", stacklevel=2)
-            result = self.forward(batch.input_ids, batch.attention_mask, plan, capture=Capture(gate_vectors=gate_vectors))
+            result = self.forward(
+                batch.input_ids, batch.attention_mask, plan, capture=Capture(gate_vectors=gate_vectors)
+            )
             sequences.extend(self.sequence_traces(batch.input_ids, batch.attention_mask, result, plan))
         return self.make_trace(sequences, plan)
 
@@ -333,9 +348,14 @@ class GatedModel:
         return (self.gates.flops_per_token("attn"), self.gates.flops_per_token("mlp"))
 
     def sequence_traces(
-        self, input_ids, attention_mask, result: ForwardResult, plan: SkipPlan,
-        prompt_lengths: Sequence[int] | None = None, lm_head_tokens: Sequence[int] | None = None,
-    ) -> list[SequenceTrace]:  # fmt: skip
+        self,
+        input_ids,
+        attention_mask,
+        result: ForwardResult,
+        plan: SkipPlan,
+        prompt_lengths: Sequence[int] | None = None,
+        lm_head_tokens: Sequence[int] | None = None,
+    ) -> list[SequenceTrace]:
         """One `SequenceTrace` per row (padding dropped). `lm_head_tokens`: positions whose logits
         were computed (default: every position)."""
         importance, threshold = result.importance.cpu(), result.threshold.cpu()

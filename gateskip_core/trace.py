@@ -33,10 +33,30 @@ from .files import atomic_write
 from .gates import BRANCHES
 
 TRACE_COLUMNS = [
-    "sequence_id", "position", "token_id", "token", "layer", "module", "gate", "threshold", "skipped",
-    "eligible", "skip_budget", "policy", "model", "gates", "path", "kv", "protect_bos", "branches",
-    "prompt_length", "dense_flops", "skipping_flops", "executed_flops", "gate_flops",
-]  # fmt: skip
+    "sequence_id",
+    "position",
+    "token_id",
+    "token",
+    "layer",
+    "module",
+    "gate",
+    "threshold",
+    "skipped",
+    "eligible",
+    "skip_budget",
+    "policy",
+    "model",
+    "gates",
+    "path",
+    "kv",
+    "protect_bos",
+    "branches",
+    "prompt_length",
+    "dense_flops",
+    "skipping_flops",
+    "executed_flops",
+    "gate_flops",
+]
 
 
 @dataclass
@@ -247,8 +267,9 @@ def read_trace_frames(path: str | Path, chunk_rows: int | None = None) -> Iterat
         raise GateSkipError(f"trace file must end in .csv or .parquet, got {path.name!r}")
     try:
         if suffix == ".csv":
-            frames = pd.read_csv(path, keep_default_na=False, chunksize=chunk_rows,
-                                 dtype={"token": str, "model": str, "gates": str})  # fmt: skip
+            frames = pd.read_csv(
+                path, keep_default_na=False, chunksize=chunk_rows, dtype={"token": str, "model": str, "gates": str}
+            )
             frames = [frames] if chunk_rows is None else frames
         elif chunk_rows is None:
             frames = [pd.read_parquet(path)]

@@ -41,14 +41,14 @@ from torch import nn
 from .adapter import AdapterSpec, adapter_tensors, make_trainable_copy
 from .allocation import ALLOCATIONS, allocate_budget, measure_sensitivity
 from .architecture import arch_spec
+from .calibration import CALIBRATION_BUDGETS
 from .checkpoint import GateCheckpoint, save_gates
 from .compute import branch_saving_flops
 from .data import paragraphs, pydoc_texts, token_blocks
 from .errors import GateSkipError
-from .files import atomic_write, check_writable
 from .execution import Capture, SkipPlan, gated_forward
+from .files import atomic_write, check_writable
 from .gates import GateSet, parse_gate_variant
-from .calibration import CALIBRATION_BUDGETS
 from .model import GatedModel, load_model
 from .policies import QuantilePolicy, SkipBudget
 from .registry import DEFAULT_MODEL, cache_root
@@ -82,13 +82,46 @@ INSTRUCTIONS = [
 
 # Varied prompts for the model's own answers (training data that looks like what chat users see).
 TOPICS = [
-    "volcanoes", "the French Revolution", "black holes", "compound interest", "sourdough bread", "honeybees",
-    "the stock market", "recursion in programming", "the immune system", "jazz music", "electric cars",
-    "the Roman Empire", "machine learning", "coral reefs", "chess openings", "the human heart", "sleep",
-    "public speaking", "renewable energy", "the printing press", "octopuses", "time management", "rainbows",
-    "the Moon landing", "vaccines", "gardening tomatoes", "the internet", "Shakespeare", "glaciers", "coffee",
-    "a job interview", "saving money", "the Olympic Games", "photosynthesis in algae", "dinosaurs",
-    "writing a résumé", "the speed of light", "origami", "democracy", "friendship",
+    "volcanoes",
+    "the French Revolution",
+    "black holes",
+    "compound interest",
+    "sourdough bread",
+    "honeybees",
+    "the stock market",
+    "recursion in programming",
+    "the immune system",
+    "jazz music",
+    "electric cars",
+    "the Roman Empire",
+    "machine learning",
+    "coral reefs",
+    "chess openings",
+    "the human heart",
+    "sleep",
+    "public speaking",
+    "renewable energy",
+    "the printing press",
+    "octopuses",
+    "time management",
+    "rainbows",
+    "the Moon landing",
+    "vaccines",
+    "gardening tomatoes",
+    "the internet",
+    "Shakespeare",
+    "glaciers",
+    "coffee",
+    "a job interview",
+    "saving money",
+    "the Olympic Games",
+    "photosynthesis in algae",
+    "dinosaurs",
+    "writing a résumé",
+    "the speed of light",
+    "origami",
+    "democracy",
+    "friendship",
 ]
 TEMPLATES = [
     "Explain {t} to a beginner.",
@@ -212,7 +245,9 @@ class _GateObjective(nn.Module):
             )
         else:
             task = F.cross_entropy(logits.flatten(0, 1), input_ids[:, 1:].flatten())
-        per_branch = [(g.float().pow(2) if cfg.sparsity_loss == "l2" else g.float().abs()).mean() for g in out.gate_values]
+        per_branch = [
+            (g.float().pow(2) if cfg.sparsity_loss == "l2" else g.float().abs()).mean() for g in out.gate_values
+        ]
         sparsity = torch.stack(per_branch).mean()
         eligible = out.eligible.sum() * spec.n_layers * 2
         skip_rate = out.skipped.sum() / eligible.clamp(min=1)
@@ -223,7 +258,9 @@ def builtin_texts(gm: GatedModel, split: str, progress: Callable[[str], None]) -
     """pydoc prose, plus (instruction-tuned models) the model's own chat answers, cached."""
     texts = pydoc_texts(split)
     if gm.tokenizer.chat_template and split in ("train", "validation"):
-        answers = [t for i, t in enumerate(instruction_answers(gm, progress)) if (i % 6 == 0) == (split == "validation")]
+        answers = [
+            t for i, t in enumerate(instruction_answers(gm, progress)) if (i % 6 == 0) == (split == "validation")
+        ]
         # Interleave, so that every stretch of training blocks mixes prose and chat.
         mixed, step = [], max(1, len(texts) // max(1, len(answers)))
         for i, answer in enumerate(answers):
@@ -280,8 +317,12 @@ def _save_state(path: Path, step: int, objective: _GateObjective, optim: torch.o
     for pid, st in state["state"].items():
         for name, value in st.items():
             tensors[f"optim.{pid}.{name}"] = torch.as_tensor(value).contiguous()
-    meta = {"step": str(step), "history": json.dumps(history), "config": json.dumps(asdict(config)),
-            "param_groups": json.dumps(state["param_groups"])}  # fmt: skip
+    meta = {
+        "step": str(step),
+        "history": json.dumps(history),
+        "config": json.dumps(asdict(config)),
+        "param_groups": json.dumps(state["param_groups"]),
+    }
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
@@ -400,14 +441,25 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar
         optim.step()
         tokens_done += config.batch * config.seq_len
         rate = tokens_done / max(1e-9, time.perf_counter() - t0)
-        record = {"step": step + 1, "loss": float(loss.detach()), "task": float(task), "sparsity": float(sparsity),
-                  "skip_rate": float(skip_rate), "budget": budget}  # fmt: skip
+        record = {
+            "step": step + 1,
+            "loss": float(loss.detach()),
+            "task": float(task),
+            "sparsity": float(sparsity),
+            "skip_rate": float(skip_rate),
+            "budget": budget,
+        }
         if (step + 1) % config.val_every == 0 or step + 1 == config.steps:
             # Validate at the schedule's end budget, so that values of a random schedule compare across steps.
             record.update(validate(config.skip_end if config.budget_schedule == "random" else budget))
         history.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", sparsity=f"{float(sparsity):.3f}",
-                        skip=f"{float(skip_rate):.2f}", tok_s=f"{rate:.0f}", refresh=False)  # fmt: skip
+        bar.set_postfix(
+            loss=f"{record['loss']:.3f}",
+            sparsity=f"{float(sparsity):.3f}",
+            skip=f"{float(skip_rate):.2f}",
+            tok_s=f"{rate:.0f}",
+            refresh=False,
+        )
         bar.update(1)
         if is_main and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
             _save_state(state_path, step + 1, accelerator.unwrap_model(wrapped), optim, history, config)

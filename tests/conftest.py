@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from gateskip_core import GatedModel, GateSet, load_model
 
@@ -28,6 +31,22 @@ def spread_gates(model: GatedModel, variant: str = "vector", seed: int = 0) -> G
         p.requires_grad_(False)
     model.attach_gates(gates, "test")
     return model
+
+
+def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    """`gateskip ARGS...` in a subprocess, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "gateskip_core.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def flop_counter_dense(model: GatedModel, ids: torch.Tensor) -> int:
+    """FLOPs torch's FlopCounterMode counts for the original model (eager attention: sdpa is not counted on CPU)."""
+    model.backbone.config._attn_implementation = "eager"
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.backbone(input_ids=ids)
+    return counter.get_total_flops()
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(params=TINY)

@@ -15,8 +15,17 @@ from gateskip_core.compute import branch_saving_flops
 from gateskip_core.gates import GateSet, parse_gate_variant
 from gateskip_core.training import TrainConfig, _GateObjective, train
 
-FAST = dict(model="tiny-llama", seq_len=32, batch=4, checkpoint_every=1, val_every=100, skip_end=0.3, lr=1e-2,
-            adapter_lr=1e-2, calibrate=False)  # fmt: skip
+FAST = dict(
+    model="tiny-llama",
+    seq_len=32,
+    batch=4,
+    checkpoint_every=1,
+    val_every=100,
+    skip_end=0.3,
+    lr=1e-2,
+    adapter_lr=1e-2,
+    calibrate=False,
+)
 
 
 def _train(tmp_path, name, **extra):
@@ -156,7 +165,9 @@ def test_random_budget_schedule_is_a_pure_function_of_seed_and_step():
     draws = [cfg.budget_at(s) for s in range(200)]
     assert draws == [cfg.budget_at(s) for s in range(200)]
     assert min(draws) >= 0.1 and max(draws) <= 0.5 and np.std(draws) > 0.08
-    assert draws != [TrainConfig(budget_schedule="random", skip_start=0.1, skip_end=0.5).budget_at(s) for s in range(200)]
+    assert draws != [
+        TrainConfig(budget_schedule="random", skip_start=0.1, skip_end=0.5).budget_at(s) for s in range(200)
+    ]
 
 
 def test_cli_training_flags_take_their_defaults_from_train_config():

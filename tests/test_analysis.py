@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,6 +14,8 @@ from analysis.quality import evaluation_blocks
 from analysis.sweep import METHODS, block_influence, shortgpt_layers, sweep
 from gateskip_core import read_trace
 from gateskip_core.data import paragraphs, pydoc_texts
+
+from .conftest import run_cli as run
 
 
 def _state_bytes(stats: FlowStats) -> int:
@@ -68,9 +67,18 @@ def test_bos_token_types_and_token_table(tiny):
     assert tokens["mean_gate"].is_monotonic_decreasing
 
 
-@pytest.mark.parametrize("tok, pos, kind", [("<s>", 0, "bos"), ("<|im_start|>", 3, "special"), ("\n", 2, "whitespace"),
-                                            (",", 1, "punctuation"), (" 42", 1, "digits"), (" the", 1, "stopword"),
-                                            (" cat", 1, "content")])  # fmt: skip
+@pytest.mark.parametrize(
+    "tok, pos, kind",
+    [
+        ("<s>", 0, "bos"),
+        ("<|im_start|>", 3, "special"),
+        ("\n", 2, "whitespace"),
+        (",", 1, "punctuation"),
+        (" 42", 1, "digits"),
+        (" the", 1, "stopword"),
+        (" cat", 1, "content"),
+    ],
+)
 def test_token_type(tok, pos, kind):
     assert token_type(tok, pos) == kind
 
@@ -84,8 +92,9 @@ def test_estimate_matches_model_at_first_layer_and_summary(tiny):
     assert (est.sequences[0].skipped.sum(0) == exact.sequences[0].skipped.sum(0)).all()  # same counts everywhere
     from gateskip_core import account_sequence
 
-    expected = account_sequence(tiny.spec, est.sequences[0].skipped, tiny.gate_flops(), est.sequences[0].n_tokens,
-                                "masked")  # fmt: skip
+    expected = account_sequence(
+        tiny.spec, est.sequences[0].skipped, tiny.gate_flops(), est.sequences[0].n_tokens, "masked"
+    )
     assert est.sequences[0].compute == expected
     summary = layer_skip_summary(FlowStats().add(exact).layer_table())
     assert list(summary["module"]) == ["attn", "mlp"]
@@ -97,8 +106,16 @@ def test_sweep_rows_and_baselines(tiny):
     blocks = evaluation_blocks(tiny, n_blocks=2, seq_len=48)
     df = sweep(tiny, [0.0, 0.3], METHODS, blocks)
     assert len(df) == 2 * len(METHODS) and set(df["method"]) == set(METHODS)
-    for col in ["method", "skip_budget", "skipped_fraction", "flops_saved", "ppl", "kl_to_full",
-                "top1_agreement", "tokens"]:  # fmt: skip
+    for col in [
+        "method",
+        "skip_budget",
+        "skipped_fraction",
+        "flops_saved",
+        "ppl",
+        "kl_to_full",
+        "top1_agreement",
+        "tokens",
+    ]:
         assert col in df.columns
     zero = df[df["skip_budget"] == 0.0]
     assert (zero["skipped_fraction"] == 0).all()
@@ -134,31 +151,75 @@ def test_figures_render(tiny):
     stats = FlowStats().add(trace)
     heat = figures.gate_heatmap(trace)
     assert "threshold" in heat.data[0].hovertemplate and len(heat.data) == 4
-    for fig in [figures.token_strip(trace), figures.layer_profile_figure(stats.layer_table()),
-                figures.bos_figure(stats.bos_table()), figures.token_type_figure(stats.token_type_table())]:  # fmt: skip
-        assert "<div" in fig.to_html(include_plotlyjs=False)
-
-
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "gateskip_core.cli", *args], capture_output=True, text=True)
+    for fig in [
+        figures.token_strip(trace),
+        figures.layer_profile_figure(stats.layer_table()),
+        figures.bos_figure(stats.bos_table()),
+        figures.token_type_figure(stats.token_type_table()),
+    ]:
+        assert fig.data, "a figure without traces"
+        for part in fig.data:
+            values = [
+                v
+                for v in (getattr(part, "x", None), getattr(part, "y", None), getattr(part, "z", None))
+                if v is not None
+            ]
+            assert values and all(len(v) > 0 for v in values)
 
 
 def test_analysis_cli_round_trip(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(pydoc_texts("validation")[:2]))
     traces = tmp_path / "t.parquet"
-    res = run("collect", "--model", "tiny-llama", "--gates", "untrained", "--file", str(corpus), "--skip", "0.2",
-              "--out", str(traces), "--max-tokens", "32")  # fmt: skip
+    res = run(
+        "collect",
+        "--model",
+        "tiny-llama",
+        "--gates",
+        "untrained",
+        "--file",
+        str(corpus),
+        "--skip",
+        "0.2",
+        "--out",
+        str(traces),
+        "--max-tokens",
+        "32",
+    )
     assert res.returncode == 0, res.stderr
     res = run("stats", "--trace", str(traces), "--out", str(tmp_path / "ls.csv"))
     assert res.returncode == 0, res.stderr
     assert len(pd.read_csv(tmp_path / "ls.csv")) == 8
-    res = run("sweep", "--model", "tiny-llama", "--gates", "untrained", "--budgets", "0,0.2", "--blocks", "1",
-              "--methods", "gateskip,random,shortgpt", "--out", str(tmp_path / "s.csv"))  # fmt: skip
+    res = run(
+        "sweep",
+        "--model",
+        "tiny-llama",
+        "--gates",
+        "untrained",
+        "--budgets",
+        "0,0.2",
+        "--blocks",
+        "1",
+        "--methods",
+        "gateskip,random,shortgpt",
+        "--out",
+        str(tmp_path / "s.csv"),
+    )
     assert res.returncode == 0, res.stderr
     assert len(pd.read_csv(tmp_path / "s.csv")) == 6
-    res = run("faithfulness", "--model", "tiny-llama", "--gates", "untrained", "--text", "Hello there, fine day.",
-              "--exact", "4", "--out", str(tmp_path / "f.csv"))  # fmt: skip
+    res = run(
+        "faithfulness",
+        "--model",
+        "tiny-llama",
+        "--gates",
+        "untrained",
+        "--text",
+        "Hello there, fine day.",
+        "--exact",
+        "4",
+        "--out",
+        str(tmp_path / "f.csv"),
+    )
     assert res.returncode == 0, res.stderr
     bad = run("sweep", "--model", "tiny-llama", "--gates", "untrained", "--methods", "magic", "--out", "x.csv")
     assert bad.returncode == 2 and "unknown method" in bad.stderr and "Traceback" not in bad.stderr

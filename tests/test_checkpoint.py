@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
@@ -16,11 +17,14 @@ from .conftest import spread_gates
 
 def make_ckpt(model):
     return GateCheckpoint(
-        gates=model.gates, model=model.name, fingerprint=model.spec.fingerprint(),
+        gates=model.gates,
+        model=model.name,
+        fingerprint=model.spec.fingerprint(),
         calibration_budgets=np.array([0.1, 0.2]),
         calibration_thresholds=np.random.default_rng(0).random((2, model.spec.n_layers, 2)),
-        training={"steps": 3}, metrics={"val_loss": 1.5},
-    )  # fmt: skip
+        training={"steps": 3},
+        metrics={"val_loss": 1.5},
+    )
 
 
 def test_round_trip_float32(tiny, tmp_path):
@@ -30,7 +34,10 @@ def test_round_trip_float32(tiny, tmp_path):
         assert torch.equal(a, b)
     assert back.metrics == {"val_loss": 1.5} and back.training == {"steps": 3}
     np.testing.assert_array_equal(back.calibration_thresholds, make_ckpt(tiny).calibration_thresholds)
-    assert path.read_bytes()[:8] != pickle.dumps(None)[:8]
+    raw = path.read_bytes()  # safetensors: 8-byte little-endian header length, then a JSON header
+    header_len = int.from_bytes(raw[:8], "little")
+    assert raw[8:9] == b"{" and "__metadata__" in json.loads(raw[8 : 8 + header_len])
+    assert not raw.startswith(b"\x80")  # no pickle protocol marker
 
 
 def test_int8_weights_change_gate_values_little(tiny, tmp_path):

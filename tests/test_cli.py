@@ -2,29 +2,48 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pandas as pd
 import pytest
 
 from gateskip_core import GateCheckpoint, GateSet, save_gates
 from gateskip_core.trace import TRACE_COLUMNS
 
-REQUIRED = ["sequence_id", "position", "token_id", "token", "layer", "module", "gate", "threshold", "skipped",
-            "skip_budget", "policy"]  # fmt: skip
+from .conftest import run_cli as run
 
-
-def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "gateskip_core.cli", *args], capture_output=True, text=True, cwd=cwd)
+REQUIRED = [
+    "sequence_id",
+    "position",
+    "token_id",
+    "token",
+    "layer",
+    "module",
+    "gate",
+    "threshold",
+    "skipped",
+    "skip_budget",
+    "policy",
+]
 
 
 def test_trace_from_file_writes_one_row_per_position_layer_branch(tmp_path):
     text = tmp_path / "in.txt"
     text.write_text("First paragraph, here.\n\n\nSecond one\nwith two lines.\n\n")
     out = tmp_path / "t.csv"
-    res = run("trace", "--model", "tiny-llama", "--gates", "untrained", "--skip", "0.25", "--file", str(text),
-              "--out", str(out), "--path", "physical")  # fmt: skip
+    res = run(
+        "trace",
+        "--model",
+        "tiny-llama",
+        "--gates",
+        "untrained",
+        "--skip",
+        "0.25",
+        "--file",
+        str(text),
+        "--out",
+        str(out),
+        "--path",
+        "physical",
+    )
     assert res.returncode == 0, res.stderr
     df = pd.read_csv(out, keep_default_na=False)
     assert set(REQUIRED) <= set(df.columns) and list(df.columns) == TRACE_COLUMNS
@@ -43,8 +62,9 @@ def test_models_lists_registry():
 @pytest.fixture
 def other_model_gates(tmp_path):
     gates = GateSet(7, 32, "scalar")
-    ckpt = GateCheckpoint(gates=gates, model="other", fingerprint={"model_type": "llama", "n_layers": 7,
-                          "d_model": 32, "vocab_size": 10})  # fmt: skip
+    ckpt = GateCheckpoint(
+        gates=gates, model="other", fingerprint={"model_type": "llama", "n_layers": 7, "d_model": 32, "vocab_size": 10}
+    )
     return save_gates(ckpt, tmp_path / "other.safetensors")
 
 

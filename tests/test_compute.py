@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from gateskip_core import account_sequence, load_model
 
-from .conftest import TINY
-
-
-def flop_counter_dense(model, ids) -> int:
-    model.backbone.config._attn_implementation = "eager"  # sdpa is not counted on CPU
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model.backbone(input_ids=ids)
-    return counter.get_total_flops()
+from .conftest import TINY, flop_counter_dense
 
 
 @pytest.mark.parametrize("name", TINY)

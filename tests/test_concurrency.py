@@ -12,10 +12,14 @@ from gateskip_core.data import pydoc_texts
 def test_eight_threads_match_serial_runs(tiny):
     texts = [t[:300] for t in pydoc_texts("validation")[:8]]
     jobs = [
-        dict(text_or_texts=texts[i], skip=(0.1 * i) % 0.7, policy=["quantile", "random", "calibrated"][i % 3],
-             path=["masked", "physical"][i % 2])
+        dict(
+            text_or_texts=texts[i],
+            skip=(0.1 * i) % 0.7,
+            policy=["quantile", "random", "calibrated"][i % 3],
+            path=["masked", "physical"][i % 2],
+        )
         for i in range(8)
-    ]  # fmt: skip
+    ]
     tiny.calibrate(tiny.make_plan(0.3).budget)  # warm the memo path too
     serial = [tiny.trace(**job) for job in jobs]
     with ThreadPoolExecutor(max_workers=8) as pool:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from gateskip_core import GateCheckpoint, GateSet, load_model, save_gates
 from analysis.sweep import METHODS
+from gateskip_core import GateCheckpoint, GateSet, load_model, save_gates
 from gateskip_core.model import GatedModel
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
@@ -87,16 +87,21 @@ def test_bad_uploads_show_one_error_and_keep_the_previous_gates(app, tmp_path):
     assert any("not a valid safetensors" in e.value for e in app.sidebar.error)
     assert metrics(app)["Skipped branch evaluations"]  # the app still works
 
-    other = GateCheckpoint(gates=GateSet(3, 16), model="other", fingerprint={"model_type": "llama", "n_layers": 3,
-                           "d_model": 16, "vocab_size": 9})  # fmt: skip
+    other = GateCheckpoint(
+        gates=GateSet(3, 16),
+        model="other",
+        fingerprint={"model_type": "llama", "n_layers": 3, "d_model": 16, "vocab_size": 9},
+    )
     path = save_gates(other, tmp_path / "other.safetensors")
     app.sidebar.get("file_uploader")[0].set_value(("o.safetensors", path.read_bytes(), "application/octet-stream"))
     app.run()
     assert any("was trained for other" in e.value for e in app.sidebar.error)
 
     tiny = load_model("tiny-llama", gates="untrained:scalar")
-    good = save_gates(GateCheckpoint(gates=tiny.gates, model=tiny.name, fingerprint=tiny.spec.fingerprint()),
-                      tmp_path / "good.safetensors")  # fmt: skip
+    good = save_gates(
+        GateCheckpoint(gates=tiny.gates, model=tiny.name, fingerprint=tiny.spec.fingerprint()),
+        tmp_path / "good.safetensors",
+    )
     app.sidebar.get("file_uploader")[0].set_value(("good.safetensors", good.read_bytes(), "application/octet-stream"))
     app.run()
     assert not app.sidebar.error and not app.exception

@@ -32,8 +32,9 @@ def uncached_greedy(model: GatedModel, prompts, n_new, **kw):
 @pytest.mark.parametrize("path", ["masked", "physical"])
 def test_cached_generation_matches_uncached_rerun_under_calibrated_policy(tiny, kv, path):
     n_new = 12
-    gen = tiny.generate(PROMPTS, max_new_tokens=n_new, skip=0.3, policy="calibrated", kv=kv, path=path,
-                        stop_at_eos=False)  # fmt: skip
+    gen = tiny.generate(
+        PROMPTS, max_new_tokens=n_new, skip=0.3, policy="calibrated", kv=kv, path=path, stop_at_eos=False
+    )
     ids, mask, out = uncached_greedy(tiny, PROMPTS, n_new, skip=0.3, policy="calibrated", kv=kv, path=path)
     for b, seq in enumerate(gen.trace.sequences):
         real = mask[b, :-1].bool()
@@ -49,9 +50,13 @@ def test_greedy_generation_without_skipping_matches_hugging_face():
     gen = model.generate(PROMPTS[0], max_new_tokens=10, skip=0.0, stop_at_eos=False)
     batch = model.encode([PROMPTS[0]])
     ref = model.backbone.generate(
-        batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=10, do_sample=False,
-        min_new_tokens=10, pad_token_id=model.tokenizer.pad_token_id,
-    )  # fmt: skip
+        batch.input_ids,
+        attention_mask=batch.attention_mask,
+        max_new_tokens=10,
+        do_sample=False,
+        min_new_tokens=10,
+        pad_token_id=model.tokenizer.pad_token_id,
+    )
     assert gen.trace.extra["generated_token_ids"][0] == ref[0, batch.input_ids.shape[1] :].tolist()
 
 

@@ -14,8 +14,14 @@ TRICKY = ['He said, "no",\nthen left;  NaN null None -inf', "  spaces  and\ttabs
 
 def assert_traces_equal(a, b):
     assert (a.model, a.gates, a.policy, a.path, a.kv, a.protect_bos, a.branches) == (
-        b.model, b.gates, b.policy, b.path, b.kv, b.protect_bos, b.branches,
-    )  # fmt: skip
+        b.model,
+        b.gates,
+        b.policy,
+        b.path,
+        b.kv,
+        b.protect_bos,
+        b.branches,
+    )
     np.testing.assert_array_equal(a.skip_budget, b.skip_budget)
     assert len(a.sequences) == len(b.sequences)
     for x, y in zip(a.sequences, b.sequences):

@@ -18,8 +18,9 @@ from gateskip_core import GateSkipError, load_gates, load_model
 from gateskip_core.gates import INIT_BIAS
 from gateskip_core.training import TrainConfig, train
 
-FAST = dict(model="tiny-llama", seq_len=32, batch=4, checkpoint_every=2, val_every=2, skip_ramp_steps=4,
-            skip_end=0.3, lr=1e-2)  # fmt: skip
+FAST = dict(
+    model="tiny-llama", seq_len=32, batch=4, checkpoint_every=2, val_every=2, skip_ramp_steps=4, skip_end=0.3, lr=1e-2
+)
 
 
 def gates_of(path):
@@ -48,12 +49,21 @@ def test_training_moves_gates_and_writes_a_complete_checkpoint(tmp_path):
 
 
 def test_variants_shared_l1_full_and_distill(tmp_path):
-    for i, extra in enumerate([dict(gate="scalar", shared=True), dict(gate="mlp", sparsity_loss="l1"),
-                               dict(adapter="full"), dict(distill=True),
-                               dict(gate="lowrank:3", adapter="lora:2")]):  # fmt: skip
+    for i, extra in enumerate(
+        [
+            dict(gate="scalar", shared=True),
+            dict(gate="mlp", sparsity_loss="l1"),
+            dict(adapter="full"),
+            dict(distill=True),
+            dict(gate="lowrank:3", adapter="lora:2"),
+        ]
+    ):
         out = tmp_path / f"g{i}.safetensors"
-        train(TrainConfig(**FAST, steps=2, out=str(out), calibrate=False, **extra), progress=lambda m: None,
-              show_bar=False)  # fmt: skip
+        train(
+            TrainConfig(**FAST, steps=2, out=str(out), calibrate=False, **extra),
+            progress=lambda m: None,
+            show_bar=False,
+        )
         ckpt = load_gates(out)
         assert ckpt.gates.variant_label == extra.get("gate", "vector")
         assert ckpt.gates.shared == extra.get("shared", False) and ckpt.adapter.label == extra.get("adapter", "none")
@@ -62,13 +72,23 @@ def test_variants_shared_l1_full_and_distill(tmp_path):
 def test_user_data_files_and_config_errors(tmp_path):
     data = tmp_path / "d.txt"
     data.write_text("\n\n".join(f"Paragraph number {i} says something about gates and layers." * 3 for i in range(30)))
-    train(TrainConfig(**FAST, steps=2, out=str(tmp_path / "u.safetensors"), data=[str(data)], calibrate=False),
-          progress=lambda m: None, show_bar=False)  # fmt: skip
-    for bad, msg in [(dict(gate="huge"), "unknown gate variant .huge."), (dict(out="x.pt"), ".safetensors"), (dict(steps=0), "--steps"),
-                     (dict(data=[str(tmp_path / "missing.txt")]), "cannot read data file")]:  # fmt: skip
+    train(
+        TrainConfig(**FAST, steps=2, out=str(tmp_path / "u.safetensors"), data=[str(data)], calibrate=False),
+        progress=lambda m: None,
+        show_bar=False,
+    )
+    for bad, msg in [
+        (dict(gate="huge"), "unknown gate variant .huge."),
+        (dict(out="x.pt"), ".safetensors"),
+        (dict(steps=0), "--steps"),
+        (dict(data=[str(tmp_path / "missing.txt")]), "cannot read data file"),
+    ]:
         with pytest.raises(GateSkipError, match=msg):
-            train(TrainConfig(**{**FAST, "steps": 2, "out": str(tmp_path / "e.safetensors"), **bad}),
-                  progress=lambda m: None, show_bar=False)  # fmt: skip
+            train(
+                TrainConfig(**{**FAST, "steps": 2, "out": str(tmp_path / "e.safetensors"), **bad}),
+                progress=lambda m: None,
+                show_bar=False,
+            )
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -77,8 +97,11 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     state = tmp_path / "n.state.safetensors"
     before = state.read_bytes()
     with pytest.raises(GateSkipError, match="loss became inf at step 4; stopped. The last good checkpoint"):
-        train(TrainConfig(**{**FAST, "steps": 8, "out": str(out), "resume": True, "sparsity_weight": float("inf")}),
-              progress=lambda m: None, show_bar=False)  # fmt: skip
+        train(
+            TrainConfig(**{**FAST, "steps": 8, "out": str(out), "resume": True, "sparsity_weight": float("inf")}),
+            progress=lambda m: None,
+            show_bar=False,
+        )
     assert state.read_bytes() == before
 
 
@@ -90,9 +113,33 @@ def test_existing_state_needs_resume(tmp_path):
 
 
 def _cli_train(out, steps, *extra):
-    return [sys.executable, "-m", "gateskip_core.cli", "train", "--model", "tiny-llama", "--steps", str(steps),
-            "--seq-len", "32", "--batch", "4", "--lr", "1e-2", "--skip-end", "0.3", "--skip-ramp-steps", "50",
-            "--checkpoint-every", "10", "--val-every", "1000", "--out", str(out), *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "gateskip_core.cli",
+        "train",
+        "--model",
+        "tiny-llama",
+        "--steps",
+        str(steps),
+        "--seq-len",
+        "32",
+        "--batch",
+        "4",
+        "--lr",
+        "1e-2",
+        "--skip-end",
+        "0.3",
+        "--skip-ramp-steps",
+        "50",
+        "--checkpoint-every",
+        "10",
+        "--val-every",
+        "1000",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def test_resume_after_kill_9_reaches_the_same_gates(tmp_path):
@@ -131,9 +178,22 @@ def test_accelerate_two_process_data_parallel_matches_single_process(tmp_path):
     single = tmp_path / "single.safetensors"
     assert subprocess.run(_cli_train(single, 6), capture_output=True).returncode == 0
     ddp = tmp_path / "ddp.safetensors"
-    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gateskip_core.cli",
-           *_cli_train(ddp, 6)[3:]]  # fmt: skip
+    cmd = [
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "gateskip_core.cli",
+        *_cli_train(ddp, 6)[3:],
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     assert res.returncode == 0, res.stderr[-2000:]
     ckpt = load_gates(ddp)
