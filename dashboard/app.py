@@ -18,10 +18,10 @@ from analysis import figures
 from analysis.flow import FlowStats, layer_skip_summary
 from analysis.sweep import METHODS, sweep
 from dashboard import service
-from gateskip_core import REGISTRY, GateSkipError
+from gateskip_core import DEFAULT_MODEL, REGISTRY, GateSkipError
 from gateskip_core.data import paragraphs
 
-DEFAULT_MODEL = os.environ.get("GATESKIP_DASHBOARD_MODEL", "smollm2-135m-instruct")
+START_MODEL = os.environ.get("GATESKIP_DASHBOARD_MODEL", DEFAULT_MODEL)
 
 
 @st.cache_resource(show_spinner=False)
@@ -42,15 +42,18 @@ def figure_download(container, label: str, fig, file_name: str) -> None:
     )
 
 
-def sidebar() -> dict:
+def sidebar() -> service.Settings:
     sb = st.sidebar
     sb.header("Model and gates")
-    names = [n for n in REGISTRY]
-    model_name = sb.selectbox("Model", names, index=names.index(DEFAULT_MODEL) if DEFAULT_MODEL in names else 0)
+    names = list(REGISTRY)
+    index = names.index(START_MODEL) if START_MODEL in names else 0
+    model_name = sb.selectbox("Model", names, index=index, key="model")
     with st.spinner(f"Loading {model_name} (the first load converts it once)…"):
         base = hub().base(model_name)
     choices = service.gate_choices(model_name)
-    gates = sb.selectbox("Gates", choices, help="shipped trained gates, untrained gates, none, or upload a file")
+    gates = sb.selectbox(
+        "Gates", choices, key="gates", help="shipped trained gates, untrained gates, none, or upload a file"
+    )
     upload = None
     if gates == "upload":
         file = sb.file_uploader("Gate checkpoint (.safetensors)", type=None, key="gate_upload")
@@ -62,10 +65,19 @@ def sidebar() -> dict:
         "Mode",
         ["estimate", "exact"],
         horizontal=True,
+        key="mode",
         help="estimate: re-threshold the captured gates (no model call). "
         "exact: re-run the model with the skips applied.",
     )
     budget = sb.slider("Global skip budget", 0.0, 0.9, 0.25, 0.05, key="global_budget")
+    allocation = sb.radio(
+        "Spread over layers",
+        ["auto", "uniform", "global"],
+        horizontal=True,
+        key="allocation",
+        help="uniform: the same fraction in every layer (the paper's rule); global: one compute budget spent "
+        "where skipping costs least (needs gates trained with it); auto: global when the gates support it",
+    )
     per_layer = None
     with sb.expander("Per-layer budgets"):
         if st.checkbox("Set per layer", key="per_layer_on"):
@@ -73,13 +85,12 @@ def sidebar() -> dict:
                 st.slider(f"layer {i}", 0.0, 0.9, budget, 0.05, key=f"layer_budget_{i}")
                 for i in range(base.spec.n_layers)
             ]
-    branches = sb.radio("Branches that may skip", ["both", "attn", "mlp"], horizontal=True)
-    policy = sb.selectbox("Policy", ["quantile", "calibrated", "random"])
-    protect_bos = sb.checkbox("Protect the first token (BOS)", value=True)
-    seed = int(sb.number_input("Seed (random policy)", value=0, step=1))
-    return dict(
+    branches = sb.radio("Branches that may skip", ["both", "attn", "mlp"], horizontal=True, key="branches")
+    policy = sb.selectbox("Policy", ["quantile", "calibrated", "random"], key="policy")
+    protect_bos = sb.checkbox("Protect the first token (BOS)", value=True, key="protect_bos")
+    seed = int(sb.number_input("Seed (random policy)", value=0, step=1, key="seed"))
+    return service.Settings(
         model_name=model_name,
-        base=base,
         view=view,
         mode=mode,
         budget=per_layer if per_layer is not None else budget,
@@ -87,6 +98,7 @@ def sidebar() -> dict:
         policy=policy,
         protect_bos=protect_bos,
         seed=seed,
+        allocation=allocation,
     )
 
 
@@ -113,32 +125,33 @@ def prompt_input(view) -> tuple[str, bool]:
     text = st.text_area("Prompt", value=default, height=100, key=f"prompt_{example}")
     chat = False
     if view.tokenizer.chat_template:
-        chat = st.checkbox("Format as a chat message (the model's chat template)", value=example.startswith("Chat"))
+        chat = st.checkbox(
+            "Format as a chat message (the model's chat template)", value=example.startswith("Chat"), key="chat"
+        )
     return text, chat
 
 
-def current_traces(cfg: dict, text: str, chat: bool):
+def current_traces(cfg: service.Settings, text: str, chat: bool):
     """(captured, estimate, exact or None, quality or None, seconds or None, truncated)."""
-    view = cfg["view"]
-    key = ("capture", cfg["model_name"], view.gates_label, id(view), text, chat)
+    view = cfg.view
+    key = ("capture", cfg.model_name, view.gates_label, id(view), text, chat)
     if st.session_state.get("capture_key") != key:
         st.session_state["capture"] = service.capture(view, text, chat)
         st.session_state["capture_key"] = key
     captured, truncated = st.session_state["capture"]
-    args = (cfg["budget"], cfg["branches"], cfg["protect_bos"], cfg["policy"], cfg["seed"])
-    est = service.estimate(view, captured, *args)
+    est = service.estimate(view, captured, cfg)
     ex = quality = seconds = None
-    if cfg["mode"] == "exact":
-        ex_key = ("exact", key, str(args))
+    if cfg.mode == "exact":
+        ex_key = ("exact", key, str(cfg.skip_args()))
         if st.session_state.get("exact_key") != ex_key:
-            st.session_state["exact"] = service.exact(view, text, chat, *args)
+            st.session_state["exact"] = service.exact(view, text, chat, cfg)
             st.session_state["exact_key"] = ex_key
         ex, quality, seconds = st.session_state["exact"]
     return captured, est, ex, quality, seconds, truncated
 
 
-def explore_view(cfg: dict) -> None:
-    view = cfg["view"]
+def explore_view(cfg: service.Settings) -> None:
+    view = cfg.view
     text, chat = prompt_input(view)
     if not text.strip():
         st.info("Enter a prompt (or pick an example) to see which tokens skip which layers.")
@@ -169,7 +182,7 @@ def explore_view(cfg: dict) -> None:
         cols[4].metric("Top-1 agreement", "exact mode")
         st.caption("estimate mode: gate values captured once, re-thresholded without a model call")
     if view.gates is None:
-        st.info("No gates: every gate counts as 1.0, so only the random policy can choose what to skip.")
+        st.info("No gates: every gate counts as 1.0, so skipping falls back to the random policy.")
 
     strip = figures.token_strip(shown)
     st.plotly_chart(strip, key="strip")
@@ -194,18 +207,7 @@ def explore_view(cfg: dict) -> None:
     n_new = st.slider("New tokens", 4, 48, 16, 4, key="n_new")
     if st.button("Generate continuations", key="generate"):
         try:
-            policy = cfg["policy"] if cfg["policy"] != "quantile" or view.gates else "random"
-            result = service.continuations(
-                view,
-                text,
-                chat,
-                n_new,
-                skip=cfg["budget"],
-                policy=policy,
-                branches=cfg["branches"],
-                protect_bos=cfg["protect_bos"],
-                seed=cfg["seed"],
-            )
+            result = service.continuations(view, text, chat, n_new, **cfg.skip_args())
             st.session_state["continuations"] = result
         except GateSkipError as err:
             st.error(str(err))
@@ -238,7 +240,7 @@ def explored_trace():
     return shown
 
 
-def layers_view(cfg: dict) -> None:
+def layers_view(cfg: service.Settings) -> None:
     shown = explored_trace()
     if shown is None:
         return
@@ -260,8 +262,8 @@ def layers_view(cfg: dict) -> None:
     figure_download(c4, "Token types (HTML)", types, "token_types.html")
 
 
-def sweep_view(cfg: dict) -> None:
-    view = cfg["view"]
+def sweep_view(cfg: service.Settings) -> None:
+    view = cfg.view
     if view.gates is None:
         st.warning("A sweep compares gates with baselines: choose gates in the sidebar.")
         return
@@ -310,11 +312,11 @@ def sweep_view(cfg: dict) -> None:
         figure_download(c2, "Sweep figure (HTML)", fig, "sweep.html")
 
 
-def compare_view(cfg: dict) -> None:
+def compare_view(cfg: service.Settings) -> None:
     shown = explored_trace()
     if shown is None:
         return
-    choices = [c for c in service.gate_choices(cfg["model_name"]) if c != "upload"]
+    choices = [c for c in service.gate_choices(cfg.model_name) if c != "upload"]
     left, right = st.columns(2)
     specs = [
         left.selectbox("Left gates", choices, index=0, key="cmp_left"),
@@ -325,14 +327,11 @@ def compare_view(cfg: dict) -> None:
     if st.button("Compare on the current prompt and budget", key="run_compare"):
         results = {}
         for spec in specs:
-            view = gated_view(cfg["model_name"], spec, None, None)
-            policy = cfg["policy"] if view.gates is not None else "random"
+            view = gated_view(cfg.model_name, spec, None, None)
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    results[spec] = service.exact(
-                        view, text, False, cfg["budget"], cfg["branches"], cfg["protect_bos"], policy, cfg["seed"]
-                    )
+                    results[spec] = service.exact(view, text, False, cfg)
             except GateSkipError as err:
                 results[spec] = str(err)
         st.session_state["compare"] = (specs, results)

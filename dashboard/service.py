@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from gateskip_core import GatedModel, GateSkipError, Trace, load_gates, load_model
-from gateskip_core.model import SHIPPED_GATES_DIR
+from gateskip_core.model import shipped_gate_specs
 
 MAX_PROMPT_TOKENS = 512
 EXAMPLE_PROMPTS = {
@@ -71,12 +71,39 @@ def gates_from_bytes(data: bytes, model: GatedModel):
 
 def gate_choices(model_name: str) -> list[str]:
     """Gate options for a model: shipped ones first when they exist."""
-    shipped = [
-        spec
-        for spec, variant in (("default", "vector"), ("default-scalar", "scalar"))
-        if (SHIPPED_GATES_DIR / f"{model_name}-{variant}.safetensors").is_file()
-    ]
-    return shipped + ["untrained", "untrained:scalar", "none", "upload"]
+    return shipped_gate_specs(model_name) + ["untrained", "untrained:scalar", "none", "upload"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the sidebar chose: the model view and the skip settings of every call."""
+
+    model_name: str
+    view: GatedModel
+    mode: str  # estimate | exact
+    budget: float | list[float]
+    branches: str
+    policy: str
+    protect_bos: bool
+    seed: int
+    allocation: str
+
+    def skip_args(self, view: GatedModel | None = None) -> dict:
+        """The `SkipArgs` of a call on `view` (default: the sidebar's view)."""
+        view = view or self.view
+        return dict(
+            skip=self.budget,
+            policy=policy_for(view, self.policy),
+            branches=self.branches,
+            protect_bos=self.protect_bos,
+            seed=self.seed,
+            allocation=self.allocation if view.gates is not None else "uniform",
+        )
+
+
+def policy_for(view: GatedModel, policy: str) -> str:
+    """The one fallback rule: without gates every gate counts as 1.0, so only random skipping can choose."""
+    return policy if view.gates is not None else "random"
 
 
 @dataclass
@@ -121,19 +148,15 @@ def capture(model: GatedModel, text: str, chat: bool) -> tuple[Trace, bool]:
     return trace, bool(batch.truncated[0])
 
 
-def estimate(model: GatedModel, captured: Trace, budget, branches, protect_bos: bool, policy_name: str, seed: int):
+def estimate(model: GatedModel, captured: Trace, settings: Settings) -> Trace:
     """Estimate-mode trace: the policy applied to the captured gates, no forward pass."""
-    return model.estimate(
-        captured, skip=budget, policy=policy_name, branches=branches, protect_bos=protect_bos, seed=seed
-    )
+    return model.estimate(captured, **settings.skip_args(model))
 
 
-def exact(
-    model: GatedModel, text: str, chat: bool, budget, branches, protect_bos: bool, policy_name: str, seed: int
-) -> tuple[Trace, PromptQuality, float]:
+def exact(model: GatedModel, text: str, chat: bool, settings: Settings) -> tuple[Trace, PromptQuality, float]:
     """Exact-mode trace (later layers see the changed residuals), prompt quality and seconds taken."""
     start = time.perf_counter()
-    plan = model.make_plan(budget, policy_name, branches=branches, protect_bos=protect_bos, seed=seed)
+    plan = model.make_plan(**settings.skip_args(model))
     batch = model.encode([text], chat=chat, max_tokens=MAX_PROMPT_TOKENS)
     result = model.forward(batch.input_ids, batch.attention_mask, plan)  # one gated pass: trace and logits
     trace = model.trace_of(batch, result, plan)

@@ -15,9 +15,9 @@ def test_all_views_on_smollm2_with_shipped_gates(monkeypatch):
     at = AppTest.from_file(APP, default_timeout=300)
     at.run()
     assert not at.exception, at.exception
-    assert at.sidebar.selectbox[1].value == "default"  # the shipped vector gates are the default choice
+    assert at.sidebar.selectbox(key="gates").value == "default"  # the shipped vector gates are the default choice
     assert int(metrics(at)["Skipped branch evaluations"]) > 0
-    at.sidebar.radio[0].set_value("exact").run()
+    at.sidebar.radio(key="mode").set_value("exact").run()
     assert float(metrics(at)["KL to ungated"]) > 0
     at.button(key="generate").click().run()
     at.button(key="run_sweep").click().run()
