@@ -112,9 +112,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(layer_skip_summary(table).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     bos = stats.bos_table()
-    for module in ("attn", "mlp"):
-        part = bos[bos["module"] == module]
-        print(f"BOS/others gate ratio ({module}), layers 0-4: " + " ".join(f"{r:.3f}" for r in part["ratio"].head(5)))
+    for branch in ("attn", "mlp"):
+        part = bos[bos["branch"] == branch]
+        print(f"BOS/others gate ratio ({branch}), layers 0-4: " + " ".join(f"{r:.3f}" for r in part["ratio"].head(5)))
     if optional["bos_out"]:
         outputs[optional["bos_out"]] = _csv(bos)
     if optional["types_out"]:

@@ -48,7 +48,7 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def faithfulness(model: GatedModel, text: str, n_exact: int = 32, seed: int = 0, max_tokens: int = 256):
-    """(entries, summary) DataFrames; see the module docstring."""
+    """(entries, summary) DataFrames; see the branch docstring."""
     if model.gates is None:
         raise GateSkipError("faithfulness needs gates; load gates first")
     batch = model.encode([text], max_tokens=max_tokens)
@@ -90,29 +90,29 @@ def faithfulness(model: GatedModel, text: str, n_exact: int = 32, seed: int = 0,
             "position": [r[0] for r in rows],
             "token": [tokens[r[0]] for r in rows],
             "layer": [r[1] for r in rows],
-            "module": [BRANCHES[r[2]] for r in rows],
+            "branch": [BRANCHES[r[2]] for r in rows],
             "gate": [gate[r] for r in rows],
             "estimated_effect": [estimate[r] for r in rows],
             "exact_effect": exact,
         }
     )
     summary = []
-    for (layer, module), part in entries.groupby(["layer", "module"], sort=True):
+    for (layer, branch), part in entries.groupby(["layer", "branch"], sort=True):
         summary.append(
             {
                 "scope": f"layer {layer}",
                 "layer": layer,
-                "module": module,
+                "branch": branch,
                 "n": len(part),
                 "spearman": _spearman(part["gate"].to_numpy(), part["estimated_effect"].to_numpy()),
             }
         )
-    for module, part in entries.groupby("module", sort=False):
+    for branch, part in entries.groupby("branch", sort=False):
         summary.append(
             {
                 "scope": "overall",
                 "layer": -1,
-                "module": module,
+                "branch": branch,
                 "n": len(part),
                 "spearman": _spearman(part["gate"].to_numpy(), part["estimated_effect"].to_numpy()),
             }
@@ -121,7 +121,7 @@ def faithfulness(model: GatedModel, text: str, n_exact: int = 32, seed: int = 0,
         {
             "scope": "overall",
             "layer": -1,
-            "module": "both",
+            "branch": "both",
             "n": len(entries),
             "spearman": _spearman(entries["gate"].to_numpy(), entries["estimated_effect"].to_numpy()),
         }
@@ -131,7 +131,7 @@ def faithfulness(model: GatedModel, text: str, n_exact: int = 32, seed: int = 0,
         {
             "scope": "estimate vs exact",
             "layer": -1,
-            "module": "both",
+            "branch": "both",
             "n": len(sampled),
             "spearman": _spearman(sampled["estimated_effect"].to_numpy(), sampled["exact_effect"].to_numpy()),
         }

@@ -22,20 +22,20 @@ def _label(tok: str) -> str:
     return tok.replace("\n", "\\n").replace(" ", "·") or "∅"
 
 
-def gate_heatmap(trace: Trace, sequence: int = 0, modules: tuple[str, ...] = BRANCHES) -> go.Figure:
+def gate_heatmap(trace: Trace, sequence: int = 0, branches: tuple[str, ...] = BRANCHES) -> go.Figure:
     """Layers x tokens heatmap of gate values per branch; skipped cells marked with x."""
     seq = trace.sequences[sequence]
     T, L = seq.n_tokens, trace.n_layers
     fig = make_subplots(
-        rows=len(modules),
+        rows=len(branches),
         cols=1,
         shared_xaxes=True,
         vertical_spacing=0.08,
-        subplot_titles=[f"{m} gates" for m in modules],
+        subplot_titles=[f"{m} gates" for m in branches],
     )
     x = [f"{i}:{_label(t)}" for i, t in enumerate(seq.tokens)]
-    for row, module in enumerate(modules, start=1):
-        b = BRANCHES.index(module)
+    for row, branch in enumerate(branches, start=1):
+        b = BRANCHES.index(branch)
         z = seq.gate[:, :, b].T  # [L, T]
         status = np.where(seq.skipped[:, :, b].T, "skipped", "kept")
         custom = np.stack(
@@ -57,7 +57,7 @@ def gate_heatmap(trace: Trace, sequence: int = 0, modules: tuple[str, ...] = BRA
                 coloraxis="coloraxis",
                 hovertemplate=(
                     f"token %{{customdata[0]|s}}<br>position %{{customdata[1]}}<br>layer %{{customdata[2]}}"
-                    f"<br>branch {module}<br>gate %{{z:.4f}}<br>threshold %{{customdata[3]:.4f}}"
+                    f"<br>branch {branch}<br>gate %{{z:.4f}}<br>threshold %{{customdata[3]:.4f}}"
                     "<br>%{customdata[4]}<extra></extra>"
                 ),
             ),
@@ -79,12 +79,12 @@ def gate_heatmap(trace: Trace, sequence: int = 0, modules: tuple[str, ...] = BRA
         )
         fig.update_yaxes(title_text="layer", row=row, col=1)
     # Gates are narrow within a model (often 0.9-1.0): scale colours to the values shown.
-    values = seq.gate[:, :, [BRANCHES.index(m) for m in modules]]
+    values = seq.gate[:, :, [BRANCHES.index(m) for m in branches]]
     fig.update_layout(
         coloraxis=dict(
             colorscale="Viridis", cmin=float(values.min()), cmax=float(values.max()), colorbar=dict(title="gate")
         ),
-        height=260 * len(modules) + 80,
+        height=260 * len(branches) + 80,
         margin=dict(l=50, r=20, t=40, b=40),
     )
     return fig
@@ -116,13 +116,13 @@ def token_strip(trace: Trace, sequence: int = 0) -> go.Figure:
 def layer_profile_figure(layer_table: pd.DataFrame) -> go.Figure:
     """Per layer: gate median with 5-95% band per branch, and skip rate."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=["gate values (median, 5-95%)", "skip rate"])
-    for module, colour in zip(BRANCHES, ("#1f77b4", "#ff7f0e")):
-        part = layer_table[layer_table["module"] == module]
+    for branch, colour in zip(BRANCHES, ("#1f77b4", "#ff7f0e")):
+        part = layer_table[layer_table["branch"] == branch]
         fig.add_trace(
             go.Scatter(
                 x=part["layer"],
                 y=part["gate_p50"],
-                name=module,
+                name=branch,
                 line=dict(color=colour),
                 error_y=dict(
                     type="data",
@@ -135,7 +135,7 @@ def layer_profile_figure(layer_table: pd.DataFrame) -> go.Figure:
             col=1,
         )
         fig.add_trace(
-            go.Bar(x=part["layer"], y=part["skip_rate"], name=f"{module} skip rate", marker_color=colour, opacity=0.7),
+            go.Bar(x=part["layer"], y=part["skip_rate"], name=f"{branch} skip rate", marker_color=colour, opacity=0.7),
             row=1,
             col=2,
         )
@@ -146,14 +146,14 @@ def layer_profile_figure(layer_table: pd.DataFrame) -> go.Figure:
 
 def bos_figure(bos_table: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
-    for module in BRANCHES:
-        part = bos_table[bos_table["module"] == module]
+    for branch in BRANCHES:
+        part = bos_table[bos_table["branch"] == branch]
         fig.add_trace(
             go.Scatter(
                 x=part["layer"],
                 y=part["ratio"],
                 mode="lines+markers",
-                name=module,
+                name=branch,
                 customdata=part["mean_rank"],
                 hovertemplate="layer %{x}<br>BOS / others %{y:.3f}<br>mean rank %{customdata:.1f}",
             )
@@ -168,8 +168,8 @@ def bos_figure(bos_table: pd.DataFrame) -> go.Figure:
     return fig
 
 
-def token_type_figure(type_table: pd.DataFrame, module: str = "mlp", value: str = "gate_mean") -> go.Figure:
-    part = type_table[type_table["module"] == module].pivot(index="token_type", columns="layer", values=value)
+def token_type_figure(type_table: pd.DataFrame, branch: str = "mlp", value: str = "gate_mean") -> go.Figure:
+    part = type_table[type_table["branch"] == branch].pivot(index="token_type", columns="layer", values=value)
     fig = go.Figure(
         go.Heatmap(
             z=part.to_numpy(),
@@ -179,7 +179,7 @@ def token_type_figure(type_table: pd.DataFrame, module: str = "mlp", value: str 
             colorbar=dict(title=value),
         )
     )
-    fig.update_layout(title=f"{value} by token type ({module})", xaxis_title="layer", height=340)
+    fig.update_layout(title=f"{value} by token type ({branch})", xaxis_title="layer", height=340)
     return fig
 
 
@@ -215,21 +215,21 @@ def faithfulness_figure(entries: pd.DataFrame, summary: pd.DataFrame) -> go.Figu
     fig = make_subplots(
         rows=1, cols=2, subplot_titles=["gate vs estimated loss effect of skipping", "Spearman per layer"]
     )
-    for module in BRANCHES:
-        part = entries[entries["module"] == module]
+    for branch in BRANCHES:
+        part = entries[entries["branch"] == branch]
         fig.add_trace(
             go.Scattergl(
                 x=part["gate"],
                 y=part["estimated_effect"],
                 mode="markers",
-                name=module,
+                name=branch,
                 marker=dict(size=4, opacity=0.5),
             ),
             row=1,
             col=1,
         )
-        per_layer = summary[(summary["scope"].str.startswith("layer")) & (summary["module"] == module)]
-        fig.add_trace(go.Bar(x=per_layer["layer"], y=per_layer["spearman"], name=f"{module} rho"), row=1, col=2)
+        per_layer = summary[(summary["scope"].str.startswith("layer")) & (summary["branch"] == branch)]
+        fig.add_trace(go.Bar(x=per_layer["layer"], y=per_layer["spearman"], name=f"{branch} rho"), row=1, col=2)
     fig.update_xaxes(title_text="gate (importance)", row=1, col=1)
     fig.update_yaxes(title_text="Δ loss if skipped (estimate)", row=1, col=1)
     fig.update_xaxes(title_text="layer", row=1, col=2)

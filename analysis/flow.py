@@ -4,11 +4,11 @@
 sums and histograms, so memory stays bounded however large the corpus is.
 Its tables are tidy DataFrames:
 
-- `layer_table()`: per (layer, module) gate mean, std, percentiles 5/25/50/75/95,
+- `layer_table()`: per (layer, branch) gate mean, std, percentiles 5/25/50/75/95,
   skip rate (over eligible tokens), mean threshold and budget;
-- `bos_table()`: per (layer, module) the first position's gate against the
+- `bos_table()`: per (layer, branch) the first position's gate against the
   others' mean: ratio and its rank among positions (1 = highest);
-- `token_type_table()`: per (token type, layer, module) mean gate and skip rate;
+- `token_type_table()`: per (token type, layer, branch) mean gate and skip rate;
 - `token_table()`: per token id its occurrences and mean importance.
 
 `token_layer_matrix` gives one sequence's token x layer matrix of gates or skips.
@@ -143,12 +143,12 @@ class FlowStats:
     def layer_table(self) -> pd.DataFrame:
         rows = []
         for layer in range(self.n_layers):
-            for b, module in enumerate(BRANCHES):
+            for b, branch in enumerate(BRANCHES):
                 n = self.count[layer, b]
                 mean = self.sum[layer, b] / n
                 row = {
                     "layer": layer,
-                    "module": module,
+                    "branch": branch,
                     "gate_mean": mean,
                     "gate_std": float(np.sqrt(max(0.0, self.sumsq[layer, b] / n - mean**2))),
                 }
@@ -165,13 +165,13 @@ class FlowStats:
     def bos_table(self) -> pd.DataFrame:
         rows = []
         for layer in range(self.n_layers):
-            for b, module in enumerate(BRANCHES):
+            for b, branch in enumerate(BRANCHES):
                 first = self.bos_gate[layer, b] / max(1, self.bos_n)
                 others = self.bos_others[layer, b] / max(1, self.bos_n)
                 rows.append(
                     {
                         "layer": layer,
-                        "module": module,
+                        "branch": branch,
                         "bos_gate": first,
                         "others_gate": others,
                         "ratio": first / others if others else float("nan"),
@@ -187,14 +187,14 @@ class FlowStats:
             if not self.type_count[k, 0, 0]:
                 continue
             for layer in range(self.n_layers):
-                for b, module in enumerate(BRANCHES):
+                for b, branch in enumerate(BRANCHES):
                     n = self.type_count[k, layer, b]
                     e = self.type_eligible[k, layer, b]
                     rows.append(
                         {
                             "token_type": name,
                             "layer": layer,
-                            "module": module,
+                            "branch": branch,
                             "gate_mean": self.type_gate[k, layer, b] / n,
                             "skip_rate": self.type_skipped[k, layer, b] / e if e else float("nan"),
                             "tokens": int(n),
@@ -219,15 +219,15 @@ def layer_profile(trace: Trace) -> pd.DataFrame:
 
 
 def layer_skip_summary(layer_table: pd.DataFrame) -> pd.DataFrame:
-    """Per module: which layers skip most, and early (first third) vs late (last third) layers."""
+    """Per branch: which layers skip most, and early (first third) vs late (last third) layers."""
     rows = []
-    for module, part in layer_table.groupby("module", sort=False):
+    for branch, part in layer_table.groupby("branch", sort=False):
         n = len(part)
         third = max(1, n // 3)
         ordered = part.sort_values("skip_rate", ascending=False)
         rows.append(
             {
-                "module": module,
+                "branch": branch,
                 "most_skipped_layers": ",".join(str(x) for x in ordered["layer"].head(3)),
                 "least_skipped_layers": ",".join(str(x) for x in ordered["layer"].tail(3)),
                 "early_gate_mean": part["gate_mean"].head(third).mean(),
@@ -239,10 +239,10 @@ def layer_skip_summary(layer_table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def token_layer_matrix(trace: Trace, sequence: int = 0, module: str = "attn", value: str = "gate") -> pd.DataFrame:
+def token_layer_matrix(trace: Trace, sequence: int = 0, branch: str = "attn", value: str = "gate") -> pd.DataFrame:
     """Rows: positions (labelled 'pos:token'); columns: layers; values: gate or skipped (0/1)."""
     seq = trace.sequences[sequence]
-    b = BRANCHES.index(module)
+    b = BRANCHES.index(branch)
     data = seq.gate[:, :, b] if value == "gate" else seq.skipped[:, :, b].astype(np.int8)
     index = [f"{i}:{tok!r}" for i, tok in enumerate(seq.tokens)]
     return pd.DataFrame(data, index=index, columns=list(range(trace.n_layers)))

@@ -187,8 +187,8 @@ def explore_view(cfg: service.Settings) -> None:
     strip = figures.token_strip(shown)
     st.plotly_chart(strip, key="strip")
     layout = st.radio("Heatmap", ["side by side", "attn", "mlp"], horizontal=True, key="heat_layout")
-    modules = ("attn", "mlp") if layout == "side by side" else (layout,)
-    heat = figures.gate_heatmap(shown, modules=modules)
+    branches = ("attn", "mlp") if layout == "side by side" else (layout,)
+    heat = figures.gate_heatmap(shown, branches=branches)
     st.plotly_chart(heat, key="heatmap")
 
     if ex is not None:
@@ -251,8 +251,8 @@ def layers_view(cfg: service.Settings) -> None:
     st.dataframe(layer_skip_summary(table), hide_index=True)
     bos = figures.bos_figure(stats.bos_table())
     st.plotly_chart(bos, key="bos")
-    module = st.radio("Token types for", ["mlp", "attn"], horizontal=True, key="type_module")
-    types = figures.token_type_figure(stats.token_type_table(), module=module)
+    branch = st.radio("Token types for", ["mlp", "attn"], horizontal=True, key="type_module")
+    types = figures.token_type_figure(stats.token_type_table(), branch=branch)
     st.plotly_chart(types, key="types")
     st.dataframe(table, hide_index=True)
     c1, c2, c3, c4 = st.columns(4)
@@ -322,7 +322,7 @@ def compare_view(cfg: service.Settings) -> None:
         left.selectbox("Left gates", choices, index=0, key="cmp_left"),
         right.selectbox("Right gates", choices, index=min(1, len(choices) - 1), key="cmp_right"),
     ]
-    module = st.radio("Branch", ["mlp", "attn"], horizontal=True, key="cmp_module")
+    branch = st.radio("Branch", ["mlp", "attn"], horizontal=True, key="cmp_module")
     text = shown.sequences[0].text
     if st.button("Compare on the current prompt and budget", key="run_compare"):
         results = {}
@@ -350,10 +350,10 @@ def compare_view(cfg: service.Settings) -> None:
         m1.metric("Skipped fraction", f"{trace.skipped_fraction():.1%}")
         m2.metric("Net FLOPs saved", f"{seq.compute.net_saved_fraction:+.1%}")
         m3.metric("Top-1 agreement", f"{quality.top1_agreement:.1%}")
-        heat = figures.gate_heatmap(trace, modules=(module,))
+        heat = figures.gate_heatmap(trace, branches=(branch,))
         side = "left" if col is left else "right"
         col.plotly_chart(heat, key=f"cmp_heat_{side}")
-        figure_download(col, f"{spec} heatmap (HTML)", heat, f"compare_{side}_{module}.html")
+        figure_download(col, f"{spec} heatmap (HTML)", heat, f"compare_{side}_{branch}.html")
 
 
 def main() -> None:

@@ -7,13 +7,18 @@ through CSV and Parquet (`to_csv` / `to_parquet` and `read_trace`) without loss.
 Full gate vectors (on request) stay in memory and are not exported.
 
 Column reference (stable names):
-    sequence_id, position, token_id, token, layer, module ('attn' | 'mlp'),
+    sequence_id, position, token_id, token, layer, branch ('attn' | 'mlp'),
     gate (mean gate value = token importance), threshold (skip iff gate <= threshold;
     -inf: nothing skipped, NaN: policy without threshold), skipped (0/1),
     eligible (0/1: could be skipped; padding never appears, BOS is ineligible when protected),
     skip_budget, policy, model, gates, path, kv, protect_bos, branches,
     prompt_length (tokens of the prompt; later positions were generated),
     dense_flops, skipping_flops, executed_flops, gate_flops (per sequence).
+
+Names, one per concept, in code and columns alike: a *branch* is the attention or
+the MLP of one layer (files written before 0.2 called the column `module`, and
+still read); a token's *gate* at a branch is the mean of the gate vector, which the
+policies rank (`importance` in `BranchInput`/`ForwardResult` is the same number).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ TRACE_COLUMNS = [
     "token_id",
     "token",
     "layer",
-    "module",
+    "branch",
     "gate",
     "threshold",
     "skipped",
@@ -132,7 +137,7 @@ class Trace:
                 "token_id": seq.token_ids[pos],
                 "token": tokens[pos],
                 "layer": layer,
-                "module": np.asarray(BRANCHES, dtype=object)[mod],
+                "branch": np.asarray(BRANCHES, dtype=object)[mod],
                 "gate": seq.gate.reshape(-1).astype(np.float64),
                 "threshold": seq.threshold.reshape(-1),
                 "skipped": seq.skipped.reshape(-1).astype(np.int8),
@@ -180,14 +185,14 @@ class Trace:
             raise GateSkipError(f"not a GateSkip trace: missing columns {', '.join(missing)}")
         if df.empty:
             raise GateSkipError("trace file holds no rows")
-        df = df.sort_values(["sequence_id", "position", "layer", "module"], kind="stable")
+        df = df.sort_values(["sequence_id", "position", "layer", "branch"], kind="stable")
         first = df.iloc[0]
         L = int(df["layer"].max()) + 1
         budget = np.zeros((L, 2))
         head = df[df["sequence_id"] == first["sequence_id"]]
         head = head[head["position"] == head["position"].iloc[0]]
         for row in head.itertuples():
-            budget[row.layer, BRANCHES.index(row.module)] = row.skip_budget
+            budget[row.layer, BRANCHES.index(row.branch)] = row.skip_budget
         sequences = []
         for _, part in df.groupby("sequence_id", sort=True):
             T = int(part["position"].max()) + 1
@@ -276,6 +281,8 @@ def read_trace_frames(path: str | Path, chunk_rows: int | None = None) -> Iterat
         else:
             frames = (b.to_pandas() for b in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows))
         for df in frames:
+            if "module" in df.columns and "branch" not in df.columns:  # files written before the rename
+                df = df.rename(columns={"module": "branch"})
             missing = [c for c in TRACE_COLUMNS if c not in df.columns]
             if missing:
                 raise GateSkipError(f"not a GateSkip trace: missing columns {', '.join(missing)}")

@@ -27,7 +27,7 @@ def test_layer_table_matches_direct_computation(tiny):
     trace = tiny.trace(pydoc_texts("validation")[:3], skip=0.3, max_tokens=64)
     table = FlowStats().add(trace).layer_table()
     gates = np.concatenate([s.gate for s in trace.sequences])  # [N, L, 2]
-    row = table[(table["layer"] == 2) & (table["module"] == "mlp")].iloc[0]
+    row = table[(table["layer"] == 2) & (table["branch"] == "mlp")].iloc[0]
     assert row["gate_mean"] == pytest.approx(gates[:, 2, 1].mean(), rel=1e-6)
     assert row["gate_std"] == pytest.approx(gates[:, 2, 1].std(), rel=1e-3, abs=1e-6)
     assert row["gate_p50"] == pytest.approx(np.median(gates[:, 2, 1]), abs=1e-3)
@@ -97,8 +97,8 @@ def test_estimate_matches_model_at_first_layer_and_summary(tiny):
     )
     assert est.sequences[0].compute == expected
     summary = layer_skip_summary(FlowStats().add(exact).layer_table())
-    assert list(summary["module"]) == ["attn", "mlp"]
-    matrix = token_layer_matrix(exact, module="mlp", value="skipped")
+    assert list(summary["branch"]) == ["attn", "mlp"]
+    matrix = token_layer_matrix(exact, branch="mlp", value="skipped")
     assert matrix.shape == (exact.sequences[0].n_tokens, tiny.spec.n_layers)
 
 

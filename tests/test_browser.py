@@ -120,5 +120,5 @@ def test_prompt_and_slider_in_real_chromium(server):
         download.value.save_as(str(csv_path))
         browser.close()
     header = csv_path.read_text().splitlines()[0]
-    assert header.startswith("sequence_id,position,token_id,token,layer,module,gate,threshold,skipped")
+    assert header.startswith("sequence_id,position,token_id,token,layer,branch,gate,threshold,skipped")
     assert after > before, f"skipped count did not change after moving the slider ({before} -> {after})"

@@ -16,7 +16,7 @@ REQUIRED = [
     "token_id",
     "token",
     "layer",
-    "module",
+    "branch",
     "gate",
     "threshold",
     "skipped",
@@ -48,7 +48,7 @@ def test_trace_from_file_writes_one_row_per_position_layer_branch(tmp_path):
     df = pd.read_csv(out, keep_default_na=False)
     assert set(REQUIRED) <= set(df.columns) and list(df.columns) == TRACE_COLUMNS
     assert sorted(df["sequence_id"].unique()) == [0, 1]
-    assert set(df["module"]) == {"attn", "mlp"} and set(df["skipped"]) == {0, 1}
+    assert set(df["branch"]) == {"attn", "mlp"} and set(df["skipped"]) == {0, 1}
     assert "net FLOPs saved" in res.stdout
 
 

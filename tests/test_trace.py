@@ -40,7 +40,7 @@ def test_dataframe_has_one_row_per_sequence_position_layer_branch(tiny):
     assert list(df.columns) == TRACE_COLUMNS
     n_tokens = sum(s.n_tokens for s in trace.sequences)
     assert len(df) == n_tokens * tiny.spec.n_layers * 2
-    assert set(df["module"]) == {"attn", "mlp"} and set(df["skipped"]) == {0, 1}
+    assert set(df["branch"]) == {"attn", "mlp"} and set(df["skipped"]) == {0, 1}
     assert df.groupby("sequence_id")["position"].max().tolist() == [s.n_tokens - 1 for s in trace.sequences]
 
 
