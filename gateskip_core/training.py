@@ -347,21 +347,26 @@ def _load_state(path: Path, objective: _GateObjective, optim: torch.optim.Optimi
     return int(meta["step"]), json.loads(meta["history"])
 
 
-def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar: bool = True) -> TrainResult:
-    """Train gates as `config` says; returns where the gates were written and the metrics."""
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
+@dataclass
+class _Setup:
+    """What a training run works on: the model, the gates and backbone that train, the data."""
 
-    config.validate()
-    check_writable(config.out)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    is_main = accelerator.is_main_process
-    log = progress if is_main else (lambda msg: None)
-    out = Path(config.out)
-    state_path = _state_path(out)
-    if state_path.exists() and not config.resume:
-        raise GateSkipError(f"{state_path} exists from an earlier run; pass --resume to continue it or delete it")
+    gm: GatedModel
+    gates: GateSet
+    adapter: AdapterSpec
+    student: nn.Module
+    train_data: torch.Tensor  # [N, seq_len]
+    val_data: torch.Tensor
+    sensitivity: np.ndarray | None  # the global allocation's profile, measured on the original
 
+    def budget_table(self, total: float) -> np.ndarray:
+        """The step's [n_layers, 2] skip rates for a total budget (uniform, or the global allocation)."""
+        if self.sensitivity is None:
+            return np.full((self.gm.spec.n_layers, 2), total)
+        return allocate_budget(total, self.sensitivity, branch_saving_flops(self.gm.spec))
+
+
+def _setup(config: TrainConfig, log: Callable[[str], None]) -> _Setup:
     torch.manual_seed(config.seed)
     gm = load_model(config.model, progress=log)
     gate_variant, gate_rank = parse_gate_variant(config.gate)
@@ -380,56 +385,100 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar
     if not val_blocks:
         raise GateSkipError("validation data is shorter than one block")
     train_data, val_data = torch.stack(train_blocks), torch.stack(val_blocks)
-
     sensitivity = None
     if config.allocation == "global":
         # Measured on the original model (the student starts equal to it), from fixed training blocks.
         log("measuring the sensitivity of every (layer, branch) for the global allocation")
         sensitivity = measure_sensitivity(gm.spec, train_data[: max(4, config.batch)])
-    saving = branch_saving_flops(gm.spec)
+    return _Setup(gm, gates, adapter, student, train_data, val_data, sensitivity)
 
-    def budget_table(total: float) -> np.ndarray:
-        if sensitivity is None:
-            return np.full((gm.spec.n_layers, 2), total)
-        return allocate_budget(total, sensitivity, saving)
 
-    objective = _GateObjective(student, gm.original, gates, config)
-    groups = [{"params": list(gates.parameters()), "lr": config.lr}]
-    backbone_params = [p for p in student.parameters() if p.requires_grad]
+def _optimizer(setup: _Setup, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with the gates at `lr` and the backbone's trainable weights (adapter) at `adapter_lr`."""
+    groups = [{"params": list(setup.gates.parameters()), "lr": config.lr}]
+    backbone_params = [p for p in setup.student.parameters() if p.requires_grad]
     if backbone_params:
         groups.append({"params": backbone_params, "lr": config.adapter_lr})
-    optim = torch.optim.AdamW(groups, weight_decay=0.0)
+    return torch.optim.AdamW(groups, weight_decay=0.0)
+
+
+def _batch_rows(config: TrainConfig, n_rows: int, step: int, process: int, n_processes: int) -> torch.Tensor:
+    """Rows of step `step`: an epoch-wise permutation seeded by (seed, epoch), a pure function of the step."""
+    per_epoch = n_rows // config.batch
+    epoch, offset = divmod(step, per_epoch)
+    perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
+    rows = perm[offset * config.batch : (offset + 1) * config.batch]
+    return rows[process::n_processes]
+
+
+def _validate(objective: _GateObjective, setup: _Setup, config: TrainConfig, budget: float) -> dict:
+    objective.eval()
+    losses = []
+    with torch.no_grad():
+        for i in range(0, len(setup.val_data), config.batch):
+            _, task, _, _ = objective(setup.val_data[i : i + config.batch], setup.budget_table(budget))
+            losses.append(float(task))
+    objective.train()
+    return {"val_loss": float(np.mean(losses)), "val_budget": budget}
+
+
+def _checkpoint(setup: _Setup, config: TrainConfig, out: Path, metrics: dict, training: dict, log) -> GateCheckpoint:
+    """Everything needed to rebuild the gated model, with calibrated thresholds fitted on it."""
+    gm = setup.gm
+    ckpt = GateCheckpoint(
+        gates=setup.gates.eval(),
+        model=gm.name,
+        fingerprint=gm.spec.fingerprint(),
+        training=training,
+        metrics=metrics,
+        adapter=setup.adapter,
+        adapter_tensors=adapter_tensors(setup.adapter, setup.student, gm.original),
+        sensitivity=setup.sensitivity,
+    )
+    if config.calibrate:
+        log(f"calibrating thresholds for budgets {CALIBRATION_BUDGETS[0]:g} .. {CALIBRATION_BUDGETS[-1]:g}")
+        gm.attach_gates(setup.gates, out.name, ckpt)  # the adapted backbone, rebuilt from what the checkpoint stores
+        ckpt.calibration_budgets = CALIBRATION_BUDGETS
+        allocations = ["uniform"] + (["global"] if setup.sensitivity is not None else [])
+        fitted = {
+            allocation: np.stack(
+                [gm.fit_thresholds(gm.budget(b, allocation=allocation)).thresholds for b in CALIBRATION_BUDGETS]
+            )
+            for allocation in allocations
+        }
+        ckpt.calibration_thresholds = fitted["uniform"]
+        ckpt.global_thresholds = fitted.get("global", ckpt.global_thresholds)
+    return ckpt
+
+
+def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar: bool = True) -> TrainResult:
+    """Train gates as `config` says; returns where the gates were written and the metrics."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    config.validate()
+    out = check_writable(config.out)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    is_main = accelerator.is_main_process
+    log = progress if is_main else (lambda msg: None)
+    state_path = _state_path(out)
+    if state_path.exists() and not config.resume:
+        raise GateSkipError(f"{state_path} exists from an earlier run; pass --resume to continue it or delete it")
+    setup = _setup(config, log)
+    objective = _GateObjective(setup.student, setup.gm.original, setup.gates, config)
+    optim = _optimizer(setup, config)
     start_step, history = 0, []
     if config.resume and state_path.exists():
         start_step, history = _load_state(state_path, objective, optim)
         log(f"resuming from step {start_step}")
     wrapped, optim = accelerator.prepare(objective, optim)
 
-    def batch_rows(step: int) -> torch.Tensor:
-        # Epoch-wise permutation seeded by (seed, epoch): a pure function of the step.
-        per_epoch = len(train_data) // config.batch
-        epoch, offset = divmod(step, per_epoch)
-        perm = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
-        rows = perm[offset * config.batch : (offset + 1) * config.batch]
-        return rows[accelerator.process_index :: accelerator.num_processes]
-
-    def validate(budget: float) -> dict:
-        objective.eval()
-        losses = []
-        with torch.no_grad():
-            for i in range(0, len(val_data), config.batch):
-                _, task, _, _ = objective(val_data[i : i + config.batch], budget_table(budget))
-                losses.append(float(task))
-        objective.train()
-        return {"val_loss": float(np.mean(losses)), "val_budget": budget}
-
     t0 = time.perf_counter()
     bar = tqdm(total=config.steps, initial=start_step, disable=not (is_main and show_bar), desc="train gates")
-    tokens_done = 0
-    step = start_step
     for step in range(start_step, config.steps):
         budget = config.budget_at(step)
-        loss, task, sparsity, skip_rate = wrapped(train_data[batch_rows(step)], budget_table(budget))
+        rows = _batch_rows(config, len(setup.train_data), step, accelerator.process_index, accelerator.num_processes)
+        loss, task, sparsity, skip_rate = wrapped(setup.train_data[rows], setup.budget_table(budget))
         if not torch.isfinite(loss):
             bar.close()
             raise GateSkipError(
@@ -439,8 +488,6 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar
         optim.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optim.step()
-        tokens_done += config.batch * config.seq_len
-        rate = tokens_done / max(1e-9, time.perf_counter() - t0)
         record = {
             "step": step + 1,
             "loss": float(loss.detach()),
@@ -451,13 +498,15 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar
         }
         if (step + 1) % config.val_every == 0 or step + 1 == config.steps:
             # Validate at the schedule's end budget, so that values of a random schedule compare across steps.
-            record.update(validate(config.skip_end if config.budget_schedule == "random" else budget))
+            val_budget = config.skip_end if config.budget_schedule == "random" else budget
+            record.update(_validate(objective, setup, config, val_budget))
         history.append(record)
+        tokens_per_s = (step + 1 - start_step) * config.batch * config.seq_len / max(1e-9, time.perf_counter() - t0)
         bar.set_postfix(
             loss=f"{record['loss']:.3f}",
-            sparsity=f"{float(sparsity):.3f}",
-            skip=f"{float(skip_rate):.2f}",
-            tok_s=f"{rate:.0f}",
+            sparsity=f"{record['sparsity']:.3f}",
+            skip=f"{record['skip_rate']:.2f}",
+            tok_s=f"{tokens_per_s:.0f}",
             refresh=False,
         )
         bar.update(1)
@@ -470,29 +519,9 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar
     metrics = {k: v for k, v in history[-1].items() if k.startswith("val")} if history else {}
     for p in objective.parameters():
         p.requires_grad_(False)
-    ckpt = GateCheckpoint(
-        gates=gates.eval(),
-        model=gm.name,
-        fingerprint=gm.spec.fingerprint(),
-        training={**asdict(config), "seconds": round(seconds, 1), "processes": accelerator.num_processes},
-        metrics=metrics,
-        adapter=adapter,
-        adapter_tensors=adapter_tensors(adapter, student, gm.original),
-        sensitivity=sensitivity,
-    )
-    if config.calibrate and is_main:
-        log(f"calibrating thresholds for budgets {CALIBRATION_BUDGETS[0]:g} .. {CALIBRATION_BUDGETS[-1]:g}")
-        gm.attach_gates(gates, out.name, ckpt)  # the adapted backbone, rebuilt from what the checkpoint stores
-        ckpt.calibration_budgets = CALIBRATION_BUDGETS
-        ckpt.calibration_thresholds = np.stack(
-            [gm.fit_thresholds(gm.budget(b, allocation="uniform")).thresholds for b in CALIBRATION_BUDGETS]
-        )
-        if sensitivity is not None:
-            ckpt.global_thresholds = np.stack(
-                [gm.fit_thresholds(gm.budget(b, allocation="global")).thresholds for b in CALIBRATION_BUDGETS]
-            )
     if is_main:
-        save_gates(ckpt, out, int8=config.int8)
+        training = {**asdict(config), "seconds": round(seconds, 1), "processes": accelerator.num_processes}
+        save_gates(_checkpoint(setup, config, out, metrics, training, log), out, int8=config.int8)
         log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) after {config.steps} steps in {seconds:.0f} s")
     accelerator.wait_for_everyone()
     return TrainResult(
