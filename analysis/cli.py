@@ -139,10 +139,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from gateskip_core import load_model
 
     from .quality import evaluation_blocks
-    from .sweep import METHODS, sweep
+    from .sweep import METHODS, at_matched_savings, sweep
 
     out = _check_out(args.out)
     figure = _check_out(args.figure, (".html",), "--figure")
+    matched_out = _check_out(args.matched_out, option="--matched-out")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
@@ -156,7 +157,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     table = sweep(model, args.budgets, methods, blocks, on_step=lambda done, total, name: bar.update(1))
     bar.close()
     print(table.drop(columns=["setting"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    matched = at_matched_savings(table)
+    print("at matched net FLOPs saved:")
+    print(matched.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     outputs = {out: _csv(table)}
+    if matched_out:
+        outputs[matched_out] = _csv(matched)
     if figure:
         from .figures import sweep_figure
 
@@ -209,10 +215,11 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
     add_model_args(p, gates_default="default")
     p.add_argument("--file", help="held-out text (default: the pydoc validation split)")
     p.add_argument("--budgets", type=_budgets, default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
-    p.add_argument("--methods", default="gateskip,random,shortgpt,attn-only,mlp-only")
+    p.add_argument("--methods", default="gateskip,gateskip-uniform,random,shortgpt,attn-only,mlp-only")
     p.add_argument("--blocks", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--figure", help="also write the quality-vs-FLOPs figure (HTML)")
+    p.add_argument("--matched-out", help="also write each method's quality at 10/20/30%% net FLOPs saved (CSV)")
     p.add_argument("--metric", default="top1_agreement", choices=["top1_agreement", "ppl", "kl_to_full"])
     p.add_argument("--out", required=True)
     commands["sweep"] = cmd_sweep

@@ -146,3 +146,27 @@ def sweep(
             rows.append({"method": method, "skip_budget": budget, **result, "setting": setting})
             step(method)
     return pd.DataFrame(rows)[SWEEP_COLUMNS]
+
+
+def at_matched_savings(
+    table: pd.DataFrame, targets: Sequence[float] = (0.1, 0.2, 0.3), metrics=("ppl", "kl_to_full", "top1_agreement")
+) -> pd.DataFrame:
+    """Each method's quality at the same net FLOPs saved: linear interpolation along its sweep curve.
+
+    One row per (method, target); NaN where a method's sweep does not reach the target.
+    """
+    rows = []
+    for method, part in table.groupby("method", sort=False):
+        part = part.sort_values("flops_saved")
+        saved = part["flops_saved"].to_numpy()
+        for target in targets:
+            row = {"method": method, "net_flops_saved": target}
+            inside = saved.min() <= target <= saved.max()
+            for metric in metrics:
+                values = part[metric].to_numpy()
+                if metric == "ppl":  # perplexity is interpolated in log space
+                    row[metric] = float(np.exp(np.interp(target, saved, np.log(values)))) if inside else np.nan
+                else:
+                    row[metric] = float(np.interp(target, saved, values)) if inside else np.nan
+            rows.append(row)
+    return pd.DataFrame(rows)

@@ -11,7 +11,7 @@ from analysis.corpus import collect, iter_traces
 from analysis.faithfulness import faithfulness
 from analysis.flow import FlowStats, layer_skip_summary, token_layer_matrix, token_type
 from analysis.quality import evaluation_blocks
-from analysis.sweep import METHODS, block_influence, shortgpt_layers, sweep
+from analysis.sweep import METHODS, at_matched_savings, block_influence, shortgpt_layers, sweep
 from gateskip_core import read_trace
 from gateskip_core.data import paragraphs, pydoc_texts
 
@@ -126,6 +126,15 @@ def test_sweep_rows_and_baselines(tiny):
     assert at.loc["mlp-only", "flops_saved_gross"] == pytest.approx(target, abs=0.05)
     fig = figures.sweep_figure(df)
     assert len(fig.data) == len(METHODS)
+    matched = at_matched_savings(df, targets=(0.0, 0.05, 5.0)).set_index(["method", "net_flops_saved"])
+    for method in METHODS:  # beyond the end of a method's curve: NaN, not an extrapolation
+        assert np.isnan(matched.loc[(method, 5.0), "ppl"])
+    lo, hi = df[df["method"] == "shortgpt"].sort_values("flops_saved").iloc[[0, -1]].itertuples()
+    if lo.flops_saved < 0.05 < hi.flops_saved:
+        w = (0.05 - lo.flops_saved) / (hi.flops_saved - lo.flops_saved)
+        assert matched.loc[("shortgpt", 0.05), "top1_agreement"] == pytest.approx(
+            lo.top1_agreement + w * (hi.top1_agreement - lo.top1_agreement)
+        )
 
 
 def test_shortgpt_removes_lowest_block_influence_first(tiny):
