@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 
-from gateskip_core import Capture, SkipBudget, SkipPlan, load_model
+from gateskip_core import Capture, GateSkipError, SkipBudget, SkipPlan, load_model
 from gateskip_core.policies import BranchInput, Decision, SkipPolicy
 
-from .conftest import PROMPTS, TINY, spread_gates
+from .conftest import DEVICES, PROMPTS, TINY, spread_gates
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -102,3 +103,32 @@ def test_masked_skip_outputs_are_exact_zeros(tiny):
     for h in out.hidden_states[1:]:
         assert torch.equal(h[0, 2], out.hidden_states[0][0, 2])
         assert torch.equal(h[0, 7], out.hidden_states[0][0, 7])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_path_runs_on_each_device_present_and_matches_cpu(device):
+    cpu = spread_gates(load_model("tiny-llama"))
+    other = spread_gates(load_model("tiny-llama", device=device))
+    assert other.device.type == device and next(other.gates.parameters()).device.type == device
+    for path in ("masked", "physical"):
+        a = cpu.trace(PROMPTS, skip=0.3, path=path)
+        b = other.trace(PROMPTS, skip=0.3, path=path)
+        for sa, sb in zip(a.sequences, b.sequences):
+            np.testing.assert_array_equal(sa.skipped, sb.skipped)
+            np.testing.assert_allclose(sa.gate, sb.gate, atol=1e-5)
+    text, _ = other.generate(PROMPTS[0], max_new_tokens=4, skip=0.2, policy="quantile")
+    assert text == cpu.generate(PROMPTS[0], max_new_tokens=4, skip=0.2, policy="quantile").text
+
+
+def test_device_and_dtype_errors_and_bfloat16():
+    with pytest.raises(GateSkipError, match="unknown device"):
+        load_model("tiny-llama", device="warp-drive")
+    if not torch.cuda.is_available():
+        with pytest.raises(GateSkipError, match="not available on this machine"):
+            load_model("tiny-llama", device="cuda")
+    with pytest.raises(GateSkipError, match="dtype must be one of"):
+        load_model("tiny-llama", dtype="float8")
+    half = spread_gates(load_model("tiny-llama", dtype="bfloat16"))
+    assert half.dtype == torch.bfloat16 and next(half.gates.parameters()).dtype == torch.bfloat16
+    trace = half.trace(PROMPTS[0], skip=0.3, path="physical")
+    assert trace.sequences[0].skipped.any()
