@@ -7,6 +7,7 @@ from pathlib import Path
 
 from gateskip_core.errors import GateSkipError
 from gateskip_core.files import check_writable, write_all
+from gateskip_core.validation import cli_type, whole_number
 
 
 def _budgets(text: str) -> list[float]:
@@ -198,8 +199,13 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
     add_skip_args(p)
     p.add_argument("--file", required=True)
     p.add_argument("--out", required=True, help="traces.parquet or traces.csv")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=256, help="truncate each paragraph to this many tokens")
+    p.add_argument("--batch-size", type=cli_type(whole_number, "--batch-size"), default=8)
+    p.add_argument(
+        "--max-tokens",
+        type=cli_type(whole_number, "--max-tokens"),
+        default=256,
+        help="truncate each paragraph to this many tokens",
+    )
     commands["collect"] = cmd_collect
 
     p = sub.add_parser("stats", help="per-layer gate statistics of a trace file")
@@ -208,7 +214,12 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
     p.add_argument("--bos-out", help="also write the BOS anchor table (CSV)")
     p.add_argument("--types-out", help="also write the token-type table (CSV)")
     p.add_argument("--tokens-out", help="also write per-token-id importance over the corpus (CSV)")
-    p.add_argument("--min-count", type=int, default=5, help="occurrences a token needs to be ranked")
+    p.add_argument(
+        "--min-count",
+        type=cli_type(whole_number, "--min-count"),
+        default=5,
+        help="occurrences a token needs to be ranked",
+    )
     commands["stats"] = cmd_stats
 
     p = sub.add_parser("sweep", help="quality vs net FLOPs for GateSkip and baselines")
@@ -216,8 +227,8 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
     p.add_argument("--file", help="held-out text (default: the pydoc validation split)")
     p.add_argument("--budgets", type=_budgets, default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
     p.add_argument("--methods", default="gateskip,gateskip-uniform,random,shortgpt,attn-only,mlp-only")
-    p.add_argument("--blocks", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--blocks", type=cli_type(whole_number, "--blocks"), default=8)
+    p.add_argument("--seq-len", type=cli_type(whole_number, "--seq-len", minimum=2), default=128)
     p.add_argument("--figure", help="also write the quality-vs-FLOPs figure (HTML)")
     p.add_argument("--matched-out", help="also write each method's quality at 10/20/30%% net FLOPs saved (CSV)")
     p.add_argument("--metric", default="top1_agreement", choices=["top1_agreement", "ppl", "kl_to_full"])
@@ -229,8 +240,13 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text")
     src.add_argument("--file")
-    p.add_argument("--exact", type=int, default=32, help="entries checked by exact ablation")
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument(
+        "--exact",
+        type=cli_type(whole_number, "--exact", minimum=0),
+        default=32,
+        help="entries checked by exact ablation",
+    )
+    p.add_argument("--max-tokens", type=cli_type(whole_number, "--max-tokens"), default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--entries-out", help="also write every entry (CSV)")
     p.add_argument("--out", required=True, help="faithfulness.csv (correlations)")
@@ -245,7 +261,7 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
         help="LABEL=SPEC pairs; the first is also run with random skipping",
     )
     p.add_argument("--budgets", type=_budgets, default=[0.1, 0.25, 0.5])
-    p.add_argument("--blocks", type=int, default=8, help="held-out blocks of 128 tokens")
+    p.add_argument("--blocks", type=cli_type(whole_number, "--blocks"), default=8, help="held-out blocks of 128 tokens")
     p.add_argument("--file", help="held-out text (default: the pydoc validation split)")
     p.add_argument("--out", required=True)
     commands["quality"] = cmd_quality

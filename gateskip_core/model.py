@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from typing_extensions import TypedDict, Unpack
 
+from . import validation
 from .adapter import ADAPTED
 from .allocation import ALLOCATIONS, allocate_budget
 from .architecture import ArchSpec, arch_spec
@@ -176,11 +177,13 @@ class GatedModel:
 
     def encode(self, texts: Sequence[str], chat: bool = False, max_tokens: int | None = None) -> Batch:
         """Token ids (BOS first), truncated to the context, left padded into one batch."""
-        limit = min(max_tokens or self.max_context, self.max_context)
+        limit = (
+            self.max_context
+            if max_tokens is None
+            else min(validation.whole_number("max_tokens", max_tokens), self.max_context)
+        )
         rows, truncated = [], []
-        for text in texts:
-            if not isinstance(text, str) or not text.strip():
-                raise GateSkipError("text is empty")
+        for text in validation.texts(texts):
             if chat:
                 if not self.tokenizer.chat_template:
                     raise GateSkipError(f"{self.name} has no chat template; use plain text")
@@ -301,9 +304,8 @@ class GatedModel:
         **skip_args: Unpack[SkipArgs],
     ) -> Trace:
         """Run the gated model over one text or a list; one `SequenceTrace` per text."""
-        texts = [text_or_texts] if isinstance(text_or_texts, str) else list(text_or_texts)
-        if not texts:
-            raise GateSkipError("no text given")
+        texts = validation.texts(text_or_texts)
+        batch_size = validation.whole_number("batch_size", batch_size)
         plan = self.make_plan(**skip_args)
         sequences = []
         for start in range(0, len(texts), batch_size):
@@ -397,13 +399,25 @@ class GatedModel:
     ) -> Generation:
         """Generate with a KV cache under skipping (default policy: calibrated); returns the
         continuation(s) and a trace of all tokens."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if max_new_tokens < 1:
-            raise GateSkipError("max_new_tokens must be at least 1")
-        if do_sample and temperature <= 0:
-            raise GateSkipError("temperature must be positive when sampling")
+        prompts = validation.texts(prompt, "prompt")
+        max_new_tokens = validation.whole_number("max_new_tokens", max_new_tokens)
+        if do_sample:
+            temperature = validation.positive_number("temperature", temperature)
+            top_k = None if top_k is None else validation.whole_number("top_k", top_k)
         plan = self.make_plan(**{"policy": "calibrated", **skip_args})
-        batch = self.encode(prompts, chat=chat, max_tokens=self.max_context - max_new_tokens)
+        batch = self.encode(prompts, chat=chat)
+        longest = int(batch.attention_mask.sum(1).max())
+        if longest >= self.max_context or any(batch.truncated):
+            raise GateSkipError(
+                f"the prompt fills the model's context ({self.max_context} tokens); shorten it to generate"
+            )
+        if longest + max_new_tokens > self.max_context:  # keep the prompt whole, generate what fits
+            warnings.warn(
+                f"max_new_tokens={max_new_tokens} runs past the model's context of {self.max_context} tokens; "
+                f"generating {self.max_context - longest}",
+                stacklevel=2,
+            )
+            max_new_tokens = self.max_context - longest
         new_tokens, trace = generate(
             self, batch, plan, max_new_tokens, do_sample, temperature, top_k, skip_args.get("seed", 0), stop_at_eos
         )

@@ -52,6 +52,7 @@ from .gates import GateSet, parse_gate_variant
 from .model import GatedModel, load_model
 from .policies import QuantilePolicy, SkipBudget
 from .registry import DEFAULT_MODEL, cache_root
+from .validation import whole_number
 
 INSTRUCTIONS = [
     "Explain what a hash table is in two sentences.",
@@ -178,13 +179,14 @@ class TrainConfig:
             raise GateSkipError(f"--allocation must be one of {', '.join(ALLOCATIONS)}")
         if self.sparsity_loss not in ("l1", "l2"):
             raise GateSkipError("--sparsity-loss must be l1 or l2")
-        for name in ("steps", "seq_len", "batch"):
-            if getattr(self, name) < 1:
-                raise GateSkipError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.seq_len < 8:
-            raise GateSkipError("--seq-len must be at least 8")
+        for name in ("steps", "batch", "checkpoint_every", "val_every", "val_batches"):
+            whole_number(f"--{name.replace('_', '-')}", getattr(self, name))
+        whole_number("--seq-len", self.seq_len, minimum=8)
+        whole_number("--skip-ramp-steps", self.skip_ramp_steps, minimum=0)
+        if math.isnan(self.sparsity_weight) or self.sparsity_weight < 0:
+            raise GateSkipError(f"--sparsity-weight must be a number >= 0, got {self.sparsity_weight}")
         for name in ("skip_start", "skip_end"):
-            if not 0 <= getattr(self, name) <= 1:
+            if not 0 <= getattr(self, name) <= 1:  # NaN fails too
                 raise GateSkipError(f"--{name.replace('_', '-')} must lie in [0, 1]")
         if not self.out.endswith(".safetensors"):
             raise GateSkipError("--out must end in .safetensors")

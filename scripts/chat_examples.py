@@ -1,6 +1,6 @@
 """Chat continuations, ungated original vs shipped default gates at the dashboard's default budget.
 
-    python3 scripts/chat_examples.py [--gates default] [--skip 0.25] [--out docs/chat_examples.md]
+python3 scripts/chat_examples.py [--gates default] [--skip 0.25] [--out docs/chat_examples.md]
 """
 
 from __future__ import annotations

@@ -1,0 +1,106 @@
+"""Bad arguments to the Python API and numeric command-line options: one clear GateSkipError / exit 2."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from gateskip_core import GateSkipError, load_model
+from gateskip_core.training import TrainConfig
+
+from .conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("tiny-llama", gates="untrained")
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda m: m.trace(None), "text must be a str or a list of str, got NoneType"),
+        (lambda m: m.trace(123), "text must be a str or a list of str, got int"),
+        (lambda m: m.trace(b"hi"), "got bytes"),
+        (lambda m: m.trace([1, 2]), "an item of type int"),
+        (lambda m: m.trace([]), "an empty list"),
+        (lambda m: m.trace("  "), "text is empty"),
+        (lambda m: m.trace("hi", batch_size=0), "batch_size must be at least 1"),
+        (lambda m: m.trace("hi", batch_size=-1), "batch_size must be at least 1"),
+        (lambda m: m.trace("hi", max_tokens=-5), "max_tokens must be at least 1"),
+        (lambda m: m.trace("hi", max_tokens=0), "max_tokens must be at least 1"),
+        (lambda m: m.generate([]), "no prompt given"),
+        (lambda m: m.generate(None), "prompt must be a str or a list of str"),
+        (lambda m: m.generate("hi", max_new_tokens=2.5), "max_new_tokens must be a whole number"),
+        (lambda m: m.generate("hi", max_new_tokens=0), "max_new_tokens must be at least 1"),
+        (lambda m: m.generate("hi", do_sample=True, temperature=math.nan), "temperature must be a positive finite"),
+        (lambda m: m.generate("hi", do_sample=True, top_k=0), "top_k must be at least 1"),
+        (lambda m: m.generate("hi", do_sample=True, top_k=-1), "top_k must be at least 1"),
+        (lambda m: m.generate("word " * 600, max_new_tokens=2), "fills the model's context"),
+    ],
+)
+def test_api_argument_errors_are_one_line_gateskip_errors(model, call, message):
+    with pytest.raises(GateSkipError) as err:
+        call(model)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_generation_keeps_the_prompt_and_caps_new_tokens_at_the_context(model):
+    limit = model.max_context
+    with pytest.warns(UserWarning, match="runs past the model's context"):
+        out = model.generate("hi", max_new_tokens=limit + 100, stop_at_eos=False, policy="quantile")
+    seq = out.trace.sequences[0]
+    assert seq.prompt_length == len(model.encode(["hi"]).input_ids[0])  # the prompt is kept whole
+    assert seq.n_tokens <= limit
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("lr", math.nan, "--lr must be a positive number"),
+        ("adapter_lr", -1.0, "--adapter-lr must be a positive number"),
+        ("checkpoint_every", 0, "--checkpoint-every must be at least 1"),
+        ("val_every", 0, "--val-every must be at least 1"),
+        ("seq_len", 0, "--seq-len must be at least 8"),
+        ("skip_end", math.nan, "--skip-end must lie in [0, 1]"),
+        ("adapter", "lora:0", "LoRA rank must be at least 1"),
+        ("gate", "lowrank:x", "rank must be a whole number"),
+    ],
+)
+def test_train_config_validation(field, value, message):
+    with pytest.raises(GateSkipError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        TrainConfig(**{field: value}).validate()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["collect", "--model", "tiny-llama", "--file", "x.txt", "--out", "o.csv", "--batch-size", "0"],
+            "--batch-size must be at least 1",
+        ),
+        (
+            ["collect", "--model", "tiny-llama", "--file", "x.txt", "--out", "o.csv", "--max-tokens", "-5"],
+            "--max-tokens must be at least 1",
+        ),
+        (["sweep", "--model", "tiny-llama", "--out", "s.csv", "--seq-len", "1"], "--seq-len must be at least 2"),
+        (["sweep", "--model", "tiny-llama", "--out", "s.csv", "--blocks", "0"], "--blocks must be at least 1"),
+        (["quality", "--model", "tiny-llama", "--out", "q.csv", "--blocks", "0"], "--blocks must be at least 1"),
+        (
+            ["faithfulness", "--model", "tiny-llama", "--text", "hi", "--out", "f.csv", "--exact", "-1"],
+            "--exact must be at least 0",
+        ),
+        (["train", "--model", "tiny-llama", "--out", "g.safetensors", "--lr", "nan"], "--lr must be a positive number"),
+        (
+            ["sweep", "--model", "tiny-llama", "--out", "/nonexistent-dir/s.csv"],
+            "folder /nonexistent-dir does not exist",
+        ),
+        (["train", "--model", "tiny-llama", "--out", "/nonexistent-dir/g.safetensors"], "does not exist"),
+    ],
+)
+def test_cli_numbers_and_output_folders_are_checked_before_any_work(tmp_path, args, message):
+    res = run_cli(*args, cwd=tmp_path)
+    lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and message in lines[0], res.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written
