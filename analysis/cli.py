@@ -7,6 +7,7 @@ from pathlib import Path
 
 from gateskip_core.errors import GateSkipError
 from gateskip_core.files import check_writable, write_all
+from gateskip_core.registry import DEFAULT_MODEL
 from gateskip_core.validation import cli_type, whole_number
 
 
@@ -253,7 +254,7 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
     commands["faithfulness"] = cmd_faithfulness
 
     p = sub.add_parser("quality", help="perplexity / agreement of gates vs random skipping on held-out text")
-    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument(
         "--gates",
         nargs="+",

@@ -15,11 +15,12 @@ import time
 
 from dashboard import service
 from gateskip_core.data import pydoc_texts
+from gateskip_core.registry import DEFAULT_MODEL
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--gates", default="default")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)

@@ -12,10 +12,12 @@ import os
 import tempfile
 import time
 
+from gateskip_core.registry import DEFAULT_MODEL
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "gemma3-270m"])
+    parser.add_argument("--models", nargs="+", default=[DEFAULT_MODEL, "gemma3-270m"])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as cache:
         os.environ["GATESKIP_CACHE"] = cache

@@ -16,6 +16,7 @@ import torch
 
 from analysis.quality import evaluation_blocks
 from gateskip_core import load_model
+from gateskip_core.registry import DEFAULT_MODEL
 
 
 def timed(model, ids, plan, repeats: int) -> float:
@@ -30,7 +31,7 @@ def timed(model, ids, plan, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--gates", default="default")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)

@@ -96,13 +96,17 @@ class SkipBudget:
         return bool(np.all(active == active.flat[0]))
 
     def describe(self) -> str:
-        """A scalar budget prints as '0.25'; non-uniform ones as their mean."""
-        active = self.fractions[:, [BRANCHES.index(b) for b in self.branches]]
-        if self.total is not None:
-            return f"{self.total:g} (global)"
-        if self.is_uniform():
-            return f"{float(active.flat[0]):g}"
-        return f"mean {float(active.mean()):.3g} (per layer)"
+        return budget_label(self.fractions, self.branches, self.total)
+
+
+def budget_label(fractions: np.ndarray, branches: Sequence[str] = BRANCHES, total: float | None = None) -> str:
+    """How a [n_layers, 2] budget prints everywhere: '0.25', '0.25 (global)' or 'mean 0.31 (per layer)'."""
+    active = np.asarray(fractions)[:, [BRANCHES.index(b) for b in branches]]
+    if total is not None:
+        return f"{total:g} (global)"
+    if np.all(active == active.flat[0]):
+        return f"{float(active.flat[0]):g}"
+    return f"mean {float(active.mean()):.3g} (per layer)"
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from .compute import ComputeAccount
 from .errors import GateSkipError
 from .files import atomic_write
 from .gates import BRANCHES
+from .policies import budget_label
 
 TRACE_COLUMNS = [
     "sequence_id",
@@ -120,8 +121,7 @@ class Trace:
         return skipped / eligible if eligible else 0.0
 
     def budget_label(self) -> str:
-        active = self.skip_budget[:, [BRANCHES.index(b) for b in self.branches]]
-        return f"{active.flat[0]:g}" if np.all(active == active.flat[0]) else f"mean {active.mean():.3g}"
+        return budget_label(self.skip_budget, self.branches)
 
     # ---- export
     def to_dataframe(self) -> pd.DataFrame:

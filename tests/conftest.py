@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,6 +45,14 @@ def flop_counter_dense(model: GatedModel, ids: torch.Tensor) -> int:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.backbone(input_ids=ids)
     return counter.get_total_flops()
+
+
+APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
+
+
+def metrics(at) -> dict[str, str]:
+    """The dashboard's metric tiles (label -> shown value) in a Streamlit AppTest."""
+    return {m.label: m.value for m in at.metric}
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

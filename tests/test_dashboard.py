@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -11,7 +9,7 @@ from analysis.sweep import METHODS
 from gateskip_core import GateCheckpoint, GateSet, load_model, save_gates
 from gateskip_core.model import GatedModel
 
-APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
+from .conftest import APP, metrics
 
 
 @pytest.fixture
@@ -21,10 +19,6 @@ def app(monkeypatch):
     at.run()
     assert not at.exception, at.exception
     return at
-
-
-def metrics(at) -> dict[str, str]:
-    return {m.label: m.value for m in at.metric}
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from streamlit.testing.v1 import AppTest
 
 from analysis.sweep import METHODS
 
-from .test_dashboard import APP, metrics
+from .conftest import APP, metrics
 
 pytestmark = pytest.mark.real
 
