@@ -94,3 +94,26 @@ def test_transformer_lens_bridge_sees_the_same_residual_stream(smollm2):
         _, cache = bridge.run_with_cache(ids)
     assert hook_name(3, "mlp") in cache and hook_name(3, "attn") in cache
     assert residual_stream_gap(smollm2, TEXT, bridge) < 1e-3
+
+
+def test_shipped_default_gates_carry_their_adapter_and_keep_the_original():
+    from gateskip_core.model import SHIPPED_GATES_DIR, shipped_gate_path
+
+    assert sum(p.stat().st_size for p in SHIPPED_GATES_DIR.glob("*.safetensors")) <= 25e6
+    model = load_model("smollm2-135m-instruct", gates="default")
+    ckpt = model.checkpoint
+    assert shipped_gate_path(model.name).is_file() and model.adapter.startswith("lora:")
+    assert ckpt.sensitivity is not None and ckpt.global_thresholds.shape == (12, model.spec.n_layers, 2)
+    assert model.backbone is not model.original  # the adapter runs on a copy
+    plain = load_model("smollm2-135m-instruct")
+    batch = model.encode([TEXT])
+    with torch.no_grad():
+        reference = plain.original(input_ids=batch.input_ids).logits
+        assert torch.equal(model.original(input_ids=batch.input_ids).logits, reference)  # untouched
+    ungated = model.view().forward(batch.input_ids, batch.attention_mask, model.make_plan(0.0)).logits
+    torch.testing.assert_close(ungated, reference, atol=2e-3, rtol=1e-3)  # view() is the original model
+    gated = model.forward(batch.input_ids, batch.attention_mask, model.make_plan(0.0)).logits
+    assert not torch.allclose(gated, reference, atol=1e-3)  # the adapted model differs from it
+    trace = model.trace(TEXT, skip=0.3, policy="calibrated")
+    assert "lora:" in trace.gates and trace.sequences[0].skipped.any()
+    assert not np.allclose(trace.skip_budget, trace.skip_budget[0, 0])  # auto -> the global allocation
