@@ -84,7 +84,11 @@ def collect(
 def iter_traces(path: str | Path, chunk_rows: int = 200_000) -> Iterator[Trace]:
     """Yield Traces of complete sequences from a trace file, a bounded chunk at a time."""
     carry = None
+    any_rows = False
     for chunk in read_trace_frames(path, chunk_rows):
+        if chunk.empty:
+            continue
+        any_rows = True
         if carry is not None:
             chunk = pd.concat([carry, chunk], ignore_index=True)
         last = chunk["sequence_id"].iloc[-1]
@@ -94,3 +98,5 @@ def iter_traces(path: str | Path, chunk_rows: int = 200_000) -> Iterator[Trace]:
             yield Trace.from_dataframe(complete)
     if carry is not None and len(carry):
         yield Trace.from_dataframe(carry)
+    if not any_rows:
+        raise GateSkipError(f"trace file {path} holds no rows")

@@ -196,10 +196,15 @@ class Trace:
         sequences = []
         for _, part in df.groupby("sequence_id", sort=True):
             T = int(part["position"].max()) + 1
+            sid = part["sequence_id"].iloc[0]
             if len(part) != T * L * 2:
-                raise GateSkipError(f"trace is incomplete: sequence {part['sequence_id'].iloc[0]} has {len(part)} rows")
+                raise GateSkipError(f"trace is incomplete: sequence {sid} has {len(part)} rows, not {T} x {L} x 2")
             per_token = part.iloc[:: L * 2]
             row0 = part.iloc[0]
+            if int(row0["prompt_length"]) > T:
+                raise GateSkipError(
+                    f"trace is cut: sequence {sid} has {T} tokens but its prompt alone had {int(row0['prompt_length'])}"
+                )
             sequences.append(
                 SequenceTrace(
                     token_ids=per_token["token_id"].to_numpy(np.int64),
@@ -262,6 +267,9 @@ class Trace:
         return f"<div><p style='font-family: monospace'>{body}</p><p>{''.join(spans)}</p></div>"
 
 
+NUMERIC_COLUMNS = ("sequence_id", "position", "token_id", "layer", "gate", "skipped", "eligible", "prompt_length")
+
+
 def read_trace_frames(path: str | Path, chunk_rows: int | None = None) -> Iterator[pd.DataFrame]:
     """The rows of a trace file as DataFrames: one, or chunks of `chunk_rows` (bounded memory)."""
     path = Path(path)
@@ -287,7 +295,14 @@ def read_trace_frames(path: str | Path, chunk_rows: int | None = None) -> Iterat
             if missing:
                 raise GateSkipError(f"not a GateSkip trace: missing columns {', '.join(missing)}")
             if not pd.api.types.is_numeric_dtype(df["threshold"]):  # CSV writes NaN thresholds as empty fields
-                df["threshold"] = df["threshold"].replace("", "nan").astype(np.float64)
+                df["threshold"] = pd.to_numeric(df["threshold"].replace("", "nan"), errors="coerce")
+            for column in NUMERIC_COLUMNS:
+                if len(df) and not pd.api.types.is_numeric_dtype(df[column]):
+                    bad = pd.to_numeric(df[column], errors="coerce").isna() & df[column].astype(str).ne("")
+                    first = df.index[bad][0] if bad.any() else df.index[0]
+                    raise GateSkipError(
+                        f"damaged trace: column {column!r} holds a non-number ({df[column].loc[first]!r}, row {first})"
+                    )
             yield df
     except GateSkipError:
         raise

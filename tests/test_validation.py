@@ -104,3 +104,47 @@ def test_cli_numbers_and_output_folders_are_checked_before_any_work(tmp_path, ar
     lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
     assert res.returncode == 2 and len(lines) == 1 and message in lines[0], res.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def _damage(tmp_path, how: str):
+    model = load_model("tiny-llama", gates="untrained")
+    good = tmp_path / "good.csv"
+    model.trace(["A first paragraph of a few words.", "And a second, longer paragraph of words."], skip=0.2).to_csv(
+        good
+    )
+    lines = good.read_text().splitlines()
+    bad = tmp_path / f"{how}.csv"
+    if how == "header-only":
+        bad.write_text(lines[0] + "\n")
+    elif how == "non-numeric-gate":
+        header = lines[0].split(",")
+        row = lines[1].split(",")
+        row[header.index("gate")] = "banana"
+        bad.write_text("\n".join([lines[0], ",".join(row), *lines[2:]]) + "\n")
+    elif how == "cut-at-token":  # drop the last token of the last sequence, every row of it
+        L2 = model.spec.n_layers * 2
+        bad.write_text("\n".join(lines[:-L2]) + "\n")
+    return bad
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("header-only", "holds no rows"),
+        ("non-numeric-gate", "column 'gate' holds a non-number ('banana'"),
+        ("cut-at-token", "trace is cut: sequence 1 has"),
+    ],
+)
+def test_damaged_trace_files_are_refused_with_the_reason(tmp_path, how, message):
+    from analysis.corpus import iter_traces
+    from gateskip_core import read_trace
+
+    bad = _damage(tmp_path, how)
+    with pytest.raises(GateSkipError, match=message.replace("(", r"\(")):
+        read_trace(bad)
+    with pytest.raises(GateSkipError, match=message.replace("(", r"\(")):
+        list(iter_traces(bad))
+    res = run_cli("stats", "--trace", str(bad), "--out", str(tmp_path / "s.csv"))
+    lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "s.csv").exists()
