@@ -214,7 +214,6 @@ class _OneLineParser(argparse.ArgumentParser):
 @_command("dashboard")
 def cmd_dashboard(args: argparse.Namespace) -> int:
     import os
-    import subprocess
 
     app = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
     if not app.is_file():
@@ -234,7 +233,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         "false",
     ]
     print(f"GateSkip Lens dashboard on http://localhost:{args.port}  (Ctrl-C to stop)", file=sys.stderr)
-    return subprocess.call(cmd, env=env)
+    sys.stderr.flush()
+    os.execve(sys.executable, cmd, env)  # the server replaces this process: signals reach it directly
+    return 0  # not reached
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,10 +273,16 @@ def _register_analysis(sub) -> None:
     register(sub, COMMANDS, _add_model_args, _add_skip_args, _budget)
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # so that `finally` blocks remove temporary files on SIGTERM too
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
+        args = build_parser().parse_args(argv)  # builds the train flags from TrainConfig: imports torch
         return COMMANDS[args.command](args)
     except GateSkipError as err:
         print(f"gateskip: error: {err}", file=sys.stderr)

@@ -23,11 +23,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from .errors import GateSkipError
+
+if TYPE_CHECKING:  # torch and transformers load on first use, not when the CLI starts
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 CACHE_ENV = "GATESKIP_CACHE"
@@ -101,6 +102,9 @@ REGISTRY: dict[str, RegistryEntry] = {
 
 
 def _load_dir(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
@@ -115,6 +119,9 @@ def _convert_gguf(entry: RegistryEntry, progress: Callable[[str], None]) -> None
         start = time.perf_counter()
         gguf = entry.locate_gguf(work)
         progress(f"converting {entry.name} from {gguf.name} (one time, 15-45 s)")
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # The GGUF loader marks the model as quantised, which blocks save_pretrained;

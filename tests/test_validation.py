@@ -148,3 +148,51 @@ def test_damaged_trace_files_are_refused_with_the_reason(tmp_path, how, message)
     lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
     assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
     assert not (tmp_path / "s.csv").exists()
+
+
+def _gateskip(*args, cwd=None):
+    import subprocess
+    import sys
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "gateskip_core.cli", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_ctrl_c_while_importing_prints_one_line():
+    import signal
+    import time
+
+    proc = _gateskip("trace", "--model", "tiny-llama", "--text", "hi", "--out", "never.csv")
+    time.sleep(0.5)  # torch is still being imported
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert proc.returncode == 130 and lines == ["gateskip: interrupted"], err
+
+
+def test_sigterm_during_collect_leaves_no_temporary_or_partial_file(tmp_path):
+    import signal
+    import time
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(
+        "\n\n".join(f"Paragraph {i} talks about gates, layers and tokens at length." for i in range(4000))
+    )
+    out = tmp_path / "traces.parquet"
+    proc = _gateskip(
+        "collect", "--model", "tiny-llama", "--gates", "untrained", "--file", str(corpus), "--out", str(out)
+    )
+    tmp = tmp_path / ".traces.parquet.tmp"
+    deadline = time.time() + 120
+    while not tmp.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert tmp.exists(), "collect never started writing"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err
+    assert not tmp.exists() and not out.exists()
