@@ -67,7 +67,7 @@ def faithfulness(model: GatedModel, text: str, n_exact: int = 32, seed: int = 0,
     for i, delta in enumerate(out.branch_deltas):
         layer, b = divmod(i, 2)
         estimate[:, layer, b] = -(delta.grad[0] * delta.detach()[0]).sum(-1).numpy()
-    gate = out.importance[0].numpy()
+    gate = out.gate[0].numpy()
 
     # Entries: positions 1 .. T-2 (BOS is protected; the last token's output has no target).
     positions = np.arange(1, T - 1)

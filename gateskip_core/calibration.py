@@ -49,12 +49,12 @@ class ThresholdFitter(SkipPolicy):
         self.thresholds = np.full((n_layers, 2), -math.inf)
 
     def decide(self, inp: BranchInput) -> Decision:
-        values = torch.sort(inp.importance[inp.eligible].double()).values
+        values = torch.sort(inp.gate[inp.eligible].double()).values
         k = int(math.floor(inp.budget * values.numel() + 1e-9))
         thr = threshold_between(values, k)
         self.thresholds[inp.layer, BRANCHES.index(inp.branch)] = thr
-        threshold = torch.full_like(inp.importance, thr)
-        return Decision(skip=inp.eligible & (inp.importance <= threshold), threshold=threshold)
+        threshold = torch.full_like(inp.gate, thr)
+        return Decision(skip=inp.eligible & (inp.gate <= threshold), threshold=threshold)
 
 
 def fit_thresholds(

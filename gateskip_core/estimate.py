@@ -58,7 +58,7 @@ def _branch_input(layer, branch, budget, gate_column, eligible, positions) -> Br
         layer=layer,
         branch=branch,
         budget=budget,
-        importance=torch.from_numpy(gate_column.astype(np.float32))[None],
+        gate=torch.from_numpy(gate_column.astype(np.float32))[None],
         eligible=eligible,
         positions=positions,
     )

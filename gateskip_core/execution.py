@@ -93,7 +93,7 @@ class KVCache:
     values: list[torch.Tensor] = field(default_factory=list)
     slot_real: torch.Tensor | None = None  # [B, S] bool: slot holds a real token
     n_real: torch.Tensor | None = None  # [B] real tokens so far
-    importance: torch.Tensor | None = None  # [B, S, L, 2] (running-quantile history)
+    gate: torch.Tensor | None = None  # [B, S, L, 2] (running-quantile history)
     eligible: torch.Tensor | None = None  # [B, S]
 
     @property
@@ -110,18 +110,18 @@ class KVCache:
             self.values.append(values)
         return self.keys[layer], self.values[layer]
 
-    def append_tokens(self, slot_real, n_real, importance, eligible) -> None:
+    def append_tokens(self, slot_real, n_real, gate, eligible) -> None:
         """Add this call's per-token bookkeeping (after every layer appended its keys/values)."""
         self.slot_real = slot_real
         self.n_real = n_real
-        self.importance = importance if self.importance is None else torch.cat([self.importance, importance], 1)
+        self.gate = gate if self.gate is None else torch.cat([self.gate, gate], 1)
         self.eligible = eligible if self.eligible is None else torch.cat([self.eligible, eligible], 1)
 
 
 @dataclass
 class ForwardResult:
     logits: torch.Tensor  # [B, T, V] (or [B, 1, V] with logits_for="last")
-    importance: torch.Tensor  # [B, T, L, 2] mean gate (1.0 where there are no gates)
+    gate: torch.Tensor  # [B, T, L, 2] mean gate value = token importance (1.0 where there are no gates)
     threshold: torch.Tensor  # [B, T, L, 2]
     skipped: torch.Tensor  # [B, T, L, 2] bool
     eligible: torch.Tensor  # [B, T] bool
@@ -237,7 +237,7 @@ def decide_branch(call: _Call, layer: int, branch: str, x: torch.Tensor):
     res = call.result
     g = call.gates.gate(layer, branch)(x) if call.gates is not None else None
     if g is not None:
-        res.importance[:, :, layer, bi] = g.detach().mean(-1).float()
+        res.gate[:, :, layer, bi] = g.detach().mean(-1).float()
         if res.gate_values is not None:
             res.gate_values.append(g)
         if res.gate_vectors is not None:
@@ -245,16 +245,16 @@ def decide_branch(call: _Call, layer: int, branch: str, x: torch.Tensor):
     budget = call.plan.budget.at(layer, branch)
     if budget == 0:
         return g, torch.zeros_like(call.real)
-    history = call.cache is not None and call.cache.importance is not None
+    history = call.cache is not None and call.cache.gate is not None
     decision = call.plan.policy.decide(
         BranchInput(
             layer=layer,
             branch=branch,
             budget=budget,
-            importance=res.importance[:, :, layer, bi],
+            gate=res.gate[:, :, layer, bi],
             eligible=call.eligible,
             positions=call.positions,
-            history_importance=call.cache.importance[:, :, layer, bi] if history else None,
+            history_gate=call.cache.gate[:, :, layer, bi] if history else None,
             history_eligible=call.cache.eligible if history else None,
         )
     )
@@ -336,7 +336,7 @@ def _start_call(spec, gates, input_ids, attention_mask, plan, cache, capture) ->
     slot_real = real if cache is None or cache.slot_real is None else torch.cat([cache.slot_real, real], 1)
     result = ForwardResult(
         logits=torch.empty(0, device=device),
-        importance=torch.ones(B, T, L, 2, device=device),
+        gate=torch.ones(B, T, L, 2, device=device),
         threshold=torch.full((B, T, L, 2), float("-inf"), device=device),
         skipped=torch.zeros(B, T, L, 2, dtype=torch.bool, device=device),
         eligible=real & ~((positions == 0) & plan.protect_bos),
@@ -406,6 +406,6 @@ def gated_forward(
     res = call.result
     if cache is not None:
         n_real = cache.n_real + call.real.long().sum(1) if cache.n_real is not None else call.real.long().sum(1)
-        cache.append_tokens(call.slot_real, n_real, res.importance, res.eligible)
+        cache.append_tokens(call.slot_real, n_real, res.gate, res.eligible)
     res.logits = spec.logits(h[:, -1:] if logits_for == "last" else h)
     return res

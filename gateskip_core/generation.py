@@ -72,7 +72,7 @@ def generate(
         results.append(result)
     merged = ForwardResult(
         logits=torch.empty(0),
-        importance=torch.cat([r.importance for r in results], 1),
+        gate=torch.cat([r.gate for r in results], 1),
         threshold=torch.cat([r.threshold for r in results], 1),
         skipped=torch.cat([r.skipped for r in results], 1),
         eligible=torch.cat([r.eligible for r in results], 1),

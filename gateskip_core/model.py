@@ -360,7 +360,7 @@ class GatedModel:
     ) -> list[SequenceTrace]:
         """One `SequenceTrace` per row (padding dropped). `lm_head_tokens`: positions whose logits
         were computed (default: every position)."""
-        importance, threshold = result.importance.cpu(), result.threshold.cpu()
+        gate, threshold = result.gate.cpu(), result.threshold.cpu()
         skipped_all, eligible = result.skipped.cpu(), result.eligible.cpu()
         vectors = None if result.gate_vectors is None else result.gate_vectors.cpu()
         out = []
@@ -373,7 +373,7 @@ class GatedModel:
                 SequenceTrace(
                     token_ids=ids.astype(np.int64),
                     tokens=self.token_strings(ids),
-                    gate=importance[b][real].numpy().astype(np.float32),
+                    gate=gate[b][real].numpy().astype(np.float32),
                     threshold=threshold[b][real].numpy().astype(np.float64),
                     skipped=skipped,
                     eligible=eligible[b][real].numpy(),

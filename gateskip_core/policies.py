@@ -116,11 +116,11 @@ class BranchInput:
     layer: int
     branch: str
     budget: float
-    importance: torch.Tensor  # [B, T] mean gate value per token
+    gate: torch.Tensor  # [B, T] mean gate value per token
     eligible: torch.Tensor  # [B, T] bool
     positions: torch.Tensor  # [B, T] position of each token in its sequence (0 = first real token)
     # Earlier tokens of the same sequences (cached generation): [B, S] importances and eligibility.
-    history_importance: torch.Tensor | None = None
+    history_gate: torch.Tensor | None = None
     history_eligible: torch.Tensor | None = None
 
 
@@ -166,22 +166,22 @@ class QuantilePolicy(SkipPolicy):
     name: str = "quantile"
 
     def decide(self, inp: BranchInput) -> Decision:
-        if inp.history_importance is None:
+        if inp.history_gate is None:
             k = torch.floor(inp.budget * inp.eligible.sum(1).double() + 1e-9).long()
-            return _kth_smallest_skip(inp.importance, inp.eligible, k)
+            return _kth_smallest_skip(inp.gate, inp.eligible, k)
         return self._running(inp)
 
     def _running(self, inp: BranchInput) -> Decision:
         skips, thresholds = [], []
-        hist_v, hist_e = inp.history_importance, inp.history_eligible
-        for t in range(inp.importance.shape[1]):
-            values = torch.cat([hist_v, inp.importance[:, : t + 1]], dim=1)
+        hist_v, hist_e = inp.history_gate, inp.history_eligible
+        for t in range(inp.gate.shape[1]):
+            values = torch.cat([hist_v, inp.gate[:, : t + 1]], dim=1)
             elig = torch.cat([hist_e, inp.eligible[:, : t + 1]], dim=1)
             k = torch.floor(inp.budget * elig.sum(1).double() + 1e-9).long()
             sorted_vals = torch.sort(torch.where(elig, values, torch.full_like(values, math.inf)), dim=1).values
             kth = torch.gather(sorted_vals, 1, (k - 1).clamp(min=0)[:, None]).squeeze(1)
             thr = torch.where(k > 0, kth, torch.full_like(kth, -math.inf))
-            skips.append(inp.eligible[:, t] & (inp.importance[:, t] <= thr))
+            skips.append(inp.eligible[:, t] & (inp.gate[:, t] <= thr))
             thresholds.append(thr)
         return Decision(skip=torch.stack(skips, 1), threshold=torch.stack(thresholds, 1))
 
@@ -200,8 +200,8 @@ class CalibratedPolicy(SkipPolicy):
 
     def decide(self, inp: BranchInput) -> Decision:
         thr = float(self.thresholds[inp.layer, BRANCHES.index(inp.branch)])
-        threshold = torch.full_like(inp.importance, thr)
-        return Decision(skip=inp.eligible & (inp.importance <= threshold), threshold=threshold)
+        threshold = torch.full_like(inp.gate, thr)
+        return Decision(skip=inp.eligible & (inp.gate <= threshold), threshold=threshold)
 
 
 def _uniform_hash(seed: int, positions: np.ndarray, layer: int, branch: int) -> np.ndarray:

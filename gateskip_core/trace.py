@@ -17,8 +17,8 @@ Column reference (stable names):
 
 Names, one per concept, in code and columns alike: a *branch* is the attention or
 the MLP of one layer (files written before 0.2 called the column `module`, and
-still read); a token's *gate* at a branch is the mean of the gate vector, which the
-policies rank (`importance` in `BranchInput`/`ForwardResult` is the same number).
+still read); a token's *gate* at a branch is the mean of the gate vector — the token's importance there,
+which the policies rank (`BranchInput.gate`, `ForwardResult.gate`, the `gate` column).
 """
 
 from __future__ import annotations

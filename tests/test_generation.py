@@ -42,7 +42,7 @@ def test_cached_generation_matches_uncached_rerun_under_calibrated_policy(tiny, 
         assert np.array_equal(seq.token_ids, ids[b, :-1][real].numpy())
         assert np.array_equal(seq.skipped, out.skipped[b][real].numpy())
         assert seq.skipped[seq.prompt_length :].any()  # generated tokens really skip
-        np.testing.assert_allclose(seq.gate, out.importance[b][real].numpy(), atol=1e-5)
+        np.testing.assert_allclose(seq.gate, out.gate[b][real].numpy(), atol=1e-5)
 
 
 def test_greedy_generation_without_skipping_matches_hugging_face():
