@@ -31,3 +31,4 @@ gateskip faithfulness --gates default --file docs/heldout.txt --max-tokens 128 -
     --out docs/faithfulness.csv --entries-out docs/faithfulness_entries.csv
 python3 scripts/chat_examples.py --out docs/chat_examples.md
 rm docs/heldout_traces.parquet docs/heldout.txt docs/heldout_legal.txt
+python3 scripts/results_tables.py > docs/results.md

@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p runs gateskip_core/shipped_gates
 export OMP_NUM_THREADS="${THREADS:-2}"
-STEPS="${STEPS:-450}"
+STEPS="${STEPS:-270}"
 gateskip train --model smollm2-135m-instruct --gate lowrank:16 --adapter lora:16 --distill \
     --steps "$STEPS" --seq-len 128 --batch 4 --lr 1e-2 --adapter-lr 1e-3 --sparsity-weight 0.05 --sparsity-loss l2 \
     --budget-schedule random --skip-start 0 --skip-end 0.6 --allocation global --data builtin --seed 0 \
