@@ -313,8 +313,12 @@ def _state_path(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(".safetensors") + ".state.safetensors")
 
 
-def _save_state(path: Path, step: int, objective: _GateObjective, optim: torch.optim.Optimizer, history, config):
+def _save_state(
+    path: Path, step: int, objective: _GateObjective, optim: torch.optim.Optimizer, history, config, sensitivity=None
+):
     tensors = {f"param.{k}": v.detach().contiguous() for k, v in objective.named_parameters() if v.requires_grad}
+    if sensitivity is not None:  # kept, so that a resumed run does not measure it again
+        tensors["sensitivity"] = torch.as_tensor(sensitivity, dtype=torch.float64)
     state = optim.state_dict()
     for pid, st in state["state"].items():
         for name, value in st.items():
@@ -368,7 +372,7 @@ class _Setup:
         return allocate_budget(total, self.sensitivity, branch_saving_flops(self.gm.spec))
 
 
-def _setup(config: TrainConfig, log: Callable[[str], None]) -> _Setup:
+def _setup(config: TrainConfig, log: Callable[[str], None], state_path: Path | None = None) -> _Setup:
     torch.manual_seed(config.seed)
     gm = load_model(config.model, progress=log)
     gate_variant, gate_rank = parse_gate_variant(config.gate)
@@ -388,7 +392,11 @@ def _setup(config: TrainConfig, log: Callable[[str], None]) -> _Setup:
         raise GateSkipError("validation data is shorter than one block")
     train_data, val_data = torch.stack(train_blocks), torch.stack(val_blocks)
     sensitivity = None
-    if config.allocation == "global":
+    if config.allocation == "global" and state_path is not None and state_path.exists():
+        with safe_open(str(state_path), framework="pt") as f:
+            if "sensitivity" in f.keys():
+                sensitivity = f.get_tensor("sensitivity").numpy()
+    if config.allocation == "global" and sensitivity is None:
         # Measured on the original model (the student starts equal to it), from fixed training blocks.
         log("measuring the sensitivity of every (layer, branch) for the global allocation")
         sensitivity = measure_sensitivity(gm.spec, train_data[: max(4, config.batch)])
@@ -466,7 +474,7 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar
     state_path = _state_path(out)
     if state_path.exists() and not config.resume:
         raise GateSkipError(f"{state_path} exists from an earlier run; pass --resume to continue it or delete it")
-    setup = _setup(config, log)
+    setup = _setup(config, log, state_path if config.resume else None)
     objective = _GateObjective(setup.student, setup.gm.original, setup.gates, config)
     optim = _optimizer(setup, config)
     start_step, history = 0, []
@@ -513,7 +521,9 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar
         )
         bar.update(1)
         if is_main and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
-            _save_state(state_path, step + 1, accelerator.unwrap_model(wrapped), optim, history, config)
+            _save_state(
+                state_path, step + 1, accelerator.unwrap_model(wrapped), optim, history, config, setup.sensitivity
+            )
         accelerator.wait_for_everyone()
     bar.close()
     seconds = time.perf_counter() - t0

@@ -179,3 +179,20 @@ def test_cli_training_flags_take_their_defaults_from_train_config():
     for f in fields(TrainConfig):
         if f.name != "out":
             assert getattr(args, f.name) == getattr(TrainConfig(), f.name), f.name
+
+
+def test_resumed_global_run_reuses_the_stored_sensitivity(tmp_path, monkeypatch):
+    import gateskip_core.training as training
+
+    out = tmp_path / "r.safetensors"
+    cfg = dict(FAST, allocation="global", out=str(out))
+    train(TrainConfig(**cfg, steps=2), progress=lambda m: None, show_bar=False)
+    first = load_gates(out).sensitivity
+    out.unlink()
+
+    def measured_again(*args, **kwargs):
+        raise AssertionError("the sensitivity was measured again on resume")
+
+    monkeypatch.setattr(training, "measure_sensitivity", measured_again)
+    train(TrainConfig(**cfg, steps=3, resume=True), progress=lambda m: None, show_bar=False)
+    np.testing.assert_array_equal(load_gates(out).sensitivity, first)
