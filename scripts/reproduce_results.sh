@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates every figure and table in the README from the shipped gates (CPU, ~25 min on 2 cores).
+# Regenerates every figure and table in the README from the shipped gates (CPU, ~30 min on 2 cores).
 # Held-out texts: the pydoc validation split (prose like the training data, but other topics) and
 # Python's own LICENSE.txt (legal text: a domain in no training data).
 set -euo pipefail
@@ -18,16 +18,16 @@ gateskip quality --gates default=default scalar=default-scalar untrained=untrain
 gateskip quality --gates default=default --budgets 0,0.1,0.2,0.3,0.4 --blocks 16 \
     --file docs/heldout_legal.txt --out docs/quality_legal.csv
 # Sweeps against baselines at matched net FLOPs, on both held-out texts.
-gateskip sweep --gates default --budgets 0,0.1,0.2,0.3,0.4,0.5,0.6 --blocks 8 --out docs/sweep.csv \
+gateskip sweep --gates default --budgets 0,0.1,0.2,0.3,0.4,0.5 --blocks 6 --out docs/sweep.csv \
     --matched-out docs/sweep_matched.csv --figure docs/sweep.html
-gateskip sweep --gates default --budgets 0,0.1,0.2,0.3,0.4,0.5,0.6 --blocks 8 --file docs/heldout_legal.txt \
+gateskip sweep --gates default --budgets 0,0.1,0.2,0.3,0.4,0.5 --blocks 6 --file docs/heldout_legal.txt \
     --out docs/sweep_legal.csv --matched-out docs/sweep_legal_matched.csv
 python3 scripts/figure_png.py docs/sweep.html docs/sweep.png
 # Information flow over a held-out corpus, and faithfulness.
 gateskip collect --gates default --skip 0.25 --file docs/heldout.txt --max-tokens 128 --out docs/heldout_traces.parquet
 gateskip stats --trace docs/heldout_traces.parquet --out docs/layer_stats.csv --bos-out docs/bos.csv \
     --types-out docs/token_types.csv --tokens-out docs/tokens.csv
-gateskip faithfulness --gates default --file docs/heldout.txt --max-tokens 128 --exact 48 \
+gateskip faithfulness --gates default --file docs/heldout.txt --max-tokens 128 --exact 24 \
     --out docs/faithfulness.csv --entries-out docs/faithfulness_entries.csv
 python3 scripts/chat_examples.py --out docs/chat_examples.md
 rm docs/heldout_traces.parquet docs/heldout.txt docs/heldout_legal.txt
