@@ -432,6 +432,34 @@ def _validate(objective: _GateObjective, setup: _Setup, config: TrainConfig, bud
     return {"val_loss": float(np.mean(losses)), "val_budget": budget}
 
 
+def calibration_texts(gm: GatedModel, progress: Callable[[str], None] = lambda m: None) -> list[str]:
+    """Calibration text: the pydoc calibration split interleaved with the model's own chat answers of the
+    validation split (chat models), so calibrated rates hold on chat text as well as on prose."""
+    prose = pydoc_texts("calibration")
+    if not gm.tokenizer.chat_template:
+        return prose
+    chat = [t for i, t in enumerate(instruction_answers(gm, progress)) if i % 6 == 0]
+    mixed = [text for pair in zip(prose, chat) for text in pair]
+    return mixed + prose[len(chat) :] + chat[len(prose) :]
+
+
+def calibrate_checkpoint(gm: GatedModel, ckpt: GateCheckpoint, texts: list[str]) -> None:
+    """Fit and store calibrated thresholds (uniform and, with a profile, global) for CALIBRATION_BUDGETS."""
+    ckpt.calibration_budgets = CALIBRATION_BUDGETS
+    allocations = ["uniform"] + (["global"] if ckpt.sensitivity is not None else [])
+    fitted = {
+        allocation: np.stack(
+            [
+                gm.fit_thresholds(gm.budget(b, allocation=allocation), texts=texts).thresholds
+                for b in CALIBRATION_BUDGETS
+            ]
+        )
+        for allocation in allocations
+    }
+    ckpt.calibration_thresholds = fitted["uniform"]
+    ckpt.global_thresholds = fitted.get("global", ckpt.global_thresholds)
+
+
 def _checkpoint(setup: _Setup, config: TrainConfig, out: Path, metrics: dict, training: dict, log) -> GateCheckpoint:
     """Everything needed to rebuild the gated model, with calibrated thresholds fitted on it."""
     gm = setup.gm
@@ -448,16 +476,7 @@ def _checkpoint(setup: _Setup, config: TrainConfig, out: Path, metrics: dict, tr
     if config.calibrate:
         log(f"calibrating thresholds for budgets {CALIBRATION_BUDGETS[0]:g} .. {CALIBRATION_BUDGETS[-1]:g}")
         gm.attach_gates(setup.gates, out.name, ckpt)  # the adapted backbone, rebuilt from what the checkpoint stores
-        ckpt.calibration_budgets = CALIBRATION_BUDGETS
-        allocations = ["uniform"] + (["global"] if setup.sensitivity is not None else [])
-        fitted = {
-            allocation: np.stack(
-                [gm.fit_thresholds(gm.budget(b, allocation=allocation)).thresholds for b in CALIBRATION_BUDGETS]
-            )
-            for allocation in allocations
-        }
-        ckpt.calibration_thresholds = fitted["uniform"]
-        ckpt.global_thresholds = fitted.get("global", ckpt.global_thresholds)
+        calibrate_checkpoint(gm, ckpt, calibration_texts(gm, log))
     return ckpt
 
 

@@ -86,7 +86,11 @@ def flow() -> str:
     parts.append("late-layer mean gate by token type: " + ", ".join(f"{t} {v:.3f}" for t, v in late.items()))
     faith = pd.read_csv(DOCS / "faithfulness.csv")
     overall = faith[~faith["scope"].str.startswith("layer")]
-    parts.append("faithfulness: " + "; ".join(f"{r.scope} {r.spearman:.3f} (n={r.n})" for r in overall.itertuples()))
+    branch = "branch" if "branch" in faith.columns else "module"
+    parts.append(
+        "faithfulness (Spearman, gate vs estimated loss effect): "
+        + "; ".join(f"{r.scope} {getattr(r, branch)} {r.spearman:.3f} (n={r.n})" for r in overall.itertuples())
+    )
     return "\n".join(f"- {p}" for p in parts)
 
 
