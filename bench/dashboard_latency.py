@@ -34,12 +34,22 @@ def main() -> None:
     budgets = [0.1, 0.2, 0.3, 0.4, 0.5]
     est, exact = [], []
     for i in range(args.repeats):
-        b = budgets[i % len(budgets)]
+        settings = service.Settings(
+            model_name=args.model,
+            view=view,
+            mode="estimate",
+            budget=budgets[i % len(budgets)],
+            branches="both",
+            policy="quantile",
+            protect_bos=True,
+            seed=0,
+            allocation="auto",
+        )
         start = time.perf_counter()
-        service.estimate(view, captured, b, "both", True, "quantile", 0)
+        service.estimate(view, captured, settings)
         est.append(time.perf_counter() - start)
         start = time.perf_counter()
-        service.exact(view, text, False, b, "both", True, "quantile", 0)
+        service.exact(view, text, False, settings)
         exact.append(time.perf_counter() - start)
     print(f"{args.model}, {view.gates_label}, prompt of {n} tokens")
     print(f"estimate mode (slider, no model call): median {statistics.median(est) * 1000:.0f} ms")
@@ -59,7 +69,7 @@ def app_rerun(model: str, text: str, repeats: int) -> None:
     at.text_area[0].set_value(text).run()
     times = {}
     for mode in ("estimate", "exact"):
-        at.sidebar.radio[0].set_value(mode).run()
+        at.sidebar.radio(key="mode").set_value(mode).run()
         samples = []
         for i in range(repeats):
             start = time.perf_counter()
