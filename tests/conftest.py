@@ -47,7 +47,8 @@ def flop_counter_dense(model: GatedModel, ids: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
+ROOT_DIR = Path(__file__).resolve().parent.parent
+APP = str(ROOT_DIR / "dashboard" / "app.py")
 
 
 def metrics(at) -> dict[str, str]:

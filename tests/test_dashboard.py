@@ -140,3 +140,30 @@ def test_no_gates_falls_back_to_random_with_a_hint(app):
     app.sidebar.selectbox(key="policy").set_value("random").run()
     assert not app.exception and not app.error
     assert int(metrics(app)["Skipped branch evaluations"]) == skipped  # the same random decisions
+
+
+def test_latency_bench_runs_on_a_tiny_model():
+    import subprocess
+    import sys
+
+    from .conftest import ROOT_DIR
+
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT_DIR / "bench" / "dashboard_latency.py"),
+            "--model",
+            "tiny-llama",
+            "--gates",
+            "untrained",
+            "--repeats",
+            "1",
+            "--tokens",
+            "32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "estimate mode" in res.stdout and "whole app rerun" in res.stdout
