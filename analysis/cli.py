@@ -194,6 +194,45 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_settled(args: argparse.Namespace) -> int:
+    from gateskip_core import load_model
+
+    from .logit_lens import settled_corpus, settled_summary
+
+    out = _check_out(args.out)
+    figure = _check_out(args.figure, (".html",), "--figure")
+    texts = _paragraphs_of(args.file) if args.file else None
+    model = load_model(args.model, gates=args.gates, device=args.device)
+    if args.from_layer is not None and args.from_layer >= model.spec.n_layers:
+        raise GateSkipError(f"--from-layer must be below {model.spec.n_layers} ({model.name} has that many layers)")
+    table = settled_corpus(
+        model,
+        texts,
+        n_blocks=args.blocks,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        skip=args.skip,
+        policy=args.policy,
+        path=args.path,
+        branches=args.branches,
+        allocation=args.allocation,
+        protect_bos=not args.no_protect_bos,
+        seed=args.seed,
+    )
+    summary = settled_summary(table, args.from_layer)
+    print(f"prediction already settled (final top-1 = top-1 entering the layer), skip {args.skip:g}:")
+    print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    outputs = {out: _csv(table)}
+    if figure:
+        from .figures import settled_figure
+
+        fig = settled_figure(table)
+        outputs[figure] = lambda tmp: fig.write_html(tmp, include_plotlyjs="cdn")
+    write_all(outputs)
+    print(f"wrote {', '.join(map(str, outputs))}")
+    return 0
+
+
 def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
     p = sub.add_parser("collect", help="trace a corpus (one sequence per paragraph) into one file, streaming")
     add_model_args(p, gates_default="default")
@@ -266,3 +305,23 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
     p.add_argument("--file", help="held-out text (default: the pydoc validation split)")
     p.add_argument("--out", required=True)
     commands["quality"] = cmd_quality
+
+    p = sub.add_parser(
+        "settled", help="logit lens: had tokens' predictions settled when they skipped a layer? (streams a corpus)"
+    )
+    add_model_args(p, gates_default="default")
+    add_skip_args(p)
+    p.set_defaults(skip=0.25)
+    p.add_argument("--file", help="text to stream (default: the pydoc validation split)")
+    p.add_argument("--blocks", type=cli_type(whole_number, "--blocks"), default=16, help="token blocks to run")
+    p.add_argument("--seq-len", type=cli_type(whole_number, "--seq-len", minimum=2), default=128)
+    p.add_argument("--batch-size", type=cli_type(whole_number, "--batch-size"), default=4)
+    p.add_argument(
+        "--from-layer",
+        type=cli_type(whole_number, "--from-layer", minimum=0),
+        default=None,
+        help="first layer pooled in the summary (default: the second half)",
+    )
+    p.add_argument("--figure", help="also write the settled-rate figure (HTML)")
+    p.add_argument("--out", required=True, help="settled.csv: counts and rates per (layer, branch)")
+    commands["settled"] = cmd_settled

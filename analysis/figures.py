@@ -235,3 +235,84 @@ def faithfulness_figure(entries: pd.DataFrame, summary: pd.DataFrame) -> go.Figu
     fig.update_xaxes(title_text="layer", row=1, col=2)
     fig.update_layout(height=380)
     return fig
+
+
+def lens_grid_figure(grid, branch: str = "mlp") -> go.Figure:
+    """Logit lens of one gated run: layers x tokens, each cell the top prediction decoded from the
+    residual entering that layer (colour: its probability); cells where the token skipped
+    `branch` ('attn', 'mlp' or 'both': either) marked with x; last row: the output."""
+    T, L = len(grid.tokens), grid.n_layers
+    x = [f"{i}:{_label(t)}" for i, t in enumerate(grid.tokens)]
+    y = [f"L{la}" for la in range(L)] + ["out"]
+    text = [[_label(grid.top_text[t][la]) for t in range(T)] for la in range(L + 1)]
+    fig = go.Figure(
+        go.Heatmap(
+            z=grid.top_prob.T,
+            x=x,
+            y=y,
+            text=text,
+            texttemplate="%{text}",
+            textfont={"size": 9},
+            customdata=np.stack([grid.final_rank.T, grid.settled().T.astype(int)], -1),
+            colorscale="Blues",
+            zmin=0,
+            zmax=1,
+            colorbar={"title": "top p"},
+            hovertemplate=(
+                "token %{x}<br>depth %{y}<br>top prediction %{text}<br>p %{z:.3f}"
+                "<br>rank of final top-1 %{customdata[0]}<br>settled %{customdata[1]}<extra></extra>"
+            ),
+        )
+    )
+    skipped = grid.skipped.any(-1) if branch == "both" else grid.skipped[:, :, BRANCHES.index(branch)]
+    pos, layer = np.nonzero(skipped)
+    fig.add_trace(
+        go.Scatter(
+            x=[x[p] for p in pos],
+            y=[y[la] for la in layer],
+            mode="markers",
+            marker={"symbol": "x-thin", "size": 12, "line": {"width": 2, "color": "#d62728"}},
+            name=f"skipped {branch}",
+            hoverinfo="skip",
+        )
+    )
+    fig.update_layout(
+        title=f"Logit lens: top prediction entering each layer (x: skipped {branch})",
+        height=max(320, 22 * (L + 1) + 120),
+        xaxis={"tickangle": -60},
+        legend={"orientation": "h", "y": 1.08},
+    )
+    return fig
+
+
+def settled_figure(table: pd.DataFrame) -> go.Figure:
+    """Per layer: share of tokens whose final top-1 was already top-1 entering the layer,
+    among tokens that skipped a branch vs tokens that ran it (from `settled_table`)."""
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, subplot_titles=[f"{b} branch" for b in BRANCHES])
+    for col, branch in enumerate(BRANCHES, start=1):
+        part = table[table["branch"] == branch]
+        for column, name, colour in (
+            ("settled_rate_skipped", "skipped", "#d62728"),
+            ("settled_rate_ran", "ran", "#1f77b4"),
+        ):
+            fig.add_trace(
+                go.Scatter(
+                    x=part["layer"],
+                    y=part[column],
+                    mode="lines+markers",
+                    name=name,
+                    legendgroup=name,
+                    showlegend=col == 1,
+                    line={"color": colour},
+                    customdata=part[["skipped_n" if name == "skipped" else "ran_n"]],
+                    hovertemplate="layer %{x}<br>settled %{y:.3f}<br>tokens %{customdata[0]}<extra>"
+                    + name
+                    + "</extra>",
+                ),
+                row=1,
+                col=col,
+            )
+        fig.update_xaxes(title_text="layer", row=1, col=col)
+    fig.update_yaxes(title_text="prediction settled before the layer", range=[0, 1], row=1, col=1)
+    fig.update_layout(title="Had the prediction settled? tokens that skipped vs ran each layer", height=380)
+    return fig

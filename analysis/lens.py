@@ -1,47 +1,198 @@
-"""Bridge to TransformerLens: the same backbone, with TransformerLens hook points.
+"""The gated model under TransformerLens 4: gate values and skip decisions as hook points.
 
-`to_transformer_lens(model)` wraps a copy of the loaded Hugging Face backbone in a
-TransformerLens 4 `TransformerBridge` (offline), for analyses GateSkip Lens does
-not provide itself (activation patching, probes, ...). A copy, because the bridge
-replaces the wrapped model's modules in place and the GateSkip model must stay as loaded.
+`GatedLens(model)` wraps a copy of the backbone the gated walk runs (the adapted copy
+when the gates came with an adapter) in a TransformerLens `TransformerBridge`
+(offline; a copy, because the bridge rewires the model it wraps) and adds, for every
+layer l, four hook points:
 
-Naming: a GateSkip gate on (layer l, branch attn|mlp) multiplies what TransformerLens
-calls `blocks.{l}.hook_attn_out` / `blocks.{l}.hook_mlp_out` before it is added to the
-residual stream; the residual before layer l is `blocks.{l}.hook_resid_pre`.
-`residual_stream_gap` checks that GateSkip's own layer walk (ungated, nothing
-skipped) reproduces TransformerLens's residual stream at every layer.
+    blocks.{l}.attn.hook_gate   [batch, pos, d] (vector, low-rank gates) or [batch, pos, 1] (scalar)
+    blocks.{l}.attn.hook_skip   [batch, pos] bool: the token skips attention at layer l
+    blocks.{l}.mlp.hook_gate
+    blocks.{l}.mlp.hook_skip
+
+Every call (`run_with_cache`, `run_with_hooks`, `forward`) takes the skip settings of
+`GatedModel.trace` (`skip`, `policy`, `branches`, `allocation`, `protect_bos`, `seed`,
+`forced`). Per call, the gating runs as bridge hooks, in this order:
+
+    blocks.{l}.ln1.hook_out      x = attn_norm(h): the gate's input
+      -> attn.hook_gate          g = gate(x)          (a hook may read or replace it)
+      -> attn.hook_skip          skip = policy(mean g) (a hook may override decisions)
+    blocks.{l}.hook_attn_out     y -> g * y, exact zero where skip: what enters the residual
+    (the same for ln2 / mlp)
+
+so `blocks.{l}.hook_attn_out` / `hook_mlp_out` hold the gated branch output and the
+residual stream hooks (`hook_resid_pre`, ...) the gated residual. Values equal a
+`gateskip_core` trace of the same call (masked path; `kv="copy"` is not offered here).
+Nothing per call is stored on modules: the hooks close over one call's state.
+
+`residual_stream_gap` checks that GateSkip's own walk (ungated) reproduces the bridge's
+residual stream; `trace_to_cache` / `cache_to_arrays` convert between traces and
+hook-name dictionaries.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from gateskip_core import Capture, GatedModel, SkipBudget, SkipPlan
-from gateskip_core.registry import REGISTRY
+from gateskip_core import BRANCHES, Capture, GatedModel, GateSkipError, SkipBudget, SkipPlan, Trace
+from gateskip_core.execution import branch_decision
+
+NORM_HOOKS = {"attn": "ln1.hook_out", "mlp": "ln2.hook_out"}
+
+
+def gate_hook(layer: int, branch: str) -> str:
+    """Hook point of the gate values of (layer, branch): [batch, pos, d] or [batch, pos, 1]."""
+    return f"blocks.{layer}.{branch}.hook_gate"
+
+
+def skip_hook(layer: int, branch: str) -> str:
+    """Hook point of the skip decisions of (layer, branch): [batch, pos] bool."""
+    return f"blocks.{layer}.{branch}.hook_skip"
 
 
 def hook_name(layer: int, branch: str) -> str:
-    """The TransformerLens hook point of the branch output a GateSkip gate scales."""
+    """The hook point of the branch output a GateSkip gate scales (gated, under `GatedLens`)."""
     return f"blocks.{layer}.hook_{branch}_out"
 
 
-def to_transformer_lens(model: GatedModel):
-    """A TransformerBridge over a copy of `model.backbone` (the gates are not part of it)."""
+def boot_bridge(model: GatedModel):
+    """A TransformerBridge over a copy of the backbone the gated walk runs, offline."""
     from transformer_lens.model_bridge import TransformerBridge
 
-    entry = REGISTRY.get(model.name)
-    name = str(entry.cache_dir) if entry is not None and entry.build is None else model.name
     backbone = copy.deepcopy(model.backbone)
-    return TransformerBridge.boot_transformers(name, hf_model=backbone, tokenizer=model.tokenizer)
+    backbone.config.architectures = [type(backbone).__name__]
+    tokenizer = copy.deepcopy(model.tokenizer)
+    # TransformerLens reloads a tokenizer from `name_or_path` unless it already adds BOS;
+    # ours are passed token ids that `GatedModel.encode` made (BOS first), so no reload.
+    tokenizer.init_kwargs["name_or_path"] = model.name
+    tokenizer.init_kwargs["add_bos_token"] = True
+    return TransformerBridge.boot_transformers(model.name, hf_model=backbone, tokenizer=tokenizer)
+
+
+@dataclass
+class _CallState:
+    """One call's gate values and decisions, keyed (layer, branch); the hooks close over it."""
+
+    plan: SkipPlan
+    positions: torch.Tensor  # [B, T]
+    eligible: torch.Tensor  # [B, T]
+    gate: dict = field(default_factory=dict)
+    skip: dict = field(default_factory=dict)
+
+
+class GatedLens:
+    """`model` (gates, adapter, skip settings per call) as a TransformerLens bridge."""
+
+    def __init__(self, model: GatedModel):
+        self.model = model
+        self.bridge = boot_bridge(model)
+        self.n_layers = model.spec.n_layers
+        self._add_hook_points()
+
+    def _add_hook_points(self) -> None:
+        from transformer_lens.hook_points import HookPoint
+
+        for layer in range(self.n_layers):
+            block = self.bridge.blocks[layer]
+            for branch in BRANCHES:
+                component = getattr(block, branch)
+                for name, attr in ((gate_hook(layer, branch), "hook_gate"), (skip_hook(layer, branch), "hook_skip")):
+                    point = HookPoint()
+                    setattr(component, attr, point)
+                    point.name = name
+                    self.bridge._hook_registry[name] = point  # the bridge's registry of hook points
+
+    def hook_names(self) -> list[str]:
+        """The hook points this lens adds (gates and decisions), layer by layer."""
+        return [
+            f(layer, branch) for layer in range(self.n_layers) for branch in BRANCHES for f in (gate_hook, skip_hook)
+        ]
+
+    # ---- inputs
+    def tokens(self, text_or_ids: str | Sequence[str] | torch.Tensor, chat: bool = False) -> torch.Tensor:
+        """Token ids [B, T] (BOS first) of one text, equal-length texts, or ids as given."""
+        if isinstance(text_or_ids, torch.Tensor):
+            ids = text_or_ids if text_or_ids.ndim == 2 else text_or_ids[None]
+            if ids.dtype != torch.long or ids.numel() == 0:
+                raise GateSkipError("token ids must be a non-empty tensor of whole numbers [batch, pos]")
+            return ids.to(self.model.device)
+        batch = self.model.encode(text_or_ids, chat=chat)
+        if not bool(batch.attention_mask.all()):
+            raise GateSkipError("the lens runs texts of equal token length only (no padding); pass them one by one")
+        return batch.input_ids.to(self.model.device)
+
+    # ---- calls
+    def forward(self, text_or_ids, chat: bool = False, **skip_args) -> torch.Tensor:
+        return self.run_with_hooks(text_or_ids, chat=chat, **skip_args)
+
+    def run_with_cache(self, text_or_ids, chat: bool = False, names_filter=None, **skip_args):
+        """(logits, ActivationCache) of the gated call, with the gate and skip hook points."""
+        ids = self.tokens(text_or_ids, chat)
+        with torch.no_grad(), self.bridge.hooks(fwd_hooks=self._gating_hooks(ids, skip_args)):
+            return self.bridge.run_with_cache(ids, names_filter=names_filter)
+
+    def run_with_hooks(self, text_or_ids, fwd_hooks=(), chat: bool = False, **skip_args) -> torch.Tensor:
+        """Logits of the gated call with `fwd_hooks` [(name, fn)]: a hook on `hook_skip`
+        returning a changed mask overrides those decisions, one on `hook_gate` the gate values."""
+        ids = self.tokens(text_or_ids, chat)
+        with torch.no_grad(), self.bridge.hooks(fwd_hooks=self._gating_hooks(ids, skip_args)):
+            return self.bridge.run_with_hooks(ids, fwd_hooks=list(fwd_hooks))
+
+    # ---- the gating, as hooks
+    def _gating_hooks(self, ids: torch.Tensor, skip_args: dict) -> list[tuple[str, Callable]]:
+        plan = self.model.make_plan(**skip_args)
+        if plan.kv != "compute":
+            raise GateSkipError("the lens computes every token's keys/values (kv='compute'); kv='copy' is not offered")
+        B, T = ids.shape
+        positions = torch.arange(T, device=ids.device).expand(B, T)
+        state = _CallState(plan, positions, ~((positions == 0) & plan.protect_bos))
+        hooks = []
+        for layer in range(self.n_layers):
+            for branch in BRANCHES:
+                hooks.append((f"blocks.{layer}.{NORM_HOOKS[branch]}", self._decide(state, layer, branch)))
+                hooks.append((hook_name(layer, branch), self._scale(state, layer, branch)))
+        return hooks
+
+    def _decide(self, state: _CallState, layer: int, branch: str):
+        block = getattr(self.bridge.blocks[layer], branch)
+        gates = self.model.gates
+
+        def decide(x: torch.Tensor, hook) -> torch.Tensor:
+            g = block.hook_gate(gates.gate(layer, branch)(x)) if gates is not None else None
+            mean = g.mean(-1).float() if g is not None else torch.ones(x.shape[:2], device=x.device)
+            skip, _ = branch_decision(state.plan, layer, branch, mean, state.eligible, state.positions)
+            state.gate[layer, branch] = g
+            state.skip[layer, branch] = block.hook_skip(skip)
+            return x
+
+        return decide
+
+    @staticmethod
+    def _scale(state: _CallState, layer: int, branch: str):
+        def scale(y: torch.Tensor, hook) -> torch.Tensor:
+            g, skip = state.gate[layer, branch], state.skip[layer, branch]
+            if g is not None:
+                y = g.to(y.dtype) * y
+            return torch.where(skip[..., None].to(y.device), torch.zeros_like(y), y)
+
+        return scale
+
+
+def to_transformer_lens(model: GatedModel):
+    """A plain TransformerBridge over a copy of `model.backbone` (no gates; see `GatedLens`)."""
+    return boot_bridge(model)
 
 
 def residual_stream_gap(model: GatedModel, text: str, bridge=None) -> float:
     """Max |GateSkip residual - TransformerLens hook_resid_pre| over layers and tokens (ungated)."""
     bridge = bridge if bridge is not None else to_transformer_lens(model)
     ids = model.encode([text]).input_ids
-    plain = model.view()
+    plain = GatedModel(model.backbone, model.tokenizer, model.name)
     out = plain.forward(
         ids,
         torch.ones_like(ids),
@@ -55,3 +206,40 @@ def residual_stream_gap(model: GatedModel, text: str, bridge=None) -> float:
         for layer in range(model.spec.n_layers)
     ]
     return max(gaps)
+
+
+# ---- traces <-> hook-name dictionaries
+def trace_to_cache(trace: Trace, sequence: int = 0) -> dict[str, torch.Tensor]:
+    """One sequence of `trace` as TransformerLens-style {hook name: tensor [1, pos, ...]}:
+    `hook_gate` holds the gate vectors when the trace captured them (`gate_vectors=True`),
+    else the mean gate as [1, pos, 1] (exact for scalar gates); `hook_skip` the decisions."""
+    if not 0 <= sequence < len(trace.sequences):
+        raise GateSkipError(f"trace has {len(trace.sequences)} sequences; no sequence {sequence}")
+    seq = trace.sequences[sequence]
+    cache = {}
+    for layer in range(trace.n_layers):
+        for b, branch in enumerate(BRANCHES):
+            if seq.gate_vectors is not None:
+                gate = seq.gate_vectors[:, layer, b, :]
+            else:
+                gate = seq.gate[:, layer, b, None]
+            cache[gate_hook(layer, branch)] = torch.from_numpy(np.ascontiguousarray(gate, dtype=np.float32))[None]
+            cache[skip_hook(layer, branch)] = torch.from_numpy(seq.skipped[:, layer, b].copy())[None]
+    return cache
+
+
+def cache_to_arrays(cache, n_layers: int, batch_index: int = 0) -> dict[str, np.ndarray]:
+    """The trace fields a cache holds, for one batch row: `gate` [T, L, 2] (mean gate),
+    `skipped` [T, L, 2] and, when the hooks carry vectors, `gate_vectors` [T, L, 2, d]."""
+    missing = [gate_hook(layer, b) for layer in range(n_layers) for b in BRANCHES if gate_hook(layer, b) not in cache]
+    if missing:
+        raise GateSkipError(f"cache lacks the gate hook points (first missing: {missing[0]}); run it through GatedLens")
+    gates = [[cache[gate_hook(layer, b)][batch_index].float() for b in BRANCHES] for layer in range(n_layers)]
+    skips = [[cache[skip_hook(layer, b)][batch_index].bool() for b in BRANCHES] for layer in range(n_layers)]
+    out = {
+        "gate": torch.stack([torch.stack([g.mean(-1) for g in row], -1) for row in gates], 1).numpy(),
+        "skipped": torch.stack([torch.stack(row, -1) for row in skips], 1).numpy(),
+    }
+    if gates[0][0].shape[-1] > 1:
+        out["gate_vectors"] = torch.stack([torch.stack(row, 1) for row in gates], 1).numpy()
+    return out

@@ -16,6 +16,7 @@ import streamlit as st
 
 from analysis import figures
 from analysis.flow import FlowStats, layer_skip_summary
+from analysis.logit_lens import settled_summary
 from analysis.sweep import METHODS, sweep
 from dashboard import service
 from gateskip_core import DEFAULT_MODEL, REGISTRY, GateSkipError
@@ -312,6 +313,39 @@ def sweep_view(cfg: service.Settings) -> None:
         figure_download(c2, "Sweep figure (HTML)", fig, "sweep.html")
 
 
+def lens_view(cfg: service.Settings) -> None:
+    shown = explored_trace()
+    if shown is None:
+        return
+    st.caption(
+        "Logit lens of the exact gated run: each cell is the top next-token prediction decoded from the "
+        "residual stream entering that layer; x marks where the token skipped the branch. A token has "
+        "*settled* when the final prediction is already on top."
+    )
+    branch = st.radio("Mark skips of", ["mlp", "attn", "both"], horizontal=True, key="lens_branch")
+    text = shown.sequences[0].text
+    key = ("lens", cfg.model_name, cfg.view.gates_label, id(cfg.view), text, repr(cfg.skip_args()))
+    if st.button("Run the logit lens on the current prompt and settings", key="run_lens"):
+        with st.spinner("running the logit lens…"):
+            st.session_state["lens"] = (key, *service.lens(cfg.view, text, cfg))
+    stored = st.session_state.get("lens")
+    if stored is None:
+        return
+    shown_key, grid, table = stored
+    if shown_key != key:
+        st.info("The prompt or settings changed since this lens ran; run it again to update.")
+    fig = figures.lens_grid_figure(grid, branch)
+    st.plotly_chart(fig, key="lens_grid")
+    summary = settled_summary(table)
+    st.dataframe(summary, hide_index=True)
+    st.plotly_chart(figures.settled_figure(table), key="lens_settled")
+    c1, c2, c3 = st.columns(3)
+    frame = grid.to_dataframe()
+    c1.download_button("Lens grid (CSV)", lambda: frame.to_csv(index=False), "logit_lens.csv", "text/csv")
+    c2.download_button("Settled table (CSV)", lambda: table.to_csv(index=False), "settled.csv", "text/csv")
+    figure_download(c3, "Lens grid (HTML)", fig, "logit_lens.html")
+
+
 def compare_view(cfg: service.Settings) -> None:
     shown = explored_trace()
     if shown is None:
@@ -365,11 +399,13 @@ def main() -> None:
     except GateSkipError as err:
         st.error(str(err))
         return
-    explore, layers, sweep_tab, compare = st.tabs(["Explore", "Layers", "Sweep", "Compare"])
+    explore, layers, lens_tab, sweep_tab, compare = st.tabs(["Explore", "Layers", "Lens", "Sweep", "Compare"])
     with explore:
         explore_view(cfg)
     with layers:
         layers_view(cfg)
+    with lens_tab:
+        lens_view(cfg)
     with sweep_tab:
         sweep_view(cfg)
     with compare:

@@ -164,6 +164,14 @@ def exact(model: GatedModel, text: str, chat: bool, settings: Settings) -> tuple
     return trace, quality, time.perf_counter() - start
 
 
+def lens(model: GatedModel, text: str, settings: Settings):
+    """The logit lens of the exact gated run of `text`: a `LensGrid` and its settled table."""
+    from analysis.logit_lens import grid_counts, logit_lens, settled_table
+
+    grid = logit_lens(model, text, max_tokens=MAX_PROMPT_TOKENS, **settings.skip_args(model))
+    return grid, settled_table(grid_counts(grid))
+
+
 def compare_decisions(estimated: Trace, exact_trace: Trace) -> np.ndarray:
     """[T, L, 2] bool: cells where estimate and exact decisions differ."""
     return estimated.sequences[0].skipped != exact_trace.sequences[0].skipped

@@ -27,6 +27,7 @@ _WHERE = {
     "SkipArgs": "model",
     "load_model": "model",
     "CalibratedPolicy": "policies",
+    "Forced": "policies",
     "QuantilePolicy": "policies",
     "RandomPolicy": "policies",
     "SkipBudget": "policies",
@@ -61,6 +62,13 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .gates import BRANCHES, GateSet  # noqa: F401
     from .generation import Generation  # noqa: F401
     from .model import GatedModel, SkipArgs, load_model  # noqa: F401
-    from .policies import CalibratedPolicy, QuantilePolicy, RandomPolicy, SkipBudget, SkipPolicy  # noqa: F401
+    from .policies import (  # noqa: F401
+        CalibratedPolicy,
+        Forced,
+        QuantilePolicy,
+        RandomPolicy,
+        SkipBudget,
+        SkipPolicy,
+    )
     from .registry import DEFAULT_MODEL, REGISTRY, cache_root  # noqa: F401
     from .trace import SequenceTrace, Trace, read_trace  # noqa: F401

@@ -271,6 +271,11 @@ def _register_analysis(sub) -> None:
     except ImportError:
         return
     register(sub, COMMANDS, _add_model_args, _add_skip_args, _budget)
+    try:
+        from bench.cli import register as register_bench
+    except ImportError:
+        return
+    register_bench(sub, COMMANDS)
 
 
 def _terminate(signum, frame):

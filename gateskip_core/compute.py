@@ -134,3 +134,29 @@ def branch_saving_flops(spec: ArchSpec, context: int = 256) -> np.ndarray:
         keys = keys_per_query(spec, layer, np.array([context - 1]), context, "causal")[0]
         out[layer] = (costs.q + costs.o + costs.attn_per_key * keys, costs.mlp)
     return out
+
+
+def decode_step_bytes(
+    spec: ArchSpec,
+    run: np.ndarray,  # [L, 2] bool: some token of the step runs (layer, branch)
+    context: int,
+    batch: int,
+    gate_params: tuple[int, int] = (0, 0),
+    bytes_per_param: int = 4,
+) -> float:
+    """Bytes one decoding step reads (the bytes-read model of batch-small decoding on a CPU, where
+    a step's time follows the weights it touches): every layer's k/v projections (every token's
+    keys/values are computed) and gates; q/o projections and the KV cache only where some token of
+    the step runs attention; the MLP weights only where some token runs it; the LM head."""
+    costs = LayerCosts.of(spec)
+    params = costs.kv / 2 + sum(gate_params)  # always read, per layer
+    total = 0.0
+    for layer in range(spec.n_layers):
+        window = spec.layers[layer].sliding_window
+        seen = min(context, window) if window is not None else context
+        kv_cache = 2 * seen * spec.n_kv_heads * spec.head_dim * batch
+        total += params
+        total += run[layer, 0] * ((costs.q + costs.o) / 2 + kv_cache)
+        total += run[layer, 1] * costs.mlp / 2
+    total += costs.lm_head / 2 + batch * spec.d_model  # LM head, embedding rows
+    return total * bytes_per_param

@@ -13,6 +13,7 @@ import torch
 
 from .architecture import ArchSpec
 from .compute import account_sequence
+from .errors import GateSkipError
 from .execution import SkipPlan
 from .gates import BRANCHES
 from .policies import BranchInput
@@ -21,6 +22,8 @@ from .trace import Trace
 
 def estimate_trace(trace: Trace, plan: SkipPlan, spec: ArchSpec | None = None, gate_flops=(0, 0)) -> Trace:
     """`trace` with `plan`'s decisions on its captured gate values; with `spec`, a new compute account."""
+    if plan.forced:
+        raise GateSkipError("forced decisions change later layers' inputs: use trace, not estimate")
     fractions = plan.budget.fractions
     sequences = []
     for seq in trace.sequences:

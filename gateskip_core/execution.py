@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from .architecture import ArchSpec, LayerParts
 from .errors import GateSkipError
 from .gates import BRANCHES, GateSet
-from .policies import BranchInput, SkipBudget, SkipPolicy
+from .policies import BranchInput, Forced, SkipBudget, SkipPolicy
 
 ExecutionPath = Literal["masked", "physical"]
 KVMode = Literal["compute", "copy"]
@@ -58,6 +58,7 @@ class SkipPlan:
     path: ExecutionPath = "masked"
     kv: KVMode = "compute"
     protect_bos: bool = True
+    forced: tuple[Forced, ...] = ()  # decisions that override the policy's
 
     def __post_init__(self) -> None:
         if self.path not in EXECUTION_PATHS:
@@ -87,28 +88,46 @@ class Capture:
 
 @dataclass
 class KVCache:
-    """Keys/values and per-token bookkeeping of earlier tokens, for one generation call."""
+    """Keys/values and per-token bookkeeping of earlier tokens, for one generation call.
 
-    keys: list[torch.Tensor] = field(default_factory=list)  # per layer [B, H_kv, S, hd]
+    Keys/values live in buffers with room to spare (`reserve` sizes them for a whole
+    generation; they double when full), so a decoding step writes its one slot instead of
+    copying the whole cache with `torch.cat`.
+    """
+
+    keys: list[torch.Tensor] = field(default_factory=list)  # per layer [B, H_kv, capacity, hd]
     values: list[torch.Tensor] = field(default_factory=list)
     slot_real: torch.Tensor | None = None  # [B, S] bool: slot holds a real token
     n_real: torch.Tensor | None = None  # [B] real tokens so far
     gate: torch.Tensor | None = None  # [B, S, L, 2] (running-quantile history)
     eligible: torch.Tensor | None = None  # [B, S]
+    capacity: int = 0  # slots to allocate on first use (0: what the first call needs)
 
     @property
     def n_slots(self) -> int:
         return 0 if self.slot_real is None else self.slot_real.shape[1]
 
+    def reserve(self, slots: int) -> KVCache:
+        """Allocate room for `slots` tokens in all (prompt + new tokens) when the buffers are made."""
+        self.capacity = max(self.capacity, slots)
+        return self
+
     def append_layer(self, layer: int, keys: torch.Tensor, values: torch.Tensor):
         """Add this call's keys/values [B, H_kv, T, hd] of `layer`; returns all of that layer's."""
-        if len(self.keys) > layer:
-            self.keys[layer] = torch.cat([self.keys[layer], keys], 2)
-            self.values[layer] = torch.cat([self.values[layer], values], 2)
-        else:
-            self.keys.append(keys)
-            self.values.append(values)
-        return self.keys[layer], self.values[layer]
+        start, end = self.n_slots, self.n_slots + keys.shape[2]
+        if len(self.keys) <= layer:
+            shape = (*keys.shape[:2], max(end, self.capacity), keys.shape[3])
+            self.keys.append(keys.new_empty(shape))
+            self.values.append(values.new_empty(shape))
+        elif self.keys[layer].shape[2] < end:  # full: double
+            grown = max(end, 2 * self.keys[layer].shape[2])
+            for buffers in (self.keys, self.values):
+                old = buffers[layer]
+                buffers[layer] = old.new_empty((*old.shape[:2], grown, old.shape[3]))
+                buffers[layer][:, :, :start] = old[:, :, :start]
+        self.keys[layer][:, :, start:end] = keys
+        self.values[layer][:, :, start:end] = values
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def append_tokens(self, slot_real, n_real, gate, eligible) -> None:
         """Add this call's per-token bookkeeping (after every layer appended its keys/values)."""
@@ -148,6 +167,7 @@ class _Call:
     slot_real: torch.Tensor  # [B, S] every slot so far, this call's included
     result: ForwardResult
     prev_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # kv="copy": the layer below's
+    masks: dict = field(default_factory=dict)  # attention masks by sliding window (every-token path)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -176,22 +196,25 @@ def project_kv(parts: LayerParts, spec: ArchSpec, x: torch.Tensor, cos: torch.Te
     return _rope(k, cos[:, None], sin[:, None]), v
 
 
-def attend(spec: ArchSpec, parts: LayerParts, q, q_slots, q_valid, keys, values, slot_real) -> torch.Tensor:
-    """Causal (optionally sliding-window) attention: [B, Q, H*hd].
+def attention_mask(q_slots, q_valid, slot_real, sliding_window: int | None) -> torch.Tensor | None:
+    """[B, 1, Q, S] bool: causal (optionally sliding-window) keys each query may see; None when
+    every query sees every key (one decoding step over a full cache: the fast kernel path).
 
-    q [B, H, Q, hd]; q_slots [B, Q] slot of each query; q_valid [B, Q] real queries
-    (padding rows are discarded later); keys/values [B, H_kv, S, hd]; slot_real [B, S].
-    """
-    k_slots = torch.arange(keys.shape[2], device=q.device)
+    q_slots [B, Q] slot of each query; q_valid [B, Q] real queries (padding rows are discarded
+    later); slot_real [B, S]."""
+    k_slots = torch.arange(slot_real.shape[1], device=q_slots.device)
     allowed = (k_slots[None, None, :] <= q_slots[:, :, None]) & slot_real[:, None, :]
-    if parts.sliding_window is not None:
-        allowed &= k_slots[None, None, :] > q_slots[:, :, None] - parts.sliding_window
+    if sliding_window is not None:
+        allowed &= k_slots[None, None, :] > q_slots[:, :, None] - sliding_window
     # A padding query would have no key at all (NaN softmax); let it see its own slot.
     own = k_slots[None, None, :] == q_slots[:, :, None]
     allowed = torch.where(q_valid[:, :, None], allowed, own)
-    out = F.scaled_dot_product_attention(
-        q, keys, values, attn_mask=allowed[:, None], scale=spec.attn_scale, enable_gqa=True
-    )
+    return None if bool(allowed.all()) else allowed[:, None]
+
+
+def attend(spec: ArchSpec, q, keys, values, mask) -> torch.Tensor:
+    """Attention of q [B, H, Q, hd] over keys/values [B, H_kv, S, hd] under `mask`: [B, Q, H*hd]."""
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=spec.attn_scale, enable_gqa=True)
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
@@ -206,7 +229,10 @@ def query_side(call: _Call, parts: LayerParts, cos, sin, keys, values, x_rows: t
     if rows is None:
         flat = (x_rows.reshape(B * T, -1), cos.reshape(B * T, -1), sin.reshape(B * T, -1))
         q = project_q(parts, spec, *flat).view(B, T, spec.n_heads, -1).transpose(1, 2)
-        return parts.o_proj(attend(spec, parts, q, call.slots, call.real, keys, values, call.slot_real))
+        window = parts.sliding_window
+        if window not in call.masks:  # one mask per call and window size, shared by the layers
+            call.masks[window] = attention_mask(call.slots, call.real, call.slot_real, window)
+        return parts.o_proj(attend(spec, q, keys, values, call.masks[window]))
     b_idx, t_idx, rank, width = rows
     device = x_rows.device
     q_rows = project_q(parts, spec, x_rows, cos[b_idx, t_idx], sin[b_idx, t_idx])
@@ -215,7 +241,8 @@ def query_side(call: _Call, parts: LayerParts, cos, sin, keys, values, x_rows: t
     q_slots = torch.zeros(B, width, dtype=torch.long, device=device).index_put((b_idx, rank), call.slots[b_idx, t_idx])
     q_valid = torch.zeros(B, width, dtype=torch.bool, device=device)
     q_valid = q_valid.index_put((b_idx, rank), torch.tensor(True, device=device))
-    out = attend(spec, parts, q, q_slots, q_valid, keys, values, call.slot_real)
+    mask = attention_mask(q_slots, q_valid, call.slot_real, parts.sliding_window)
+    out = attend(spec, q, keys, values, mask)
     return parts.o_proj(out[b_idx, rank])
 
 
@@ -242,26 +269,60 @@ def decide_branch(call: _Call, layer: int, branch: str, x: torch.Tensor):
             res.gate_values.append(g)
         if res.gate_vectors is not None:
             res.gate_vectors[:, :, layer, bi] = g.detach().float().expand(*call.real.shape, call.spec.d_model)
-    budget = call.plan.budget.at(layer, branch)
-    if budget == 0:
-        return g, torch.zeros_like(call.real)
     history = call.cache is not None and call.cache.gate is not None
-    decision = call.plan.policy.decide(
-        BranchInput(
-            layer=layer,
-            branch=branch,
-            budget=budget,
-            gate=res.gate[:, :, layer, bi],
-            eligible=call.eligible,
-            positions=call.positions,
-            history_gate=call.cache.gate[:, :, layer, bi] if history else None,
-            history_eligible=call.cache.eligible if history else None,
-        )
+    skip, threshold = branch_decision(
+        call.plan,
+        layer,
+        branch,
+        res.gate[:, :, layer, bi],
+        call.eligible,
+        call.positions,
+        history_gate=call.cache.gate[:, :, layer, bi] if history else None,
+        history_eligible=call.cache.eligible if history else None,
     )
-    skip = decision.skip & call.eligible
     res.skipped[:, :, layer, bi] = skip
-    res.threshold[:, :, layer, bi] = decision.threshold
+    res.threshold[:, :, layer, bi] = threshold
     return g, skip
+
+
+def branch_decision(
+    plan: SkipPlan,
+    layer: int,
+    branch: str,
+    gate: torch.Tensor,
+    eligible: torch.Tensor,
+    positions: torch.Tensor,
+    history_gate: torch.Tensor | None = None,
+    history_eligible: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Skip mask [B, T] and thresholds [B, T] of one branch from its mean gates [B, T]: the
+    policy's decisions under the plan's budget, then the plan's forced ones (NaN threshold)."""
+    skip = torch.zeros_like(eligible)
+    threshold = torch.full(gate.shape, float("-inf"), device=gate.device)
+    budget = plan.budget.at(layer, branch)
+    if budget > 0:
+        decision = plan.policy.decide(
+            BranchInput(
+                layer=layer,
+                branch=branch,
+                budget=budget,
+                gate=gate,
+                eligible=eligible,
+                positions=positions,
+                history_gate=history_gate,
+                history_eligible=history_eligible,
+            )
+        )
+        skip = decision.skip & eligible
+        threshold = threshold.copy_(decision.threshold.expand(gate.shape))
+    for forced in plan.forced:
+        if forced.layer == layer and forced.branch == branch:
+            # Forced skips respect eligibility (padding, a protected BOS); forced runs apply to any real token.
+            at = positions == forced.position
+            at = at & eligible if forced.skip else at
+            skip = torch.where(at, torch.tensor(forced.skip, device=skip.device), skip)
+            threshold = threshold.masked_fill(at, float("nan"))
+    return skip, threshold
 
 
 def layer_keys_values(call: _Call, layer: int, parts: LayerParts, x: torch.Tensor, skip: torch.Tensor, cos, sin):
@@ -309,10 +370,15 @@ def apply_branch(call: _Call, h, x, g, skip, run_branch, post_norm) -> torch.Ten
             delta.retain_grad()  # d loss / d delta = d loss / d residual after this branch
             call.result.branch_deltas.append(delta)
         return h + delta
+    if not bool(run.any()):  # nobody runs it (a skipping decoding step): nothing to compute
+        return h
+    if bool(run.all()):  # everybody runs it: no gather, no scatter
+        y = run_branch(x, None)
+        if post_norm is not None:
+            y = post_norm(y)
+        return h + (g * y if g is not None else y)
     rows = pack_rows(run)
     b_idx, t_idx = rows[0], rows[1]
-    if b_idx.numel() == 0:
-        return h
     y = run_branch(x[b_idx, t_idx], rows)
     if post_norm is not None:
         y = post_norm(y)

@@ -46,7 +46,7 @@ def generate(
 ) -> tuple[list[list[int]], Trace]:
     """New token ids per prompt of `batch` (an encoded, left-padded `Batch`), and the trace of all tokens."""
     rng = torch.Generator().manual_seed(seed)
-    cache = KVCache()
+    cache = KVCache().reserve(batch.input_ids.shape[1] + max_new_tokens)
     B = batch.input_ids.shape[0]
     eos, pad = model.tokenizer.eos_token_id, model.tokenizer.pad_token_id
     all_ids, all_mask = [batch.input_ids], [batch.attention_mask]

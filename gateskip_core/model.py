@@ -36,7 +36,7 @@ from .estimate import estimate_trace
 from .execution import Capture, ForwardResult, KVCache, SkipPlan, gated_forward
 from .gates import BRANCHES, GateSet, parse_gate_variant
 from .generation import Generation, generate
-from .policies import CalibratedPolicy, SkipBudget, SkipPolicy, resolve_policy
+from .policies import CalibratedPolicy, Forced, SkipBudget, SkipPolicy, resolve_policy
 from .registry import DEFAULT_MODEL, load_backbone
 from .trace import SequenceTrace, Trace
 
@@ -56,6 +56,7 @@ class SkipArgs(TypedDict, total=False):
     kv: str
     seed: int
     allocation: str
+    forced: Sequence[Forced]
 
 
 def shipped_gate_path(model_name: str, spec: str = "default") -> Path:
@@ -218,6 +219,7 @@ class GatedModel:
         kv: str = "compute",
         seed: int = 0,
         allocation: str = "auto",
+        forced: Sequence[Forced] = (),
     ) -> SkipPlan:
         """The plan of one call: `skip` spread by `allocation` (see `budget`), a policy by name
         ('quantile', 'calibrated', 'random') or object, the execution path and kv mode."""
@@ -227,7 +229,12 @@ class GatedModel:
         resolved = resolve_policy(policy, seed, lambda: self.calibrate(budget, protect_bos=protect_bos))
         if resolved.needs_gates and self.gates is None and not budget.is_zero():
             raise GateSkipError(f"policy {resolved.name!r} ranks tokens by their gates; load gates or use 'random'")
-        return SkipPlan(budget, resolved, path, kv, protect_bos)
+        forced = tuple(forced)
+        for decision in forced:
+            if not isinstance(decision, Forced):
+                raise GateSkipError(f"forced decisions must be Forced(layer, branch, position, skip), got {decision!r}")
+            decision.check(self.spec.n_layers, protect_bos)
+        return SkipPlan(budget, resolved, path, kv, protect_bos, forced)
 
     def budget(
         self,

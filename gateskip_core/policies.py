@@ -110,6 +110,29 @@ def budget_label(fractions: np.ndarray, branches: Sequence[str] = BRANCHES, tota
 
 
 @dataclass(frozen=True)
+class Forced:
+    """One decision taken out of the policy's hands: the token at `position` (0 = first real
+    token) skips (`skip=True`) or runs `branch` at `layer`, whatever its gate. Forced cells get
+    a NaN threshold in traces. The TransformerLens bridge's `hook_skip` overrides are the same thing."""
+
+    layer: int
+    branch: str
+    position: int
+    skip: bool = True
+
+    def check(self, n_layers: int, protect_bos: bool) -> None:
+        if self.branch not in BRANCHES:
+            raise GateSkipError(f"forced decision: branch must be 'attn' or 'mlp', got {self.branch!r}")
+        for name, value, limit in (("layer", self.layer, n_layers), ("position", self.position, None)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise GateSkipError(f"forced decision: {name} must be a whole number >= 0, got {value!r}")
+            if limit is not None and value >= limit:
+                raise GateSkipError(f"forced decision: layer {value} does not exist (model has {limit} layers)")
+        if self.skip and self.position == 0 and protect_bos:
+            raise GateSkipError("forced decision: position 0 (BOS) is protected; pass protect_bos=False to skip it")
+
+
+@dataclass(frozen=True)
 class BranchInput:
     """What a policy sees for one (layer, branch) of one forward call."""
 

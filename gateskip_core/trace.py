@@ -123,6 +123,11 @@ class Trace:
     def budget_label(self) -> str:
         return budget_label(self.skip_budget, self.branches)
 
+    def budget_fraction(self) -> float:
+        """The share of eligible branch evaluations the budget table asks to skip (its mean over
+        layers and both branch types), in the units of `skipped_fraction`: the reached rate."""
+        return float(np.mean(self.skip_budget))
+
     # ---- export
     def to_dataframe(self) -> pd.DataFrame:
         frames = []
@@ -243,7 +248,8 @@ class Trace:
             f"model {self.model} | gates {self.gates} | policy {self.policy} | budget {self.budget_label()} "
             f"({'+'.join(self.branches)}) | path {self.path}",
             f"{len(self.sequences)} sequence(s), {n_tok} tokens, {self.n_layers} layers",
-            f"skipped {self.skipped_fraction():.1%} of eligible branch evaluations; "
+            f"skipped {self.skipped_fraction():.1%} of eligible branch evaluations "
+            f"(the budget asks {self.budget_fraction():.1%}); "
             f"net FLOPs saved {c.net_saved_fraction:+.1%} (gates included; "
             f"dense {c.dense_flops / 1e9:.2f} GFLOP, with skipping {c.skipping_flops / 1e9:.2f} GFLOP)",
         ]

@@ -29,6 +29,9 @@ gateskip stats --trace docs/heldout_traces.parquet --out docs/layer_stats.csv --
     --types-out docs/token_types.csv --tokens-out docs/tokens.csv
 gateskip faithfulness --gates default --file docs/heldout.txt --max-tokens 128 --exact 24 \
     --out docs/faithfulness.csv --entries-out docs/faithfulness_entries.csv
+# Logit lens: had tokens that skip late layers already settled? (shipped default and scalar gates)
+gateskip settled --gates default --skip 0.25 --blocks 32 --out docs/settled.csv --figure docs/settled.html
+gateskip settled --gates default-scalar --skip 0.25 --blocks 32 --out docs/settled_scalar.csv
 python3 scripts/chat_examples.py --out docs/chat_examples.md
 rm docs/heldout_traces.parquet docs/heldout.txt docs/heldout_legal.txt
 python3 scripts/results_tables.py > docs/results.md

@@ -23,8 +23,11 @@ PROMPTS = [
 
 def spread_gates(model: GatedModel, variant: str = "vector", seed: int = 0) -> GatedModel:
     """Attach gates with widely spread values, so rankings are not all ties."""
+    from gateskip_core.gates import parse_gate_variant
+
     torch.manual_seed(seed)
-    gates = GateSet(model.spec.n_layers, model.spec.d_model, variant)
+    kind, rank = parse_gate_variant(variant)
+    gates = GateSet(model.spec.n_layers, model.spec.d_model, kind, rank=rank)
     with torch.no_grad():
         for p in gates.parameters():
             p.normal_(0, 0.3)

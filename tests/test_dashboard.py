@@ -167,3 +167,17 @@ def test_latency_bench_runs_on_a_tiny_model():
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "estimate mode" in res.stdout and "whole app rerun" in res.stdout
+
+
+def test_lens_view_runs_the_gated_logit_lens_on_demand(app, forward_calls):
+    assert "lens" not in app.session_state  # not run until asked: sliders stay model-free
+    app.button(key="run_lens").click().run()
+    assert not app.exception and forward_calls
+    grid, table = app.session_state["lens"][1:]
+    assert grid.top_token.shape == (len(grid.tokens), grid.n_layers + 1)
+    assert int(table["skipped_n"].sum()) == int(grid.skipped[grid.eligible].sum())
+    assert {"Lens grid (CSV)", "Settled table (CSV)", "Lens grid (HTML)"} <= {
+        b.label for b in app.get("download_button")
+    }
+    app.sidebar.slider(key="global_budget").set_value(0.6).run()
+    assert any("run it again" in i.value for i in app.info)

@@ -96,6 +96,41 @@ def test_transformer_lens_bridge_sees_the_same_residual_stream(smollm2):
     assert residual_stream_gap(smollm2, TEXT, bridge) < 1e-3
 
 
+def test_gated_lens_on_smollm2_with_the_shipped_gates_matches_traces_and_logits(smollm2):
+    from analysis.lens import GatedLens, cache_to_arrays, skip_hook
+    from analysis.logit_lens import settled_corpus, settled_summary
+
+    model = smollm2.view()
+    model.load_gates("default")  # low-rank gates + their LoRA adapter
+    lens = GatedLens(model)
+    args = dict(skip=0.25, policy="quantile")
+    logits, cache = lens.run_with_cache(TEXT, **args)
+    trace = model.trace(TEXT, gate_vectors=True, **args)
+    seq = trace.sequences[0]
+    got = cache_to_arrays(cache, model.spec.n_layers)
+    assert np.array_equal(got["skipped"], seq.skipped) and seq.skipped.any()
+    np.testing.assert_allclose(got["gate_vectors"], seq.gate_vectors, atol=1e-4)
+    batch = model.encode([TEXT])
+    ours = model.forward(batch.input_ids, batch.attention_mask, model.make_plan(**args)).logits
+    torch.testing.assert_close(logits, ours, atol=2e-3, rtol=1e-3)
+
+    def skip_position_5(mask, hook):
+        mask = mask.clone()
+        mask[:, 5] = True
+        return mask
+
+    forced = lens.run_with_hooks(TEXT, fwd_hooks=[(skip_hook(20, "mlp"), skip_position_5)], **args)
+    from gateskip_core import Forced
+
+    plan = model.make_plan(forced=[Forced(20, "mlp", 5)], **args)
+    torch.testing.assert_close(
+        forced, model.forward(batch.input_ids, batch.attention_mask, plan).logits, atol=2e-3, rtol=1e-3
+    )
+    table = settled_corpus(model, n_blocks=2, seq_len=64, batch_size=2, show_progress=False, **args)
+    summary = settled_summary(table)
+    assert summary["skipped_n"].iloc[-1] > 0 and 0 <= summary["settled_rate_skipped"].iloc[-1] <= 1
+
+
 def test_shipped_default_gates_carry_their_adapter_and_keep_the_original():
     from gateskip_core.model import SHIPPED_GATES_DIR, shipped_gate_path
 

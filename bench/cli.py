@@ -1,0 +1,77 @@
+"""`gateskip bench` (registered by gateskip_core.cli)."""
+
+from __future__ import annotations
+
+import argparse
+
+from gateskip_core.files import check_writable, write_all
+from gateskip_core.registry import DEFAULT_MODEL
+from gateskip_core.validation import cli_type, whole_number
+
+
+def _numbers(kind, name: str, minimum=None, maximum=None):
+    def parse(text: str):
+        try:
+            values = tuple(kind(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be comma-separated {kind.__name__}s, got {text!r}") from None
+        if not values or any(
+            (minimum is not None and v < minimum) or (maximum is not None and v > maximum) for v in values
+        ):
+            bounds = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+            raise argparse.ArgumentTypeError(f"{name} must be {bounds}, got {text!r}")
+        return values
+
+    return parse
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .suite import BenchConfig, run, save, tables
+
+    out = check_writable(Path(args.out), "--out") if args.out else None
+    cfg = BenchConfig(
+        model=args.model,
+        gates=args.gates,
+        variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
+        prefill_tokens=args.prefill_tokens,
+        prefill_skips=args.prefill_skips,
+        prefill_batches=args.prefill_batches,
+        decode_prompt=args.decode_prompt,
+        new_tokens=args.new_tokens,
+        decode_skips=args.decode_skips,
+        decode_batches=args.decode_batches,
+        collect_tokens=args.collect_tokens,
+        dashboard_tokens=args.dashboard_tokens,
+        repeats=args.repeats,
+        sections=tuple(s.strip() for s in args.sections.split(",") if s.strip()),
+    )
+    results = run(cfg)
+    print(tables(results))
+    if out is not None:
+        write_all({out: save(results, out)})
+        print(f"wrote {out}")
+    return 0
+
+
+def register(sub, commands) -> None:
+    p = sub.add_parser("bench", help="speed and memory of prefill, decoding, capture, collect and the dashboard")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--gates", default="default", help="gates for decode, capture, collect, dashboard and rates")
+    p.add_argument("--variants", default="default,default-scalar,untrained:vector", help="prefill gate variants")
+    p.add_argument("--sections", default="prefill,decode,capture,collect,dashboard,rates")
+    p.add_argument("--prefill-tokens", type=cli_type(whole_number, "--prefill-tokens", minimum=2), default=128)
+    p.add_argument(
+        "--prefill-skips", type=_numbers(float, "--prefill-skips", 0, 1), default=(0.0, 0.15, 0.25, 0.5, 0.7)
+    )
+    p.add_argument("--prefill-batches", type=_numbers(int, "--prefill-batches", 1), default=(1, 8))
+    p.add_argument("--decode-prompt", type=cli_type(whole_number, "--decode-prompt", minimum=2), default=256)
+    p.add_argument("--new-tokens", type=cli_type(whole_number, "--new-tokens", minimum=1), default=128)
+    p.add_argument("--decode-skips", type=_numbers(float, "--decode-skips", 0, 1), default=(0.0, 0.25, 0.5))
+    p.add_argument("--decode-batches", type=_numbers(int, "--decode-batches", 1), default=(1, 8))
+    p.add_argument("--collect-tokens", type=_numbers(int, "--collect-tokens", 1), default=(5_000, 20_000))
+    p.add_argument("--dashboard-tokens", type=cli_type(whole_number, "--dashboard-tokens", minimum=2), default=128)
+    p.add_argument("--repeats", type=cli_type(whole_number, "--repeats", minimum=1), default=3)
+    p.add_argument("--out", help="also write the results as JSON")
+    commands["bench"] = cmd_bench

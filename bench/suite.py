@@ -1,0 +1,487 @@
+"""`gateskip bench`: speed and memory of every path, side by side in one process.
+
+Sections (each a function returning rows; `--sections` chooses):
+- `prefill`: dense (ungated original), masked and physical, per gate variant, skip budget
+  and batch size; realised speedup over dense against the compute account's prediction.
+- `decode`: KV-cached greedy decoding after a long prompt: Hugging Face `generate`, our
+  dense walk, and the gated model (calibrated policy, physical path) per budget; tokens/s,
+  the skip rate reached on the generated tokens, and two predictions of the speedup over our
+  dense walk: the FLOP account and the bytes-read model (`compute.decode_step_bytes`).
+- `capture`: gated forward alone vs forward + trace (decisions; with gate vectors).
+- `collect`: `collect` throughput and peak resident memory at two corpus sizes (flat = bounded).
+- `dashboard`: estimate-mode and exact-mode latency for a 128-token prompt (library calls).
+- `rates`: the calibrated policy's reached skip rate on prose, chat and code against the budget.
+
+Every timing: warm-up, then `repeats` runs; median, min and max are reported. The JSON
+records torch threads, the CPU and the versions.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gateskip_core import Capture, GateSkipError, load_model
+from gateskip_core.compute import account_sequence, decode_step_bytes
+from gateskip_core.model import Batch, GatedModel
+
+SECTIONS = ("prefill", "decode", "capture", "collect", "dashboard", "rates")
+
+
+@dataclass
+class BenchConfig:
+    model: str = "smollm2-135m-instruct"
+    gates: str = "default"  # the gates of decode, capture, collect, dashboard and rates
+    variants: tuple[str, ...] = ("default", "default-scalar", "untrained:vector")  # prefill gate variants
+    prefill_tokens: int = 128
+    prefill_skips: tuple[float, ...] = (0.0, 0.15, 0.25, 0.5, 0.7)
+    prefill_batches: tuple[int, ...] = (1, 8)
+    decode_prompt: int = 256
+    new_tokens: int = 128
+    decode_skips: tuple[float, ...] = (0.0, 0.25, 0.5)
+    decode_batches: tuple[int, ...] = (1, 8)
+    collect_tokens: tuple[int, ...] = (5_000, 20_000)
+    dashboard_tokens: int = 128
+    rates_skip: float = 0.25
+    repeats: int = 3
+    sections: tuple[str, ...] = SECTIONS
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import transformers
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _text_of_tokens(model: GatedModel, n_tokens: int, offset: int = 0) -> str:
+    """Held-out prose of `n_tokens` tokens including BOS (re-encodes to that length or one more)."""
+    from gateskip_core.data import pydoc_texts
+
+    ids = model.tokenizer(" ".join(pydoc_texts("validation")), add_special_tokens=False).input_ids
+    start = offset * n_tokens
+    return model.tokenizer.decode(ids[start : start + n_tokens - 1])
+
+
+def _views(base: GatedModel, specs) -> dict[str, GatedModel]:
+    out = {}
+    for spec in specs:
+        view = base.view()
+        view.load_gates(spec)
+        out[spec] = view
+    return out
+
+
+# ---- prefill
+def bench_prefill(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
+    from analysis.quality import evaluation_blocks
+
+    rows = []
+    dense_model = base.view()
+    for batch_size in cfg.prefill_batches:
+        ids = evaluation_blocks(base, n_blocks=batch_size, seq_len=cfg.prefill_tokens)
+        mask = torch.ones_like(ids)
+        batch = Batch(ids, mask, [False] * len(ids))
+        tokens = ids.numel()
+        dense = timed(
+            lambda ids=ids, mask=mask: dense_model.forward(ids, mask, dense_model.make_plan(0.0)), cfg.repeats
+        )
+        rows.append(
+            {
+                "batch": batch_size,
+                "gates": "none",
+                "path": "dense",
+                "skip": 0.0,
+                "tokens_per_s": tokens / dense["median_s"],
+                **dense,
+            }
+        )
+        variants = cfg.variants if batch_size == min(cfg.prefill_batches) else cfg.variants[:1]
+        for spec, view in _views(base, variants).items():
+            for skip in cfg.prefill_skips:
+                for path in ("masked", "physical"):
+                    plan = view.make_plan(skip, path=path)
+                    t = timed(partial(view.forward, ids, mask, plan), cfg.repeats)
+                    account = view.trace_of(batch, view.forward(ids, mask, plan), plan).compute
+                    predicted = account.dense_flops / account.executed_flops
+                    realised = dense["median_s"] / t["median_s"]
+                    rows.append(
+                        {
+                            "batch": batch_size,
+                            "gates": spec,
+                            "path": path,
+                            "skip": skip,
+                            "tokens_per_s": tokens / t["median_s"],
+                            **t,
+                            "speedup_vs_dense": realised,
+                            "predicted_speedup": predicted,
+                            "realised_over_predicted": realised / predicted,
+                            "net_flops_saved": account.net_saved_fraction,
+                        }
+                    )
+                    log(
+                        f"prefill b{batch_size} {spec} {path} skip {skip}: {realised:.2f}x (predicted {predicted:.2f}x)"
+                    )
+    return rows
+
+
+# ---- decode
+def _hf_generate(model: GatedModel, batch: Batch, n_new: int):
+    with torch.no_grad():
+        return model.original.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=n_new,
+            min_new_tokens=n_new,
+            do_sample=False,
+            pad_token_id=model.tokenizer.pad_token_id,
+        )
+
+
+def _decode_predictions(view: GatedModel, trace, prompt_len: int, batch_size: int) -> dict[str, float]:
+    """Predicted speedup over the dense walk from the generated tokens' decisions: FLOPs and bytes."""
+    spec = view.spec
+    skipped = np.stack([s.skipped[s.prompt_length :] for s in trace.sequences])  # [B, N, L, 2]
+    dense_run = np.ones(skipped.shape[2:], dtype=bool)
+    gate_params = tuple(f // 2 for f in view.gate_flops())
+    dense_bytes = gated_bytes = 0.0
+    for step in range(skipped.shape[1]):
+        context = prompt_len + step + 1
+        dense_bytes += decode_step_bytes(spec, dense_run, context, batch_size)
+        run = ~skipped[:, step].all(0)  # a weight is read when any token of the step runs the branch
+        gated_bytes += decode_step_bytes(spec, run, context, batch_size, gate_params)
+    # FLOPs of the generated tokens only (positions after the prompt; attention over the cache)
+    accounts = [
+        account_sequence(spec, s.skipped[s.prompt_length :], view.gate_flops(), s.n_tokens - s.prompt_length,
+                         "physical", first_position=s.prompt_length)
+        for s in trace.sequences
+    ]  # fmt: skip
+    flops = sum(accounts[1:], accounts[0])
+    generated = skipped.shape[1]
+    eligible = skipped.shape[0] * generated * spec.n_layers * 2
+    return {
+        "reached_skip_rate": float(skipped.sum() / eligible) if eligible else 0.0,
+        "predicted_speedup_bytes": dense_bytes / gated_bytes,
+        "predicted_speedup_flops": flops.dense_flops / flops.skipping_flops,
+    }
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict[str, float]]:
+    """`timed` for several methods, run in turns (one warm-up each, then repeats rounds), so a
+    machine whose speed drifts (shared cores, throttling) biases none of them."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {n: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t)} for n, t in times.items()}
+
+
+def bench_decode(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
+    view = _views(base, [cfg.gates])[cfg.gates]
+    dense_model = base.view()
+    return [row for b in cfg.decode_batches for row in _decode_batch(base, view, dense_model, cfg, b, log)]
+
+
+def _decode_batch(base, view, dense_model, cfg: BenchConfig, batch_size: int, log) -> list[dict]:
+    rows = []
+    prompts = [_text_of_tokens(base, cfg.decode_prompt, offset=i) for i in range(batch_size)]
+    batch = base.encode(prompts)
+    prompt_len = int(batch.attention_mask.sum(1).max())
+    n_new = cfg.new_tokens
+    generated = batch_size * n_new
+
+    def ours(model, **skip_args):
+        return model.generate(prompts, max_new_tokens=n_new, stop_at_eos=False, **skip_args)
+
+    gated_args = {skip: dict(skip=skip, policy="calibrated", path="physical") for skip in cfg.decode_skips}
+    fns = {
+        "hf-generate": lambda: _hf_generate(base, batch, n_new),
+        "dense-walk": lambda: ours(dense_model, skip=0.0),
+    }
+    fns.update({skip: (lambda args=args: ours(view, **args)) for skip, args in gated_args.items()})
+    t = interleaved(fns, cfg.repeats)
+    hf, dense = t["hf-generate"]["median_s"], t["dense-walk"]["median_s"]
+    rows.append(
+        {
+            "batch": batch_size,
+            "method": "hf-generate",
+            "skip": 0.0,
+            "tokens_per_s": generated / hf,
+            **t["hf-generate"],
+        }
+    )
+    rows.append(
+        {
+            "batch": batch_size,
+            "method": "dense-walk",
+            "skip": 0.0,
+            "tokens_per_s": generated / dense,
+            **t["dense-walk"],
+            "vs_hf_generate": hf / dense,
+        }
+    )
+    log(f"decode b{batch_size}: HF {generated / hf:.1f} tok/s, dense walk {generated / dense:.1f} tok/s")
+    for skip, args in gated_args.items():
+        predictions = _decode_predictions(view, ours(view, **args).trace, prompt_len, batch_size)
+        speedup = dense / t[skip]["median_s"]
+        rows.append(
+            {
+                "batch": batch_size,
+                "method": f"gated ({cfg.gates}, calibrated, physical)",
+                "skip": skip,
+                "tokens_per_s": generated / t[skip]["median_s"],
+                **t[skip],
+                "vs_hf_generate": hf / t[skip]["median_s"],
+                "speedup_vs_dense_walk": speedup,
+                **predictions,
+                "realised_over_bytes_model": speedup / predictions["predicted_speedup_bytes"],
+            }
+        )
+        log(
+            f"decode b{batch_size} skip {skip}: {speedup:.2f}x dense walk "
+            f"(bytes model {predictions['predicted_speedup_bytes']:.2f}x)"
+        )
+    return rows
+
+
+# ---- capture overhead
+def bench_capture(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
+    from analysis.quality import evaluation_blocks
+
+    view = _views(base, [cfg.gates])[cfg.gates]
+    ids = evaluation_blocks(base, n_blocks=1, seq_len=cfg.prefill_tokens)
+    mask = torch.ones_like(ids)
+    batch = Batch(ids, mask, [False])
+    plan = view.make_plan(0.25)
+    bare = timed(lambda: view.forward(ids, mask, plan), cfg.repeats * 2)
+    traced = timed(lambda: view.trace_of(batch, view.forward(ids, mask, plan), plan), cfg.repeats * 2)
+    vectors = timed(
+        lambda: view.trace_of(batch, view.forward(ids, mask, plan, capture=Capture(gate_vectors=True)), plan),
+        cfg.repeats * 2,
+    )
+    rows = [
+        {"what": "forward (decisions only)", **bare, "overhead": 0.0},
+        {"what": "forward + trace", **traced, "overhead": traced["median_s"] / bare["median_s"] - 1},
+        {
+            "what": "forward + trace with gate vectors",
+            **vectors,
+            "overhead": vectors["median_s"] / bare["median_s"] - 1,
+        },
+    ]
+    log(f"capture overhead: trace {rows[1]['overhead']:+.1%}, with vectors {rows[2]['overhead']:+.1%}")
+    return rows
+
+
+# ---- collect
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 20 ms)."""
+
+    def __enter__(self):
+        import psutil
+
+        self._proc = psutil.Process()
+        self.start = self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def _paragraphs_for(model: GatedModel, n_tokens: int, max_tokens: int = 128) -> list[str]:
+    from gateskip_core.data import paragraphs, pydoc_texts
+
+    out, total = [], 0
+    while total < n_tokens:
+        for text in pydoc_texts(None):
+            for para in paragraphs(text):
+                out.append(para)
+                total += min(max_tokens, len(model.tokenizer(para).input_ids) + 1)
+                if total >= n_tokens:
+                    return out
+    return out
+
+
+def bench_collect(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
+    from analysis.corpus import collect
+
+    view = _views(base, [cfg.gates])[cfg.gates]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n_tokens in cfg.collect_tokens:
+            paras = _paragraphs_for(base, n_tokens)
+            out = Path(tmp) / f"traces_{n_tokens}.parquet"
+            with PeakRSS() as mem:
+                start = time.perf_counter()
+                counts = collect(view, paras, out, batch_size=8, show_progress=False, skip=0.25, max_tokens=128)
+                seconds = time.perf_counter() - start
+            tokens = counts["rows"] // (2 * base.spec.n_layers)
+            rows.append(
+                {
+                    "tokens": tokens,
+                    "sequences": counts["sequences"],
+                    "seconds": seconds,
+                    "tokens_per_s": tokens / seconds,
+                    "rss_before_mb": mem.start / 2**20,
+                    "peak_rss_mb": mem.peak / 2**20,
+                    "peak_growth_mb": (mem.peak - mem.start) / 2**20,
+                    "file_mb": out.stat().st_size / 2**20,
+                }
+            )
+            log(
+                f"collect {tokens} tokens: {tokens / seconds:.0f} tok/s, peak RSS +{(mem.peak - mem.start) / 2**20:.0f} MB"
+            )
+    return rows
+
+
+# ---- dashboard
+def bench_dashboard(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
+    from dashboard import service
+
+    view = _views(base, [cfg.gates])[cfg.gates]
+    text = _text_of_tokens(base, cfg.dashboard_tokens)
+    captured, _ = service.capture(view, text, chat=False)
+
+    def settings(budget):
+        return service.Settings(cfg.model, view, "estimate", budget, "both", "quantile", True, 0, "auto")
+
+    budgets = iter([0.1, 0.2, 0.3, 0.4, 0.5] * 100)
+    estimate = timed(lambda: service.estimate(view, captured, settings(next(budgets))), cfg.repeats * 3)
+    exact = timed(lambda: service.exact(view, text, False, settings(next(budgets))), cfg.repeats)
+    log(f"dashboard: estimate {estimate['median_s'] * 1e3:.0f} ms, exact {exact['median_s']:.2f} s")
+    return [
+        {"mode": "estimate", "tokens": captured.sequences[0].n_tokens, **estimate},
+        {"mode": "exact", "tokens": captured.sequences[0].n_tokens, **exact},
+    ]
+
+
+# ---- reached rates
+def domain_texts(model: GatedModel, n: int = 8) -> dict[str, tuple[list[str], bool]]:
+    """Prose (held-out pydoc), chat (prompts through the chat template) and code (Python source)."""
+    import json as json_module
+
+    from gateskip_core.data import paragraphs, pydoc_texts
+    from gateskip_core.training import chat_prompts
+
+    prose = [p for t in pydoc_texts("validation") for p in paragraphs(t)][:n]
+    chat = chat_prompts()[::33][:n]
+    code = [chunk for chunk in inspect.getsource(json_module.decoder).split("\n\n\n") if chunk.strip()][:n]
+    out = {"prose": (prose, False), "code": (code, False)}
+    if model.tokenizer.chat_template:
+        out["chat"] = (chat, True)
+    return out
+
+
+def bench_rates(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
+    view = _views(base, [cfg.gates])[cfg.gates]
+    rows = []
+    for domain, (texts, chat) in domain_texts(base).items():
+        trace = view.trace(texts, chat=chat, skip=cfg.rates_skip, policy="calibrated", max_tokens=256)
+        rows.append(
+            {
+                "domain": domain,
+                "texts": len(texts),
+                "tokens": sum(s.n_tokens for s in trace.sequences),
+                "budget": cfg.rates_skip,
+                "budget_asks": trace.budget_fraction(),
+                "reached": trace.skipped_fraction(),
+                "net_flops_saved": trace.compute.net_saved_fraction,
+            }
+        )
+        log(f"rates {domain}: budget asks {rows[-1]['budget_asks']:.1%}, reached {rows[-1]['reached']:.1%}")
+    return rows
+
+
+BENCHES = {
+    "prefill": bench_prefill,
+    "decode": bench_decode,
+    "capture": bench_capture,
+    "collect": bench_collect,
+    "dashboard": bench_dashboard,
+    "rates": bench_rates,
+}
+
+
+def run(cfg: BenchConfig, log=print) -> dict:
+    unknown = [s for s in cfg.sections if s not in SECTIONS]
+    if unknown or not cfg.sections:
+        raise GateSkipError(
+            f"unknown bench section(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(SECTIONS)}"
+        )
+    base = load_model(cfg.model)
+    started = time.perf_counter()
+    results = {"config": asdict(cfg), "machine": machine()}
+    for section in cfg.sections:
+        with torch.no_grad():
+            results[section] = BENCHES[section](base, cfg, log)
+    results["seconds"] = time.perf_counter() - started
+    return results
+
+
+def tables(results: dict) -> str:
+    """The results as plain-text tables, one per section."""
+    import pandas as pd
+
+    out = [
+        f"machine: {results['machine']['cpu']} ({results['machine']['cores']} cores), torch threads "
+        f"{results['machine']['torch_threads']}, torch {results['machine']['torch']}; {results['seconds']:.0f} s"
+    ]
+    for section in SECTIONS:
+        if section in results:
+            frame = pd.DataFrame(results[section])
+            out.append(f"\n[{section}]\n" + frame.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    return "\n".join(out)
+
+
+def save(results: dict, path: Path) -> Callable:
+    return lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1, default=float))

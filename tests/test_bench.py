@@ -1,0 +1,71 @@
+"""`gateskip bench` runs every section on a tiny configuration (figures printed, never asserted on)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from gateskip_core import load_model
+from gateskip_core.compute import LayerCosts, decode_step_bytes
+
+from .conftest import run_cli
+
+
+def test_bench_runs_every_section_on_a_tiny_configuration(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_cli(
+        "bench",
+        "--model", "tiny-llama",
+        "--gates", "untrained:lowrank:4",
+        "--variants", "untrained:lowrank:4,untrained:scalar",
+        "--prefill-tokens", "16", "--prefill-skips", "0,0.5", "--prefill-batches", "1,2",
+        "--decode-prompt", "16", "--new-tokens", "4", "--decode-skips", "0.5", "--decode-batches", "1,2",
+        "--collect-tokens", "200,400", "--dashboard-tokens", "16", "--repeats", "1",
+        "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    for section in ["prefill", "decode", "capture", "collect", "dashboard", "rates"]:
+        assert data[section], section
+        assert f"[{section}]" in result.stdout
+    assert data["machine"]["torch_threads"] >= 1
+    prefill = data["prefill"]
+    # batch 1: dense + 2 variants x 2 skips x 2 paths; batch 2: dense + the first variant only
+    assert len(prefill) == 1 + 8 + 1 + 4
+    gated = [r for r in prefill if r["path"] != "dense"]
+    assert all(r["predicted_speedup"] > 0 and r["median_s"] > 0 for r in gated)
+    decode = data["decode"]
+    assert [r["method"] for r in decode if r["batch"] == 1][:2] == ["hf-generate", "dense-walk"]
+    skipping = [r for r in decode if r["skip"] == 0.5]
+    assert len(skipping) == 2 and all(
+        0 < r["reached_skip_rate"] <= 1 and r["predicted_speedup_bytes"] > 0 for r in skipping
+    )
+    assert skipping[0]["batch"] == 1 and skipping[0]["predicted_speedup_bytes"] > 1  # one token: every skip saves reads
+    assert [r["tokens"] > 0 for r in data["collect"]] == [True, True]
+    assert {r["domain"] for r in data["rates"]} == {"prose", "chat", "code"}
+    assert {r["mode"] for r in data["dashboard"]} == {"estimate", "exact"}
+
+
+def test_bench_refuses_bad_options_before_loading():
+    for args in (
+        ["--sections", "prefill,nope"],
+        ["--prefill-skips", "0,2"],
+        ["--repeats", "0"],
+        ["--decode-batches", "x"],
+    ):
+        result = run_cli("bench", "--model", "tiny-llama", *args)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, (args, result.stderr)
+
+
+def test_bytes_read_model_counts_the_weights_a_decoding_step_touches():
+    spec = load_model("tiny-llama").spec
+    costs = LayerCosts.of(spec)
+    L = spec.n_layers
+    dense = decode_step_bytes(spec, np.ones((L, 2), bool), context=10, batch=1)
+    no_mlp = decode_step_bytes(spec, np.tile([True, False], (L, 1)), context=10, batch=1)
+    assert dense - no_mlp == L * costs.mlp / 2 * 4  # float32 MLP weights of every layer
+    nothing = decode_step_bytes(spec, np.zeros((L, 2), bool), context=10, batch=1)
+    assert nothing == 4 * (L * costs.kv / 2 + costs.lm_head / 2 + spec.d_model)  # k/v projections, head, embedding
+    with_gates = decode_step_bytes(spec, np.zeros((L, 2), bool), 10, 1, gate_params=(100, 100))
+    assert with_gates - nothing == 4 * L * 200
