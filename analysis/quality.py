@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from gateskip_core import GatedModel, SkipPlan, account_sequence
 from gateskip_core.data import first_blocks, pydoc_texts
+from gateskip_core.validation import whole_number
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ def evaluation_blocks(
     model: GatedModel, texts: Sequence[str] | None = None, n_blocks: int = 8, seq_len: int = 128
 ) -> torch.Tensor:
     """Fixed token blocks of held-out text (default: the pydoc validation split)."""
+    n_blocks = whole_number("n_blocks", n_blocks)
+    seq_len = whole_number("seq_len", seq_len, minimum=2)
     texts = list(texts) if texts is not None else pydoc_texts("validation")
     return first_blocks(model.tokenizer, texts, seq_len, n_blocks)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from gateskip_core.files import check_writable, write_all
 from gateskip_core.registry import DEFAULT_MODEL
@@ -15,9 +16,9 @@ def _numbers(kind, name: str, minimum=None, maximum=None):
             values = tuple(kind(x) for x in text.split(",") if x.strip())
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be comma-separated {kind.__name__}s, got {text!r}") from None
-        if not values or any(
-            (minimum is not None and v < minimum) or (maximum is not None and v > maximum) for v in values
-        ):
+        low = minimum if minimum is not None else -math.inf
+        high = maximum if maximum is not None else math.inf
+        if not values or not all(low <= v <= high for v in values):  # NaN fails too
             bounds = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
             raise argparse.ArgumentTypeError(f"{name} must be {bounds}, got {text!r}")
         return values

@@ -111,46 +111,53 @@ def _views(base: GatedModel, specs) -> dict[str, GatedModel]:
 
 
 # ---- prefill
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict[str, float]]:
+    """`timed` for several methods, run in turns (one warm-up each, then repeats rounds), so a
+    machine whose speed drifts (shared cores, throttling) biases none of them."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {n: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t)} for n, t in times.items()}
+
+
 def bench_prefill(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
+    """Each (variant, skip) is timed in turns with the dense model, so speedups are paired ratios."""
     from analysis.quality import evaluation_blocks
 
     rows = []
     dense_model = base.view()
+    dense_plan = dense_model.make_plan(0.0)
     for batch_size in cfg.prefill_batches:
         ids = evaluation_blocks(base, n_blocks=batch_size, seq_len=cfg.prefill_tokens)
         mask = torch.ones_like(ids)
         batch = Batch(ids, mask, [False] * len(ids))
         tokens = ids.numel()
-        dense = timed(
-            lambda ids=ids, mask=mask: dense_model.forward(ids, mask, dense_model.make_plan(0.0)), cfg.repeats
-        )
-        rows.append(
-            {
-                "batch": batch_size,
-                "gates": "none",
-                "path": "dense",
-                "skip": 0.0,
-                "tokens_per_s": tokens / dense["median_s"],
-                **dense,
-            }
-        )
         variants = cfg.variants if batch_size == min(cfg.prefill_batches) else cfg.variants[:1]
         for spec, view in _views(base, variants).items():
             for skip in cfg.prefill_skips:
-                for path in ("masked", "physical"):
-                    plan = view.make_plan(skip, path=path)
-                    t = timed(partial(view.forward, ids, mask, plan), cfg.repeats)
+                plans = {path: view.make_plan(skip, path=path) for path in ("masked", "physical")}
+                fns = {"dense": partial(dense_model.forward, ids, mask, dense_plan)}
+                fns.update({path: partial(view.forward, ids, mask, plan) for path, plan in plans.items()})
+                t = interleaved(fns, cfg.repeats)
+                dense = t["dense"]["median_s"]
+                for path, plan in plans.items():
                     account = view.trace_of(batch, view.forward(ids, mask, plan), plan).compute
                     predicted = account.dense_flops / account.executed_flops
-                    realised = dense["median_s"] / t["median_s"]
+                    realised = dense / t[path]["median_s"]
                     rows.append(
                         {
                             "batch": batch_size,
                             "gates": spec,
                             "path": path,
                             "skip": skip,
-                            "tokens_per_s": tokens / t["median_s"],
-                            **t,
+                            "tokens_per_s": tokens / t[path]["median_s"],
+                            "dense_tokens_per_s": tokens / dense,
+                            **t[path],
                             "speedup_vs_dense": realised,
                             "predicted_speedup": predicted,
                             "realised_over_predicted": realised / predicted,
@@ -202,20 +209,6 @@ def _decode_predictions(view: GatedModel, trace, prompt_len: int, batch_size: in
         "predicted_speedup_bytes": dense_bytes / gated_bytes,
         "predicted_speedup_flops": flops.dense_flops / flops.skipping_flops,
     }
-
-
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict[str, float]]:
-    """`timed` for several methods, run in turns (one warm-up each, then repeats rounds), so a
-    machine whose speed drifts (shared cores, throttling) biases none of them."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {n: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t)} for n, t in times.items()}
 
 
 def bench_decode(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:

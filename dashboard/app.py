@@ -172,7 +172,14 @@ def explore_view(cfg: service.Settings) -> None:
     seq = shown.sequences[0]
     cols = st.columns(5)
     cols[0].metric("Skipped branch evaluations", int(seq.skipped.sum()))
-    cols[1].metric("Skipped fraction", f"{shown.skipped_fraction():.1%}")
+    reached, asked = shown.skipped_fraction(), shown.budget_fraction()
+    cols[1].metric(
+        "Skipped fraction",
+        f"{reached:.1%}",
+        delta=f"{reached - asked:+.1%} vs the budget's {asked:.1%}",
+        delta_color="off",
+        help="share of eligible branch evaluations skipped (reached), against what the budget table asks",
+    )
     cols[2].metric("Net FLOPs saved", f"{seq.compute.net_saved_fraction:+.1%}", help="gate cost included")
     if quality is not None:
         cols[3].metric("KL to ungated", f"{quality.kl_to_full:.4f}")

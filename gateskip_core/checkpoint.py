@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .adapter import ADAPTER_PREFIX, AdapterSpec
@@ -95,8 +95,18 @@ def save_gates(ckpt: GateCheckpoint, path: str | Path, int8: bool = False) -> Pa
         "training": json.dumps(ckpt.training, sort_keys=True),
         "metrics": json.dumps(ckpt.metrics, sort_keys=True),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise GateSkipError(f"cannot write {path}: {err.strerror or err}") from None
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as err:  # an I/O failure inside safetensors: report it like any other
+            raise OSError(str(err).split(" at path")[0]) from None
+
+    atomic_write(path, write)
     return path
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -115,7 +116,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
             allocation=args.allocation,
         )
     for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
+        if issubclass(w.category, UserWarning):  # ours (truncation, context); not dependencies' notices
+            print(f"warning: {w.message}", file=sys.stderr)
     trace.save(out)
     print(trace.summary())
     print(_skip_map(trace))
@@ -286,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     import signal
 
     signal.signal(signal.SIGTERM, _terminate)
+    # One line per error on stderr: no library progress bars ("Loading weights") or deprecation
+    # notices from dependencies before it. Our own long steps print their own progress.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         args = build_parser().parse_args(argv)  # builds the train flags from TrainConfig: imports torch
         return COMMANDS[args.command](args)

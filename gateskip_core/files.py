@@ -67,4 +67,16 @@ def check_writable(path: str | Path, option: str = "--out") -> Path:
         raise GateSkipError(f"{option}: {path} is a folder")
     if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise GateSkipError(f"{option}: cannot write to {path} (permission denied)")
+    # Try it for real (permissions do not stop root; a read-only file system does). This also
+    # removes a temporary an interrupted or killed run left behind for the same output.
+    tmp = temporary_for(path)
+    try:
+        tmp.unlink(missing_ok=True)
+        with open(tmp, "xb"):
+            pass
+    except OSError as err:
+        raise GateSkipError(f"{option}: cannot write to {path} ({err.strerror or err})") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return path

@@ -110,6 +110,45 @@ def _load_dir(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     return model, tokenizer
 
 
+HUB_HOST = ("huggingface.co", 443)
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection (False offline or with HF_HUB_OFFLINE=1)."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        with socket.create_connection(HUB_HOST, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _load_hub(hub_id: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A hub id: the local Hugging Face cache first; the network only when it answers, so an
+    offline machine fails at once instead of retrying for a minute."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        local = Path(snapshot_download(hub_id, local_files_only=True))  # no network: the local cache only
+    except (LocalEntryNotFoundError, HFValidationError, OSError):
+        local = None
+    if local is not None and (local / "config.json").is_file():
+        return _load_dir(local)
+    if not hub_reachable():
+        raise GateSkipError(
+            f"{hub_id!r} is not in the local Hugging Face cache and the hub cannot be reached (offline); "
+            "use a registry model or a checkpoint directory"
+        )
+    try:
+        return _load_dir(hub_id)
+    except OSError as err:
+        raise GateSkipError(f"cannot load {hub_id!r} from the hub: {str(err).splitlines()[0]}") from None
+
+
 def _convert_gguf(entry: RegistryEntry, progress: Callable[[str], None]) -> None:
     """Dequantise the GGUF once and write the cache atomically."""
     target = entry.cache_dir
@@ -169,10 +208,7 @@ def load_backbone(
                 f"unknown model {name_or_path!r}; use one of {known}, a checkpoint directory or a hub id"
             )
         else:
-            try:
-                model, tokenizer = _load_dir(name_or_path)  # a hub id
-            except OSError as err:
-                raise GateSkipError(f"cannot load {name_or_path!r} from the hub: {str(err).splitlines()[0]}") from None
+            model, tokenizer = _load_hub(name_or_path)
             name = name_or_path
     model.eval()
     for p in model.parameters():

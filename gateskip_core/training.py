@@ -433,14 +433,19 @@ def _validate(objective: _GateObjective, setup: _Setup, config: TrainConfig, bud
 
 
 def calibration_texts(gm: GatedModel, progress: Callable[[str], None] = lambda m: None) -> list[str]:
-    """Calibration text: the pydoc calibration split interleaved with the model's own chat answers of the
-    validation split (chat models), so calibrated rates hold on chat text as well as on prose."""
-    prose = pydoc_texts("calibration")
+    """Calibration texts, each fitted as its own sequence: paragraphs of the pydoc calibration split
+    and, for chat models, the model's own chat transcripts and chat prompts as users send them
+    (rendered with the chat template), interleaved so every kind is in the fitted batch."""
+    prose = [p for t in pydoc_texts("calibration") for p in paragraphs(t)]
     if not gm.tokenizer.chat_template:
         return prose
-    chat = [t for i, t in enumerate(instruction_answers(gm, progress)) if i % 6 == 0]
-    mixed = [text for pair in zip(prose, chat) for text in pair]
-    return mixed + prose[len(chat) :] + chat[len(prose) :]
+    transcripts = [t for i, t in enumerate(instruction_answers(gm, progress)) if i % 6 == 1]
+    prompts = [
+        gm.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in chat_prompts()[5::11]
+    ]
+    mixed = [text for group in zip(prose[::2], prose[1::2], transcripts, prompts) for text in group]
+    return mixed + prose[2 * len(mixed) // 4 :]
 
 
 def calibrate_checkpoint(gm: GatedModel, ckpt: GateCheckpoint, texts: list[str]) -> None:

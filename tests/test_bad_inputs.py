@@ -1,0 +1,302 @@
+"""Every command and API entry point against one table of bad inputs.
+
+CLI: exit status 2, exactly one line on stderr (no traceback, no progress bar), and no output
+file left under its final name (nor a temporary). API: a one-line `GateSkipError`. The CLI
+runs in-process here (`gateskip_core.cli.main`, the same code the console script runs) so the
+table stays fast; `test_validation.py` and `test_cli.py` run real subprocesses for a sample.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+
+import pytest
+import torch
+
+from gateskip_core import GateCheckpoint, GateSet, GateSkipError, load_model, save_gates
+from gateskip_core.cli import main
+
+TEXT = "Gates decide which tokens skip which layers of the model."
+READ_ONLY = "/sys"  # a read-only file system: permissions do not stop root, this does
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Good and damaged input files, made once."""
+    root = tmp_path_factory.mktemp("inputs")
+    model = load_model("tiny-llama", gates="untrained")
+    files = {}
+    files["corpus"] = root / "corpus.txt"
+    files["corpus"].write_text("\n\n".join([TEXT, "A second paragraph about layers."] * 20))
+    files["trace"] = root / "trace.csv"
+    model.trace([TEXT, "Another one."], skip=0.2).to_csv(files["trace"])
+    files["binary"] = root / "binary.txt"
+    files["binary"].write_bytes(bytes(range(256)) * 8)  # not UTF-8 text
+    files["binary_csv"] = root / "binary.csv"
+    files["binary_csv"].write_bytes(b"\x00\xff\xfe" * 500)
+    good_gates = save_gates(
+        GateCheckpoint(gates=model.gates, model="tiny-llama", fingerprint=model.spec.fingerprint()),
+        root / "good.safetensors",
+    )
+    files["gates_truncated"] = root / "truncated.safetensors"
+    files["gates_truncated"].write_bytes(good_gates.read_bytes()[: good_gates.stat().st_size // 2])
+    files["gates_random"] = root / "random.safetensors"
+    files["gates_random"].write_bytes(torch.randint(0, 255, (4096,), dtype=torch.uint8).numpy().tobytes())
+    other = GateCheckpoint(
+        gates=GateSet(7, 32, "scalar"),
+        model="other",
+        fingerprint={"model_type": "llama", "n_layers": 7, "d_model": 32, "vocab_size": 10},
+    )
+    files["gates_other"] = save_gates(other, root / "other.safetensors")
+    from safetensors.torch import save_file
+
+    files["gates_foreign"] = root / "foreign.safetensors"
+    save_file({"weight": torch.zeros(3)}, str(files["gates_foreign"]))  # safetensors, but not gates
+    files["gates_missing"] = root / "missing.safetensors"
+    return files
+
+
+# command -> (arguments that work, {output option: file name})
+def commands(f) -> dict[str, tuple[list[str], dict[str, str]]]:
+    tiny = ["--model", "tiny-llama"]
+    return {
+        "trace": (["trace", *tiny, "--text", TEXT], {"--out": "t.csv"}),
+        "collect": (["collect", *tiny, "--gates", "untrained", "--file", str(f["corpus"])], {"--out": "c.parquet"}),
+        "stats": (
+            ["stats", "--trace", str(f["trace"])],
+            {"--out": "s.csv", "--bos-out": "b.csv", "--types-out": "ty.csv", "--tokens-out": "tk.csv"},
+        ),
+        "sweep": (
+            ["sweep", *tiny, "--gates", "untrained", "--blocks", "1", "--seq-len", "16", "--methods", "gateskip"],
+            {"--out": "sw.csv", "--figure": "sw.html", "--matched-out": "m.csv"},
+        ),
+        "quality": (
+            ["quality", *tiny, "--gates", "u=untrained", "--blocks", "1", "--budgets", "0.2"],
+            {"--out": "q.csv"},
+        ),
+        "faithfulness": (
+            ["faithfulness", *tiny, "--gates", "untrained", "--text", TEXT, "--exact", "2"],
+            {"--out": "f.csv", "--entries-out": "e.csv"},
+        ),
+        "train": (["train", *tiny, "--steps", "1", "--seq-len", "16", "--batch", "1"], {"--out": "g.safetensors"}),
+        "settled": (
+            ["settled", *tiny, "--gates", "untrained", "--blocks", "1", "--seq-len", "16"],
+            {"--out": "st.csv", "--figure": "st.html"},
+        ),
+        "bench": (
+            ["bench", *tiny, "--gates", "untrained", "--sections", "capture", "--prefill-tokens", "16"],
+            {"--out": "b.json"},
+        ),
+    }
+
+
+# numeric options: command -> [(option, bad value, message)]
+NUMBERS = {
+    "trace": [
+        ("--skip", "nan", "skip budget must lie in [0, 1]"),
+        ("--skip", "-0.1", "skip budget must lie in [0, 1]"),
+    ],
+    "collect": [
+        ("--batch-size", "0", "--batch-size must be at least 1"),
+        ("--batch-size", "-1", "--batch-size must be at least 1"),
+        ("--max-tokens", "-5", "--max-tokens must be at least 1"),
+        ("--max-tokens", "nan", "--max-tokens must be a whole number"),
+        ("--skip", "2", "skip budget must lie in [0, 1]"),
+    ],
+    "stats": [("--min-count", "0", "--min-count must be at least 1")],
+    "sweep": [
+        ("--seq-len", "1", "--seq-len must be at least 2"),
+        ("--blocks", "0", "--blocks must be at least 1"),
+        ("--budgets", "0.1,nan", "budgets must lie in [0, 1]"),
+    ],
+    "quality": [("--blocks", "0", "--blocks must be at least 1"), ("--budgets", "-1", "budgets must lie in [0, 1]")],
+    "faithfulness": [
+        ("--exact", "-1", "--exact must be at least 0"),
+        ("--max-tokens", "0", "--max-tokens must be at least 1"),
+    ],
+    "train": [
+        ("--lr", "nan", "--lr must be a positive number"),
+        ("--lr", "-1", "--lr must be a positive number"),
+        ("--steps", "0", "--steps must be at least 1"),
+        ("--checkpoint-every", "0", "--checkpoint-every must be at least 1"),
+        ("--val-every", "0", "--val-every must be at least 1"),
+        ("--seq-len", "4", "--seq-len must be at least 8"),
+        ("--skip-end", "nan", "--skip-end must lie in [0, 1]"),
+    ],
+    "settled": [
+        ("--blocks", "0", "--blocks must be at least 1"),
+        ("--batch-size", "-1", "--batch-size must be at least 1"),
+        ("--from-layer", "-1", "--from-layer must be at least 0"),
+    ],
+    "bench": [
+        ("--repeats", "0", "--repeats must be at least 1"),
+        ("--prefill-skips", "nan", "--prefill-skips must be"),
+    ],
+}
+GATED = ["trace", "collect", "sweep", "faithfulness", "settled"]  # commands taking --gates FILE
+DAMAGED_GATES = {
+    "gates_truncated": "not a valid safetensors gate checkpoint",
+    "gates_random": "not a valid safetensors gate checkpoint",
+    "gates_other": "was trained for other",
+    "gates_foreign": "not a GateSkip gate checkpoint",
+    "gates_missing": "not found",
+}
+TEXT_INPUTS = {  # command -> option reading a text file
+    "trace": "--file",
+    "collect": "--file",
+    "sweep": "--file",
+    "quality": "--file",
+    "faithfulness": "--file",
+    "settled": "--file",
+}
+
+
+def _cases():
+    f = {k: f"<{k}>" for k in ("corpus", "trace")}  # placeholders, resolved in the test
+    cases = []
+    for name, (_, outputs) in commands(f).items():
+        for option in outputs:
+            cases.append((name, "missing-folder", option, None, "does not exist"))
+            cases.append((name, "read-only", option, None, "cannot write"))
+            cases.append((name, "output-is-folder", option, None, "is a folder"))
+        for option, value, message in NUMBERS.get(name, []):
+            cases.append((name, "number", option, value, message))
+    for name in GATED:
+        for damage, message in DAMAGED_GATES.items():
+            cases.append((name, "damaged-gates", "--gates", damage, message))
+    for name, option in TEXT_INPUTS.items():
+        cases.append((name, "non-text", option, "binary", "cannot read"))
+    cases.append(("stats", "non-text", "--trace", "binary_csv", "trace"))
+    return cases
+
+
+def _ids(case):
+    return "-".join(str(part) for part in case[:4] if part is not None)
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+    def run(argv) -> tuple[int, list[str], str]:
+        try:
+            code = main(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+        captured = capsys.readouterr()
+        return code, [line for line in captured.err.splitlines() if line.strip()], captured.err
+
+    yield run
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _with(argv: list[str], option: str, value: str) -> list[str]:
+    argv = list(argv)
+    if option in argv:
+        argv[argv.index(option) + 1] = value
+    else:
+        argv += [option, value]
+    return argv
+
+
+@pytest.mark.parametrize("case", _cases(), ids=_ids)
+def test_every_command_refuses_bad_input_with_one_line_and_writes_nothing(case, inputs, cli, tmp_path):
+    name, kind, option, value, message = case
+    argv, outputs = commands(inputs)[name]
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    for out_option, file_name in outputs.items():
+        if out_option == "--out" or (kind != "number" and out_option == option):
+            argv = _with(argv, out_option, str(out_dir / file_name))
+    if kind == "missing-folder":
+        argv = _with(argv, option, str(tmp_path / "no-such-folder" / outputs[option]))
+    elif kind == "read-only":
+        argv = _with(argv, option, f"{READ_ONLY}/{outputs[option]}")
+    elif kind == "output-is-folder":
+        (out_dir / outputs[option]).mkdir()
+    elif kind == "number":
+        argv = _with(argv, option, value)
+    else:  # damaged gates, non-text inputs
+        if option == "--file" and "--text" in argv:  # one source of text at a time
+            at = argv.index("--text")
+            argv = argv[:at] + argv[at + 2 :]
+        argv = _with(argv, option, str(inputs[value]))
+    code, lines, err = cli(argv)
+    assert code == 2, (argv, err)
+    assert len(lines) == 1 and message in lines[0], (argv, err)
+    assert "Traceback" not in err and "\r" not in err  # no progress bar on the error's line
+    left = [p.name for p in out_dir.iterdir() if not (kind == "output-is-folder" and p.is_dir())]
+    assert left == [], left  # nothing under a final name, no temporary either
+
+
+def test_a_stale_temporary_from_a_killed_run_is_cleaned_and_outputs_are_whole(inputs, cli, tmp_path):
+    out = tmp_path / "s.csv"
+    stale = tmp_path / ".s.csv.tmp"
+    stale.write_text("half of an earlier run, killed with SIGKILL")
+    code, lines, err = cli(["stats", "--trace", str(inputs["trace"]), "--out", str(out)])
+    assert code == 0, err
+    assert not stale.exists() and out.read_text().startswith("layer")
+
+
+def test_one_bad_output_among_several_writes_none_of_them(inputs, cli, tmp_path):
+    ok, bad = tmp_path / "s.csv", tmp_path / "missing" / "b.csv"
+    code, lines, _ = cli(["stats", "--trace", str(inputs["trace"]), "--out", str(ok), "--bos-out", str(bad)])
+    assert code == 2 and len(lines) == 1 and not ok.exists()
+
+
+# ---- the Python API: the same table, GateSkipError with one line
+@pytest.fixture(scope="module")
+def model():
+    return load_model("tiny-llama", gates="untrained:lowrank:4")
+
+
+def _api_cases():
+    from analysis.corpus import collect
+    from analysis.lens import GatedLens
+    from analysis.logit_lens import logit_lens, settled_corpus
+    from analysis.quality import evaluation_blocks
+    from gateskip_core import load_gates, read_trace
+
+    return [
+        ("trace-none", lambda m, f, t: m.trace(None), "got NoneType"),
+        ("trace-bytes", lambda m, f, t: m.trace(b"hi"), "got bytes"),
+        ("trace-ints", lambda m, f, t: m.trace([1, 2]), "an item of type int"),
+        ("trace-skip-nan", lambda m, f, t: m.trace(TEXT, skip=math.nan), "skip budget must lie in [0, 1]"),
+        ("trace-skip-neg", lambda m, f, t: m.trace(TEXT, skip=-0.5), "skip budget must lie in [0, 1]"),
+        ("trace-batch-0", lambda m, f, t: m.trace(TEXT, batch_size=0), "batch_size must be at least 1"),
+        ("trace-max-tokens", lambda m, f, t: m.trace(TEXT, max_tokens=-5), "max_tokens must be at least 1"),
+        ("trace-policy", lambda m, f, t: m.trace(TEXT, skip=0.2, policy="best"), "policy"),
+        ("trace-path", lambda m, f, t: m.trace(TEXT, path="fast"), "execution path must be one of"),
+        ("trace-branches", lambda m, f, t: m.trace(TEXT, branches="ffn"), "branch types must be"),
+        ("generate-none", lambda m, f, t: m.generate(None), "prompt must be a str"),
+        ("generate-tokens", lambda m, f, t: m.generate(TEXT, max_new_tokens=2.5), "max_new_tokens must be a whole"),
+        ("generate-temp", lambda m, f, t: m.generate(TEXT, do_sample=True, temperature=math.nan), "temperature"),
+        ("generate-topk", lambda m, f, t: m.generate(TEXT, do_sample=True, top_k=0), "top_k must be at least 1"),
+        ("estimate-skip", lambda m, f, t: m.estimate(m.trace(TEXT), skip=math.inf), "skip budget must lie"),
+        ("load-gates-truncated", lambda m, f, t: m.load_gates(f["gates_truncated"]), "not a valid safetensors"),
+        ("load-gates-random", lambda m, f, t: load_gates(f["gates_random"]), "not a valid safetensors"),
+        ("load-gates-foreign", lambda m, f, t: m.load_gates(f["gates_foreign"]), "not a GateSkip gate checkpoint"),
+        ("load-gates-other", lambda m, f, t: m.load_gates(f["gates_other"]), "was trained for other"),
+        ("load-model-gates", lambda m, f, t: load_model("tiny-llama", gates=f["gates_random"]), "not a valid"),
+        ("read-trace-binary", lambda m, f, t: read_trace(f["binary_csv"]), "trace"),
+        ("read-trace-missing", lambda m, f, t: read_trace(t / "nope.csv"), "not found"),
+        ("to-csv-missing-folder", lambda m, f, t: m.trace(TEXT).to_csv(t / "no" / "x.csv"), "cannot write"),
+        ("collect-missing-folder", lambda m, f, t: collect(m, [TEXT], t / "no" / "c.parquet", show_progress=False), "cannot write"),
+        ("collect-batch-0", lambda m, f, t: collect(m, [TEXT], t / "c.csv", batch_size=0, show_progress=False), "batch_size must be at least 1"),
+        ("settled-blocks-0", lambda m, f, t: settled_corpus(m, [TEXT], n_blocks=0, show_progress=False), "n_blocks must be at least 1"),
+        ("logit-lens-int", lambda m, f, t: logit_lens(m, 123), "text must be a str"),
+        ("lens-bytes", lambda m, f, t: GatedLens(m).run_with_cache(b"hi"), "got bytes"),
+        ("eval-blocks-0", lambda m, f, t: evaluation_blocks(m, [TEXT], n_blocks=0), "n_blocks must be at least 1"),
+        ("save-gates-read-only", lambda m, f, t: save_gates(GateCheckpoint(gates=m.gates, model="tiny-llama", fingerprint=m.spec.fingerprint()), f"{READ_ONLY}/g.safetensors"), "cannot write"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", _api_cases(), ids=lambda c: c[0])
+def test_every_api_entry_point_raises_one_line_gateskip_errors(case, model, inputs, tmp_path):
+    _, call, message = case
+    with pytest.raises(GateSkipError) as err:
+        call(model, inputs, tmp_path)
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # nothing written
