@@ -46,6 +46,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         collect_tokens=args.collect_tokens,
         dashboard_tokens=args.dashboard_tokens,
         repeats=args.repeats,
+        decode_repeats=args.decode_repeats,
         sections=tuple(s.strip() for s in args.sections.split(",") if s.strip()),
     )
     results = run(cfg)
@@ -71,7 +72,8 @@ def register(sub, commands) -> None:
     p.add_argument("--new-tokens", type=cli_type(whole_number, "--new-tokens", minimum=1), default=128)
     p.add_argument("--decode-skips", type=_numbers(float, "--decode-skips", 0, 1), default=(0.0, 0.25, 0.5))
     p.add_argument("--decode-batches", type=_numbers(int, "--decode-batches", 1), default=(1, 8))
-    p.add_argument("--collect-tokens", type=_numbers(int, "--collect-tokens", 1), default=(5_000, 20_000))
+    p.add_argument("--decode-repeats", type=cli_type(whole_number, "--decode-repeats", minimum=1), default=2)
+    p.add_argument("--collect-tokens", type=_numbers(int, "--collect-tokens", 1), default=(2_000, 10_000))
     p.add_argument("--dashboard-tokens", type=cli_type(whole_number, "--dashboard-tokens", minimum=2), default=128)
     p.add_argument("--repeats", type=cli_type(whole_number, "--repeats", minimum=1), default=3)
     p.add_argument("--out", help="also write the results as JSON")

@@ -51,9 +51,10 @@ class BenchConfig:
     prefill_batches: tuple[int, ...] = (1, 8)
     decode_prompt: int = 256
     new_tokens: int = 128
-    decode_skips: tuple[float, ...] = (0.0, 0.25, 0.5)
+    decode_skips: tuple[float, ...] = (0.0, 0.25, 0.5)  # batch 1; larger batches run the last one
     decode_batches: tuple[int, ...] = (1, 8)
-    collect_tokens: tuple[int, ...] = (5_000, 20_000)
+    decode_repeats: int = 2
+    collect_tokens: tuple[int, ...] = (2_000, 10_000)
     dashboard_tokens: int = 128
     rates_skip: float = 0.25
     repeats: int = 3
@@ -111,11 +112,12 @@ def _views(base: GatedModel, specs) -> dict[str, GatedModel]:
 
 
 # ---- prefill
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict[str, float]]:
+def interleaved(fns: dict, repeats: int, warmups: dict | None = None) -> dict:
     """`timed` for several methods, run in turns (one warm-up each, then repeats rounds), so a
-    machine whose speed drifts (shared cores, throttling) biases none of them."""
-    for fn in fns.values():
-        fn()
+    machine whose speed drifts (shared cores, throttling) biases none of them. `warmups`: a
+    cheaper call per method to warm up with (a short generation instead of a long one)."""
+    for name, fn in fns.items():
+        (warmups or {}).get(name, fn)()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -126,47 +128,50 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str,
 
 
 def bench_prefill(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
-    """Each (variant, skip) is timed in turns with the dense model, so speedups are paired ratios."""
+    """Per batch size, the dense model and every (variant, skip, path) are timed in turns, so each
+    speedup compares runs made under the same machine conditions."""
     from analysis.quality import evaluation_blocks
 
     rows = []
     dense_model = base.view()
-    dense_plan = dense_model.make_plan(0.0)
     for batch_size in cfg.prefill_batches:
         ids = evaluation_blocks(base, n_blocks=batch_size, seq_len=cfg.prefill_tokens)
         mask = torch.ones_like(ids)
         batch = Batch(ids, mask, [False] * len(ids))
         tokens = ids.numel()
         variants = cfg.variants if batch_size == min(cfg.prefill_batches) else cfg.variants[:1]
-        for spec, view in _views(base, variants).items():
-            for skip in cfg.prefill_skips:
-                plans = {path: view.make_plan(skip, path=path) for path in ("masked", "physical")}
-                fns = {"dense": partial(dense_model.forward, ids, mask, dense_plan)}
-                fns.update({path: partial(view.forward, ids, mask, plan) for path, plan in plans.items()})
-                t = interleaved(fns, cfg.repeats)
-                dense = t["dense"]["median_s"]
-                for path, plan in plans.items():
-                    account = view.trace_of(batch, view.forward(ids, mask, plan), plan).compute
-                    predicted = account.dense_flops / account.executed_flops
-                    realised = dense / t[path]["median_s"]
-                    rows.append(
-                        {
-                            "batch": batch_size,
-                            "gates": spec,
-                            "path": path,
-                            "skip": skip,
-                            "tokens_per_s": tokens / t[path]["median_s"],
-                            "dense_tokens_per_s": tokens / dense,
-                            **t[path],
-                            "speedup_vs_dense": realised,
-                            "predicted_speedup": predicted,
-                            "realised_over_predicted": realised / predicted,
-                            "net_flops_saved": account.net_saved_fraction,
-                        }
-                    )
-                    log(
-                        f"prefill b{batch_size} {spec} {path} skip {skip}: {realised:.2f}x (predicted {predicted:.2f}x)"
-                    )
+        views = _views(base, variants)
+        plans = {
+            (spec, skip, path): view.make_plan(skip, path=path)
+            for spec, view in views.items()
+            for skip in cfg.prefill_skips
+            for path in ("masked", "physical")
+        }
+        fns = {"dense": partial(dense_model.forward, ids, mask, dense_model.make_plan(0.0))}
+        fns.update({key: partial(views[key[0]].forward, ids, mask, plan) for key, plan in plans.items()})
+        t = interleaved(fns, cfg.repeats)
+        dense = t["dense"]["median_s"]
+        for (spec, skip, path), plan in plans.items():
+            view = views[spec]
+            account = view.trace_of(batch, view.forward(ids, mask, plan), plan).compute
+            predicted = account.dense_flops / account.executed_flops
+            realised = dense / t[spec, skip, path]["median_s"]
+            rows.append(
+                {
+                    "batch": batch_size,
+                    "gates": spec,
+                    "path": path,
+                    "skip": skip,
+                    "tokens_per_s": tokens / t[spec, skip, path]["median_s"],
+                    "dense_tokens_per_s": tokens / dense,
+                    **t[spec, skip, path],
+                    "speedup_vs_dense": realised,
+                    "predicted_speedup": predicted,
+                    "realised_over_predicted": realised / predicted,
+                    "net_flops_saved": account.net_saved_fraction,
+                }
+            )
+        log(f"prefill batch {batch_size}: {len(plans)} settings timed against dense ({tokens / dense:.0f} tok/s)")
     return rows
 
 
@@ -228,13 +233,24 @@ def _decode_batch(base, view, dense_model, cfg: BenchConfig, batch_size: int, lo
     def ours(model, **skip_args):
         return model.generate(prompts, max_new_tokens=n_new, stop_at_eos=False, **skip_args)
 
-    gated_args = {skip: dict(skip=skip, policy="calibrated", path="physical") for skip in cfg.decode_skips}
+    skips = cfg.decode_skips if batch_size == 1 else cfg.decode_skips[-1:]
+    gated_args = {skip: dict(skip=skip, policy="calibrated", path="physical") for skip in skips}
     fns = {
         "hf-generate": lambda: _hf_generate(base, batch, n_new),
         "dense-walk": lambda: ours(dense_model, skip=0.0),
     }
     fns.update({skip: (lambda args=args: ours(view, **args)) for skip, args in gated_args.items()})
-    t = interleaved(fns, cfg.repeats)
+    short = {
+        "hf-generate": lambda: _hf_generate(base, batch, 4),
+        "dense-walk": lambda: dense_model.generate(prompts, max_new_tokens=4, stop_at_eos=False, skip=0.0),
+    }
+    short.update(
+        {
+            skip: (lambda args=args: view.generate(prompts, max_new_tokens=4, **args))
+            for skip, args in gated_args.items()
+        }
+    )
+    t = interleaved(fns, cfg.decode_repeats, warmups=short)
     hf, dense = t["hf-generate"]["median_s"], t["dense-walk"]["median_s"]
     rows.append(
         {

@@ -21,7 +21,7 @@ def test_bench_runs_every_section_on_a_tiny_configuration(tmp_path):
         "--variants", "untrained:lowrank:4,untrained:scalar",
         "--prefill-tokens", "16", "--prefill-skips", "0,0.5", "--prefill-batches", "1,2",
         "--decode-prompt", "16", "--new-tokens", "4", "--decode-skips", "0.5", "--decode-batches", "1,2",
-        "--collect-tokens", "200,400", "--dashboard-tokens", "16", "--repeats", "1",
+        "--collect-tokens", "200,400", "--dashboard-tokens", "16", "--repeats", "1", "--decode-repeats", "1",
         "--out", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -37,7 +37,7 @@ def test_bench_runs_every_section_on_a_tiny_configuration(tmp_path):
     decode = data["decode"]
     assert [r["method"] for r in decode if r["batch"] == 1][:2] == ["hf-generate", "dense-walk"]
     skipping = [r for r in decode if r["skip"] == 0.5]
-    assert len(skipping) == 2 and all(
+    assert [r["batch"] for r in skipping] == [1, 2] and all(
         0 < r["reached_skip_rate"] <= 1 and r["predicted_speedup_bytes"] > 0 for r in skipping
     )
     assert skipping[0]["batch"] == 1 and skipping[0]["predicted_speedup_bytes"] > 1  # one token: every skip saves reads
