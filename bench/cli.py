@@ -34,6 +34,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = check_writable(Path(args.out), "--out") if args.out else None
     cfg = BenchConfig(
         model=args.model,
+        dtype=args.dtype,
         gates=args.gates,
         variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
         prefill_tokens=args.prefill_tokens,
@@ -61,6 +62,7 @@ def register(sub, commands) -> None:
     p = sub.add_parser("bench", help="speed and memory of prefill, decoding, capture, collect and the dashboard")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--gates", default="default", help="gates for decode, capture, collect, dashboard and rates")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
     p.add_argument("--variants", default="default,default-scalar,untrained:vector", help="prefill gate variants")
     p.add_argument("--sections", default="prefill,decode,capture,collect,dashboard,rates")
     p.add_argument("--prefill-tokens", type=cli_type(whole_number, "--prefill-tokens", minimum=2), default=128)

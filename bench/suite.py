@@ -44,6 +44,7 @@ SECTIONS = ("prefill", "decode", "capture", "collect", "dashboard", "rates")
 @dataclass
 class BenchConfig:
     model: str = "smollm2-135m-instruct"
+    dtype: str = "float32"  # bfloat16 halves the bytes read; fast only on CPUs with native bf16 (AVX-512 BF16, AMX)
     gates: str = "default"  # the gates of decode, capture, collect, dashboard and rates
     variants: tuple[str, ...] = ("default", "default-scalar", "untrained:vector")  # prefill gate variants
     prefill_tokens: int = 128
@@ -194,12 +195,13 @@ def _decode_predictions(view: GatedModel, trace, prompt_len: int, batch_size: in
     skipped = np.stack([s.skipped[s.prompt_length :] for s in trace.sequences])  # [B, N, L, 2]
     dense_run = np.ones(skipped.shape[2:], dtype=bool)
     gate_params = tuple(f // 2 for f in view.gate_flops())
+    width = view.dtype.itemsize
     dense_bytes = gated_bytes = 0.0
     for step in range(skipped.shape[1]):
         context = prompt_len + step + 1
-        dense_bytes += decode_step_bytes(spec, dense_run, context, batch_size)
+        dense_bytes += decode_step_bytes(spec, dense_run, context, batch_size, bytes_per_param=width)
         run = ~skipped[:, step].all(0)  # a weight is read when any token of the step runs the branch
-        gated_bytes += decode_step_bytes(spec, run, context, batch_size, gate_params)
+        gated_bytes += decode_step_bytes(spec, run, context, batch_size, gate_params, bytes_per_param=width)
     # FLOPs of the generated tokens only (positions after the prompt; attention over the cache)
     accounts = [
         account_sequence(spec, s.skipped[s.prompt_length :], view.gate_flops(), s.n_tokens - s.prompt_length,
@@ -304,12 +306,17 @@ def bench_capture(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
     mask = torch.ones_like(ids)
     batch = Batch(ids, mask, [False])
     plan = view.make_plan(0.25)
-    bare = timed(lambda: view.forward(ids, mask, plan), cfg.repeats * 2)
-    traced = timed(lambda: view.trace_of(batch, view.forward(ids, mask, plan), plan), cfg.repeats * 2)
-    vectors = timed(
-        lambda: view.trace_of(batch, view.forward(ids, mask, plan, capture=Capture(gate_vectors=True)), plan),
-        cfg.repeats * 2,
+    t = interleaved(
+        {
+            "bare": partial(view.forward, ids, mask, plan),
+            "traced": lambda: view.trace_of(batch, view.forward(ids, mask, plan), plan),
+            "vectors": lambda: view.trace_of(
+                batch, view.forward(ids, mask, plan, capture=Capture(gate_vectors=True)), plan
+            ),
+        },
+        cfg.repeats * 3,
     )
+    bare, traced, vectors = t["bare"], t["traced"], t["vectors"]
     rows = [
         {"what": "forward (decisions only)", **bare, "overhead": 0.0},
         {"what": "forward + trace", **traced, "overhead": traced["median_s"] / bare["median_s"] - 1},
@@ -467,7 +474,7 @@ def run(cfg: BenchConfig, log=print) -> dict:
         raise GateSkipError(
             f"unknown bench section(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(SECTIONS)}"
         )
-    base = load_model(cfg.model)
+    base = load_model(cfg.model, dtype=cfg.dtype)
     started = time.perf_counter()
     results = {"config": asdict(cfg), "machine": machine()}
     for section in cfg.sections:
