@@ -39,13 +39,15 @@ def test_training_moves_gates_and_writes_a_complete_checkpoint(tmp_path):
     assert ckpt.training["steps"] == 6 and ckpt.training["gate"] == "vector" and "val_loss" in ckpt.metrics
     for gates in (*ckpt.gates.attn, *ckpt.gates.mlp):  # every bias started at exactly INIT_BIAS
         assert (gates.net.bias - INIT_BIAS).abs().max() > 1e-4
-    # the stored thresholds reproduce their budget on the calibration text they were fitted on
-    from gateskip_core.data import pydoc_texts, token_blocks
+    # the stored thresholds reproduce their budget on the calibration sequences they were fitted on
+    from gateskip_core.calibration import calibration_sequences
+    from gateskip_core.training import calibration_texts
 
     model = load_model("tiny-llama", gates=str(out))
-    blocks = torch.stack(list(token_blocks(model.tokenizer, pydoc_texts("calibration"), 128))[:8])
-    result = model.forward(blocks, torch.ones_like(blocks), model.make_plan(0.3, "calibrated"))
-    assert result.skipped.float().mean().item() * 128 / 127 == pytest.approx(0.3, abs=0.01)
+    ids, mask = calibration_sequences(model, calibration_texts(model), 96, 128)
+    result = model.forward(ids, mask, model.make_plan(0.3, "calibrated"))
+    rate = result.skipped.sum().item() / (result.eligible.sum().item() * model.spec.n_layers * 2)
+    assert rate == pytest.approx(0.3, abs=0.01)
 
 
 def test_variants_shared_l1_full_and_distill(tmp_path):
