@@ -8,7 +8,7 @@ from pathlib import Path
 from gateskip_core.errors import GateSkipError
 from gateskip_core.files import check_writable, write_all
 from gateskip_core.registry import DEFAULT_MODEL
-from gateskip_core.validation import cli_type, whole_number
+from gateskip_core.validation import cli_type, skip_args_of, whole_number
 
 
 def _budgets(text: str) -> list[float]:
@@ -80,14 +80,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
         args.out,
         batch_size=args.batch_size,
         total=len(paras),
-        skip=args.skip,
-        policy=args.policy,
-        path=args.path,
-        branches=args.branches,
-        allocation=args.allocation,
-        protect_bos=not args.no_protect_bos,
-        seed=args.seed,
         max_tokens=args.max_tokens,
+        **skip_args_of(args),
     )
     print(
         f"wrote {counts['rows']} rows for {counts['sequences']} sequences to {args.out}"
@@ -211,13 +205,7 @@ def cmd_settled(args: argparse.Namespace) -> int:
         n_blocks=args.blocks,
         seq_len=args.seq_len,
         batch_size=args.batch_size,
-        skip=args.skip,
-        policy=args.policy,
-        path=args.path,
-        branches=args.branches,
-        allocation=args.allocation,
-        protect_bos=not args.no_protect_bos,
-        seed=args.seed,
+        **skip_args_of(args),
     )
     summary = settled_summary(table, args.from_layer)
     print(f"prediction already settled (final top-1 = top-1 entering the layer), skip {args.skip:g}:")

@@ -10,7 +10,7 @@ layer l, four hook points:
     blocks.{l}.mlp.hook_gate
     blocks.{l}.mlp.hook_skip
 
-Every call (`run_with_cache`, `run_with_hooks`, `forward`) takes the skip settings of
+Every call (`run_with_cache`, `run_with_hooks`) takes the skip settings of
 `GatedModel.trace` (`skip`, `policy`, `branches`, `allocation`, `protect_bos`, `seed`,
 `forced`). Per call, the gating runs as bridge hooks, in this order:
 
@@ -60,8 +60,9 @@ def hook_name(layer: int, branch: str) -> str:
     return f"blocks.{layer}.hook_{branch}_out"
 
 
-def boot_bridge(model: GatedModel):
-    """A TransformerBridge over a copy of the backbone the gated walk runs, offline."""
+def to_transformer_lens(model: GatedModel):
+    """A plain TransformerBridge over a copy of the backbone the gated walk runs, offline (no
+    gates; `GatedLens` adds them)."""
     from transformer_lens.model_bridge import TransformerBridge
 
     backbone = copy.deepcopy(model.backbone)
@@ -90,7 +91,7 @@ class GatedLens:
 
     def __init__(self, model: GatedModel):
         self.model = model
-        self.bridge = boot_bridge(model)
+        self.bridge = to_transformer_lens(model)
         self.n_layers = model.spec.n_layers
         self._add_hook_points()
 
@@ -127,9 +128,6 @@ class GatedLens:
         return batch.input_ids.to(self.model.device)
 
     # ---- calls
-    def forward(self, text_or_ids, chat: bool = False, **skip_args) -> torch.Tensor:
-        return self.run_with_hooks(text_or_ids, chat=chat, **skip_args)
-
     def run_with_cache(self, text_or_ids, chat: bool = False, names_filter=None, **skip_args):
         """(logits, ActivationCache) of the gated call, with the gate and skip hook points."""
         ids = self.tokens(text_or_ids, chat)
@@ -181,11 +179,6 @@ class GatedLens:
             return torch.where(skip[..., None].to(y.device), torch.zeros_like(y), y)
 
         return scale
-
-
-def to_transformer_lens(model: GatedModel):
-    """A plain TransformerBridge over a copy of `model.backbone` (no gates; see `GatedLens`)."""
-    return boot_bridge(model)
 
 
 def residual_stream_gap(model: GatedModel, text: str, bridge=None) -> float:

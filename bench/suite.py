@@ -113,19 +113,30 @@ def _views(base: GatedModel, specs) -> dict[str, GatedModel]:
 
 
 # ---- prefill
-def interleaved(fns: dict, repeats: int, warmups: dict | None = None) -> dict:
+def interleaved(fns: dict, repeats: int, warmups: dict | None = None) -> tuple[dict, dict]:
     """`timed` for several methods, run in turns (one warm-up each, then repeats rounds), so a
     machine whose speed drifts (shared cores, throttling) biases none of them. `warmups`: a
-    cheaper call per method to warm up with (a short generation instead of a long one)."""
+    cheaper call per method to warm up with (a short generation instead of a long one).
+    Returns the timings and each method's last output (no extra run to inspect it)."""
     for name, fn in fns.items():
         (warmups or {}).get(name, fn)()
     times: dict[str, list[float]] = {name: [] for name in fns}
+    outputs = {}
     for _ in range(repeats):
         for name, fn in fns.items():
             start = time.perf_counter()
-            fn()
+            outputs[name] = fn()
             times[name].append(time.perf_counter() - start)
-    return {n: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t)} for n, t in times.items()}
+    stats = {n: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t)} for n, t in times.items()}
+    return stats, outputs
+
+
+def _decisions(view: GatedModel, ids, mask, plan):
+    """A gated forward whose logits are dropped once computed: the decisions (for the compute
+    account) are what the bench keeps, and [B, T, vocab] logits per setting would pile up."""
+    result = view.forward(ids, mask, plan)
+    result.logits = result.logits[:0]
+    return result
 
 
 def bench_prefill(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
@@ -149,12 +160,12 @@ def bench_prefill(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
             for path in ("masked", "physical")
         }
         fns = {"dense": partial(dense_model.forward, ids, mask, dense_model.make_plan(0.0))}
-        fns.update({key: partial(views[key[0]].forward, ids, mask, plan) for key, plan in plans.items()})
-        t = interleaved(fns, cfg.repeats)
+        fns.update({key: partial(_decisions, views[key[0]], ids, mask, plan) for key, plan in plans.items()})
+        t, outputs = interleaved(fns, cfg.repeats)
         dense = t["dense"]["median_s"]
         for (spec, skip, path), plan in plans.items():
             view = views[spec]
-            account = view.trace_of(batch, view.forward(ids, mask, plan), plan).compute
+            account = view.trace_of(batch, outputs[spec, skip, path], plan).compute
             predicted = account.dense_flops / account.executed_flops
             realised = dense / t[spec, skip, path]["median_s"]
             rows.append(
@@ -252,7 +263,7 @@ def _decode_batch(base, view, dense_model, cfg: BenchConfig, batch_size: int, lo
             for skip, args in gated_args.items()
         }
     )
-    t = interleaved(fns, cfg.decode_repeats, warmups=short)
+    t, outputs = interleaved(fns, cfg.decode_repeats, warmups=short)
     hf, dense = t["hf-generate"]["median_s"], t["dense-walk"]["median_s"]
     rows.append(
         {
@@ -274,8 +285,8 @@ def _decode_batch(base, view, dense_model, cfg: BenchConfig, batch_size: int, lo
         }
     )
     log(f"decode b{batch_size}: HF {generated / hf:.1f} tok/s, dense walk {generated / dense:.1f} tok/s")
-    for skip, args in gated_args.items():
-        predictions = _decode_predictions(view, ours(view, **args).trace, prompt_len, batch_size)
+    for skip in gated_args:
+        predictions = _decode_predictions(view, outputs[skip].trace, prompt_len, batch_size)
         speedup = dense / t[skip]["median_s"]
         rows.append(
             {
@@ -306,7 +317,7 @@ def bench_capture(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
     mask = torch.ones_like(ids)
     batch = Batch(ids, mask, [False])
     plan = view.make_plan(0.25)
-    t = interleaved(
+    t, _ = interleaved(
         {
             "bare": partial(view.forward, ids, mask, plan),
             "traced": lambda: view.trace_of(batch, view.forward(ids, mask, plan), plan),

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .data import paragraphs, pydoc_texts
+from .errors import GateSkipError
 from .execution import SkipPlan, gated_forward
 from .gates import BRANCHES
 from .policies import BranchInput, CalibratedPolicy, Decision, SkipBudget, SkipPolicy
@@ -66,8 +67,6 @@ def calibration_sequences(model, texts: Sequence[str], n_sequences: int, max_tok
     ~1.3x the budget on short prose and ~2x on chat prompts."""
     chosen = [t for t in texts if t.strip()][:n_sequences]
     if not chosen:
-        from .errors import GateSkipError
-
         raise GateSkipError("calibration needs at least one non-empty text")
     batch = model.encode(chosen, max_tokens=max_tokens)
     return batch.input_ids.to(model.device), batch.attention_mask.to(model.device)

@@ -12,6 +12,7 @@ from pathlib import Path
 from .errors import GateSkipError
 from .files import check_writable
 from .registry import DEFAULT_MODEL
+from .validation import skip_args_of
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -104,17 +105,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     model = load_model(args.model, gates=args.gates, progress=_progress, device=args.device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trace = model.trace(
-            texts,
-            skip=args.skip,
-            policy=args.policy,
-            path=args.path,
-            branches=args.branches,
-            protect_bos=not args.no_protect_bos,
-            seed=args.seed,
-            chat=args.chat,
-            allocation=args.allocation,
-        )
+        trace = model.trace(texts, chat=args.chat, **skip_args_of(args))
     for w in caught:
         if issubclass(w.category, UserWarning):  # ours (truncation, context); not dependencies' notices
             print(f"warning: {w.message}", file=sys.stderr)

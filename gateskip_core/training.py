@@ -444,8 +444,8 @@ def calibration_texts(gm: GatedModel, progress: Callable[[str], None] = lambda m
         gm.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
         for p in chat_prompts()[5::11]
     ]
-    mixed = [text for group in zip(prose[::2], prose[1::2], transcripts, prompts) for text in group]
-    return mixed + prose[2 * len(mixed) // 4 :]
+    groups = list(zip(prose[::2], prose[1::2], transcripts, prompts))  # two paragraphs, a transcript, a prompt
+    return [text for group in groups for text in group] + prose[2 * len(groups) :]
 
 
 def calibrate_checkpoint(gm: GatedModel, ckpt: GateCheckpoint, texts: list[str]) -> None:

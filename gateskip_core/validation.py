@@ -74,3 +74,16 @@ def cli_type(check: Callable, flag: str, **kwargs) -> Callable[[str], object]:
             raise argparse.ArgumentTypeError(str(err)) from None
 
     return parse
+
+
+def skip_args_of(args: argparse.Namespace) -> dict:
+    """The `SkipArgs` of a call from the skip options every command declares (`cli._add_skip_args`)."""
+    return dict(
+        skip=args.skip,
+        policy=args.policy,
+        path=args.path,
+        branches=args.branches,
+        protect_bos=not args.no_protect_bos,
+        seed=args.seed,
+        allocation=args.allocation,
+    )
