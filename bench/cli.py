@@ -48,6 +48,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         dashboard_tokens=args.dashboard_tokens,
         repeats=args.repeats,
         decode_repeats=args.decode_repeats,
+        batched_decode_repeats=args.batched_decode_repeats,
         sections=tuple(s.strip() for s in args.sections.split(",") if s.strip()),
     )
     results = run(cfg)
@@ -75,8 +76,14 @@ def register(sub, commands) -> None:
     p.add_argument("--decode-skips", type=_numbers(float, "--decode-skips", 0, 1), default=(0.0, 0.25, 0.5))
     p.add_argument("--decode-batches", type=_numbers(int, "--decode-batches", 1), default=(1, 8))
     p.add_argument("--decode-repeats", type=cli_type(whole_number, "--decode-repeats", minimum=1), default=2)
+    p.add_argument(
+        "--batched-decode-repeats",
+        type=cli_type(whole_number, "--batched-decode-repeats", minimum=1),
+        default=1,
+        help="repeats of decoding at batch sizes above 1",
+    )
     p.add_argument("--collect-tokens", type=_numbers(int, "--collect-tokens", 1), default=(2_000, 10_000))
     p.add_argument("--dashboard-tokens", type=cli_type(whole_number, "--dashboard-tokens", minimum=2), default=128)
-    p.add_argument("--repeats", type=cli_type(whole_number, "--repeats", minimum=1), default=3)
+    p.add_argument("--repeats", type=cli_type(whole_number, "--repeats", minimum=1), default=2)
     p.add_argument("--out", help="also write the results as JSON")
     commands["bench"] = cmd_bench

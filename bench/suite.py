@@ -7,6 +7,9 @@ Sections (each a function returning rows; `--sections` chooses):
   dense walk, and the gated model (calibrated policy, physical path) per budget; tokens/s,
   the skip rate reached on the generated tokens, and two predictions of the speedup over our
   dense walk: the FLOP account and the bytes-read model (`compute.decode_step_bytes`).
+  Gates that came with an adapter run an adapted copy of the weights; Hugging Face `generate`
+  and the dense walks run that same copy (in prefill, each variant is compared with a dense
+  pass over the weights it reads).
 - `capture`: gated forward alone vs forward + trace (decisions; with gate vectors).
 - `collect`: `collect` throughput and peak resident memory at two corpus sizes (flat = bounded).
 - `dashboard`: estimate-mode and exact-mode latency for a 128-token prompt (library calls).
@@ -54,11 +57,12 @@ class BenchConfig:
     new_tokens: int = 128
     decode_skips: tuple[float, ...] = (0.0, 0.25, 0.5)  # batch 1; larger batches run the last one
     decode_batches: tuple[int, ...] = (1, 8)
-    decode_repeats: int = 2
+    decode_repeats: int = 2  # batch 1
+    batched_decode_repeats: int = 1  # larger batches (the targets are at batch 1; each run is long)
     collect_tokens: tuple[int, ...] = (2_000, 10_000)
     dashboard_tokens: int = 128
     rates_skip: float = 0.25
-    repeats: int = 3
+    repeats: int = 2
     sections: tuple[str, ...] = SECTIONS
 
 
@@ -160,11 +164,18 @@ def bench_prefill(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
             for path in ("masked", "physical")
         }
         fns = {"dense": partial(dense_model.forward, ids, mask, dense_model.make_plan(0.0))}
+        dense_of = {}  # each variant's dense baseline: the same weights it reads (see bench_decode)
+        for spec, view in views.items():
+            dense_of[spec] = "dense"
+            if view.backbone is not base.original:
+                same = GatedModel(view.backbone, base.tokenizer, base.name)
+                dense_of[spec] = f"dense ({spec} weights)"
+                fns[dense_of[spec]] = partial(same.forward, ids, mask, same.make_plan(0.0))
         fns.update({key: partial(_decisions, views[key[0]], ids, mask, plan) for key, plan in plans.items()})
         t, outputs = interleaved(fns, cfg.repeats)
-        dense = t["dense"]["median_s"]
         for (spec, skip, path), plan in plans.items():
             view = views[spec]
+            dense = t[dense_of[spec]]["median_s"]
             account = view.trace_of(batch, outputs[spec, skip, path], plan).compute
             predicted = account.dense_flops / account.executed_flops
             realised = dense / t[spec, skip, path]["median_s"]
@@ -183,20 +194,21 @@ def bench_prefill(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
                     "net_flops_saved": account.net_saved_fraction,
                 }
             )
+        dense = t["dense"]["median_s"]
         log(f"prefill batch {batch_size}: {len(plans)} settings timed against dense ({tokens / dense:.0f} tok/s)")
     return rows
 
 
 # ---- decode
-def _hf_generate(model: GatedModel, batch: Batch, n_new: int):
+def _hf_generate(hf_model, tokenizer, batch: Batch, n_new: int):
     with torch.no_grad():
-        return model.original.generate(
+        return hf_model.generate(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             max_new_tokens=n_new,
             min_new_tokens=n_new,
             do_sample=False,
-            pad_token_id=model.tokenizer.pad_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )
 
 
@@ -231,7 +243,10 @@ def _decode_predictions(view: GatedModel, trace, prompt_len: int, batch_size: in
 
 def bench_decode(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
     view = _views(base, [cfg.gates])[cfg.gates]
-    dense_model = base.view()
+    # Gates trained with an adapter run an adapted copy of the weights. Hugging Face `generate`
+    # and our dense walk run that same copy: two copies of the weights can stream from memory
+    # at different speeds (measured here: up to 10% apart), which is not skipping's doing.
+    dense_model = GatedModel(view.backbone, base.tokenizer, base.name)
     return [row for b in cfg.decode_batches for row in _decode_batch(base, view, dense_model, cfg, b, log)]
 
 
@@ -242,41 +257,32 @@ def _decode_batch(base, view, dense_model, cfg: BenchConfig, batch_size: int, lo
     prompt_len = int(batch.attention_mask.sum(1).max())
     n_new = cfg.new_tokens
     generated = batch_size * n_new
+    weights = "original" if view.backbone is base.original else f"adapted copy ({cfg.gates})"
 
-    def ours(model, **skip_args):
-        return model.generate(prompts, max_new_tokens=n_new, stop_at_eos=False, **skip_args)
+    def ours(model, n=n_new, **skip_args):
+        return model.generate(prompts, max_new_tokens=n, stop_at_eos=False, **skip_args)
 
     skips = cfg.decode_skips if batch_size == 1 else cfg.decode_skips[-1:]
     gated_args = {skip: dict(skip=skip, policy="calibrated", path="physical") for skip in skips}
     fns = {
-        "hf-generate": lambda: _hf_generate(base, batch, n_new),
-        "dense-walk": lambda: ours(dense_model, skip=0.0),
+        "hf-generate": partial(_hf_generate, view.backbone, base.tokenizer, batch, n_new),
+        "dense-walk": partial(ours, dense_model, skip=0.0),
     }
-    fns.update({skip: (lambda args=args: ours(view, **args)) for skip, args in gated_args.items()})
     short = {
-        "hf-generate": lambda: _hf_generate(base, batch, 4),
-        "dense-walk": lambda: dense_model.generate(prompts, max_new_tokens=4, stop_at_eos=False, skip=0.0),
+        "hf-generate": partial(_hf_generate, view.backbone, base.tokenizer, batch, 4),
+        "dense-walk": partial(ours, dense_model, 4, skip=0.0),
     }
-    short.update(
-        {
-            skip: (lambda args=args: view.generate(prompts, max_new_tokens=4, **args))
-            for skip, args in gated_args.items()
-        }
-    )
-    t, outputs = interleaved(fns, cfg.decode_repeats, warmups=short)
+    for skip, args in gated_args.items():
+        fns[skip] = partial(ours, view, **args)
+        short[skip] = partial(ours, view, 4, **args)
+    repeats = cfg.decode_repeats if batch_size == 1 else cfg.batched_decode_repeats
+    t, outputs = interleaved(fns, repeats, warmups=short)
     hf, dense = t["hf-generate"]["median_s"], t["dense-walk"]["median_s"]
+    common = {"batch": batch_size, "weights": weights}
+    rows.append({**common, "method": "hf-generate", "skip": 0.0, "tokens_per_s": generated / hf, **t["hf-generate"]})
     rows.append(
         {
-            "batch": batch_size,
-            "method": "hf-generate",
-            "skip": 0.0,
-            "tokens_per_s": generated / hf,
-            **t["hf-generate"],
-        }
-    )
-    rows.append(
-        {
-            "batch": batch_size,
+            **common,
             "method": "dense-walk",
             "skip": 0.0,
             "tokens_per_s": generated / dense,
@@ -290,7 +296,7 @@ def _decode_batch(base, view, dense_model, cfg: BenchConfig, batch_size: int, lo
         speedup = dense / t[skip]["median_s"]
         rows.append(
             {
-                "batch": batch_size,
+                **common,
                 "method": f"gated ({cfg.gates}, calibrated, physical)",
                 "skip": skip,
                 "tokens_per_s": generated / t[skip]["median_s"],

@@ -165,7 +165,9 @@ class _Call:
     eligible: torch.Tensor  # [B, T] bool
     slots: torch.Tensor  # [B, T] cache slot of each token
     slot_real: torch.Tensor  # [B, S] every slot so far, this call's included
-    result: ForwardResult
+    result: ForwardResult  # gate/threshold/skipped are filled from `records` when the walk ends
+    no_gate: torch.Tensor  # [B, T] ones: the mean gate of a branch without gates
+    records: list = field(default_factory=list)  # (gate, threshold, skip) [B, T] per branch, in walk order
     prev_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # kv="copy": the layer below's
     masks: dict = field(default_factory=dict)  # attention masks by sliding window (every-token path)
 
@@ -263,8 +265,10 @@ def decide_branch(call: _Call, layer: int, branch: str, x: torch.Tensor):
     bi = BRANCHES.index(branch)
     res = call.result
     g = call.gates.gate(layer, branch)(x) if call.gates is not None else None
-    if g is not None:
-        res.gate[:, :, layer, bi] = g.detach().mean(-1).float()
+    if g is None:
+        gate = call.no_gate
+    else:
+        gate = g.detach().mean(-1).float()
         if res.gate_values is not None:
             res.gate_values.append(g)
         if res.gate_vectors is not None:
@@ -274,14 +278,13 @@ def decide_branch(call: _Call, layer: int, branch: str, x: torch.Tensor):
         call.plan,
         layer,
         branch,
-        res.gate[:, :, layer, bi],
+        gate,
         call.eligible,
         call.positions,
         history_gate=call.cache.gate[:, :, layer, bi] if history else None,
         history_eligible=call.cache.eligible if history else None,
     )
-    res.skipped[:, :, layer, bi] = skip
-    res.threshold[:, :, layer, bi] = threshold
+    call.records.append((gate, threshold, skip))
     return g, skip
 
 
@@ -297,10 +300,11 @@ def branch_decision(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Skip mask [B, T] and thresholds [B, T] of one branch from its mean gates [B, T]: the
     policy's decisions under the plan's budget, then the plan's forced ones (NaN threshold)."""
-    skip = torch.zeros_like(eligible)
-    threshold = torch.full(gate.shape, float("-inf"), device=gate.device)
     budget = plan.budget.at(layer, branch)
-    if budget > 0:
+    if budget <= 0:
+        skip = torch.zeros_like(eligible)
+        threshold = torch.full(gate.shape, float("-inf"), device=gate.device)
+    else:
         decision = plan.policy.decide(
             BranchInput(
                 layer=layer,
@@ -314,7 +318,7 @@ def branch_decision(
             )
         )
         skip = decision.skip & eligible
-        threshold = threshold.copy_(decision.threshold.expand(gate.shape))
+        threshold = decision.threshold.to(torch.float32).expand(gate.shape)
     for forced in plan.forced:
         if forced.layer == layer and forced.branch == branch:
             # Forced skips respect eligibility (padding, a protected BOS); forced runs apply to any real token.
@@ -331,8 +335,8 @@ def layer_keys_values(call: _Call, layer: int, parts: LayerParts, x: torch.Tenso
     B, T = real.shape
     copy_kv = call.plan.kv == "copy" and layer > 0
     # Rows whose keys/values are projected here; under kv="copy" skipped rows take the layer below's.
-    kv_rows = real & ~skip if copy_kv else torch.ones_like(real)
-    if call.plan.path == "masked" or bool(kv_rows.all()):
+    kv_rows = real & ~skip if copy_kv else None
+    if call.plan.path == "masked" or kv_rows is None or bool(kv_rows.all()):
         k, v = project_kv(parts, spec, x.reshape(B * T, -1), cos.reshape(B * T, -1), sin.reshape(B * T, -1))
         k, v = k.view(B, T, spec.n_kv_heads, -1), v.view(B, T, spec.n_kv_heads, -1)
     else:
@@ -342,7 +346,7 @@ def layer_keys_values(call: _Call, layer: int, parts: LayerParts, x: torch.Tenso
         if b_idx.numel():
             kr, vr = project_kv(parts, spec, x[b_idx, t_idx], cos[b_idx, t_idx], sin[b_idx, t_idx])
             k, v = k.index_put((b_idx, t_idx), kr), v.index_put((b_idx, t_idx), vr)
-    if copy_kv:
+    if kv_rows is not None:
         take_below = (~kv_rows)[:, :, None, None]
         k = torch.where(take_below, call.prev_kv[0], k)
         v = torch.where(take_below, call.prev_kv[1], v)
@@ -370,9 +374,10 @@ def apply_branch(call: _Call, h, x, g, skip, run_branch, post_norm) -> torch.Ten
             delta.retain_grad()  # d loss / d delta = d loss / d residual after this branch
             call.result.branch_deltas.append(delta)
         return h + delta
-    if not bool(run.any()):  # nobody runs it (a skipping decoding step): nothing to compute
+    n_run = int(run.sum())
+    if n_run == 0:  # nobody runs it (a skipping decoding step): nothing to compute
         return h
-    if bool(run.all()):  # everybody runs it: no gather, no scatter
+    if n_run == run.numel():  # everybody runs it: no gather, no scatter
         y = run_branch(x, None)
         if post_norm is not None:
             y = post_norm(y)
@@ -400,11 +405,12 @@ def _start_call(spec, gates, input_ids, attention_mask, plan, cache, capture) ->
         past_real = torch.zeros(B, dtype=torch.long, device=device)
     positions = (past_real[:, None] + real.long().cumsum(1) - 1).clamp(min=0)
     slot_real = real if cache is None or cache.slot_real is None else torch.cat([cache.slot_real, real], 1)
+    nothing = torch.empty(0, device=device)
     result = ForwardResult(
-        logits=torch.empty(0, device=device),
-        gate=torch.ones(B, T, L, 2, device=device),
-        threshold=torch.full((B, T, L, 2), float("-inf"), device=device),
-        skipped=torch.zeros(B, T, L, 2, dtype=torch.bool, device=device),
+        logits=nothing,
+        gate=nothing,
+        threshold=nothing,
+        skipped=nothing,
         eligible=real & ~((positions == 0) & plan.protect_bos),
         positions=positions,
         gate_values=[] if capture.gate_values else None,
@@ -424,6 +430,7 @@ def _start_call(spec, gates, input_ids, attention_mask, plan, cache, capture) ->
         slots=torch.arange(past_slots, past_slots + T, device=device).expand(B, T),
         slot_real=slot_real,
         result=result,
+        no_gate=torch.ones(B, T, device=device),
     )
 
 
@@ -470,6 +477,11 @@ def gated_forward(
     if hidden is not None:
         hidden.append(h)
     res = call.result
+    B, T = call.real.shape
+    # One stack per record instead of one indexed write per branch: [B, T, 2L] -> [B, T, L, 2].
+    res.gate, res.threshold, res.skipped = (
+        torch.stack(column, -1).view(B, T, spec.n_layers, 2) for column in zip(*call.records)
+    )
     if cache is not None:
         n_real = cache.n_real + call.real.long().sum(1) if cache.n_real is not None else call.real.long().sum(1)
         cache.append_tokens(call.slot_real, n_real, res.gate, res.eligible)

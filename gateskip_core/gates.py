@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import GateSkipError
@@ -76,7 +77,12 @@ class BranchGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Gate values for branch input `x` [..., d]: [..., d] or [..., 1] in (0, 1)."""
-        return torch.sigmoid(self.net(x.detach()))
+        y = x.detach()
+        for step in self.net if isinstance(self.net, nn.Sequential) else (self.net,):
+            # Functional calls, not module calls: a decoding step evaluates 2 x n_layers gates
+            # on one token each, where module-call overhead costs as much as the matmuls.
+            y = F.linear(y, step.weight, step.bias) if isinstance(step, nn.Linear) else F.relu(y)
+        return torch.sigmoid(y)
 
     def flops_per_token(self) -> int:
         """Multiply-adds x 2 of one gate evaluation (the sigmoid is not counted)."""

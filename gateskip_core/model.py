@@ -321,8 +321,15 @@ class GatedModel:
                 if was_cut:
                     limit = min(max_tokens or self.max_context, self.max_context)
                     warnings.warn(f"text {start + i} truncated to its first {limit} tokens", stacklevel=2)
+            # A trace keeps decisions, not logits: only the last position's are computed (the
+            # vocabulary projection of every position was a fifth of a SmolLM2 forward). The
+            # compute account still describes a full pass that scores every position.
             result = self.forward(
-                batch.input_ids, batch.attention_mask, plan, capture=Capture(gate_vectors=gate_vectors)
+                batch.input_ids,
+                batch.attention_mask,
+                plan,
+                logits_for="last",
+                capture=Capture(gate_vectors=gate_vectors),
             )
             sequences.extend(self.sequence_traces(batch.input_ids, batch.attention_mask, result, plan))
         return self.make_trace(sequences, plan)

@@ -45,6 +45,19 @@ def test_bench_runs_every_section_on_a_tiny_configuration(tmp_path):
     assert {r["domain"] for r in data["rates"]} == {"prose", "chat", "code"}
     assert {r["mode"] for r in data["dashboard"]} == {"estimate", "exact"}
 
+    # The README's tables render from the JSON; a second file's rows of a section are listed too.
+    from bench.report import main, markdown, merge
+
+    table = markdown(merge([out]))
+    assert table.count("| 1 | gated | 0.5 |") == 1 and table.count("| 2 | gated | 0.5 |") == 1
+    assert table.count("`collect`") == 2 and "reached on prose / code / chat" in table
+    extra = tmp_path / "collect.json"
+    extra.write_text(json.dumps({"collect": data["collect"][:1]}))
+    assert markdown(merge([out, extra])).count("`collect`") == 3
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    assert main([str(broken)]) == 2
+
 
 def test_bench_refuses_bad_options_before_loading():
     for args in (

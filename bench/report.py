@@ -1,0 +1,146 @@
+"""The README's benchmark tables, rendered from `gateskip bench --out` JSON files.
+
+    python -m bench.report docs/bench.json [docs/bench_collect.json ...]
+
+Sections are taken from every file given; rows of a section that several files hold
+(e.g. `collect` at the default sizes and at 50k/500k tokens) are listed together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _x(value: float) -> str:
+    return f"{value:.2f}x"
+
+
+def _pct(value: float) -> str:
+    return f"{value:.1%}"
+
+
+def decode_table(rows: list[dict]) -> str:
+    lines = [
+        "| batch | method | skip | tok/s | vs our dense walk | skipped (generated) | FLOP model | bytes model "
+        "| realised / bytes model |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r["method"] == "hf-generate":
+            lines.append(f"| {r['batch']} | Hugging Face `generate` | – | {r['tokens_per_s']:.2f} | | | | | |")
+        elif r["method"] == "dense-walk":
+            lines.append(
+                f"| {r['batch']} | our dense walk | – | {r['tokens_per_s']:.2f} ({_x(r['vs_hf_generate'])} HF) "
+                "| 1.00x | | | | |"
+            )
+        else:
+            lines.append(
+                f"| {r['batch']} | gated | {r['skip']:g} | {r['tokens_per_s']:.2f} | {_x(r['speedup_vs_dense_walk'])} "
+                f"| {_pct(r['reached_skip_rate'])} | {_x(r['predicted_speedup_flops'])} "
+                f"| {_x(r['predicted_speedup_bytes'])} | {r['realised_over_bytes_model']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
+def prefill_table(rows: list[dict], path: str = "physical") -> str:
+    lines = [
+        "| batch | gates | skip | tok/s | dense tok/s | speedup | predicted | realised / predicted | net FLOPs saved |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["path"] == path:
+            groups.setdefault((r["batch"], r["gates"]), []).append(r)
+    for (batch, gates), group in groups.items():
+        group.sort(key=lambda r: r["skip"])
+
+        def cells(fmt, key, group=group):
+            return " / ".join(fmt(r[key]) for r in group)
+
+        lines.append(
+            f"| {batch} | {gates} | {cells(lambda v: f'{v:g}', 'skip')} | {cells(lambda v: f'{v:.0f}', 'tokens_per_s')} "
+            f"| {group[0]['dense_tokens_per_s']:.0f} | {cells(_x, 'speedup_vs_dense')} | {cells(_x, 'predicted_speedup')} "
+            f"| {cells(lambda v: f'{v:.2f}', 'realised_over_predicted')} | {cells(lambda v: f'{v:+.1%}', 'net_flops_saved')} |"
+        )
+    return "\n".join(lines)
+
+
+def rest_table(results: dict) -> str:
+    lines = ["| what | measured |", "|---|---|"]
+    if "capture" in results:
+        over = [r["overhead"] for r in results["capture"][1:]]
+        lines.append(
+            "| trace capture overhead (gated forward alone vs + trace; vs + trace with gate vectors) "
+            f"| {over[0]:+.1%}; {over[1]:+.1%} |"
+        )
+    for r in results.get("collect", []):
+        lines.append(
+            f"| `collect` (batch 8, budget 0.25, Parquet), {r['tokens']:,} tokens in {r['seconds']:.0f} s "
+            f"| {r['tokens_per_s']:.0f} tok/s; peak RSS +{r['peak_growth_mb']:.0f} MB over the loaded model; "
+            f"file {r['file_mb']:.1f} MB |"
+        )
+    if "dashboard" in results:
+        modes = {r["mode"]: r for r in results["dashboard"]}
+        lines.append(
+            f"| dashboard, {modes['estimate']['tokens']}-token prompt | estimate mode "
+            f"{modes['estimate']['median_s'] * 1e3:.0f} ms; exact mode {modes['exact']['median_s']:.2f} s |"
+        )
+    if "rates" in results:
+        rates = results["rates"]
+        names = " / ".join(r["domain"] for r in rates)
+        lines.append(
+            f"| calibrated policy at budget {rates[0]['budget']:g} (asks {_pct(rates[0]['budget_asks'])} of branch "
+            f"evaluations): reached on {names} | {' / '.join(_pct(r['reached']) for r in rates)} |"
+        )
+    return "\n".join(lines)
+
+
+def merge(files: list[Path]) -> dict:
+    merged: dict = {}
+    for path in files:
+        results = json.loads(path.read_text())
+        for key, value in results.items():
+            if isinstance(value, list):
+                merged.setdefault(key, []).extend(value)
+            else:
+                merged.setdefault(key, value)
+    return merged
+
+
+def markdown(results: dict) -> str:
+    machine = results["machine"]
+    out = [
+        f"Machine: {machine['cpu']} ({machine['cores']} cores), torch threads {machine['torch_threads']}, "
+        f"torch {machine['torch']}, transformers {machine['transformers']}; {results['seconds']:.0f} s."
+    ]
+    if "decode" in results:
+        weights = sorted({r.get("weights", "original") for r in results["decode"]})
+        out += [
+            "",
+            f"Decoding runs the {' / '.join(weights)} weights in every method.",
+            "",
+            decode_table(results["decode"]),
+        ]
+    if "prefill" in results:
+        out += ["", prefill_table(results["prefill"])]
+    out += ["", rest_table(results)]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="+", type=Path, help="JSON written by gateskip bench --out")
+    args = parser.parse_args(argv)
+    try:
+        print(markdown(merge(args.files)))
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: cannot render {', '.join(map(str, args.files))}: {exc!r}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
