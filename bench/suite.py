@@ -66,15 +66,9 @@ class BenchConfig:
     sections: tuple[str, ...] = SECTIONS
 
 
-def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict[str, float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+def timed(fn: Callable[[], object], repeats: int) -> dict[str, float]:
+    """One warm-up, then `repeats` runs: median, min and max seconds."""
+    return interleaved({"fn": fn}, repeats)[0]["fn"]
 
 
 def machine() -> dict:
@@ -105,6 +99,13 @@ def _text_of_tokens(model: GatedModel, n_tokens: int, offset: int = 0) -> str:
     ids = model.tokenizer(" ".join(pydoc_texts("validation")), add_special_tokens=False).input_ids
     start = offset * n_tokens
     return model.tokenizer.decode(ids[start : start + n_tokens - 1])
+
+
+def _dense_walk(base: GatedModel, view: GatedModel) -> GatedModel:
+    """Our walk without gates over the weights `view` runs (an adapted copy when its gates came
+    with an adapter): two copies of the same weights can stream from memory at speeds up to 10%
+    apart (measured here), so skipping is always compared with a dense walk over the same copy."""
+    return GatedModel(view.backbone, base.tokenizer, base.name)
 
 
 def _views(base: GatedModel, specs) -> dict[str, GatedModel]:
@@ -149,7 +150,6 @@ def bench_prefill(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
     from analysis.quality import evaluation_blocks
 
     rows = []
-    dense_model = base.view()
     for batch_size in cfg.prefill_batches:
         ids = evaluation_blocks(base, n_blocks=batch_size, seq_len=cfg.prefill_tokens)
         mask = torch.ones_like(ids)
@@ -163,14 +163,12 @@ def bench_prefill(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
             for skip in cfg.prefill_skips
             for path in ("masked", "physical")
         }
-        fns = {"dense": partial(dense_model.forward, ids, mask, dense_model.make_plan(0.0))}
-        dense_of = {}  # each variant's dense baseline: the same weights it reads (see bench_decode)
+        fns, dense_of = {}, {}  # each variant's dense baseline: a pass over the weights it reads
         for spec, view in views.items():
-            dense_of[spec] = "dense"
-            if view.backbone is not base.original:
-                same = GatedModel(view.backbone, base.tokenizer, base.name)
-                dense_of[spec] = f"dense ({spec} weights)"
-                fns[dense_of[spec]] = partial(same.forward, ids, mask, same.make_plan(0.0))
+            dense_of[spec] = "dense" if view.backbone is base.original else f"dense ({spec} weights)"
+            if dense_of[spec] not in fns:
+                dense = _dense_walk(base, view)
+                fns[dense_of[spec]] = partial(dense.forward, ids, mask, dense.make_plan(0.0))
         fns.update({key: partial(_decisions, views[key[0]], ids, mask, plan) for key, plan in plans.items()})
         t, outputs = interleaved(fns, cfg.repeats)
         for (spec, skip, path), plan in plans.items():
@@ -194,8 +192,10 @@ def bench_prefill(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
                     "net_flops_saved": account.net_saved_fraction,
                 }
             )
-        dense = t["dense"]["median_s"]
-        log(f"prefill batch {batch_size}: {len(plans)} settings timed against dense ({tokens / dense:.0f} tok/s)")
+        denses = ", ".join(
+            f"{name} {tokens / t[name]['median_s']:.0f} tok/s" for name in sorted(set(dense_of.values()))
+        )
+        log(f"prefill batch {batch_size}: {len(plans)} settings timed against {denses}")
     return rows
 
 
@@ -243,10 +243,7 @@ def _decode_predictions(view: GatedModel, trace, prompt_len: int, batch_size: in
 
 def bench_decode(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
     view = _views(base, [cfg.gates])[cfg.gates]
-    # Gates trained with an adapter run an adapted copy of the weights. Hugging Face `generate`
-    # and our dense walk run that same copy: two copies of the weights can stream from memory
-    # at different speeds (measured here: up to 10% apart), which is not skipping's doing.
-    dense_model = GatedModel(view.backbone, base.tokenizer, base.name)
+    dense_model = _dense_walk(base, view)  # Hugging Face `generate` runs the same weights too
     return [row for b in cfg.decode_batches for row in _decode_batch(base, view, dense_model, cfg, b, log)]
 
 

@@ -36,13 +36,13 @@ class RMSNorm:
 
     module: nn.Module
     plus_one: bool  # Gemma-3's (1 + w) scaling
+    eps: float
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32:
             return self.module(x)
-        weight = self.module.weight
-        eps = self.module.variance_epsilon if hasattr(self.module, "variance_epsilon") else self.module.eps
-        return F.rms_norm(x, weight.shape, weight + 1.0 if self.plus_one else weight, eps)
+        weight = self.module.weight  # read per call: full-weight training updates it in place
+        return F.rms_norm(x, weight.shape, weight + 1.0 if self.plus_one else weight, self.eps)
 
 
 @dataclass(frozen=True)
@@ -119,8 +119,8 @@ def arch_spec(hf_model: nn.Module) -> ArchSpec:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     is_gemma = model_type == "gemma3_text"
 
-    def norm(module: nn.Module) -> RMSNorm:
-        return RMSNorm(module, plus_one=is_gemma)
+    def norm(module: nn.Module) -> RMSNorm:  # Llama's module names its epsilon variance_epsilon
+        return RMSNorm(module, plus_one=is_gemma, eps=module.eps if is_gemma else module.variance_epsilon)
 
     layers = []
     for i, layer in enumerate(base.layers):
