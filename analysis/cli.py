@@ -1,4 +1,4 @@
-"""Analysis subcommands of `gateskip` (registered by gateskip_core.cli)."""
+"""Analysis subcommands of `gateskip` (assembled into the command line by `gateskip.cli`)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,26 @@ def cmd_quality(args: argparse.Namespace) -> int:
     specs = dict(item.split("=", 1) if "=" in item else (item, item) for item in args.gates)
     texts = _paragraphs_of(args.file) if args.file else None
     table = quality_table(model, specs, args.budgets, evaluation_blocks(model, texts, n_blocks=args.blocks))
+    write_all({out: _csv(table)})
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_chat_fidelity(args: argparse.Namespace) -> int:
+    from gateskip_core import load_model
+
+    from .quality import chat_fidelity
+
+    out = _check_out(args.out)
+    model = load_model(args.model, gates=args.gates, device=args.device)
+    table = chat_fidelity(
+        model,
+        args.budgets,
+        args.policies.split(","),
+        max_new_tokens=args.max_new_tokens,
+        adapter_scope=args.adapter_scope,
+    )
     write_all({out: _csv(table)})
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"wrote {out}")
@@ -254,7 +274,9 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
     add_model_args(p, gates_default="default")
     p.add_argument("--file", help="held-out text (default: the pydoc validation split)")
     p.add_argument("--budgets", type=_budgets, default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
-    p.add_argument("--methods", default="gateskip,gateskip-uniform,random,shortgpt,attn-only,mlp-only")
+    p.add_argument(
+        "--methods", default="gateskip,gateskip-uniform,random,shortgpt,shortgpt-calibration,attn-only,mlp-only"
+    )
     p.add_argument("--blocks", type=cli_type(whole_number, "--blocks"), default=8)
     p.add_argument("--seq-len", type=cli_type(whole_number, "--seq-len", minimum=2), default=128)
     p.add_argument("--figure", help="also write the quality-vs-FLOPs figure (HTML)")
@@ -293,6 +315,17 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
     p.add_argument("--file", help="held-out text (default: the pydoc validation split)")
     p.add_argument("--out", required=True)
     commands["quality"] = cmd_quality
+
+    p = sub.add_parser(
+        "chat-fidelity", help="KL / top-1 on the original model's own answers to 20 held-out chat prompts"
+    )
+    add_model_args(p, gates_default="default")
+    p.add_argument("--budgets", type=_budgets, default=[0.0, 0.25, 0.5])
+    p.add_argument("--policies", default="quantile,calibrated", help="comma-separated skip policies")
+    p.add_argument("--max-new-tokens", type=cli_type(whole_number, "--max-new-tokens"), default=64)
+    p.add_argument("--adapter-scope", choices=["auto", "all", "skipped"], default="auto")
+    p.add_argument("--out", required=True, help="chat_fidelity.csv")
+    commands["chat-fidelity"] = cmd_chat_fidelity
 
     p = sub.add_parser(
         "settled", help="logit lens: had tokens' predictions settled when they skipped a layer? (streams a corpus)"

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
-from gateskip_core import BRANCHES, Capture, GatedModel, GateSkipError, SkipBudget, SkipPlan, gated_forward
+from gateskip_core import BRANCHES, Capture, GatedModel, GateSkipError, SkipBudget, SkipPlan
 from gateskip_core.policies import BranchInput, Decision, SkipPolicy
 
 
@@ -58,9 +58,7 @@ def faithfulness(model: GatedModel, text: str, n_exact: int = 32, seed: int = 0,
         raise GateSkipError("text is too short for a faithfulness analysis (need at least 4 tokens)")
     plan = SkipPlan(SkipBudget.make(0.0, L), None)
     with torch.enable_grad():
-        out = gated_forward(
-            model.spec, model.gates, ids, torch.ones_like(ids), plan, capture=Capture(branch_deltas=True)
-        )
+        out = model.walk(ids, torch.ones_like(ids), plan, capture=Capture(branch_deltas=True))
         base_loss = _loss(out.logits, ids)
         base_loss.backward()
     estimate = np.zeros((T, L, 2))
@@ -82,7 +80,7 @@ def faithfulness(model: GatedModel, text: str, n_exact: int = 32, seed: int = 0,
         table[layer, b] = 1.0
         single = SkipPlan(SkipBudget.make(table, L), SingleEntryPolicy(int(p)))
         with torch.no_grad():
-            ablated = gated_forward(model.spec, model.gates, ids, torch.ones_like(ids), single)
+            ablated = model.walk(ids, torch.ones_like(ids), single)
         exact[idx] = float(_loss(ablated.logits, ids)) - base
     tokens = model.token_strings(ids[0].tolist())
     entries = pd.DataFrame(

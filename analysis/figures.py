@@ -13,6 +13,7 @@ METHOD_COLOURS = {
     "gateskip": "#d62728",
     "random": "#7f7f7f",
     "shortgpt": "#1f77b4",
+    "shortgpt-calibration": "#17becf",
     "attn-only": "#2ca02c",
     "mlp-only": "#9467bd",
 }

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from gateskip_core import GatedModel, SkipPlan, account_sequence
+from gateskip_core import GatedModel, GateSkipError, SkipPlan, account_sequence
 from gateskip_core.data import first_blocks, pydoc_texts
 from gateskip_core.validation import whole_number
 
@@ -69,7 +69,13 @@ def evaluate(model: GatedModel, ref: Reference, plan: SkipPlan) -> dict[str, flo
         eligible += int(out.eligible.sum()) * model.spec.n_layers * 2
         for b in range(ids.shape[0]):
             acc = account_sequence(
-                model.spec, out.skipped[b].numpy(), gate_flops, ids.shape[1], "physical", kv_copy=plan.kv == "copy"
+                model.spec,
+                out.skipped[b].numpy(),
+                gate_flops,
+                ids.shape[1],
+                "physical",
+                kv_copy=plan.kv == "copy",
+                fill_flops=model.fill_flops(),
             )
             dense += acc.dense_flops
             executed += acc.skipping_flops
@@ -97,6 +103,8 @@ def quality_table(
     `gate_sets` maps a label to a gates spec for `GatedModel.load_gates`; each is
     evaluated with the quantile policy, and the first also with random skipping.
     """
+    for spec in gate_sets.values():  # a bad gate spec fails here, before any progress bar
+        model.load_gates(spec)
     ref = reference(model, blocks)
     rows = []
     model.remove_gates()
@@ -118,6 +126,79 @@ def quality_table(
                 "policy": policy,
                 "skip_budget": budget,
                 **evaluate(model, ref, plan),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+# Chat prompts used by no training, calibration or example: the chat-fidelity check's held-out set.
+HELDOUT_CHAT_PROMPTS = [
+    "What is the difference between a virus and a bacterium?",
+    "Write a limerick about a forgetful cat.",
+    "How do noise-cancelling headphones work?",
+    "Give me three ideas for a rainy Sunday afternoon.",
+    "Explain what inflation means for my savings.",
+    "Why do leaves change colour in the autumn?",
+    "Write a thank-you note to a neighbour who watered my plants.",
+    "What are the rules of tic-tac-toe?",
+    "How can I make my bread rise better?",
+    "Describe a lighthouse to someone who has never seen one.",
+    "What is a prime number? Give two examples.",
+    "Suggest a short stretching routine for office workers.",
+    "Why is the ocean salty?",
+    "Explain how a refrigerator keeps food cold.",
+    "Write two sentences that open a mystery novel.",
+    "What should I consider when adopting a dog?",
+    "How does a compass find north?",
+    "Summarise the story of Cinderella in three sentences.",
+    "What is the purpose of a bibliography?",
+    "Give tips for staying focused while studying.",
+]
+
+
+def chat_fidelity(
+    model: GatedModel,
+    budgets: Sequence[float] = (0.0, 0.25, 0.5),
+    policies: Sequence[str] = ("quantile", "calibrated"),
+    prompts: Sequence[str] = HELDOUT_CHAT_PROMPTS,
+    max_new_tokens: int = 64,
+    show_progress: bool = True,
+    adapter_scope: str = "auto",
+) -> pd.DataFrame:
+    """Teacher-forced fidelity on the original model's own chat answers: the original answers each
+    held-out prompt (greedy), then the gated model reads prompt + answer and is scored on the answer's
+    positions (KL to the original's next-token distribution, top-1 agreement). One row per (policy, budget)."""
+    if not model.tokenizer.chat_template:
+        raise GateSkipError(f"{model.name} has no chat template")
+    original = model.view()
+    answers = original.generate(list(prompts), max_new_tokens=max_new_tokens, chat=True, skip=0.0)
+    sequences = [(s.token_ids, s.prompt_length) for s in answers.trace.sequences if s.n_tokens > s.prompt_length + 1]
+    inputs = [torch.as_tensor(np.asarray(ids))[None] for ids, _ in sequences]
+    refs = [F.log_softmax(original.forward(i, torch.ones_like(i), original.make_plan(0.0)).logits, -1) for i in inputs]
+    rows = []
+    jobs = [(p, b) for p in policies for b in budgets]
+    for policy, budget in tqdm(jobs, disable=not show_progress, desc="chat fidelity"):
+        plan = model.make_plan(budget, policy, adapter_scope=adapter_scope)
+        kl = agree = count = 0.0
+        skipped = eligible = 0
+        for ids_t, ref, (_, n_prompt) in zip(inputs, refs, sequences):
+            out = model.forward(ids_t, torch.ones_like(ids_t), plan)
+            lp = F.log_softmax(out.logits.float(), -1)
+            answer = slice(n_prompt - 1, ids_t.shape[1] - 1)  # positions that predict the answer's tokens
+            kl += float((ref[0, answer].exp() * (ref[0, answer] - lp[0, answer])).sum())
+            agree += float((lp[0, answer].argmax(-1) == ref[0, answer].argmax(-1)).sum())
+            count += answer.stop - answer.start
+            skipped += int(out.skipped.sum())
+            eligible += int(out.eligible.sum()) * model.spec.n_layers * 2
+        rows.append(
+            {
+                "policy": policy,
+                "skip_budget": budget,
+                "kl_to_full": kl / count,
+                "top1_agreement": agree / count,
+                "skipped_fraction": skipped / eligible,
+                "answer_tokens": int(count),
+                "answers": len(sequences),
             }
         )
     return pd.DataFrame(rows)

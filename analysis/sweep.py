@@ -7,8 +7,10 @@ Methods, for each skip budget b:
 - `gateskip-uniform`: the same gates with the paper's uniform per-layer rule;
 - `random`: random skipping at budget b, same gated model;
 - `shortgpt`: the ungated model with whole layers removed, lowest Block Influence
-  first (BI = 1 - cosine(layer input, layer output), measured on calibration
+  first (BI = 1 - cosine(layer input, layer output), measured on the evaluated
   text), until its FLOP saving reaches what GateSkip's skips save at b;
+- `shortgpt-calibration`: the same with BI measured on calibration text (the pydoc
+  calibration split), as ShortGPT does; compare against the stronger of the two;
 - `attn-only` / `mlp-only`: the gates' quantile policy on one branch type, at the
   rate that gives the same FLOP saving (capped at skipping every eligible token).
 `flops_saved` is always net of the gates' own cost (see gateskip_core.compute).
@@ -25,11 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from gateskip_core import Capture, GatedModel, GateSkipError, SkipBudget, SkipPlan, account_sequence
+from gateskip_core.data import pydoc_texts
 from gateskip_core.policies import BranchInput, Decision, SkipPolicy
 
 from .quality import evaluate, evaluation_blocks, reference
 
-METHODS = ("gateskip", "gateskip-uniform", "random", "shortgpt", "attn-only", "mlp-only")
+METHODS = ("gateskip", "gateskip-uniform", "random", "shortgpt", "shortgpt-calibration", "attn-only", "mlp-only")
 SWEEP_COLUMNS = [
     "method",
     "skip_budget",
@@ -107,7 +110,14 @@ def sweep(
         raise GateSkipError("a sweep needs gates; load gates first (e.g. --gates default)")
     ref = reference(model, blocks)
     seq_len = blocks.shape[1]
-    influence = block_influence(model, blocks) if "shortgpt" in methods else None
+    influence = {
+        "shortgpt": block_influence(model, blocks) if "shortgpt" in methods else None,
+        "shortgpt-calibration": (
+            block_influence(model, evaluation_blocks(model, pydoc_texts("calibration"), 8, blocks.shape[1]))
+            if "shortgpt-calibration" in methods
+            else None
+        ),
+    }
     rows = []
     total, done = len(budgets) * len(methods), 0
 
@@ -129,8 +139,8 @@ def sweep(
             elif method == "random":
                 plan = model.make_plan(budget, "random", allocation="uniform")
                 result, setting = evaluate(model, ref, plan), f"random b={budget:g}"
-            elif method == "shortgpt":
-                layers = shortgpt_layers(model, influence, target, seq_len)
+            elif method in ("shortgpt", "shortgpt-calibration"):
+                layers = shortgpt_layers(model, influence[method], target, seq_len)
                 plan = SkipPlan(
                     SkipBudget.make(1.0 if layers else 0.0, model.spec.n_layers),
                     LayerDropPolicy(frozenset(layers)),

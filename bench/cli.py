@@ -1,4 +1,4 @@
-"""`gateskip bench` (registered by gateskip_core.cli)."""
+"""`gateskip bench` (assembled into the command line by `gateskip.cli`)."""
 
 from __future__ import annotations
 

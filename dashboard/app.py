@@ -88,6 +88,14 @@ def sidebar() -> service.Settings:
             ]
     branches = sb.radio("Branches that may skip", ["both", "attn", "mlp"], horizontal=True, key="branches")
     policy = sb.selectbox("Policy", ["quantile", "calibrated", "random"], key="policy")
+    adapter_scope = sb.radio(
+        "Adapter applies to",
+        ["auto", "all", "skipped"],
+        horizontal=True,
+        key="adapter_scope",
+        help="all: every token runs the gates' adapter and soft gates; skipped: only tokens from their first "
+        "skipped branch on (with nothing skipped the model is the original); auto: what the gates were trained for",
+    )
     protect_bos = sb.checkbox("Protect the first token (BOS)", value=True, key="protect_bos")
     seed = int(sb.number_input("Seed (random policy)", value=0, step=1, key="seed"))
     return service.Settings(
@@ -100,6 +108,7 @@ def sidebar() -> service.Settings:
         protect_bos=protect_bos,
         seed=seed,
         allocation=allocation,
+        adapter_scope=adapter_scope,
     )
 
 
@@ -135,9 +144,9 @@ def prompt_input(view) -> tuple[str, bool]:
 def current_traces(cfg: service.Settings, text: str, chat: bool):
     """(captured, estimate, exact or None, quality or None, seconds or None, truncated)."""
     view = cfg.view
-    key = ("capture", cfg.model_name, view.gates_label, id(view), text, chat)
+    key = ("capture", cfg.model_name, view.gates_label, id(view), text, chat, cfg.adapter_scope)
     if st.session_state.get("capture_key") != key:
-        st.session_state["capture"] = service.capture(view, text, chat)
+        st.session_state["capture"] = service.capture(view, text, chat, cfg.adapter_scope)
         st.session_state["capture_key"] = key
     captured, truncated = st.session_state["capture"]
     est = service.estimate(view, captured, cfg)
@@ -186,9 +195,10 @@ def explore_view(cfg: service.Settings) -> None:
         cols[4].metric("Top-1 agreement", f"{quality.top1_agreement:.1%}")
         st.caption(f"exact mode: model re-run in {seconds:.2f} s")
     else:
-        cols[3].metric("KL to ungated", "exact mode")
-        cols[4].metric("Top-1 agreement", "exact mode")
+        cols[3].metric("KL to ungated", "–", help="measured in exact mode (sidebar: Mode)")
+        cols[4].metric("Top-1 agreement", "–", help="measured in exact mode (sidebar: Mode)")
         st.caption("estimate mode: gate values captured once, re-thresholded without a model call")
+    st.caption(f"gates: {shown.gates}")
     if view.gates is None:
         st.info("No gates: every gate counts as 1.0, so skipping falls back to the random policy.")
 

@@ -87,6 +87,7 @@ class Settings:
     protect_bos: bool
     seed: int
     allocation: str
+    adapter_scope: str = "auto"  # auto | all | skipped
 
     def skip_args(self, view: GatedModel | None = None) -> dict:
         """The `SkipArgs` of a call on `view` (default: the sidebar's view)."""
@@ -98,6 +99,7 @@ class Settings:
             protect_bos=self.protect_bos,
             seed=self.seed,
             allocation=self.allocation if view.gates is not None else "uniform",
+            adapter_scope=self.adapter_scope,
         )
 
 
@@ -140,10 +142,10 @@ def continuations(model: GatedModel, text: str, chat: bool, n_new: int, **skip_k
     return Continuations(model.token_strings(a), model.token_strings(b), first)
 
 
-def capture(model: GatedModel, text: str, chat: bool) -> tuple[Trace, bool]:
+def capture(model: GatedModel, text: str, chat: bool, adapter_scope: str = "auto") -> tuple[Trace, bool]:
     """The prompt's gate values with nothing skipped (the basis of estimate mode), and whether it was cut."""
     batch = model.encode([text], chat=chat, max_tokens=MAX_PROMPT_TOKENS)
-    plan = model.make_plan(0.0)
+    plan = model.make_plan(0.0, adapter_scope=adapter_scope)
     trace = model.trace_of(batch, model.forward(batch.input_ids, batch.attention_mask, plan), plan)
     return trace, bool(batch.truncated[0])
 

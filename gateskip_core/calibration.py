@@ -19,7 +19,7 @@ import torch
 
 from .data import paragraphs, pydoc_texts
 from .errors import GateSkipError
-from .execution import SkipPlan, gated_forward
+from .execution import SkipPlan
 from .gates import BRANCHES
 from .policies import BranchInput, CalibratedPolicy, Decision, SkipBudget, SkipPolicy
 
@@ -86,9 +86,9 @@ def fit_thresholds(
         texts = [p for t in pydoc_texts("calibration") for p in paragraphs(t)]
     input_ids, mask = calibration_sequences(model, list(texts), n_sequences, max_tokens)
     fitter = ThresholdFitter(model.spec.n_layers)
-    plan = SkipPlan(budget, fitter, "masked", "compute", protect_bos)
+    plan = SkipPlan(budget, fitter, "masked", "compute", protect_bos, adapter_scope=model.make_plan().adapter_scope)
     with torch.no_grad():
-        gated_forward(model.spec, model.gates, input_ids, mask, plan)
+        model.walk(input_ids, mask, plan)
     return CalibratedPolicy(thresholds=fitter.thresholds, budget=budget)
 
 

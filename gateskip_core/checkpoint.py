@@ -6,10 +6,11 @@ output row, dequantised at load), plus `calibration.budgets` [K] and
 budgets), `calibration.global_thresholds` [K, n_layers, 2] for the same budgets
 spent by the global allocation, `allocation.sensitivity` [n_layers, 2] (the
 profile the global allocation uses; absent for gates trained without one), and
-`adapter.*` (the backbone adaptation, see `adapter.py`).
+`adapter.*` (the backbone adaptation, see `adapter.py`) and `fill.*` (stand-ins for skipped
+branches, see `fill.py`).
 Metadata (strings): format, model name, architecture fingerprint, gate variant,
-low-rank rank, sharing, weight encoding, adapter, training configuration and
-validation metrics (JSON).
+low-rank rank, sharing, weight encoding, adapter, skip fill, the adapter scope the gates were
+trained for, training configuration and validation metrics (JSON).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from safetensors.torch import save_file
 
 from .adapter import ADAPTER_PREFIX, AdapterSpec
 from .errors import GateSkipError
+from .execution import ADAPTER_SCOPES
 from .files import atomic_write
+from .fill import FillSpec, SkipFill, fill_tensors, load_fill
 from .gates import GateSet
 
 FORMAT = "gateskip-gates/1"
@@ -46,6 +49,12 @@ class GateCheckpoint:
     adapter_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     sensitivity: np.ndarray | None = None  # [n_layers, 2] profile of the global allocation
     global_thresholds: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 2)))
+    fill: SkipFill | None = None  # stand-ins for skipped branches (None: the paper's zero)
+    adapter_scope: str = "all"  # where the adapter applies by default (execution.ADAPTER_SCOPES)
+
+    @property
+    def fill_label(self) -> str:
+        return self.fill.spec.label if self.fill is not None else "zero"
 
     def adapter_key(self) -> str:
         """A digest of the adapter tensors: views with equal adapters share one adapted backbone."""
@@ -81,6 +90,7 @@ def save_gates(ckpt: GateCheckpoint, path: str | Path, int8: bool = False) -> Pa
     if ckpt.sensitivity is not None:
         tensors["allocation.sensitivity"] = torch.as_tensor(ckpt.sensitivity, dtype=torch.float64)
     tensors.update({k: v.contiguous() for k, v in ckpt.adapter_tensors.items()})
+    tensors.update(fill_tensors(ckpt.fill))
     metadata = {
         "format": FORMAT,
         "model": ckpt.model,
@@ -88,6 +98,8 @@ def save_gates(ckpt: GateCheckpoint, path: str | Path, int8: bool = False) -> Pa
         "variant": ckpt.gates.variant,
         "rank": str(ckpt.gates.rank),
         "adapter": ckpt.adapter.label,
+        "skip_fill": ckpt.fill_label,
+        "adapter_scope": ckpt.adapter_scope,
         "shared": json.dumps(ckpt.gates.shared),
         "n_layers": str(ckpt.gates.n_layers),
         "d_model": str(ckpt.gates.d_model),
@@ -158,6 +170,10 @@ def load_gates(path: str | Path, expected_fingerprint: dict | None = None) -> Ga
                 else np.zeros((0, 0, 2))
             ),
         )
+        ckpt.fill = load_fill(FillSpec.parse(metadata.get("skip_fill", "zero")), tensors, gates.n_layers, gates.d_model)
+        ckpt.adapter_scope = metadata.get("adapter_scope", "all")
+        if ckpt.adapter_scope not in ADAPTER_SCOPES:
+            raise ValueError(f"unknown adapter scope {ckpt.adapter_scope!r}")
         if ckpt.adapter.kind != "none" and not ckpt.adapter_tensors:
             raise ValueError(f"metadata names adapter {ckpt.adapter.label} but the file has no adapter tensors")
     except (KeyError, ValueError, RuntimeError, GateSkipError) as err:

@@ -1,4 +1,8 @@
-"""`gateskip` command line. Every user error exits 2 with one line on stderr."""
+"""The core's commands of the `gateskip` command line, and the runner every command goes through.
+
+Each package keeps its own commands (`analysis.cli`, `bench.cli`, `dashboard.cli`); the entry
+point that assembles them lives above all of them, in `gateskip.cli`. Every user error exits 2
+with one line on stderr."""
 
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ def _command(name: str):
     return register
 
 
-def _budget(text: str) -> float:
+def budget_type(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -48,7 +52,7 @@ def _progress(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def _add_model_args(p: argparse.ArgumentParser, gates_default: str = "none") -> None:
+def add_model_args(p: argparse.ArgumentParser, gates_default: str = "none") -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="registry name, checkpoint dir or hub id")
     p.add_argument(
         "--gates",
@@ -58,8 +62,8 @@ def _add_model_args(p: argparse.ArgumentParser, gates_default: str = "none") -> 
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps")
 
 
-def _add_skip_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--skip", type=_budget, default=0.0, help="skip budget in [0, 1]")
+def add_skip_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip", type=budget_type, default=0.0, help="skip budget in [0, 1]")
     p.add_argument("--policy", choices=["quantile", "calibrated", "random"], default="quantile")
     p.add_argument("--path", choices=["masked", "physical"], default="masked")
     p.add_argument("--branches", default="both", help="attn | mlp | both")
@@ -71,6 +75,13 @@ def _add_skip_args(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="spread of the budget over layers: uniform, global (by sensitivity and FLOPs; needs gates "
         "trained with it) or auto (global when the gates support it)",
+    )
+    p.add_argument(
+        "--adapter-scope",
+        choices=["auto", "all", "skipped"],
+        default="auto",
+        help="where the gates' adapter applies: all tokens, or only tokens from their first skipped branch on "
+        "(nothing skipped = the original model); auto: what the gates were trained for",
     )
 
 
@@ -173,6 +184,11 @@ TRAIN_HELP = {
     "val_batches": "validation batches",
     "int8": "store gate weights as int8 with per-row scales",
     "calibrate": "fit calibrated thresholds at the end",
+    "skip_fill": "what a skipped branch adds: zero (the paper) | mean | lowrank:R (trained with the gates)",
+    "adapter_scope": "all (every token runs the adapter and soft gates) | skipped (only tokens from their first "
+    "skipped branch on: with nothing skipped the model is the original)",
+    "init": "a gate checkpoint to start from (same gate variant and adapter); stand-ins it lacks are fitted first",
+    "teacher_top_k": "with --distill: the teacher's top-k log-probs per block, computed once and reused (0: exact)",
 }
 
 
@@ -204,42 +220,53 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-@_command("dashboard")
-def cmd_dashboard(args: argparse.Namespace) -> int:
-    import os
+@_command("fit-fill")
+def cmd_fit_fill(args: argparse.Namespace) -> int:
+    from dataclasses import replace
 
-    app = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
-    if not app.is_file():
-        raise GateSkipError(f"dashboard app not found at {app}; install the project with `pip install -e .`")
-    env = dict(os.environ, GATESKIP_DASHBOARD_MODEL=args.model)
-    cmd = [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        str(app),
-        "--server.port",
-        str(args.port),
-        "--server.headless",
-        "true",
-        "--browser.gatherUsageStats",
-        "false",
-    ]
-    print(f"GateSkip Lens dashboard on http://localhost:{args.port}  (Ctrl-C to stop)", file=sys.stderr)
-    sys.stderr.flush()
-    os.execve(sys.executable, cmd, env)  # the server replaces this process: signals reach it directly
-    return 0  # not reached
+    from .checkpoint import save_gates
+    from .fill import FillSpec, fit_fill
+    from .model import load_model
+    from .training import calibrate_checkpoint, calibration_texts
+
+    spec = FillSpec.parse(args.fill)
+    if spec.kind == "zero":
+        raise GateSkipError("--fill zero adds nothing: there is nothing to fit")
+    if not 0 < args.lowest <= 1:
+        raise GateSkipError(f"--lowest must lie in (0, 1], got {args.lowest:g}")
+    out = check_writable(args.out)
+    if not out.name.endswith(".safetensors"):
+        raise GateSkipError("--out must end in .safetensors")
+    model = load_model(args.model, gates=args.gates, progress=_progress, device=args.device)
+    if model.checkpoint is None:
+        raise GateSkipError("fit-fill needs a gate checkpoint (default, default-scalar or a file)")
+    scope = model.checkpoint.adapter_scope if args.adapter_scope == "auto" else args.adapter_scope
+    base = replace(model.checkpoint, fill=None, adapter_scope=scope)
+    model.attach_gates(model.gates, "fitting", base)
+    texts = calibration_texts(model, _progress)
+    ckpt = replace(base, fill=fit_fill(model, spec, texts, lowest=args.lowest, progress=_progress))
+    if args.calibrate:
+        model.attach_gates(model.gates, "fitted", ckpt)
+        _progress("calibrating thresholds with the stand-ins")
+        calibrate_checkpoint(model, ckpt, texts)
+    save_gates(ckpt, out, int8=ckpt.weights != "float32")
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {spec.label} stand-ins, adapter scope {scope}")
+    return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def new_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """The `gateskip` parser with no commands yet, and its subcommand table."""
     parser = _OneLineParser(prog="gateskip", description="GateSkip Lens: learned residual gates")
-    sub = parser.add_subparsers(dest="command", required=True)
+    return parser, parser.add_subparsers(dest="command", required=True)
 
+
+def register(sub) -> None:
+    """The core's commands: models, trace, train, fit-fill."""
     sub.add_parser("models", help="list the model registry and what is cached")
 
     p = sub.add_parser("trace", help="per-token, per-layer gate values and skips to CSV/Parquet")
-    _add_model_args(p)
-    _add_skip_args(p)
+    add_model_args(p)
+    add_skip_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text")
     src.add_argument("--file", help="UTF-8 text; each blank-line separated paragraph is one sequence")
@@ -249,33 +276,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train gates (only gates by default)")
     _add_train_args(p)
 
-    p = sub.add_parser("dashboard", help="start the Streamlit dashboard")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model selected when the app opens")
-    p.add_argument("--port", type=int, default=8501)
-
-    _register_analysis(sub)
-    return parser
-
-
-def _register_analysis(sub) -> None:
-    """Analysis commands live in the `analysis` package; register them if it is installed."""
-    try:
-        from analysis.cli import register
-    except ImportError:
-        return
-    register(sub, COMMANDS, _add_model_args, _add_skip_args, _budget)
-    try:
-        from bench.cli import register as register_bench
-    except ImportError:
-        return
-    register_bench(sub, COMMANDS)
+    p = sub.add_parser("fit-fill", help="fit stand-ins for skipped branches to gates, without training")
+    add_model_args(p, gates_default="default")
+    p.add_argument("--fill", required=True, help="mean | lowrank:R")
+    p.add_argument("--lowest", type=float, default=0.3, help="fit on this fraction of lowest-gate tokens")
+    p.add_argument(
+        "--adapter-scope", choices=["auto", "all", "skipped"], default="auto", help="the scope to fit (and store)"
+    )
+    p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True, help="refit thresholds")
+    p.add_argument("--out", required=True, help="GATES.safetensors (the gates, adapter and the fitted stand-ins)")
 
 
 def _terminate(signum, frame):
     raise KeyboardInterrupt  # so that `finally` blocks remove temporary files on SIGTERM too
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(build_parser: Callable[[], argparse.ArgumentParser], argv: list[str] | None = None) -> int:
+    """Parse `argv` with `build_parser()` and run the command: user errors exit 2 with one line."""
     import signal
 
     signal.signal(signal.SIGTERM, _terminate)
@@ -292,7 +309,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gateskip: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -37,7 +37,7 @@ class ComputeAccount:
     dense_flops: float
     skipping_flops: float
     executed_flops: float
-    gate_flops: float
+    gate_flops: float  # the overhead: gates, and stand-ins for skipped branches
     tokens: int
 
     @property
@@ -97,8 +97,12 @@ def account_sequence(
     kv_copy: bool = False,
     convention: str = "causal",
     first_position: int = 0,
+    fill_flops: tuple[int, int] = (0, 0),
 ) -> ComputeAccount:
-    """The account for one sequence (positions first_position .. first_position + T - 1)."""
+    """The account for one sequence (positions first_position .. first_position + T - 1).
+
+    `fill_flops`: (attention, MLP) FLOPs each skipped token spends on its stand-in (`fill.py`),
+    charged like the gates: in the skipping total, counted in `gate_flops` (the overhead)."""
     costs = LayerCosts.of(spec)
     T = skipped.shape[0]
     positions = np.arange(first_position, first_position + T)
@@ -112,6 +116,7 @@ def account_sequence(
         dense += T * costs.kv + attn_query_side.sum() + T * costs.mlp
         skipping += kv_tokens * costs.kv + attn_query_side[run_attn].sum() + run_mlp.sum() * costs.mlp
     gates = float(T * spec.n_layers * sum(gate_flops_per_branch))
+    gates += float(skipped[..., 0].sum() * fill_flops[0] + skipped[..., 1].sum() * fill_flops[1])
     head = float(lm_head_tokens * costs.lm_head)
     dense += head
     skipping += head + gates

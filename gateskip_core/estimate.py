@@ -20,7 +20,9 @@ from .policies import BranchInput
 from .trace import Trace
 
 
-def estimate_trace(trace: Trace, plan: SkipPlan, spec: ArchSpec | None = None, gate_flops=(0, 0)) -> Trace:
+def estimate_trace(
+    trace: Trace, plan: SkipPlan, spec: ArchSpec | None = None, gate_flops=(0, 0), fill_flops=(0, 0)
+) -> Trace:
     """`trace` with `plan`'s decisions on its captured gate values; with `spec`, a new compute account."""
     if plan.forced:
         raise GateSkipError("forced decisions change later layers' inputs: use trace, not estimate")
@@ -44,7 +46,9 @@ def estimate_trace(trace: Trace, plan: SkipPlan, spec: ArchSpec | None = None, g
                 threshold[:, layer, b] = decision.threshold[0].numpy()
         compute = seq.compute
         if spec is not None:
-            compute = account_sequence(spec, skipped, gate_flops, seq.n_tokens, trace.path, kv_copy=trace.kv == "copy")
+            compute = account_sequence(
+                spec, skipped, gate_flops, seq.n_tokens, trace.path, kv_copy=trace.kv == "copy", fill_flops=fill_flops
+            )
         sequences.append(replace(seq, skipped=skipped, threshold=threshold, eligible=eligible, compute=compute))
     return replace(
         trace,

@@ -19,6 +19,15 @@ Two execution paths give the same result (`apply_branch`):
   Keys and values are still computed for every position, because tokens that run
   attention must be able to attend to tokens that skipped it.
 
+Where the adapter applies (`SkipPlan.adapter_scope`, for gates that came with an adapter):
+- `all`: every token runs the adapted backbone, and a branch that runs adds `g * branch(x)`;
+- `skipped`: a token runs the *original* weights, and its kept branches add `branch(x)`
+  unscaled, until its first skipped branch; from there on it runs the adapted weights and
+  soft gates. With nothing skipped the model is exactly the original, and the adapter's
+  compensation is paid only where skipping happened.
+
+What a skipped branch adds: nothing (the paper), or a stand-in `fill(x)` (`fill.py`).
+
 Keys/values of a token that skips attention: by default computed from its own
 (unchanged) normalised residual, as in prefill. With `kv="copy"` they are copied
 from the layer below (the paper's description; layer 0 computes them).
@@ -32,7 +41,6 @@ Every tensor is created on the device of the input ids.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Literal
 
 import torch
@@ -40,13 +48,16 @@ import torch.nn.functional as F
 
 from .architecture import ArchSpec, LayerParts
 from .errors import GateSkipError
+from .fill import SkipFill
 from .gates import BRANCHES, GateSet
 from .policies import BranchInput, Forced, SkipBudget, SkipPolicy
 
 ExecutionPath = Literal["masked", "physical"]
 KVMode = Literal["compute", "copy"]
+AdapterScope = Literal["all", "skipped"]
 EXECUTION_PATHS = ("masked", "physical")
 KV_MODES = ("compute", "copy")
+ADAPTER_SCOPES = ("all", "skipped")
 
 
 @dataclass(frozen=True)
@@ -59,10 +70,13 @@ class SkipPlan:
     kv: KVMode = "compute"
     protect_bos: bool = True
     forced: tuple[Forced, ...] = ()  # decisions that override the policy's
+    adapter_scope: AdapterScope = "all"
 
     def __post_init__(self) -> None:
         if self.path not in EXECUTION_PATHS:
             raise GateSkipError(f"execution path must be one of {EXECUTION_PATHS}, got {self.path!r}")
+        if self.adapter_scope not in ADAPTER_SCOPES:
+            raise GateSkipError(f"adapter scope must be one of {ADAPTER_SCOPES}, got {self.adapter_scope!r}")
         if self.kv not in KV_MODES:
             raise GateSkipError(f"kv mode must be one of {KV_MODES}, got {self.kv!r}")
         if self.policy is None and not self.budget.is_zero():
@@ -77,13 +91,16 @@ class Capture:
     - `gate_vectors`: all gate vectors as one detached [B, T, L, 2, d] tensor (traces);
     - `hidden_states`: the residual stream before each layer and after the last;
     - `branch_deltas`: what each branch added to the residual, gradients retained (attribution;
-      masked path only).
+      masked path only);
+    - `branch_io`: each branch's input x and what it added, detached (fitting stand-ins; masked
+      path only).
     """
 
     gate_values: bool = False
     gate_vectors: bool = False
     hidden_states: bool = False
     branch_deltas: bool = False
+    branch_io: bool = False
 
 
 @dataclass
@@ -149,6 +166,7 @@ class ForwardResult:
     gate_vectors: torch.Tensor | None = None  # [B, T, L, 2, d]
     hidden_states: list[torch.Tensor] | None = None  # before each layer and after the last
     branch_deltas: list[torch.Tensor] | None = None  # per (layer, branch), grads retained
+    branch_io: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per (layer, branch): (x, added)
 
 
 @dataclass
@@ -157,6 +175,8 @@ class _Call:
 
     spec: ArchSpec
     gates: GateSet | None
+    fill: SkipFill | None
+    original: ArchSpec | None  # adapter scope "skipped": the weights of tokens that have not skipped yet
     plan: SkipPlan
     capture: Capture
     cache: KVCache | None
@@ -170,6 +190,13 @@ class _Call:
     records: list = field(default_factory=list)  # (gate, threshold, skip) [B, T] per branch, in walk order
     prev_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # kv="copy": the layer below's
     masks: dict = field(default_factory=dict)  # attention masks by sliding window (every-token path)
+    adapted: torch.Tensor | None = None  # [B, T] adapter scope "skipped": the token has skipped a branch
+
+    def weight_groups(self, layer: int) -> list[tuple[LayerParts, torch.Tensor | None, bool]]:
+        """(layer weights, the tokens that use them or None for all, whether the gate scales them)."""
+        if self.original is None:
+            return [(self.spec.layers[layer], None, True)]
+        return [(self.spec.layers[layer], self.adapted, True), (self.original.layers[layer], ~self.adapted, False)]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -248,8 +275,20 @@ def query_side(call: _Call, parts: LayerParts, cos, sin, keys, values, x_rows: t
     return parts.o_proj(out[b_idx, rank])
 
 
-def run_mlp(mlp, x_rows: torch.Tensor, rows) -> torch.Tensor:
-    return mlp(x_rows)  # per token: the same code for all tokens or packed rows
+def attention_branch(call: _Call, cos, sin, keys, values):
+    """One layer's attention branch for `apply_branch`: `run(parts, x_rows, rows)` -> its output."""
+
+    def run(parts: LayerParts, x_rows: torch.Tensor, rows) -> torch.Tensor:
+        y = query_side(call, parts, cos, sin, keys, values, x_rows, rows)
+        return y if parts.attn_post_norm is None else parts.attn_post_norm(y)
+
+    return run
+
+
+def mlp_branch(parts: LayerParts, x_rows: torch.Tensor, rows) -> torch.Tensor:
+    """One layer's MLP branch for `apply_branch` (per token: the same code for all tokens or packed rows)."""
+    y = parts.mlp(x_rows)
+    return y if parts.mlp_post_norm is None else parts.mlp_post_norm(y)
 
 
 def pack_rows(run: torch.Tensor):
@@ -329,23 +368,34 @@ def branch_decision(
     return skip, threshold
 
 
-def layer_keys_values(call: _Call, layer: int, parts: LayerParts, x: torch.Tensor, skip: torch.Tensor, cos, sin):
+def layer_keys_values(call: _Call, layer: int, x: torch.Tensor, skip: torch.Tensor, cos, sin):
     """Keys/values of this call's tokens at `layer`, appended to the cache; returns all of them [B, H_kv, S, hd]."""
     spec, real = call.spec, call.real
     B, T = real.shape
     copy_kv = call.plan.kv == "copy" and layer > 0
     # Rows whose keys/values are projected here; under kv="copy" skipped rows take the layer below's.
     kv_rows = real & ~skip if copy_kv else None
-    if call.plan.path == "masked" or kv_rows is None or bool(kv_rows.all()):
-        k, v = project_kv(parts, spec, x.reshape(B * T, -1), cos.reshape(B * T, -1), sin.reshape(B * T, -1))
-        k, v = k.view(B, T, spec.n_kv_heads, -1), v.view(B, T, spec.n_kv_heads, -1)
+    groups = call.weight_groups(layer)
+    every_row = kv_rows is None or bool(kv_rows.all())
+    if call.plan.path == "masked" or (every_row and len(groups) == 1):
+        k = v = None
+        for parts, members, _ in groups:  # every row through each group's weights, then chosen per token
+            kg, vg = project_kv(parts, spec, x.reshape(B * T, -1), cos.reshape(B * T, -1), sin.reshape(B * T, -1))
+            kg, vg = kg.view(B, T, spec.n_kv_heads, -1), vg.view(B, T, spec.n_kv_heads, -1)
+            if k is None:
+                k, v = kg, vg
+            else:
+                k = torch.where(members[:, :, None, None], kg, k)
+                v = torch.where(members[:, :, None, None], vg, v)
     else:
         k = torch.zeros(B, T, spec.n_kv_heads, spec.head_dim, dtype=x.dtype, device=x.device)
         v = torch.zeros_like(k)
-        b_idx, t_idx = kv_rows.nonzero(as_tuple=True)
-        if b_idx.numel():
-            kr, vr = project_kv(parts, spec, x[b_idx, t_idx], cos[b_idx, t_idx], sin[b_idx, t_idx])
-            k, v = k.index_put((b_idx, t_idx), kr), v.index_put((b_idx, t_idx), vr)
+        for parts, members, _ in groups:
+            rows = members if kv_rows is None else (kv_rows if members is None else kv_rows & members)
+            b_idx, t_idx = rows.nonzero(as_tuple=True)
+            if b_idx.numel():
+                kr, vr = project_kv(parts, spec, x[b_idx, t_idx], cos[b_idx, t_idx], sin[b_idx, t_idx])
+                k, v = k.index_put((b_idx, t_idx), kr), v.index_put((b_idx, t_idx), vr)
     if kv_rows is not None:
         take_below = (~kv_rows)[:, :, None, None]
         k = torch.where(take_below, call.prev_kv[0], k)
@@ -355,44 +405,57 @@ def layer_keys_values(call: _Call, layer: int, parts: LayerParts, x: torch.Tenso
     return call.cache.append_layer(layer, k, v) if call.cache is not None else (k, v)
 
 
-def apply_branch(call: _Call, h, x, g, skip, run_branch, post_norm) -> torch.Tensor:
-    """h + g * branch(x) for tokens that run the branch; skipped tokens keep h exactly.
+def apply_branch(call: _Call, layer: int, branch: str, h, x, g, skip, run_branch) -> torch.Tensor:
+    """h + what the branch adds for every token.
 
-    `run_branch(x_rows, rows)` computes the branch: on the masked path for every token
-    (`x_rows` [B, T, d], `rows` None), on the physical path only for the packed rows
-    that run it (`rows` from `pack_rows`, `x_rows` [N, d]).
+    A token that runs the branch adds `g * branch(x)` (or `branch(x)`, unscaled and with the
+    original weights, where the adapter scope keeps it on the original model); a skipped token
+    adds nothing, or the stand-in `fill(x)`. `run_branch(parts, x_rows, rows)` computes the
+    branch with one layer's weights: on the masked path for every token (`x_rows` [B, T, d],
+    `rows` None), on the physical path only for the packed rows that run it (`rows` from
+    `pack_rows`, `x_rows` [N, d]).
     """
     run = call.real & ~skip
+    fill = call.fill.fill(layer, branch) if call.fill is not None else None
+    groups = call.weight_groups(layer)
     if call.plan.path == "masked":
-        y = run_branch(x, None)
-        if post_norm is not None:
-            y = post_norm(y)
-        if g is not None:
-            y = g * y
-        delta = torch.where(run[..., None], y, torch.zeros_like(y))
+        y = None
+        for parts, members, scaled in groups:  # every token through each group's weights
+            yg = run_branch(parts, x, None)
+            if scaled and g is not None:
+                yg = g * yg
+            y = yg if y is None else torch.where(members[..., None], yg, y)
+        stand_in = torch.zeros_like(y) if fill is None else torch.where(skip[..., None], fill(x).to(y.dtype), 0.0)
+        delta = torch.where(run[..., None], y, stand_in)
         if call.result.branch_deltas is not None:
             delta.retain_grad()  # d loss / d delta = d loss / d residual after this branch
             call.result.branch_deltas.append(delta)
+        if call.result.branch_io is not None:
+            call.result.branch_io.append((x.detach(), delta.detach()))
         return h + delta
-    n_run = int(run.sum())
-    if n_run == 0:  # nobody runs it (a skipping decoding step): nothing to compute
-        return h
-    if n_run == run.numel():  # everybody runs it: no gather, no scatter
-        y = run_branch(x, None)
-        if post_norm is not None:
-            y = post_norm(y)
-        return h + (g * y if g is not None else y)
-    rows = pack_rows(run)
-    b_idx, t_idx = rows[0], rows[1]
-    y = run_branch(x[b_idx, t_idx], rows)
-    if post_norm is not None:
-        y = post_norm(y)
-    if g is not None:
-        y = g[b_idx, t_idx] * y
-    return h.index_put((b_idx, t_idx), h[b_idx, t_idx] + y)
+    if fill is not None and bool(skip.any()):
+        b_idx, t_idx = skip.nonzero(as_tuple=True)
+        h = h.index_put((b_idx, t_idx), h[b_idx, t_idx] + fill(x[b_idx, t_idx]).to(h.dtype))
+    for parts, members, scaled in groups:
+        group_run = run if members is None else run & members
+        n_run = int(group_run.sum())
+        if n_run == 0:  # nobody runs it (a skipping decoding step): nothing to compute
+            continue
+        scale = g if scaled else None
+        if n_run == group_run.numel():  # everybody runs it: no gather, no scatter
+            y = run_branch(parts, x, None)
+            h = h + (scale * y if scale is not None else y)
+            continue
+        rows = pack_rows(group_run)
+        b_idx, t_idx = rows[0], rows[1]
+        y = run_branch(parts, x[b_idx, t_idx], rows)
+        if scale is not None:
+            y = scale[b_idx, t_idx] * y
+        h = h.index_put((b_idx, t_idx), h[b_idx, t_idx] + y)
+    return h
 
 
-def _start_call(spec, gates, input_ids, attention_mask, plan, cache, capture) -> _Call:
+def _start_call(spec, gates, fill, original, input_ids, attention_mask, plan, cache, capture) -> _Call:
     """Positions, eligibility, cache slots and empty records of one call."""
     device = input_ids.device
     B, T = input_ids.shape
@@ -417,10 +480,14 @@ def _start_call(spec, gates, input_ids, attention_mask, plan, cache, capture) ->
         gate_vectors=torch.zeros(B, T, L, 2, spec.d_model, device=device) if capture.gate_vectors and gates else None,
         hidden_states=[] if capture.hidden_states else None,
         branch_deltas=[] if capture.branch_deltas else None,
+        branch_io=[] if capture.branch_io else None,
     )
+    scoped = plan.adapter_scope == "skipped"
     return _Call(
         spec=spec,
         gates=gates,
+        fill=fill,
+        original=(original or spec) if scoped else None,
         plan=plan,
         capture=capture,
         cache=cache,
@@ -431,14 +498,15 @@ def _start_call(spec, gates, input_ids, attention_mask, plan, cache, capture) ->
         slot_real=slot_real,
         result=result,
         no_gate=torch.ones(B, T, device=device),
+        adapted=torch.zeros(B, T, dtype=torch.bool, device=device) if scoped else None,
     )
 
 
 def _check(spec: ArchSpec, gates: GateSet | None, plan: SkipPlan, capture: Capture) -> None:
     if plan.policy is not None and plan.policy.needs_gates and gates is None and not plan.budget.is_zero():
         raise GateSkipError(f"policy {plan.policy.name!r} ranks tokens by their gates; load gates or use 'random'")
-    if capture.branch_deltas and plan.path != "masked":
-        raise GateSkipError("branch contributions (attribution) need the masked path")
+    if (capture.branch_deltas or capture.branch_io) and plan.path != "masked":
+        raise GateSkipError("branch contributions (attribution, fitting stand-ins) need the masked path")
     if plan.budget.fractions.shape[0] != spec.n_layers:
         raise GateSkipError(f"skip budget is for {plan.budget.fractions.shape[0]} layers, model has {spec.n_layers}")
 
@@ -452,10 +520,16 @@ def gated_forward(
     cache: KVCache | None = None,
     logits_for: Literal["all", "last"] = "all",
     capture: Capture = Capture(),
+    fill: SkipFill | None = None,
+    original: ArchSpec | None = None,
 ) -> ForwardResult:
-    """Run the gated model on `input_ids` [B, T] (left padded), appending to `cache` if given."""
+    """Run the gated model on `input_ids` [B, T] (left padded), appending to `cache` if given.
+
+    `spec` is the backbone the gates run on (adapted when they came with an adapter); `fill` the
+    stand-ins for skipped branches (None: nothing); `original` the unadapted weights that tokens
+    use before their first skip under adapter scope "skipped" (None: `spec`'s own)."""
     _check(spec, gates, plan, capture)
-    call = _start_call(spec, gates, input_ids, attention_mask, plan, cache, capture)
+    call = _start_call(spec, gates, fill, original, input_ids, attention_mask, plan, cache, capture)
     hidden = call.result.hidden_states
     h = spec.embed(input_ids)
     if capture.branch_deltas:  # make the residual stream differentiable although the backbone is frozen
@@ -467,13 +541,15 @@ def gated_forward(
         cos, sin = rope[parts.rope_kind]  # [B, T, hd]
         x = parts.attn_norm(h)
         g, skip = decide_branch(call, layer, "attn", x)
-        keys, values = layer_keys_values(call, layer, parts, x, skip, cos, sin)
-        h = apply_branch(
-            call, h, x, g, skip, partial(query_side, call, parts, cos, sin, keys, values), parts.attn_post_norm
-        )
+        if call.adapted is not None:
+            call.adapted = call.adapted | skip
+        keys, values = layer_keys_values(call, layer, x, skip, cos, sin)
+        h = apply_branch(call, layer, "attn", h, x, g, skip, attention_branch(call, cos, sin, keys, values))
         x = parts.mlp_norm(h)
         g, skip = decide_branch(call, layer, "mlp", x)
-        h = apply_branch(call, h, x, g, skip, partial(run_mlp, parts.mlp), parts.mlp_post_norm)
+        if call.adapted is not None:
+            call.adapted = call.adapted | skip
+        h = apply_branch(call, layer, "mlp", h, x, g, skip, mlp_branch)
     if hidden is not None:
         hidden.append(h)
     res = call.result

@@ -34,6 +34,7 @@ from .compute import account_sequence, branch_saving_flops
 from .errors import GateSkipError
 from .estimate import estimate_trace
 from .execution import Capture, ForwardResult, KVCache, SkipPlan, gated_forward
+from .fill import fill_flops
 from .gates import BRANCHES, GateSet, parse_gate_variant
 from .generation import Generation, generate
 from .policies import CalibratedPolicy, Forced, SkipBudget, SkipPolicy, resolve_policy
@@ -57,6 +58,7 @@ class SkipArgs(TypedDict, total=False):
     seed: int
     allocation: str
     forced: Sequence[Forced]
+    adapter_scope: str
 
 
 def shipped_gate_path(model_name: str, spec: str = "default") -> Path:
@@ -87,6 +89,7 @@ class GatedModel:
         self.tokenizer = tokenizer
         self.name = name
         self.spec: ArchSpec = arch_spec(backbone)
+        self.original_spec: ArchSpec = self.spec
         self.gates: GateSet | None = None
         self.gates_label = "none"
         self.checkpoint: GateCheckpoint | None = None
@@ -116,6 +119,9 @@ class GatedModel:
                 self.original, checkpoint.adapter, checkpoint.adapter_key(), checkpoint.adapter_tensors
             )
             label = f"{label} [{gates.variant_label} gates, {checkpoint.adapter.label} adapter]"
+        if checkpoint is not None and checkpoint.fill is not None:
+            label = f"{label} [{checkpoint.fill_label} fill]"
+            checkpoint.fill.to(device=self.device, dtype=self.dtype)
         gates.to(device=self.device, dtype=self.dtype)  # the walk feeds the gates the backbone's activations
         with self._lock:
             self.gates = gates
@@ -130,6 +136,11 @@ class GatedModel:
     def adapter(self) -> str:
         """The adaptation of the backbone the gates run on: 'none', 'lora:R' or 'full'."""
         return self.checkpoint.adapter.label if self.checkpoint is not None else "none"
+
+    @property
+    def fill(self):
+        """The stand-ins for skipped branches that came with the gates (None: the paper's zero)."""
+        return self.checkpoint.fill if self.checkpoint is not None else None
 
     def view(self, gates: GateSet | None = None, label: str = "none", checkpoint: GateCheckpoint | None = None):
         """Another GatedModel over the user's original model (no copy) with other gates: safe to use
@@ -220,9 +231,19 @@ class GatedModel:
         seed: int = 0,
         allocation: str = "auto",
         forced: Sequence[Forced] = (),
+        adapter_scope: str = "auto",
     ) -> SkipPlan:
         """The plan of one call: `skip` spread by `allocation` (see `budget`), a policy by name
-        ('quantile', 'calibrated', 'random') or object, the execution path and kv mode."""
+        ('quantile', 'calibrated', 'random') or object, the execution path and kv mode, and where
+        the gates' adapter applies: 'all' tokens, only tokens from their first 'skipped' branch on
+        (with nothing skipped the model is then exactly the original), or 'auto' (what the gates
+        were trained for)."""
+        if adapter_scope == "auto":
+            adapter_scope = self.checkpoint.adapter_scope if self.checkpoint is not None else "all"
+        if adapter_scope == "skipped" and self.adapter == "full":
+            raise GateSkipError(
+                "adapter scope 'skipped' needs a LoRA adapter (a full fine-tune also changes norms, embedding and head)"
+            )
         if isinstance(policy, CalibratedPolicy) and skip is None and policy.budget is not None:
             skip = policy.budget
         budget = self.budget(0.0 if skip is None else skip, branches, allocation)
@@ -234,7 +255,7 @@ class GatedModel:
             if not isinstance(decision, Forced):
                 raise GateSkipError(f"forced decisions must be Forced(layer, branch, position, skip), got {decision!r}")
             decision.check(self.spec.n_layers, protect_bos)
-        return SkipPlan(budget, resolved, path, kv, protect_bos, forced)
+        return SkipPlan(budget, resolved, path, kv, protect_bos, forced, adapter_scope)
 
     def budget(
         self,
@@ -278,6 +299,29 @@ class GatedModel:
         return fit_thresholds(self, budget, protect_bos, texts)
 
     # ---- calls
+    def walk(
+        self,
+        input_ids,
+        attention_mask,
+        plan: SkipPlan,
+        cache: KVCache | None = None,
+        logits_for: str = "all",
+        capture: Capture = Capture(),
+    ) -> ForwardResult:
+        """One gated pass with this model's gates, stand-ins and weights (gradients as the caller sets)."""
+        return gated_forward(
+            self.spec,
+            self.gates,
+            input_ids,
+            attention_mask,
+            plan,
+            cache=cache,
+            logits_for=logits_for,
+            capture=capture,
+            fill=self.fill,
+            original=self.original_spec,
+        )
+
     def forward(
         self,
         input_ids,
@@ -290,9 +334,7 @@ class GatedModel:
         """One gated pass without gradients, on the model's device."""
         device = self.device
         with torch.no_grad():
-            return gated_forward(
-                self.spec,
-                self.gates,
+            return self.walk(
                 input_ids.to(device),
                 attention_mask.to(device),
                 plan,
@@ -342,13 +384,13 @@ class GatedModel:
         """Estimate mode: the skip settings applied to `captured`'s gate values, no model call
         (later layers do not see the changed residuals; `trace` does)."""
         plan = self.make_plan(**skip_args)
-        return estimate_trace(captured, plan, self.spec, self.gate_flops())
+        return estimate_trace(captured, plan, self.spec, self.gate_flops(), self.fill_flops())
 
     def make_trace(self, sequences: list[SequenceTrace], plan: SkipPlan) -> Trace:
         return Trace(
             sequences=sequences,
             model=self.name,
-            gates=self.gates_label,
+            gates=self.gates_label + (" (adapter scope: skipped)" if plan.adapter_scope == "skipped" else ""),
             policy=plan.policy.name if plan.policy is not None else "none",
             skip_budget=np.asarray(plan.budget.fractions, dtype=np.float64),
             branches=plan.budget.branches,
@@ -362,6 +404,10 @@ class GatedModel:
         if self.gates is None:
             return (0, 0)
         return (self.gates.flops_per_token("attn"), self.gates.flops_per_token("mlp"))
+
+    def fill_flops(self) -> tuple[int, int]:
+        """FLOPs per skipped token of the (attention, MLP) stand-ins: what the compute account charges."""
+        return fill_flops(self.fill)
 
     def sequence_traces(
         self,
@@ -392,7 +438,13 @@ class GatedModel:
                     skipped=skipped,
                     eligible=eligible[b][real].numpy(),
                     compute=account_sequence(
-                        self.spec, skipped, self.gate_flops(), n_head, plan.path, kv_copy=plan.kv == "copy"
+                        self.spec,
+                        skipped,
+                        self.gate_flops(),
+                        n_head,
+                        plan.path,
+                        kv_copy=plan.kv == "copy",
+                        fill_flops=self.fill_flops(),
                     ),
                     prompt_length=len(ids) if prompt_lengths is None else prompt_lengths[b],
                     gate_vectors=None if vectors is None else vectors[b][real].numpy(),

@@ -28,7 +28,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +46,9 @@ from .checkpoint import GateCheckpoint, save_gates
 from .compute import branch_saving_flops
 from .data import paragraphs, pydoc_texts, token_blocks
 from .errors import GateSkipError
-from .execution import Capture, SkipPlan, gated_forward
+from .execution import ADAPTER_SCOPES, Capture, SkipPlan, gated_forward
 from .files import atomic_write, check_writable
+from .fill import FillSpec, SkipFill
 from .gates import GateSet, parse_gate_variant
 from .model import GatedModel, load_model
 from .policies import QuantilePolicy, SkipBudget
@@ -169,10 +170,22 @@ class TrainConfig:
     val_batches: int = 4
     int8: bool = False
     calibrate: bool = True
+    skip_fill: str = "zero"  # zero (the paper) | mean | lowrank:R: what a skipped branch adds
+    adapter_scope: str = "all"  # all | skipped: where the adapter (and soft gates) apply
+    init: str = ""  # a gate checkpoint to start from (gates, adapter, stand-ins, sensitivity)
+    teacher_top_k: int = 0  # distillation against the teacher's top-k log-probs, cached per block (0: exact)
 
     def validate(self) -> None:
         parse_gate_variant(self.gate)
-        AdapterSpec.parse(self.adapter)
+        adapter = AdapterSpec.parse(self.adapter)
+        FillSpec.parse(self.skip_fill)
+        if self.adapter_scope not in ADAPTER_SCOPES:
+            raise GateSkipError(f"--adapter-scope must be one of {', '.join(ADAPTER_SCOPES)}")
+        if self.adapter_scope == "skipped" and adapter.kind == "full":
+            raise GateSkipError("--adapter-scope skipped needs --adapter none or lora:R")
+        if self.teacher_top_k and not self.distill:
+            raise GateSkipError("--teacher-top-k needs --distill")
+        whole_number("--teacher-top-k", self.teacher_top_k, minimum=0)
         if self.budget_schedule not in ("ramp", "random"):
             raise GateSkipError("--budget-schedule must be ramp or random")
         if self.allocation not in ALLOCATIONS:
@@ -217,36 +230,70 @@ class _GateObjective(nn.Module):
     """Loss of one batch; a module so that Accelerate can wrap it for data parallelism.
 
     `student` is the backbone that trains (a copy of the original, with its adapter);
-    the original model is the frozen teacher, kept out of the registered modules.
+    the original model is the frozen teacher, kept out of the registered modules. With
+    `teacher_top_k`, the teacher's top-k log-probs of each training block are computed the
+    first time the block is used and reused after (a block is seen once per epoch).
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, gates: GateSet, config: TrainConfig):
+    def __init__(
+        self, student: nn.Module, teacher: nn.Module, gates: GateSet, fill: SkipFill | None, config: TrainConfig
+    ):
         super().__init__()
         self.gates = gates
+        self.fill = fill
         self.backbone = student  # registered so that its trainable weights train and DDP syncs them
         self.spec = arch_spec(student)
         self._teacher = (teacher,)  # a tuple: not a submodule, never trained
+        self._teacher_spec = arch_spec(teacher)
+        self._teacher_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.config = config
 
-    def forward(self, input_ids: torch.Tensor, budget: np.ndarray):
+    def teacher_log_probs(self, input_ids: torch.Tensor, rows: torch.Tensor | None):
+        """The teacher's next-token log-probs [B, T-1, V], or (top-k indices, log-probs) when cached."""
+        k = self.config.teacher_top_k
+        with torch.no_grad():
+            if rows is None or not k:
+                return F.log_softmax(self._teacher[0](input_ids=input_ids).logits[:, :-1].float(), -1)
+            missing = [i for i, r in enumerate(rows.tolist()) if r not in self._teacher_cache]
+            if missing:
+                logits = self._teacher[0](input_ids=input_ids[missing]).logits[:, :-1].float()
+                top = F.log_softmax(logits, -1).topk(k, -1)
+                for j, i in enumerate(missing):
+                    self._teacher_cache[int(rows[i])] = (top.indices[j].to(torch.int32), top.values[j])
+        cached = [self._teacher_cache[int(r)] for r in rows.tolist()]
+        return torch.stack([c[0] for c in cached]).long(), torch.stack([c[1] for c in cached]).float()
+
+    def forward(self, input_ids: torch.Tensor, budget: np.ndarray, rows: torch.Tensor | None = None):
         spec, cfg = self.spec, self.config
-        plan = SkipPlan(SkipBudget.make(budget, spec.n_layers), QuantilePolicy(), "masked")
+        plan = SkipPlan(
+            SkipBudget.make(budget, spec.n_layers), QuantilePolicy(), "masked", adapter_scope=cfg.adapter_scope
+        )
         mask = torch.ones_like(input_ids)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            out = gated_forward(spec, self.gates, input_ids, mask, plan, capture=Capture(gate_values=True))
-            if cfg.distill:
-                with torch.no_grad():
-                    teacher = self._teacher[0](input_ids=input_ids).logits[:, :-1]
-        logits = out.logits[:, :-1].float()
-        if cfg.distill:
-            task = F.kl_div(
-                F.log_softmax(logits, -1).flatten(0, 1),
-                F.log_softmax(teacher.float(), -1).flatten(0, 1),
-                log_target=True,
-                reduction="batchmean",
+            out = gated_forward(
+                spec,
+                self.gates,
+                input_ids,
+                mask,
+                plan,
+                capture=Capture(gate_values=True),
+                fill=self.fill,
+                original=self._teacher_spec,
             )
+            teacher = self.teacher_log_probs(input_ids, rows) if cfg.distill else None
+        log_probs = F.log_softmax(out.logits[:, :-1].float(), -1)
+        if teacher is None:
+            task = F.nll_loss(log_probs.flatten(0, 1), input_ids[:, 1:].flatten())
+        elif isinstance(teacher, tuple):  # top-k KL with the student's exact normaliser
+            # KL over the top k tokens plus one bucket for the rest of the vocabulary (so it is >= 0).
+            index, teacher_lp = teacher
+            student_lp = log_probs.gather(-1, index)
+            teacher_p = teacher_lp.exp()
+            tail_t = (1 - teacher_p.sum(-1)).clamp(min=1e-6)
+            tail_s = (1 - student_lp.exp().sum(-1)).clamp(min=1e-6)
+            task = ((teacher_p * (teacher_lp - student_lp)).sum(-1) + tail_t * (tail_t.log() - tail_s.log())).mean()
         else:
-            task = F.cross_entropy(logits.flatten(0, 1), input_ids[:, 1:].flatten())
+            task = (teacher.exp() * (teacher - log_probs)).sum(-1).mean()
         per_branch = [
             (g.float().pow(2) if cfg.sparsity_loss == "l2" else g.float().abs()).mean() for g in out.gate_values
         ]
@@ -361,6 +408,7 @@ class _Setup:
     gates: GateSet
     adapter: AdapterSpec
     student: nn.Module
+    fill: SkipFill | None  # trainable stand-ins for skipped branches (None: the paper's zero)
     train_data: torch.Tensor  # [N, seq_len]
     val_data: torch.Tensor
     sensitivity: np.ndarray | None  # the global allocation's profile, measured on the original
@@ -381,6 +429,12 @@ def _setup(config: TrainConfig, log: Callable[[str], None], state_path: Path | N
     for p in gates.parameters():
         p.requires_grad_(True)
     student = make_trainable_copy(gm.original, adapter) if adapter.kind != "none" else gm.original
+    fill_spec = FillSpec.parse(config.skip_fill)
+    fill = SkipFill(gm.spec.n_layers, gm.spec.d_model, fill_spec) if fill_spec.kind != "zero" else None
+    init_sensitivity = _start_from(config.init, gm, gates, adapter, student, fill, config, log) if config.init else None
+    if fill is not None:
+        for p in fill.parameters():
+            p.requires_grad_(True)
     train_texts, val_texts = _load_texts(config, gm, log)
     train_blocks = list(token_blocks(gm.tokenizer, train_texts, config.seq_len))
     val_blocks = list(token_blocks(gm.tokenizer, val_texts, config.seq_len))[: config.val_batches * config.batch]
@@ -391,7 +445,7 @@ def _setup(config: TrainConfig, log: Callable[[str], None], state_path: Path | N
     if not val_blocks:
         raise GateSkipError("validation data is shorter than one block")
     train_data, val_data = torch.stack(train_blocks), torch.stack(val_blocks)
-    sensitivity = None
+    sensitivity = init_sensitivity if config.allocation == "global" else None
     if config.allocation == "global" and state_path is not None and state_path.exists():
         with safe_open(str(state_path), framework="pt") as f:
             if "sensitivity" in f.keys():
@@ -400,12 +454,46 @@ def _setup(config: TrainConfig, log: Callable[[str], None], state_path: Path | N
         # Measured on the original model (the student starts equal to it), from fixed training blocks.
         log("measuring the sensitivity of every (layer, branch) for the global allocation")
         sensitivity = measure_sensitivity(gm.spec, train_data[: max(4, config.batch)])
-    return _Setup(gm, gates, adapter, student, train_data, val_data, sensitivity)
+    return _Setup(gm, gates, adapter, student, fill, train_data, val_data, sensitivity)
+
+
+def _start_from(path: str, gm: GatedModel, gates: GateSet, adapter: AdapterSpec, student, fill, config, log):
+    """Load `path`'s gates and adapter into the ones that train; fit the stand-ins on it without
+    training (same adapter scope) when it has none of this kind. Returns its sensitivity profile."""
+    from .checkpoint import load_gates
+    from .fill import fit_fill
+
+    ckpt = load_gates(path, gm.spec.fingerprint())
+    if (ckpt.gates.variant_label, ckpt.gates.shared) != (gates.variant_label, gates.shared):
+        raise GateSkipError(f"--init {path} has {ckpt.gates.describe()}, not {gates.describe()}")
+    if ckpt.adapter != adapter:
+        raise GateSkipError(f"--init {path} has adapter {ckpt.adapter.label}, not {adapter.label}")
+    log(f"starting from {path}")
+    with torch.no_grad():
+        gates.load_state_dict(ckpt.gates.state_dict())
+        if adapter.kind == "lora":
+            params = dict(student.named_parameters())
+            for key, value in ckpt.adapter_tensors.items():
+                params[key.removeprefix("adapter.")].copy_(value.float())
+        elif adapter.kind == "full":
+            params = dict(student.named_parameters())
+            for key, value in ckpt.adapter_tensors.items():
+                params[key.removeprefix("adapter.")].add_(value.float())
+    if fill is not None:
+        start = ckpt.fill if ckpt.fill is not None and ckpt.fill.spec == fill.spec else None
+        if start is None:
+            init_view = gm.view(ckpt.gates, "init", replace(ckpt, adapter_scope=config.adapter_scope))
+            start = fit_fill(init_view, fill.spec, calibration_texts(gm, log), progress=log)
+        with torch.no_grad():
+            fill.load_state_dict(start.state_dict())
+    return ckpt.sensitivity
 
 
 def _optimizer(setup: _Setup, config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW with the gates at `lr` and the backbone's trainable weights (adapter) at `adapter_lr`."""
     groups = [{"params": list(setup.gates.parameters()), "lr": config.lr}]
+    if setup.fill is not None:  # stand-ins learn at the adapter's rate
+        groups.append({"params": list(setup.fill.parameters()), "lr": config.adapter_lr})
     backbone_params = [p for p in setup.student.parameters() if p.requires_grad]
     if backbone_params:
         groups.append({"params": backbone_params, "lr": config.adapter_lr})
@@ -477,6 +565,8 @@ def _checkpoint(setup: _Setup, config: TrainConfig, out: Path, metrics: dict, tr
         adapter=setup.adapter,
         adapter_tensors=adapter_tensors(setup.adapter, setup.student, gm.original),
         sensitivity=setup.sensitivity,
+        fill=setup.fill.eval() if setup.fill is not None else None,
+        adapter_scope=config.adapter_scope,
     )
     if config.calibrate:
         log(f"calibrating thresholds for budgets {CALIBRATION_BUDGETS[0]:g} .. {CALIBRATION_BUDGETS[-1]:g}")
@@ -499,7 +589,7 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar
     if state_path.exists() and not config.resume:
         raise GateSkipError(f"{state_path} exists from an earlier run; pass --resume to continue it or delete it")
     setup = _setup(config, log, state_path if config.resume else None)
-    objective = _GateObjective(setup.student, setup.gm.original, setup.gates, config)
+    objective = _GateObjective(setup.student, setup.gm.original, setup.gates, setup.fill, config)
     optim = _optimizer(setup, config)
     start_step, history = 0, []
     if config.resume and state_path.exists():
@@ -512,7 +602,7 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar
     for step in range(start_step, config.steps):
         budget = config.budget_at(step)
         rows = _batch_rows(config, len(setup.train_data), step, accelerator.process_index, accelerator.num_processes)
-        loss, task, sparsity, skip_rate = wrapped(setup.train_data[rows], setup.budget_table(budget))
+        loss, task, sparsity, skip_rate = wrapped(setup.train_data[rows], setup.budget_table(budget), rows)
         if not torch.isfinite(loss):
             bar.close()
             raise GateSkipError(

@@ -86,4 +86,5 @@ def skip_args_of(args: argparse.Namespace) -> dict:
         protect_bos=not args.no_protect_bos,
         seed=args.seed,
         allocation=args.allocation,
+        adapter_scope=args.adapter_scope,
     )

@@ -43,7 +43,7 @@ def spread_gates(model: GatedModel, variant: str = "vector", seed: int = 0) -> G
 
 def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
     """`gateskip ARGS...` in a subprocess, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "gateskip_core.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "gateskip", *args], capture_output=True, text=True, cwd=cwd)
 
 
 def flop_counter_dense(model: GatedModel, ids: torch.Tensor) -> int:
@@ -63,7 +63,7 @@ def metrics(at) -> dict[str, str]:
     return {m.label: m.value for m in at.metric}
 
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+ACCELERATORS = ["cuda"] if torch.cuda.is_available() else []  # compared with the CPU
 
 
 @pytest.fixture(params=TINY)
@@ -83,7 +83,7 @@ def smollm2() -> GatedModel:
 
 @pytest.fixture(autouse=True)
 def _single_thread_determinism():
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(max(1, min(int(os.environ.get("OMP_NUM_THREADS", 2)), os.cpu_count() or 1)))
     yield
 
 

@@ -97,7 +97,7 @@ def test_distillation_teacher_is_the_frozen_original(tmp_path):
     before = {k: v.clone() for k, v in model.original.state_dict().items()}
     student = make_trainable_copy(model.original, AdapterSpec("full"))
     gates = GateSet(model.spec.n_layers, model.spec.d_model, "scalar")
-    objective = _GateObjective(student, model.original, gates, TrainConfig(**FAST, distill=True))
+    objective = _GateObjective(student, model.original, gates, None, TrainConfig(**FAST, distill=True))
     assert objective._teacher[0] is model.original and objective.backbone is student
     assert not any(p is q for p in student.parameters() for q in model.original.parameters())
     optim = torch.optim.SGD([p for p in objective.parameters() if p.requires_grad], lr=1.0)
@@ -173,7 +173,7 @@ def test_random_budget_schedule_is_a_pure_function_of_seed_and_step():
 def test_cli_training_flags_take_their_defaults_from_train_config():
     from dataclasses import fields
 
-    from gateskip_core.cli import build_parser
+    from gateskip.cli import build_parser
 
     args = build_parser().parse_args(["train", "--out", "x.safetensors"])
     for f in fields(TrainConfig):

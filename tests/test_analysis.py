@@ -241,3 +241,39 @@ def test_analysis_cli_round_trip(tmp_path):
     assert bad.returncode == 2 and "unknown method" in bad.stderr and "Traceback" not in bad.stderr
     bad = run("stats", "--trace", str(corpus), "--out", str(tmp_path / "x.csv"))
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_chat_fidelity_scores_the_originals_own_answers(tmp_path):
+    """Budget 0 with the gates unscaled until a skip (adapter scope 'skipped') is the original: KL 0, top-1 1."""
+    from analysis.quality import chat_fidelity
+    from gateskip_core import load_model
+
+    from .conftest import spread_gates
+
+    model = spread_gates(load_model("tiny-llama"))
+    prompts = ["hi there", "tell me a story", "what is two plus two"]
+    table = chat_fidelity(model, [0.0, 0.5], ["quantile"], prompts, max_new_tokens=6, show_progress=False)
+    assert list(table["skip_budget"]) == [0.0, 0.5] and (table["answers"] == 3).all()
+    assert 0 < table["answer_tokens"].iloc[0] <= 3 * 6
+    loose = table.set_index("skip_budget")
+    assert loose.loc[0.5, "kl_to_full"] > loose.loc[0.0, "kl_to_full"] >= 0
+    res = run(
+        "chat-fidelity",
+        "--model",
+        "tiny-llama",
+        "--gates",
+        "untrained",
+        "--adapter-scope",
+        "skipped",
+        "--budgets",
+        "0",
+        "--policies",
+        "quantile",
+        "--max-new-tokens",
+        "4",
+        "--out",
+        str(tmp_path / "c.csv"),
+    )
+    assert res.returncode == 0, res.stderr
+    row = pd.read_csv(tmp_path / "c.csv").iloc[0]
+    assert row["kl_to_full"] == pytest.approx(0, abs=1e-9) and row["top1_agreement"] == 1.0

@@ -1,9 +1,12 @@
 """Every command and API entry point against one table of bad inputs.
 
 CLI: exit status 2, exactly one line on stderr (no traceback, no progress bar), and no output
-file left under its final name (nor a temporary). API: a one-line `GateSkipError`. The CLI
-runs in-process here (`gateskip_core.cli.main`, the same code the console script runs) so the
-table stays fast; `test_validation.py` and `test_cli.py` run real subprocesses for a sample.
+file left under its final name (nor a temporary); errors that can be known before a model is
+loaded are raised before it (the loader is watched). API: a one-line `GateSkipError`.
+
+The whole table runs in-process (`gateskip.cli.main`, the code the console script runs), which
+is fast; one case of every (command, kind of error) pair also runs as a real `gateskip`
+subprocess, two at a time, where everything a user sees on stderr (warnings, logging) counts.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ import signal
 import pytest
 import torch
 
+from gateskip.cli import main
 from gateskip_core import GateCheckpoint, GateSet, GateSkipError, load_model, save_gates
-from gateskip_core.cli import main
 
 TEXT = "Gates decide which tokens skip which layers of the model."
 READ_ONLY = "/sys"  # a read-only file system: permissions do not stop root, this does
@@ -54,6 +57,7 @@ def inputs(tmp_path_factory):
     files["gates_foreign"] = root / "foreign.safetensors"
     save_file({"weight": torch.zeros(3)}, str(files["gates_foreign"]))  # safetensors, but not gates
     files["gates_missing"] = root / "missing.safetensors"
+    files["gates_good"] = good_gates
     return files
 
 
@@ -87,6 +91,14 @@ def commands(f) -> dict[str, tuple[list[str], dict[str, str]]]:
         "bench": (
             ["bench", *tiny, "--gates", "untrained", "--sections", "capture", "--prefill-tokens", "16"],
             {"--out": "b.json"},
+        ),
+        "fit-fill": (
+            ["fit-fill", *tiny, "--gates", str(f["gates_good"]), "--fill", "mean", "--no-calibrate"],
+            {"--out": "ff.safetensors"},
+        ),
+        "chat-fidelity": (
+            ["chat-fidelity", *tiny, "--gates", "untrained", "--max-new-tokens", "2", "--budgets", "0"],
+            {"--out": "cf.csv"},
         ),
     }
 
@@ -134,7 +146,7 @@ NUMBERS = {
         ("--prefill-skips", "nan", "--prefill-skips must be"),
     ],
 }
-GATED = ["trace", "collect", "sweep", "faithfulness", "settled"]  # commands taking --gates FILE
+GATED = ["trace", "collect", "sweep", "faithfulness", "settled", "quality", "bench", "fit-fill", "chat-fidelity"]
 DAMAGED_GATES = {
     "gates_truncated": "not a valid safetensors gate checkpoint",
     "gates_random": "not a valid safetensors gate checkpoint",
@@ -149,11 +161,14 @@ TEXT_INPUTS = {  # command -> option reading a text file
     "quality": "--file",
     "faithfulness": "--file",
     "settled": "--file",
+    "train": "--data",
 }
+# Kinds of error that are known before any model is loaded (and must be reported before it).
+BEFORE_LOADING = {"missing-folder", "read-only", "output-is-folder", "number"}
 
 
 def _cases():
-    f = {k: f"<{k}>" for k in ("corpus", "trace")}  # placeholders, resolved in the test
+    f = {k: f"<{k}>" for k in ("corpus", "trace", "gates_good")}  # placeholders, resolved in the test
     cases = []
     for name, (_, outputs) in commands(f).items():
         for option in outputs:
@@ -168,6 +183,8 @@ def _cases():
     for name, option in TEXT_INPUTS.items():
         cases.append((name, "non-text", option, "binary", "cannot read"))
     cases.append(("stats", "non-text", "--trace", "binary_csv", "trace"))
+    cases.append(("train", "damaged-state", "--resume", "state_damaged", "cannot resume"))
+    cases.append(("dashboard", "unknown-model", "--model", "no-such-model", "unknown model 'no-such-model'"))
     return cases
 
 
@@ -177,8 +194,18 @@ def _ids(case):
 
 @pytest.fixture
 def cli(capsys, monkeypatch):
+    """Runs `gateskip ARGV` in-process; `run.loads` counts the models it loaded."""
+    import gateskip_core.model as model_module
+
     previous = signal.getsignal(signal.SIGTERM)
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    real_loader = model_module.load_backbone
+
+    def counting_loader(*args, **kwargs):
+        run.loads += 1
+        return real_loader(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "load_backbone", counting_loader)
 
     def run(argv) -> tuple[int, list[str], str]:
         try:
@@ -188,6 +215,7 @@ def cli(capsys, monkeypatch):
         captured = capsys.readouterr()
         return code, [line for line in captured.err.splitlines() if line.strip()], captured.err
 
+    run.loads = 0
     yield run
     signal.signal(signal.SIGTERM, previous)
 
@@ -201,9 +229,13 @@ def _with(argv: list[str], option: str, value: str) -> list[str]:
     return argv
 
 
-@pytest.mark.parametrize("case", _cases(), ids=_ids)
-def test_every_command_refuses_bad_input_with_one_line_and_writes_nothing(case, inputs, cli, tmp_path):
+def _argv(case, inputs, tmp_path) -> tuple[list[str], object]:
+    """The command line of a case, and the folder its outputs go to."""
     name, kind, option, value, message = case
+    if name == "dashboard":
+        out_dir = tmp_path / "out"
+        out_dir.mkdir()
+        return ["dashboard", "--model", value], out_dir
     argv, outputs = commands(inputs)[name]
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -218,17 +250,75 @@ def test_every_command_refuses_bad_input_with_one_line_and_writes_nothing(case, 
         (out_dir / outputs[option]).mkdir()
     elif kind == "number":
         argv = _with(argv, option, value)
+    elif kind == "damaged-state":  # a training state next to --out that is not a state
+        (out_dir / (outputs["--out"].removesuffix(".safetensors") + ".state.safetensors")).write_bytes(b"\x00" * 64)
+        argv = argv + ["--resume"]
     else:  # damaged gates, non-text inputs
         if option == "--file" and "--text" in argv:  # one source of text at a time
             at = argv.index("--text")
             argv = argv[:at] + argv[at + 2 :]
-        argv = _with(argv, option, str(inputs[value]))
+        path = str(inputs[value])
+        argv = _with(argv, option, f"x={path}" if (name, option) == ("quality", "--gates") else path)
+    return argv, out_dir
+
+
+@pytest.mark.parametrize("case", _cases(), ids=_ids)
+def test_every_command_refuses_bad_input_with_one_line_and_writes_nothing(case, inputs, cli, tmp_path):
+    name, kind, option, value, message = case
+    argv, out_dir = _argv(case, inputs, tmp_path)
     code, lines, err = cli(argv)
     assert code == 2, (argv, err)
     assert len(lines) == 1 and message in lines[0], (argv, err)
     assert "Traceback" not in err and "\r" not in err  # no progress bar on the error's line
-    left = [p.name for p in out_dir.iterdir() if not (kind == "output-is-folder" and p.is_dir())]
+    if kind in BEFORE_LOADING or name == "dashboard":
+        assert cli.loads == 0, f"{argv}: a model was loaded before the error"
+    left = [p.name for p in out_dir.iterdir() if not (kind in ("output-is-folder", "damaged-state") and p.is_dir())]
+    left = [p for p in left if not (kind == "damaged-state" and p.endswith(".state.safetensors"))]
     assert left == [], left  # nothing under a final name, no temporary either
+
+
+OUTPUT_KINDS = ("missing-folder", "read-only", "output-is-folder")  # one family: where an output goes
+
+
+def _one_case_per_command_and_kind():
+    """One case per (command, kind of error); the three output-folder kinds count as one kind,
+    taking turns across commands so that each of them runs for several commands."""
+    chosen = {}
+    for case in _cases():
+        name, kind = case[0], case[1]
+        family = "output" if kind in OUTPUT_KINDS else kind
+        turn = OUTPUT_KINDS[len([k for k in chosen if k[1] == "output"]) % 3] if family == "output" else kind
+        if (name, family) not in chosen and kind == turn:
+            chosen[(name, family)] = case
+    return list(chosen.values())
+
+
+def test_a_real_subprocess_per_command_and_kind_of_error_prints_exactly_one_line(inputs, tmp_path):
+    """What a user sees: `gateskip` as its own process, everything it writes to stderr counted."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .conftest import run_cli
+
+    cases = _one_case_per_command_and_kind()
+
+    def run(i_case):
+        i, case = i_case
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        argv, out_dir = _argv(case, inputs, folder)
+        return case, argv, out_dir, run_cli(*argv)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(run, enumerate(cases)))
+    failures = []
+    for case, argv, out_dir, done in results:
+        kind, message = case[1], case[4]
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        written = [p.name for p in out_dir.iterdir() if p.is_file() and not p.name.endswith(".state.safetensors")]
+        if done.returncode != 2 or len(lines) != 1 or message not in lines[0] or written:
+            failures.append(f"{' '.join(argv[:2])} [{kind}]: exit {done.returncode}, {written}, {done.stderr!r}")
+    assert not failures, "\n".join(failures)
+    assert len(results) >= 35
 
 
 def test_a_stale_temporary_from_a_killed_run_is_cleaned_and_outputs_are_whole(inputs, cli, tmp_path):

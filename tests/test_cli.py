@@ -84,7 +84,7 @@ def other_model_gates(tmp_path):
 def test_user_errors_exit_nonzero_with_one_line(tmp_path, other_model_gates, args, message):
     args = [str(other_model_gates) if a == "OTHER" else a for a in args]
     res = run("trace", *args, "--out", str(tmp_path / "o.csv"))
-    assert res.returncode != 0
+    assert res.returncode == 2
     lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], res.stderr
     assert "Traceback" not in res.stderr
@@ -98,3 +98,31 @@ def test_empty_file_and_bad_output_suffix(tmp_path):
     assert res.returncode == 2 and "text is empty" in res.stderr
     res = run("trace", "--model", "tiny-llama", "--text", "hi", "--out", str(tmp_path / "o.json"))
     assert res.returncode == 2 and ".csv or .parquet" in res.stderr
+
+
+def test_the_core_imports_nothing_from_the_packages_built_on_it():
+    """gateskip_core is the bottom layer: no module of it imports analysis, dashboard, bench or gateskip."""
+    import ast
+    from pathlib import Path
+
+    above = {"analysis", "dashboard", "bench", "gateskip"}
+    core = Path(__file__).resolve().parent.parent / "gateskip_core"
+    offenders = []
+    for path in core.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in above]
+    assert not offenders, offenders
+
+
+def test_every_package_contributes_its_commands_to_one_entry_point():
+    from gateskip.cli import build_parser
+
+    commands = set(build_parser()._subparsers._group_actions[0].choices)
+    assert {"models", "trace", "train", "fit-fill"} <= commands  # core
+    assert {"quality", "sweep", "collect", "stats", "faithfulness", "settled"} <= commands  # analysis
+    assert {"bench", "dashboard"} <= commands

@@ -40,7 +40,7 @@ def test_estimate_slider_updates_without_calling_the_model(app, forward_calls):
     after = metrics(app)
     assert not app.exception
     assert int(after["Skipped branch evaluations"]) > int(before)
-    assert after["KL to ungated"] == "exact mode"
+    assert after["KL to ungated"] == "–"  # measured in exact mode only
     assert forward_calls == []  # estimate mode re-thresholds captured gates
 
 
@@ -50,6 +50,17 @@ def test_exact_mode_reruns_and_reports_quality_and_disagreement(app, forward_cal
     assert not app.exception and forward_calls
     assert float(m["KL to ungated"]) >= 0 and m["Top-1 agreement"].endswith("%")
     assert any("decisions differ between the estimate" in md.value for md in app.markdown)
+
+
+def test_adapter_scope_skipped_shows_the_original_model_at_budget_zero(app):
+    """Scope 'skipped': a token keeps the original weights, kept branches unscaled, until it skips."""
+    app.sidebar.radio(key="mode").set_value("exact").run()
+    app.sidebar.slider(key="global_budget").set_value(0.0).run()
+    assert not any("adapter scope: skipped" in c.value for c in app.caption)
+    app.sidebar.radio(key="adapter_scope").set_value("skipped").run()
+    assert not app.exception
+    assert float(metrics(app)["KL to ungated"]) == 0 and metrics(app)["Top-1 agreement"] == "100.0%"
+    assert any("adapter scope: skipped" in c.value for c in app.caption)
 
 
 def test_policy_branches_and_per_layer_controls_change_results(app):

@@ -11,7 +11,7 @@ import torch
 from gateskip_core import Capture, GateSkipError, SkipBudget, SkipPlan, load_model
 from gateskip_core.policies import BranchInput, Decision, SkipPolicy
 
-from .conftest import DEVICES, PROMPTS, TINY, spread_gates
+from .conftest import ACCELERATORS, PROMPTS, TINY, spread_gates
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -105,8 +105,12 @@ def test_masked_skip_outputs_are_exact_zeros(tiny):
         assert torch.equal(h[0, 7], out.hidden_states[0][0, 7])
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_every_path_runs_on_each_device_present_and_matches_cpu(device):
+@pytest.mark.parametrize(
+    "device",
+    ACCELERATORS
+    or [pytest.param("none", marks=pytest.mark.skip(reason="no accelerator here: CPU vs CPU proves nothing"))],
+)
+def test_every_path_runs_on_each_accelerator_present_and_matches_cpu(device):
     cpu = spread_gates(load_model("tiny-llama"))
     other = spread_gates(load_model("tiny-llama", device=device))
     assert other.device.type == device and next(other.gates.parameters()).device.type == device
@@ -132,3 +136,31 @@ def test_device_and_dtype_errors_and_bfloat16():
     assert half.dtype == torch.bfloat16 and next(half.gates.parameters()).dtype == torch.bfloat16
     trace = half.trace(PROMPTS[0], skip=0.3, path="physical")
     assert trace.sequences[0].skipped.any()
+
+
+@pytest.mark.parametrize("path", ["masked", "physical"])
+def test_kv_copy_takes_a_skipped_tokens_keys_and_values_from_the_layer_below(tiny, path):
+    """kv='copy': where a token skips attention, its keys/values are the layer below's (layer 0:
+    computed); kv='compute' projects them from the token's own residual, which differs."""
+    from gateskip_core import KVCache
+
+    ids = tiny.encode(["abcdefghij"]).input_ids
+    mask = torch.ones_like(ids)
+    caches = {}
+    for kv in ("copy", "compute"):
+        plan = SkipPlan(SkipBudget.make(1.0, tiny.spec.n_layers), SkipPositions((3, 6)), path, kv)
+        caches[kv] = KVCache()
+        tiny.forward(ids, mask, plan, cache=caches[kv])
+    copy, compute = caches["copy"], caches["compute"]
+    for layer in range(tiny.spec.n_layers):
+        for store in ("keys", "values"):
+            c, k = getattr(copy, store)[layer][0], getattr(compute, store)[layer][0]  # [H_kv, S, hd]
+            if layer == 0:
+                torch.testing.assert_close(c, k)  # nothing below layer 0: computed
+                continue
+            below = getattr(copy, store)[layer - 1][0]
+            for pos in (3, 6):
+                assert torch.equal(c[:, pos], below[:, pos]), (layer, store, pos)
+                assert (c[:, pos] - k[:, pos]).abs().max() > 1e-4  # 'compute' projects at this layer
+            runs = [p for p in range(ids.shape[1]) if p not in (3, 6)]
+            assert not torch.allclose(c[:, runs], below[:, runs])  # running tokens are not copied

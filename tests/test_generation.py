@@ -69,10 +69,36 @@ def test_sampling_is_seeded(tiny):
     assert isinstance(a.text, str)
 
 
+def _running_quantile_reference(seq, budget: float) -> np.ndarray:
+    """The decisions the quantile rule must make from a sequence's captured gates: over the prompt,
+    the floor(b * n) lowest eligible tokens (ties by position); each generated token against its
+    own sequence's earlier eligible tokens and itself (a running quantile)."""
+    gate, eligible, n_prompt = seq.gate, seq.eligible, seq.prompt_length
+    skipped = np.zeros_like(seq.skipped)
+    for layer in range(gate.shape[1]):
+        for b in range(2):
+            values = gate[:, layer, b]
+            prompt = np.flatnonzero(eligible[:n_prompt])
+            k = int(np.floor(budget * len(prompt) + 1e-9))
+            order = prompt[np.argsort(values[prompt], kind="stable")]
+            skipped[order[:k], layer, b] = True
+            for t in range(n_prompt, len(values)):
+                seen = np.flatnonzero(eligible[: t + 1])
+                k = int(np.floor(budget * len(seen) + 1e-9))
+                if k > 0 and eligible[t]:
+                    skipped[t, layer, b] = values[t] <= np.sort(values[seen])[k - 1]
+    return skipped
+
+
 def test_quantile_generation_uses_a_running_quantile_that_skips_new_tokens(tiny):
-    gen = tiny.generate(PROMPTS[0], max_new_tokens=10, skip=0.5, policy="quantile", stop_at_eos=False)
-    seq = gen.trace.sequences[0]
-    assert seq.skipped[seq.prompt_length :].any()
+    """Each generated token is ranked against its own sequence's earlier tokens, also in a left-padded batch."""
+    prompts = [PROMPTS[1], PROMPTS[0]]  # different lengths: the second is left padded
+    gen = tiny.generate(prompts, max_new_tokens=10, skip=0.5, policy="quantile", stop_at_eos=False)
+    for seq in gen.trace.sequences:
+        assert seq.skipped[seq.prompt_length :].any()
+        np.testing.assert_array_equal(seq.skipped, _running_quantile_reference(seq, 0.5))
+    alone = tiny.generate(prompts[1], max_new_tokens=10, skip=0.5, policy="quantile", stop_at_eos=False)
+    np.testing.assert_array_equal(alone.trace.sequences[0].skipped, gen.trace.sequences[1].skipped)
 
 
 def test_chat_prompt_uses_the_template():

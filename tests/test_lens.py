@@ -66,7 +66,7 @@ def test_run_with_hooks_overrides_decisions_like_forced_through_our_api(lens):
     hooks = [(skip_hook(1, "mlp"), skip_one), (skip_hook(2, "attn"), run_one)]
     forced_logits = lens.run_with_hooks(TEXT, fwd_hooks=hooks, **args)
     plain_logits = lens.run_with_hooks(TEXT, **args)
-    assert (forced_logits - plain_logits).abs().max() > 1e-4  # the override took effect
+    assert (forced_logits - plain_logits).abs().max() > 1e-2  # took effect, far above the tolerance below
     forced = [Forced(1, "mlp", force_skip, skip=True), Forced(2, "attn", force_run, skip=False)]
     batch = model.encode([TEXT])
     ours = model.forward(batch.input_ids, batch.attention_mask, model.make_plan(forced=forced, **args))

@@ -114,15 +114,18 @@ def test_gated_lens_on_smollm2_with_the_shipped_gates_matches_traces_and_logits(
     ours = model.forward(batch.input_ids, batch.attention_mask, model.make_plan(**args)).logits
     torch.testing.assert_close(logits, ours, atol=2e-3, rtol=1e-3)
 
-    def skip_position_5(mask, hook):
+    position = int(np.flatnonzero(~seq.skipped[:, 20, 1])[1])  # a token that ran layer 20's MLP (not BOS)
+
+    def skip_it(mask, hook):
         mask = mask.clone()
-        mask[:, 5] = True
+        mask[:, position] = True
         return mask
 
-    forced = lens.run_with_hooks(TEXT, fwd_hooks=[(skip_hook(20, "mlp"), skip_position_5)], **args)
+    forced = lens.run_with_hooks(TEXT, fwd_hooks=[(skip_hook(20, "mlp"), skip_it)], **args)
+    assert (forced - logits).abs().max() > 0.1  # the forced skip changed the run, far above the tolerance
     from gateskip_core import Forced
 
-    plan = model.make_plan(forced=[Forced(20, "mlp", 5)], **args)
+    plan = model.make_plan(forced=[Forced(20, "mlp", position)], **args)
     torch.testing.assert_close(
         forced, model.forward(batch.input_ids, batch.attention_mask, plan).logits, atol=2e-3, rtol=1e-3
     )

@@ -118,7 +118,7 @@ def _cli_train(out, steps, *extra):
     return [
         sys.executable,
         "-m",
-        "gateskip_core.cli",
+        "gateskip",
         "train",
         "--model",
         "tiny-llama",
@@ -193,7 +193,7 @@ def test_accelerate_two_process_data_parallel_matches_single_process(tmp_path):
         "--dynamo_backend",
         "no",
         "-m",
-        "gateskip_core.cli",
+        "gateskip",
         *_cli_train(ddp, 6)[3:],
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
@@ -203,3 +203,49 @@ def test_accelerate_two_process_data_parallel_matches_single_process(tmp_path):
     a, b = gates_of(single), ckpt.gates.state_dict()
     for key in a:  # each process takes half of every batch; DDP averages the gradients
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("distill", [False, True])
+@pytest.mark.parametrize("sparsity_loss", ["l1", "l2"])
+def test_the_training_loss_is_the_task_loss_plus_the_weighted_sparsity(distill, sparsity_loss):
+    """Each term against a direct computation: cross-entropy on the next tokens, or KL(original ||
+    gated) with --distill; mean(g^2) (l2) or mean(|g|) (l1) averaged over branches; weighted sum."""
+    import torch.nn.functional as F
+
+    from gateskip_core import Capture, SkipBudget, SkipPlan, gated_forward
+    from gateskip_core.adapter import AdapterSpec, make_trainable_copy
+    from gateskip_core.architecture import arch_spec
+    from gateskip_core.policies import QuantilePolicy
+    from gateskip_core.training import _GateObjective
+
+    from .conftest import spread_gates
+
+    model = spread_gates(load_model("tiny-llama"), "lowrank:4")
+    student = make_trainable_copy(model.original, AdapterSpec.parse("lora:2"))
+    with torch.no_grad():  # an adapter away from zero: the student is not the teacher
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    config = TrainConfig(model="tiny-llama", distill=distill, sparsity_loss=sparsity_loss, sparsity_weight=0.3)
+    objective = _GateObjective(student, model.original, model.gates, None, config)
+    ids = torch.tensor([[1, 5, 9, 33, 7, 2, 11, 40, 3, 17], [1, 12, 4, 4, 30, 6, 21, 2, 9, 14]])
+    budget = np.full((model.spec.n_layers, 2), 0.3)
+    loss, task, sparsity, skip_rate = objective(ids, budget)
+
+    plan = SkipPlan(SkipBudget.make(budget, model.spec.n_layers), QuantilePolicy(), "masked")
+    with torch.no_grad():
+        out = gated_forward(
+            arch_spec(student), model.gates, ids, torch.ones_like(ids), plan, capture=Capture(gate_values=True)
+        )
+        log_probs = F.log_softmax(out.logits[:, :-1].float(), -1)
+        if distill:
+            teacher = F.log_softmax(model.original(input_ids=ids).logits[:, :-1].float(), -1)
+            expected_task = float((teacher.exp() * (teacher - log_probs)).sum(-1).mean())
+        else:
+            expected_task = float(-log_probs.gather(-1, ids[:, 1:, None]).mean())
+    terms = [(g.pow(2) if sparsity_loss == "l2" else g.abs()).mean() for g in out.gate_values]
+    expected_sparsity = float(torch.stack(terms).mean())
+    assert float(task) == pytest.approx(expected_task, rel=1e-5)
+    assert float(sparsity) == pytest.approx(expected_sparsity, rel=1e-5)
+    assert float(loss) == pytest.approx(expected_task + 0.3 * expected_sparsity, rel=1e-5)
+    assert float(skip_rate) == pytest.approx(float(out.skipped.sum()) / (out.eligible.sum() * model.spec.n_layers * 2))

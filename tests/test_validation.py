@@ -155,7 +155,7 @@ def _gateskip(*args, cwd=None):
     import sys
 
     return subprocess.Popen(
-        [sys.executable, "-m", "gateskip_core.cli", *args],
+        [sys.executable, "-m", "gateskip", *args],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

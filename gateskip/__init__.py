@@ -1,0 +1,1 @@
+"""The `gateskip` command line, assembled above the packages whose commands it offers."""

@@ -1,0 +1,188 @@
+"""Stand-ins for skipped branches: what a skipped token's branch adds to the residual.
+
+The paper's rule adds nothing (`zero`): a skipped token's residual passes through
+unchanged. Published layer-skipping methods (FlexiDepth, DiffSkip) give skipped
+tokens a cheap correction instead, which keeps far more quality. Two stand-ins:
+
+- `mean`: one vector per (layer, branch), added to every token that skips it;
+- `lowrank:R`: `up(down(x)) + bias`, a rank-R linear map of the branch input `x`
+  (the normalised hidden state the gate reads), 2 * 2 * R * d FLOPs per skipped token.
+
+A `SkipFill` holds one stand-in per (layer, branch). It is trained with the gates
+(`gateskip train --skip-fill`) or fitted without training on any gate set
+(`fit_fill`, `gateskip fit-fill`): ridge regression of what the branch adds on its
+input, over the tokens the gates rank lowest (those that skip first), reduced to
+rank R. The compute account charges it for every skipped (token, branch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import GateSkipError
+from .gates import BRANCHES
+
+FILL_KINDS = ("zero", "mean", "lowrank")
+
+
+@dataclass(frozen=True)
+class FillSpec:
+    """'zero' (the paper: nothing), 'mean' or 'lowrank:R'."""
+
+    kind: str = "zero"
+    rank: int = 0
+
+    @classmethod
+    def parse(cls, text: str | None) -> FillSpec:
+        text = (text or "zero").strip()
+        kind, _, rank_text = text.partition(":")
+        if kind not in FILL_KINDS or (rank_text and kind != "lowrank"):
+            raise GateSkipError(f"skip fill must be 'zero', 'mean' or 'lowrank:R', got {text!r}")
+        if kind != "lowrank":
+            return cls(kind)
+        try:
+            rank = int(rank_text)
+        except ValueError:
+            raise GateSkipError(f"skip fill rank must be a whole number, got {rank_text!r}") from None
+        if rank < 1:
+            raise GateSkipError(f"skip fill rank must be at least 1, got {rank}")
+        return cls("lowrank", rank)
+
+    @property
+    def label(self) -> str:
+        return f"lowrank:{self.rank}" if self.kind == "lowrank" else self.kind
+
+
+class BranchFill(nn.Module):
+    """One stand-in: a constant vector (`mean`) or `up(down(x)) + bias` (`lowrank`)."""
+
+    def __init__(self, d_model: int, spec: FillSpec):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(d_model))
+        if spec.kind == "lowrank":
+            # down starts as a random projection and up at zero: a new stand-in adds nothing.
+            self.down = nn.Parameter(torch.randn(spec.rank, d_model) * d_model**-0.5)
+            self.up = nn.Parameter(torch.zeros(d_model, spec.rank))
+        else:
+            self.down = self.up = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """What a skipped token with branch input `x` [..., d] adds to its residual: [..., d]."""
+        if self.down is None:
+            return self.bias.expand_as(x)
+        return F.linear(F.linear(x, self.down), self.up, self.bias)
+
+    def flops_per_token(self) -> int:
+        d = self.bias.numel()
+        return d if self.down is None else 2 * 2 * self.down.shape[0] * d + d
+
+
+class SkipFill(nn.Module):
+    """A stand-in for every (layer, branch) of one model."""
+
+    def __init__(self, n_layers: int, d_model: int, spec: FillSpec):
+        super().__init__()
+        if spec.kind == "zero":
+            raise GateSkipError("the 'zero' fill adds nothing: use no SkipFill")
+        self.spec = spec
+        self.n_layers = n_layers
+        self.d_model = d_model
+        self.attn = nn.ModuleList(BranchFill(d_model, spec) for _ in range(n_layers))
+        self.mlp = nn.ModuleList(BranchFill(d_model, spec) for _ in range(n_layers))
+
+    def fill(self, layer: int, branch: str) -> BranchFill:
+        return (self.attn if branch == "attn" else self.mlp)[layer]
+
+    def flops_per_token(self, branch: str) -> int:
+        """FLOPs one skipped token spends on the stand-in of one branch (what the account charges)."""
+        return self.fill(0, branch).flops_per_token()
+
+
+def fill_flops(fill: SkipFill | None) -> tuple[int, int]:
+    """(attention, MLP) FLOPs per skipped token; (0, 0) for the paper's zero fill."""
+    return (0, 0) if fill is None else (fill.flops_per_token("attn"), fill.flops_per_token("mlp"))
+
+
+def ridge_fill(x: torch.Tensor, y: torch.Tensor, spec: FillSpec, ridge: float = 1e-2) -> dict[str, torch.Tensor]:
+    """Parameters of one stand-in fitted to targets y [N, d] from inputs x [N, d].
+
+    `mean`: the mean of y. `lowrank:R`: ridge regression y ~ x W + c, reduced to rank R
+    along the top principal directions of its fitted values (reduced-rank regression).
+    """
+    x, y = x.double(), y.double()
+    y_mean = y.mean(0)
+    if spec.kind == "mean":
+        return {"bias": y_mean.float()}
+    x_mean = x.mean(0)
+    xc, yc = x - x_mean, y - y_mean
+    gram = xc.T @ xc
+    scale = gram.diagonal().mean().clamp(min=1e-12)
+    w = torch.linalg.solve(gram + ridge * scale * torch.eye(gram.shape[0], dtype=gram.dtype), xc.T @ yc)  # [d, d]
+    _, _, vh = torch.linalg.svd(xc @ w, full_matrices=False)
+    v = vh[: spec.rank].T  # [d, R]
+    down = (w @ v).T  # [R, d]
+    return {"bias": (y_mean - x_mean @ w @ v @ v.T).float(), "down": down.float(), "up": v.float()}
+
+
+def fit_fill(
+    model,
+    spec: FillSpec,
+    texts: Sequence[str],
+    lowest: float = 0.3,
+    n_sequences: int = 64,
+    max_tokens: int = 128,
+    progress: Callable[[str], None] = lambda msg: None,
+) -> SkipFill:
+    """A stand-in per (layer, branch) fitted without training on `model`'s gated walk at budget 0:
+    targets are what each branch adds, over the `lowest` fraction of tokens by gate value (the
+    tokens that skip first). Uses the model's adapter scope, so targets are what those tokens add."""
+    from .calibration import calibration_sequences
+    from .execution import Capture
+
+    if model.gates is None:
+        raise GateSkipError("fitting a skip fill needs gates (they choose the tokens it stands in for)")
+    if not 0 < lowest <= 1:
+        raise GateSkipError(f"the fraction of lowest-gate tokens must lie in (0, 1], got {lowest}")
+    input_ids, mask = calibration_sequences(model, list(texts), n_sequences, max_tokens)
+    progress(f"fitting {spec.label} stand-ins on {int(mask.sum())} tokens")
+    out = model.forward(input_ids, mask, model.make_plan(0.0), capture=Capture(branch_io=True))
+    eligible = out.eligible.cpu()
+    fill = SkipFill(model.spec.n_layers, model.spec.d_model, spec)
+    for i, (x, delta) in enumerate(out.branch_io):
+        layer, b = divmod(i, 2)
+        gate = out.gate[:, :, layer, b].cpu()[eligible]
+        chosen = gate <= torch.quantile(gate, lowest)
+        params = ridge_fill(x.cpu()[eligible][chosen], delta.cpu()[eligible][chosen], spec)
+        target = fill.fill(layer, BRANCHES[b])
+        with torch.no_grad():
+            for name, value in params.items():
+                getattr(target, name).copy_(value)
+    for p in fill.parameters():
+        p.requires_grad_(False)
+    return fill.eval()
+
+
+def fill_tensors(fill: SkipFill | None) -> dict[str, torch.Tensor]:
+    """What a checkpoint stores (keys prefixed `fill.`; float16, like the LoRA adapter)."""
+    if fill is None:
+        return {}
+    return {f"fill.{k}": v.detach().to(torch.float16).contiguous() for k, v in fill.state_dict().items()}
+
+
+def load_fill(spec: FillSpec, tensors: dict[str, torch.Tensor], n_layers: int, d_model: int) -> SkipFill | None:
+    """The SkipFill stored in a checkpoint's `fill.*` tensors (None for the zero fill)."""
+    if spec.kind == "zero":
+        return None
+    fill = SkipFill(n_layers, d_model, spec)
+    state = {k.removeprefix("fill."): v for k, v in tensors.items() if k.startswith("fill.")}
+    if set(state) != set(fill.state_dict()):
+        raise ValueError(f"the {spec.label} skip fill has {len(state)} tensors, expected {len(fill.state_dict())}")
+    fill.load_state_dict({k: v.float() for k, v in state.items()})
+    for p in fill.parameters():
+        p.requires_grad_(False)
+    return fill.eval()
