@@ -91,26 +91,41 @@ def gate_heatmap(trace: Trace, sequence: int = 0, branches: tuple[str, ...] = BR
     return fig
 
 
-def token_strip(trace: Trace, sequence: int = 0) -> go.Figure:
-    """Each token coloured by how many of its branches it skipped."""
+def token_strip(trace: Trace, sequence: int = 0, per_row: int = 16) -> go.Figure:
+    """Each token coloured by how many of its branches it skipped, `per_row` tokens to a row (long
+    prompts wrap instead of squeezing their labels on top of each other)."""
     seq = trace.sequences[sequence]
     counts = seq.skipped.sum(axis=(1, 2))
     total = trace.n_layers * 2
+    rows = max(1, -(-seq.n_tokens // per_row))
+
+    def grid(values, fill):
+        flat = list(values) + [fill] * (rows * per_row - seq.n_tokens)
+        return [flat[r * per_row : (r + 1) * per_row] for r in range(rows)]
+
     fig = go.Figure(
         go.Heatmap(
-            z=[counts],
-            x=list(range(seq.n_tokens)),
-            y=[""],
-            text=[[_label(t) for t in seq.tokens]],
+            z=grid(counts.tolist(), None),
+            text=grid([_label(t) for t in seq.tokens], ""),
+            customdata=grid(range(seq.n_tokens), None),
             texttemplate="%{text}",
             colorscale="Reds",
             zmin=0,
             zmax=total,
+            xgap=2,
+            ygap=2,
             colorbar=dict(title="skipped"),
-            hovertemplate="token %{text}<br>position %{x}<br>skipped %{z} of " + str(total) + "<extra></extra>",
+            hovertemplate="token %{text}<br>position %{customdata}<br>skipped %{z} of "
+            + str(total)
+            + "<extra></extra>",
         )
     )
-    fig.update_layout(height=140, margin=dict(l=20, r=20, t=10, b=20), xaxis=dict(showticklabels=False))
+    fig.update_layout(
+        height=60 + 34 * rows,
+        margin=dict(l=20, r=20, t=10, b=10),
+        xaxis=dict(showticklabels=False),
+        yaxis=dict(showticklabels=False, autorange="reversed"),
+    )
     return fig
 
 

@@ -277,3 +277,15 @@ def test_chat_fidelity_scores_the_originals_own_answers(tmp_path):
     assert res.returncode == 0, res.stderr
     row = pd.read_csv(tmp_path / "c.csv").iloc[0]
     assert row["kl_to_full"] == pytest.approx(0, abs=1e-9) and row["top1_agreement"] == 1.0
+
+
+def test_token_strip_wraps_long_prompts_and_keeps_every_token_once(tiny):
+    trace = tiny.trace("word " * 40, skip=0.3)
+    seq = trace.sequences[0]
+    fig = figures.token_strip(trace, per_row=16)
+    heat = fig.data[0]
+    assert len(heat.z) == -(-seq.n_tokens // 16) and all(len(row) == 16 for row in heat.z)
+    labels = [t for row in heat.text for t in row if t]
+    assert labels == [figures._label(t) for t in seq.tokens]
+    counts = [c for row in heat.z for c in row if c is not None]
+    assert counts == seq.skipped.sum(axis=(1, 2)).tolist()

@@ -16,15 +16,24 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOT_DIR = Path(os.environ.get("GATESKIP_SCREENSHOT_DIR", ROOT / "artifacts"))
 
 
+def require_browser():
+    """playwright's sync API; fails (does not skip) with how to install what is missing: the README counts these tests."""
+    try:
+        from playwright import sync_api
+    except ImportError:
+        pytest.fail("the browser tests need playwright: pip install -e '.[test]' (or bash scripts/setup.sh)")
+    if not Path(CHROMIUM).exists():
+        pytest.fail("the browser tests need Chromium: apt-get install chromium (or bash scripts/setup.sh)")
+    return sync_api
+
+
 def skipped_count(page) -> int:
     metric = page.locator('[data-testid="stMetric"]', has_text="Skipped branch evaluations")
     return int(re.sub(r"\D", "", metric.locator('[data-testid="stMetricValue"]').inner_text()))
 
 
 def test_prompt_and_slider_in_real_chromium(server):
-    playwright = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        pytest.skip("no chromium binary (install Debian's chromium package)")
+    playwright = require_browser()
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM,
