@@ -332,3 +332,28 @@ def settled_figure(table: pd.DataFrame) -> go.Figure:
     fig.update_yaxes(title_text="prediction settled before the layer", range=[0, 1], row=1, col=1)
     fig.update_layout(title="Had the prediction settled? tokens that skipped vs ran each layer", height=380)
     return fig
+
+
+def attribution_figure(cell: pd.DataFrame, top: int = 12) -> go.Figure:
+    """What pushed one gate down (red) or up (blue): the largest terms of its pre-activation
+    (`analysis.attribution.gate_attribution`), the rest summed into one bar, and the bias."""
+    shown = cell.head(top)
+    rest = float(cell["term"].iloc[top:].sum())
+    names = list(shown["component"]) + ([f"{len(cell) - top} others"] if len(cell) > top else []) + ["bias"]
+    values = list(shown["term"]) + ([rest] if len(cell) > top else []) + [cell.attrs.get("bias", 0.0)]
+    fig = go.Figure(
+        go.Bar(
+            x=values[::-1],
+            y=names[::-1],
+            orientation="h",
+            marker_color=["#d62728" if v < 0 else "#1f77b4" for v in values[::-1]],
+            hovertemplate="%{y}: %{x:+.3f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        height=120 + 22 * len(names),
+        margin=dict(l=20, r=20, t=30, b=20),
+        xaxis_title="contribution to the gate's pre-activation (red: pushed it down)",
+        title=f"pre-activation {cell.attrs.get('preactivation', float('nan')):+.3f} = sum of the bars",
+    )
+    return fig

@@ -13,6 +13,7 @@ import argparse
 import statistics
 import time
 
+from analysis import figures
 from dashboard import service
 from gateskip_core.data import pydoc_texts
 from gateskip_core.registry import DEFAULT_MODEL
@@ -32,7 +33,7 @@ def main() -> None:
     captured, _ = service.capture(view, text, chat=False)
     n = captured.sequences[0].n_tokens
     budgets = [0.1, 0.2, 0.3, 0.4, 0.5]
-    est, exact = [], []
+    est, exact, attribution = [], [], []
     for i in range(args.repeats):
         settings = service.Settings(
             model_name=args.model,
@@ -51,9 +52,14 @@ def main() -> None:
         start = time.perf_counter()
         service.exact(view, text, False, settings)
         exact.append(time.perf_counter() - start)
+        start = time.perf_counter()  # choosing a cell: one attributed run of its (layer, branch) + the bar chart
+        result = service.attribution(view, text, False, settings, view.spec.n_layers // 2 + i % 3, "mlp")
+        figures.attribution_figure(result.cell(n // 2))
+        attribution.append(time.perf_counter() - start)
     print(f"{args.model}, {view.gates_label}, prompt of {n} tokens")
     print(f"estimate mode (slider, no model call): median {statistics.median(est) * 1000:.0f} ms")
     print(f"exact mode (model re-run + quality vs ungated): median {statistics.median(exact):.2f} s")
+    print(f"gate attribution of one cell (run + bar chart): median {statistics.median(attribution):.2f} s")
     app_rerun(args.model, text, args.repeats)
 
 

@@ -209,6 +209,8 @@ def explore_view(cfg: service.Settings) -> None:
     heat = figures.gate_heatmap(shown, branches=branches)
     st.plotly_chart(heat, key="heatmap")
 
+    attribution_panel(cfg, text, chat, seq)
+
     if ex is not None:
         differ = service.compare_decisions(est, ex)
         st.subheader("Estimate vs exact")
@@ -248,6 +250,54 @@ def explore_view(cfg: service.Settings) -> None:
     c1.download_button("Trace (CSV)", lambda: shown.to_dataframe().to_csv(index=False), "trace.csv", "text/csv")
     figure_download(c2, "Heatmap (HTML)", heat, "heatmap.html")
     figure_download(c3, "Token strip (HTML)", strip, "token_strip.html")
+
+
+def attribution_panel(cfg: service.Settings, text: str, chat: bool, seq) -> None:
+    """Why a gate is low: choose a cell of the heatmap, see the terms of its pre-activation."""
+    view = cfg.view
+    with st.expander("Why is this gate low? Gate attribution for one cell", expanded=False):
+        if view.gates is None:
+            st.info("No gates to attribute: load gates first.")
+            return
+        c1, c2, c3 = st.columns(3)
+        position = int(c1.number_input("Token position", 0, seq.n_tokens - 1, min(5, seq.n_tokens - 1), key="attr_pos"))
+        layer = int(c2.number_input("Layer", 0, view.spec.n_layers - 1, view.spec.n_layers // 2, key="attr_layer"))
+        branch = c3.radio("Branch", ["attn", "mlp"], horizontal=True, key="attr_branch")
+        key = (
+            "attribution",
+            cfg.model_name,
+            view.gates_label,
+            id(view),
+            text,
+            chat,
+            str(cfg.skip_args()),
+            layer,
+            branch,
+        )
+        try:
+            if st.session_state.get("attribution_key") != key:
+                st.session_state["attribution"] = service.attribution(view, text, chat, cfg, layer, branch)
+                st.session_state["attribution_key"] = key
+        except GateSkipError as err:
+            st.error(str(err))
+            return
+        result = st.session_state["attribution"]
+        cell = result.cell(position)
+        st.plotly_chart(figures.attribution_figure(cell), key="attribution_fig")
+        state = "skipped" if result.skipped[position] else "ran"
+        st.caption(
+            f"token {cell.attrs['token']!r} (position {position}) {state} layer {layer}'s {branch} in the exact run with "
+            f"these settings; gate {cell.attrs['gate']:.3f}. The residual it reads is the embedding plus what every "
+            "earlier branch added; with the norm's scale held at this token's value the gate's pre-activation "
+            "(mean over the gate vector) is exactly the sum of one term per part plus the bias."
+        )
+        st.download_button(
+            "Attribution (CSV)",
+            lambda: result.to_dataframe().to_csv(index=False),
+            f"attribution_L{layer}_{branch}.csv",
+            "text/csv",
+            key="download_attribution",
+        )
 
 
 def explored_trace():

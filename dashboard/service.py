@@ -182,3 +182,12 @@ def compare_decisions(estimated: Trace, exact_trace: Trace) -> np.ndarray:
 def prompt_blocks(model: GatedModel, text: str) -> torch.Tensor:
     batch = model.encode([text], max_tokens=MAX_PROMPT_TOKENS)
     return batch.input_ids
+
+
+def attribution(model: GatedModel, text: str, chat: bool, settings: Settings, layer: int, branch: str):
+    """Gate attribution of one (layer, branch) for every position, in the exact run of these settings."""
+    from analysis.attribution import gate_attributions
+
+    return gate_attributions(
+        model, text, layer, branch, max_tokens=MAX_PROMPT_TOKENS, chat=chat, **settings.skip_args(model)
+    )

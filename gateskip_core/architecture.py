@@ -38,6 +38,12 @@ class RMSNorm:
     plus_one: bool  # Gemma-3's (1 + w) scaling
     eps: float
 
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-element factor s with `norm(x) = s * x` ([..., d]): the weight over the root mean
+        square of `x`. Held fixed, it makes the norm linear (gate attribution)."""
+        weight = self.module.weight.float() + (1.0 if self.plus_one else 0.0)
+        return weight * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32:
             return self.module(x)

@@ -75,14 +75,23 @@ class BranchGate(nn.Module):
             # projection starts as a random projection instead (the product is still ~0).
             nn.init.normal_(linears[0].weight, std=linears[0].in_features ** -0.5)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Gate values for branch input `x` [..., d]: [..., d] or [..., 1] in (0, 1)."""
+    def preactivation(self, x: torch.Tensor) -> torch.Tensor:
+        """`W x + b` (before the sigmoid) for branch input `x` [..., d]: [..., d] or [..., 1]."""
         y = x.detach()
         for step in self.net if isinstance(self.net, nn.Sequential) else (self.net,):
             # Functional calls, not module calls: a decoding step evaluates 2 x n_layers gates
             # on one token each, where module-call overhead costs as much as the matmuls.
             y = F.linear(y, step.weight, step.bias) if isinstance(step, nn.Linear) else F.relu(y)
-        return torch.sigmoid(y)
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Gate values for branch input `x` [..., d]: [..., d] or [..., 1] in (0, 1)."""
+        return torch.sigmoid(self.preactivation(x))
+
+    @property
+    def is_linear(self) -> bool:
+        """Whether the pre-activation is affine in the input (every variant but `mlp`)."""
+        return self.variant != "mlp"
 
     def flops_per_token(self) -> int:
         """Multiply-adds x 2 of one gate evaluation (the sigmoid is not counted)."""

@@ -94,6 +94,32 @@ def flow() -> str:
     return "\n".join(f"- {p}" for p in parts)
 
 
+def fidelity(name: str = "fidelity_ablation") -> str:
+    """One row per recipe: budget 0 and matched 10 / 20 / 30% net saved, ppl / KL / top-1, per text."""
+    raw = pd.read_csv(DOCS / f"{name}.csv")
+    matched_ = pd.read_csv(DOCS / f"{name}_matched.csv")
+    rows = []
+    for method in raw["method"].unique():
+        row = {"recipe": method}
+        for text in raw["text"].unique():
+            zero = raw[(raw.method == method) & (raw.text == text) & (raw.skip_budget == 0)]
+            if len(zero) and not method.startswith("shortgpt"):
+                z = zero.iloc[0]
+                row[f"{text}: budget 0"] = f"{z.ppl:.1f} / {z.kl_to_full:.2f} / {z.top1_agreement:.2f}"
+            else:
+                row[f"{text}: budget 0"] = "original"
+            for target in (0.1, 0.2, 0.3):
+                m = matched_[
+                    (matched_.method == method) & (matched_.text == text) & (matched_.net_flops_saved == target)
+                ]
+                v = m.iloc[0] if len(m) else None
+                row[f"{text}: {target:.0%}"] = (
+                    "—" if v is None or v.ppl != v.ppl else f"{v.ppl:.1f} / {v.kl_to_full:.2f} / {v.top1_agreement:.2f}"
+                )
+        rows.append(row)
+    return table(pd.DataFrame(rows))
+
+
 def main() -> None:
     out = [
         "## Quality, held-out pydoc",
@@ -114,6 +140,8 @@ def main() -> None:
         "## Information flow and faithfulness",
         flow(),
     ]
+    if (DOCS / "fidelity_ablation.csv").is_file():
+        out += ["", "## Skipping-fidelity ablation (ppl / KL / top-1)", fidelity()]
     if (DOCS / "gate_variants.csv").is_file():
         out += ["", "## Gate variants at equal training", quality("gate_variants.csv")]
     print("\n".join(out))

@@ -192,3 +192,13 @@ def test_lens_view_runs_the_gated_logit_lens_on_demand(app, forward_calls):
     }
     app.sidebar.slider(key="global_budget").set_value(0.6).run()
     assert any("run it again" in i.value for i in app.info)
+
+
+def test_attribution_panel_explains_the_chosen_cell(app):
+    app.number_input(key="attr_layer").set_value(1).run()
+    app.radio(key="attr_branch").set_value("mlp").run()
+    app.number_input(key="attr_pos").set_value(3).run()
+    assert not app.exception
+    result = app.session_state["attribution"]
+    assert (result.layer, result.branch) == (1, "mlp") and result.residual_error < 1e-4
+    assert any("position 3" in c.value and "layer 1's mlp" in c.value for c in app.caption)

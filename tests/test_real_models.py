@@ -53,17 +53,20 @@ def test_smollm2_dense_account_agrees_with_flop_counter(smollm2):
 
 
 def test_smollm2_cached_generation_matches_rerun(smollm2):
+    # Thresholds fitted on a few short texts: the test is about causality, not about the fit.
+    texts = [TEXT, "Short prompt.", "Name the planets of the solar system.", "Gates decide which tokens skip."]
+    policy = smollm2.calibrate(smollm2.make_plan(0.25).budget, texts=texts)
     gen = smollm2.generate(
         ["Name three colours.", "What is 2+2?"],
         max_new_tokens=6,
         skip=0.25,
-        policy="calibrated",
+        policy=policy,
         chat=True,
         stop_at_eos=False,
     )
     for b, seq in enumerate(gen.trace.sequences):
         ids = torch.as_tensor(seq.token_ids)[None]  # prompt + generated tokens that were fed back
-        out = smollm2.forward(ids, torch.ones_like(ids), smollm2.make_plan(0.25, "calibrated"))
+        out = smollm2.forward(ids, torch.ones_like(ids), smollm2.make_plan(0.25, policy))
         np.testing.assert_array_equal(out.skipped[0].numpy(), seq.skipped)
         assert out.logits[0, -1].argmax().item() == gen.trace.extra["generated_token_ids"][b][-1]
         assert seq.skipped[seq.prompt_length :].any()
@@ -73,7 +76,7 @@ def test_gemma3_loads_and_runs():
     model = load_model("gemma3-270m", gates="untrained")
     assert model.spec.model_type == "gemma3_text" and model.spec.n_layers == 18
     batch = model.encode([TEXT])
-    model_plain = load_model("gemma3-270m")
+    model_plain = model.view()  # the same loaded weights, no gates
     ref = model_plain.backbone(input_ids=batch.input_ids).logits
     out = model_plain.forward(batch.input_ids, batch.attention_mask, model_plain.make_plan(0.0)).logits
     torch.testing.assert_close(out, ref, atol=2e-3, rtol=1e-3)
@@ -155,3 +158,14 @@ def test_shipped_default_gates_carry_their_adapter_and_keep_the_original():
     trace = model.trace(TEXT, skip=0.3, policy="calibrated")
     assert "lora:" in trace.gates and trace.sequences[0].skipped.any()
     assert not np.allclose(trace.skip_budget, trace.skip_budget[0, 0])  # auto -> the global allocation
+
+
+def test_gate_attribution_on_smollm2_with_the_shipped_gates_is_exact(smollm2):
+    from analysis.attribution import gate_attributions
+
+    model = smollm2.view()
+    model.load_gates("default")
+    for layer, branch in ((3, "attn"), (20, "mlp"), (29, "mlp")):
+        result = gate_attributions(model, TEXT, layer, branch, skip=0.25)
+        assert result.residual_error < 1e-4, (layer, branch, result.residual_error)
+    assert (result.terms == 0).any()  # earlier branches that a token skipped add exactly nothing

@@ -1,0 +1,152 @@
+"""Gate attribution: why is this gate low (or high)?
+
+A gate reads the normalised residual stream, `x = norm(h)`, and the residual entering a branch is
+a sum: the token's embedding plus what every earlier branch added (`g * branch(x)` for branches it
+ran, nothing or the stand-in for branches it skipped; under adapter scope 'skipped', the unscaled
+original output before the token's first skip):
+
+    h = embedding + sum_c delta_c
+
+With the norm's scale held at its value for that token (`norm(h) = s * h`, as direct logit
+attribution holds the final norm's scale), `x = sum_c s * delta_c`, and for every linear gate
+(vector, low-rank, scalar) the pre-activation `z = G(x) + b` splits exactly into one term per
+component plus the bias:
+
+    mean(z) = sum_c mean(G(s * delta_c)) + mean(b)
+
+where mean is over the gate vector (importance is the mean of the gate vector). A term < 0 pushed
+the gate down, > 0 up. `gate_attribution` returns the terms for one cell; `gate_attributions`
+for every position of one (layer, branch). Both run the model once (masked path) with the skip
+settings given, so skipped earlier branches contribute what they really added.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from gateskip_core import BRANCHES, Capture, GatedModel, GateSkipError
+from gateskip_core.validation import texts as check_texts
+
+
+@dataclass(frozen=True)
+class GateAttributions:
+    """Terms of the gate pre-activation of one (layer, branch) for every position of one text."""
+
+    layer: int
+    branch: str
+    tokens: list[str]
+    components: list[str]  # 'embedding', 'L0.attn', 'L0.mlp', ... (the residual's parts, in order)
+    terms: np.ndarray  # [T, n_components]
+    bias: float  # mean of the gate's bias: the pre-activation of a zero input
+    preactivation: np.ndarray  # [T] mean pre-activation of the gate in the run (not from the terms)
+    gate: np.ndarray  # [T] the gate's importance in the run: mean of sigmoid(z)
+    skipped: np.ndarray  # [T] the token skipped this branch in the run
+
+    @property
+    def residual_error(self) -> float:
+        """Largest |sum of terms + bias - pre-activation| over positions (exactness check)."""
+        return float(np.abs(self.terms.sum(1) + self.bias - self.preactivation).max())
+
+    def cell(self, position: int) -> pd.DataFrame:
+        """One position's terms, largest |term| first (component, term, share of the sum of |terms|),
+        with the bias, the pre-activation they sum to, the gate and the token in `attrs`."""
+        values = self.terms[position]
+        df = pd.DataFrame({"component": self.components, "term": values})
+        df["share"] = np.abs(values) / max(float(np.abs(values).sum()), 1e-12)
+        df = df.reindex(df["term"].abs().sort_values(ascending=False).index).reset_index(drop=True)
+        df.attrs.update(
+            bias=self.bias,
+            preactivation=float(self.preactivation[position]),
+            gate=float(self.gate[position]),
+            token=self.tokens[position],
+        )
+        return df
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """Long form: one row per (position, component), plus a 'bias' row per position."""
+        T, C = self.terms.shape
+        rows = pd.DataFrame(
+            {
+                "layer": self.layer,
+                "branch": self.branch,
+                "position": np.repeat(np.arange(T), C + 1),
+                "token": np.repeat(self.tokens, C + 1),
+                "component": np.tile(self.components + ["bias"], T),
+                "term": np.concatenate([self.terms, np.full((T, 1), self.bias)], 1).ravel(),
+            }
+        )
+        rows["preactivation"] = np.repeat(self.preactivation, C + 1)
+        return rows
+
+
+def component_names(layer: int, branch: str) -> list[str]:
+    """The residual's parts entering (layer, branch), in the order the walk adds them."""
+    names = ["embedding"]
+    for earlier in range(layer):
+        names += [f"L{earlier}.attn", f"L{earlier}.mlp"]
+    if branch == "mlp":
+        names.append(f"L{layer}.attn")
+    return names
+
+
+def gate_attributions(
+    model: GatedModel, text: str, layer: int, branch: str, max_tokens: int = 512, chat: bool = False, **skip_args
+) -> GateAttributions:
+    """The terms of the (layer, branch) gate's mean pre-activation at every position of `text`."""
+    (text,) = check_texts(text, "text")
+    if model.gates is None:
+        raise GateSkipError("gate attribution needs gates; load gates first")
+    if branch not in BRANCHES:
+        raise GateSkipError(f"branch must be 'attn' or 'mlp', got {branch!r}")
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < model.spec.n_layers:
+        raise GateSkipError(f"layer must be a whole number in [0, {model.spec.n_layers - 1}], got {layer!r}")
+    gate = model.gates.gate(int(layer), branch)
+    if not gate.is_linear:
+        raise GateSkipError("gate attribution needs a linear gate (vector, lowrank, scalar); mlp gates are not")
+    batch = model.encode([text], chat=chat, max_tokens=max_tokens)
+    plan = model.make_plan(**{**skip_args, "path": "masked"})
+    out = model.forward(
+        batch.input_ids, batch.attention_mask, plan, capture=Capture(hidden_states=True, branch_io=True)
+    )
+    index = 2 * int(layer) + BRANCHES.index(branch)
+    parts = [out.hidden_states[0][0]] + [delta[0] for _, delta in out.branch_io[:index]]  # each [T, d]
+    residual = torch.stack(parts).sum(0)
+    parts_layer = model.spec.layers[int(layer)]
+    norm = parts_layer.attn_norm if branch == "attn" else parts_layer.mlp_norm
+    scale = norm.scale(residual)  # [T, d]
+    with torch.no_grad():
+        bias_vector = gate.preactivation(torch.zeros(1, model.spec.d_model, dtype=model.dtype, device=model.device))
+        bias = float(bias_vector.float().mean())
+        terms = torch.stack(
+            [(gate.preactivation((scale * part.float()).to(model.dtype)).float().mean(-1) - bias) for part in parts], 1
+        )
+        x_run = out.branch_io[index][0][0]  # what the gate read in the run
+        preactivation = gate.preactivation(x_run).float().mean(-1)
+    return GateAttributions(
+        layer=int(layer),
+        branch=branch,
+        tokens=model.token_strings(batch.input_ids[0].tolist()),
+        components=component_names(int(layer), branch),
+        terms=terms.cpu().numpy().astype(np.float64),
+        bias=bias,
+        preactivation=preactivation.cpu().numpy().astype(np.float64),
+        gate=out.gate[0, :, int(layer), BRANCHES.index(branch)].cpu().numpy(),
+        skipped=out.skipped[0, :, int(layer), BRANCHES.index(branch)].cpu().numpy(),
+    )
+
+
+def gate_attribution(model: GatedModel, text: str, layer: int, branch: str, position: int, **skip_args) -> pd.DataFrame:
+    """One cell: the terms of the gate at (position, layer, branch), largest |term| first, with the
+    bias, the pre-activation they sum to, the gate and the token in the frame's `attrs`."""
+    result = gate_attributions(model, text, layer, branch, **skip_args)
+    if (
+        isinstance(position, bool)
+        or not isinstance(position, (int, np.integer))
+        or not 0 <= position < len(result.tokens)
+    ):
+        raise GateSkipError(f"position must be a whole number in [0, {len(result.tokens) - 1}], got {position!r}")
+    return result.cell(int(position))

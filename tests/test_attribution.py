@@ -1,0 +1,54 @@
+"""Gate attribution: the terms of a gate's pre-activation sum to it exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from analysis.attribution import component_names, gate_attribution, gate_attributions
+from gateskip_core import Forced, GateSkipError, load_model
+
+from .conftest import TINY, spread_gates
+
+TEXT = "The quick brown fox jumps over the lazy dog, and the gates decide."
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("variant", ["vector", "lowrank:4", "scalar"])
+def test_terms_sum_to_the_gate_preactivation_in_every_cell(name, variant):
+    model = spread_gates(load_model(name), variant)
+    for layer in range(model.spec.n_layers):
+        for branch in ("attn", "mlp"):
+            result = gate_attributions(model, TEXT, layer, branch, skip=0.3)
+            assert result.terms.shape == (len(result.tokens), len(component_names(layer, branch)))
+            assert result.residual_error < 1e-4, (layer, branch, result.residual_error)
+            assert np.abs(result.terms).max() > 1e-3  # the components do move the gate
+    if variant == "scalar":  # one output: the run's gate is exactly the sigmoid of the pre-activation
+        np.testing.assert_allclose(1 / (1 + np.exp(-result.preactivation)), result.gate, atol=1e-5)
+
+
+def test_a_skipped_earlier_branch_contributes_nothing(tiny_llama):
+    plan = dict(skip=0.0, forced=[Forced(0, "mlp", 4, skip=True)])
+    result = gate_attributions(tiny_llama, TEXT, 2, "attn", **plan)
+    at = result.components.index("L0.mlp")
+    assert result.terms[4, at] == 0 and result.terms[5, at] != 0
+    assert result.residual_error < 1e-4
+
+
+def test_one_cell_is_sorted_by_size_and_bad_requests_are_one_line(tiny_llama):
+    cell = gate_attribution(tiny_llama, TEXT, 1, "mlp", 6)
+    assert list(cell["term"].abs()) == sorted(cell["term"].abs(), reverse=True)
+    assert cell["term"].sum() + cell.attrs["bias"] == pytest.approx(cell.attrs["preactivation"], abs=1e-4)
+    assert set(cell["component"]) == {"embedding", "L0.attn", "L0.mlp", "L1.attn"}
+    long = gate_attributions(tiny_llama, TEXT, 1, "mlp").to_dataframe()
+    assert set(long["component"]) >= {"bias", "embedding"} and len(long) == len(long["position"].unique()) * 5
+    for kwargs, message in [
+        (dict(layer=9, branch="mlp", position=1), "layer must be"),
+        (dict(layer=1, branch="ffn", position=1), "branch must be"),
+        (dict(layer=1, branch="mlp", position=999), "position must be"),
+    ]:
+        with pytest.raises(GateSkipError, match=message) as err:
+            gate_attribution(tiny_llama, TEXT, **kwargs)
+        assert "\n" not in str(err.value)
+    with pytest.raises(GateSkipError, match="linear gate"):
+        gate_attributions(spread_gates(load_model("tiny-llama"), "mlp"), TEXT, 1, "mlp")
