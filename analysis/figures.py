@@ -227,29 +227,36 @@ def sweep_figure(sweep_df: pd.DataFrame, metric: str = "top1_agreement") -> go.F
     return fig
 
 
-def faithfulness_figure(entries: pd.DataFrame, summary: pd.DataFrame) -> go.Figure:
+def faithfulness_figure(entries: pd.DataFrame, signals: pd.DataFrame) -> go.Figure:
+    """Left: each sampled entry's gate against the exact harm of skipping it (log scale). Right: how
+    well each signal predicts the harm (Spearman within (layer, branch), averaged), and the harm its
+    lowest-ranked entries carry against random choice (1.0) at the budget's skip fraction."""
     fig = make_subplots(
-        rows=1, cols=2, subplot_titles=["gate vs estimated loss effect of skipping", "Spearman per layer"]
+        rows=1,
+        cols=2,
+        subplot_titles=["gate vs exact harm of skipping (KL, summed over later positions)", "signals vs harm"],
     )
     for branch in BRANCHES:
         part = entries[entries["branch"] == branch]
         fig.add_trace(
             go.Scattergl(
                 x=part["gate"],
-                y=part["estimated_effect"],
+                y=part["harm_kl"].clip(lower=1e-6),
                 mode="markers",
                 name=branch,
                 marker=dict(size=4, opacity=0.5),
+                customdata=np.stack([part["layer"], part["position"]], -1),
+                hovertemplate="layer %{customdata[0]}, position %{customdata[1]}<br>gate %{x:.3f}<br>harm %{y:.3g}",
             ),
             row=1,
             col=1,
         )
-        per_layer = summary[(summary["scope"].str.startswith("layer")) & (summary["branch"] == branch)]
-        fig.add_trace(go.Bar(x=per_layer["layer"], y=per_layer["spearman"], name=f"{branch} rho"), row=1, col=2)
+    ranked = signals[~signals["signal"].isin(["random", "oracle"])]
+    fig.add_trace(go.Bar(x=ranked["signal"], y=ranked["spearman_within"], name="Spearman (within)"), row=1, col=2)
+    fig.add_trace(go.Bar(x=signals["signal"], y=signals["vs_random"], name="harm of skipped / random"), row=1, col=2)
     fig.update_xaxes(title_text="gate (importance)", row=1, col=1)
-    fig.update_yaxes(title_text="Δ loss if skipped (estimate)", row=1, col=1)
-    fig.update_xaxes(title_text="layer", row=1, col=2)
-    fig.update_layout(height=380)
+    fig.update_yaxes(title_text="exact harm (KL)", type="log", row=1, col=1)
+    fig.update_layout(height=400, barmode="group")
     return fig
 
 

@@ -191,3 +191,18 @@ def attribution(model: GatedModel, text: str, chat: bool, settings: Settings, la
     return gate_attributions(
         model, text, layer, branch, max_tokens=MAX_PROMPT_TOKENS, chat=chat, **settings.skip_args(model)
     )
+
+
+def why(model: GatedModel, text: str, n_entries: int, skip_fraction: float, on_step=None):
+    """Exact harm of `n_entries` single skips on `text` and the signal comparison: (entries, signals)."""
+    from analysis.faithfulness import faithfulness
+
+    return faithfulness(
+        model,
+        text,
+        n_exact=n_entries,
+        max_tokens=MAX_PROMPT_TOKENS,
+        skip_fraction=skip_fraction,
+        show_progress=False,
+        on_step=on_step,
+    )

@@ -84,14 +84,13 @@ def flow() -> str:
     types = pd.read_csv(DOCS / "token_types.csv")
     late = types[types["layer"] >= 2 * L // 3].groupby("token_type")["gate_mean"].mean().sort_values()
     parts.append("late-layer mean gate by token type: " + ", ".join(f"{t} {v:.3f}" for t, v in late.items()))
-    faith = pd.read_csv(DOCS / "faithfulness.csv")
-    overall = faith[~faith["scope"].str.startswith("layer")]
-    branch = "branch" if "branch" in faith.columns else "module"
-    parts.append(
-        "faithfulness (Spearman, gate vs estimated loss effect): "
-        + "; ".join(f"{r.scope} {getattr(r, branch)} {r.spearman:.3f} (n={r.n})" for r in overall.itertuples())
-    )
     return "\n".join(f"- {p}" for p in parts)
+
+
+def faithfulness() -> str:
+    """The signal table of `gateskip faithfulness` (docs/faithfulness.csv)."""
+    faith = pd.read_csv(DOCS / "faithfulness.csv")
+    return table(faith[["signal", "spearman_within", "spearman_pooled", "harm_of_skipped", "vs_random", "vs_oracle"]])
 
 
 def fidelity(name: str = "fidelity_ablation") -> str:
@@ -137,8 +136,11 @@ def main() -> None:
         "## Sweep, pydoc",
         sweep("sweep.csv"),
         "",
-        "## Information flow and faithfulness",
+        "## Information flow",
         flow(),
+        "",
+        "## Faithfulness: which signal predicts the exact harm of a skip",
+        faithfulness(),
     ]
     if (DOCS / "fidelity_ablation.csv").is_file():
         out += ["", "## Skipping-fidelity ablation (ppl / KL / top-1)", fidelity()]

@@ -81,7 +81,7 @@ def commands(f) -> dict[str, tuple[list[str], dict[str, str]]]:
         ),
         "faithfulness": (
             ["faithfulness", *tiny, "--gates", "untrained", "--text", TEXT, "--exact", "2"],
-            {"--out": "f.csv", "--entries-out": "e.csv"},
+            {"--out": "f.csv", "--entries-out": "e.csv", "--figure": "f.html"},
         ),
         "train": (["train", *tiny, "--steps", "1", "--seq-len", "16", "--batch", "1"], {"--out": "g.safetensors"}),
         "settled": (
@@ -124,7 +124,7 @@ NUMBERS = {
     ],
     "quality": [("--blocks", "0", "--blocks must be at least 1"), ("--budgets", "-1", "budgets must lie in [0, 1]")],
     "faithfulness": [
-        ("--exact", "-1", "--exact must be at least 0"),
+        ("--exact", "0", "--exact must be at least 1"),
         ("--max-tokens", "0", "--max-tokens must be at least 1"),
     ],
     "train": [

@@ -202,3 +202,12 @@ def test_attribution_panel_explains_the_chosen_cell(app):
     result = app.session_state["attribution"]
     assert (result.layer, result.branch) == (1, "mlp") and result.residual_error < 1e-4
     assert any("position 3" in c.value and "layer 1's mlp" in c.value for c in app.caption)
+
+
+def test_why_view_measures_exact_harm_against_the_signals(app):
+    app.button(key="run_why").click().run()
+    assert not app.exception
+    key, entries, signals = app.session_state["why"]
+    assert len(entries) >= 60 and (entries["harm_kl"] >= 0).all()
+    assert {"gate", "block_influence", "random", "oracle"} <= set(signals["signal"])
+    assert signals.set_index("signal").loc["random", "skip_fraction"] == 0.25  # the sidebar's budget

@@ -89,7 +89,7 @@ def test_train_config_validation(field, value, message):
         (["quality", "--model", "tiny-llama", "--out", "q.csv", "--blocks", "0"], "--blocks must be at least 1"),
         (
             ["faithfulness", "--model", "tiny-llama", "--text", "hi", "--out", "f.csv", "--exact", "-1"],
-            "--exact must be at least 0",
+            "--exact must be at least 1",
         ),
         (["train", "--model", "tiny-llama", "--out", "g.safetensors", "--lr", "nan"], "--lr must be a positive number"),
         (
