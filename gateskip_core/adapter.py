@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .errors import GateSkipError
+from .validation import rank_of
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_PREFIX = "adapter."
@@ -47,13 +48,7 @@ class AdapterSpec:
         kind, _, rank_text = text.partition(":")
         if kind != "lora":
             raise GateSkipError(f"adapter must be 'none', 'full' or 'lora:R', got {text!r}")
-        try:
-            rank = int(rank_text)
-        except ValueError:
-            raise GateSkipError(f"LoRA rank must be a whole number, got {rank_text!r}") from None
-        if rank < 1:
-            raise GateSkipError(f"LoRA rank must be at least 1, got {rank}")
-        return cls("lora", rank)
+        return cls("lora", rank_of("LoRA", rank_text))
 
     @property
     def label(self) -> str:

@@ -26,6 +26,7 @@ from torch import nn
 
 from .errors import GateSkipError
 from .gates import BRANCHES
+from .validation import rank_of
 
 FILL_KINDS = ("zero", "mean", "lowrank")
 
@@ -43,15 +44,7 @@ class FillSpec:
         kind, _, rank_text = text.partition(":")
         if kind not in FILL_KINDS or (rank_text and kind != "lowrank"):
             raise GateSkipError(f"skip fill must be 'zero', 'mean' or 'lowrank:R', got {text!r}")
-        if kind != "lowrank":
-            return cls(kind)
-        try:
-            rank = int(rank_text)
-        except ValueError:
-            raise GateSkipError(f"skip fill rank must be a whole number, got {rank_text!r}") from None
-        if rank < 1:
-            raise GateSkipError(f"skip fill rank must be at least 1, got {rank}")
-        return cls("lowrank", rank)
+        return cls(kind) if kind != "lowrank" else cls("lowrank", rank_of("skip fill", rank_text))
 
     @property
     def label(self) -> str:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import GateSkipError
+from .validation import rank_of
 
 GateVariant = Literal["vector", "scalar", "mlp", "lowrank"]
 BRANCHES = ("attn", "mlp")
@@ -35,13 +36,7 @@ def parse_gate_variant(text: str) -> tuple[str, int]:
         raise GateSkipError(f"unknown gate variant {text!r}; choose one of vector, scalar, mlp, lowrank:R")
     if variant != "lowrank":
         return variant, 0
-    try:
-        rank = int(rank_text) if rank_text else DEFAULT_LOWRANK_RANK
-    except ValueError:
-        raise GateSkipError(f"low-rank gate rank must be a whole number, got {rank_text!r}") from None
-    if rank < 1:
-        raise GateSkipError(f"low-rank gate rank must be at least 1, got {rank}")
-    return variant, rank
+    return variant, rank_of("low-rank gate", rank_text) if rank_text else DEFAULT_LOWRANK_RANK
 
 
 class BranchGate(nn.Module):

@@ -26,6 +26,17 @@ def whole_number(name: str, value, minimum: int = 1) -> int:
     return value
 
 
+def rank_of(what: str, text: str) -> int:
+    """The R of a 'kind:R' option (a LoRA, low-rank gate or stand-in rank): a whole number >= 1."""
+    try:
+        rank = int(text)
+    except ValueError:
+        raise GateSkipError(f"{what} rank must be a whole number, got {text!r}") from None
+    if rank < 1:
+        raise GateSkipError(f"{what} rank must be at least 1, got {rank}")
+    return rank
+
+
 def positive_number(name: str, value) -> float:
     """A finite number > 0."""
     try:
