@@ -260,6 +260,9 @@ def attribution_panel(cfg: service.Settings, text: str, chat: bool, seq) -> None
         if view.gates is None:
             st.info("No gates to attribute: load gates first.")
             return
+        # Off by default: attribution re-runs the model, and the slider path in estimate mode must not.
+        if not st.toggle("Attribute a cell (re-runs the model with these settings)", key="attr_on"):
+            return
         c1, c2, c3 = st.columns(3)
         position = int(c1.number_input("Token position", 0, seq.n_tokens - 1, min(5, seq.n_tokens - 1), key="attr_pos"))
         layer = int(c2.number_input("Layer", 0, view.spec.n_layers - 1, view.spec.n_layers // 2, key="attr_layer"))

@@ -195,6 +195,7 @@ def test_lens_view_runs_the_gated_logit_lens_on_demand(app, forward_calls):
 
 
 def test_attribution_panel_explains_the_chosen_cell(app):
+    app.toggle(key="attr_on").set_value(True).run()
     app.number_input(key="attr_layer").set_value(1).run()
     app.radio(key="attr_branch").set_value("mlp").run()
     app.number_input(key="attr_pos").set_value(3).run()
