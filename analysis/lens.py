@@ -84,6 +84,7 @@ class _CallState:
     eligible: torch.Tensor  # [B, T]
     gate: dict = field(default_factory=dict)
     skip: dict = field(default_factory=dict)
+    inputs: dict = field(default_factory=dict)  # the branch inputs, for stand-ins of skipped branches
 
 
 class GatedLens:
@@ -146,6 +147,11 @@ class GatedLens:
         plan = self.model.make_plan(**skip_args)
         if plan.kv != "compute":
             raise GateSkipError("the lens computes every token's keys/values (kv='compute'); kv='copy' is not offered")
+        if plan.adapter_scope != "all":
+            raise GateSkipError(
+                "the TransformerLens bridge runs one backbone, so it offers adapter scope 'all' only; "
+                "pass adapter_scope='all'"
+            )
         B, T = ids.shape
         positions = torch.arange(T, device=ids.device).expand(B, T)
         state = _CallState(plan, positions, ~((positions == 0) & plan.protect_bos))
@@ -166,17 +172,20 @@ class GatedLens:
             skip, _ = branch_decision(state.plan, layer, branch, mean, state.eligible, state.positions)
             state.gate[layer, branch] = g
             state.skip[layer, branch] = block.hook_skip(skip)
+            state.inputs[layer, branch] = x
             return x
 
         return decide
 
-    @staticmethod
-    def _scale(state: _CallState, layer: int, branch: str):
+    def _scale(self, state: _CallState, layer: int, branch: str):
+        fill = self.model.fill.fill(layer, branch) if self.model.fill is not None else None
+
         def scale(y: torch.Tensor, hook) -> torch.Tensor:
             g, skip = state.gate[layer, branch], state.skip[layer, branch]
             if g is not None:
                 y = g.to(y.dtype) * y
-            return torch.where(skip[..., None].to(y.device), torch.zeros_like(y), y)
+            stand_in = torch.zeros_like(y) if fill is None else fill(state.inputs[layer, branch]).to(y.dtype)
+            return torch.where(skip[..., None].to(y.device), stand_in, y)
 
         return scale
 

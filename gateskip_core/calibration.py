@@ -86,9 +86,11 @@ def fit_thresholds(
         texts = [p for t in pydoc_texts("calibration") for p in paragraphs(t)]
     input_ids, mask = calibration_sequences(model, list(texts), n_sequences, max_tokens)
     fitter = ThresholdFitter(model.spec.n_layers)
-    plan = SkipPlan(budget, fitter, "masked", "compute", protect_bos, adapter_scope=model.make_plan().adapter_scope)
+    # The physical path computes only what runs (the thresholds do not depend on the path: masked
+    # and physical make the same decisions), and only the last position's logits are needed.
+    plan = SkipPlan(budget, fitter, "physical", "compute", protect_bos, adapter_scope=model.make_plan().adapter_scope)
     with torch.no_grad():
-        model.walk(input_ids, mask, plan)
+        model.walk(input_ids, mask, plan, logits_for="last")
     return CalibratedPolicy(thresholds=fitter.thresholds, budget=budget)
 
 

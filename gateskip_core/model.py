@@ -43,7 +43,7 @@ from .trace import SequenceTrace, Trace
 
 SHIPPED_GATES_DIR = Path(__file__).parent / "shipped_gates"
 # Gate specs that name a shipped file, and the file's suffix: {model}-{suffix}.safetensors
-SHIPPED_GATES = {"default": "default", "default-scalar": "scalar"}
+SHIPPED_GATES = {"default": "default", "default-v1": "default-v1", "default-scalar": "scalar"}
 
 
 class SkipArgs(TypedDict, total=False):
@@ -62,7 +62,7 @@ class SkipArgs(TypedDict, total=False):
 
 
 def shipped_gate_path(model_name: str, spec: str = "default") -> Path:
-    """Where the shipped gates `spec` ('default', 'default-scalar') for `model_name` live."""
+    """Where the shipped gates `spec` ('default', 'default-v1', 'default-scalar') for `model_name` live."""
     return SHIPPED_GATES_DIR / f"{model_name}-{SHIPPED_GATES[spec]}.safetensors"
 
 
@@ -163,7 +163,8 @@ class GatedModel:
         self._calibrator.clear()
 
     def load_gates(self, gates: str | Path) -> None:
-        """'none', 'default' (shipped vector gates), 'default-scalar', 'untrained[:variant]', or a file."""
+        """'none', 'default' (the shipped gates), 'default-v1' (the previous default), 'default-scalar',
+        'untrained[:variant]', or a file."""
         spec = str(gates)
         if spec == "none":
             self.remove_gates()
@@ -500,7 +501,7 @@ def load_model(
 ) -> GatedModel:
     """Load a registry model, checkpoint directory or hub id on `device` in `dtype`, and attach gates.
 
-    gates: 'none', 'default' (the shipped trained gates and adapter), 'default-scalar',
+    gates: 'none', 'default' (the shipped trained gates, adapter and stand-ins), 'default-v1', 'default-scalar',
     'untrained[:vector|scalar|mlp|lowrank:R]' (freshly initialised), or a .safetensors path.
     """
     device, dtype = resolve_device(device), resolve_dtype(dtype)

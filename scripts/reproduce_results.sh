@@ -33,5 +33,9 @@ gateskip faithfulness --gates default --file docs/heldout.txt --max-tokens 128 -
 gateskip settled --gates default --skip 0.25 --blocks 32 --out docs/settled.csv --figure docs/settled.html
 gateskip settled --gates default-scalar --skip 0.25 --blocks 32 --out docs/settled_scalar.csv
 python3 scripts/chat_examples.py --out docs/chat_examples.md
+# The shipped default against the previous one and ShortGPT at matched net FLOPs, and chat fidelity.
+python3 scripts/fidelity_ablation.py --out docs/fidelity_default.csv default=default default-v1=default-v1
+gateskip chat-fidelity --gates default --out docs/chat_fidelity.csv
+gateskip chat-fidelity --gates default-v1 --out docs/chat_fidelity_v1.csv
 rm docs/heldout_traces.parquet docs/heldout.txt docs/heldout_legal.txt
 python3 scripts/results_tables.py > docs/results.md

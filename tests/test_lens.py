@@ -170,3 +170,27 @@ def test_settled_command_writes_table_and_figure(tmp_path):
     assert "settled_rate_skipped" in result.stdout and out.is_file() and "plotly" in fig.read_text()
     bad = run_cli("settled", *args, "--out", str(tmp_path / "missing" / "s.csv"))
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_the_bridge_adds_stand_ins_for_skipped_branches_and_refuses_scope_skipped(name):
+    from gateskip_core import GateCheckpoint
+    from gateskip_core.fill import FillSpec, SkipFill
+
+    model = spread_gates(load_model(name), "lowrank:8")
+    torch.manual_seed(0)
+    fill = SkipFill(model.spec.n_layers, model.spec.d_model, FillSpec.parse("lowrank:3"))
+    with torch.no_grad():
+        for p in fill.parameters():
+            p.normal_(0, 0.2)
+    ckpt = GateCheckpoint(gates=model.gates, model=model.name, fingerprint=model.spec.fingerprint(), fill=fill.eval())
+    model.attach_gates(model.gates, "with stand-ins", ckpt)
+    lens = GatedLens(model)
+    logits, _ = lens.run_with_cache(TEXT, skip=0.3)
+    batch = model.encode([TEXT])
+    ours = model.forward(batch.input_ids, batch.attention_mask, model.make_plan(0.3)).logits
+    torch.testing.assert_close(logits, ours, atol=1e-4, rtol=1e-4)
+    zero = GatedLens(spread_gates(load_model(name), "lowrank:8")).run_with_cache(TEXT, skip=0.3)[0]
+    assert (zero - logits).abs().max() > 1e-2  # the stand-ins made a difference
+    with pytest.raises(GateSkipError, match="adapter scope 'all' only"):
+        lens.run_with_cache(TEXT, skip=0.3, adapter_scope="skipped")

@@ -104,9 +104,9 @@ def test_gated_lens_on_smollm2_with_the_shipped_gates_matches_traces_and_logits(
     from analysis.logit_lens import settled_corpus, settled_summary
 
     model = smollm2.view()
-    model.load_gates("default")  # low-rank gates + their LoRA adapter
+    model.load_gates("default")  # low-rank gates, their LoRA adapter and rank-16 stand-ins
     lens = GatedLens(model)
-    args = dict(skip=0.25, policy="quantile")
+    args = dict(skip=0.25, policy="quantile", adapter_scope="all")  # the bridge runs one backbone
     logits, cache = lens.run_with_cache(TEXT, **args)
     trace = model.trace(TEXT, gate_vectors=True, **args)
     seq = trace.sequences[0]
@@ -144,20 +144,26 @@ def test_shipped_default_gates_carry_their_adapter_and_keep_the_original():
     model = load_model("smollm2-135m-instruct", gates="default")
     ckpt = model.checkpoint
     assert shipped_gate_path(model.name).is_file() and model.adapter.startswith("lora:")
+    assert ckpt.fingerprint == model.spec.fingerprint()
     assert ckpt.sensitivity is not None and ckpt.global_thresholds.shape == (12, model.spec.n_layers, 2)
+    assert ckpt.adapter_scope == "skipped" and ckpt.fill_label.startswith("lowrank:")
     assert model.backbone is not model.original  # the adapter runs on a copy
-    plain = load_model("smollm2-135m-instruct")
     batch = model.encode([TEXT])
     with torch.no_grad():
-        reference = plain.original(input_ids=batch.input_ids).logits
-        assert torch.equal(model.original(input_ids=batch.input_ids).logits, reference)  # untouched
+        reference = model.view().original(input_ids=batch.input_ids).logits
     ungated = model.view().forward(batch.input_ids, batch.attention_mask, model.make_plan(0.0)).logits
     torch.testing.assert_close(ungated, reference, atol=2e-3, rtol=1e-3)  # view() is the original model
+    # Adapter scope 'skipped': with nothing skipped the gated model is the original ...
     gated = model.forward(batch.input_ids, batch.attention_mask, model.make_plan(0.0)).logits
-    assert not torch.allclose(gated, reference, atol=1e-3)  # the adapted model differs from it
+    torch.testing.assert_close(gated, reference, atol=2e-3, rtol=1e-3)
+    # ... and with every token on the adapter (scope 'all') it is not.
+    everywhere = model.forward(batch.input_ids, batch.attention_mask, model.make_plan(0.0, adapter_scope="all"))
+    assert not torch.allclose(everywhere.logits, reference, atol=1e-3)
     trace = model.trace(TEXT, skip=0.3, policy="calibrated")
-    assert "lora:" in trace.gates and trace.sequences[0].skipped.any()
+    assert "lora:" in trace.gates and "fill" in trace.gates and trace.sequences[0].skipped.any()
     assert not np.allclose(trace.skip_budget, trace.skip_budget[0, 0])  # auto -> the global allocation
+    previous = load_model("smollm2-135m-instruct", gates="default-v1")  # the previous default stays available
+    assert previous.checkpoint.adapter_scope == "all" and previous.fill is None
 
 
 def test_gate_attribution_on_smollm2_with_the_shipped_gates_is_exact(smollm2):
@@ -168,4 +174,7 @@ def test_gate_attribution_on_smollm2_with_the_shipped_gates_is_exact(smollm2):
     for layer, branch in ((3, "attn"), (20, "mlp"), (29, "mlp")):
         result = gate_attributions(model, TEXT, layer, branch, skip=0.25)
         assert result.residual_error < 1e-4, (layer, branch, result.residual_error)
-    assert (result.terms == 0).any()  # earlier branches that a token skipped add exactly nothing
+    # With the previous default (no stand-ins) an earlier branch a token skipped adds exactly nothing.
+    model.load_gates("default-v1")
+    result = gate_attributions(model, TEXT, 29, "mlp", skip=0.25)
+    assert result.residual_error < 1e-4 and (result.terms == 0).any()
