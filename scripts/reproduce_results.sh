@@ -27,8 +27,10 @@ python3 scripts/figure_png.py docs/sweep.html docs/sweep.png
 gateskip collect --gates default --skip 0.25 --file docs/heldout.txt --max-tokens 128 --out docs/heldout_traces.parquet
 gateskip stats --trace docs/heldout_traces.parquet --out docs/layer_stats.csv --bos-out docs/bos.csv \
     --types-out docs/token_types.csv --tokens-out docs/tokens.csv
-gateskip faithfulness --gates default --file docs/heldout.txt --max-tokens 128 --exact 600 --figure docs/faithfulness.html \
+gateskip faithfulness --gates default-v1 --file docs/heldout.txt --max-tokens 128 --exact 600 --figure docs/faithfulness.html \
     --out docs/faithfulness.csv --entries-out docs/faithfulness_entries.csv
+gateskip faithfulness --gates default --file docs/heldout.txt --max-tokens 128 --exact 600 \
+    --out docs/faithfulness_default.csv --entries-out docs/faithfulness_default_entries.csv
 # Logit lens: had tokens that skip late layers already settled? (shipped default and scalar gates)
 gateskip settled --gates default --skip 0.25 --blocks 32 --out docs/settled.csv --figure docs/settled.html
 gateskip settled --gates default-scalar --skip 0.25 --blocks 32 --out docs/settled_scalar.csv
