@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from gateskip_core.cli import add_adapter_scope_arg
 from gateskip_core.errors import GateSkipError
 from gateskip_core.files import check_writable, write_all
 from gateskip_core.registry import DEFAULT_MODEL
@@ -351,7 +352,7 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
     p.add_argument("--budgets", type=_budgets, default=[0.0, 0.25, 0.5])
     p.add_argument("--policies", default="quantile,calibrated", help="comma-separated skip policies")
     p.add_argument("--max-new-tokens", type=cli_type(whole_number, "--max-new-tokens"), default=64)
-    p.add_argument("--adapter-scope", choices=["auto", "all", "skipped"], default="auto")
+    add_adapter_scope_arg(p)
     p.add_argument("--out", required=True, help="chat_fidelity.csv")
     commands["chat-fidelity"] = cmd_chat_fidelity
 

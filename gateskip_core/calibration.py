@@ -88,7 +88,7 @@ def fit_thresholds(
     fitter = ThresholdFitter(model.spec.n_layers)
     # The physical path computes only what runs (the thresholds do not depend on the path: masked
     # and physical make the same decisions), and only the last position's logits are needed.
-    plan = SkipPlan(budget, fitter, "physical", "compute", protect_bos, adapter_scope=model.make_plan().adapter_scope)
+    plan = SkipPlan(budget, fitter, "physical", "compute", protect_bos, adapter_scope=model.adapter_scope)
     with torch.no_grad():
         model.walk(input_ids, mask, plan, logits_for="last")
     return CalibratedPolicy(thresholds=fitter.thresholds, budget=budget)

@@ -77,11 +77,17 @@ def add_skip_args(p: argparse.ArgumentParser) -> None:
         help="spread of the budget over layers: uniform, global (by sensitivity and FLOPs; needs gates "
         "trained with it) or auto (global when the gates support it)",
     )
+    add_adapter_scope_arg(p)
+
+
+def add_adapter_scope_arg(p: argparse.ArgumentParser, help_text: str | None = None) -> None:
+    """--adapter-scope auto | all | skipped (see `GatedModel.make_plan`)."""
     p.add_argument(
         "--adapter-scope",
         choices=["auto", "all", "skipped"],
         default="auto",
-        help="where the gates' adapter applies: all tokens, or only tokens from their first skipped branch on "
+        help=help_text
+        or "where the gates' adapter applies: all tokens, or only tokens from their first skipped branch on "
         "(nothing skipped = the original model); auto: what the gates were trained for",
     )
 
@@ -281,9 +287,7 @@ def register(sub) -> None:
     add_model_args(p, gates_default="default")
     p.add_argument("--fill", required=True, help="mean | lowrank:R")
     p.add_argument("--lowest", type=float, default=0.3, help="fit on this fraction of lowest-gate tokens")
-    p.add_argument(
-        "--adapter-scope", choices=["auto", "all", "skipped"], default="auto", help="the scope to fit (and store)"
-    )
+    add_adapter_scope_arg(p, "the scope to fit the stand-ins in (and to store with them)")
     p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True, help="refit thresholds")
     p.add_argument("--out", required=True, help="GATES.safetensors (the gates, adapter and the fitted stand-ins)")
 

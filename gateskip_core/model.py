@@ -138,6 +138,11 @@ class GatedModel:
         return self.checkpoint.adapter.label if self.checkpoint is not None else "none"
 
     @property
+    def adapter_scope(self) -> str:
+        """The adapter scope the gates were trained for ('all' without a checkpoint): what 'auto' means."""
+        return self.checkpoint.adapter_scope if self.checkpoint is not None else "all"
+
+    @property
     def fill(self):
         """The stand-ins for skipped branches that came with the gates (None: the paper's zero)."""
         return self.checkpoint.fill if self.checkpoint is not None else None
@@ -240,7 +245,7 @@ class GatedModel:
         (with nothing skipped the model is then exactly the original), or 'auto' (what the gates
         were trained for)."""
         if adapter_scope == "auto":
-            adapter_scope = self.checkpoint.adapter_scope if self.checkpoint is not None else "all"
+            adapter_scope = self.adapter_scope
         if adapter_scope == "skipped" and self.adapter == "full":
             raise GateSkipError(
                 "adapter scope 'skipped' needs a LoRA adapter (a full fine-tune also changes norms, embedding and head)"
