@@ -90,10 +90,51 @@ def _paragraphs_of(path: str) -> list[str]:
 def cmd_collect(args: argparse.Namespace) -> int:
     from gateskip_core import load_model
 
+    if Path(args.out).suffix.lower() in (".csv", ".parquet"):
+        return _collect_file(args)
+    from .dataset import MANIFEST, collect_dataset, process_state
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise GateSkipError(f"--out: {out} is a file, not a dataset folder")
+    if not out.parent.is_dir():
+        raise GateSkipError(f"--out: folder {out.parent} does not exist")
+    check_writable(out / MANIFEST, "--out") if out.is_dir() else check_writable(out.parent / f".{out.name}", "--out")
+    sources = [(Path(f).name, _paragraphs_of(f)) for f in args.file]
+    state = process_state()
+    device = str(state.device) if state.num_processes > 1 and state.device.type != "cpu" else args.device
+    model = load_model(args.model, gates=args.gates, device=device)
+    log = print if state.is_main_process else (lambda msg: None)
+    counts = collect_dataset(
+        model,
+        sources,
+        out,
+        batch_size=args.batch_size,
+        max_tokens=args.max_tokens,
+        shard_size=args.shard_size,
+        log=log,
+        **skip_args_of(args),
+    )
+    log(
+        f"wrote {counts['shards_written']} shard(s) ({counts['tokens_written']} tokens) in "
+        f"{counts['processes']} process(es); {out} holds {counts['sequences']} sequences, {counts['tokens']} tokens "
+        f"in {counts['shards']} shards"
+    )
+    return 0
+
+
+def _collect_file(args: argparse.Namespace) -> int:
+    from gateskip_core import load_model
+
     from .corpus import collect
+    from .dataset import process_state
 
     _check_out(args.out, (".csv", ".parquet"))
-    paras = _paragraphs_of(args.file)
+    if process_state().num_processes > 1:
+        raise GateSkipError("collecting with several processes needs a dataset folder as --out, not one file")
+    if len(args.file) > 1:
+        raise GateSkipError("several --file sources need a dataset folder as --out, not one file")
+    paras = _paragraphs_of(args.file[0])
     model = load_model(args.model, gates=args.gates, device=args.device)
     counts = collect(
         model,
@@ -112,31 +153,30 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from .corpus import iter_traces
-    from .flow import FlowStats, layer_skip_summary
+    from .flow import layer_skip_summary
+    from .tracedb import TraceDB
 
     out = _check_out(args.out)
     optional = {
         name: _check_out(getattr(args, name), option="--" + name.replace("_", "-"))
         for name in ("bos_out", "types_out", "tokens_out")
     }
-    stats = FlowStats()
-    for trace in iter_traces(args.trace):
-        stats.add(trace)
-    table = stats.layer_table()
+    db = TraceDB(args.trace)
+    counts = db.counts()
+    table = db.layer_table()
     outputs = {out: _csv(table)}
-    print(f"{stats.n_sequences} sequences, {stats.n_tokens} tokens")
+    print(f"{counts['sequences']} sequences, {counts['tokens']} tokens")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(layer_skip_summary(table).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    bos = stats.bos_table()
+    bos = db.bos_table()
     for branch in ("attn", "mlp"):
         part = bos[bos["branch"] == branch]
         print(f"BOS/others gate ratio ({branch}), layers 0-4: " + " ".join(f"{r:.3f}" for r in part["ratio"].head(5)))
     if optional["bos_out"]:
         outputs[optional["bos_out"]] = _csv(bos)
     if optional["types_out"]:
-        outputs[optional["types_out"]] = _csv(stats.token_type_table())
-    tokens = stats.token_table(min_count=args.min_count)
+        outputs[optional["types_out"]] = _csv(db.token_type_table())
+    tokens = db.token_table(min_count=args.min_count)
     if len(tokens):
 
         def show(part) -> str:
@@ -149,6 +189,59 @@ def cmd_stats(args: argparse.Namespace) -> int:
         outputs[optional["tokens_out"]] = _csv(tokens)
     write_all(outputs)
     print(f"wrote {', '.join(map(str, outputs))}")
+    return 0
+
+
+READY_QUERIES = ("skip-rates", "tokens", "positions", "types", "contexts")
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from .tracedb import TraceDB, context_strings
+
+    if (args.sql is None) == (args.ready is None):
+        raise GateSkipError("give either SQL or --ready NAME (one of " + ", ".join(READY_QUERIES) + ")")
+    out = _check_out(args.out, (".csv", ".parquet")) if args.out else None
+    db = TraceDB(args.dataset, memory_limit=args.memory_limit)
+    if args.sql is not None:
+        relation = db.sql(args.sql)
+        if relation is None:
+            raise GateSkipError("the SQL returned no table (use a SELECT ... statement)")
+        table = None
+    else:
+        needs_cell = args.ready in ("tokens", "contexts")
+        if needs_cell and (args.layer is None or args.branch is None):
+            raise GateSkipError(f"--ready {args.ready} needs --layer and --branch")
+        if args.ready == "skip-rates":
+            table = db.skip_rates()
+        elif args.ready == "positions":
+            table = db.position_profile()
+        elif args.ready == "types":
+            table = db.type_profile()
+        elif args.ready == "tokens":
+            types = [t.strip() for t in args.token_types.split(",")] if args.token_types else None
+            table = db.token_leaderboard(
+                args.layer, args.branch, args.min_count, types, args.limit, most_skipped=not args.least
+            )
+        else:
+            table = db.example_contexts(args.layer, args.branch, n=args.limit, lowest=not args.highest)
+            if not args.out:
+                table = context_strings(table)
+        relation = None
+    if out is not None:
+        if relation is not None:
+            from gateskip_core.files import atomic_write
+
+            write = relation.write_parquet if out.suffix.lower() == ".parquet" else relation.write_csv
+            atomic_write(out, lambda tmp: write(str(tmp)))
+        elif out.suffix.lower() == ".parquet":
+            write_all({out: lambda tmp: table.to_parquet(tmp, index=False)})
+        else:
+            write_all({out: _csv(table)})
+    preview = relation.limit(args.show).df() if relation is not None else table.head(args.show)
+    with_width = dict(index=False, float_format=lambda v: f"{v:.4g}")
+    print(preview.to_string(**with_width) if len(preview) else "(no rows)")
+    if out is not None:
+        print(f"wrote {out}")
     return 0
 
 
@@ -266,11 +359,19 @@ def cmd_settled(args: argparse.Namespace) -> int:
 
 
 def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
-    p = sub.add_parser("collect", help="trace a corpus (one sequence per paragraph) into one file, streaming")
+    p = sub.add_parser(
+        "collect",
+        help="trace a corpus (one sequence per paragraph) into a dataset folder of Parquet shards (resumable, "
+        "shards over `accelerate launch` processes), or into one .parquet/.csv file",
+    )
     add_model_args(p, gates_default="default")
     add_skip_args(p)
-    p.add_argument("--file", required=True)
-    p.add_argument("--out", required=True, help="traces.parquet or traces.csv")
+    p.add_argument("--file", required=True, nargs="+", help="text file(s); paragraphs are separated by blank lines")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="DIR/ (a dataset: resumable, appendable, sharded) or traces.parquet / traces.csv (one file)",
+    )
     p.add_argument("--batch-size", type=cli_type(whole_number, "--batch-size"), default=8)
     p.add_argument(
         "--max-tokens",
@@ -278,10 +379,16 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
         default=256,
         help="truncate each paragraph to this many tokens",
     )
+    p.add_argument(
+        "--shard-size",
+        type=cli_type(whole_number, "--shard-size"),
+        default=256,
+        help="paragraphs per shard of a dataset (a crash loses at most one unfinished shard)",
+    )
     commands["collect"] = cmd_collect
 
-    p = sub.add_parser("stats", help="per-layer gate statistics of a trace file")
-    p.add_argument("--trace", required=True)
+    p = sub.add_parser("stats", help="per-layer gate statistics of a trace dataset or file (DuckDB)")
+    p.add_argument("--trace", required=True, help="a dataset folder, or a .parquet / .csv trace file")
     p.add_argument("--out", required=True, help="layer_stats.csv")
     p.add_argument("--bos-out", help="also write the BOS anchor table (CSV)")
     p.add_argument("--types-out", help="also write the token-type table (CSV)")
@@ -293,6 +400,27 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
         help="occurrences a token needs to be ranked",
     )
     commands["stats"] = cmd_stats
+
+    p = sub.add_parser(
+        "query",
+        help="SQL over a trace dataset (views: traces, tokens) or a ready-made corpus question, with DuckDB",
+    )
+    p.add_argument("dataset", help="a dataset folder, or a .parquet / .csv trace file")
+    p.add_argument("sql", nargs="?", help="a SELECT over the views traces (token x layer x branch) and tokens")
+    p.add_argument("--ready", choices=READY_QUERIES, help="a ready-made query instead of SQL")
+    p.add_argument("--layer", type=cli_type(whole_number, "--layer", minimum=0), help="layer (tokens, contexts)")
+    p.add_argument("--branch", choices=["attn", "mlp"], help="branch (tokens, contexts)")
+    p.add_argument(
+        "--min-count", type=cli_type(whole_number, "--min-count"), default=20, help="tokens: occurrences needed"
+    )
+    p.add_argument("--token-types", help="tokens: only these comma-separated token types (e.g. content,stopword)")
+    p.add_argument("--least", action="store_true", help="tokens: the least often skipped instead of the most")
+    p.add_argument("--highest", action="store_true", help="contexts: the highest gates instead of the lowest")
+    p.add_argument("--limit", type=cli_type(whole_number, "--limit"), default=20, help="rows (tokens) or examples")
+    p.add_argument("--show", type=cli_type(whole_number, "--show"), default=40, help="rows printed")
+    p.add_argument("--memory-limit", default="1GB", help="DuckDB's memory limit (it spills to disk beyond)")
+    p.add_argument("--out", help="write the whole result (.csv or .parquet)")
+    commands["query"] = cmd_query
 
     p = sub.add_parser("sweep", help="quality vs net FLOPs for GateSkip and baselines")
     add_model_args(p, gates_default="default")

@@ -1,4 +1,5 @@
-"""Streaming a corpus through the model into one trace file, and back out again.
+"""Streaming a corpus through the model into one trace file, and back out again (datasets of
+many shards: `analysis.dataset`).
 
 `collect` traces paragraphs window by window and appends each window to the output
 (a Parquet row group or a CSV chunk), so memory stays bounded by one window. Inside a
@@ -95,7 +96,13 @@ def collect(
 
 
 def iter_traces(path: str | Path, chunk_rows: int = 200_000) -> Iterator[Trace]:
-    """Yield Traces of complete sequences from a trace file, a bounded chunk at a time."""
+    """Yield Traces of complete sequences from a trace file or a dataset folder, a bounded chunk at a time."""
+    from .dataset import is_dataset_path, open_dataset
+
+    if is_dataset_path(path):
+        for shard in open_dataset(path).shard_paths:  # a sequence never spans two shards
+            yield from iter_traces(shard, chunk_rows)
+        return
     carry = None
     any_rows = False
     for chunk in read_trace_frames(path, chunk_rows):

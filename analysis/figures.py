@@ -364,3 +364,67 @@ def attribution_figure(cell: pd.DataFrame, top: int = 12) -> go.Figure:
         title=f"pre-activation {cell.attrs.get('preactivation', float('nan')):+.3f} = sum of the bars",
     )
     return fig
+
+
+def corpus_skip_heatmap(rates: pd.DataFrame) -> go.Figure:
+    """Layer x branch skip rate over a whole corpus (`TraceDB.skip_rates`), with intervals on hover."""
+    layers = sorted(rates["layer"].unique())
+    branches = [b for b in ("attn", "mlp") if b in set(rates["branch"])]
+    cell = rates.set_index(["layer", "branch"])
+    z = [[cell.loc[(layer, b), "skip_rate"] for layer in layers] for b in branches]
+    ci = [
+        [f"{cell.loc[(layer, b), 'ci_low']:.3f}-{cell.loc[(layer, b), 'ci_high']:.3f}" for layer in layers]
+        for b in branches
+    ]
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=layers,
+            y=branches,
+            customdata=ci,
+            colorscale="Reds",
+            zmin=0,
+            colorbar=dict(title="skip rate"),
+            hovertemplate="layer %{x} %{y}<br>skip rate %{z:.3f}<br>95% CI %{customdata}<extra></extra>",
+        )
+    )
+    fig.update_layout(height=220, margin=dict(l=40, r=20, t=10, b=40), xaxis_title="layer")
+    return fig
+
+
+def context_strips(contexts: pd.DataFrame, value: str = "gate") -> go.Figure:
+    """Example contexts (`TraceDB.example_contexts`) like the Explore token strip: one row per
+    example, the chosen token in the middle column, cells coloured by the gate (or skip) there."""
+    offsets = sorted(contexts["offset"].unique()) if len(contexts) else [0]
+    examples = sorted(contexts["example"].unique()) if len(contexts) else []
+    by_key = {(r.example, r.offset): r for r in contexts.itertuples()}
+    z, text = [], []
+    for ex in examples:
+        row_z, row_t = [], []
+        for off in offsets:
+            r = by_key.get((ex, off))
+            row_z.append(None if r is None else float(getattr(r, value)))
+            row_t.append("" if r is None else (f"[{_label(r.token)}]" if off == 0 else _label(r.token)))
+        z.append(row_z)
+        text.append(row_t)
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=offsets,
+            y=[f"#{e}" for e in examples],
+            text=text,
+            texttemplate="%{text}",
+            colorscale="Reds_r" if value == "gate" else "Reds",
+            colorbar=dict(title=value),
+            xgap=2,
+            ygap=2,
+            hovertemplate="offset %{x}<br>%{text}<br>" + value + " %{z:.3f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        height=60 + 34 * max(1, len(examples)),
+        margin=dict(l=40, r=20, t=10, b=30),
+        xaxis=dict(title="offset from the example token", dtick=1),
+        yaxis=dict(autorange="reversed"),
+    )
+    return fig

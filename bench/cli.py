@@ -45,6 +45,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         decode_skips=args.decode_skips,
         decode_batches=args.decode_batches,
         collect_tokens=args.collect_tokens,
+        corpus_collect_tokens=args.corpus_collect_tokens,
+        corpus_query_tokens=args.corpus_query_tokens,
         dashboard_tokens=args.dashboard_tokens,
         repeats=args.repeats,
         decode_repeats=args.decode_repeats,
@@ -65,7 +67,7 @@ def register(sub, commands) -> None:
     p.add_argument("--gates", default="default", help="gates for decode, capture, collect, dashboard and rates")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
     p.add_argument("--variants", default="default,default-scalar,untrained:vector", help="prefill gate variants")
-    p.add_argument("--sections", default="prefill,decode,capture,collect,dashboard,rates")
+    p.add_argument("--sections", default="prefill,decode,capture,collect,dashboard,rates,corpus")
     p.add_argument("--prefill-tokens", type=cli_type(whole_number, "--prefill-tokens", minimum=2), default=128)
     p.add_argument(
         "--prefill-skips", type=_numbers(float, "--prefill-skips", 0, 1), default=(0.0, 0.15, 0.25, 0.5, 0.7)
@@ -81,6 +83,18 @@ def register(sub, commands) -> None:
         type=cli_type(whole_number, "--batched-decode-repeats", minimum=1),
         default=1,
         help="repeats of decoding at batch sizes above 1",
+    )
+    p.add_argument(
+        "--corpus-collect-tokens",
+        type=cli_type(whole_number, "--corpus-collect-tokens"),
+        default=20_000,
+        help="corpus section: tokens collected for real with 1 and 2 processes",
+    )
+    p.add_argument(
+        "--corpus-query-tokens",
+        type=_numbers(int, "--corpus-query-tokens", 1),
+        default=(100_000, 1_000_000),
+        help="corpus section: dataset sizes the queries are timed on (synthesised from the collected one)",
     )
     p.add_argument("--collect-tokens", type=_numbers(int, "--collect-tokens", 1), default=(2_000, 10_000))
     p.add_argument("--dashboard-tokens", type=cli_type(whole_number, "--dashboard-tokens", minimum=2), default=128)

@@ -127,7 +127,36 @@ def markdown(results: dict) -> str:
     if "prefill" in results:
         out += ["", prefill_table(results["prefill"])]
     out += ["", rest_table(results)]
+    if "corpus" in results:
+        out += ["", corpus_table(results["corpus"])]
     return "\n".join(out)
+
+
+def corpus_table(rows: list[dict]) -> str:
+    """Collection throughput, then query latency / peak RSS with one column per dataset size."""
+    lines = []
+    for r in rows:
+        if r["measure"].startswith("collect"):
+            lines.append(
+                f"- `gateskip collect` into a dataset, {r['measure'].split(', ')[1]}: {r['tokens']:,} tokens in "
+                f"{r['seconds']:.0f} s = {r['tokens_per_s']:.0f} tok/s (model loading included)"
+            )
+    queries = [r for r in rows if r["measure"].startswith("query")]
+    sizes = sorted({r["tokens"] for r in queries})
+    rows_of = {r["tokens"]: r["trace_rows"] for r in queries}
+    if sizes:
+        lines += [
+            "",
+            "| query | " + " | ".join(f"{n:,} tokens ({rows_of[n]:,} trace rows)" for n in sizes) + " |",
+            "|---|" + "---|" * len(sizes),
+        ]
+        for name in dict.fromkeys(r["measure"] for r in queries):
+            cells = []
+            for n in sizes:
+                r = next(q for q in queries if q["measure"] == name and q["tokens"] == n)
+                cells.append(f"{r['seconds']:.2f} s, {r['peak_rss_mb']:.0f} MB")
+            lines.append(f"| {name.removeprefix('query ')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,7 @@ from gateskip_core import Capture, GateSkipError, load_model
 from gateskip_core.compute import account_sequence, decode_step_bytes
 from gateskip_core.model import Batch, GatedModel
 
-SECTIONS = ("prefill", "decode", "capture", "collect", "dashboard", "rates")
+SECTIONS = ("prefill", "decode", "capture", "collect", "dashboard", "rates", "corpus")
 
 
 @dataclass
@@ -60,6 +60,8 @@ class BenchConfig:
     decode_repeats: int = 2  # batch 1
     batched_decode_repeats: int = 1  # larger batches (the targets are at batch 1; each run is long)
     collect_tokens: tuple[int, ...] = (2_000, 10_000)
+    corpus_collect_tokens: int = 20_000  # collected for real, with 1 and 2 processes
+    corpus_query_tokens: tuple[int, ...] = (100_000, 1_000_000)  # synthesised from the collected dataset
     dashboard_tokens: int = 128
     rates_skip: float = 0.25
     repeats: int = 2
@@ -472,7 +474,60 @@ def bench_rates(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
     return rows
 
 
+# ---- corpus
+def bench_corpus(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
+    """Collect throughput with 1 and 2 processes (`gateskip collect` / `accelerate launch`), then the
+    ready-made DuckDB queries on datasets synthesised from the collected one, each in a fresh process."""
+    from .corpus import collect_seconds, query_latencies_in_fresh_process, synthesise
+
+    rows = []
+    paras = _paragraphs_for(base, cfg.corpus_collect_tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        corpus = tmp / "corpus.txt"
+        corpus.write_text("\n\n".join(p.replace("\n\n", "\n") for p in paras), encoding="utf-8")
+        collected = {}
+        for processes in (1, 2):
+            out = tmp / f"collected_{processes}"
+            seconds = collect_seconds(corpus, out, cfg.model, cfg.gates, processes)
+            from analysis.dataset import open_dataset
+
+            tokens = open_dataset(out).n_tokens
+            collected[processes] = out
+            rows.append(
+                {
+                    "measure": f"collect, {processes} process(es)",
+                    "tokens": tokens,
+                    "seconds": seconds,
+                    "tokens_per_s": tokens / seconds,
+                }
+            )
+            log(
+                f"corpus: collect {tokens} tokens with {processes} process(es): {tokens / seconds:.0f} tok/s "
+                "(model loading included)"
+            )
+        for n_tokens in cfg.corpus_query_tokens:
+            big = synthesise(collected[1], tmp / f"synthetic_{n_tokens}", n_tokens)
+            for q in query_latencies_in_fresh_process(big):
+                rows.append(
+                    {
+                        "measure": f"query {q['query']}",
+                        "tokens": q["tokens"],
+                        "seconds": q["seconds"],
+                        "peak_rss_mb": q["peak_rss_mb"],
+                        "trace_rows": q["trace_rows"],
+                    }
+                )
+            worst = max(r["seconds"] for r in rows[-7:])
+            log(f"corpus: {rows[-1]['tokens']} tokens (synthesised): slowest query {worst:.2f} s")
+            import shutil
+
+            shutil.rmtree(big)
+    return rows
+
+
 BENCHES = {
+    "corpus": bench_corpus,
     "prefill": bench_prefill,
     "decode": bench_decode,
     "capture": bench_capture,

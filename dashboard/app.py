@@ -16,7 +16,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis import figures
-from analysis.flow import FlowStats, layer_skip_summary
+from analysis.flow import TOKEN_TYPES, FlowStats, layer_skip_summary
 from analysis.logit_lens import settled_summary
 from analysis.sweep import METHODS, sweep
 from dashboard import service
@@ -460,6 +460,109 @@ def why_view(cfg: service.Settings) -> None:
     figure_download(c3, "Figure (HTML)", fig, "faithfulness.html")
 
 
+def corpus_view(cfg: service.Settings) -> None:
+    """A whole trace dataset, queried with DuckDB: skip rates, token leaderboards, example contexts."""
+    st.caption(
+        "Which tokens skip which branches across a corpus. Collect a dataset with `gateskip collect --out DIR/` "
+        "(or from a text below), then explore it here; every table is a DuckDB query over its Parquet shards."
+    )
+    with st.expander("Collect a small dataset from a text file", expanded=False):
+        upload = st.file_uploader("Text (.txt; paragraphs separated by blank lines)", key="corpus_upload")
+        st.caption(f"with the sidebar's model, gates and budget ({cfg.model_name}, {cfg.view.gates_label})")
+        if upload is not None and st.button("Collect", key="corpus_collect"):
+            try:
+                text = upload.getvalue().decode("utf-8")
+            except UnicodeDecodeError:
+                st.error(f"{upload.name} is not UTF-8 text")
+                text = None
+            if text is not None:
+                digest = hashlib.sha256(upload.getvalue()).hexdigest()[:12]
+                folder = service.corpus_folder(cfg, digest)
+                bar = st.progress(0.0, text="collecting…")
+                try:
+                    service.collect_corpus(
+                        cfg.view,
+                        text,
+                        upload.name,
+                        folder,
+                        on_progress=lambda done, total: bar.progress(done / max(1, total), text="collecting…"),
+                        **cfg.skip_args(),
+                    )
+                    st.session_state["corpus_path"] = str(folder)
+                except GateSkipError as err:
+                    st.error(str(err))
+                bar.empty()
+    path = st.text_input("Dataset folder or trace file", key="corpus_path")
+    if not path.strip():
+        st.info("Enter the path of a trace dataset, or collect one from a text above.")
+        return
+    try:
+        db = corpus_connection(path)
+        counts = db.counts()
+        rates = db.skip_rates()
+    except GateSkipError as err:
+        st.error(str(err))
+        return
+    cols = st.columns(3)
+    cols[0].metric("Sequences", f"{counts['sequences']:,}")
+    cols[1].metric("Tokens", f"{counts['tokens']:,}")
+    cols[2].metric("Trace rows", f"{counts['tokens'] * counts['layers'] * 2:,}")
+    heat = figures.corpus_skip_heatmap(rates)
+    st.plotly_chart(heat, key="corpus_heat")
+
+    st.subheader("Which tokens skip one branch")
+    c1, c2, c3, c4 = st.columns(4)
+    layer = int(c1.number_input("Layer", 0, counts["layers"] - 1, counts["layers"] - 1, key="corpus_layer"))
+    branch = c2.radio("Branch", ["mlp", "attn"], horizontal=True, key="corpus_branch")
+    min_count = int(c3.number_input("Minimum count", 1, 100_000, 20, key="corpus_min_count"))
+    order = c4.radio("Order", ["most skipped", "least skipped"], horizontal=True, key="corpus_order")
+    types = st.multiselect("Token types", list(TOKEN_TYPES), default=list(TOKEN_TYPES), key="corpus_types")
+    try:
+        board = db.token_leaderboard(
+            layer, branch, min_count, types or list(TOKEN_TYPES), 25, most_skipped=order == "most skipped"
+        )
+        contexts = db.example_contexts(layer, branch, n=8, lowest=st.session_state.get("corpus_lowest", True))
+    except GateSkipError as err:
+        st.error(str(err))
+        return
+    st.dataframe(board, hide_index=True)
+
+    st.subheader("Example contexts")
+    st.radio(
+        "Examples with the",
+        [True, False],
+        format_func=lambda low: "lowest gates" if low else "highest gates",
+        horizontal=True,
+        key="corpus_lowest",
+    )
+    strips = figures.context_strips(contexts)
+    st.plotly_chart(strips, key="corpus_contexts")
+    st.caption("Each row: ±10 tokens around one occurrence (in [brackets]); colour: its gate at this layer and branch.")
+    positions, kinds = db.position_profile(), db.type_profile()
+    left, right = st.columns(2)
+    left.markdown("**Skip rate by position**")
+    left.dataframe(positions, hide_index=True)
+    right.markdown("**Skip rate by token type**")
+    right.dataframe(kinds, hide_index=True)
+    d = st.columns(6)
+    d[0].download_button("Skip rates (CSV)", lambda: rates.to_csv(index=False), "corpus_skip_rates.csv", "text/csv")
+    d[1].download_button("Tokens (CSV)", lambda: board.to_csv(index=False), "corpus_tokens.csv", "text/csv")
+    d[2].download_button("Contexts (CSV)", lambda: contexts.to_csv(index=False), "corpus_contexts.csv", "text/csv")
+    d[3].download_button("Positions (CSV)", lambda: positions.to_csv(index=False), "corpus_positions.csv", "text/csv")
+    d[4].download_button("Token types (CSV)", lambda: kinds.to_csv(index=False), "corpus_types.csv", "text/csv")
+    figure_download(d[5], "Heatmap (HTML)", heat, "corpus_heatmap.html")
+
+
+def corpus_connection(path: str):
+    """This session's DuckDB connection to the dataset at `path` (reopened when the path changes)."""
+    held = st.session_state.get("corpus_db")
+    if held is None or held[0] != path:
+        if held is not None:
+            held[1].close()
+        st.session_state["corpus_db"] = (path, service.corpus_db(path))
+    return st.session_state["corpus_db"][1]
+
+
 def compare_view(cfg: service.Settings) -> None:
     shown = explored_trace()
     if shown is None:
@@ -513,8 +616,8 @@ def main() -> None:
     except GateSkipError as err:
         st.error(str(err))
         return
-    explore, why, layers, lens_tab, sweep_tab, compare = st.tabs(
-        ["Explore", "Why", "Layers", "Lens", "Sweep", "Compare"]
+    explore, why, layers, lens_tab, sweep_tab, compare, corpus = st.tabs(
+        ["Explore", "Why", "Layers", "Lens", "Sweep", "Compare", "Corpus"]
     )
     with explore:
         explore_view(cfg)
@@ -528,6 +631,8 @@ def main() -> None:
         sweep_view(cfg)
     with compare:
         compare_view(cfg)
+    with corpus:
+        corpus_view(cfg)
 
 
 main()

@@ -206,3 +206,46 @@ def why(model: GatedModel, text: str, n_entries: int, skip_fraction: float, on_s
         show_progress=False,
         on_step=on_step,
     )
+
+
+# ---- corpus
+def corpus_db(path: str):
+    """A DuckDB view of a trace dataset (or trace file); each session opens its own connection."""
+    from analysis.tracedb import TraceDB
+
+    if not str(path).strip():
+        raise GateSkipError("enter the path of a trace dataset folder (or a .parquet / .csv trace file)")
+    return TraceDB(Path(str(path).strip()).expanduser())
+
+
+def collect_corpus(model: GatedModel, text: str, name: str, folder: Path, on_progress=None, **skip_args) -> Path:
+    """Trace an uploaded text (paragraphs split on blank lines) into a dataset folder."""
+    from analysis.dataset import collect_dataset
+    from gateskip_core.data import paragraphs
+
+    paras = paragraphs(text)
+    if not paras:
+        raise GateSkipError(f"{name} holds no text")
+    collect_dataset(
+        model,
+        [(name, paras)],
+        folder,
+        max_tokens=128,
+        shard_size=64,
+        show_progress=False,
+        log=lambda msg: None,
+        on_progress=on_progress,
+        **skip_args,
+    )
+    return folder
+
+
+def corpus_folder(settings: Settings, digest: str) -> Path:
+    """Where a dataset collected in the dashboard goes: one folder per (model, gates, text, settings)."""
+    import hashlib
+    import json
+    import os
+
+    root = Path(os.environ.get("GATESKIP_CACHE", Path.home() / ".cache" / "gateskip")) / "datasets"
+    key = json.dumps([settings.model_name, settings.view.gates_label, digest, settings.skip_args()], default=repr)
+    return root / f"{settings.model_name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"

@@ -96,6 +96,7 @@ def commands(f) -> dict[str, tuple[list[str], dict[str, str]]]:
             ["fit-fill", *tiny, "--gates", str(f["gates_good"]), "--fill", "mean", "--no-calibrate"],
             {"--out": "ff.safetensors"},
         ),
+        "query": (["query", str(f["trace"]), "SELECT 1 AS one"], {"--out": "q.csv"}),
         "chat-fidelity": (
             ["chat-fidelity", *tiny, "--gates", "untrained", "--max-new-tokens", "2", "--budgets", "0"],
             {"--out": "cf.csv"},
@@ -117,6 +118,7 @@ NUMBERS = {
         ("--skip", "2", "skip budget must lie in [0, 1]"),
     ],
     "stats": [("--min-count", "0", "--min-count must be at least 1")],
+    "query": [("--limit", "0", "--limit must be at least 1"), ("--layer", "-1", "--layer must be at least 0")],
     "sweep": [
         ("--seq-len", "1", "--seq-len must be at least 2"),
         ("--blocks", "0", "--blocks must be at least 1"),

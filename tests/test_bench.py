@@ -22,11 +22,12 @@ def test_bench_runs_every_section_on_a_tiny_configuration(tmp_path):
         "--prefill-tokens", "16", "--prefill-skips", "0,0.5", "--prefill-batches", "1,2",
         "--decode-prompt", "16", "--new-tokens", "4", "--decode-skips", "0.5", "--decode-batches", "1,2",
         "--collect-tokens", "200,400", "--dashboard-tokens", "16", "--repeats", "1", "--decode-repeats", "1",
+        "--corpus-collect-tokens", "300", "--corpus-query-tokens", "1500",
         "--out", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
-    for section in ["prefill", "decode", "capture", "collect", "dashboard", "rates"]:
+    for section in ["prefill", "decode", "capture", "collect", "dashboard", "rates", "corpus"]:
         assert data[section], section
         assert f"[{section}]" in result.stdout
     assert data["machine"]["torch_threads"] >= 1
@@ -44,6 +45,9 @@ def test_bench_runs_every_section_on_a_tiny_configuration(tmp_path):
     assert [r["tokens"] > 0 for r in data["collect"]] == [True, True]
     assert {r["domain"] for r in data["rates"]} == {"prose", "chat", "code"}
     assert {r["mode"] for r in data["dashboard"]} == {"estimate", "exact"}
+    corpus = {r["measure"]: r for r in data["corpus"]}
+    assert corpus["collect, 1 process(es)"]["tokens"] == corpus["collect, 2 process(es)"]["tokens"] > 0
+    assert corpus["query contexts"]["tokens"] >= 1500 and corpus["query tokens"]["peak_rss_mb"] > 0
 
     # The README's tables render from the JSON; a second file's rows of a section are listed too.
     from bench.report import main, markdown, merge
@@ -51,6 +55,7 @@ def test_bench_runs_every_section_on_a_tiny_configuration(tmp_path):
     table = markdown(merge([out]))
     assert table.count("| 1 | gated | 0.5 |") == 1 and table.count("| 2 | gated | 0.5 |") == 1
     assert table.count("`collect`") == 2 and "reached on prose / code / chat" in table
+    assert "| contexts |" in table and "2 process(es)" in table
     extra = tmp_path / "collect.json"
     extra.write_text(json.dumps({"collect": data["collect"][:1]}))
     assert markdown(merge([out, extra])).count("`collect`") == 3

@@ -6,7 +6,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from analysis.sweep import METHODS
-from gateskip_core import GateCheckpoint, GateSet, load_model, save_gates
+from gateskip_core import GateCheckpoint, GateSet, GateSkipError, load_model, save_gates
 from gateskip_core.model import GatedModel
 
 from .conftest import APP, metrics
@@ -212,3 +212,60 @@ def test_why_view_measures_exact_harm_against_the_signals(app):
     assert len(entries) >= 60 and (entries["harm_kl"] >= 0).all()
     assert {"gate", "block_influence", "random", "oracle"} <= set(signals["signal"])
     assert signals.set_index("signal").loc["random", "skip_fraction"] == 0.25  # the sidebar's budget
+
+
+def test_corpus_view_queries_a_dataset(app, tmp_path, monkeypatch):
+    """The Corpus tab: heatmap, token leaderboard and example contexts of a dataset, from DuckDB."""
+    from analysis.tracedb import TraceDB
+
+    monkeypatch.setenv("GATESKIP_CACHE", str(tmp_path / "cache"))
+    app.text_input(key="corpus_path").set_value(str(tmp_path / "nowhere")).run()
+    assert not app.exception and any("dataset folder not found" in e.value for e in app.error)
+
+    from analysis.dataset import collect_dataset
+
+    folder = tmp_path / "ds"
+    model = load_model("tiny-llama", gates="untrained")
+    texts = ["The quick brown fox jumps over the lazy dog.", "Gates decide which tokens skip layers."] * 10
+    collect_dataset(model, [("t", texts)], folder, shard_size=8, show_progress=False, skip=0.3)
+    app.text_input(key="corpus_path").set_value(str(folder)).run()
+    assert not app.exception, app.exception
+    m = metrics(app)
+    db = TraceDB(folder)
+    assert m["Tokens"] == f"{db.counts()['tokens']:,}" and m["Sequences"] == "20"
+    app.number_input(key="corpus_layer").set_value(1).run()
+    app.number_input(key="corpus_min_count").set_value(2).run()
+
+    def board_shown():
+        return next(d.value for d in app.dataframe if "token" in d.value.columns and "ci_low" in d.value.columns)
+
+    board = board_shown()
+    expected = db.token_leaderboard(1, "mlp", 2, limit=25)
+    assert list(board["token"]) == list(expected["token"]) and len(board) > 0
+    app.multiselect(key="corpus_types").set_value(["stopword"]).run()
+    assert set(board_shown()["token_type"]) == {"stopword"}
+    app.radio(key="corpus_lowest").set_value(False).run()
+    assert not app.exception
+
+
+def test_the_dashboards_collection_of_an_uploaded_text_reports_progress_and_reopens(tmp_path, monkeypatch):
+    """What the Corpus tab's Collect button runs (AppTest cannot upload files): a dataset in the cache,
+    one folder per (model, gates, text, settings), with progress after every shard."""
+    from dashboard import service
+
+    monkeypatch.setenv("GATESKIP_CACHE", str(tmp_path))
+    view = load_model("tiny-llama", gates="untrained")
+    settings = service.Settings("tiny-llama", view, "estimate", 0.3, "both", "quantile", True, 0, "auto")
+    folder = service.corpus_folder(settings, "abc")
+    assert folder.parent == tmp_path / "datasets"
+    assert service.corpus_folder(settings, "abd") != folder
+    progress = []
+    text = "\n\n".join(f"Paragraph {i} about gates and layers." for i in range(150))
+    service.collect_corpus(
+        view, text, "upload.txt", folder, on_progress=lambda d, t: progress.append((d, t)), **settings.skip_args()
+    )
+    assert progress == [(64, 150), (128, 150), (150, 150)]
+    db = service.corpus_db(str(folder))
+    assert db.counts()["sequences"] == 150
+    with pytest.raises(GateSkipError, match="holds no text"):
+        service.collect_corpus(view, "  \n\n ", "empty.txt", tmp_path / "e")

@@ -12,7 +12,7 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("
 
 
 def test_notebooks_stored_without_outputs():
-    assert [p.stem[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05"]
+    assert [p.stem[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06"]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         for cell in nb.cells:
@@ -27,6 +27,7 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     monkeypatch.setenv("GATESKIP_NOTEBOOK_TEXTS", "2")
     monkeypatch.setenv("GATESKIP_NOTEBOOK_BLOCKS", "1")
     monkeypatch.setenv("GATESKIP_NOTEBOOK_ENTRIES", "60")
+    monkeypatch.setenv("GATESKIP_NOTEBOOK_PARAGRAPHS", "24")
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     assert any(tmp_path.glob("*.csv"))

@@ -1,0 +1,419 @@
+"""Trace datasets: a folder of Parquet shards plus a manifest, collected resumably and in parallel.
+
+Layout of a dataset folder:
+
+    manifest.json          what the traces are (model, gates and their fingerprint, skip settings,
+                           max tokens, batch and shard size), where they come from (each source file's
+                           name, sha256, paragraph count, first sequence id and shard range) and, once
+                           complete, the shard list and token count
+    shard-000000.parquet   the traces of paragraphs [k*S, (k+1)*S) of one source: a trace file of its
+    shard-000001.parquet   own (`read_trace` reads it), sequence ids global to the dataset
+
+A shard's contents depend only on its paragraphs and the settings. Hence:
+- resumable: each shard is written to a hidden temporary and renamed into place when complete,
+  so a crash or SIGKILL loses at most the unfinished shard and a rerun collects only the missing ones;
+- sharded: under `accelerate launch --num_processes N` process r collects shards r, r+N, r+2N, ...,
+  and the dataset equals a one-process run's;
+- never mixed: collecting into a dataset with other settings is refused, and a shard whose stamped
+  settings differ from the manifest's is named and refused by every reader.
+Appending a new source file with the same settings adds its shards after the existing ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gateskip_core import GatedModel, GateSkipError, validation
+from gateskip_core.files import atomic_target, atomic_write
+
+FORMAT = "gateskip-trace-dataset/1"
+MANIFEST = "manifest.json"
+STAMP = b"gateskip.dataset"  # Parquet key-value metadata of every shard
+ROW_GROUP_ROWS = 131_072  # several row groups per shard, so DuckDB scans one shard on several threads
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.parquet"
+
+
+def is_dataset_path(path: str | Path) -> bool:
+    """A folder (existing, or named without a .csv/.parquet suffix) is a dataset; a file is a trace file."""
+    path = Path(path)
+    return path.is_dir() or path.suffix.lower() not in (".csv", ".parquet", ".pq")
+
+
+def gates_fingerprint(model: GatedModel) -> str:
+    """A digest of everything that decides the gate values: gates, stand-ins and the adapter."""
+    if model.gates is None:
+        return "none"
+    digest = hashlib.sha256()
+    modules = [("gates", model.gates)]
+    if model.fill is not None:
+        modules.append(("fill", model.fill))
+    for prefix, module in modules:
+        for key, tensor in sorted(module.state_dict().items()):
+            digest.update(f"{prefix}.{key}".encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    if model.checkpoint is not None:
+        digest.update(model.checkpoint.adapter_key().encode())
+        digest.update(model.checkpoint.adapter_scope.encode())
+    return digest.hexdigest()[:16]
+
+
+def collection_settings(model: GatedModel, max_tokens: int, batch_size: int, shard_size: int, skip_args: dict) -> dict:
+    """The settings a dataset's traces share (JSON-safe); two collections may share a dataset only if equal."""
+    skip = json.loads(json.dumps(skip_args, default=repr, sort_keys=True))
+    return {
+        "model": model.name,
+        "gates": model.gates_label,
+        "gates_fingerprint": gates_fingerprint(model),
+        "skip": skip,
+        "max_tokens": max_tokens,
+        "batch_size": batch_size,
+        "shard_size": shard_size,
+    }
+
+
+def settings_digest(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Source:
+    file: str
+    sha256: str
+    paragraphs: int
+    first_sequence: int
+    first_shard: int
+    shards: int
+
+
+@dataclass
+class Manifest:
+    settings: dict
+    sources: list[Source]
+    complete: bool = False
+    shards: list[dict] = dataclasses.field(default_factory=list)  # once complete: name, sequences, tokens, rows
+    tokens: int = 0
+
+    @property
+    def digest(self) -> str:
+        return settings_digest(self.settings)
+
+    @property
+    def n_shards(self) -> int:
+        return sum(s.shards for s in self.sources)
+
+    @property
+    def n_sequences(self) -> int:
+        return sum(s.paragraphs for s in self.sources)
+
+    def to_json(self) -> str:
+        body = {"format": FORMAT, **dataclasses.asdict(self)}
+        return json.dumps(body, indent=1, sort_keys=False)
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest:
+        path = folder / MANIFEST
+        if not path.is_file():
+            raise GateSkipError(f"{folder} is not a trace dataset (no {MANIFEST}); collect one with `gateskip collect`")
+        try:
+            body = json.loads(path.read_text(encoding="utf-8"))
+            if body.get("format") != FORMAT:
+                raise GateSkipError(f"{path}: not a GateSkip dataset manifest (format {body.get('format')!r})")
+            return cls(
+                settings=body["settings"],
+                sources=[Source(**s) for s in body["sources"]],
+                complete=bool(body["complete"]),
+                shards=list(body.get("shards", [])),
+                tokens=int(body.get("tokens", 0)),
+            )
+        except GateSkipError:
+            raise
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+            raise GateSkipError(f"damaged dataset manifest {path}: {err}") from None
+
+    def write(self, folder: Path) -> None:
+        atomic_write(folder / MANIFEST, lambda tmp: tmp.write_text(self.to_json(), encoding="utf-8"))
+
+
+def _differences(old: dict, new: dict) -> str:
+    keys = sorted(set(old) | set(new))
+    return "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in keys if old.get(k) != new.get(k))
+
+
+def shard_stamp(path: Path) -> dict | None:
+    """The stamp a shard was written with, or None if the file is not a readable Parquet file."""
+    try:
+        meta = pq.read_metadata(path)
+    except Exception:  # pyarrow raises several types for damaged files
+        return None
+    raw = (meta.metadata or {}).get(STAMP)
+    try:
+        return {**json.loads(raw), "rows": meta.num_rows} if raw else {"rows": meta.num_rows}
+    except ValueError:
+        return None
+
+
+@dataclass
+class Dataset:
+    """A complete trace dataset, checked: every shard present, readable and of the manifest's settings."""
+
+    folder: Path
+    manifest: Manifest
+
+    @property
+    def shard_paths(self) -> list[Path]:
+        return [self.folder / s["name"] for s in self.manifest.shards]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.manifest.tokens
+
+    @property
+    def n_sequences(self) -> int:
+        return self.manifest.n_sequences
+
+
+def open_dataset(folder: str | Path) -> Dataset:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise GateSkipError(f"dataset folder not found: {folder}")
+    manifest = Manifest.read(folder)
+    if not manifest.complete:
+        raise GateSkipError(
+            f"dataset {folder} is incomplete ({_count_present(folder, manifest)} of {manifest.n_shards} shards);"
+            " rerun the same `gateskip collect` to finish it"
+        )
+    expected = {s["name"] for s in manifest.shards}
+    strays = sorted(p.name for p in folder.glob("shard-*.parquet") if p.name not in expected)
+    if strays:
+        raise GateSkipError(f"dataset {folder} holds shards its manifest does not list: {', '.join(strays[:3])}")
+    for entry in manifest.shards:
+        stamp = shard_stamp(folder / entry["name"])
+        if stamp is None:
+            raise GateSkipError(f"damaged shard in dataset {folder}: {entry['name']} (not a readable Parquet file)")
+        if stamp.get("settings") != manifest.digest:
+            raise GateSkipError(
+                f"shard {entry['name']} in {folder} was collected with other settings than the dataset's manifest"
+            )
+        if stamp["rows"] != entry["rows"]:
+            raise GateSkipError(
+                f"damaged shard in dataset {folder}: {entry['name']} has {stamp['rows']} rows, "
+                f"the manifest says {entry['rows']}"
+            )
+    return Dataset(folder, manifest)
+
+
+def _count_present(folder: Path, manifest: Manifest) -> int:
+    return sum((folder / shard_name(k)).is_file() for k in range(manifest.n_shards))
+
+
+def _trace_shard(model: GatedModel, texts: Sequence[str], first_sequence: int, settings: dict, skip_args: dict):
+    """One shard's traces as a table, sequences in corpus order (batched by length inside the shard)."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # characters: a length proxy
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trace = model.trace(
+            [texts[i] for i in order], batch_size=settings["batch_size"], max_tokens=settings["max_tokens"], **skip_args
+        )
+    in_corpus_order = [None] * len(texts)
+    for seq, i in zip(trace.sequences, order):
+        in_corpus_order[i] = seq
+    df = dataclasses.replace(trace, sequences=in_corpus_order).to_dataframe()
+    df["sequence_id"] += first_sequence
+    tokens = sum(s.n_tokens for s in in_corpus_order)
+    return pa.Table.from_pandas(df, preserve_index=False), tokens, len(caught)
+
+
+def _write_shard(path: Path, table: pa.Table, stamp: dict) -> None:
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), STAMP: json.dumps(stamp).encode()})
+    with atomic_target(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+
+
+def _source_digest(paragraphs: Sequence[str]) -> str:
+    digest = hashlib.sha256()
+    for p in paragraphs:
+        digest.update(p.encode("utf-8"))
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _plan(folder: Path, settings: dict, sources: list[tuple[str, list[str]]], log: Callable[[str], None]) -> Manifest:
+    """The manifest to collect: an existing dataset's (settings checked, new sources appended) or a new one."""
+    if (folder / MANIFEST).is_file():
+        manifest = Manifest.read(folder)
+        if manifest.settings != settings:
+            raise GateSkipError(
+                f"{folder} holds traces collected with other settings; refusing to mix them "
+                f"({_differences(manifest.settings, settings)}). Use another --out folder."
+            )
+    else:
+        if folder.exists() and any(folder.iterdir()):
+            raise GateSkipError(f"--out: {folder} is a folder that holds files but no dataset; use an empty or new one")
+        manifest = Manifest(settings=settings, sources=[])
+    known = {s.sha256 for s in manifest.sources}
+    size = settings["shard_size"]
+    for name, paras in sources:
+        digest = _source_digest(paras)
+        if digest in known:
+            log(f"{name}: already in the dataset; completing any missing shards")
+            continue
+        known.add(digest)
+        manifest.sources.append(
+            Source(
+                file=name,
+                sha256=digest,
+                paragraphs=len(paras),
+                first_sequence=manifest.n_sequences,
+                first_shard=manifest.n_shards,
+                shards=-(-len(paras) // size),
+            )
+        )
+        manifest.complete = False
+    return manifest
+
+
+def _finish(folder: Path, manifest: Manifest) -> Manifest:
+    shards = []
+    for k in range(manifest.n_shards):
+        stamp = shard_stamp(folder / shard_name(k))
+        if stamp is None or stamp.get("settings") != manifest.digest:
+            raise GateSkipError(f"shard {shard_name(k)} in {folder} is missing or damaged after collection")
+        shards.append(
+            {"name": shard_name(k), "sequences": stamp["sequences"], "tokens": stamp["tokens"], "rows": stamp["rows"]}
+        )
+    manifest.shards = shards
+    manifest.tokens = sum(s["tokens"] for s in shards)
+    manifest.complete = True
+    manifest.write(folder)
+    return manifest
+
+
+def process_state():
+    """This process's place among those of an `accelerate launch` (one process without a launcher).
+    On a machine without CUDA the processes use gloo on the CPU."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def collect_dataset(
+    model: GatedModel,
+    sources: list[tuple[str, list[str]]],
+    out: str | Path,
+    batch_size: int = 8,
+    max_tokens: int = 256,
+    shard_size: int = 256,
+    show_progress: bool = True,
+    log: Callable[[str], None] = print,
+    on_progress: Callable[[int, int], None] | None = None,
+    **skip_args,
+) -> dict:
+    """Trace every paragraph of every (name, paragraphs) source into the dataset folder `out`.
+
+    Resumable (shards already there are kept) and sharded over the processes of an `accelerate
+    launch` (each takes every N-th shard). `on_progress(done, total)` (paragraphs of this process)
+    follows each shard. Returns counts of this call's work and the dataset's."""
+    from tqdm.auto import tqdm
+
+    batch_size = validation.whole_number("batch_size", batch_size)
+    max_tokens = validation.whole_number("max_tokens", max_tokens)
+    shard_size = validation.whole_number("shard_size", shard_size)
+    sources = [(name, [p for p in paras if p.strip()]) for name, paras in sources]
+    for name, paras in sources:
+        if not paras:
+            raise GateSkipError(f"{name} has no non-empty paragraph")
+    folder = Path(out)
+    settings = collection_settings(model, max_tokens, batch_size, shard_size, skip_args)
+    state = process_state()
+    rank, world = state.process_index, state.num_processes
+    if state.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest = _plan(folder, settings, sources, log)
+        manifest.write(folder)
+    state.wait_for_everyone()
+    manifest = Manifest.read(folder)
+    by_digest = {_source_digest(paras): paras for _, paras in sources}
+
+    todo = []  # (shard index, source, paragraphs of the shard)
+    for source in manifest.sources:
+        paras = by_digest.get(source.sha256)
+        for j in range(source.shards):
+            k = source.first_shard + j
+            if k % world != rank:
+                continue
+            path = folder / shard_name(k)
+            if path.is_file():
+                stamp = shard_stamp(path)
+                if stamp is not None and stamp.get("settings") == manifest.digest and stamp.get("shard") == k:
+                    continue
+                if stamp is not None and stamp.get("settings") not in (None, manifest.digest):
+                    raise GateSkipError(
+                        f"shard {path.name} in {folder} was collected with other settings; refusing to overwrite it"
+                    )
+                log(f"{path.name} is damaged; collecting it again")
+            if paras is None:
+                raise GateSkipError(
+                    f"{folder} misses shards of {source.file}, which this call was not given; pass it with --file"
+                )
+            todo.append((k, source, paras[j * shard_size : (j + 1) * shard_size], j))
+    n_todo = sum(len(t[2]) for t in todo)
+    bar = tqdm(
+        total=n_todo,
+        disable=not show_progress,
+        desc=f"collect [{rank + 1}/{world}]" if world > 1 else "collect",
+        unit="seq",
+    )
+    new_tokens = truncated = done = 0
+    try:
+        for k, source, texts, j in todo:
+            first = source.first_sequence + j * shard_size
+            table, tokens, cut = _trace_shard(model, texts, first, settings, skip_args)
+            stamp = {
+                "settings": manifest.digest,
+                "shard": k,
+                "first_sequence": first,
+                "sequences": len(texts),
+                "tokens": tokens,
+            }
+            _write_shard(folder / shard_name(k), table, stamp)
+            new_tokens += tokens
+            truncated += cut
+            done += len(texts)
+            bar.update(len(texts))
+            if on_progress is not None:
+                on_progress(done, n_todo)
+    finally:
+        bar.close()
+    work = [(len(todo), n_todo, new_tokens, truncated)]
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        work = gather_object(work)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        manifest = _finish(folder, manifest)
+    state.wait_for_everyone()
+    manifest = Manifest.read(folder)
+    return {
+        "shards_written": sum(w[0] for w in work),
+        "sequences_written": sum(w[1] for w in work),
+        "tokens_written": sum(w[2] for w in work),
+        "truncated": sum(w[3] for w in work),
+        "shards": manifest.n_shards,
+        "sequences": manifest.n_sequences,
+        "tokens": manifest.tokens,
+        "processes": world,
+    }

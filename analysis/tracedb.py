@@ -1,0 +1,415 @@
+"""Corpus questions in SQL: DuckDB views over a trace dataset (or one trace file), out of core.
+
+    db = TraceDB("traces/")            # a dataset folder, a .parquet or a .csv trace file
+    db.sql("SELECT layer, avg(skipped) FROM traces WHERE branch = 'mlp' GROUP BY layer").df()
+
+Views (stable names):
+    traces   one row per token, layer and branch: the trace columns (`gateskip_core.trace`)
+    tokens   one row per token: sequence_id, position, token_id, token, token_type, eligible,
+             prompt_length (token_type as `analysis.flow.token_type`: bos, special, whitespace,
+             punctuation, digits, stopword, content)
+
+The statistics tables of `gateskip stats` (`layer_table`, `bos_table`, `token_type_table`,
+`token_table`) equal `analysis.flow.FlowStats`'s on the same traces, and the ready-made queries
+(`skip_rates`, `token_leaderboard`, `position_profile`, `type_profile`, `example_contexts`) give
+rates with Wilson 95% intervals (tokens counted as independent trials). DuckDB reads the Parquet
+shards directly and spills to disk past `memory_limit`: nothing is loaded into pandas but results.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from gateskip_core import BRANCHES, GateSkipError
+
+from .dataset import is_dataset_path, open_dataset
+from .flow import N_BINS, PERCENTILES, TOKEN_TYPES, token_type
+
+Z95 = 1.959963984540054
+POSITION_BUCKETS = (0, 1, 4, 16, 64, 256, 1024)  # bucket starts: [0], [1,4), [4,16), ...
+_CSV_TYPES = {
+    "sequence_id": "BIGINT",
+    "position": "BIGINT",
+    "token_id": "BIGINT",
+    "token": "VARCHAR",
+    "layer": "BIGINT",
+    "branch": "VARCHAR",
+    "gate": "DOUBLE",
+    "threshold": "DOUBLE",
+    "skipped": "BIGINT",
+    "eligible": "BIGINT",
+    "skip_budget": "DOUBLE",
+    "policy": "VARCHAR",
+    "model": "VARCHAR",
+    "gates": "VARCHAR",
+    "path": "VARCHAR",
+    "kv": "VARCHAR",
+    "protect_bos": "BIGINT",
+    "branches": "VARCHAR",
+    "prompt_length": "BIGINT",
+    "dense_flops": "DOUBLE",
+    "skipping_flops": "DOUBLE",
+    "executed_flops": "DOUBLE",
+    "gate_flops": "DOUBLE",
+}
+
+
+def wilson(k, n, z: float = Z95) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval of k successes in n trials (NaN where n = 0)."""
+    k, n = np.asarray(k, dtype=float), np.asarray(n, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = k / n
+        denom = 1 + z**2 / n
+        centre = (p + z**2 / (2 * n)) / denom
+        half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
+    return centre - half, centre + half
+
+
+def _quote(path: Path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+class TraceDB:
+    """An in-memory DuckDB connection with the `traces` and `tokens` views over `source`."""
+
+    def __init__(self, source: str | Path, memory_limit: str = "1GB", threads: int | None = None):
+        import duckdb
+
+        source = Path(source)
+        self.source = source
+        config = {"memory_limit": memory_limit}
+        if threads:
+            config["threads"] = int(threads)
+        self.con = duckdb.connect(":memory:", config=config)
+        if is_dataset_path(source):
+            self.dataset = open_dataset(source)
+            files = "[" + ", ".join(_quote(p) for p in self.dataset.shard_paths) + "]"
+            scan = f"read_parquet({files})"
+        elif not source.is_file():
+            raise GateSkipError(f"trace file not found: {source}")
+        elif source.suffix.lower() == ".csv":
+            self.dataset = None
+            types = "{" + ", ".join(f"'{c}': '{t}'" for c, t in _CSV_TYPES.items()) + "}"
+            scan = f"read_csv({_quote(source)}, header = true, columns = {types}, quote = '\"', escape = '\"')"
+        else:
+            self.dataset = None
+            scan = f"read_parquet({_quote(source)})"
+        try:
+            self.con.execute(f"CREATE VIEW raw_traces AS SELECT * FROM {scan}")
+            columns = [row[0] for row in self.con.execute("DESCRIBE raw_traces").fetchall()]
+            if "module" in columns and "branch" not in columns:  # files written before the rename
+                self.con.execute("CREATE VIEW traces AS SELECT * RENAME (module AS branch) FROM raw_traces")
+            else:
+                self.con.execute(
+                    "CREATE VIEW traces AS SELECT * REPLACE (coalesce(token, '') AS token) FROM raw_traces"
+                )
+            missing = [c for c in _CSV_TYPES if c not in self._columns("traces")]
+            if missing:
+                raise GateSkipError(f"not a GateSkip trace: missing columns {', '.join(missing)}")
+            self._make_tokens_view()
+        except duckdb.Error as err:
+            raise GateSkipError(f"cannot read traces {source}: {str(err).splitlines()[0]}") from None
+
+    def _columns(self, view: str) -> list[str]:
+        return [row[0] for row in self.con.execute(f"DESCRIBE {view}").fetchall()]
+
+    def _make_tokens_view(self) -> None:
+        # Token types depend on the string (and position 0 = bos); classify each distinct string once.
+        distinct = [
+            r[0]
+            for r in self.con.execute(
+                "SELECT DISTINCT token FROM traces WHERE layer = 0 AND branch = 'attn'"
+            ).fetchall()
+        ]
+        kinds = pd.DataFrame({"token": distinct, "token_type": [token_type(t, 1) for t in distinct]})
+        self.con.register("token_kinds_df", kinds)
+        self.con.execute("CREATE TABLE token_kinds AS SELECT * FROM token_kinds_df")
+        self.con.unregister("token_kinds_df")
+        self.con.execute(
+            """CREATE VIEW tokens AS
+            SELECT t.sequence_id, t.position, t.token_id, t.token,
+                   CASE WHEN t.position = 0 THEN 'bos' ELSE k.token_type END AS token_type,
+                   t.eligible, t.prompt_length
+            FROM traces t JOIN token_kinds k USING (token)
+            WHERE t.layer = 0 AND t.branch = 'attn'"""
+        )
+
+    def sql(self, query: str):
+        """A DuckDB relation of `query` (`.df()`, `.write_csv(path)`, `.write_parquet(path)`)."""
+        import duckdb
+
+        try:
+            return self.con.sql(query)
+        except duckdb.Error as err:
+            raise GateSkipError(f"query failed: {str(err).splitlines()[0]}") from None
+
+    def df(self, query: str, params: list | None = None) -> pd.DataFrame:
+        import duckdb
+
+        try:
+            return self.con.execute(query, params or []).df()
+        except duckdb.Error as err:
+            raise GateSkipError(f"query failed: {str(err).splitlines()[0]}") from None
+
+    def close(self) -> None:
+        self.con.close()
+
+    # ---- counts
+    def counts(self) -> dict[str, int]:
+        row = self.con.execute(
+            "SELECT count(DISTINCT sequence_id), count(*), max(layer) + 1 FROM traces WHERE layer = 0 AND branch = 'attn'"
+        ).fetchone()
+        n_layers = self.con.execute("SELECT max(layer) + 1 FROM traces").fetchone()[0]
+        return {"sequences": int(row[0]), "tokens": int(row[1]), "layers": int(n_layers or 0)}
+
+    # ---- the tables of `gateskip stats` (equal to FlowStats's)
+    def layer_table(self) -> pd.DataFrame:
+        sums = self.df(
+            """SELECT layer, branch, count(*) AS n, sum(gate) AS s, sum(gate * gate) AS ss,
+                   sum(CASE WHEN skipped = 1 AND eligible = 1 THEN 1 ELSE 0 END) AS skipped,
+                   sum(eligible) AS eligible,
+                   sum(CASE WHEN isfinite(threshold) THEN threshold ELSE 0 END) AS thr_sum,
+                   count(*) FILTER (WHERE isfinite(threshold)) AS thr_n,
+                   arg_min(skip_budget, sequence_id) AS skip_budget
+            FROM traces GROUP BY layer, branch"""
+        )
+        hist = self.df(
+            f"""SELECT layer, branch, least(greatest(floor(gate * {N_BINS}), 0), {N_BINS - 1})::BIGINT AS bin,
+                   count(*) AS n
+            FROM traces GROUP BY ALL"""
+        )
+        if sums.empty:
+            raise GateSkipError(f"{self.source} holds no trace rows")
+        n_layers = int(sums["layer"].max()) + 1
+        counts = np.zeros((n_layers, 2, N_BINS))
+        b_index = hist["branch"].map(BRANCHES.index).to_numpy()
+        np.add.at(counts, (hist["layer"].to_numpy(), b_index, hist["bin"].to_numpy()), hist["n"].to_numpy())
+        sums = sums.set_index(["layer", "branch"])
+        rows = []
+        for layer in range(n_layers):
+            for b, branch in enumerate(BRANCHES):
+                r = sums.loc[(layer, branch)]
+                n = float(r["n"])
+                mean = r["s"] / n
+                row = {
+                    "layer": layer,
+                    "branch": branch,
+                    "gate_mean": mean,
+                    "gate_std": float(np.sqrt(max(0.0, r["ss"] / n - mean**2))),
+                }
+                cdf = np.cumsum(counts[layer, b])
+                for p in PERCENTILES:
+                    idx = int(np.searchsorted(cdf, p / 100 * cdf[-1]))
+                    row[f"gate_p{p}"] = (min(idx, N_BINS - 1) + 0.5) / N_BINS
+                row["skip_rate"] = r["skipped"] / max(1, r["eligible"])
+                row["threshold"] = r["thr_sum"] / r["thr_n"] if r["thr_n"] else float("nan")
+                row["skip_budget"] = float(r["skip_budget"])
+                row["tokens"] = int(n)
+                rows.append(row)
+        return pd.DataFrame(rows)
+
+    def bos_table(self) -> pd.DataFrame:
+        per_layer = self.df(
+            """WITH lengths AS (
+                   SELECT sequence_id FROM traces WHERE layer = 0 AND branch = 'attn'
+                   GROUP BY sequence_id HAVING count(*) > 1),
+               first AS (
+                   SELECT t.sequence_id, t.layer, t.branch, t.gate AS g0
+                   FROM traces t SEMI JOIN lengths l ON t.sequence_id = l.sequence_id
+                   WHERE t.position = 0),
+               per_seq AS (
+                   SELECT t.sequence_id, t.layer, t.branch, any_value(f.g0) AS g0, avg(t.gate) AS others,
+                          1 + count(*) FILTER (WHERE t.gate > f.g0) AS rank
+                   FROM traces t JOIN first f USING (sequence_id, layer, branch)
+                   WHERE t.position > 0 GROUP BY ALL)
+            SELECT layer, branch, sum(g0) AS g0, sum(others) AS others, sum(rank) AS rank, count(*) AS n
+            FROM per_seq GROUP BY ALL"""
+        ).set_index(["layer", "branch"])
+        n_layers = self.counts()["layers"]
+        rows = []
+        for layer in range(n_layers):
+            for branch in BRANCHES:
+                r = per_layer.loc[(layer, branch)] if (layer, branch) in per_layer.index else None
+                n = int(r["n"]) if r is not None else 0
+                first = float(r["g0"]) / max(1, n) if r is not None else 0.0
+                others = float(r["others"]) / max(1, n) if r is not None else 0.0
+                rows.append(
+                    {
+                        "layer": layer,
+                        "branch": branch,
+                        "bos_gate": first,
+                        "others_gate": others,
+                        "ratio": first / others if others else float("nan"),
+                        "mean_rank": float(r["rank"]) / max(1, n) if r is not None else 0.0,
+                        "sequences": n,
+                    }
+                )
+        return pd.DataFrame(rows)
+
+    def token_type_table(self) -> pd.DataFrame:
+        table = self.df(
+            """SELECT k.token_type, t.layer, t.branch, count(*) AS tokens, avg(t.gate) AS gate_mean,
+                      sum(CASE WHEN t.skipped = 1 AND t.eligible = 1 THEN 1 ELSE 0 END) AS skipped,
+                      sum(t.eligible) AS eligible
+               FROM traces t JOIN (SELECT sequence_id, position, token_type FROM tokens) k
+                    USING (sequence_id, position)
+               GROUP BY ALL"""
+        )
+        table["skip_rate"] = np.where(table["eligible"] > 0, table["skipped"] / table["eligible"].clip(lower=1), np.nan)
+        table["order"] = (
+            table["token_type"].map(TOKEN_TYPES.index) * 10**6
+            + table["layer"] * 2
+            + table["branch"].map(BRANCHES.index)
+        )
+        table = table.sort_values("order", ignore_index=True)
+        table["tokens"] = table["tokens"].astype(int)
+        return table[["token_type", "layer", "branch", "gate_mean", "skip_rate", "tokens"]]
+
+    def token_table(self, min_count: int = 1) -> pd.DataFrame:
+        """Per token id: occurrences and mean importance (mean gate over layers and branches)."""
+        table = self.df(
+            """SELECT token_id, arg_min(token, sequence_id * 1000000 + position) AS token,
+                      count(*) FILTER (WHERE layer = 0 AND branch = 'attn') AS count, avg(gate) AS mean_gate
+               FROM traces GROUP BY token_id HAVING count(*) FILTER (WHERE layer = 0 AND branch = 'attn') >= ?""",
+            [int(min_count)],
+        )
+        table["count"] = table["count"].astype(int)
+        return table.sort_values(["mean_gate", "token_id"], ascending=[False, True], ignore_index=True)
+
+    # ---- ready-made queries
+    def skip_rates(self) -> pd.DataFrame:
+        """Per (layer, branch): eligible tokens, skipped, the skip rate with its 95% interval, mean gate."""
+        table = self.df(
+            """SELECT layer, branch, sum(eligible) AS eligible,
+                      sum(CASE WHEN skipped = 1 AND eligible = 1 THEN 1 ELSE 0 END) AS skipped, avg(gate) AS gate_mean
+               FROM traces GROUP BY ALL ORDER BY layer, branch"""
+        )
+        return _with_rate(table)
+
+    def token_leaderboard(
+        self,
+        layer: int,
+        branch: str,
+        min_count: int = 20,
+        token_types: list[str] | None = None,
+        limit: int = 20,
+        most_skipped: bool = True,
+    ) -> pd.DataFrame:
+        """The token strings that skip (layer, branch) most (or least) often, among those seen at
+        least `min_count` times as eligible tokens; optionally only some token types."""
+        _check_cell(layer, branch)
+        types = list(token_types or TOKEN_TYPES)
+        bad = [t for t in types if t not in TOKEN_TYPES]
+        if bad:
+            raise GateSkipError(f"unknown token type {bad[0]!r}; one of {', '.join(TOKEN_TYPES)}")
+        table = self.df(
+            f"""SELECT t.token, any_value(k.token_type) AS token_type, sum(t.eligible) AS eligible,
+                      sum(CASE WHEN t.skipped = 1 AND t.eligible = 1 THEN 1 ELSE 0 END) AS skipped,
+                      avg(t.gate) AS gate_mean
+               FROM traces t JOIN (SELECT sequence_id, position, token_type FROM tokens) k USING (sequence_id, position)
+               WHERE t.layer = ? AND t.branch = ? AND k.token_type IN ({", ".join("?" for _ in types)})
+               GROUP BY t.token HAVING sum(t.eligible) >= ?""",
+            [int(layer), branch, *types, int(min_count)],
+        )
+        table = _with_rate(table)
+        table = table.sort_values(["skip_rate", "eligible", "token"], ascending=[not most_skipped, False, True])
+        return table.head(int(limit)).reset_index(drop=True)
+
+    def position_profile(self, buckets: tuple[int, ...] = POSITION_BUCKETS) -> pd.DataFrame:
+        """Skip rate by position bucket and branch (over all layers)."""
+        edges = sorted(set(int(b) for b in buckets) | {0})
+        case = " ".join(f"WHEN position >= {e} THEN {i}" for i, e in reversed(list(enumerate(edges))))
+        table = self.df(
+            f"""SELECT CASE {case} END AS bucket, branch, sum(eligible) AS eligible,
+                      sum(CASE WHEN skipped = 1 AND eligible = 1 THEN 1 ELSE 0 END) AS skipped, avg(gate) AS gate_mean
+               FROM traces GROUP BY ALL ORDER BY bucket, branch"""
+        )
+        labels = [
+            (f"{e}" if i + 1 < len(edges) and edges[i + 1] == e + 1 else f"{e}-{edges[i + 1] - 1}")
+            if i + 1 < len(edges)
+            else f"{e}+"
+            for i, e in enumerate(edges)
+        ]
+        table.insert(0, "positions", [labels[int(b)] for b in table["bucket"]])
+        return _with_rate(table.drop(columns="bucket"))
+
+    def type_profile(self) -> pd.DataFrame:
+        """Skip rate by token type and branch (over all layers)."""
+        table = self.df(
+            """SELECT k.token_type, t.branch, sum(t.eligible) AS eligible,
+                      sum(CASE WHEN t.skipped = 1 AND t.eligible = 1 THEN 1 ELSE 0 END) AS skipped,
+                      avg(t.gate) AS gate_mean
+               FROM traces t JOIN (SELECT sequence_id, position, token_type FROM tokens) k USING (sequence_id, position)
+               GROUP BY ALL"""
+        )
+        table["order"] = table["token_type"].map(TOKEN_TYPES.index) * 2 + table["branch"].map(BRANCHES.index)
+        return _with_rate(table.sort_values("order", ignore_index=True).drop(columns="order"))
+
+    def example_contexts(
+        self, layer: int, branch: str, n: int = 10, lowest: bool = True, window: int = 10
+    ) -> pd.DataFrame:
+        """The `n` eligible occurrences with the lowest (or highest) gate at (layer, branch), each
+        with `window` tokens either side: one row per (example, context token), with that token's gate
+        and skip decision at (layer, branch) and how many of its branches were skipped in all."""
+        _check_cell(layer, branch)
+        order = "ASC" if lowest else "DESC"
+        return self.df(
+            f"""WITH picked AS (
+                   SELECT sequence_id, position, gate,
+                          row_number() OVER (ORDER BY gate {order}, sequence_id, position) AS example
+                   FROM traces WHERE layer = ? AND branch = ? AND eligible = 1
+                   ORDER BY gate {order}, sequence_id, position LIMIT ?),
+               cells AS (
+                   SELECT t.sequence_id, t.position, any_value(t.token) AS token,
+                          sum(t.skipped) AS skipped_cells,
+                          any_value(t.gate) FILTER (WHERE t.layer = ? AND t.branch = ?) AS gate,
+                          any_value(t.skipped) FILTER (WHERE t.layer = ? AND t.branch = ?) AS skipped
+                   FROM traces t SEMI JOIN picked p ON t.sequence_id = p.sequence_id
+                        AND t.position BETWEEN p.position - ? AND p.position + ?
+                   GROUP BY ALL)
+            SELECT p.example, p.sequence_id, p.position AS centre, c.position, c.position - p.position AS offset,
+                   c.token, c.gate, c.skipped, c.skipped_cells
+            FROM picked p JOIN cells c ON c.sequence_id = p.sequence_id
+                 AND c.position BETWEEN p.position - ? AND p.position + ?
+            ORDER BY p.example, c.position""",
+            [int(layer), branch, int(n), int(layer), branch, int(layer), branch, window, window, window, window],
+        )
+
+
+def _check_cell(layer: int, branch: str) -> None:
+    if branch not in BRANCHES:
+        raise GateSkipError(f"branch must be one of {', '.join(BRANCHES)}, got {branch!r}")
+    if int(layer) < 0:
+        raise GateSkipError(f"layer must be >= 0, got {layer}")
+
+
+def _with_rate(table: pd.DataFrame) -> pd.DataFrame:
+    table = table.copy()
+    table["eligible"] = table["eligible"].astype(int)
+    table["skipped"] = table["skipped"].astype(int)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        table["skip_rate"] = table["skipped"] / table["eligible"].where(table["eligible"] > 0)
+    table["ci_low"], table["ci_high"] = wilson(table["skipped"], table["eligible"])
+    return table
+
+
+def context_strings(contexts: pd.DataFrame) -> pd.DataFrame:
+    """One row per example: the context as text with the centre token in [brackets]."""
+    rows = []
+    for example, part in contexts.groupby("example", sort=True):
+        centre = part[part["offset"] == 0].iloc[0]
+        text = "".join(f"[{t}]" if o == 0 else t for t, o in zip(part["token"], part["offset"]))
+        rows.append(
+            {
+                "example": int(example),
+                "sequence_id": int(centre["sequence_id"]),
+                "position": int(centre["position"]),
+                "token": centre["token"],
+                "gate": float(centre["gate"]),
+                "context": text,
+            }
+        )
+    return pd.DataFrame(rows)
