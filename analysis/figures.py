@@ -23,8 +23,23 @@ def _label(tok: str) -> str:
     return tok.replace("\n", "\\n").replace(" ", "·") or "∅"
 
 
+CELL_FIELDS = ("token", "position", "layer", "threshold", "status", "branch", "gate")
+
+
+def clicked_cell(selection: dict | None) -> tuple[int, int, str] | None:
+    """(position, layer, branch) of the first heatmap cell in a Plotly selection event (Streamlit's
+    `st.plotly_chart(..., on_select="rerun")` result), or None when no cell is selected."""
+    points = ((selection or {}).get("selection") or {}).get("points") or []
+    for point in points:
+        data = point.get("customdata")
+        if isinstance(data, (list, tuple)) and len(data) == len(CELL_FIELDS):
+            return int(data[1]), int(data[2]), str(data[5])
+    return None
+
+
 def gate_heatmap(trace: Trace, sequence: int = 0, branches: tuple[str, ...] = BRANCHES) -> go.Figure:
-    """Layers x tokens heatmap of gate values per branch; skipped cells marked with x."""
+    """Layers x tokens heatmap of gate values per branch; skipped cells marked with x; every cell
+    clickable (an invisible marker with the cell's `CELL_FIELDS` as customdata, see `clicked_cell`)."""
     seq = trace.sequences[sequence]
     T, L = seq.n_tokens, trace.n_layers
     fig = make_subplots(
@@ -49,16 +64,22 @@ def gate_heatmap(trace: Trace, sequence: int = 0, branches: tuple[str, ...] = BR
             ],
             axis=-1,
         )
+        fig.add_trace(go.Heatmap(z=z, x=x, y=list(range(L)), coloraxis="coloraxis", hoverinfo="skip"), row=row, col=1)
+        # One invisible marker per cell carries the hover text and makes cells clickable: Plotly does not
+        # report clicks on heatmap cells as selections, but it does on markers (customdata: CELL_FIELDS).
+        cells = np.concatenate([custom, np.full((L, T, 1), branch, dtype=object), z[..., None]], -1).reshape(L * T, -1)
         fig.add_trace(
-            go.Heatmap(
-                z=z,
-                x=x,
-                y=list(range(L)),
-                customdata=custom,
-                coloraxis="coloraxis",
+            go.Scatter(
+                x=[x[t] for t in range(T)] * L,
+                y=np.repeat(np.arange(L), T),
+                mode="markers",
+                marker=dict(size=10, opacity=0),
+                customdata=cells,
+                showlegend=False,
+                name=f"{branch} cells",
                 hovertemplate=(
-                    f"token %{{customdata[0]|s}}<br>position %{{customdata[1]}}<br>layer %{{customdata[2]}}"
-                    f"<br>branch {branch}<br>gate %{{z:.4f}}<br>threshold %{{customdata[3]:.4f}}"
+                    "token %{customdata[0]|s}<br>position %{customdata[1]}<br>layer %{customdata[2]}"
+                    "<br>branch %{customdata[5]}<br>gate %{customdata[6]:.4f}<br>threshold %{customdata[3]:.4f}"
                     "<br>%{customdata[4]}<extra></extra>"
                 ),
             ),

@@ -120,9 +120,32 @@ def query_latencies(dataset: str | Path) -> list[dict]:
             call()
             seconds = time.perf_counter() - start
         rows.append({"query": name, "seconds": seconds, "peak_rss_mb": mem.peak / 2**20})
+    db.close()
+    with _PeakRSS() as mem:  # what the dashboard's Corpus view computes on its first render, on a new connection
+        start = time.perf_counter()
+        corpus_view_first_render(dataset)
+        seconds = time.perf_counter() - start
+    rows.append({"query": "dashboard_first_render", "seconds": seconds, "peak_rss_mb": mem.peak / 2**20})
     for row in rows:
         row.update(tokens=counts["tokens"], trace_rows=counts["tokens"] * counts["layers"] * 2)
     return rows
+
+
+def corpus_view_first_render(dataset: str | Path) -> None:
+    """The library calls and figures of the Corpus view's first render (`dashboard.app.corpus_view`)."""
+    from analysis import figures
+    from analysis.flow import TOKEN_TYPES
+    from dashboard import service
+
+    db = service.corpus_db(str(dataset))
+    counts = db.counts()
+    figures.corpus_skip_heatmap(db.skip_rates()).to_json()
+    last = counts["layers"] - 1
+    db.token_leaderboard(last, "mlp", 20, list(TOKEN_TYPES), 25)
+    figures.context_strips(db.example_contexts(last, "mlp", n=8, lowest=True)).to_json()
+    db.position_profile()
+    db.type_profile()
+    db.close()
 
 
 def query_latencies_in_fresh_process(dataset: Path) -> list[dict]:

@@ -208,7 +208,9 @@ def explore_view(cfg: service.Settings) -> None:
     layout = st.radio("Heatmap", ["side by side", "attn", "mlp"], horizontal=True, key="heat_layout")
     branches = ("attn", "mlp") if layout == "side by side" else (layout,)
     heat = figures.gate_heatmap(shown, branches=branches)
-    st.plotly_chart(heat, key="heatmap")
+    event = st.plotly_chart(heat, key="heatmap", on_select="rerun", selection_mode="points")
+    st.caption("Click a cell to see why its gate is low (gate attribution, below).")
+    select_cell(figures.clicked_cell(event), seq.n_tokens, view.spec.n_layers)
 
     attribution_panel(cfg, text, chat, seq)
 
@@ -253,10 +255,22 @@ def explore_view(cfg: service.Settings) -> None:
     figure_download(c3, "Token strip (HTML)", strip, "token_strip.html")
 
 
+def select_cell(cell: tuple[int, int, str] | None, n_tokens: int, n_layers: int) -> None:
+    """A clicked heatmap cell becomes the attribution panel's choice (set before its widgets exist)."""
+    if cell is None or cell == st.session_state.get("attr_clicked"):
+        return
+    position, layer, branch = cell
+    if 0 <= position < n_tokens and 0 <= layer < n_layers:
+        st.session_state.update(
+            attr_clicked=cell, attr_on=True, attr_pos=position, attr_layer=layer, attr_branch=branch
+        )
+
+
 def attribution_panel(cfg: service.Settings, text: str, chat: bool, seq) -> None:
-    """Why a gate is low: choose a cell of the heatmap, see the terms of its pre-activation."""
+    """Why a gate is low: click (or choose) a cell of the heatmap, see the terms of its pre-activation."""
     view = cfg.view
-    with st.expander("Why is this gate low? Gate attribution for one cell", expanded=False):
+    clicked = st.session_state.get("attr_clicked") is not None
+    with st.expander("Why is this gate low? Gate attribution for one cell", expanded=clicked):
         if view.gates is None:
             st.info("No gates to attribute: load gates first.")
             return

@@ -81,3 +81,27 @@ def test_prompt_and_slider_in_real_chromium(server):
     header = csv_path.read_text().splitlines()[0]
     assert header.startswith("sequence_id,position,token_id,token,layer,branch,gate,threshold,skipped")
     assert after > before, f"skipped count did not change after moving the slider ({before} -> {after})"
+
+
+def test_clicking_a_heatmap_cell_explains_that_gate_in_real_chromium(server):
+    """A click on a cell of the Explore heatmap selects it for gate attribution (the panel opens on it)."""
+    playwright = require_browser()
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(server.url)
+        page.get_by_text("Skipped branch evaluations").wait_for(timeout=90_000)
+        heatmap = page.locator(".js-plotly-plot").nth(1)  # the token strip comes first
+        heatmap.scroll_into_view_if_needed()
+        page.wait_for_timeout(1000)
+        # The cell markers: invisible (opacity 0), one per (layer, token); pick one in the middle.
+        cells = heatmap.locator(".scatterlayer path.point[style*='opacity: 0']")
+        assert cells.count() > 10, "the heatmap has no clickable cells"
+        target = cells.nth(cells.count() // 3)
+        box = target.bounding_box()
+        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        caption = page.get_by_text(re.compile(r"token .* \(position \d+\) (ran|skipped) layer \d+'s (attn|mlp)"))
+        caption.wait_for(timeout=60_000)
+        text = caption.inner_text()
+        browser.close()
+    assert re.search(r"\(position \d+\)", text)

@@ -269,3 +269,19 @@ def test_the_dashboards_collection_of_an_uploaded_text_reports_progress_and_reop
     assert db.counts()["sequences"] == 150
     with pytest.raises(GateSkipError, match="holds no text"):
         service.collect_corpus(view, "  \n\n ", "empty.txt", tmp_path / "e")
+
+
+def test_every_heatmap_cell_is_a_clickable_marker_that_names_its_cell():
+    from analysis import figures
+
+    model = load_model("tiny-llama", gates="untrained")
+    trace = model.trace("Gates decide which tokens skip.", skip=0.3)
+    seq = trace.sequences[0]
+    fig = figures.gate_heatmap(trace)
+    cells = [t for t in fig.data if t.type == "scatter" and t.customdata is not None]
+    assert [len(t.customdata) for t in cells] == [seq.n_tokens * trace.n_layers] * 2
+    row = next(r for r in cells[1].customdata if r[1] == 3 and r[2] == 2)  # (position 3, layer 2) of the mlp
+    assert row[5] == "mlp" and row[6] == seq.gate[3, 2, 1] and row[4] == ("skipped" if seq.skipped[3, 2, 1] else "kept")
+    event = {"selection": {"points": [{"x": "3:x", "y": 2, "customdata": list(row)}]}}
+    assert figures.clicked_cell(event) == (3, 2, "mlp")
+    assert figures.clicked_cell({"selection": {"points": []}}) is None and figures.clicked_cell(None) is None
