@@ -518,7 +518,9 @@ def bench_corpus(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
                         "trace_rows": q["trace_rows"],
                     }
                 )
-            worst = max(r["seconds"] for r in rows if r["measure"].startswith("query") and r["tokens"] == rows[-1]["tokens"])
+            worst = max(
+                r["seconds"] for r in rows if r["measure"].startswith("query") and r["tokens"] == rows[-1]["tokens"]
+            )
             log(f"corpus: {rows[-1]['tokens']} tokens (synthesised): slowest query {worst:.2f} s")
             import shutil
 
