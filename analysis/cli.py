@@ -298,17 +298,33 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
     text = args.text if args.text is not None else "\n\n".join(_paragraphs_of(args.file))
     if not text.strip():
         raise GateSkipError("text is empty")
+    if args.texts > 1 and args.file is None:
+        raise GateSkipError("--texts streams blocks of a corpus: give it with --file")
     model = load_model(args.model, gates=args.gates, device=args.device)
     start = time.perf_counter()
-    entries, signals = faithfulness(
-        model,
-        text,
-        n_exact=args.exact,
-        seed=args.seed,
-        max_tokens=args.max_tokens,
-        batch_size=args.batch_size,
-        skip_fraction=args.skip_fraction,
-    )
+    if args.texts > 1:
+        from .faithfulness import corpus_harm, signal_table
+
+        entries = corpus_harm(
+            model,
+            _paragraphs_of(args.file),
+            args.texts,
+            n_entries=args.exact,
+            seed=args.seed,
+            seq_len=args.max_tokens,
+            batch_size=args.batch_size,
+        )
+        signals = signal_table(entries, args.skip_fraction)
+    else:
+        entries, signals = faithfulness(
+            model,
+            text,
+            n_exact=args.exact,
+            seed=args.seed,
+            max_tokens=args.max_tokens,
+            batch_size=args.batch_size,
+            skip_fraction=args.skip_fraction,
+        )
     seconds = time.perf_counter() - start
     outputs = {out: _csv(signals), **({entries_out: _csv(entries)} if entries_out else {})}
     if figure:
@@ -320,7 +336,8 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
     print(signals.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     tracks = entries[["estimate", "delta_loss"]].corr(method="spearman").iloc[0, 1]
     print(f"first-order estimate vs exact loss change: Spearman {tracks:.3f}")
-    print(f"{len(entries)} exact single-entry ablations in {seconds:.0f} s")
+    blocks = f" over {args.texts} texts" if args.texts > 1 else ""
+    print(f"{len(entries)} exact single-entry ablations{blocks} in {seconds:.0f} s")
     print(f"wrote {', '.join(map(str, outputs))}")
     return 0
 
@@ -447,6 +464,12 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
         type=cli_type(whole_number, "--exact"),
         default=600,
         help="entries ablated exactly, the same number from every (layer, branch)",
+    )
+    p.add_argument(
+        "--texts",
+        type=cli_type(whole_number, "--texts"),
+        default=1,
+        help="stream the --file corpus: this many consecutive blocks of --max-tokens tokens, --exact entries each",
     )
     p.add_argument(
         "--batch-size", type=cli_type(whole_number, "--batch-size"), default=16, help="ablations per forward"

@@ -1,6 +1,6 @@
 """Gate faithfulness: the exact harm of single skips, and which signal predicts it.
 
-For one text, a stratified sample of (token, layer, branch) entries — the same number from every
+For one text (or each block of a corpus, streamed: `corpus_harm`), a stratified sample of (token, layer, branch) entries — the same number from every
 (layer, branch) — is ablated one at a time: the model re-runs with only that entry skipped, and
 its *harm* is the KL divergence between the unablated and the ablated next-token distributions,
 summed over every position from the skipped token on (also: the change of the loss on the true
@@ -25,7 +25,7 @@ stratum's entries a signal ranks lowest, against random choice (f of the total) 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +36,7 @@ from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 from gateskip_core import BRANCHES, Capture, GatedModel, GateSkipError, SkipBudget
+from gateskip_core.data import token_blocks
 from gateskip_core.policies import BranchInput, Decision, SkipPolicy
 from gateskip_core.validation import whole_number
 
@@ -86,12 +87,56 @@ def exact_harm(
     on_step: Callable[[int, int], None] | None = None,
 ) -> pd.DataFrame:
     """One row per sampled entry: its signals and its exact harm (see the module docstring)."""
+    batch = model.encode([text], max_tokens=max_tokens)
+    return _exact_harm_of_ids(model, batch.input_ids, n_entries, seed, batch_size, show_progress, on_step)
+
+
+def corpus_harm(
+    model: GatedModel,
+    texts: Iterable[str],
+    n_texts: int,
+    n_entries: int = 600,
+    seed: int = 0,
+    seq_len: int = 128,
+    batch_size: int = 16,
+    show_progress: bool = True,
+    on_step: Callable[[int, int], None] | None = None,
+) -> pd.DataFrame:
+    """`exact_harm` streamed over a corpus: its token stream cut into `n_texts` consecutive blocks of
+    `seq_len` tokens (BOS first), `n_entries` entries sampled from each (seed + block index); one
+    row per entry with a `text` column (the block). Memory holds one block's ablations at a time."""
+    n_texts = whole_number("n_texts", n_texts)
+    seq_len = whole_number("seq_len", seq_len, minimum=3)
+    rows = []
+    bar = tqdm(total=n_texts, disable=not show_progress, desc="texts")
+    for i, block in enumerate(token_blocks(model.tokenizer, texts, seq_len)):
+        if i == n_texts:
+            break
+        table = _exact_harm_of_ids(model, block[None], n_entries, seed + i, batch_size, False, None)
+        rows.append(table.assign(text=i))
+        bar.update(1)
+        if on_step is not None:
+            on_step(i + 1, n_texts)
+    bar.close()
+    if len(rows) < n_texts:
+        raise GateSkipError(f"the corpus holds {len(rows)} blocks of {seq_len} tokens, fewer than the {n_texts} asked")
+    return pd.concat(rows, ignore_index=True)
+
+
+def _exact_harm_of_ids(
+    model: GatedModel,
+    ids: torch.Tensor,
+    n_entries: int,
+    seed: int,
+    batch_size: int,
+    show_progress: bool,
+    on_step: Callable[[int, int], None] | None,
+) -> pd.DataFrame:
     n_entries = whole_number("n_entries", n_entries)
     batch_size = whole_number("batch_size", batch_size)
     if model.gates is None:
         raise GateSkipError("harm analysis needs gates; load gates first")
-    batch = model.encode([text], max_tokens=max_tokens)
-    ids = batch.input_ids.to(model.device)
+    ids = ids.to(model.device)
     T, L = ids.shape[1], model.spec.n_layers
     entries = sample_entries(T, L, n_entries, seed)
     signals = _signals(model, ids)

@@ -12,7 +12,7 @@ from analysis.faithfulness import faithfulness
 from analysis.flow import FlowStats, layer_skip_summary, token_layer_matrix, token_type
 from analysis.quality import evaluation_blocks
 from analysis.sweep import METHODS, at_matched_savings, block_influence, shortgpt_layers, sweep
-from gateskip_core import read_trace
+from gateskip_core import GateSkipError, read_trace
 from gateskip_core.data import paragraphs, pydoc_texts
 
 from .conftest import run_cli as run
@@ -310,3 +310,35 @@ def test_token_strip_wraps_long_prompts_and_keeps_every_token_once(tiny):
     assert labels == [figures._label(t) for t in seq.tokens]
     counts = [c for row in heat.z for c in row if c is not None]
     assert counts == seq.skipped.sum(axis=(1, 2)).tolist()
+
+
+def test_harm_streamed_over_a_corpus_is_each_blocks_own_exact_harm(tiny_llama):
+    """`corpus_harm`: the corpus's token stream in consecutive blocks, each ablated as a text of its own."""
+    from analysis.faithfulness import _exact_harm_of_ids, corpus_harm
+    from gateskip_core.data import token_blocks
+
+    texts = [p for t in pydoc_texts("validation")[:3] for p in paragraphs(t)]
+    entries = corpus_harm(tiny_llama, texts, n_texts=3, n_entries=8, seq_len=24, batch_size=8, show_progress=False)
+    assert sorted(entries["text"].unique()) == [0, 1, 2]
+    blocks = list(token_blocks(tiny_llama.tokenizer, texts, 24))[:3]
+    for i, block in enumerate(blocks):
+        alone = _exact_harm_of_ids(tiny_llama, block[None], 8, i, 8, False, None)
+        part = entries[entries["text"] == i].drop(columns="text").reset_index(drop=True)
+        pd.testing.assert_frame_equal(part, alone)
+    assert entries.groupby("text").size().nunique() == 1
+    with pytest.raises(GateSkipError, match="fewer than the 500 asked"):
+        corpus_harm(tiny_llama, texts[:2], n_texts=500, n_entries=2, seq_len=24, show_progress=False)
+
+
+def test_faithfulness_cli_streams_a_corpus_with_texts(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(pydoc_texts("validation")[:2]))
+    entries = tmp_path / "e.csv"
+    common = ["faithfulness", "--model", "tiny-llama", "--gates", "untrained", "--exact", "4", "--max-tokens", "16"]
+    res = run(
+        *common, "--file", str(corpus), "--texts", "3", "--out", str(tmp_path / "f.csv"), "--entries-out", str(entries)
+    )
+    assert res.returncode == 0, res.stderr
+    assert "over 3 texts" in res.stdout and sorted(pd.read_csv(entries)["text"].unique()) == [0, 1, 2]
+    bad = run(*common, "--text", "Hello there, a fine day.", "--texts", "2", "--out", str(tmp_path / "g.csv"))
+    assert bad.returncode == 2 and "--texts streams blocks of a corpus" in bad.stderr
