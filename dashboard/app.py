@@ -578,34 +578,41 @@ def corpus_connection(path: str):
 
 
 def compare_view(cfg: service.Settings) -> None:
+    """Two (model, gates) choices side by side on the same prompt and budget: two gate sets of one
+    model, or two models (e.g. SmolLM2 vs Gemma-3, each with its shipped gates)."""
     shown = explored_trace()
     if shown is None:
         return
-    choices = [c for c in service.gate_choices(cfg.model_name) if c != "upload"]
+    names = list(REGISTRY)
     left, right = st.columns(2)
-    specs = [
-        left.selectbox("Left gates", choices, index=0, key="cmp_left"),
-        right.selectbox("Right gates", choices, index=min(1, len(choices) - 1), key="cmp_right"),
-    ]
+    sides = []
+    for col, side, default_gates in ((left, "left", 0), (right, "right", 1)):
+        name = col.selectbox(f"{side.title()} model", names, index=names.index(cfg.model_name), key=f"cmp_{side}_model")
+        choices = [c for c in service.gate_choices(name) if c != "upload"]
+        index = min(default_gates, len(choices) - 1) if name == cfg.model_name else 0
+        spec = col.selectbox(f"{side.title()} gates", choices, index=index, key=f"cmp_{side}_gates_{name}")
+        sides.append((name, spec))
     branch = st.radio("Branch", ["mlp", "attn"], horizontal=True, key="cmp_module")
     text = shown.sequences[0].text
     if st.button("Compare on the current prompt and budget", key="run_compare"):
         results = {}
-        for spec in specs:
-            view = gated_view(cfg.model_name, spec, None, None)
+        for name, spec in sides:
             try:
+                with st.spinner(f"Loading {name} (the first load converts it once)…"):
+                    view = gated_view(name, spec, None, None)
+                settings = service.settings_for(cfg, name, view)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    results[spec] = service.exact(view, text, False, cfg)
+                    results[(name, spec)] = service.exact(view, text, False, settings)
             except GateSkipError as err:
-                results[spec] = str(err)
-        st.session_state["compare"] = (specs, results)
+                results[(name, spec)] = str(err)
+        st.session_state["compare"] = (sides, results)
     stored = st.session_state.get("compare")
     if stored is None:
         return
-    for col, spec in zip((left, right), stored[0]):
-        col.markdown(f"**{spec}**")
-        result = stored[1][spec]
+    for col, (name, spec) in zip((left, right), stored[0]):
+        col.markdown(f"**{name} · {spec}**")
+        result = stored[1][(name, spec)]
         if isinstance(result, str):
             col.error(result)
             continue

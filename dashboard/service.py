@@ -103,6 +103,17 @@ class Settings:
         )
 
 
+def settings_for(settings: Settings, model_name: str, view: GatedModel) -> Settings:
+    """The sidebar's settings for another model's view: per-layer budgets become their mean (the
+    other model has its own layers), everything else carries over."""
+    import dataclasses
+
+    budget = settings.budget
+    if not isinstance(budget, (int, float)) and model_name != settings.model_name:
+        budget = float(np.mean(budget))
+    return dataclasses.replace(settings, model_name=model_name, view=view, budget=budget)
+
+
 def policy_for(view: GatedModel, policy: str) -> str:
     """The one fallback rule: without gates every gate counts as 1.0, so only random skipping can choose."""
     return policy if view.gates is not None else "random"

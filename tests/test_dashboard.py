@@ -142,6 +142,19 @@ def test_compare_view_shows_two_gate_sets(app):
     assert labels.count("Top-1 agreement") >= 3  # explore's, plus one per side
 
 
+def test_compare_view_puts_two_models_side_by_side(app):
+    """Llama vs Gemma-3 architecture on the same prompt and budget (per-layer budgets become their mean)."""
+    app.sidebar.checkbox(key="per_layer_on").check().run()
+    app.selectbox(key="cmp_right_model").set_value("tiny-gemma3").run()
+    assert app.selectbox(key="cmp_right_gates_tiny-gemma3").value == "untrained"  # its first gate choice
+    app.button(key="run_compare").click().run()
+    assert not app.exception
+    titles = [m.value for m in app.markdown if "·" in m.value]
+    assert titles == ["**tiny-llama · untrained**", "**tiny-gemma3 · untrained**"]
+    labels = [m.label for m in app.metric]
+    assert labels.count("Skipped fraction") >= 3 and not app.error
+
+
 def test_no_gates_falls_back_to_random_with_a_hint(app):
     app.sidebar.selectbox(key="gates").set_value("none").run()  # policy still "quantile"
     assert not app.exception and not app.error  # one rule for every view: no gates -> random skipping
