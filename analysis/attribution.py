@@ -150,3 +150,109 @@ def gate_attribution(model: GatedModel, text: str, layer: int, branch: str, posi
     ):
         raise GateSkipError(f"position must be a whole number in [0, {len(result.tokens) - 1}], got {position!r}")
     return result.cell(int(position))
+
+
+def attention_sources(
+    model: GatedModel,
+    text: str,
+    layer: int,
+    branch: str,
+    position: int,
+    source_layer: int,
+    max_tokens: int = 512,
+    chat: bool = False,
+    **skip_args,
+) -> pd.DataFrame:
+    """The term of component `L{source_layer}.attn` in the gate at (position, layer, branch), split by
+    the source position whose value vector carried it.
+
+    With the softmax weights of that attention layer, its post-norm's scale (Gemma-3) and the gate
+    multiplying its output held at their values in the run, what the layer added at a token is a sum
+    over source positions s <= token: weight x value of s, through o_proj, the post-norm and the
+    gate. Each source's share of the gate's pre-activation follows as for whole components. One row
+    per source (source_position, token, term; largest |term| first); the terms sum to the component's
+    term (checked). A token that skipped that attention has one row, source 'stand-in' (the stand-in
+    it added instead, or nothing)."""
+    whole = gate_attributions(model, text, layer, branch, max_tokens=max_tokens, chat=chat, **skip_args)
+    if isinstance(source_layer, bool) or not isinstance(source_layer, (int, np.integer)):
+        raise GateSkipError(f"source_layer must be a whole number, got {source_layer!r}")
+    earlier = int(layer) + (1 if branch == "mlp" else 0)
+    if not 0 <= source_layer < earlier:
+        raise GateSkipError(f"L{source_layer}.attn is not an earlier component of layer {layer}'s {branch} gate")
+    if not 0 <= position < len(whole.tokens):
+        raise GateSkipError(f"position must be a whole number in [0, {len(whole.tokens) - 1}], got {position!r}")
+    component = whole.components.index(f"L{source_layer}.attn")
+    batch = model.encode([text], chat=chat, max_tokens=max_tokens)
+    plan = model.make_plan(**{**skip_args, "path": "masked"})
+    out = model.forward(
+        batch.input_ids,
+        batch.attention_mask,
+        plan,
+        capture=Capture(hidden_states=True, branch_io=True, gate_vectors=True),
+    )
+    src, t = int(source_layer), int(position)
+    x_all, delta_all = out.branch_io[2 * src][0][0], out.branch_io[2 * src][1][0]  # [T, d] input and what was added
+    skipped_before = out.skipped[0, :, :src, :].reshape(len(whole.tokens), -1).any(-1)
+    if bool(out.skipped[0, t, src, 0]):
+        contributions = delta_all[t][None].float()
+        labels, tokens = ["stand-in"], [whole.tokens[t]]
+    else:
+        contributions = _attention_by_source(model, plan, out, src, t, x_all, skipped_before)
+        if not torch.allclose(contributions.sum(0), delta_all[t].float(), atol=1e-4, rtol=1e-3):
+            err = float((contributions.sum(0) - delta_all[t].float()).abs().max())
+            raise GateSkipError(f"attention split does not add up at L{src} (max error {err:.2e}); please report this")
+        labels, tokens = list(range(t + 1)), whole.tokens[: t + 1]
+    index = 2 * int(layer) + BRANCHES.index(branch)
+    parts = [out.hidden_states[0][0]] + [d[0] for _, d in out.branch_io[:index]]
+    norm = model.spec.layers[int(layer)]
+    norm = norm.attn_norm if branch == "attn" else norm.mlp_norm
+    scale = norm.scale(torch.stack(parts).sum(0))[t]  # [d]
+    gate = model.gates.gate(int(layer), branch)
+    with torch.no_grad():
+        zero = gate.preactivation(torch.zeros(1, model.spec.d_model, dtype=model.dtype, device=model.device))
+        terms = (gate.preactivation((scale * contributions).to(model.dtype)) - zero).float().mean(-1)
+    table = pd.DataFrame({"source_position": labels, "token": tokens, "term": terms.cpu().numpy().astype(np.float64)})
+    table = table.reindex(table["term"].abs().sort_values(ascending=False).index).reset_index(drop=True)
+    table.attrs.update(component=f"L{src}.attn", component_term=float(whole.terms[t, component]), token=whole.tokens[t])
+    return table
+
+
+def _attention_by_source(model: GatedModel, plan, out, layer: int, t: int, x: torch.Tensor, adapted_before):
+    """[t+1, d]: what attention layer `layer` added at token t, one row per source position."""
+    from gateskip_core.execution import project_kv, project_q
+
+    spec = model.spec
+    T = x.shape[0]
+    scoped = plan.adapter_scope == "skipped"
+    # Under scope 'skipped' a token uses the adapted weights (gate-scaled) once it has skipped a
+    # branch (this attention included: it ran, so not at t; but sources may have); else the original.
+    adapted = adapted_before | out.skipped[0, :, layer, 0] if scoped else torch.ones(T, dtype=torch.bool)
+    groups = [(spec.layers[layer], True)] + ([(model.original_spec.layers[layer], False)] if scoped else [])
+    positions = torch.arange(T, device=x.device)
+    cos, sin = spec.rope_for(spec.layers[layer].rope_kind, x[None], positions[None])
+    cos, sin = cos[0], sin[0]
+    k = v = q = None
+    for parts, is_adapted in groups:
+        members = adapted if is_adapted else ~adapted
+        kg, vg = project_kv(parts, spec, x, cos, sin)  # [T, H_kv, hd]
+        qg = project_q(parts, spec, x, cos, sin)  # [T, H, hd]
+        k = kg if k is None else torch.where(members[:, None, None], kg, k)
+        v = vg if v is None else torch.where(members[:, None, None], vg, v)
+        q = qg if q is None else torch.where(members[:, None, None], qg, q)
+    own = next(p for p, a in groups if a == bool(adapted[t]))  # the weights token t's query side ran with
+    group_size = spec.n_heads // spec.n_kv_heads
+    k_t = k[: t + 1].repeat_interleave(group_size, dim=1)  # [t+1, H, hd]
+    v_t = v[: t + 1].repeat_interleave(group_size, dim=1)
+    scores = torch.einsum("hd,shd->hs", q[t].float(), k_t.float()) * spec.attn_scale  # [H, t+1]
+    window = spec.layers[layer].sliding_window
+    if window is not None:
+        scores = scores.masked_fill(positions[: t + 1][None] <= t - window, float("-inf"))
+    weights = torch.softmax(scores, -1)
+    per_source = torch.einsum("hs,shd->shd", weights, v_t.float()).reshape(t + 1, -1)  # [t+1, H*hd]
+    y = own.o_proj(per_source.to(model.dtype)).float()  # o_proj is linear (no bias): one row per source
+    post = own.attn_post_norm
+    if post is not None:  # held at its scale for the whole output
+        y = post.scale(y.sum(0, keepdim=True).to(model.dtype)).float() * y
+    if bool(adapted[t]) and out.gate_vectors is not None:
+        y = out.gate_vectors[0, t, layer, 0].float() * y
+    return y

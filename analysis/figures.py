@@ -449,3 +449,34 @@ def context_strips(contexts: pd.DataFrame, value: str = "gate") -> go.Figure:
         yaxis=dict(autorange="reversed"),
     )
     return fig
+
+
+def attention_source_figure(sources: pd.DataFrame, top: int = 12) -> go.Figure:
+    """One attention component's term split by source token (`analysis.attribution.attention_sources`):
+    the largest, the rest summed into one bar."""
+    shown = sources.head(top)
+    names = [
+        f"{p}: {_label(t)}" if p != "stand-in" else f"stand-in ({_label(t)})"
+        for p, t in zip(shown["source_position"], shown["token"])
+    ]
+    values = list(shown["term"])
+    if len(sources) > top:
+        names.append(f"{len(sources) - top} other sources")
+        values.append(float(sources["term"].iloc[top:].sum()))
+    fig = go.Figure(
+        go.Bar(
+            x=values[::-1],
+            y=names[::-1],
+            orientation="h",
+            marker_color=["#d62728" if v < 0 else "#1f77b4" for v in values[::-1]],
+            hovertemplate="%{y}: %{x:+.3f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        height=120 + 22 * len(names),
+        margin=dict(l=20, r=20, t=30, b=20),
+        xaxis_title="contribution through this source token's value vector",
+        title=f"{sources.attrs.get('component', 'attention')}: {sources.attrs.get('component_term', float('nan')):+.3f}"
+        " = sum of the bars",
+    )
+    return fig

@@ -246,3 +246,17 @@ def token_layer_matrix(trace: Trace, sequence: int = 0, branch: str = "attn", va
     data = seq.gate[:, :, b] if value == "gate" else seq.skipped[:, :, b].astype(np.int8)
     index = [f"{i}:{tok!r}" for i, tok in enumerate(seq.tokens)]
     return pd.DataFrame(data, index=index, columns=list(range(trace.n_layers)))
+
+
+def by_attention_kind(layer_table: pd.DataFrame, sliding: list[bool]) -> pd.DataFrame:
+    """Gate mean and skip rate of the layers with sliding-window attention against those with global
+    attention (Gemma-3 alternates them), per branch: do gates treat the two kinds differently?
+    `sliding[i]`: layer i's attention is sliding-window."""
+    if len(sliding) != layer_table["layer"].nunique():
+        raise ValueError(f"{len(sliding)} attention kinds for {layer_table['layer'].nunique()} layers")
+    table = layer_table.assign(attention=[("sliding" if sliding[i] else "global") for i in layer_table["layer"]])
+    return (
+        table.groupby(["attention", "branch"], sort=True)
+        .agg(layers=("layer", "nunique"), gate_mean=("gate_mean", "mean"), skip_rate=("skip_rate", "mean"))
+        .reset_index()
+    )

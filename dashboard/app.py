@@ -316,6 +316,28 @@ def attribution_panel(cfg: service.Settings, text: str, chat: bool, seq) -> None
             "text/csv",
             key="download_attribution",
         )
+        attention = [c for c in cell["component"] if c.endswith(".attn")]
+        if attention:
+            split = st.selectbox(
+                "Split an attention component by source token",
+                ["(none)"] + attention,
+                key="attr_split",
+                help="which earlier tokens' value vectors carried that attention layer's push on this gate",
+            )
+            if split != "(none)":
+                try:
+                    sources = service.attention_sources(
+                        view, text, chat, cfg, layer, branch, position, int(split[1:].split(".")[0])
+                    )
+                except GateSkipError as err:
+                    st.error(str(err))
+                    return
+                st.plotly_chart(figures.attention_source_figure(sources), key="attribution_sources_fig")
+                st.caption(
+                    "With that layer's attention weights, its output norm's scale and its gate held at their "
+                    "values in the run, what it added at this token is a sum over earlier tokens: each one's "
+                    "weight times its value vector; the bars are each source's share of the gate's pre-activation."
+                )
 
 
 def explored_trace():

@@ -204,6 +204,25 @@ def attribution(model: GatedModel, text: str, chat: bool, settings: Settings, la
     )
 
 
+def attention_sources(
+    model: GatedModel, text: str, chat: bool, settings: Settings, layer: int, branch: str, position: int, source: int
+):
+    """The term of attention layer `source` in the gate at (position, layer, branch), by source token."""
+    from analysis.attribution import attention_sources as split
+
+    return split(
+        model,
+        text,
+        layer,
+        branch,
+        position,
+        source,
+        max_tokens=MAX_PROMPT_TOKENS,
+        chat=chat,
+        **settings.skip_args(model),
+    )
+
+
 def why(model: GatedModel, text: str, n_entries: int, skip_fraction: float, on_step=None):
     """Exact harm of `n_entries` single skips on `text` and the signal comparison: (entries, signals)."""
     from analysis.faithfulness import faithfulness

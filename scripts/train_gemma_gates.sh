@@ -11,10 +11,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p runs gateskip_core/shipped_gates
 export OMP_NUM_THREADS="${THREADS:-2}"
-STEPS="${STEPS:-300}"
+STEPS="${STEPS:-250}"
 gateskip train --model gemma3-270m --gate lowrank:16 --adapter lora:16 --distill --teacher-top-k 64 \
     --adapter-scope skipped --skip-fill lowrank:16 \
     --steps "$STEPS" --seq-len 128 --batch 4 --lr 1e-2 --adapter-lr 1e-3 --sparsity-weight 0.05 \
     --budget-schedule random --skip-start 0 --skip-end 0.6 --allocation global --data builtin --seed 0 \
-    --checkpoint-every 10 --val-every 1000 --int8 --out runs/gemma3-270m-default.safetensors "$@"
+    --checkpoint-every 10 --val-every 1000 --int8 --no-calibrate --out runs/gemma3-270m-default.safetensors "$@"
+# Calibrated thresholds fitted on the stored (int8) gates, as shipped, with the machine's threads.
+OMP_NUM_THREADS="${CALIBRATION_THREADS:-2}" python3 scripts/recalibrate.py runs/gemma3-270m-default.safetensors
 cp runs/gemma3-270m-default.safetensors gateskip_core/shipped_gates/

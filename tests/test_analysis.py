@@ -342,3 +342,22 @@ def test_faithfulness_cli_streams_a_corpus_with_texts(tmp_path):
     assert "over 3 texts" in res.stdout and sorted(pd.read_csv(entries)["text"].unique()) == [0, 1, 2]
     bad = run(*common, "--text", "Hello there, a fine day.", "--texts", "2", "--out", str(tmp_path / "g.csv"))
     assert bad.returncode == 2 and "--texts streams blocks of a corpus" in bad.stderr
+
+
+def test_gates_by_attention_kind_split_sliding_and_global_layers(tmp_path):
+    from analysis.flow import by_attention_kind
+    from gateskip_core import load_model
+
+    model = load_model("tiny-gemma3", gates="untrained")
+    sliding = [parts.sliding_window is not None for parts in model.spec.layers]
+    assert any(sliding) and not all(sliding)  # Gemma-3 alternates the two kinds
+    table = FlowStats().add(model.trace("The quick brown fox jumps over the lazy dog.", skip=0.3)).layer_table()
+    kinds = by_attention_kind(table, sliding)
+    assert set(kinds["attention"]) == {"sliding", "global"} and kinds["layers"].sum() == 2 * len(sliding)
+    glob = table[np.array([not sliding[i] for i in table["layer"]]) & (table["branch"] == "mlp").to_numpy()]
+    row = kinds[(kinds["attention"] == "global") & (kinds["branch"] == "mlp")].iloc[0]
+    assert row["gate_mean"] == pytest.approx(glob["gate_mean"].mean()) and row["skip_rate"] == pytest.approx(
+        glob["skip_rate"].mean()
+    )
+    with pytest.raises(ValueError):
+        by_attention_kind(table, sliding[:-1])

@@ -52,3 +52,45 @@ def test_one_cell_is_sorted_by_size_and_bad_requests_are_one_line(tiny_llama):
         assert "\n" not in str(err.value)
     with pytest.raises(GateSkipError, match="linear gate"):
         gate_attributions(spread_gates(load_model("tiny-llama"), "mlp"), TEXT, 1, "mlp")
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("scope", ["all", "skipped"])
+def test_an_attention_term_splits_exactly_by_source_position(name, scope, tmp_path):
+    """With the LoRA adapter, stand-ins and either adapter scope: the sources of an attention
+    component sum to its term, tokens later than the gated one contribute nothing, and a token that
+    skipped that attention has its stand-in as the single source."""
+    import dataclasses
+
+    import torch
+
+    from analysis.attribution import attention_sources
+
+    from .test_fill_and_scope import _lora_checkpoint, _random_fill
+
+    model = load_model(name, gates=str(_lora_checkpoint(tmp_path, name)))
+    ckpt = dataclasses.replace(model.checkpoint, fill=_random_fill(model))  # the adapter and stand-ins
+    model.attach_gates(model.gates, "adapter + stand-ins", ckpt)
+    assert model.backbone is not model.original and model.fill is not None  # the adapter is merged into a copy
+    with torch.no_grad():  # an adapter far from the original, so that the two sets of weights differ
+        for n, p in model.backbone.named_parameters():
+            if "_proj" in n:
+                p.add_(torch.randn_like(p) * 0.3 * p.std())
+    args = dict(skip=0.35, adapter_scope=scope)
+    whole = gate_attributions(model, TEXT, 3, "attn", **args)
+    trace = model.trace(TEXT, **args).sequences[0]
+    checked = 0
+    for position in (5, 9, len(whole.tokens) - 1):
+        for source_layer in range(3):
+            table = attention_sources(model, TEXT, 3, "attn", position, source_layer, **args)
+            term = whole.terms[position, whole.components.index(f"L{source_layer}.attn")]
+            assert table["term"].sum() == pytest.approx(term, abs=1e-4)
+            assert table.attrs["component_term"] == pytest.approx(term, abs=1e-6)
+            if trace.skipped[position, source_layer, 0]:
+                assert list(table["source_position"]) == ["stand-in"]
+            else:
+                assert sorted(table["source_position"]) == list(range(position + 1))  # causal: no later source
+                checked += 1
+    assert checked >= 3
+    with pytest.raises(GateSkipError, match="not an earlier component"):
+        attention_sources(model, TEXT, 1, "attn", 3, 1, **args)

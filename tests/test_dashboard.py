@@ -298,3 +298,12 @@ def test_every_heatmap_cell_is_a_clickable_marker_that_names_its_cell():
     event = {"selection": {"points": [{"x": "3:x", "y": 2, "customdata": list(row)}]}}
     assert figures.clicked_cell(event) == (3, 2, "mlp")
     assert figures.clicked_cell({"selection": {"points": []}}) is None and figures.clicked_cell(None) is None
+
+
+def test_attribution_panel_splits_an_attention_component_by_source_token(app):
+    app.toggle(key="attr_on").set_value(True).run()
+    app.number_input(key="attr_layer").set_value(2).run()
+    app.number_input(key="attr_pos").set_value(6).run()
+    app.selectbox(key="attr_split").set_value("L1.attn").run()
+    assert not app.exception and not app.error
+    assert any("weight times its value vector" in c.value for c in app.caption)

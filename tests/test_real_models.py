@@ -174,6 +174,12 @@ def test_gate_attribution_on_smollm2_with_the_shipped_gates_is_exact(smollm2):
     for layer, branch in ((3, "attn"), (20, "mlp"), (29, "mlp")):
         result = gate_attributions(model, TEXT, layer, branch, skip=0.25)
         assert result.residual_error < 1e-4, (layer, branch, result.residual_error)
+    from analysis.attribution import attention_sources
+
+    position = len(result.tokens) - 2
+    for source in (0, 14, 28):  # an attention term split by source token adds up to the term
+        sources = attention_sources(model, TEXT, 29, "mlp", position, source, skip=0.25)
+        assert sources["term"].sum() == pytest.approx(sources.attrs["component_term"], abs=1e-4)
     # With the previous default (no stand-ins) an earlier branch a token skipped adds exactly nothing.
     model.load_gates("default-v1")
     result = gate_attributions(model, TEXT, 29, "mlp", skip=0.25)
