@@ -60,8 +60,8 @@ def sweep(name: str) -> str:
     )
 
 
-def flow() -> str:
-    layers = pd.read_csv(DOCS / "layer_stats.csv")
+def flow(prefix: str = "") -> str:
+    layers = pd.read_csv(DOCS / f"{prefix}layer_stats.csv")
     branch = "branch" if "branch" in layers.columns else "module"
     L = layers["layer"].max() + 1
     parts = []
@@ -73,7 +73,7 @@ def flow() -> str:
             f"layers {lo}-{hi - 1}: mean gate attn {means['attn']:.3f} / mlp {means['mlp']:.3f}, "
             f"5-95% width {width:.3f}"
         )
-    bos = pd.read_csv(DOCS / "bos.csv")
+    bos = pd.read_csv(DOCS / f"{prefix}bos.csv")
     early = bos[bos["layer"] < 3]
     later = bos[bos["layer"] >= 3]
     parts.append(
@@ -81,7 +81,7 @@ def flow() -> str:
         f"layers 3+: {later['ratio'].min():.2f}-{later['ratio'].max():.2f} "
         f"(mean rank {later['mean_rank'].mean():.1f})"
     )
-    types = pd.read_csv(DOCS / "token_types.csv")
+    types = pd.read_csv(DOCS / f"{prefix}token_types.csv")
     late = types[types["layer"] >= 2 * L // 3].groupby("token_type")["gate_mean"].mean().sort_values()
     parts.append("late-layer mean gate by token type: " + ", ".join(f"{t} {v:.3f}" for t, v in late.items()))
     return "\n".join(f"- {p}" for p in parts)
@@ -142,6 +142,27 @@ def main() -> None:
         "## Faithfulness: which signal predicts the exact harm of a skip",
         faithfulness(),
     ]
+    if (DOCS / "gemma3_quality.csv").is_file():
+        out += [
+            "",
+            "## Gemma-3-270M: quality, held-out pydoc",
+            quality("gemma3_quality.csv"),
+            "",
+            "## Gemma-3-270M: quality, held-out legal text",
+            quality("gemma3_quality_legal.csv"),
+            "",
+            "## Gemma-3-270M: matched net FLOPs saved, pydoc",
+            matched("gemma3_sweep_matched.csv"),
+            "",
+            "## Gemma-3-270M: matched net FLOPs saved, legal",
+            matched("gemma3_sweep_legal_matched.csv"),
+            "",
+            "## Gemma-3-270M: information flow",
+            flow("gemma3_"),
+            "",
+            "## Gemma-3-270M: sliding-window vs global attention layers",
+            table(pd.read_csv(DOCS / "gemma3_attention_kinds.csv")),
+        ]
     if (DOCS / "fidelity_ablation.csv").is_file():
         out += ["", "## Skipping-fidelity ablation (ppl / KL / top-1)", fidelity()]
     if (DOCS / "gate_variants.csv").is_file():
