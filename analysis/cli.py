@@ -92,14 +92,9 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
     if Path(args.out).suffix.lower() in (".csv", ".parquet"):
         return _collect_file(args)
-    from .dataset import MANIFEST, collect_dataset, process_state
+    from .dataset import check_dataset_folder, collect_dataset, process_state
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise GateSkipError(f"--out: {out} is a file, not a dataset folder")
-    if not out.parent.is_dir():
-        raise GateSkipError(f"--out: folder {out.parent} does not exist")
-    check_writable(out / MANIFEST, "--out") if out.is_dir() else check_writable(out.parent / f".{out.name}", "--out")
+    out = check_dataset_folder(args.out)
     sources = [(Path(f).name, _paragraphs_of(f)) for f in args.file]
     state = process_state()
     device = str(state.device) if state.num_processes > 1 and state.device.type != "cpu" else args.device

@@ -51,6 +51,22 @@ def is_dataset_path(path: str | Path) -> bool:
     return path.is_dir() or path.suffix.lower() not in (".csv", ".parquet", ".pq")
 
 
+def check_dataset_folder(out: str | Path, option: str = "--out") -> Path:
+    """Fail now, with one line, if `out` cannot become (or grow) a dataset folder."""
+    from gateskip_core.files import check_writable
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise GateSkipError(f"{option}: {out} is a file, not a dataset folder")
+    if not out.parent.is_dir():
+        raise GateSkipError(f"{option}: folder {out.parent} does not exist")
+    if out.is_dir():
+        check_writable(out / MANIFEST, option)
+    else:  # the folder will be created next to where this probe file is written
+        check_writable(out.parent / f".{out.name}.probe", option)
+    return out
+
+
 def gates_fingerprint(model: GatedModel) -> str:
     """A digest of everything that decides the gate values: gates, stand-ins and the adapter."""
     if model.gates is None:

@@ -160,7 +160,7 @@ class TraceDB:
     # ---- counts
     def counts(self) -> dict[str, int]:
         row = self.con.execute(
-            "SELECT count(DISTINCT sequence_id), count(*), max(layer) + 1 FROM traces WHERE layer = 0 AND branch = 'attn'"
+            "SELECT count(DISTINCT sequence_id), count(*) FROM traces WHERE layer = 0 AND branch = 'attn'"
         ).fetchone()
         n_layers = self.con.execute("SELECT max(layer) + 1 FROM traces").fetchone()[0]
         return {"sequences": int(row[0]), "tokens": int(row[1]), "layers": int(n_layers or 0)}
