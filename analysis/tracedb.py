@@ -109,9 +109,29 @@ class TraceDB:
             missing = [c for c in _CSV_TYPES if c not in self._columns("traces")]
             if missing:
                 raise GateSkipError(f"not a GateSkip trace: missing columns {', '.join(missing)}")
+            if self.dataset is None:  # a dataset's shards are checked by their stamps and row counts
+                self._check_complete(source)
             self._make_tokens_view()
         except duckdb.Error as err:
             raise GateSkipError(f"cannot read traces {source}: {str(err).splitlines()[0]}") from None
+
+    def _check_complete(self, source: Path) -> None:
+        """Every sequence of a trace file has 2 x layers rows per token and at least its prompt."""
+        n_layers = self.con.execute("SELECT max(layer) + 1 FROM traces").fetchone()[0]
+        if n_layers is None:
+            raise GateSkipError(f"trace file {source} holds no rows")
+        bad = self.con.execute(
+            """SELECT sequence_id, count(*) AS n, max(position) + 1 AS t, max(prompt_length) AS prompt
+               FROM traces GROUP BY sequence_id HAVING count(*) != (max(position) + 1) * ? * 2
+                   OR max(prompt_length) > max(position) + 1
+               ORDER BY sequence_id LIMIT 1""",
+            [int(n_layers)],
+        ).fetchone()
+        if bad is not None:
+            sid, n, t, prompt = bad
+            if prompt > t:
+                raise GateSkipError(f"trace is cut: sequence {sid} has {t} tokens but its prompt alone had {prompt}")
+            raise GateSkipError(f"trace is incomplete: sequence {sid} has {n} rows, not {t} x {n_layers} x 2")
 
     def _columns(self, view: str) -> list[str]:
         return [row[0] for row in self.con.execute(f"DESCRIBE {view}").fetchall()]

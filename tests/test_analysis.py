@@ -187,7 +187,8 @@ def test_figures_render(tiny):
     trace = tiny.trace(["Hello, world!", "Another one."], skip=0.3)
     stats = FlowStats().add(trace)
     heat = figures.gate_heatmap(trace)
-    assert "threshold" in heat.data[0].hovertemplate and len(heat.data) == 4
+    # per branch: the heatmap, its clickable cell markers (which carry the hover text) and the skip marks
+    assert len(heat.data) == 6 and "threshold" in heat.data[1].hovertemplate
     for fig in [
         figures.token_strip(trace),
         figures.layer_profile_figure(stats.layer_table()),
