@@ -185,3 +185,24 @@ def test_gate_attribution_on_smollm2_with_the_shipped_gates_is_exact(smollm2):
     model.load_gates("default-v1")
     result = gate_attributions(model, TEXT, 29, "mlp", skip=0.25)
     assert result.residual_error < 1e-4 and (result.terms == 0).any()
+
+
+def test_shipped_gemma3_gates_load_with_their_fingerprint_and_keep_the_original():
+    from dashboard.service import gate_choices
+    from gateskip_core.model import shipped_gate_path
+
+    path = shipped_gate_path("gemma3-270m")
+    assert path.is_file() and path.stat().st_size <= 25e6
+    assert gate_choices("gemma3-270m")[0] == "default"  # the dashboard opens Gemma-3 with them
+    model = load_model("gemma3-270m", gates="default")
+    ckpt = model.checkpoint
+    assert ckpt.model == "gemma3-270m" and ckpt.fingerprint == model.spec.fingerprint()
+    assert ckpt.adapter_scope == "skipped" and ckpt.fill_label.startswith("lowrank:") and model.adapter.startswith("lora:")
+    assert ckpt.sensitivity is not None and ckpt.global_thresholds.shape == (12, model.spec.n_layers, 2)
+    batch = model.encode([TEXT])
+    with torch.no_grad():
+        reference = model.view().original(input_ids=batch.input_ids).logits
+    gated = model.forward(batch.input_ids, batch.attention_mask, model.make_plan(0.0)).logits
+    torch.testing.assert_close(gated, reference, atol=2e-3, rtol=1e-3)  # budget 0 is the original
+    trace = model.trace(TEXT, skip=0.3)
+    assert trace.sequences[0].skipped.any() and not np.allclose(trace.skip_budget, trace.skip_budget[0, 0])
