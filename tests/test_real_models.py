@@ -197,7 +197,9 @@ def test_shipped_gemma3_gates_load_with_their_fingerprint_and_keep_the_original(
     model = load_model("gemma3-270m", gates="default")
     ckpt = model.checkpoint
     assert ckpt.model == "gemma3-270m" and ckpt.fingerprint == model.spec.fingerprint()
-    assert ckpt.adapter_scope == "skipped" and ckpt.fill_label.startswith("lowrank:") and model.adapter.startswith("lora:")
+    assert (
+        ckpt.adapter_scope == "skipped" and ckpt.fill_label.startswith("lowrank:") and model.adapter.startswith("lora:")
+    )
     assert ckpt.sensitivity is not None and ckpt.global_thresholds.shape == (12, model.spec.n_layers, 2)
     batch = model.encode([TEXT])
     with torch.no_grad():
