@@ -97,25 +97,38 @@ def gate_attributions(
     model: GatedModel, text: str, layer: int, branch: str, max_tokens: int = 512, chat: bool = False, **skip_args
 ) -> GateAttributions:
     """The terms of the (layer, branch) gate's mean pre-activation at every position of `text`."""
-    (text,) = check_texts(text, "text")
+    _check_gate(model, layer, branch)
+    batch, plan, out = _attributed_run(model, text, max_tokens, chat, skip_args)
+    return _attributions_of(model, batch, out, int(layer), branch)[0]
+
+
+def _check_gate(model: GatedModel, layer, branch: str) -> None:
     if model.gates is None:
         raise GateSkipError("gate attribution needs gates; load gates first")
     if branch not in BRANCHES:
         raise GateSkipError(f"branch must be 'attn' or 'mlp', got {branch!r}")
     if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < model.spec.n_layers:
         raise GateSkipError(f"layer must be a whole number in [0, {model.spec.n_layers - 1}], got {layer!r}")
-    gate = model.gates.gate(int(layer), branch)
-    if not gate.is_linear:
+    if not model.gates.gate(int(layer), branch).is_linear:
         raise GateSkipError("gate attribution needs a linear gate (vector, lowrank, scalar); mlp gates are not")
+
+
+def _attributed_run(model: GatedModel, text: str, max_tokens: int, chat: bool, skip_args: dict, gate_vectors=False):
+    """One masked run of `text` with the skip settings, recording the residual's parts: (batch, plan, out)."""
+    (text,) = check_texts(text, "text")
     batch = model.encode([text], chat=chat, max_tokens=max_tokens)
     plan = model.make_plan(**{**skip_args, "path": "masked"})
-    out = model.forward(
-        batch.input_ids, batch.attention_mask, plan, capture=Capture(hidden_states=True, branch_io=True)
-    )
-    index = 2 * int(layer) + BRANCHES.index(branch)
+    capture = Capture(hidden_states=True, branch_io=True, gate_vectors=gate_vectors)
+    return batch, plan, model.forward(batch.input_ids, batch.attention_mask, plan, capture=capture)
+
+
+def _attributions_of(model: GatedModel, batch, out, layer: int, branch: str):
+    """(GateAttributions of (layer, branch) in the run `out`, the norm's held scale [T, d], the gate)."""
+    gate = model.gates.gate(layer, branch)
+    index = 2 * layer + BRANCHES.index(branch)
     parts = [out.hidden_states[0][0]] + [delta[0] for _, delta in out.branch_io[:index]]  # each [T, d]
     residual = torch.stack(parts).sum(0)
-    parts_layer = model.spec.layers[int(layer)]
+    parts_layer = model.spec.layers[layer]
     norm = parts_layer.attn_norm if branch == "attn" else parts_layer.mlp_norm
     scale = norm.scale(residual)  # [T, d]
     with torch.no_grad():
@@ -126,17 +139,18 @@ def gate_attributions(
         )
         x_run = out.branch_io[index][0][0]  # what the gate read in the run
         preactivation = gate.preactivation(x_run).float().mean(-1)
-    return GateAttributions(
-        layer=int(layer),
+    result = GateAttributions(
+        layer=layer,
         branch=branch,
         tokens=model.token_strings(batch.input_ids[0].tolist()),
-        components=component_names(int(layer), branch),
+        components=component_names(layer, branch),
         terms=terms.cpu().numpy().astype(np.float64),
         bias=bias,
         preactivation=preactivation.cpu().numpy().astype(np.float64),
-        gate=out.gate[0, :, int(layer), BRANCHES.index(branch)].cpu().numpy(),
-        skipped=out.skipped[0, :, int(layer), BRANCHES.index(branch)].cpu().numpy(),
+        gate=out.gate[0, :, layer, BRANCHES.index(branch)].cpu().numpy(),
+        skipped=out.skipped[0, :, layer, BRANCHES.index(branch)].cpu().numpy(),
     )
+    return result, scale, bias_vector
 
 
 def gate_attribution(model: GatedModel, text: str, layer: int, branch: str, position: int, **skip_args) -> pd.DataFrame:
@@ -173,23 +187,17 @@ def attention_sources(
     per source (source_position, token, term; largest |term| first); the terms sum to the component's
     term (checked). A token that skipped that attention has one row, source 'stand-in' (the stand-in
     it added instead, or nothing)."""
-    whole = gate_attributions(model, text, layer, branch, max_tokens=max_tokens, chat=chat, **skip_args)
+    _check_gate(model, layer, branch)
     if isinstance(source_layer, bool) or not isinstance(source_layer, (int, np.integer)):
         raise GateSkipError(f"source_layer must be a whole number, got {source_layer!r}")
     earlier = int(layer) + (1 if branch == "mlp" else 0)
     if not 0 <= source_layer < earlier:
         raise GateSkipError(f"L{source_layer}.attn is not an earlier component of layer {layer}'s {branch} gate")
+    batch, plan, out = _attributed_run(model, text, max_tokens, chat, skip_args, gate_vectors=True)
+    whole, scale, bias_vector = _attributions_of(model, batch, out, int(layer), branch)
     if not 0 <= position < len(whole.tokens):
         raise GateSkipError(f"position must be a whole number in [0, {len(whole.tokens) - 1}], got {position!r}")
     component = whole.components.index(f"L{source_layer}.attn")
-    batch = model.encode([text], chat=chat, max_tokens=max_tokens)
-    plan = model.make_plan(**{**skip_args, "path": "masked"})
-    out = model.forward(
-        batch.input_ids,
-        batch.attention_mask,
-        plan,
-        capture=Capture(hidden_states=True, branch_io=True, gate_vectors=True),
-    )
     src, t = int(source_layer), int(position)
     x_all, delta_all = out.branch_io[2 * src][0][0], out.branch_io[2 * src][1][0]  # [T, d] input and what was added
     skipped_before = out.skipped[0, :, :src, :].reshape(len(whole.tokens), -1).any(-1)
@@ -202,15 +210,9 @@ def attention_sources(
             err = float((contributions.sum(0) - delta_all[t].float()).abs().max())
             raise GateSkipError(f"attention split does not add up at L{src} (max error {err:.2e}); please report this")
         labels, tokens = list(range(t + 1)), whole.tokens[: t + 1]
-    index = 2 * int(layer) + BRANCHES.index(branch)
-    parts = [out.hidden_states[0][0]] + [d[0] for _, d in out.branch_io[:index]]
-    norm = model.spec.layers[int(layer)]
-    norm = norm.attn_norm if branch == "attn" else norm.mlp_norm
-    scale = norm.scale(torch.stack(parts).sum(0))[t]  # [d]
     gate = model.gates.gate(int(layer), branch)
     with torch.no_grad():
-        zero = gate.preactivation(torch.zeros(1, model.spec.d_model, dtype=model.dtype, device=model.device))
-        terms = (gate.preactivation((scale * contributions).to(model.dtype)) - zero).float().mean(-1)
+        terms = (gate.preactivation((scale[t] * contributions).to(model.dtype)) - bias_vector).float().mean(-1)
     table = pd.DataFrame({"source_position": labels, "token": tokens, "term": terms.cpu().numpy().astype(np.float64)})
     table = table.reindex(table["term"].abs().sort_values(ascending=False).index).reset_index(drop=True)
     table.attrs.update(component=f"L{src}.attn", component_term=float(whole.terms[t, component]), token=whole.tokens[t])

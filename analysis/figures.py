@@ -369,6 +369,16 @@ def attribution_figure(cell: pd.DataFrame, top: int = 12) -> go.Figure:
     rest = float(cell["term"].iloc[top:].sum())
     names = list(shown["component"]) + ([f"{len(cell) - top} others"] if len(cell) > top else []) + ["bias"]
     values = list(shown["term"]) + ([rest] if len(cell) > top else []) + [cell.attrs.get("bias", 0.0)]
+    return _term_bars(
+        names,
+        values,
+        "contribution to the gate's pre-activation (red: pushed it down)",
+        f"pre-activation {cell.attrs.get('preactivation', float('nan')):+.3f} = sum of the bars",
+    )
+
+
+def _term_bars(names: list[str], values: list[float], xaxis_title: str, title: str) -> go.Figure:
+    """Horizontal bars of signed terms, first on top; red pushed the gate down, blue up."""
     fig = go.Figure(
         go.Bar(
             x=values[::-1],
@@ -379,10 +389,7 @@ def attribution_figure(cell: pd.DataFrame, top: int = 12) -> go.Figure:
         )
     )
     fig.update_layout(
-        height=120 + 22 * len(names),
-        margin=dict(l=20, r=20, t=30, b=20),
-        xaxis_title="contribution to the gate's pre-activation (red: pushed it down)",
-        title=f"pre-activation {cell.attrs.get('preactivation', float('nan')):+.3f} = sum of the bars",
+        height=120 + 22 * len(names), margin=dict(l=20, r=20, t=30, b=20), xaxis_title=xaxis_title, title=title
     )
     return fig
 
@@ -463,20 +470,10 @@ def attention_source_figure(sources: pd.DataFrame, top: int = 12) -> go.Figure:
     if len(sources) > top:
         names.append(f"{len(sources) - top} other sources")
         values.append(float(sources["term"].iloc[top:].sum()))
-    fig = go.Figure(
-        go.Bar(
-            x=values[::-1],
-            y=names[::-1],
-            orientation="h",
-            marker_color=["#d62728" if v < 0 else "#1f77b4" for v in values[::-1]],
-            hovertemplate="%{y}: %{x:+.3f}<extra></extra>",
-        )
-    )
-    fig.update_layout(
-        height=120 + 22 * len(names),
-        margin=dict(l=20, r=20, t=30, b=20),
-        xaxis_title="contribution through this source token's value vector",
-        title=f"{sources.attrs.get('component', 'attention')}: {sources.attrs.get('component_term', float('nan')):+.3f}"
+    return _term_bars(
+        names,
+        values,
+        "contribution through this source token's value vector",
+        f"{sources.attrs.get('component', 'attention')}: {sources.attrs.get('component_term', float('nan')):+.3f}"
         " = sum of the bars",
     )
-    return fig

@@ -14,36 +14,15 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from analysis.dataset import STAMP, Manifest, open_dataset, shard_name, shard_stamp
 
-
-class _PeakRSS:
-    """Peak resident memory of this process while the block runs (sampled every 10 ms)."""
-
-    def __enter__(self):
-        import psutil
-
-        self._proc = psutil.Process()
-        self.peak = self._proc.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(0.01):
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
+from .suite import PeakRSS
 
 
 def synthesise(source: str | Path, out: str | Path, n_tokens: int) -> Path:
@@ -58,8 +37,6 @@ def synthesise(source: str | Path, out: str | Path, n_tokens: int) -> Path:
         for path, entry in zip(src.shard_paths, src.manifest.shards):
             table = pq.read_table(path)
             column = table.column("sequence_id")
-            import pyarrow.compute as pc
-
             table = table.set_column(table.schema.get_field_index("sequence_id"), "sequence_id", pc.add(column, offset))
             stamp = {**json.loads(table.schema.metadata[STAMP]), "shard": len(shards)}
             table = table.replace_schema_metadata({**table.schema.metadata, STAMP: json.dumps(stamp).encode()})
@@ -99,7 +76,7 @@ def query_latencies(dataset: str | Path) -> list[dict]:
     from analysis.tracedb import TraceDB
 
     rows = []
-    with _PeakRSS() as mem:
+    with PeakRSS() as mem:
         start = time.perf_counter()
         db = TraceDB(dataset)
         counts = db.counts()
@@ -115,13 +92,13 @@ def query_latencies(dataset: str | Path) -> list[dict]:
         "contexts": lambda: db.example_contexts(last, "mlp", n=10),
     }
     for name, call in calls.items():
-        with _PeakRSS() as mem:
+        with PeakRSS() as mem:
             start = time.perf_counter()
             call()
             seconds = time.perf_counter() - start
         rows.append({"query": name, "seconds": seconds, "peak_rss_mb": mem.peak / 2**20})
     db.close()
-    with _PeakRSS() as mem:  # what the dashboard's Corpus view computes on its first render, on a new connection
+    with PeakRSS() as mem:  # what the dashboard's Corpus view computes on its first render, on a new connection
         start = time.perf_counter()
         corpus_view_first_render(dataset)
         seconds = time.perf_counter() - start

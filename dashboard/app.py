@@ -325,13 +325,17 @@ def attribution_panel(cfg: service.Settings, text: str, chat: bool, seq) -> None
                 help="which earlier tokens' value vectors carried that attention layer's push on this gate",
             )
             if split != "(none)":
+                split_key = (*key, position, split)  # one model run per choice, not per rerun (slider moves)
                 try:
-                    sources = service.attention_sources(
-                        view, text, chat, cfg, layer, branch, position, int(split[1:].split(".")[0])
-                    )
+                    if st.session_state.get("attribution_sources_key") != split_key:
+                        st.session_state["attribution_sources"] = service.attention_sources(
+                            view, text, chat, cfg, layer, branch, position, int(split[1:].split(".")[0])
+                        )
+                        st.session_state["attribution_sources_key"] = split_key
                 except GateSkipError as err:
                     st.error(str(err))
                     return
+                sources = st.session_state["attribution_sources"]
                 st.plotly_chart(figures.attention_source_figure(sources), key="attribution_sources_fig")
                 st.caption(
                     "With that layer's attention weights, its output norm's scale and its gate held at their "

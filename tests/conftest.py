@@ -41,6 +41,25 @@ def spread_gates(model: GatedModel, variant: str = "vector", seed: int = 0) -> G
     return model
 
 
+def accelerate_launch(n_processes: int) -> list[str]:
+    """`accelerate launch` of `python -m gateskip` with N CPU processes (gloo; run it with CUDA_VISIBLE_DEVICES="")."""
+    return [
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(n_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "gateskip",
+    ]
+
+
 def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
     """`gateskip ARGS...` in a subprocess, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "gateskip", *args], capture_output=True, text=True, cwd=cwd)

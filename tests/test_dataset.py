@@ -22,7 +22,7 @@ from analysis.tracedb import TraceDB, context_strings, wilson
 from gateskip_core import GateSkipError, read_trace
 from gateskip_core.data import paragraphs, pydoc_texts
 
-from .conftest import run_cli
+from .conftest import accelerate_launch, run_cli
 
 SKIP = 0.3
 
@@ -250,22 +250,7 @@ def test_a_second_source_is_appended_with_sequence_ids_running_on(straight, corp
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")
 def test_two_gloo_processes_under_accelerate_launch_collect_the_one_process_dataset(straight, corpus, tmp_path):
     out = tmp_path / "ds"
-    cmd = [
-        "accelerate",
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "gateskip",
-        *_collect_cmd(out, corpus),
-    ]
+    cmd = [*accelerate_launch(2), *_collect_cmd(out, corpus)]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -18,6 +18,8 @@ from gateskip_core import GateSkipError, load_gates, load_model
 from gateskip_core.gates import INIT_BIAS
 from gateskip_core.training import TrainConfig, train
 
+from .conftest import accelerate_launch
+
 FAST = dict(
     model="tiny-llama", seq_len=32, batch=4, checkpoint_every=2, val_every=2, skip_ramp_steps=4, skip_end=0.3, lr=1e-2
 )
@@ -180,22 +182,7 @@ def test_accelerate_two_process_data_parallel_matches_single_process(tmp_path):
     single = tmp_path / "single.safetensors"
     assert subprocess.run(_cli_train(single, 6), capture_output=True).returncode == 0
     ddp = tmp_path / "ddp.safetensors"
-    cmd = [
-        "accelerate",
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "gateskip",
-        *_cli_train(ddp, 6)[3:],
-    ]
+    cmd = [*accelerate_launch(2), *_cli_train(ddp, 6)[3:]]
     res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     assert res.returncode == 0, res.stderr[-2000:]
     ckpt = load_gates(ddp)
