@@ -196,6 +196,10 @@ TRAIN_HELP = {
     "skipped branch on: with nothing skipped the model is the original)",
     "init": "a gate checkpoint to start from (same gate variant and adapter); stand-ins it lacks are fitted first",
     "teacher_top_k": "with --distill: the teacher's top-k log-probs per block, computed once and reused (0: exact)",
+    "skip_gradient": "none (the paper: a skipped token's gate gets no task gradient) | straight-through (it gets the "
+    "first-order cost of its skip)",
+    "rank_weight": "weight of a pairwise loss ranking each branch's gates by how much a skip changes the residual",
+    "router_first": "steps at the start in which only the gates and stand-ins train (the adapter joins after)",
 }
 
 

@@ -55,9 +55,11 @@ from .policies import BranchInput, Forced, SkipBudget, SkipPolicy
 ExecutionPath = Literal["masked", "physical"]
 KVMode = Literal["compute", "copy"]
 AdapterScope = Literal["all", "skipped"]
+SkipGradient = Literal["none", "straight-through"]
 EXECUTION_PATHS = ("masked", "physical")
 KV_MODES = ("compute", "copy")
 ADAPTER_SCOPES = ("all", "skipped")
+SKIP_GRADIENTS = ("none", "straight-through")
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,10 @@ class SkipPlan:
     protect_bos: bool = True
     forced: tuple[Forced, ...] = ()  # decisions that override the policy's
     adapter_scope: AdapterScope = "all"
+    # Training only (masked path): "straight-through" gives every gate the gradient it would get if it
+    # scaled its branch's output in place of the hard decision, so a skipped token's gate learns
+    # what its skip cost; the forward values are unchanged.
+    skip_gradient: SkipGradient = "none"
 
     def __post_init__(self) -> None:
         if self.path not in EXECUTION_PATHS:
@@ -81,6 +87,10 @@ class SkipPlan:
             raise GateSkipError(f"kv mode must be one of {KV_MODES}, got {self.kv!r}")
         if self.policy is None and not self.budget.is_zero():
             raise GateSkipError("a non-zero skip budget needs a skip policy")
+        if self.skip_gradient not in SKIP_GRADIENTS:
+            raise GateSkipError(f"skip gradient must be one of {SKIP_GRADIENTS}, got {self.skip_gradient!r}")
+        if self.skip_gradient != "none" and self.path != "masked":
+            raise GateSkipError("a straight-through skip gradient needs the masked path")
 
 
 @dataclass(frozen=True)
@@ -93,7 +103,10 @@ class Capture:
     - `branch_deltas`: what each branch added to the residual, gradients retained (attribution;
       masked path only);
     - `branch_io`: each branch's input x and what it added, detached (fitting stand-ins; masked
-      path only).
+      path only);
+    - `skip_change`: per branch [B, T], log of how much the residual would change if the token
+      skipped the branch (|branch output - stand-in| / |h|), detached: the ranking target of
+      training (masked path only).
     """
 
     gate_values: bool = False
@@ -101,6 +114,7 @@ class Capture:
     hidden_states: bool = False
     branch_deltas: bool = False
     branch_io: bool = False
+    skip_change: bool = False
 
 
 @dataclass
@@ -167,6 +181,7 @@ class ForwardResult:
     hidden_states: list[torch.Tensor] | None = None  # before each layer and after the last
     branch_deltas: list[torch.Tensor] | None = None  # per (layer, branch), grads retained
     branch_io: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per (layer, branch): (x, added)
+    skip_change: list[torch.Tensor] | None = None  # per (layer, branch) [B, T] log relative change
 
 
 @dataclass
@@ -419,20 +434,7 @@ def apply_branch(call: _Call, layer: int, branch: str, h, x, g, skip, run_branch
     fill = call.fill.fill(layer, branch) if call.fill is not None else None
     groups = call.weight_groups(layer)
     if call.plan.path == "masked":
-        y = None
-        for parts, members, scaled in groups:  # every token through each group's weights
-            yg = run_branch(parts, x, None)
-            if scaled and g is not None:
-                yg = g * yg
-            y = yg if y is None else torch.where(members[..., None], yg, y)
-        stand_in = torch.zeros_like(y) if fill is None else torch.where(skip[..., None], fill(x).to(y.dtype), 0.0)
-        delta = torch.where(run[..., None], y, stand_in)
-        if call.result.branch_deltas is not None:
-            delta.retain_grad()  # d loss / d delta = d loss / d residual after this branch
-            call.result.branch_deltas.append(delta)
-        if call.result.branch_io is not None:
-            call.result.branch_io.append((x.detach(), delta.detach()))
-        return h + delta
+        return h + _masked_delta(call, x, g, skip, run, fill, groups, run_branch, h)
     if fill is not None and bool(skip.any()):
         b_idx, t_idx = skip.nonzero(as_tuple=True)
         h = h.index_put((b_idx, t_idx), h[b_idx, t_idx] + fill(x[b_idx, t_idx]).to(h.dtype))
@@ -453,6 +455,35 @@ def apply_branch(call: _Call, layer: int, branch: str, h, x, g, skip, run_branch
             y = scale[b_idx, t_idx] * y
         h = h.index_put((b_idx, t_idx), h[b_idx, t_idx] + y)
     return h
+
+
+def _masked_delta(call: _Call, x, g, skip, run, fill, groups, run_branch, h) -> torch.Tensor:
+    """What the branch adds to every token on the masked path (every token through each weight group)."""
+    y = raw = None  # what each token adds if it runs the branch, and the branch output itself
+    for parts, members, scaled in groups:
+        raw_g = run_branch(parts, x, None)
+        yg = g * raw_g if scaled and g is not None else raw_g
+        if raw is None:
+            y, raw = yg, raw_g
+        else:
+            y, raw = torch.where(members[..., None], yg, y), torch.where(members[..., None], raw_g, raw)
+    stand_in = torch.zeros_like(y) if fill is None else fill(x).to(y.dtype)
+    delta = torch.where(run[..., None], y, torch.where(skip[..., None], stand_in, 0.0))
+    if call.plan.skip_gradient == "straight-through" and g is not None:
+        # Zero in the forward; in the backward the gate scales (branch - stand-in) wherever it does
+        # not already scale the output: skipped tokens (whose `raw` is already the adapted weights'
+        # under scope "skipped") and, under that scope, kept tokens still on the original weights.
+        unscaled = skip if call.adapted is None else skip | ~call.adapted
+        delta = delta + torch.where(unscaled[..., None], (g - g.detach()) * (raw - stand_in).detach(), 0.0)
+    if call.result.skip_change is not None:
+        size = (raw - stand_in).detach().float().norm(dim=-1) / h.detach().float().norm(dim=-1).clamp(min=1e-6)
+        call.result.skip_change.append(size.clamp(min=1e-8).log())
+    if call.result.branch_deltas is not None:
+        delta.retain_grad()  # d loss / d delta = d loss / d residual after this branch
+        call.result.branch_deltas.append(delta)
+    if call.result.branch_io is not None:
+        call.result.branch_io.append((x.detach(), delta.detach()))
+    return delta
 
 
 def _start_call(spec, gates, fill, original, input_ids, attention_mask, plan, cache, capture) -> _Call:
@@ -481,6 +512,7 @@ def _start_call(spec, gates, fill, original, input_ids, attention_mask, plan, ca
         hidden_states=[] if capture.hidden_states else None,
         branch_deltas=[] if capture.branch_deltas else None,
         branch_io=[] if capture.branch_io else None,
+        skip_change=[] if capture.skip_change else None,
     )
     scoped = plan.adapter_scope == "skipped"
     return _Call(
@@ -505,8 +537,8 @@ def _start_call(spec, gates, fill, original, input_ids, attention_mask, plan, ca
 def _check(spec: ArchSpec, gates: GateSet | None, plan: SkipPlan, capture: Capture) -> None:
     if plan.policy is not None and plan.policy.needs_gates and gates is None and not plan.budget.is_zero():
         raise GateSkipError(f"policy {plan.policy.name!r} ranks tokens by their gates; load gates or use 'random'")
-    if (capture.branch_deltas or capture.branch_io) and plan.path != "masked":
-        raise GateSkipError("branch contributions (attribution, fitting stand-ins) need the masked path")
+    if (capture.branch_deltas or capture.branch_io or capture.skip_change) and plan.path != "masked":
+        raise GateSkipError("branch contributions (attribution, stand-ins, ranking targets) need the masked path")
     if plan.budget.fractions.shape[0] != spec.n_layers:
         raise GateSkipError(f"skip budget is for {plan.budget.fractions.shape[0]} layers, model has {spec.n_layers}")
 

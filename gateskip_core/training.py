@@ -1,6 +1,7 @@
 """Gate training: cross-entropy (or KL to the original model) + lambda * sparsity.
 
     loss = CE(next token) + lambda * mean_branches(mean(g^2))      (l2; l1: mean(|g|))
+           [+ rank_weight * ranking loss]
     --distill: KL(original model || gated model) in place of CE
 
 Skipping is applied while training (quantile policy, per sequence). The budget
@@ -9,8 +10,19 @@ either rises linearly from `skip_start` to `skip_end` over `skip_ramp_steps`
 (`random`, so that one gate set serves every budget of the slider). It is spread
 over (layer, branch) uniformly or by the global allocation (`allocation.py`),
 whose sensitivity profile is measured on the original model before training.
-A skipped token's branch output is exactly zero, so it gets no gradient through
-its gate. By default only the gates train (frozen backbone); `adapter="lora:R"`
+What tells a gate that skipping *this* token hurts (`--skip-gradient`, `--rank-weight`):
+- by default (the paper) a skipped token's branch adds nothing (or its stand-in), so its gate
+  gets no gradient from the task loss: gates learn only how much to scale the tokens they keep;
+- `straight-through`: the forward is unchanged, but the backward treats every decision as if
+  the gate had scaled (branch output - stand-in), so a skipped token's gate receives the
+  first-order change of the loss from its skip;
+- `rank_weight > 0`: a pairwise ranking loss within each (sequence, layer, branch) between the
+  gates (in logit space) and how much skipping would change the residual stream,
+  |branch(x) - stand-in| / |h| (measured on the same masked walk, detached): gates learn to
+  order tokens by what their skip changes;
+- `router_first N`: for the first N steps only the gates and stand-ins train on a frozen
+  backbone (SkipGPT's schedule); the adapter joins after.
+By default only the gates train (frozen backbone); `adapter="lora:R"`
 trains a LoRA adapter with them and `adapter="full"` every backbone weight. The
 user's original model stays frozen: it is the distillation teacher and the
 reference every quality metric compares against (`adapter.py`).
@@ -46,7 +58,7 @@ from .checkpoint import GateCheckpoint, save_gates
 from .compute import branch_saving_flops
 from .data import paragraphs, pydoc_texts, token_blocks
 from .errors import GateSkipError
-from .execution import ADAPTER_SCOPES, Capture, SkipPlan, gated_forward
+from .execution import ADAPTER_SCOPES, SKIP_GRADIENTS, Capture, SkipPlan, gated_forward
 from .files import atomic_write, check_writable
 from .fill import FillSpec, SkipFill
 from .gates import GateSet, parse_gate_variant
@@ -174,6 +186,9 @@ class TrainConfig:
     adapter_scope: str = "all"  # all | skipped: where the adapter (and soft gates) apply
     init: str = ""  # a gate checkpoint to start from (gates, adapter, stand-ins, sensitivity)
     teacher_top_k: int = 0  # distillation against the teacher's top-k log-probs, cached per block (0: exact)
+    skip_gradient: str = "none"  # none (the paper) | straight-through: skipped tokens' gates learn their skip's cost
+    rank_weight: float = 0.0  # weight of the pairwise ranking loss toward each skip's residual change
+    router_first: int = 0  # steps at the start in which only gates and stand-ins train
 
     def validate(self) -> None:
         parse_gate_variant(self.gate)
@@ -183,6 +198,11 @@ class TrainConfig:
             raise GateSkipError(f"--adapter-scope must be one of {', '.join(ADAPTER_SCOPES)}")
         if self.adapter_scope == "skipped" and adapter.kind == "full":
             raise GateSkipError("--adapter-scope skipped needs --adapter none or lora:R")
+        if self.skip_gradient not in SKIP_GRADIENTS:
+            raise GateSkipError(f"--skip-gradient must be one of {', '.join(SKIP_GRADIENTS)}")
+        whole_number("--router-first", self.router_first, minimum=0)
+        if not math.isfinite(self.rank_weight) or self.rank_weight < 0:
+            raise GateSkipError(f"--rank-weight must be a number >= 0, got {self.rank_weight}")
         if self.teacher_top_k and not self.distill:
             raise GateSkipError("--teacher-top-k needs --distill")
         whole_number("--teacher-top-k", self.teacher_top_k, minimum=0)
@@ -266,7 +286,11 @@ class _GateObjective(nn.Module):
     def forward(self, input_ids: torch.Tensor, budget: np.ndarray, rows: torch.Tensor | None = None):
         spec, cfg = self.spec, self.config
         plan = SkipPlan(
-            SkipBudget.make(budget, spec.n_layers), QuantilePolicy(), "masked", adapter_scope=cfg.adapter_scope
+            SkipBudget.make(budget, spec.n_layers),
+            QuantilePolicy(),
+            "masked",
+            adapter_scope=cfg.adapter_scope,
+            skip_gradient=cfg.skip_gradient,
         )
         mask = torch.ones_like(input_ids)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -276,7 +300,7 @@ class _GateObjective(nn.Module):
                 input_ids,
                 mask,
                 plan,
-                capture=Capture(gate_values=True),
+                capture=Capture(gate_values=True, skip_change=cfg.rank_weight > 0),
                 fill=self.fill,
                 original=self._teacher_spec,
             )
@@ -300,7 +324,24 @@ class _GateObjective(nn.Module):
         sparsity = torch.stack(per_branch).mean()
         eligible = out.eligible.sum() * spec.n_layers * 2
         skip_rate = out.skipped.sum() / eligible.clamp(min=1)
-        return task + cfg.sparsity_weight * sparsity, task.detach(), sparsity.detach(), skip_rate
+        loss = task + cfg.sparsity_weight * sparsity
+        if cfg.rank_weight > 0:
+            loss = loss + cfg.rank_weight * ranking_loss(out.gate_values, out.skip_change, out.eligible)
+        return loss, task.detach(), sparsity.detach(), skip_rate
+
+
+def ranking_loss(gate_values: list[torch.Tensor], targets: list[torch.Tensor], eligible: torch.Tensor) -> torch.Tensor:
+    """Pairwise logistic ranking loss: within each (sequence, branch), for every pair of eligible
+    tokens, softplus(-(s_i - s_j)) where token i's target is the larger, s = logit(mean gate).
+    0 when every pair is ordered with a wide margin; log 2 per pair for gates that cannot tell."""
+    gate = torch.stack([g.float().mean(-1) for g in gate_values], 1).clamp(1e-6, 1 - 1e-6)  # [B, 2L, T]
+    score = torch.logit(gate)
+    target = torch.stack(targets, 1).float()  # [B, 2L, T]
+    pair = eligible[:, None, :, None] & eligible[:, None, None, :]  # [B, 1, T, T]
+    order = torch.sign(target[..., :, None] - target[..., None, :])  # +1 where i should rank above j
+    weight = pair & (order != 0)
+    per_pair = F.softplus(-order * (score[..., :, None] - score[..., None, :]))
+    return (per_pair * weight).sum() / weight.sum().clamp(min=1)
 
 
 def builtin_texts(gm: GatedModel, split: str, progress: Callable[[str], None]) -> list[str]:
@@ -611,6 +652,9 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar
             )
         optim.zero_grad(set_to_none=True)
         accelerator.backward(loss)
+        if step < config.router_first:  # router first: the backbone's adapter waits (no grad: no update)
+            for p in setup.student.parameters():
+                p.grad = None
         optim.step()
         record = {
             "step": step + 1,

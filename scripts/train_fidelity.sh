@@ -6,11 +6,12 @@
 # THREADS=1 limits torch to one thread (to share the machine with other work).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mkdir -p runs
+RUNS="${RUNS:-runs}"
+mkdir -p "$RUNS"
 export OMP_NUM_THREADS="${THREADS:-2}"
 NAME="${NAME:?set NAME}"
 gateskip train --model smollm2-135m-instruct --gate lowrank:16 --adapter lora:16 --distill --teacher-top-k 64 \
     --init "${INIT:-gateskip_core/shipped_gates/smollm2-135m-instruct-default-v1.safetensors}" \
     --steps "${STEPS:-60}" --seq-len 128 --batch 4 --lr 1e-2 --adapter-lr 1e-3 --sparsity-weight 0.05 \
     --budget-schedule random --skip-start 0 --skip-end 0.6 --allocation global --data builtin --seed 1 \
-    --checkpoint-every 10 --val-every 1000 --int8 ${CALIBRATE:---no-calibrate} --out "runs/$NAME.safetensors" "$@"
+    --checkpoint-every 10 --val-every 1000 --int8 ${CALIBRATE:---no-calibrate} --out "$RUNS/$NAME.safetensors" "$@"

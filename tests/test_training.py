@@ -236,3 +236,95 @@ def test_the_training_loss_is_the_task_loss_plus_the_weighted_sparsity(distill, 
     assert float(sparsity) == pytest.approx(expected_sparsity, rel=1e-5)
     assert float(loss) == pytest.approx(expected_task + 0.3 * expected_sparsity, rel=1e-5)
     assert float(skip_rate) == pytest.approx(float(out.skipped.sum()) / (out.eligible.sum() * model.spec.n_layers * 2))
+
+
+@pytest.mark.parametrize("scope", ["all", "skipped"])
+def test_straight_through_gives_a_skipped_tokens_gate_the_first_order_cost_of_its_skip(scope):
+    """The forward is bit for bit the paper's; without the estimator a skipped token's gate gets no
+    task gradient; with it, exactly d loss / d residual * (branch output - stand-in), which is
+    checked against the MLP run directly on the branch's input."""
+    from gateskip_core import Capture, SkipBudget, SkipPlan, gated_forward
+    from gateskip_core.policies import QuantilePolicy
+
+    from .conftest import spread_gates
+
+    model = spread_gates(load_model("tiny-llama"), "lowrank:4")
+    model.gates.requires_grad_(True)
+    ids = torch.tensor([[1, 5, 9, 33, 7, 2, 11, 40, 3, 17, 8, 6], [1, 12, 4, 4, 30, 6, 21, 2, 9, 14, 22, 5]])
+    runs = {}
+    for gradient in ("none", "straight-through"):
+        plan = SkipPlan(
+            SkipBudget.make(0.4, model.spec.n_layers),
+            QuantilePolicy(),
+            "masked",
+            adapter_scope=scope,
+            skip_gradient=gradient,
+        )
+        out = gated_forward(
+            model.spec,
+            model.gates,
+            ids,
+            torch.ones_like(ids),
+            plan,
+            capture=Capture(gate_values=True, branch_deltas=True, branch_io=True),
+        )
+        for g in out.gate_values:
+            g.retain_grad()
+        out.logits.float().log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None]).mean().backward()
+        runs[gradient] = out
+    paper, straight = runs["none"], runs["straight-through"]
+    assert torch.equal(paper.logits, straight.logits)
+    layer = 1
+    index = 2 * layer + 1  # the MLP branch of layer 1
+    skipped = paper.skipped[:, :, layer, 1]
+    assert skipped.sum() >= 2
+    assert torch.equal(paper.gate_values[index].grad[skipped], torch.zeros_like(paper.gate_values[index].grad[skipped]))
+    x, _ = straight.branch_io[index]
+    with torch.no_grad():
+        branch = model.spec.layers[layer].mlp(x)
+    expected = straight.branch_deltas[index].grad * branch  # zero stand-in
+    torch.testing.assert_close(straight.gate_values[index].grad[skipped], expected[skipped], rtol=1e-4, atol=1e-9)
+    assert expected[skipped].abs().sum() > 0
+
+
+def test_the_ranking_loss_is_the_mean_pairwise_logistic_loss_over_eligible_pairs():
+    from gateskip_core.training import ranking_loss
+
+    torch.manual_seed(0)
+    gates = [torch.rand(2, 5, 3) * 0.9 + 0.05 for _ in range(4)]
+    targets = [torch.randn(2, 5) for _ in range(4)]
+    eligible = torch.tensor([[False, True, True, True, True], [True, True, False, True, True]])
+    total, count = 0.0, 0
+    for g, t in zip(gates, targets):
+        score = torch.logit(g.mean(-1))
+        for b in range(2):
+            for i in range(5):
+                for j in range(5):
+                    if eligible[b, i] and eligible[b, j] and t[b, i] > t[b, j]:
+                        total += float(torch.nn.functional.softplus(-(score[b, i] - score[b, j])))
+                        count += 1
+    assert float(ranking_loss(gates, targets, eligible)) == pytest.approx(total / count, rel=1e-5)
+    ordered = float(ranking_loss([torch.sigmoid(t)[..., None] for t in targets], targets, eligible))
+    reversed_ = float(ranking_loss([torch.sigmoid(-t)[..., None] for t in targets], targets, eligible))
+    assert ordered < 0.5 < np.log(2) < reversed_
+    equal = [torch.full((2, 5, 1), 0.5) for _ in targets]
+    assert float(ranking_loss(equal, targets, eligible)) == pytest.approx(float(np.log(2)), rel=1e-6)
+
+
+def test_router_first_trains_gates_and_stand_ins_alone_before_the_adapter_joins(tmp_path):
+    extra = dict(
+        FAST, gate="lowrank:3", adapter="lora:2", adapter_scope="skipped", skip_fill="lowrank:2", calibrate=False
+    )
+    for router_first, steps in ((2, 2), (2, 3)):
+        out = tmp_path / f"r{router_first}-{steps}.safetensors"
+        train(
+            TrainConfig(**extra, steps=steps, router_first=router_first, out=str(out)),
+            progress=lambda m: None,
+            show_bar=False,
+        )
+        ckpt = load_gates(out)
+        lora_b = [v for k, v in ckpt.adapter_tensors.items() if "lora_B" in k]
+        moved_b = max(float(v.abs().max()) for v in lora_b)  # LoRA's B starts at zero
+        assert (moved_b == 0) == (steps <= router_first)
+        assert (ckpt.gates.attn[0].net[1].bias - INIT_BIAS).abs().max() > 1e-4
+        assert ckpt.fill is not None
