@@ -221,27 +221,22 @@ def attention_sources(
 
 def _attention_by_source(model: GatedModel, plan, out, layer: int, t: int, x: torch.Tensor, adapted_before):
     """[t+1, d]: what attention layer `layer` added at token t, one row per source position."""
-    from gateskip_core.execution import project_kv, project_q
+    from gateskip_core.execution import AdapterRows, project_kv, project_q
 
     spec = model.spec
     T = x.shape[0]
     scoped = plan.adapter_scope == "skipped"
-    # Under scope 'skipped' a token uses the adapted weights (gate-scaled) once it has skipped a
-    # branch (this attention included: it ran, so not at t; but sources may have); else the original.
+    # Under scope 'skipped' a token uses the adapter (gate-scaled) once it has skipped a branch
+    # (this attention included: it ran, so not at t; but sources may have); else the original.
     adapted = adapted_before | out.skipped[0, :, layer, 0] if scoped else torch.ones(T, dtype=torch.bool)
-    groups = [(spec.layers[layer], True)] + ([(model.original_spec.layers[layer], False)] if scoped else [])
+    parts = spec.layers[layer]
     positions = torch.arange(T, device=x.device)
-    cos, sin = spec.rope_for(spec.layers[layer].rope_kind, x[None], positions[None])
+    cos, sin = spec.rope_for(parts.rope_kind, x[None], positions[None])
     cos, sin = cos[0], sin[0]
-    k = v = q = None
-    for parts, is_adapted in groups:
-        members = adapted if is_adapted else ~adapted
-        kg, vg = project_kv(parts, spec, x, cos, sin)  # [T, H_kv, hd]
-        qg = project_q(parts, spec, x, cos, sin)  # [T, H, hd]
-        k = kg if k is None else torch.where(members[:, None, None], kg, k)
-        v = vg if v is None else torch.where(members[:, None, None], vg, v)
-        q = qg if q is None else torch.where(members[:, None, None], qg, q)
-    own = next(p for p, a in groups if a == bool(adapted[t]))  # the weights token t's query side ran with
+    rows = AdapterRows(model.lora, layer, adapted)
+    k, v = project_kv(parts, spec, x, cos, sin, rows)  # [T, H_kv, hd]
+    q = project_q(parts, spec, x, cos, sin, rows)  # [T, H, hd]
+    own = AdapterRows(model.lora if bool(adapted[t]) else None, layer, None)  # token t's o_proj
     group_size = spec.n_heads // spec.n_kv_heads
     k_t = k[: t + 1].repeat_interleave(group_size, dim=1)  # [t+1, H, hd]
     v_t = v[: t + 1].repeat_interleave(group_size, dim=1)
@@ -251,8 +246,9 @@ def _attention_by_source(model: GatedModel, plan, out, layer: int, t: int, x: to
         scores = scores.masked_fill(positions[: t + 1][None] <= t - window, float("-inf"))
     weights = torch.softmax(scores, -1)
     per_source = torch.einsum("hs,shd->shd", weights, v_t.float()).reshape(t + 1, -1)  # [t+1, H*hd]
-    y = own.o_proj(per_source.to(model.dtype)).float()  # o_proj is linear (no bias): one row per source
-    post = own.attn_post_norm
+    # o_proj (and its LoRA delta) is linear without bias: one row per source
+    y = own.linear("o_proj", parts.o_proj, per_source.to(model.dtype)).float()
+    post = parts.attn_post_norm
     if post is not None:  # held at its scale for the whole output
         y = post.scale(y.sum(0, keepdim=True).to(model.dtype)).float() * y
     if bool(adapted[t]) and out.gate_vectors is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from gateskip_core.cli import add_adapter_scope_arg
@@ -115,6 +116,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
         f"{counts['processes']} process(es); {out} holds {counts['sequences']} sequences, {counts['tokens']} tokens "
         f"in {counts['shards']} shards"
     )
+    if counts["truncated"]:
+        print(f"warning: {counts['truncated']} text(s) truncated to their first {args.max_tokens} tokens", file=sys.stderr)
     return 0
 
 

@@ -13,7 +13,6 @@ the corpus order.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -54,10 +53,8 @@ def collect(
             def flush():
                 nonlocal writer, n_seq, n_rows, n_truncated
                 order = sorted(range(len(batch)), key=lambda i: len(batch[i]))  # characters: a length proxy
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    trace = model.trace([batch[i] for i in order], batch_size=batch_size, **trace_kwargs)
-                n_truncated += len(caught)
+                trace = model.trace([batch[i] for i in order], batch_size=batch_size, **trace_kwargs)
+                n_truncated += len(trace.notices)
                 in_corpus_order = [None] * len(batch)
                 for seq, i in zip(trace.sequences, order):
                     in_corpus_order[i] = seq

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,18 +236,17 @@ def _count_present(folder: Path, manifest: Manifest) -> int:
 def _trace_shard(model: GatedModel, texts: Sequence[str], first_sequence: int, settings: dict, skip_args: dict):
     """One shard's traces as a table, sequences in corpus order (batched by length inside the shard)."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # characters: a length proxy
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trace = model.trace(
-            [texts[i] for i in order], batch_size=settings["batch_size"], max_tokens=settings["max_tokens"], **skip_args
-        )
+    trace = model.trace(
+        [texts[i] for i in order], batch_size=settings["batch_size"], max_tokens=settings["max_tokens"], **skip_args
+    )
     in_corpus_order = [None] * len(texts)
     for seq, i in zip(trace.sequences, order):
         in_corpus_order[i] = seq
     df = dataclasses.replace(trace, sequences=in_corpus_order).to_dataframe()
     df["sequence_id"] += first_sequence
     tokens = sum(s.n_tokens for s in in_corpus_order)
-    return pa.Table.from_pandas(df, preserve_index=False), tokens, len(caught)
+    truncated = sum(notice.endswith(" tokens") and " truncated to " in notice for notice in trace.notices)
+    return pa.Table.from_pandas(df, preserve_index=False), tokens, truncated
 
 
 def _write_shard(path: Path, table: pa.Table, stamp: dict) -> None:

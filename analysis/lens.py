@@ -1,9 +1,8 @@
 """The gated model under TransformerLens 4: gate values and skip decisions as hook points.
 
-`GatedLens(model)` wraps a copy of the backbone the gated walk runs (the adapted copy
-when the gates came with an adapter) in a TransformerLens `TransformerBridge`
-(offline; a copy, because the bridge rewires the model it wraps) and adds, for every
-layer l, four hook points:
+`GatedLens(model)` wraps a copy of the backbone the gated walk runs (the original, or the
+adapted copy of a full fine-tune) in a TransformerLens `TransformerBridge` (offline; a copy,
+because the bridge rewires the model it wraps) and adds, for every layer l, four hook points:
 
     blocks.{l}.attn.hook_gate   [batch, pos, d] (vector, low-rank gates) or [batch, pos, 1] (scalar)
     blocks.{l}.attn.hook_skip   [batch, pos] bool: the token skips attention at layer l
@@ -21,9 +20,14 @@ Every call (`run_with_cache`, `run_with_hooks`) takes the skip settings of
     (the same for ln2 / mlp)
 
 so `blocks.{l}.hook_attn_out` / `hook_mlp_out` hold the gated branch output and the
-residual stream hooks (`hook_resid_pre`, ...) the gated residual. Values equal a
-`gateskip_core` trace of the same call (masked path; `kv="copy"` is not offered here).
-Nothing per call is stored on modules: the hooks close over one call's state.
+residual stream hooks (`hook_resid_pre`, ...) the gated residual. A LoRA adapter runs as the
+walk runs it, a per-row delta: hooks on each projection's `hook_in` / `hook_out`
+(`attn.q`, `attn.k`, `attn.v`, `attn.o`, `mlp.gate`, `mlp.in`, `mlp.out`) add `s * B(A x)` to
+the rows on the adapter — every token in adapter scope 'all'; in 'skipped', the tokens whose
+mask says they have skipped a branch (updated at each decision), whose kept branches are also
+the only ones the gate scales. Values equal a `gateskip_core` trace of the same call (masked
+path; `kv="copy"` is not offered here). Nothing per call is stored on modules: the hooks close
+over one call's state.
 
 `residual_stream_gap` checks that GateSkip's own walk (ungated) reproduces the bridge's
 residual stream; `trace_to_cache` / `cache_to_arrays` convert between traces and
@@ -43,6 +47,16 @@ from gateskip_core import BRANCHES, Capture, GatedModel, GateSkipError, SkipBudg
 from gateskip_core.execution import branch_decision
 
 NORM_HOOKS = {"attn": "ln1.hook_out", "mlp": "ln2.hook_out"}
+# The bridge's linear components and the projections a LoRA adapter changes.
+LORA_HOOKS = {
+    "attn.q": "q_proj",
+    "attn.k": "k_proj",
+    "attn.v": "v_proj",
+    "attn.o": "o_proj",
+    "mlp.gate": "gate_proj",
+    "mlp.in": "up_proj",
+    "mlp.out": "down_proj",
+}
 
 
 def gate_hook(layer: int, branch: str) -> str:
@@ -85,6 +99,8 @@ class _CallState:
     gate: dict = field(default_factory=dict)
     skip: dict = field(default_factory=dict)
     inputs: dict = field(default_factory=dict)  # the branch inputs, for stand-ins of skipped branches
+    adapted: torch.Tensor | None = None  # [B, T] scope 'skipped': the token has skipped a branch so far
+    projection_inputs: dict = field(default_factory=dict)  # (layer, projection) -> its input, for the delta
 
 
 class GatedLens:
@@ -147,20 +163,42 @@ class GatedLens:
         plan = self.model.make_plan(**skip_args)
         if plan.kv != "compute":
             raise GateSkipError("the lens computes every token's keys/values (kv='compute'); kv='copy' is not offered")
-        if plan.adapter_scope != "all":
-            raise GateSkipError(
-                "the TransformerLens bridge runs one backbone, so it offers adapter scope 'all' only; "
-                "pass adapter_scope='all'"
-            )
         B, T = ids.shape
         positions = torch.arange(T, device=ids.device).expand(B, T)
         state = _CallState(plan, positions, ~((positions == 0) & plan.protect_bos))
+        if plan.adapter_scope == "skipped":
+            state.adapted = torch.zeros(B, T, dtype=torch.bool, device=ids.device)
         hooks = []
         for layer in range(self.n_layers):
             for branch in BRANCHES:
                 hooks.append((f"blocks.{layer}.{NORM_HOOKS[branch]}", self._decide(state, layer, branch)))
                 hooks.append((hook_name(layer, branch), self._scale(state, layer, branch)))
+            if self.model.lora is not None:
+                for hook, projection in LORA_HOOKS.items():
+                    hooks.append((f"blocks.{layer}.{hook}.hook_in", self._keep_input(state, layer, projection)))
+                    hooks.append((f"blocks.{layer}.{hook}.hook_out", self._add_delta(state, layer, projection)))
         return hooks
+
+    def _keep_input(self, state: _CallState, layer: int, projection: str):
+        def keep(x: torch.Tensor, hook) -> torch.Tensor:
+            state.projection_inputs[layer, projection] = x
+            return x
+
+        return keep
+
+    def _add_delta(self, state: _CallState, layer: int, projection: str):
+        lora = self.model.lora
+
+        def add(y: torch.Tensor, hook) -> torch.Tensor:
+            x = state.projection_inputs.pop((layer, projection))
+            # Inputs and outputs may carry heads split out ([B, T, H, hd]): one row per token.
+            rows = x.reshape(y.shape[0] * y.shape[1], -1)
+            delta = lora.delta(layer, projection, rows).view(*y.shape).to(y.dtype)
+            if state.adapted is None:
+                return y + delta
+            return y + torch.where(state.adapted.view(*state.adapted.shape, *[1] * (y.ndim - 2)), delta, 0.0)
+
+        return add
 
     def _decide(self, state: _CallState, layer: int, branch: str):
         block = getattr(self.bridge.blocks[layer], branch)
@@ -173,6 +211,8 @@ class GatedLens:
             state.gate[layer, branch] = g
             state.skip[layer, branch] = block.hook_skip(skip)
             state.inputs[layer, branch] = x
+            if state.adapted is not None:  # on the adapter from the first skip on (this one included)
+                state.adapted = state.adapted | state.skip[layer, branch].to(state.adapted.device)
             return x
 
         return decide
@@ -182,8 +222,9 @@ class GatedLens:
 
         def scale(y: torch.Tensor, hook) -> torch.Tensor:
             g, skip = state.gate[layer, branch], state.skip[layer, branch]
-            if g is not None:
-                y = g.to(y.dtype) * y
+            if g is not None:  # scope 'skipped': only tokens on the adapter are scaled
+                scaled = g.to(y.dtype) * y
+                y = scaled if state.adapted is None else torch.where(state.adapted[..., None], scaled, y)
             stand_in = torch.zeros_like(y) if fill is None else fill(state.inputs[layer, branch]).to(y.dtype)
             return torch.where(skip[..., None].to(y.device), stand_in, y)
 

@@ -75,7 +75,7 @@ def evaluate(model: GatedModel, ref: Reference, plan: SkipPlan) -> dict[str, flo
                 ids.shape[1],
                 "physical",
                 kv_copy=plan.kv == "copy",
-                fill_flops=model.fill_flops(),
+                **model.overheads(plan),
             )
             dense += acc.dense_flops
             executed += acc.skipping_flops

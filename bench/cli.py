@@ -37,6 +37,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         gates=args.gates,
         variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
+        memory_variants=tuple(v.strip() for v in args.memory_variants.split(",") if v.strip()),
+        decode_variants=tuple(v.strip() for v in (args.decode_variants or args.gates).split(",") if v.strip()),
         prefill_tokens=args.prefill_tokens,
         prefill_skips=args.prefill_skips,
         prefill_batches=args.prefill_batches,
@@ -66,8 +68,18 @@ def register(sub, commands) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--gates", default="default", help="gates for decode, capture, collect, dashboard and rates")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
-    p.add_argument("--variants", default="default,default-scalar,untrained:vector", help="prefill gate variants")
-    p.add_argument("--sections", default="prefill,decode,capture,collect,dashboard,rates,corpus")
+    p.add_argument(
+        "--variants",
+        default="default,default@all,default@merged,default-scalar,untrained:vector",
+        help="prefill gate variants: GATES, GATES@all | GATES@skipped (adapter scope), GATES@merged (merged adapter)",
+    )
+    p.add_argument(
+        "--decode-variants",
+        default="default,default@all,default@merged",
+        help="gate variants decoded at batch 1 (larger batches decode --gates); '' = --gates",
+    )
+    p.add_argument("--sections", default="prefill,decode,memory,capture,collect,dashboard,rates,corpus")
+    p.add_argument("--memory-variants", default="default,default-scalar", help="gates whose peak memory is measured")
     p.add_argument("--prefill-tokens", type=cli_type(whole_number, "--prefill-tokens", minimum=2), default=128)
     p.add_argument(
         "--prefill-skips", type=_numbers(float, "--prefill-skips", 0, 1), default=(0.0, 0.15, 0.25, 0.5, 0.7)

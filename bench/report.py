@@ -29,16 +29,18 @@ def decode_table(rows: list[dict]) -> str:
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        weights = "" if r.get("weights", "original") == "original" else f" ({r['weights']})"
         if r["method"] == "hf-generate":
-            lines.append(f"| {r['batch']} | Hugging Face `generate` | – | {r['tokens_per_s']:.2f} | | | | | |")
+            lines.append(f"| {r['batch']} | Hugging Face `generate`{weights} | – | {r['tokens_per_s']:.2f} | | | | | |")
         elif r["method"] == "dense-walk":
             lines.append(
-                f"| {r['batch']} | our dense walk | – | {r['tokens_per_s']:.2f} ({_x(r['vs_hf_generate'])} HF) "
+                f"| {r['batch']} | our dense walk{weights} | – | {r['tokens_per_s']:.2f} ({_x(r['vs_hf_generate'])} HF) "
                 "| 1.00x | | | | |"
             )
         else:
+            gates = f"gated {r['gates']}" if "gates" in r else "gated"
             lines.append(
-                f"| {r['batch']} | gated | {r['skip']:g} | {r['tokens_per_s']:.2f} | {_x(r['speedup_vs_dense_walk'])} "
+                f"| {r['batch']} | {gates} | {r['skip']:g} | {r['tokens_per_s']:.2f} | {_x(r['speedup_vs_dense_walk'])} "
                 f"| {_pct(r['reached_skip_rate'])} | {_x(r['predicted_speedup_flops'])} "
                 f"| {_x(r['predicted_speedup_bytes'])} | {r['realised_over_bytes_model']:.2f} |"
             )

@@ -7,13 +7,16 @@ Sections (each a function returning rows; `--sections` chooses):
   dense walk, and the gated model (calibrated policy, physical path) per budget; tokens/s,
   the skip rate reached on the generated tokens, and two predictions of the speedup over our
   dense walk: the FLOP account and the bytes-read model (`compute.decode_step_bytes`).
-  Gates that came with an adapter run an adapted copy of the weights; Hugging Face `generate`
-  and the dense walks run that same copy (in prefill, each variant is compared with a dense
-  pass over the weights it reads).
+  A LoRA adapter runs as per-row deltas on the original weights (dense baselines: the
+  original); a gate spec `GATES@SCOPE` chooses the adapter scope (`all` | `skipped`) and
+  `GATES@merged` the other adapter form, merged into a copy of the weights (scope `all`),
+  whose dense baseline and Hugging Face `generate` run that copy.
 - `capture`: gated forward alone vs forward + trace (decisions; with gate vectors).
 - `collect`: `collect` throughput and peak resident memory at two corpus sizes (flat = bounded).
 - `dashboard`: estimate-mode and exact-mode latency for a 128-token prompt (library calls).
 - `rates`: the calibrated policy's reached skip rate on prose, chat and code against the budget.
+- `memory`: peak resident memory of a fresh process that loads the model with gates and traces
+  one sentence, against `--gates none` (`memory.py`).
 
 Every timing: warm-up, then `repeats` runs; median, min and max are reported. The JSON
 records torch threads, the CPU and the versions.
@@ -38,10 +41,12 @@ import numpy as np
 import torch
 
 from gateskip_core import Capture, GateSkipError, load_model
-from gateskip_core.compute import account_sequence, decode_step_bytes
+from gateskip_core.compute import account_sequence, adapted_rows, decode_step_bytes
 from gateskip_core.model import Batch, GatedModel
 
-SECTIONS = ("prefill", "decode", "capture", "collect", "dashboard", "rates", "corpus")
+from .memory import bench_memory
+
+SECTIONS = ("prefill", "decode", "memory", "capture", "collect", "dashboard", "rates", "corpus")
 
 
 @dataclass
@@ -49,7 +54,10 @@ class BenchConfig:
     model: str = "smollm2-135m-instruct"
     dtype: str = "float32"  # bfloat16 halves the bytes read; fast only on CPUs with native bf16 (AVX-512 BF16, AMX)
     gates: str = "default"  # the gates of decode, capture, collect, dashboard and rates
-    variants: tuple[str, ...] = ("default", "default-scalar", "untrained:vector")  # prefill gate variants
+    decode_variants: tuple[str, ...] = ("default", "default@all", "default@merged")  # decoding at batch 1
+    memory_variants: tuple[str, ...] = ("default", "default-scalar")  # peak memory of load + one trace
+    # prefill gate variants: GATES, GATES@all | GATES@skipped (adapter scope), GATES@merged (merged adapter)
+    variants: tuple[str, ...] = ("default", "default@all", "default@merged", "default-scalar", "untrained:vector")
     prefill_tokens: int = 128
     prefill_skips: tuple[float, ...] = (0.0, 0.15, 0.25, 0.5, 0.7)
     prefill_batches: tuple[int, ...] = (1, 8)
@@ -111,12 +119,25 @@ def _dense_walk(base: GatedModel, view: GatedModel) -> GatedModel:
 
 
 def _views(base: GatedModel, specs) -> dict[str, GatedModel]:
+    """A view per gate spec `GATES[@all|@skipped|@merged]` (see `scope_of`)."""
     out = {}
     for spec in specs:
+        gates, _, option = spec.partition("@")
         view = base.view()
-        view.load_gates(spec)
+        view.load_gates(gates)
+        if option == "merged":
+            view.attach_gates(view.gates, f"{view.gates_label}", view.checkpoint, merge=True)
+        elif option not in ("", "all", "skipped"):
+            raise GateSkipError(f"gate spec {spec!r}: after '@' put all, skipped or merged")
         out[spec] = view
     return out
+
+
+def scope_of(spec: str) -> str:
+    """The adapter scope a bench gate spec asks for: `@all` and `@merged` -> 'all', `@skipped` ->
+    'skipped', none -> 'auto' (the gates' own)."""
+    option = spec.partition("@")[2]
+    return {"": "auto", "merged": "all"}.get(option, option)
 
 
 # ---- prefill
@@ -160,7 +181,7 @@ def bench_prefill(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
         variants = cfg.variants if batch_size == min(cfg.prefill_batches) else cfg.variants[:1]
         views = _views(base, variants)
         plans = {
-            (spec, skip, path): view.make_plan(skip, path=path)
+            (spec, skip, path): view.make_plan(skip, path=path, adapter_scope=scope_of(spec))
             for spec, view in views.items()
             for skip in cfg.prefill_skips
             for path in ("masked", "physical")
@@ -214,23 +235,38 @@ def _hf_generate(hf_model, tokenizer, batch: Batch, n_new: int):
         )
 
 
-def _decode_predictions(view: GatedModel, trace, prompt_len: int, batch_size: int) -> dict[str, float]:
-    """Predicted speedup over the dense walk from the generated tokens' decisions: FLOPs and bytes."""
+def _decode_predictions(view: GatedModel, trace, prompt_len: int, batch_size: int, scope: str) -> dict[str, float]:
+    """Predicted speedup over the dense walk from the generated tokens' decisions: FLOPs and bytes
+    (the gates, stand-ins and the LoRA deltas of rows on the adapter included)."""
     spec = view.spec
     skipped = np.stack([s.skipped[s.prompt_length :] for s in trace.sequences])  # [B, N, L, 2]
     dense_run = np.ones(skipped.shape[2:], dtype=bool)
     gate_params = tuple(f // 2 for f in view.gate_flops())
+    adapter_params = tuple(f // 2 for f in view.adapter_flops())
+    adapted = adapted_rows(skipped, scope) if view.lora is not None else np.zeros_like(skipped)
     width = view.dtype.itemsize
     dense_bytes = gated_bytes = 0.0
     for step in range(skipped.shape[1]):
         context = prompt_len + step + 1
         dense_bytes += decode_step_bytes(spec, dense_run, context, batch_size, bytes_per_param=width)
         run = ~skipped[:, step].all(0)  # a weight is read when any token of the step runs the branch
-        gated_bytes += decode_step_bytes(spec, run, context, batch_size, gate_params, bytes_per_param=width)
+        on = adapted[:, step]  # [B, L, 2]
+        adapter_run = np.stack(
+            [
+                on[..., 0].any(0),
+                (on[..., 0] & ~skipped[:, step, :, 0]).any(0),
+                (on[..., 1] & ~skipped[:, step, :, 1]).any(0),
+            ],
+            -1,
+        )
+        gated_bytes += decode_step_bytes(
+            spec, run, context, batch_size, gate_params, width, adapter_run=adapter_run, adapter_params=adapter_params
+        )
     # FLOPs of the generated tokens only (positions after the prompt; attention over the cache)
+    overheads = dict(fill_flops=view.fill_flops(), adapter_flops=view.adapter_flops(), adapter_scope=scope)
     accounts = [
         account_sequence(spec, s.skipped[s.prompt_length :], view.gate_flops(), s.n_tokens - s.prompt_length,
-                         "physical", first_position=s.prompt_length)
+                         "physical", first_position=s.prompt_length, **overheads)
         for s in trace.sequences
     ]  # fmt: skip
     flops = sum(accounts[1:], accounts[0])
@@ -244,72 +280,96 @@ def _decode_predictions(view: GatedModel, trace, prompt_len: int, batch_size: in
 
 
 def bench_decode(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
-    view = _views(base, [cfg.gates])[cfg.gates]
-    dense_model = _dense_walk(base, view)  # Hugging Face `generate` runs the same weights too
-    return [row for b in cfg.decode_batches for row in _decode_batch(base, view, dense_model, cfg, b, log)]
+    """Decoding per batch size: every gate variant (batch 1; larger batches: `cfg.gates`) and
+    budget, timed in turns with Hugging Face `generate` and our dense walk over the same weights."""
+    rows = []
+    for batch_size in cfg.decode_batches:
+        variants = cfg.decode_variants if batch_size == 1 else (cfg.gates,)
+        rows += _decode_batch(base, _views(base, variants), cfg, batch_size, log)
+    return rows
 
 
-def _decode_batch(base, view, dense_model, cfg: BenchConfig, batch_size: int, log) -> list[dict]:
+def _decode_batch(base, views: dict[str, GatedModel], cfg: BenchConfig, batch_size: int, log) -> list[dict]:
     rows = []
     prompts = [_text_of_tokens(base, cfg.decode_prompt, offset=i) for i in range(batch_size)]
     batch = base.encode(prompts)
     prompt_len = int(batch.attention_mask.sum(1).max())
     n_new = cfg.new_tokens
     generated = batch_size * n_new
-    weights = "original" if view.backbone is base.original else f"adapted copy ({cfg.gates})"
 
     def ours(model, n=n_new, **skip_args):
         return model.generate(prompts, max_new_tokens=n, stop_at_eos=False, **skip_args)
 
     skips = cfg.decode_skips if batch_size == 1 else cfg.decode_skips[-1:]
-    gated_args = {skip: dict(skip=skip, policy="calibrated", path="physical") for skip in skips}
-    fns = {
-        "hf-generate": partial(_hf_generate, view.backbone, base.tokenizer, batch, n_new),
-        "dense-walk": partial(ours, dense_model, skip=0.0),
-    }
-    short = {
-        "hf-generate": partial(_hf_generate, view.backbone, base.tokenizer, batch, 4),
-        "dense-walk": partial(ours, dense_model, 4, skip=0.0),
-    }
-    for skip, args in gated_args.items():
-        fns[skip] = partial(ours, view, **args)
-        short[skip] = partial(ours, view, 4, **args)
+    fns, short, weights_of = {}, {}, {}
+    for spec, view in views.items():  # one dense walk and HF generate per set of weights
+        weights = "original" if view.backbone is base.original else f"merged copy ({spec})"
+        weights_of[spec] = weights
+        if ("dense-walk", weights) not in fns:
+            dense_model = _dense_walk(base, view)
+            fns["hf-generate", weights] = partial(_hf_generate, view.backbone, base.tokenizer, batch, n_new)
+            fns["dense-walk", weights] = partial(ours, dense_model, skip=0.0)
+            short["hf-generate", weights] = partial(_hf_generate, view.backbone, base.tokenizer, batch, 4)
+            short["dense-walk", weights] = partial(ours, dense_model, 4, skip=0.0)
+        for skip in skips:
+            args = dict(skip=skip, policy="calibrated", path="physical", adapter_scope=scope_of(spec))
+            fns[spec, skip] = partial(ours, view, **args)
+            short[spec, skip] = partial(ours, view, 4, **args)
     repeats = cfg.decode_repeats if batch_size == 1 else cfg.batched_decode_repeats
     t, outputs = interleaved(fns, repeats, warmups=short)
-    hf, dense = t["hf-generate"]["median_s"], t["dense-walk"]["median_s"]
-    common = {"batch": batch_size, "weights": weights}
-    rows.append({**common, "method": "hf-generate", "skip": 0.0, "tokens_per_s": generated / hf, **t["hf-generate"]})
-    rows.append(
-        {
-            **common,
-            "method": "dense-walk",
-            "skip": 0.0,
-            "tokens_per_s": generated / dense,
-            **t["dense-walk"],
-            "vs_hf_generate": hf / dense,
-        }
-    )
-    log(f"decode b{batch_size}: HF {generated / hf:.1f} tok/s, dense walk {generated / dense:.1f} tok/s")
-    for skip in gated_args:
-        predictions = _decode_predictions(view, outputs[skip].trace, prompt_len, batch_size)
-        speedup = dense / t[skip]["median_s"]
+    for weights in dict.fromkeys(weights_of.values()):
+        hf, dense = t["hf-generate", weights]["median_s"], t["dense-walk", weights]["median_s"]
+        common = {"batch": batch_size, "weights": weights}
         rows.append(
             {
                 **common,
-                "method": f"gated ({cfg.gates}, calibrated, physical)",
-                "skip": skip,
-                "tokens_per_s": generated / t[skip]["median_s"],
-                **t[skip],
-                "vs_hf_generate": hf / t[skip]["median_s"],
-                "speedup_vs_dense_walk": speedup,
-                **predictions,
-                "realised_over_bytes_model": speedup / predictions["predicted_speedup_bytes"],
+                "method": "hf-generate",
+                "skip": 0.0,
+                "tokens_per_s": generated / hf,
+                **t["hf-generate", weights],
+            }
+        )
+        rows.append(
+            {
+                **common,
+                "method": "dense-walk",
+                "skip": 0.0,
+                "tokens_per_s": generated / dense,
+                **t["dense-walk", weights],
+                "vs_hf_generate": hf / dense,
             }
         )
         log(
-            f"decode b{batch_size} skip {skip}: {speedup:.2f}x dense walk "
-            f"(bytes model {predictions['predicted_speedup_bytes']:.2f}x)"
+            f"decode b{batch_size} ({weights}): HF {generated / hf:.1f} tok/s, dense walk {generated / dense:.1f} tok/s"
         )
+    for spec, view in views.items():
+        weights = weights_of[spec]
+        hf, dense = t["hf-generate", weights]["median_s"], t["dense-walk", weights]["median_s"]
+        scope = scope_of(spec) if scope_of(spec) != "auto" else view.adapter_scope
+        for skip in skips:
+            timing = t[spec, skip]
+            predictions = _decode_predictions(view, outputs[spec, skip].trace, prompt_len, batch_size, scope)
+            speedup = dense / timing["median_s"]
+            rows.append(
+                {
+                    "batch": batch_size,
+                    "weights": weights,
+                    "method": f"gated ({spec}, calibrated, physical)",
+                    "gates": spec,
+                    "adapter_scope": scope,
+                    "skip": skip,
+                    "tokens_per_s": generated / timing["median_s"],
+                    **timing,
+                    "vs_hf_generate": hf / timing["median_s"],
+                    "speedup_vs_dense_walk": speedup,
+                    **predictions,
+                    "realised_over_bytes_model": speedup / predictions["predicted_speedup_bytes"],
+                }
+            )
+            log(
+                f"decode b{batch_size} {spec} skip {skip}: {speedup:.2f}x dense walk "
+                f"(bytes model {predictions['predicted_speedup_bytes']:.2f}x)"
+            )
     return rows
 
 
@@ -530,6 +590,7 @@ def bench_corpus(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
 
 BENCHES = {
     "corpus": bench_corpus,
+    "memory": lambda base, cfg, log: bench_memory(cfg.model, cfg.memory_variants, log),
     "prefill": bench_prefill,
     "decode": bench_decode,
     "capture": bench_capture,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 
 import numpy as np
 import pandas as pd
@@ -627,9 +626,7 @@ def compare_view(cfg: service.Settings) -> None:
                 with st.spinner(f"Loading {name} (the first load converts it once)…"):
                     view = gated_view(name, spec, None, None)
                 settings = service.settings_for(cfg, name, view)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    results[(name, spec)] = service.exact(view, text, False, settings)
+                results[(name, spec)] = service.exact(view, text, False, settings)
             except GateSkipError as err:
                 results[(name, spec)] = str(err)
         st.session_state["compare"] = (sides, results)

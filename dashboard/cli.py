@@ -1,36 +1,97 @@
-"""`gateskip dashboard` (assembled into the command line by `gateskip.cli`)."""
+"""`gateskip dashboard` (assembled into the command line by `gateskip.cli`).
+
+The server listens on the loopback interface unless `--host` says otherwise (with a warning:
+the app has no login); the URL printed is the one it listens on. Datasets the Corpus view
+lists, opens and collects live in `--data-dir` (default: `<cache>/dashboard-data`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import socket
 import sys
 from pathlib import Path
 
 from gateskip_core.errors import GateSkipError
-from gateskip_core.registry import DEFAULT_MODEL, REGISTRY
+from gateskip_core.registry import DEFAULT_MODEL, REGISTRY, cache_root
 
 APP = Path(__file__).resolve().parent / "app.py"
+
+
+def default_data_dir() -> Path:
+    return cache_root() / "dashboard-data"
+
+
+def check_host(host: str) -> tuple[str, bool]:
+    """(address to bind, whether it is a loopback address); one-line error for anything else."""
+    host = host.strip()
+    if host == "localhost":
+        return "127.0.0.1", True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise GateSkipError(
+            f"--host must be an IP address (127.0.0.1, ::1, 0.0.0.0, ...) or localhost, got {host!r}"
+        ) from None
+    return str(address), address.is_loopback
+
+
+def check_port(host: str, port: int) -> int:
+    """A port in 1..65535 that is free on `host`; one-line error otherwise."""
+    if not 1 <= port <= 65535:
+        raise GateSkipError(f"--port must be a whole number in 1..65535, got {port}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise GateSkipError(f"cannot listen on {host} port {port}: {err.strerror or err}") from None
+    return port
+
+
+def url_of(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     if args.model not in REGISTRY:
         raise GateSkipError(f"unknown model {args.model!r}; choose one of {', '.join(REGISTRY)}")
-    env = dict(os.environ, GATESKIP_DASHBOARD_MODEL=args.model)
+    host, loopback = check_host(args.host)
+    port = check_port(host, args.port)
+    data_dir = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
+    if data_dir.exists() and not data_dir.is_dir():
+        raise GateSkipError(f"--data-dir {data_dir} is not a folder")
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise GateSkipError(f"cannot create --data-dir {data_dir}: {err.strerror or err}") from None
+    env = dict(os.environ, GATESKIP_DASHBOARD_MODEL=args.model, GATESKIP_DASHBOARD_DATA=str(data_dir.resolve()))
     cmd = [
         sys.executable,
         "-m",
         "streamlit",
         "run",
         str(APP),
+        "--server.address",
+        host,
         "--server.port",
-        str(args.port),
+        str(port),
         "--server.headless",
         "true",
         "--browser.gatherUsageStats",
         "false",
     ]
-    print(f"GateSkip Lens dashboard on http://localhost:{args.port}  (Ctrl-C to stop)", file=sys.stderr)
+    if not loopback:
+        shown = "every interface of this machine" if ipaddress.ip_address(host).is_unspecified else host
+        print(
+            f"warning: the dashboard listens on {shown} and has no login: anyone who can reach this machine "
+            "can use it and read the datasets in its data folder",
+            file=sys.stderr,
+        )
+    print(f"GateSkip Lens dashboard on {url_of(host, port)}  (data: {data_dir}; Ctrl-C to stop)", file=sys.stderr)
     sys.stderr.flush()
     os.execve(sys.executable, cmd, env)  # the server replaces this process: signals reach it directly
     return 0  # not reached
@@ -39,5 +100,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 def register(sub, commands) -> None:
     p = sub.add_parser("dashboard", help="start the Streamlit dashboard")
     p.add_argument("--model", default=DEFAULT_MODEL, help="registry model selected when the app opens")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--data-dir", help="the Corpus view's datasets (default: <cache>/dashboard-data)")
     commands["dashboard"] = cmd_dashboard

@@ -1,35 +1,126 @@
 """Backbone adaptation trained together with the gates: a LoRA adapter or full weight deltas.
 
-GateSkip's main results fine-tune the model with its gates. We keep the user's
-model untouched as the ungated reference and build the adapted backbone as a
-copy:
+GateSkip's main results fine-tune the model with its gates. The user's model stays untouched
+as the ungated reference:
 
-- `lora:R` — a LoRA adapter (the `peft` library) of rank R on every attention and
-  MLP projection. Training runs the peft-wrapped copy; a checkpoint stores the
-  adapter's A/B matrices (float16), and loading merges them into a copy of the
-  original weights, so inference runs plain linear layers at no extra cost.
-- `full` — every backbone weight trains; a checkpoint stores the difference to
-  the original weights (float32), so nothing that was trained is lost.
+- `lora:R` — a LoRA adapter of rank R on every attention and MLP projection, kept *unmerged*
+  (`LoraAdapter`): the walk runs the original weights for every row and adds the delta
+  `s * B(A x)` (s = alpha / R = 2) only to the rows that use the adapter — every token under
+  adapter scope 'all', only tokens from their first skip on under scope 'skipped'. One set of
+  base weights serves both, and the delta costs ~2R(in + out) FLOPs per adapted row and
+  projection (charged by the compute account). A checkpoint stores A/B (float16) under
+  peft's names. `merged_backbone` builds the other form, a copy with the adapter merged
+  (faster per row, twice the memory; scope 'all' only), for comparison.
+- `full` — every backbone weight trains; a checkpoint stores the difference to the original
+  weights (float32), and loading builds an adapted copy (`build_adapted`).
 
-`AdapterSpec` says which; `adapter_tensors` extracts what a checkpoint stores
-and `build_adapted` rebuilds the adapted backbone from it.
+`AdapterSpec` says which; `adapter_tensors` / `LoraAdapter.checkpoint_tensors` give what a
+checkpoint stores.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import GateSkipError
 from .validation import rank_of
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_MODULE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn"}
 ADAPTER_PREFIX = "adapter."
+
+
+class LoraAdapter(nn.Module):
+    """LoRA matrices for every (layer, projection), kept unmerged: `delta(layer, name, x)` is
+    `s * B(A x)` for rows `x` [N, in], with s = alpha / R = 2 (peft's `lora_alpha = 2 R`).
+
+    Initialised as peft does (A Kaiming-uniform, B zero: the adapter starts as no change) or
+    from a checkpoint's tensors (`from_checkpoint`)."""
+
+    def __init__(self, layers, rank: int):
+        super().__init__()
+        self.rank = rank
+        self.scaling = 2.0
+        self.n_layers = len(layers)
+        self.A = nn.ParameterDict()
+        self.B = nn.ParameterDict()
+        for i, parts in enumerate(layers):
+            for name in LORA_TARGETS:
+                linear = getattr(parts, name)
+                a = torch.empty(rank, linear.in_features, dtype=linear.weight.dtype, device=linear.weight.device)
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                self.A[self._key(i, name)] = nn.Parameter(a)
+                self.B[self._key(i, name)] = nn.Parameter(a.new_zeros(linear.out_features, rank))
+
+    @staticmethod
+    def _key(layer: int, name: str) -> str:
+        return f"{layer}_{name}"
+
+    @staticmethod
+    def checkpoint_name(layer: int, name: str, matrix: str) -> str:
+        """The tensor's name in a checkpoint (peft's, so that earlier checkpoints load)."""
+        return (
+            f"{ADAPTER_PREFIX}model.layers.{layer}.{LORA_MODULE.get(name, 'mlp')}.{name}.lora_{matrix}.default.weight"
+        )
+
+    def delta(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor:
+        key = self._key(layer, name)
+        return F.linear(F.linear(x, self.A[key]), self.B[key]) * self.scaling
+
+    def flops_per_row(self, layers) -> tuple[int, int, int]:
+        """FLOPs of the deltas per adapted row: (k + v projections, q + o, the MLP) of one layer."""
+
+        def cost(name: str) -> int:
+            linear = getattr(layers[0], name)
+            return 2 * self.rank * (linear.in_features + linear.out_features)
+
+        return (
+            cost("k_proj") + cost("v_proj"),
+            cost("q_proj") + cost("o_proj"),
+            cost("gate_proj") + cost("up_proj") + cost("down_proj"),
+        )
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i in range(self.n_layers):
+            for name in LORA_TARGETS:
+                for matrix, params in (("A", self.A), ("B", self.B)):
+                    value = params[self._key(i, name)].detach().to(torch.float16).contiguous()
+                    out[self.checkpoint_name(i, name, matrix)] = value
+        return out
+
+    @classmethod
+    def from_checkpoint(cls, layers, spec: AdapterSpec, tensors: dict[str, torch.Tensor]) -> LoraAdapter:
+        """The adapter a checkpoint stores, refused with one line if it does not fit these layers."""
+        adapter = cls(layers, spec.rank)
+        stored = {k: v for k, v in tensors.items() if k.startswith(ADAPTER_PREFIX)}
+        expected = {cls.checkpoint_name(i, n, m) for i in range(len(layers)) for n in LORA_TARGETS for m in "AB"}
+        if set(stored) != expected:
+            raise GateSkipError(
+                f"the checkpoint's LoRA adapter does not fit this model ({len(stored)} tensors, expected "
+                f"{len(expected)})"
+            )
+        with torch.no_grad():
+            for i in range(len(layers)):
+                for name in LORA_TARGETS:
+                    for matrix, params in (("A", adapter.A), ("B", adapter.B)):
+                        target, value = params[cls._key(i, name)], stored[cls.checkpoint_name(i, name, matrix)]
+                        if target.shape != value.shape:
+                            raise GateSkipError(
+                                f"the checkpoint's LoRA tensor {cls.checkpoint_name(i, name, matrix)} has shape "
+                                f"{tuple(value.shape)}"
+                            )
+                        target.copy_(value.to(target.dtype))
+        adapter.requires_grad_(False)
+        return adapter
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,11 @@ class LayerParts:
     k_norm: RMSNorm | None
     attn_post_norm: RMSNorm | None
     mlp_norm: RMSNorm
-    mlp: nn.Module
+    mlp: nn.Module  # the whole MLP module; the walk calls its projections itself (LoRA deltas per row)
+    gate_proj: nn.Linear
+    up_proj: nn.Linear
+    down_proj: nn.Linear
+    mlp_act: nn.Module  # down(act(gate(x)) * up(x))
     mlp_post_norm: RMSNorm | None
     rope_kind: str | None  # Gemma-3: "sliding_attention" or "full_attention"
     sliding_window: int | None
@@ -146,6 +150,10 @@ def arch_spec(hf_model: nn.Module) -> ArchSpec:
                 # Llama's "post_attention_layernorm" is the MLP's input norm.
                 mlp_norm=norm(layer.pre_feedforward_layernorm if is_gemma else layer.post_attention_layernorm),
                 mlp=layer.mlp,
+                gate_proj=layer.mlp.gate_proj,
+                up_proj=layer.mlp.up_proj,
+                down_proj=layer.mlp.down_proj,
+                mlp_act=layer.mlp.act_fn,
                 mlp_post_norm=norm(layer.post_feedforward_layernorm) if is_gemma else None,
                 rope_kind=rope_kind,
                 sliding_window=window,

@@ -121,12 +121,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if not texts or not any(t.strip() for t in texts):
         raise GateSkipError("text is empty")
     model = load_model(args.model, gates=args.gates, progress=_progress, device=args.device)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trace = model.trace(texts, chat=args.chat, **skip_args_of(args))
-    for w in caught:
-        if issubclass(w.category, UserWarning):  # ours (truncation, context); not dependencies' notices
-            print(f"warning: {w.message}", file=sys.stderr)
+    trace = model.trace(texts, chat=args.chat, **skip_args_of(args))
+    for notice in trace.notices:
+        print(f"warning: {notice}", file=sys.stderr)
     trace.save(out)
     print(trace.summary())
     print(_skip_map(trace))

@@ -3,7 +3,9 @@
 Counted (2 FLOPs per multiply-add), per token and layer: q, k, v, o projections;
 attention scores (q . k) and weighted sum (p . v) over the keys the token can see;
 the three MLP projections; the LM head for every position whose logits are
-produced; and the gates' own cost. Norms, rotary embeddings, softmax and
+produced; the gates' own cost; stand-ins of skipped branches; and a LoRA adapter's
+per-row deltas (2R(in + out) per projection, for the rows that use it: every token under
+adapter scope 'all', tokens from their first skip on under 'skipped'). Norms, rotary embeddings, softmax and
 activations are elementwise and not counted (nor does FlopCounterMode count them).
 
 Conventions for attention keys per query:
@@ -98,11 +100,16 @@ def account_sequence(
     convention: str = "causal",
     first_position: int = 0,
     fill_flops: tuple[int, int] = (0, 0),
+    adapter_flops: tuple[int, int, int] = (0, 0, 0),
+    adapter_scope: str = "all",
 ) -> ComputeAccount:
     """The account for one sequence (positions first_position .. first_position + T - 1).
 
     `fill_flops`: (attention, MLP) FLOPs each skipped token spends on its stand-in (`fill.py`),
-    charged like the gates: in the skipping total, counted in `gate_flops` (the overhead)."""
+    charged like the gates: in the skipping total, counted in `gate_flops` (the overhead).
+    `adapter_flops`: a LoRA adapter's delta FLOPs per adapted row and layer for (k + v, q + o,
+    MLP) (`LoraAdapter.flops_per_row`), charged where the row runs that part with the adapter
+    (`adapter_scope`), also in `gate_flops`."""
     costs = LayerCosts.of(spec)
     T = skipped.shape[0]
     positions = np.arange(first_position, first_position + T)
@@ -117,6 +124,8 @@ def account_sequence(
         skipping += kv_tokens * costs.kv + attn_query_side[run_attn].sum() + run_mlp.sum() * costs.mlp
     gates = float(T * spec.n_layers * sum(gate_flops_per_branch))
     gates += float(skipped[..., 0].sum() * fill_flops[0] + skipped[..., 1].sum() * fill_flops[1])
+    if any(adapter_flops):
+        gates += _adapter_flops(skipped, adapter_flops, adapter_scope, path, kv_copy)
     head = float(lm_head_tokens * costs.lm_head)
     dense += head
     skipping += head + gates
@@ -127,6 +136,33 @@ def account_sequence(
         executed_flops=float(executed),
         gate_flops=gates,
         tokens=T,
+    )
+
+
+def adapted_rows(skipped: np.ndarray, scope: str) -> np.ndarray:
+    """[..., L, 2] bool: the token is on the adapter at (layer, branch): always in scope 'all'; in
+    'skipped' from its first skipped branch (walk order: attention, then MLP, layer by layer) on."""
+    if scope != "skipped":
+        return np.ones(skipped.shape, dtype=bool)
+    *lead, L, _ = skipped.shape
+    return np.logical_or.accumulate(skipped.reshape(*lead, 2 * L), axis=-1).reshape(skipped.shape)
+
+
+def _adapter_flops(skipped: np.ndarray, flops: tuple[int, int, int], scope: str, path: str, kv_copy: bool) -> float:
+    """The LoRA deltas' FLOPs: per (token, layer), k/v where the token's keys/values are projected,
+    q/o where it runs attention, the MLP where it runs it, for rows on the adapter (masked: every
+    row that is on the adapter computes every delta)."""
+    adapted = adapted_rows(skipped, scope)
+    if path == "masked":
+        return float(adapted[..., 0].sum() * (flops[0] + flops[1]) + adapted[..., 1].sum() * flops[2])
+    run_attn, run_mlp = ~skipped[..., 0], ~skipped[..., 1]
+    kv_rows = adapted[..., 0].copy()
+    if kv_copy:
+        kv_rows[:, 1:] &= run_attn[:, 1:]
+    return float(
+        kv_rows.sum() * flops[0]
+        + (adapted[..., 0] & run_attn).sum() * flops[1]
+        + (adapted[..., 1] & run_mlp).sum() * flops[2]
     )
 
 
@@ -148,11 +184,14 @@ def decode_step_bytes(
     batch: int,
     gate_params: tuple[int, int] = (0, 0),
     bytes_per_param: int = 4,
+    adapter_run: np.ndarray | None = None,  # [L, 3] bool: some token of the step adds the LoRA delta
+    adapter_params: tuple[int, int, int] = (0, 0, 0),  # LoRA parameters per layer: (k + v, q + o, MLP)
 ) -> float:
     """Bytes one decoding step reads (the bytes-read model of batch-small decoding on a CPU, where
     a step's time follows the weights it touches): every layer's k/v projections (every token's
     keys/values are computed) and gates; q/o projections and the KV cache only where some token of
-    the step runs attention; the MLP weights only where some token runs it; the LM head."""
+    the step runs attention; the MLP weights only where some token runs it; a LoRA adapter's
+    matrices for (k/v, q/o, MLP) where some token on the adapter runs that part; the LM head."""
     costs = LayerCosts.of(spec)
     params = costs.kv / 2 + sum(gate_params)  # always read, per layer
     total = 0.0
@@ -163,5 +202,7 @@ def decode_step_bytes(
         total += params
         total += run[layer, 0] * ((costs.q + costs.o) / 2 + kv_cache)
         total += run[layer, 1] * costs.mlp / 2
+        if adapter_run is not None:
+            total += float(np.dot(adapter_run[layer], adapter_params))
     total += costs.lm_head / 2 + batch * spec.d_model  # LM head, embedding rows
     return total * bytes_per_param

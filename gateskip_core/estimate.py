@@ -21,7 +21,7 @@ from .trace import Trace
 
 
 def estimate_trace(
-    trace: Trace, plan: SkipPlan, spec: ArchSpec | None = None, gate_flops=(0, 0), fill_flops=(0, 0)
+    trace: Trace, plan: SkipPlan, spec: ArchSpec | None = None, gate_flops=(0, 0), overheads: dict | None = None
 ) -> Trace:
     """`trace` with `plan`'s decisions on its captured gate values; with `spec`, a new compute account."""
     if plan.forced:
@@ -47,7 +47,7 @@ def estimate_trace(
         compute = seq.compute
         if spec is not None:
             compute = account_sequence(
-                spec, skipped, gate_flops, seq.n_tokens, trace.path, kv_copy=trace.kv == "copy", fill_flops=fill_flops
+                spec, skipped, gate_flops, seq.n_tokens, trace.path, kv_copy=trace.kv == "copy", **(overheads or {})
             )
         sequences.append(replace(seq, skipped=skipped, threshold=threshold, eligible=eligible, compute=compute))
     return replace(

@@ -20,11 +20,15 @@ Two execution paths give the same result (`apply_branch`):
   attention must be able to attend to tokens that skipped it.
 
 Where the adapter applies (`SkipPlan.adapter_scope`, for gates that came with an adapter):
-- `all`: every token runs the adapted backbone, and a branch that runs adds `g * branch(x)`;
+- `all`: every token runs the adapted weights, and a branch that runs adds `g * branch(x)`;
 - `skipped`: a token runs the *original* weights, and its kept branches add `branch(x)`
   unscaled, until its first skipped branch; from there on it runs the adapted weights and
   soft gates. With nothing skipped the model is exactly the original, and the adapter's
   compensation is paid only where skipping happened.
+One set of base weights serves every token: a LoRA adapter (`adapter.LoraAdapter`) is a
+per-row delta added to each projection only for the rows that use it (`AdapterRows`), so a
+projection is one dense call over every row that runs it, plus a rank-R call over the
+adapted rows (none before any token skipped, all in scope `all`: no gather then).
 
 What a skipped branch adds: nothing (the paper), or a stand-in `fill(x)` (`fill.py`).
 
@@ -45,7 +49,9 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from .adapter import LoraAdapter
 from .architecture import ArchSpec, LayerParts
 from .errors import GateSkipError
 from .fill import SkipFill
@@ -191,7 +197,7 @@ class _Call:
     spec: ArchSpec
     gates: GateSet | None
     fill: SkipFill | None
-    original: ArchSpec | None  # adapter scope "skipped": the weights of tokens that have not skipped yet
+    lora: LoraAdapter | None  # the adapter's per-row deltas (None: no LoRA adapter)
     plan: SkipPlan
     capture: Capture
     cache: KVCache | None
@@ -207,11 +213,47 @@ class _Call:
     masks: dict = field(default_factory=dict)  # attention masks by sliding window (every-token path)
     adapted: torch.Tensor | None = None  # [B, T] adapter scope "skipped": the token has skipped a branch
 
-    def weight_groups(self, layer: int) -> list[tuple[LayerParts, torch.Tensor | None, bool]]:
-        """(layer weights, the tokens that use them or None for all, whether the gate scales them)."""
-        if self.original is None:
-            return [(self.spec.layers[layer], None, True)]
-        return [(self.spec.layers[layer], self.adapted, True), (self.original.layers[layer], ~self.adapted, False)]
+    def adapter_rows(self, layer: int, rows: tuple[torch.Tensor, torch.Tensor] | None) -> AdapterRows:
+        """Which of the rows a projection runs on (every token of the call, or the packed `rows`
+        (b_idx, t_idx)) get the LoRA delta: all of them in scope "all", the adapted ones in "skipped"."""
+        if self.lora is None:
+            return AdapterRows(None, layer, None)
+        if self.adapted is None:
+            return AdapterRows(self.lora, layer, None)
+        mask = self.adapted.reshape(-1) if rows is None else self.adapted[rows[0], rows[1]]
+        return AdapterRows(self.lora, layer, mask)
+
+    def scaled(self, rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+        """Which rows the gate scales (None: all): tokens on the adapted model (scope "skipped": from
+        their first skip on; a kept branch before it adds its output unscaled, as the original does)."""
+        if self.adapted is None:
+            return None
+        return self.adapted if rows is None else self.adapted[rows[0], rows[1]]
+
+
+class AdapterRows:
+    """The rows of one layer's projection calls that add the LoRA delta: none (no adapter), all
+    (`mask` None), or those where `mask` [N] is True. A projection is one dense call over every
+    row plus a rank-R call over the adapted rows only."""
+
+    def __init__(self, lora: LoraAdapter | None, layer: int, mask: torch.Tensor | None):
+        self.lora, self.layer = lora, layer
+        self.index: torch.Tensor | None = None  # the adapted rows when only some are
+        if lora is not None and mask is not None:
+            n = int(mask.sum())
+            if n == 0:
+                self.lora = None
+            elif n < mask.numel():
+                self.index = mask.nonzero().squeeze(-1)
+
+    def linear(self, name: str, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """`module(x)` for rows x [N, in], plus the adapter's delta on the adapted rows."""
+        y = F.linear(x, module.weight, module.bias)
+        if self.lora is None:
+            return y
+        if self.index is None:
+            return y + self.lora.delta(self.layer, name, x)
+        return y.index_add(0, self.index, self.lora.delta(self.layer, name, x[self.index]))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -223,18 +265,18 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + _rotate_half(x) * sin
 
 
-def project_q(parts: LayerParts, spec: ArchSpec, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """x [N, d], cos/sin [N, hd] -> rotated queries [N, H, hd]."""
-    q = parts.q_proj(x).view(x.shape[0], spec.n_heads, spec.head_dim)
+def project_q(parts: LayerParts, spec: ArchSpec, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adapter):
+    """x [N, d], cos/sin [N, hd] -> rotated queries [N, H, hd]; `adapter`: `AdapterRows` of the N rows."""
+    q = adapter.linear("q_proj", parts.q_proj, x).view(x.shape[0], spec.n_heads, spec.head_dim)
     if parts.q_norm is not None:
         q = parts.q_norm(q)
     return _rope(q, cos[:, None], sin[:, None])
 
 
-def project_kv(parts: LayerParts, spec: ArchSpec, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """x [N, d] -> rotated keys and values [N, H_kv, hd]."""
-    k = parts.k_proj(x).view(x.shape[0], spec.n_kv_heads, spec.head_dim)
-    v = parts.v_proj(x).view(x.shape[0], spec.n_kv_heads, spec.head_dim)
+def project_kv(parts: LayerParts, spec: ArchSpec, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adapter):
+    """x [N, d] -> rotated keys and values [N, H_kv, hd]; `adapter`: `AdapterRows` of the N rows."""
+    k = adapter.linear("k_proj", parts.k_proj, x).view(x.shape[0], spec.n_kv_heads, spec.head_dim)
+    v = adapter.linear("v_proj", parts.v_proj, x).view(x.shape[0], spec.n_kv_heads, spec.head_dim)
     if parts.k_norm is not None:
         k = parts.k_norm(k)
     return _rope(k, cos[:, None], sin[:, None]), v
@@ -262,7 +304,7 @@ def attend(spec: ArchSpec, q, keys, values, mask) -> torch.Tensor:
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
-def query_side(call: _Call, parts: LayerParts, cos, sin, keys, values, x_rows: torch.Tensor, rows) -> torch.Tensor:
+def query_side(call: _Call, layer: int, cos, sin, keys, values, x_rows: torch.Tensor, rows) -> torch.Tensor:
     """Attention's query side: q projection, scores, weighted sum and o projection.
 
     `rows` None: every token (`x_rows` [B, T, d]); otherwise the packed rows from
@@ -270,16 +312,20 @@ def query_side(call: _Call, parts: LayerParts, cos, sin, keys, values, x_rows: t
     attention call. Keys and values cover every position either way.
     """
     spec, (B, T) = call.spec, call.real.shape
+    parts = spec.layers[layer]
     if rows is None:
+        adapter = call.adapter_rows(layer, None)
         flat = (x_rows.reshape(B * T, -1), cos.reshape(B * T, -1), sin.reshape(B * T, -1))
-        q = project_q(parts, spec, *flat).view(B, T, spec.n_heads, -1).transpose(1, 2)
+        q = project_q(parts, spec, *flat, adapter).view(B, T, spec.n_heads, -1).transpose(1, 2)
         window = parts.sliding_window
         if window not in call.masks:  # one mask per call and window size, shared by the layers
             call.masks[window] = attention_mask(call.slots, call.real, call.slot_real, window)
-        return parts.o_proj(attend(spec, q, keys, values, call.masks[window]))
+        out = attend(spec, q, keys, values, call.masks[window]).reshape(B * T, -1)
+        return adapter.linear("o_proj", parts.o_proj, out).view(B, T, -1)
     b_idx, t_idx, rank, width = rows
+    adapter = call.adapter_rows(layer, (b_idx, t_idx))
     device = x_rows.device
-    q_rows = project_q(parts, spec, x_rows, cos[b_idx, t_idx], sin[b_idx, t_idx])
+    q_rows = project_q(parts, spec, x_rows, cos[b_idx, t_idx], sin[b_idx, t_idx], adapter)
     q = torch.zeros(B, width, spec.n_heads, spec.head_dim, dtype=q_rows.dtype, device=device)
     q = q.index_put((b_idx, rank), q_rows).transpose(1, 2)
     q_slots = torch.zeros(B, width, dtype=torch.long, device=device).index_put((b_idx, rank), call.slots[b_idx, t_idx])
@@ -287,23 +333,37 @@ def query_side(call: _Call, parts: LayerParts, cos, sin, keys, values, x_rows: t
     q_valid = q_valid.index_put((b_idx, rank), torch.tensor(True, device=device))
     mask = attention_mask(q_slots, q_valid, call.slot_real, parts.sliding_window)
     out = attend(spec, q, keys, values, mask)
-    return parts.o_proj(out[b_idx, rank])
+    return adapter.linear("o_proj", parts.o_proj, out[b_idx, rank])
 
 
 def attention_branch(call: _Call, cos, sin, keys, values):
-    """One layer's attention branch for `apply_branch`: `run(parts, x_rows, rows)` -> its output."""
+    """One layer's attention branch for `apply_branch`: `run(layer, x_rows, rows)` -> its output."""
 
-    def run(parts: LayerParts, x_rows: torch.Tensor, rows) -> torch.Tensor:
-        y = query_side(call, parts, cos, sin, keys, values, x_rows, rows)
-        return y if parts.attn_post_norm is None else parts.attn_post_norm(y)
+    def run(layer: int, x_rows: torch.Tensor, rows) -> torch.Tensor:
+        y = query_side(call, layer, cos, sin, keys, values, x_rows, rows)
+        post = call.spec.layers[layer].attn_post_norm
+        return y if post is None else post(y)
 
     return run
 
 
-def mlp_branch(parts: LayerParts, x_rows: torch.Tensor, rows) -> torch.Tensor:
+def mlp_forward(parts: LayerParts, x: torch.Tensor, adapter: AdapterRows) -> torch.Tensor:
+    """down(act(gate(x)) * up(x)) for rows x [N, d], each projection with the adapter's delta."""
+    gate = parts.mlp_act(adapter.linear("gate_proj", parts.gate_proj, x))
+    return adapter.linear("down_proj", parts.down_proj, gate * adapter.linear("up_proj", parts.up_proj, x))
+
+
+def mlp_branch(call: _Call):
     """One layer's MLP branch for `apply_branch` (per token: the same code for all tokens or packed rows)."""
-    y = parts.mlp(x_rows)
-    return y if parts.mlp_post_norm is None else parts.mlp_post_norm(y)
+
+    def run(layer: int, x_rows: torch.Tensor, rows) -> torch.Tensor:
+        parts = call.spec.layers[layer]
+        flat = x_rows.reshape(-1, x_rows.shape[-1])
+        y = mlp_forward(parts, flat, call.adapter_rows(layer, None if rows is None else rows[:2]))
+        y = y.view(*x_rows.shape[:-1], -1)
+        return y if parts.mlp_post_norm is None else parts.mlp_post_norm(y)
+
+    return run
 
 
 def pack_rows(run: torch.Tensor):
@@ -390,27 +450,19 @@ def layer_keys_values(call: _Call, layer: int, x: torch.Tensor, skip: torch.Tens
     copy_kv = call.plan.kv == "copy" and layer > 0
     # Rows whose keys/values are projected here; under kv="copy" skipped rows take the layer below's.
     kv_rows = real & ~skip if copy_kv else None
-    groups = call.weight_groups(layer)
-    every_row = kv_rows is None or bool(kv_rows.all())
-    if call.plan.path == "masked" or (every_row and len(groups) == 1):
-        k = v = None
-        for parts, members, _ in groups:  # every row through each group's weights, then chosen per token
-            kg, vg = project_kv(parts, spec, x.reshape(B * T, -1), cos.reshape(B * T, -1), sin.reshape(B * T, -1))
-            kg, vg = kg.view(B, T, spec.n_kv_heads, -1), vg.view(B, T, spec.n_kv_heads, -1)
-            if k is None:
-                k, v = kg, vg
-            else:
-                k = torch.where(members[:, :, None, None], kg, k)
-                v = torch.where(members[:, :, None, None], vg, v)
+    parts = spec.layers[layer]
+    if call.plan.path == "masked" or kv_rows is None or bool(kv_rows.all()):
+        flat = (x.reshape(B * T, -1), cos.reshape(B * T, -1), sin.reshape(B * T, -1))
+        k, v = project_kv(parts, spec, *flat, call.adapter_rows(layer, None))
+        k, v = k.view(B, T, spec.n_kv_heads, -1), v.view(B, T, spec.n_kv_heads, -1)
     else:
         k = torch.zeros(B, T, spec.n_kv_heads, spec.head_dim, dtype=x.dtype, device=x.device)
         v = torch.zeros_like(k)
-        for parts, members, _ in groups:
-            rows = members if kv_rows is None else (kv_rows if members is None else kv_rows & members)
-            b_idx, t_idx = rows.nonzero(as_tuple=True)
-            if b_idx.numel():
-                kr, vr = project_kv(parts, spec, x[b_idx, t_idx], cos[b_idx, t_idx], sin[b_idx, t_idx])
-                k, v = k.index_put((b_idx, t_idx), kr), v.index_put((b_idx, t_idx), vr)
+        b_idx, t_idx = kv_rows.nonzero(as_tuple=True)
+        if b_idx.numel():
+            adapter = call.adapter_rows(layer, (b_idx, t_idx))
+            kr, vr = project_kv(parts, spec, x[b_idx, t_idx], cos[b_idx, t_idx], sin[b_idx, t_idx], adapter)
+            k, v = k.index_put((b_idx, t_idx), kr), v.index_put((b_idx, t_idx), vr)
     if kv_rows is not None:
         take_below = (~kv_rows)[:, :, None, None]
         k = torch.where(take_below, call.prev_kv[0], k)
@@ -423,50 +475,45 @@ def layer_keys_values(call: _Call, layer: int, x: torch.Tensor, skip: torch.Tens
 def apply_branch(call: _Call, layer: int, branch: str, h, x, g, skip, run_branch) -> torch.Tensor:
     """h + what the branch adds for every token.
 
-    A token that runs the branch adds `g * branch(x)` (or `branch(x)`, unscaled and with the
-    original weights, where the adapter scope keeps it on the original model); a skipped token
-    adds nothing, or the stand-in `fill(x)`. `run_branch(parts, x_rows, rows)` computes the
-    branch with one layer's weights: on the masked path for every token (`x_rows` [B, T, d],
-    `rows` None), on the physical path only for the packed rows that run it (`rows` from
-    `pack_rows`, `x_rows` [N, d]).
+    A token that runs the branch adds `g * branch(x)` (or `branch(x)`, unscaled and without the
+    adapter, where the adapter scope keeps it on the original model); a skipped token adds
+    nothing, or the stand-in `fill(x)`. `run_branch(layer, x_rows, rows)` computes the branch
+    (with the adapter's delta on the rows that use it): on the masked path for every token
+    (`x_rows` [B, T, d], `rows` None), on the physical path only for the packed rows that run it
+    (`rows` from `pack_rows`, `x_rows` [N, d]).
     """
     run = call.real & ~skip
     fill = call.fill.fill(layer, branch) if call.fill is not None else None
-    groups = call.weight_groups(layer)
     if call.plan.path == "masked":
-        return h + _masked_delta(call, x, g, skip, run, fill, groups, run_branch, h)
+        return h + _masked_delta(call, layer, x, g, skip, run, fill, run_branch, h)
     if fill is not None and bool(skip.any()):
         b_idx, t_idx = skip.nonzero(as_tuple=True)
         h = h.index_put((b_idx, t_idx), h[b_idx, t_idx] + fill(x[b_idx, t_idx]).to(h.dtype))
-    for parts, members, scaled in groups:
-        group_run = run if members is None else run & members
-        n_run = int(group_run.sum())
-        if n_run == 0:  # nobody runs it (a skipping decoding step): nothing to compute
-            continue
-        scale = g if scaled else None
-        if n_run == group_run.numel():  # everybody runs it: no gather, no scatter
-            y = run_branch(parts, x, None)
-            h = h + (scale * y if scale is not None else y)
-            continue
-        rows = pack_rows(group_run)
-        b_idx, t_idx = rows[0], rows[1]
-        y = run_branch(parts, x[b_idx, t_idx], rows)
-        if scale is not None:
-            y = scale[b_idx, t_idx] * y
-        h = h.index_put((b_idx, t_idx), h[b_idx, t_idx] + y)
-    return h
+    n_run = int(run.sum())
+    if n_run == 0:  # nobody runs it (a skipping decoding step): nothing to compute
+        return h
+    if n_run == run.numel():  # everybody runs it: no gather, no scatter
+        y = run_branch(layer, x, None)
+        return h + _scaled(call, g, y, None)
+    rows = pack_rows(run)
+    b_idx, t_idx = rows[0], rows[1]
+    y = run_branch(layer, x[b_idx, t_idx], rows)
+    y = _scaled(call, None if g is None else g[b_idx, t_idx], y, (b_idx, t_idx))
+    return h.index_put((b_idx, t_idx), h[b_idx, t_idx] + y)
 
 
-def _masked_delta(call: _Call, x, g, skip, run, fill, groups, run_branch, h) -> torch.Tensor:
-    """What the branch adds to every token on the masked path (every token through each weight group)."""
-    y = raw = None  # what each token adds if it runs the branch, and the branch output itself
-    for parts, members, scaled in groups:
-        raw_g = run_branch(parts, x, None)
-        yg = g * raw_g if scaled and g is not None else raw_g
-        if raw is None:
-            y, raw = yg, raw_g
-        else:
-            y, raw = torch.where(members[..., None], yg, y), torch.where(members[..., None], raw_g, raw)
+def _scaled(call: _Call, g: torch.Tensor | None, y: torch.Tensor, rows) -> torch.Tensor:
+    """`g * y` on the rows the gate scales (all, or the adapted ones under scope "skipped")."""
+    if g is None:
+        return y
+    scaled = call.scaled(rows)
+    return g * y if scaled is None else torch.where(scaled[..., None], g * y, y)
+
+
+def _masked_delta(call: _Call, layer: int, x, g, skip, run, fill, run_branch, h) -> torch.Tensor:
+    """What the branch adds to every token on the masked path (every token runs the branch)."""
+    raw = run_branch(layer, x, None)  # the branch output, with the adapter's delta where it applies
+    y = _scaled(call, g, raw, None)  # what each token adds if it runs the branch
     stand_in = torch.zeros_like(y) if fill is None else fill(x).to(y.dtype)
     delta = torch.where(run[..., None], y, torch.where(skip[..., None], stand_in, 0.0))
     if call.plan.skip_gradient == "straight-through" and g is not None:
@@ -486,7 +533,7 @@ def _masked_delta(call: _Call, x, g, skip, run, fill, groups, run_branch, h) -> 
     return delta
 
 
-def _start_call(spec, gates, fill, original, input_ids, attention_mask, plan, cache, capture) -> _Call:
+def _start_call(spec, gates, fill, lora, input_ids, attention_mask, plan, cache, capture) -> _Call:
     """Positions, eligibility, cache slots and empty records of one call."""
     device = input_ids.device
     B, T = input_ids.shape
@@ -519,7 +566,7 @@ def _start_call(spec, gates, fill, original, input_ids, attention_mask, plan, ca
         spec=spec,
         gates=gates,
         fill=fill,
-        original=(original or spec) if scoped else None,
+        lora=lora,
         plan=plan,
         capture=capture,
         cache=cache,
@@ -553,15 +600,16 @@ def gated_forward(
     logits_for: Literal["all", "last"] = "all",
     capture: Capture = Capture(),
     fill: SkipFill | None = None,
-    original: ArchSpec | None = None,
+    lora: LoraAdapter | None = None,
 ) -> ForwardResult:
     """Run the gated model on `input_ids` [B, T] (left padded), appending to `cache` if given.
 
-    `spec` is the backbone the gates run on (adapted when they came with an adapter); `fill` the
-    stand-ins for skipped branches (None: nothing); `original` the unadapted weights that tokens
-    use before their first skip under adapter scope "skipped" (None: `spec`'s own)."""
+    `spec` is the backbone (the original, or an adapted copy for a full fine-tune or a merged
+    adapter); `fill` the stand-ins for skipped branches (None: nothing); `lora` a LoRA adapter
+    added per row (to every token in adapter scope "all", to tokens from their first skip on in
+    "skipped")."""
     _check(spec, gates, plan, capture)
-    call = _start_call(spec, gates, fill, original, input_ids, attention_mask, plan, cache, capture)
+    call = _start_call(spec, gates, fill, lora, input_ids, attention_mask, plan, cache, capture)
     hidden = call.result.hidden_states
     h = spec.embed(input_ids)
     if capture.branch_deltas:  # make the residual stream differentiable although the backbone is frozen
@@ -581,7 +629,7 @@ def gated_forward(
         g, skip = decide_branch(call, layer, "mlp", x)
         if call.adapted is not None:
             call.adapted = call.adapted | skip
-        h = apply_branch(call, layer, "mlp", h, x, g, skip, mlp_branch)
+        h = apply_branch(call, layer, "mlp", h, x, g, skip, mlp_branch(call))
     if hidden is not None:
         hidden.append(h)
     res = call.result

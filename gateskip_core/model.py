@@ -14,8 +14,8 @@ decoding `generation.py`, threshold fitting `calibration.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,7 @@ import torch
 from typing_extensions import TypedDict, Unpack
 
 from . import validation
-from .adapter import ADAPTED
+from .adapter import ADAPTED, LoraAdapter
 from .allocation import ALLOCATIONS, allocate_budget
 from .architecture import ArchSpec, arch_spec
 from .calibration import Calibrator, fit_thresholds
@@ -80,8 +80,9 @@ class Batch:
 
 class GatedModel:
     """The user's model (`original`, never modified: the ungated reference), the backbone the
-    gated walk runs (`backbone`: the original, or an adapted copy when the gates came with an
-    adapter) and the gates."""
+    gated walk runs (`backbone`: the original, or an adapted copy for gates that came with a
+    full fine-tune), the gates, and a LoRA adapter they came with (`lora`: added per row on the
+    original weights, never merged into a copy)."""
 
     def __init__(self, backbone, tokenizer, name: str, gates: GateSet | None = None, gates_label: str = "none"):
         self.original = backbone
@@ -93,6 +94,7 @@ class GatedModel:
         self.gates: GateSet | None = None
         self.gates_label = "none"
         self.checkpoint: GateCheckpoint | None = None
+        self.lora: LoraAdapter | None = None
         self._calibrator = Calibrator()
         self._lock = threading.Lock()
         if gates is not None:
@@ -107,18 +109,33 @@ class GatedModel:
         return next(self.original.parameters()).dtype
 
     # ---- gates
-    def attach_gates(self, gates: GateSet, label: str = "custom", checkpoint: GateCheckpoint | None = None) -> None:
+    def attach_gates(
+        self, gates: GateSet, label: str = "custom", checkpoint: GateCheckpoint | None = None, merge: bool = False
+    ) -> None:
+        """Use `gates` (and the adapter and stand-ins `checkpoint` carries). `merge`: run a LoRA
+        adapter merged into a copy of the weights instead of as per-row deltas (the other adapter
+        form, for comparison: one dense call per projection, a second copy of every weight,
+        adapter scope 'all' only)."""
         if gates.n_layers != self.spec.n_layers or gates.d_model != self.spec.d_model:
             raise GateSkipError(
                 f"gates are for {gates.n_layers} layers and d={gates.d_model}; "
                 f"{self.name} has {self.spec.n_layers} layers and d={self.spec.d_model}"
             )
-        backbone = self.original
-        if checkpoint is not None and checkpoint.adapter.kind != "none":
+        backbone, lora = self.original, None
+        if merge and (checkpoint is None or checkpoint.adapter.kind != "lora"):
+            raise GateSkipError("only a LoRA adapter can be merged; these gates have none")
+        if checkpoint is not None and checkpoint.adapter.kind == "lora" and not merge:
+            lora = LoraAdapter.from_checkpoint(
+                self.original_spec.layers, checkpoint.adapter, checkpoint.adapter_tensors
+            )
+            lora.to(device=self.device, dtype=self.dtype)
+        elif checkpoint is not None and checkpoint.adapter.kind != "none":  # full, or a LoRA adapter to merge
             backbone = ADAPTED.get(
                 self.original, checkpoint.adapter, checkpoint.adapter_key(), checkpoint.adapter_tensors
             )
-            label = f"{label} [{gates.variant_label} gates, {checkpoint.adapter.label} adapter]"
+        if checkpoint is not None and checkpoint.adapter.kind != "none":
+            form = " merged" if merge else ""
+            label = f"{label} [{gates.variant_label} gates, {checkpoint.adapter.label} adapter{form}]"
         if checkpoint is not None and checkpoint.fill is not None:
             label = f"{label} [{checkpoint.fill_label} fill]"
             checkpoint.fill.to(device=self.device, dtype=self.dtype)
@@ -127,6 +144,7 @@ class GatedModel:
             self.gates = gates
             self.gates_label = label
             self.checkpoint = checkpoint
+            self.lora = lora
             if backbone is not self.backbone:
                 self.backbone = backbone
                 self.spec = arch_spec(backbone)
@@ -162,6 +180,7 @@ class GatedModel:
             self.gates = None
             self.gates_label = "none"
             self.checkpoint = None
+            self.lora = None
             if self.backbone is not self.original:
                 self.backbone = self.original
                 self.spec = arch_spec(self.original)
@@ -250,6 +269,8 @@ class GatedModel:
             raise GateSkipError(
                 "adapter scope 'skipped' needs a LoRA adapter (a full fine-tune also changes norms, embedding and head)"
             )
+        if adapter_scope == "skipped" and self.adapter.startswith("lora") and self.lora is None:
+            raise GateSkipError("a merged adapter runs adapter scope 'all' only; pass adapter_scope='all'")
         if isinstance(policy, CalibratedPolicy) and skip is None and policy.budget is not None:
             skip = policy.budget
         budget = self.budget(0.0 if skip is None else skip, branches, allocation)
@@ -325,7 +346,7 @@ class GatedModel:
             logits_for=logits_for,
             capture=capture,
             fill=self.fill,
-            original=self.original_spec,
+            lora=self.lora,
         )
 
     def forward(
@@ -362,13 +383,13 @@ class GatedModel:
         texts = validation.texts(text_or_texts)
         batch_size = validation.whole_number("batch_size", batch_size)
         plan = self.make_plan(**skip_args)
-        sequences = []
+        sequences, notices = [], []
         for start in range(0, len(texts), batch_size):
             batch = self.encode(texts[start : start + batch_size], chat=chat, max_tokens=max_tokens)
             for i, was_cut in enumerate(batch.truncated):
                 if was_cut:
                     limit = min(max_tokens or self.max_context, self.max_context)
-                    warnings.warn(f"text {start + i} truncated to its first {limit} tokens", stacklevel=2)
+                    notices.append(f"text {start + i} truncated to its first {limit} tokens")
             # A trace keeps decisions, not logits: only the last position's are computed (the
             # vocabulary projection of every position was a fifth of a SmolLM2 forward). The
             # compute account still describes a full pass that scores every position.
@@ -380,7 +401,7 @@ class GatedModel:
                 capture=Capture(gate_vectors=gate_vectors),
             )
             sequences.extend(self.sequence_traces(batch.input_ids, batch.attention_mask, result, plan))
-        return self.make_trace(sequences, plan)
+        return dataclasses.replace(self.make_trace(sequences, plan), notices=tuple(notices))
 
     def trace_of(self, batch: Batch, result: ForwardResult, plan: SkipPlan) -> Trace:
         """The trace of a forward pass already run (when the caller also needs its logits)."""
@@ -390,7 +411,7 @@ class GatedModel:
         """Estimate mode: the skip settings applied to `captured`'s gate values, no model call
         (later layers do not see the changed residuals; `trace` does)."""
         plan = self.make_plan(**skip_args)
-        return estimate_trace(captured, plan, self.spec, self.gate_flops(), self.fill_flops())
+        return estimate_trace(captured, plan, self.spec, self.gate_flops(), self.overheads(plan))
 
     def make_trace(self, sequences: list[SequenceTrace], plan: SkipPlan) -> Trace:
         return Trace(
@@ -414,6 +435,14 @@ class GatedModel:
     def fill_flops(self) -> tuple[int, int]:
         """FLOPs per skipped token of the (attention, MLP) stand-ins: what the compute account charges."""
         return fill_flops(self.fill)
+
+    def adapter_flops(self) -> tuple[int, int, int]:
+        """FLOPs per adapted row and layer of the LoRA deltas (k + v, q + o, MLP): what the account charges."""
+        return self.lora.flops_per_row(self.spec.layers) if self.lora is not None else (0, 0, 0)
+
+    def overheads(self, plan: SkipPlan) -> dict:
+        """What the compute account charges besides the branches, for `account_sequence`."""
+        return dict(fill_flops=self.fill_flops(), adapter_flops=self.adapter_flops(), adapter_scope=plan.adapter_scope)
 
     def sequence_traces(
         self,
@@ -450,7 +479,7 @@ class GatedModel:
                         n_head,
                         plan.path,
                         kv_copy=plan.kv == "copy",
-                        fill_flops=self.fill_flops(),
+                        **self.overheads(plan),
                     ),
                     prompt_length=len(ids) if prompt_lengths is None else prompt_lengths[b],
                     gate_vectors=None if vectors is None else vectors[b][real].numpy(),
@@ -483,18 +512,18 @@ class GatedModel:
             raise GateSkipError(
                 f"the prompt fills the model's context ({self.max_context} tokens); shorten it to generate"
             )
+        notices = ()
         if longest + max_new_tokens > self.max_context:  # keep the prompt whole, generate what fits
-            warnings.warn(
+            notices = (
                 f"max_new_tokens={max_new_tokens} runs past the model's context of {self.max_context} tokens; "
                 f"generating {self.max_context - longest}",
-                stacklevel=2,
             )
             max_new_tokens = self.max_context - longest
         new_tokens, trace = generate(
             self, batch, plan, max_new_tokens, do_sample, temperature, top_k, skip_args.get("seed", 0), stop_at_eos
         )
         texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in new_tokens]
-        return Generation(texts[0] if isinstance(prompt, str) else texts, trace)
+        return Generation(texts[0] if isinstance(prompt, str) else texts, dataclasses.replace(trace, notices=notices))
 
 
 def load_model(

@@ -103,6 +103,9 @@ class Trace:
     kv: str
     protect_bos: bool
     extra: dict = field(default_factory=dict)
+    # Notices of the call that made this trace (a text truncated to the context, ...): returned with
+    # the result, not raised as process-wide warnings, so that a server's threads never mix them.
+    notices: tuple[str, ...] = ()
 
     @property
     def n_layers(self) -> int:
@@ -253,6 +256,7 @@ class Trace:
             f"net FLOPs saved {c.net_saved_fraction:+.1%} (gates included; "
             f"dense {c.dense_flops / 1e9:.2f} GFLOP, with skipping {c.skipping_flops / 1e9:.2f} GFLOP)",
         ]
+        lines += [f"notice: {notice}" for notice in self.notices]
         return "\n".join(lines)
 
     def __repr__(self) -> str:

@@ -50,7 +50,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapter import AdapterSpec, adapter_tensors, make_trainable_copy
+from .adapter import AdapterSpec, LoraAdapter, adapter_tensors, make_trainable_copy
 from .allocation import ALLOCATIONS, allocate_budget, measure_sensitivity
 from .architecture import arch_spec
 from .calibration import CALIBRATION_BUDGETS
@@ -249,22 +249,29 @@ class TrainResult:
 class _GateObjective(nn.Module):
     """Loss of one batch; a module so that Accelerate can wrap it for data parallelism.
 
-    `student` is the backbone that trains (a copy of the original, with its adapter);
-    the original model is the frozen teacher, kept out of the registered modules. With
+    `student` is the backbone the walk runs: the original itself, frozen, with a LoRA adapter
+    (`lora`, trainable, added per row by the walk), or a trainable copy for a full fine-tune; the
+    original model is also the frozen teacher, kept out of the registered modules. With
     `teacher_top_k`, the teacher's top-k log-probs of each training block are computed the
     first time the block is used and reused after (a block is seen once per epoch).
     """
 
     def __init__(
-        self, student: nn.Module, teacher: nn.Module, gates: GateSet, fill: SkipFill | None, config: TrainConfig
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        gates: GateSet,
+        fill: SkipFill | None,
+        config: TrainConfig,
+        lora: LoraAdapter | None = None,
     ):
         super().__init__()
         self.gates = gates
         self.fill = fill
+        self.lora = lora
         self.backbone = student  # registered so that its trainable weights train and DDP syncs them
         self.spec = arch_spec(student)
         self._teacher = (teacher,)  # a tuple: not a submodule, never trained
-        self._teacher_spec = arch_spec(teacher)
         self._teacher_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.config = config
 
@@ -302,7 +309,7 @@ class _GateObjective(nn.Module):
                 plan,
                 capture=Capture(gate_values=True, skip_change=cfg.rank_weight > 0),
                 fill=self.fill,
-                original=self._teacher_spec,
+                lora=self.lora,
             )
             teacher = self.teacher_log_probs(input_ids, rows) if cfg.distill else None
         log_probs = F.log_softmax(out.logits[:, :-1].float(), -1)
@@ -448,7 +455,8 @@ class _Setup:
     gm: GatedModel
     gates: GateSet
     adapter: AdapterSpec
-    student: nn.Module
+    student: nn.Module  # the backbone the walk runs: the original (frozen), or a trainable copy (full)
+    lora: LoraAdapter | None  # a trainable LoRA adapter on the original's weights
     fill: SkipFill | None  # trainable stand-ins for skipped branches (None: the paper's zero)
     train_data: torch.Tensor  # [N, seq_len]
     val_data: torch.Tensor
@@ -469,10 +477,13 @@ def _setup(config: TrainConfig, log: Callable[[str], None], state_path: Path | N
     gates = GateSet(gm.spec.n_layers, gm.spec.d_model, gate_variant, config.shared, rank=gate_rank)
     for p in gates.parameters():
         p.requires_grad_(True)
-    student = make_trainable_copy(gm.original, adapter) if adapter.kind != "none" else gm.original
+    student = make_trainable_copy(gm.original, adapter) if adapter.kind == "full" else gm.original
+    lora = LoraAdapter(gm.spec.layers, adapter.rank) if adapter.kind == "lora" else None
     fill_spec = FillSpec.parse(config.skip_fill)
     fill = SkipFill(gm.spec.n_layers, gm.spec.d_model, fill_spec) if fill_spec.kind != "zero" else None
-    init_sensitivity = _start_from(config.init, gm, gates, adapter, student, fill, config, log) if config.init else None
+    init_sensitivity = (
+        _start_from(config.init, gm, gates, adapter, student, lora, fill, config, log) if config.init else None
+    )
     if fill is not None:
         for p in fill.parameters():
             p.requires_grad_(True)
@@ -495,10 +506,10 @@ def _setup(config: TrainConfig, log: Callable[[str], None], state_path: Path | N
         # Measured on the original model (the student starts equal to it), from fixed training blocks.
         log("measuring the sensitivity of every (layer, branch) for the global allocation")
         sensitivity = measure_sensitivity(gm.spec, train_data[: max(4, config.batch)])
-    return _Setup(gm, gates, adapter, student, fill, train_data, val_data, sensitivity)
+    return _Setup(gm, gates, adapter, student, lora, fill, train_data, val_data, sensitivity)
 
 
-def _start_from(path: str, gm: GatedModel, gates: GateSet, adapter: AdapterSpec, student, fill, config, log):
+def _start_from(path: str, gm: GatedModel, gates: GateSet, adapter: AdapterSpec, student, lora, fill, config, log):
     """Load `path`'s gates and adapter into the ones that train; fit the stand-ins on it without
     training (same adapter scope) when it has none of this kind. Returns its sensitivity profile."""
     from .checkpoint import load_gates
@@ -513,9 +524,8 @@ def _start_from(path: str, gm: GatedModel, gates: GateSet, adapter: AdapterSpec,
     with torch.no_grad():
         gates.load_state_dict(ckpt.gates.state_dict())
         if adapter.kind == "lora":
-            params = dict(student.named_parameters())
-            for key, value in ckpt.adapter_tensors.items():
-                params[key.removeprefix("adapter.")].copy_(value.float())
+            stored = LoraAdapter.from_checkpoint(gm.spec.layers, adapter, ckpt.adapter_tensors)
+            lora.load_state_dict(stored.state_dict())
         elif adapter.kind == "full":
             params = dict(student.named_parameters())
             for key, value in ckpt.adapter_tensors.items():
@@ -536,6 +546,8 @@ def _optimizer(setup: _Setup, config: TrainConfig) -> torch.optim.Optimizer:
     if setup.fill is not None:  # stand-ins learn at the adapter's rate
         groups.append({"params": list(setup.fill.parameters()), "lr": config.adapter_lr})
     backbone_params = [p for p in setup.student.parameters() if p.requires_grad]
+    if setup.lora is not None:
+        backbone_params += list(setup.lora.parameters())
     if backbone_params:
         groups.append({"params": backbone_params, "lr": config.adapter_lr})
     return torch.optim.AdamW(groups, weight_decay=0.0)
@@ -604,7 +616,11 @@ def _checkpoint(setup: _Setup, config: TrainConfig, out: Path, metrics: dict, tr
         training=training,
         metrics=metrics,
         adapter=setup.adapter,
-        adapter_tensors=adapter_tensors(setup.adapter, setup.student, gm.original),
+        adapter_tensors=(
+            setup.lora.checkpoint_tensors()
+            if setup.lora is not None
+            else adapter_tensors(setup.adapter, setup.student, gm.original)
+        ),
         sensitivity=setup.sensitivity,
         fill=setup.fill.eval() if setup.fill is not None else None,
         adapter_scope=config.adapter_scope,
@@ -630,7 +646,7 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar
     if state_path.exists() and not config.resume:
         raise GateSkipError(f"{state_path} exists from an earlier run; pass --resume to continue it or delete it")
     setup = _setup(config, log, state_path if config.resume else None)
-    objective = _GateObjective(setup.student, setup.gm.original, setup.gates, setup.fill, config)
+    objective = _GateObjective(setup.student, setup.gm.original, setup.gates, setup.fill, config, setup.lora)
     optim = _optimizer(setup, config)
     start_step, history = 0, []
     if config.resume and state_path.exists():
@@ -653,7 +669,7 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar
         optim.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         if step < config.router_first:  # router first: the backbone's adapter waits (no grad: no update)
-            for p in setup.student.parameters():
+            for p in [*setup.student.parameters(), *(setup.lora.parameters() if setup.lora is not None else ())]:
                 p.grad = None
         optim.step()
         record = {

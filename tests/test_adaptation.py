@@ -9,10 +9,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gateskip_core import GateSkipError, load_gates, load_model
-from gateskip_core.adapter import AdapterSpec, make_trainable_copy
+from gateskip_core.adapter import AdapterSpec, LoraAdapter, make_trainable_copy
 from gateskip_core.allocation import allocate_budget
 from gateskip_core.compute import branch_saving_flops
+from gateskip_core.execution import SkipPlan, gated_forward
 from gateskip_core.gates import GateSet, parse_gate_variant
+from gateskip_core.policies import SkipBudget
 from gateskip_core.training import TrainConfig, _GateObjective, train
 
 FAST = dict(
@@ -68,19 +70,24 @@ def test_lora_checkpoint_round_trips_and_is_refused_for_another_model(tmp_path):
     ckpt = load_gates(out)
     assert ckpt.adapter == AdapterSpec("lora", 4) and ckpt.gates.variant_label == "lowrank:3"
     model = load_model("tiny-llama", gates=str(out))
-    # Rebuild the trained student the way training ran it (peft layers, not merged) from the state file.
+    assert model.backbone is model.original and model.lora is not None  # one set of base weights
+    # Rebuild the trained adapter as peft runs it (LoRA layers on a copy) from the state file: an
+    # implementation of LoRA independent of the walk's per-row deltas.
     student = make_trainable_copy(model.original, AdapterSpec("lora", 4))
     params = dict(student.named_parameters())
+    trained = {k.removeprefix("param.lora."): v for k, v in state.items() if k.startswith("param.lora.")}
+    assert trained and any(k.startswith("B.") and v.abs().max() > 0 for k, v in trained.items())  # B starts at 0
     with torch.no_grad():
-        for key, value in state.items():
-            if key.startswith("param.backbone."):
-                params[key.removeprefix("param.backbone.")].copy_(value)
-    assert any("lora_B" in k and v.abs().max() > 0 for k, v in state.items())  # B starts at zero: it trained
+        for key, value in trained.items():
+            matrix, _, rest = key.partition(".")
+            layer, _, name = rest.partition("_")
+            params[LoraAdapter.checkpoint_name(int(layer), name, matrix).removeprefix("adapter.")].copy_(value)
     ids = torch.tensor([[1, 5, 9, 33, 7, 2, 11, 40]])
+    plan = SkipPlan(SkipBudget.make(0.0, model.spec.n_layers), None, adapter_scope="all")
     with torch.no_grad():
         expected = student(input_ids=ids).logits
-        got = model.backbone(input_ids=ids).logits  # merged adapter (float16 storage)
-    torch.testing.assert_close(got, expected, atol=2e-3, rtol=0)
+        got = gated_forward(model.spec, None, ids, torch.ones_like(ids), plan, lora=model.lora).logits
+    torch.testing.assert_close(got, expected, atol=2e-3, rtol=0)  # float16 storage of A and B
     with pytest.raises(GateSkipError, match="was trained for tiny-llama"):
         load_model("tiny-gemma3", gates=str(out))
     # A file whose adapter tensors were stripped is refused, not silently used without them.

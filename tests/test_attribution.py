@@ -71,11 +71,10 @@ def test_an_attention_term_splits_exactly_by_source_position(name, scope, tmp_pa
     model = load_model(name, gates=str(_lora_checkpoint(tmp_path, name)))
     ckpt = dataclasses.replace(model.checkpoint, fill=_random_fill(model))  # the adapter and stand-ins
     model.attach_gates(model.gates, "adapter + stand-ins", ckpt)
-    assert model.backbone is not model.original and model.fill is not None  # the adapter is merged into a copy
-    with torch.no_grad():  # an adapter far from the original, so that the two sets of weights differ
-        for n, p in model.backbone.named_parameters():
-            if "_proj" in n:
-                p.add_(torch.randn_like(p) * 0.3 * p.std())
+    assert model.lora is not None and model.fill is not None  # the adapter runs as per-row deltas
+    with torch.no_grad():  # an adapter far from the original, so that adapted rows differ
+        for p in model.lora.B.values():
+            p.add_(torch.randn_like(p) * 0.1)
     args = dict(skip=0.35, adapter_scope=scope)
     whole = gate_attributions(model, TEXT, 3, "attn", **args)
     trace = model.trace(TEXT, **args).sequences[0]

@@ -18,7 +18,8 @@ def test_bench_runs_every_section_on_a_tiny_configuration(tmp_path):
         "bench",
         "--model", "tiny-llama",
         "--gates", "untrained:lowrank:4",
-        "--variants", "untrained:lowrank:4,untrained:scalar",
+        "--variants", "untrained:lowrank:4,untrained:scalar", "--decode-variants", "",
+        "--memory-variants", "untrained:scalar",
         "--prefill-tokens", "16", "--prefill-skips", "0,0.5", "--prefill-batches", "1,2",
         "--decode-prompt", "16", "--new-tokens", "4", "--decode-skips", "0.5", "--decode-batches", "1,2",
         "--collect-tokens", "200,400", "--dashboard-tokens", "16", "--repeats", "1", "--decode-repeats", "1",
@@ -27,10 +28,11 @@ def test_bench_runs_every_section_on_a_tiny_configuration(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
-    for section in ["prefill", "decode", "capture", "collect", "dashboard", "rates", "corpus"]:
+    for section in ["prefill", "decode", "memory", "capture", "collect", "dashboard", "rates", "corpus"]:
         assert data[section], section
         assert f"[{section}]" in result.stdout
     assert data["machine"]["torch_threads"] >= 1
+    assert [r["gates"] for r in data["memory"]] == ["none", "untrained:scalar"] and data["memory"][1]["peak_rss_mb"] > 0
     prefill = data["prefill"]
     # batch 1: 2 variants x 2 skips x 2 paths; batch 2: the first variant only; each paired with dense
     assert len(prefill) == 8 + 4
@@ -53,7 +55,8 @@ def test_bench_runs_every_section_on_a_tiny_configuration(tmp_path):
     from bench.report import main, markdown, merge
 
     table = markdown(merge([out]))
-    assert table.count("| 1 | gated | 0.5 |") == 1 and table.count("| 2 | gated | 0.5 |") == 1
+    assert table.count("| 1 | gated untrained:lowrank:4 | 0.5 |") == 1
+    assert table.count("| 2 | gated untrained:lowrank:4 | 0.5 |") == 1
     assert table.count("`collect`") == 2 and "reached on prose / code / chat" in table
     assert "| contexts |" in table and "2 process(es)" in table
     extra = tmp_path / "collect.json"

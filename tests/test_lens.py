@@ -8,7 +8,8 @@ import torch
 
 from analysis.lens import GatedLens, cache_to_arrays, gate_hook, hook_name, skip_hook, trace_to_cache
 from analysis.logit_lens import grid_counts, logit_lens, settled_corpus, settled_summary, settled_table
-from gateskip_core import Forced, GateSkipError, load_model
+from gateskip_core import Capture, Forced, GateSkipError, load_model
+from gateskip_core.adapter import AdapterSpec
 
 from .conftest import TINY, run_cli, spread_gates
 
@@ -173,7 +174,7 @@ def test_settled_command_writes_table_and_figure(tmp_path):
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_the_bridge_adds_stand_ins_for_skipped_branches_and_refuses_scope_skipped(name):
+def test_the_bridge_adds_stand_ins_for_skipped_branches(name):
     from gateskip_core import GateCheckpoint
     from gateskip_core.fill import FillSpec, SkipFill
 
@@ -192,5 +193,44 @@ def test_the_bridge_adds_stand_ins_for_skipped_branches_and_refuses_scope_skippe
     torch.testing.assert_close(logits, ours, atol=1e-4, rtol=1e-4)
     zero = GatedLens(spread_gates(load_model(name), "lowrank:8")).run_with_cache(TEXT, skip=0.3)[0]
     assert (zero - logits).abs().max() > 1e-2  # the stand-ins made a difference
-    with pytest.raises(GateSkipError, match="adapter scope 'all' only"):
-        lens.run_with_cache(TEXT, skip=0.3, adapter_scope="skipped")
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("scope", ["all", "skipped"])
+def test_the_bridge_runs_a_lora_adapter_in_either_scope_like_the_walk(tmp_path, name, scope):
+    """Gates + LoRA adapter + stand-ins: hook values (gates, decisions, residual stream) equal the
+    walk's, logits equal the gated model's; the adapter and the scope both change the result."""
+    import dataclasses
+
+    from analysis.lens import residual_stream_gap
+
+    from .test_fill_and_scope import _lora_checkpoint, _random_fill
+
+    model = load_model(name, gates=str(_lora_checkpoint(tmp_path, name)))
+    model.attach_gates(model.gates, "lora + stand-ins", dataclasses.replace(model.checkpoint, fill=_random_fill(model)))
+    with torch.no_grad():  # an adapter far from zero, so that adapted rows differ visibly
+        for p in model.lora.B.values():
+            p.add_(torch.randn_like(p) * 0.2)
+    lens = GatedLens(model)
+    args = dict(skip=0.3, adapter_scope=scope)
+    logits, cache = lens.run_with_cache(TEXT, **args)
+    trace = model.trace(TEXT, gate_vectors=True, **args)
+    seq = trace.sequences[0]
+    got = cache_to_arrays(cache, model.spec.n_layers)
+    assert np.array_equal(got["skipped"], seq.skipped) and seq.skipped.any()
+    np.testing.assert_allclose(got["gate_vectors"], seq.gate_vectors, atol=1e-4)
+    batch = model.encode([TEXT])
+    plan = model.make_plan(**args)
+    ours = model.forward(batch.input_ids, batch.attention_mask, plan, capture=Capture(hidden_states=True))
+    torch.testing.assert_close(logits, ours.logits, atol=1e-4, rtol=1e-4)
+    for layer in range(model.spec.n_layers):
+        torch.testing.assert_close(
+            cache[f"blocks.{layer}.hook_resid_pre"], ours.hidden_states[layer], atol=1e-4, rtol=1e-4
+        )
+    other = "all" if scope == "skipped" else "skipped"
+    assert (lens.run_with_cache(TEXT, skip=0.3, adapter_scope=other)[0] - logits).abs().max() > 1e-2
+    no_adapter = dataclasses.replace(model.checkpoint, adapter=AdapterSpec(), adapter_tensors={})
+    plain = load_model(name)
+    plain.attach_gates(model.gates, "no adapter", no_adapter)
+    assert (GatedLens(plain).run_with_cache(TEXT, **args)[0] - logits).abs().max() > 1e-2
+    assert residual_stream_gap(model, TEXT, lens.bridge) < 1e-4

@@ -106,16 +106,17 @@ def test_gated_lens_on_smollm2_with_the_shipped_gates_matches_traces_and_logits(
     model = smollm2.view()
     model.load_gates("default")  # low-rank gates, their LoRA adapter and rank-16 stand-ins
     lens = GatedLens(model)
-    args = dict(skip=0.25, policy="quantile", adapter_scope="all")  # the bridge runs one backbone
-    logits, cache = lens.run_with_cache(TEXT, **args)
-    trace = model.trace(TEXT, gate_vectors=True, **args)
-    seq = trace.sequences[0]
-    got = cache_to_arrays(cache, model.spec.n_layers)
-    assert np.array_equal(got["skipped"], seq.skipped) and seq.skipped.any()
-    np.testing.assert_allclose(got["gate_vectors"], seq.gate_vectors, atol=1e-4)
     batch = model.encode([TEXT])
-    ours = model.forward(batch.input_ids, batch.attention_mask, model.make_plan(**args)).logits
-    torch.testing.assert_close(logits, ours, atol=2e-3, rtol=1e-3)
+    for scope in ("skipped", "all"):  # the shipped scope (adapter per token from its first skip) and all
+        args = dict(skip=0.25, policy="quantile", adapter_scope=scope)
+        logits, cache = lens.run_with_cache(TEXT, **args)
+        trace = model.trace(TEXT, gate_vectors=True, **args)
+        seq = trace.sequences[0]
+        got = cache_to_arrays(cache, model.spec.n_layers)
+        assert np.array_equal(got["skipped"], seq.skipped) and seq.skipped.any()
+        np.testing.assert_allclose(got["gate_vectors"], seq.gate_vectors, atol=1e-4)
+        ours = model.forward(batch.input_ids, batch.attention_mask, model.make_plan(**args)).logits
+        torch.testing.assert_close(logits, ours, atol=1e-3, rtol=1e-4)
 
     position = int(np.flatnonzero(~seq.skipped[:, 20, 1])[1])  # a token that ran layer 20's MLP (not BOS)
 
@@ -148,7 +149,7 @@ def test_shipped_default_gates_carry_their_adapter_and_keep_the_original():
     assert ckpt.fingerprint == model.spec.fingerprint()
     assert ckpt.sensitivity is not None and ckpt.global_thresholds.shape == (12, model.spec.n_layers, 2)
     assert ckpt.adapter_scope == "skipped" and ckpt.fill_label.startswith("lowrank:")
-    assert model.backbone is not model.original  # the adapter runs on a copy
+    assert model.backbone is model.original and model.lora is not None  # one set of weights + per-row deltas
     batch = model.encode([TEXT])
     with torch.no_grad():
         reference = model.view().original(input_ids=batch.input_ids).logits
@@ -208,3 +209,25 @@ def test_shipped_gemma3_gates_load_with_their_fingerprint_and_keep_the_original(
     torch.testing.assert_close(gated, reference, atol=2e-3, rtol=1e-3)  # budget 0 is the original
     trace = model.trace(TEXT, skip=0.3)
     assert trace.sequences[0].skipped.any() and not np.allclose(trace.skip_budget, trace.skip_budget[0, 0])
+    # Scope 'all' (every token on the adapter) is not the original: the adapter was loaded and runs.
+    everywhere = model.forward(batch.input_ids, batch.attention_mask, model.make_plan(0.0, adapter_scope="all"))
+    assert (everywhere.logits - reference).abs().max() > 0.1
+    # One backbone: masked == physical == cached decoding with the shipped adapter, stand-ins and scope.
+    plan = model.make_plan(0.3, policy="quantile")
+    masked = model.forward(batch.input_ids, batch.attention_mask, plan)
+    physical = model.forward(batch.input_ids, batch.attention_mask, model.make_plan(0.3, path="physical"))
+    assert torch.equal(masked.skipped, physical.skipped) and masked.skipped.any()
+    torch.testing.assert_close(physical.logits, masked.logits, atol=2e-3, rtol=1e-3)
+    # Trained gates beat untrained gates and random skipping at budget 0.2 on held-out text.
+    from analysis.quality import evaluate, evaluation_blocks
+    from analysis.quality import reference as quality_reference
+    from gateskip_core.data import pydoc_texts
+
+    blocks = evaluation_blocks(model, pydoc_texts("validation"), n_blocks=2, seq_len=96)
+    ref = quality_reference(model, blocks)
+    shipped = evaluate(model, ref, model.make_plan(0.2, "quantile"))["ppl"]
+    randomly = evaluate(model, ref, model.make_plan(0.2, "random", seed=1))["ppl"]
+    untrained = model.view()
+    untrained.load_gates("untrained:lowrank:16")
+    untrained_ppl = evaluate(untrained, ref, untrained.make_plan(0.2, "quantile"))["ppl"]
+    assert shipped < 0.95 * randomly and shipped < 0.95 * untrained_ppl, (shipped, randomly, untrained_ppl)

@@ -48,8 +48,15 @@ def test_api_argument_errors_are_one_line_gateskip_errors(model, call, message):
 
 def test_generation_keeps_the_prompt_and_caps_new_tokens_at_the_context(model):
     limit = model.max_context
-    with pytest.warns(UserWarning, match="runs past the model's context"):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # notices come back with the result, never as process-wide warnings
         out = model.generate("hi", max_new_tokens=limit + 100, stop_at_eos=False, policy="quantile")
+    assert len(out.trace.notices) == 1 and "runs past the model's context" in out.trace.notices[0]
+    long = model.trace(["word " * (limit + 20), "short"])
+    assert long.notices == (f"text 0 truncated to its first {limit} tokens",)
+    assert "notice: text 0 truncated" in long.summary()
     seq = out.trace.sequences[0]
     assert seq.prompt_length == len(model.encode(["hi"]).input_ids[0])  # the prompt is kept whole
     assert seq.n_tokens <= limit

@@ -1,0 +1,51 @@
+"""Peak resident memory of a fresh process that loads a model with gates and traces one sentence
+(`gateskip bench --sections memory`), against the same with `--gates none` (skip 0: the trace
+runs, so every weight has been read into memory). Each measurement is its own process, so
+nothing one left behind counts against the next.
+
+    python -m bench.memory MODEL GATES   # prints the peak in bytes (used by the bench section)
+"""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+
+SENTENCE = "The quick brown fox jumps over the lazy dog, and the gates decide which layers it skips."
+
+
+def peak_of(model: str, gates: str) -> int:
+    """Peak RSS (bytes) of a fresh process: load `model` with `gates`, trace one sentence."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.memory", model, gates], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"memory probe for {gates!r} failed: {result.stderr.strip().splitlines()[-1:]}")
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+def bench_memory(model: str, specs: tuple[str, ...], log) -> list[dict]:
+    baseline = peak_of(model, "none")
+    rows = [{"gates": "none", "peak_rss_mb": baseline / 2**20, "vs_no_gates": 1.0}]
+    for spec in specs:
+        peak = peak_of(model, spec)
+        rows.append({"gates": spec, "peak_rss_mb": peak / 2**20, "vs_no_gates": peak / baseline})
+        log(f"memory {spec}: {peak / 2**20:.0f} MB peak, {peak / baseline:.2f}x --gates none")
+    return rows
+
+
+def _probe(model: str, gates: str) -> None:
+    import torch
+
+    from gateskip_core import load_model
+
+    torch.set_num_threads(1)
+    gated = load_model(model, gates=gates)
+    skip = 0.0 if gates == "none" else 0.25
+    gated.trace(SENTENCE, skip=skip)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
+
+
+if __name__ == "__main__":
+    _probe(sys.argv[1], sys.argv[2])
