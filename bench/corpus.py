@@ -114,7 +114,8 @@ def corpus_view_first_render(dataset: str | Path) -> None:
     from analysis.flow import TOKEN_TYPES
     from dashboard import service
 
-    db = service.corpus_db(str(dataset))
+    path = Path(dataset)
+    db = service.DataDir(path.parent).open(path.name)
     counts = db.counts()
     figures.corpus_skip_heatmap(db.skip_rates()).to_json()
     last = counts["layers"] - 1

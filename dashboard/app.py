@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -502,39 +503,38 @@ def why_view(cfg: service.Settings) -> None:
 def corpus_view(cfg: service.Settings) -> None:
     """A whole trace dataset, queried with DuckDB: skip rates, token leaderboards, example contexts."""
     st.caption(
-        "Which tokens skip which branches across a corpus. Collect a dataset with `gateskip collect --out DIR/` "
-        "(or from a text below), then explore it here; every table is a DuckDB query over its Parquet shards."
+        "Which tokens skip which branches across a corpus: the datasets of the dashboard's data folder "
+        "(collected here, or with `gateskip collect --out DATA_FOLDER/NAME/`); every table is a DuckDB query "
+        "over its Parquet shards."
     )
-    with st.expander("Collect a small dataset from a text file", expanded=False):
+    data = data_dir()
+    c1, c2 = st.columns([3, 1])
+    with c1.expander("Collect a dataset from a text file", expanded=False):
         upload = st.file_uploader("Text (.txt; paragraphs separated by blank lines)", key="corpus_upload")
-        st.caption(f"with the sidebar's model, gates and budget ({cfg.model_name}, {cfg.view.gates_label})")
+        st.caption(
+            f"with the sidebar's model, gates and budget ({cfg.model_name}, {cfg.view.gates_label}); "
+            f"at most {data.upload_limit / 1e6:.0f} MB"
+        )
         if upload is not None and st.button("Collect", key="corpus_collect"):
-            try:
-                text = upload.getvalue().decode("utf-8")
-            except UnicodeDecodeError:
-                st.error(f"{upload.name} is not UTF-8 text")
-                text = None
-            if text is not None:
-                digest = hashlib.sha256(upload.getvalue()).hexdigest()[:12]
-                folder = service.corpus_folder(cfg, digest)
-                bar = st.progress(0.0, text="collecting…")
-                try:
-                    service.collect_corpus(
-                        cfg.view,
-                        text,
-                        upload.name,
-                        folder,
-                        on_progress=lambda done, total: bar.progress(done / max(1, total), text="collecting…"),
-                        **cfg.skip_args(),
-                    )
-                    st.session_state["corpus_path"] = str(folder)
-                except GateSkipError as err:
-                    st.error(str(err))
-                bar.empty()
-    path = st.text_input("Dataset folder or trace file", key="corpus_path")
-    if not path.strip():
-        st.info("Enter the path of a trace dataset, or collect one from a text above.")
+            name = service.dataset_name(upload.name, cfg.view, upload.getvalue().hex(), cfg.skip_args())
+            collect_into(
+                lambda progress: data.collect(
+                    cfg.view, name, upload.name, upload.getvalue(), progress, **cfg.skip_args()
+                )
+            )
+    if c2.button("Collect a sample dataset", key="corpus_sample", help="24 paragraphs of held-out pydoc prose"):
+        collect_into(lambda progress: data.collect_sample(cfg.view, progress, **cfg.skip_args()))
+    infos = data.datasets()
+    if not infos:
+        st.info(
+            f"No dataset in the data folder yet: collect the sample, upload a text, or run "
+            f"`gateskip collect --out {data.root}/NAME/`."
+        )
         return
+    st.dataframe(pd.DataFrame([d.as_row() for d in infos]), hide_index=True, key="corpus_list")
+    names = [d.name for d in infos]
+    chosen = st.session_state.get("corpus_name")
+    path = st.selectbox("Dataset", names, index=names.index(chosen) if chosen in names else 0, key="corpus_choice")
     try:
         db = corpus_connection(path)
         counts = db.counts()
@@ -592,13 +592,32 @@ def corpus_view(cfg: service.Settings) -> None:
     figure_download(d[5], "Heatmap (HTML)", heat, "corpus_heatmap.html")
 
 
+def data_dir() -> service.DataDir:
+    """The dashboard's data folder (`gateskip dashboard --data-dir`; default under the cache)."""
+    from dashboard.cli import default_data_dir
+
+    return service.DataDir(Path(os.environ.get("GATESKIP_DASHBOARD_DATA") or default_data_dir()))
+
+
+def collect_into(collect) -> None:
+    """Run a collection with a progress bar; the new dataset becomes the chosen one."""
+    bar = st.progress(0.0, text="collecting…")
+    try:
+        st.session_state["corpus_name"] = collect(
+            lambda done, total: bar.progress(done / max(1, total), text="collecting…")
+        )
+    except GateSkipError as err:
+        st.error(str(err))
+    bar.empty()
+
+
 def corpus_connection(path: str):
     """This session's DuckDB connection to the dataset at `path` (reopened when the path changes)."""
     held = st.session_state.get("corpus_db")
     if held is None or held[0] != path:
         if held is not None:
             held[1].close()
-        st.session_state["corpus_db"] = (path, service.corpus_db(path))
+        st.session_state["corpus_db"] = (path, data_dir().open(path))
     return st.session_state["corpus_db"][1]
 
 

@@ -6,10 +6,14 @@
   prompt's quality against the ungated model.
 - `estimate`: re-threshold captured gate values (no model call).
 - `compare_decisions`: where estimate and exact decisions differ.
+- `DataDir`: the Corpus view's datasets (listed, opened by name, collected from uploads or a
+  pydoc sample, under a size quota).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import tempfile
 import threading
 import time
@@ -238,44 +242,161 @@ def why(model: GatedModel, text: str, n_entries: int, skip_fraction: float, on_s
     )
 
 
-# ---- corpus
-def corpus_db(path: str):
-    """A DuckDB view of a trace dataset (or trace file); each session opens its own connection."""
-    from analysis.tracedb import TraceDB
-
-    if not str(path).strip():
-        raise GateSkipError("enter the path of a trace dataset folder (or a .parquet / .csv trace file)")
-    return TraceDB(Path(str(path).strip()).expanduser())
+# ---- corpus: the data directory
+UPLOAD_LIMIT_BYTES = 2_000_000  # one uploaded text
+DATA_QUOTA_BYTES = 500_000_000  # the data directory; oldest uploads are evicted first
+UPLOAD_MARK = ".uploaded"  # in a dataset folder the dashboard collected from an upload (evictable)
+SAMPLE_PARAGRAPHS = 24
 
 
-def collect_corpus(model: GatedModel, text: str, name: str, folder: Path, on_progress=None, **skip_args) -> Path:
-    """Trace an uploaded text (paragraphs split on blank lines) into a dataset folder."""
-    from analysis.dataset import collect_dataset
-    from gateskip_core.data import paragraphs
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    model: str
+    gates: str
+    tokens: int
+    created: str  # the manifest's date (UTC)
+    uploaded: bool  # collected from an upload (the quota may evict it); else a user's own
 
-    paras = paragraphs(text)
-    if not paras:
-        raise GateSkipError(f"{name} holds no text")
-    collect_dataset(
-        model,
-        [(name, paras)],
-        folder,
-        max_tokens=128,
-        shard_size=64,
-        show_progress=False,
-        log=lambda msg: None,
-        on_progress=on_progress,
-        **skip_args,
-    )
-    return folder
+    def as_row(self) -> dict:
+        return {
+            "dataset": self.name,
+            "model": self.model,
+            "gates": self.gates,
+            "tokens": self.tokens,
+            "date": self.created,
+            "origin": "upload" if self.uploaded else "collected",
+        }
 
 
-def corpus_folder(settings: Settings, digest: str) -> Path:
-    """Where a dataset collected in the dashboard goes: one folder per (model, gates, text, settings)."""
+class DataDir:
+    """The dashboard's datasets: the Corpus view lists, opens and collects only these.
+
+    A visitor names a dataset, never a path: a name that is not a complete dataset directly in
+    the folder is refused with the same line whether or not something of that name exists
+    anywhere. Uploads are size-limited; collections write into a unique temporary folder and
+    are renamed into place at the end, so two sessions collecting the same text never write
+    into one folder; the folder's total size is held under a quota by evicting the oldest
+    uploaded datasets (never datasets a user collected there with `gateskip collect`)."""
+
+    def __init__(self, root: Path, quota_bytes: int = DATA_QUOTA_BYTES, upload_limit: int = UPLOAD_LIMIT_BYTES):
+        self.root = Path(root)
+        self.quota_bytes = quota_bytes
+        self.upload_limit = upload_limit
+
+    def datasets(self) -> list[DatasetInfo]:
+        """Complete datasets directly in the folder, newest first (damaged or partial ones are left out)."""
+        from analysis.dataset import Manifest
+
+        found = []
+        for folder in sorted(self.root.iterdir()) if self.root.is_dir() else ():
+            if not folder.is_dir() or folder.name.startswith("."):
+                continue
+            try:
+                manifest = Manifest.read(folder)
+            except GateSkipError:
+                continue
+            if not manifest.complete:
+                continue
+            stamp = (folder / "manifest.json").stat().st_mtime
+            found.append(
+                DatasetInfo(
+                    name=folder.name,
+                    model=str(manifest.settings.get("model", "?")),
+                    gates=str(manifest.settings.get("gates", "?")),
+                    tokens=int(manifest.tokens),
+                    created=time.strftime("%Y-%m-%d %H:%M", time.gmtime(stamp)),
+                    uploaded=(folder / UPLOAD_MARK).is_file(),
+                )
+            )
+        return sorted(found, key=lambda d: d.created, reverse=True)
+
+    def open(self, name: str):
+        """A DuckDB view of the dataset `name` (one connection per session)."""
+        from analysis.tracedb import TraceDB
+
+        name = str(name).strip()
+        if not name or name not in {d.name for d in self.datasets()}:
+            raise GateSkipError(f"{name!r} is not a dataset in the dashboard's data folder; choose one from the list")
+        return TraceDB(self.root / name)
+
+    def collect(self, model: GatedModel, name: str, source: str, data: bytes, on_progress=None, **skip_args) -> str:
+        """Collect an uploaded text (paragraphs split on blank lines) into the folder; returns its name."""
+        if len(data) > self.upload_limit:
+            raise GateSkipError(
+                f"{source} is {len(data) / 1e6:.1f} MB; uploads are limited to {self.upload_limit / 1e6:.1f} MB"
+            )
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise GateSkipError(f"{source} is not UTF-8 text") from None
+        return self._collect(model, name, source, text, uploaded=True, on_progress=on_progress, **skip_args)
+
+    def collect_sample(self, model: GatedModel, on_progress=None, **skip_args) -> str:
+        """A small dataset of held-out pydoc prose with `model`'s settings, so the view is never empty."""
+        from gateskip_core.data import paragraphs, pydoc_texts
+
+        paras = [p for t in pydoc_texts("validation") for p in paragraphs(t)][:SAMPLE_PARAGRAPHS]
+        name = dataset_name("sample-pydoc", model, "\n\n".join(paras), skip_args)
+        return self._collect(
+            model, name, "pydoc", "\n\n".join(paras), uploaded=False, on_progress=on_progress, **skip_args
+        )
+
+    def _collect(self, model, name: str, source: str, text: str, uploaded: bool, on_progress, **skip_args) -> str:
+        import tempfile
+
+        from analysis.dataset import collect_dataset
+        from gateskip_core.data import paragraphs
+
+        if (self.root / name).is_dir():
+            return name  # collected before (or by another session meanwhile)
+        paras = paragraphs(text)
+        if not paras:
+            raise GateSkipError(f"{source} holds no text")
+        self.root.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".collecting-", dir=self.root))  # unique per collection
+        try:
+            folder = work / "dataset"
+            collect_dataset(
+                model, [(source, paras)], folder, max_tokens=128, shard_size=64, show_progress=False,
+                log=lambda msg: None, on_progress=on_progress, **skip_args,
+            )  # fmt: skip
+            if uploaded:
+                (folder / UPLOAD_MARK).write_text(source, encoding="utf-8")
+            try:
+                os.rename(folder, self.root / name)  # atomic; fails if another session got there first
+            except OSError:
+                if not (self.root / name).is_dir():
+                    raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        self.enforce_quota(keep=name)
+        return name
+
+    def size_of(self, name: str) -> int:
+        return sum(f.stat().st_size for f in (self.root / name).rglob("*") if f.is_file())
+
+    def enforce_quota(self, keep: str | None = None) -> list[str]:
+        """Evict the oldest uploaded datasets (never `keep`, never a user's own) until under the quota."""
+        infos = self.datasets()
+        total = sum(self.size_of(d.name) for d in infos)
+        evicted = []
+        for info in sorted((d for d in infos if d.uploaded and d.name != keep), key=lambda d: d.created):
+            if total <= self.quota_bytes:
+                break
+            total -= self.size_of(info.name)
+            shutil.rmtree(self.root / info.name, ignore_errors=True)
+            evicted.append(info.name)
+        return evicted
+
+
+def dataset_name(prefix: str, model: GatedModel, text: str, skip_args: dict) -> str:
+    """One folder per (model, gates, text, settings): the same upload with the same settings is reused."""
     import hashlib
     import json
-    import os
 
-    root = Path(os.environ.get("GATESKIP_CACHE", Path.home() / ".cache" / "gateskip")) / "datasets"
-    key = json.dumps([settings.model_name, settings.view.gates_label, digest, settings.skip_args()], default=repr)
-    return root / f"{settings.model_name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    key = json.dumps(
+        [model.name, model.gates_label, hashlib.sha256(text.encode()).hexdigest(), skip_args], default=repr
+    )
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in prefix)[:40].strip("-") or "upload"
+    return f"{safe}-{Path(model.name).name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"

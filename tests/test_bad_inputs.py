@@ -187,6 +187,9 @@ def _cases():
     cases.append(("stats", "non-text", "--trace", "binary_csv", "trace"))
     cases.append(("train", "damaged-state", "--resume", "state_damaged", "cannot resume"))
     cases.append(("dashboard", "unknown-model", "--model", "no-such-model", "unknown model 'no-such-model'"))
+    cases.append(("dashboard", "bad-host", "--host", "example.com", "--host must be an IP address"))
+    cases.append(("dashboard", "bad-port", "--port", "70000", "--port must be a whole number in 1..65535"))
+    cases.append(("dashboard", "data-dir-file", "--data-dir", "binary", "is not a folder"))
     return cases
 
 
@@ -237,7 +240,7 @@ def _argv(case, inputs, tmp_path) -> tuple[list[str], object]:
     if name == "dashboard":
         out_dir = tmp_path / "out"
         out_dir.mkdir()
-        return ["dashboard", "--model", value], out_dir
+        return ["dashboard", option, str(inputs[value]) if value in inputs else value], out_dir
     argv, outputs = commands(inputs)[name]
     out_dir = tmp_path / "out"
     out_dir.mkdir()

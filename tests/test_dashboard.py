@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -227,61 +228,98 @@ def test_why_view_measures_exact_harm_against_the_signals(app):
     assert signals.set_index("signal").loc["random", "skip_fraction"] == 0.25  # the sidebar's budget
 
 
-def test_corpus_view_queries_a_dataset(app, tmp_path, monkeypatch):
-    """The Corpus tab: heatmap, token leaderboard and example contexts of a dataset, from DuckDB."""
-    from analysis.tracedb import TraceDB
+def _leaderboard_by_pandas(folder, layer: int, branch: str, min_count: int) -> pd.DataFrame:
+    """The token leaderboard computed from the shards' rows with pandas (independent of DuckDB)."""
+    rows = pd.concat([pd.read_parquet(p) for p in sorted(folder.glob("shard-*.parquet"))])
+    cell = rows[(rows.layer == layer) & (rows.branch == branch) & rows.eligible.astype(bool)]
+    table = cell.groupby("token").agg(eligible=("skipped", "size"), skipped=("skipped", "sum")).reset_index()
+    table = table[table.eligible >= min_count]
+    return table.assign(skip_rate=table.skipped / table.eligible).set_index("token")
 
-    monkeypatch.setenv("GATESKIP_CACHE", str(tmp_path / "cache"))
-    app.text_input(key="corpus_path").set_value(str(tmp_path / "nowhere")).run()
-    assert not app.exception and any("dataset folder not found" in e.value for e in app.error)
 
-    from analysis.dataset import collect_dataset
-
-    folder = tmp_path / "ds"
-    model = load_model("tiny-llama", gates="untrained")
-    texts = ["The quick brown fox jumps over the lazy dog.", "Gates decide which tokens skip layers."] * 10
-    collect_dataset(model, [("t", texts)], folder, shard_size=8, show_progress=False, skip=0.3)
-    app.text_input(key="corpus_path").set_value(str(folder)).run()
+def test_corpus_view_lists_the_data_folder_collects_a_sample_and_queries_it(tmp_path, monkeypatch):
+    """The Corpus tab opens empty with a sample button; the sample is collected into the data folder,
+    listed, opened by name, and its tables agree with pandas on the same rows."""
+    data = tmp_path / "data"
+    monkeypatch.setenv("GATESKIP_DASHBOARD_DATA", str(data))
+    monkeypatch.setenv("GATESKIP_DASHBOARD_MODEL", "tiny-llama")
+    app = AppTest.from_file(APP, default_timeout=180)
+    app.run()
+    assert not app.exception and any("No dataset in the data folder yet" in i.value for i in app.info)
+    app.button(key="corpus_sample").click().run()
     assert not app.exception, app.exception
+    listed = next(d.value for d in app.dataframe if "origin" in d.value.columns)
+    assert len(listed) == 1 and listed["model"][0] == "tiny-llama" and listed["origin"][0] == "collected"
+    folder = data / listed["dataset"][0]
+    assert (folder / "manifest.json").is_file() and not list(data.glob(".collecting-*"))  # no temp left
+    rows = pd.concat([pd.read_parquet(p) for p in sorted(folder.glob("shard-*.parquet"))])
     m = metrics(app)
-    db = TraceDB(folder)
-    assert m["Tokens"] == f"{db.counts()['tokens']:,}" and m["Sequences"] == "20"
+    first = rows[(rows.layer == 0) & (rows.branch == "attn")]
+    assert m["Tokens"] == f"{len(first):,}" and m["Sequences"] == str(first.sequence_id.nunique())
     app.number_input(key="corpus_layer").set_value(1).run()
     app.number_input(key="corpus_min_count").set_value(2).run()
-
-    def board_shown():
-        return next(d.value for d in app.dataframe if "token" in d.value.columns and "ci_low" in d.value.columns)
-
-    board = board_shown()
-    expected = db.token_leaderboard(1, "mlp", 2, limit=25)
-    assert list(board["token"]) == list(expected["token"]) and len(board) > 0
-    app.multiselect(key="corpus_types").set_value(["stopword"]).run()
-    assert set(board_shown()["token_type"]) == {"stopword"}
-    app.radio(key="corpus_lowest").set_value(False).run()
+    board = next(d.value for d in app.dataframe if "token" in d.value.columns and "ci_low" in d.value.columns)
+    expected = _leaderboard_by_pandas(folder, 1, "mlp", 2)
+    assert len(board) > 0
+    for _, row in board.iterrows():  # every shown token: its counts and rate as pandas has them
+        assert row["eligible"] == expected.loc[row["token"], "eligible"]
+        assert row["skip_rate"] == pytest.approx(expected.loc[row["token"], "skip_rate"])
+    assert board["skip_rate"].iloc[0] == pytest.approx(expected["skip_rate"].max())  # most skipped first
+    app.radio(key="corpus_lowest").set_value(False).run()  # contexts of the highest gates
     assert not app.exception
 
 
-def test_the_dashboards_collection_of_an_uploaded_text_reports_progress_and_reopens(tmp_path, monkeypatch):
-    """What the Corpus tab's Collect button runs (AppTest cannot upload files): a dataset in the cache,
-    one folder per (model, gates, text, settings), with progress after every shard."""
+def test_the_data_folder_collects_uploads_under_limits_and_opens_only_its_own_datasets(tmp_path):
+    """What the Collect button runs (AppTest cannot upload files): size limit, one dataset per
+    (model, gates, text, settings), concurrent collections of one upload, quota eviction of the
+    oldest uploads only, and names outside the folder refused without saying whether they exist."""
+    import threading
+
     from dashboard import service
 
-    monkeypatch.setenv("GATESKIP_CACHE", str(tmp_path))
     view = load_model("tiny-llama", gates="untrained")
-    settings = service.Settings("tiny-llama", view, "estimate", 0.3, "both", "quantile", True, 0, "auto")
-    folder = service.corpus_folder(settings, "abc")
-    assert folder.parent == tmp_path / "datasets"
-    assert service.corpus_folder(settings, "abd") != folder
+    data = service.DataDir(tmp_path / "data", upload_limit=20_000)
+    text = "\n\n".join(f"Paragraph {i} about gates and layers." for i in range(150)).encode()
+    with pytest.raises(GateSkipError, match="uploads are limited to"):
+        data.collect(view, "big", "big.txt", b"x" * 20_001, skip=0.3)
+    with pytest.raises(GateSkipError, match="not UTF-8"):
+        data.collect(view, "bin", "bin.txt", b"\xff\xfe", skip=0.3)
     progress = []
-    text = "\n\n".join(f"Paragraph {i} about gates and layers." for i in range(150))
-    service.collect_corpus(
-        view, text, "upload.txt", folder, on_progress=lambda d, t: progress.append((d, t)), **settings.skip_args()
-    )
-    assert progress == [(64, 150), (128, 150), (150, 150)]
-    db = service.corpus_db(str(folder))
-    assert db.counts()["sequences"] == 150
+    name = service.dataset_name("upload.txt", view, text.hex(), {"skip": 0.3})
+    results = []
+
+    def collect():
+        results.append(data.collect(view, name, "upload.txt", text, lambda d, t: progress.append((d, t)), skip=0.3))
+
+    threads = [threading.Thread(target=collect) for _ in range(2)]  # two sessions, the same upload
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [name, name] and (64, 150) in progress and (150, 150) in progress
+    assert data.open(name).counts()["sequences"] == 150 and not list(data.root.glob(".collecting-*"))
+    for outside in (str(tmp_path), "/etc", "../data/" + name, "/no/such/place", "no-such-dataset"):
+        with pytest.raises(GateSkipError) as err:
+            data.open(outside)
+        assert (
+            str(err.value) == f"{outside!r} is not a dataset in the dashboard's data folder; choose one from the list"
+        )
+    # A user's own dataset (collected there with `gateskip collect`) is listed and never evicted.
+    from analysis.dataset import collect_dataset
+
+    collect_dataset(view, [("own", ["Own text about gates."] * 4)], data.root / "own", show_progress=False, skip=0.3)
+    second = data.collect(view, "second", "second.txt", text.replace(b"Paragraph", b"Section"), skip=0.3)
+    assert {d.name for d in data.datasets()} == {name, "own", second}
+    data.quota_bytes = data.size_of("own") + data.size_of(second) + 1
+    import os
+
+    os.utime(data.root / name / "manifest.json", (1, 1))  # the oldest upload
+    assert data.enforce_quota() == [name]
+    assert {d.name for d in data.datasets()} == {"own", second}
+    data.quota_bytes = 0
+    assert data.enforce_quota(keep=second) == [] and (data.root / "own").is_dir()  # never a user's own
     with pytest.raises(GateSkipError, match="holds no text"):
-        service.collect_corpus(view, "  \n\n ", "empty.txt", tmp_path / "e")
+        data.collect(view, "empty", "empty.txt", b"  \n\n ", skip=0.3)
 
 
 def test_every_heatmap_cell_is_a_clickable_marker_that_names_its_cell():
@@ -307,3 +345,60 @@ def test_attribution_panel_splits_an_attention_component_by_source_token(app):
     app.selectbox(key="attr_split").set_value("L1.attn").run()
     assert not app.exception and not app.error
     assert any("weight times its value vector" in c.value for c in app.caption)
+
+
+def _listening(port: int) -> set[str]:
+    """Addresses on which some process of this machine listens at `port` (from /proc/net/tcp*)."""
+    import ipaddress
+
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.split(":")
+                if state != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                    continue
+                raw = bytes.fromhex(address)
+                raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))  # little-endian words
+                found.add(str(ipaddress.ip_address(raw)))
+    return found
+
+
+@pytest.mark.parametrize("host", [None, "0.0.0.0"])
+def test_the_dashboard_server_listens_on_loopback_unless_told_otherwise(tmp_path, host):
+    """A real `gateskip dashboard`: by default only 127.0.0.1 listens and the printed URL is that
+    address; `--host 0.0.0.0` listens everywhere and says so with a warning."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from .conftest import ROOT_DIR, free_port
+
+    port = free_port()
+    argv = ["dashboard", "--model", "tiny-llama", "--port", str(port), "--data-dir", str(tmp_path / "data")]
+    argv += ["--host", host] if host else []
+    env = dict(os.environ, PYTHONPATH=str(ROOT_DIR))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateskip.cli", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and not _listening(port):
+            time.sleep(0.5)
+        time.sleep(1)
+        assert _listening(port) == ({"127.0.0.1"} if host is None else {"0.0.0.0"})
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=5)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    err = err.decode()
+    if host is None:
+        assert f"dashboard on http://127.0.0.1:{port}" in err and "warning" not in err
+    else:
+        assert (
+            f"dashboard on http://0.0.0.0:{port}" in err and "warning: the dashboard listens on every interface" in err
+        )
+    assert (tmp_path / "data").is_dir()
