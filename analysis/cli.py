@@ -117,7 +117,9 @@ def cmd_collect(args: argparse.Namespace) -> int:
         f"in {counts['shards']} shards"
     )
     if counts["truncated"]:
-        print(f"warning: {counts['truncated']} text(s) truncated to their first {args.max_tokens} tokens", file=sys.stderr)
+        print(
+            f"warning: {counts['truncated']} text(s) truncated to their first {args.max_tokens} tokens", file=sys.stderr
+        )
     return 0
 
 
