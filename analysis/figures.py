@@ -112,42 +112,65 @@ def gate_heatmap(trace: Trace, sequence: int = 0, branches: tuple[str, ...] = BR
     return fig
 
 
-def token_strip(trace: Trace, sequence: int = 0, per_row: int = 16) -> go.Figure:
-    """Each token coloured by how many of its branches it skipped, `per_row` tokens to a row (long
-    prompts wrap instead of squeezing their labels on top of each other)."""
+TOKEN_CSS = (
+    "<style>.gs-tokens{font-size:1rem;line-height:2.1;white-space:pre-wrap;word-break:break-word}"
+    ".gs-tok{padding:0.15em 0.05em;border-radius:3px;color:#111}"
+    ".gs-tok.gs-skip{text-decoration:underline dashed #b00000}"
+    ".gs-tok.gs-mark{outline:2px solid #111;font-weight:600}"
+    ".gs-row{margin:0.2em 0}.gs-legend{font-size:0.8rem;color:#555}</style>"
+)
+
+
+def _red(level: float) -> str:
+    """A background from white (0) to red (1), light enough that dark text stays readable."""
+    level = min(1.0, max(0.0, float(level)))
+    return f"rgba(220, 40, 30, {0.08 + 0.62 * level:.3f})"
+
+
+def _token_span(token: str, level: float, title: str, skipped: bool = False, marked: bool = False) -> str:
+    """One token as inline text: its own characters (a newline shown as ↵ and kept), coloured."""
+    import html
+
+    text = html.escape(token.replace("\n", "↵\n")) if token else "∅"
+    classes = "gs-tok" + (" gs-skip" if skipped else "") + (" gs-mark" if marked else "")
+    return f'<span class="{classes}" style="background:{_red(level)}" title="{html.escape(title)}">{text}</span>'
+
+
+def token_strip_html(trace: Trace, sequence: int = 0) -> str:
+    """The prompt as readable inline text: each token's background is the share of its branches it
+    skipped (white: none, red: all); hover shows position, skipped count and mean gate."""
     seq = trace.sequences[sequence]
     counts = seq.skipped.sum(axis=(1, 2))
     total = trace.n_layers * 2
-    rows = max(1, -(-seq.n_tokens // per_row))
-
-    def grid(values, fill):
-        flat = list(values) + [fill] * (rows * per_row - seq.n_tokens)
-        return [flat[r * per_row : (r + 1) * per_row] for r in range(rows)]
-
-    fig = go.Figure(
-        go.Heatmap(
-            z=grid(counts.tolist(), None),
-            text=grid([_label(t) for t in seq.tokens], ""),
-            customdata=grid(range(seq.n_tokens), None),
-            texttemplate="%{text}",
-            colorscale="Reds",
-            zmin=0,
-            zmax=total,
-            xgap=2,
-            ygap=2,
-            colorbar=dict(title="skipped"),
-            hovertemplate="token %{text}<br>position %{customdata}<br>skipped %{z} of "
-            + str(total)
-            + "<extra></extra>",
+    spans = [
+        _token_span(
+            token,
+            counts[i] / total,
+            f"position {i} · skipped {int(counts[i])} of {total} branches · mean gate {float(seq.gate[i].mean()):.3f}",
         )
+        for i, token in enumerate(seq.tokens)
+    ]
+    legend = f'<div class="gs-legend">background: share of the {total} branches the token skipped (white none, red all)</div>'
+    return TOKEN_CSS + f'<div class="gs-tokens">{"".join(spans)}</div>' + legend
+
+
+def context_html(contexts: pd.DataFrame, value: str = "gate") -> str:
+    """Example contexts (`TraceDB.example_contexts`) as lines of readable text: the example token
+    outlined, every token coloured by its gate at the chosen (layer, branch) (red: low gate) or,
+    with `value='skipped'`, by the decision; skipped tokens underlined; values on hover."""
+    rows = []
+    for example, part in contexts.sort_values(["example", "offset"]).groupby("example", sort=True):
+        spans = []
+        for r in part.itertuples():
+            level = 1.0 - float(r.gate) if value == "gate" else float(r.skipped)
+            title = f"offset {r.offset} · gate {float(r.gate):.3f} · {'skipped' if r.skipped else 'kept'}"
+            spans.append(_token_span(r.token, level, title, skipped=bool(r.skipped), marked=r.offset == 0))
+        rows.append(f'<div class="gs-row gs-tokens"><b>#{example}</b> {"".join(spans)}</div>')
+    legend = (
+        '<div class="gs-legend">outlined: the example token; background: its gate here (red: low); '
+        "dashed underline: skipped</div>"
     )
-    fig.update_layout(
-        height=60 + 34 * rows,
-        margin=dict(l=20, r=20, t=10, b=10),
-        xaxis=dict(showticklabels=False),
-        yaxis=dict(showticklabels=False, autorange="reversed"),
-    )
-    return fig
+    return TOKEN_CSS + "".join(rows) + legend
 
 
 def layer_profile_figure(layer_table: pd.DataFrame) -> go.Figure:
@@ -417,44 +440,6 @@ def corpus_skip_heatmap(rates: pd.DataFrame) -> go.Figure:
         )
     )
     fig.update_layout(height=220, margin=dict(l=40, r=20, t=10, b=40), xaxis_title="layer")
-    return fig
-
-
-def context_strips(contexts: pd.DataFrame, value: str = "gate") -> go.Figure:
-    """Example contexts (`TraceDB.example_contexts`) like the Explore token strip: one row per
-    example, the chosen token in the middle column, cells coloured by the gate (or skip) there."""
-    offsets = sorted(contexts["offset"].unique()) if len(contexts) else [0]
-    examples = sorted(contexts["example"].unique()) if len(contexts) else []
-    by_key = {(r.example, r.offset): r for r in contexts.itertuples()}
-    z, text = [], []
-    for ex in examples:
-        row_z, row_t = [], []
-        for off in offsets:
-            r = by_key.get((ex, off))
-            row_z.append(None if r is None else float(getattr(r, value)))
-            row_t.append("" if r is None else (f"[{_label(r.token)}]" if off == 0 else _label(r.token)))
-        z.append(row_z)
-        text.append(row_t)
-    fig = go.Figure(
-        go.Heatmap(
-            z=z,
-            x=offsets,
-            y=[f"#{e}" for e in examples],
-            text=text,
-            texttemplate="%{text}",
-            colorscale="Reds_r" if value == "gate" else "Reds",
-            colorbar=dict(title=value),
-            xgap=2,
-            ygap=2,
-            hovertemplate="offset %{x}<br>%{text}<br>" + value + " %{z:.3f}<extra></extra>",
-        )
-    )
-    fig.update_layout(
-        height=60 + 34 * max(1, len(examples)),
-        margin=dict(l=40, r=20, t=10, b=30),
-        xaxis=dict(title="offset from the example token", dtick=1),
-        yaxis=dict(autorange="reversed"),
-    )
     return fig
 
 

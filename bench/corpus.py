@@ -120,7 +120,7 @@ def corpus_view_first_render(dataset: str | Path) -> None:
     figures.corpus_skip_heatmap(db.skip_rates()).to_json()
     last = counts["layers"] - 1
     db.token_leaderboard(last, "mlp", 20, list(TOKEN_TYPES), 25)
-    figures.context_strips(db.example_contexts(last, "mlp", n=8, lowest=True)).to_json()
+    figures.context_html(db.example_contexts(last, "mlp", n=8, lowest=True))
     db.position_profile()
     db.type_profile()
     db.close()

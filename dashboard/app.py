@@ -203,8 +203,8 @@ def explore_view(cfg: service.Settings) -> None:
     if view.gates is None:
         st.info("No gates: every gate counts as 1.0, so skipping falls back to the random policy.")
 
-    strip = figures.token_strip(shown)
-    st.plotly_chart(strip, key="strip")
+    strip = figures.token_strip_html(shown)
+    st.html(strip)
     layout = st.radio("Heatmap", ["side by side", "attn", "mlp"], horizontal=True, key="heat_layout")
     branches = ("attn", "mlp") if layout == "side by side" else (layout,)
     heat = figures.gate_heatmap(shown, branches=branches)
@@ -252,7 +252,7 @@ def explore_view(cfg: service.Settings) -> None:
     c1, c2, c3 = st.columns(3)
     c1.download_button("Trace (CSV)", lambda: shown.to_dataframe().to_csv(index=False), "trace.csv", "text/csv")
     figure_download(c2, "Heatmap (HTML)", heat, "heatmap.html")
-    figure_download(c3, "Token strip (HTML)", strip, "token_strip.html")
+    c3.download_button("Token strip (HTML)", strip, "token_strip.html", "text/html")
 
 
 def select_cell(cell: tuple[int, int, str] | None, n_tokens: int, n_layers: int) -> None:
@@ -574,9 +574,10 @@ def corpus_view(cfg: service.Settings) -> None:
         horizontal=True,
         key="corpus_lowest",
     )
-    strips = figures.context_strips(contexts)
-    st.plotly_chart(strips, key="corpus_contexts")
-    st.caption("Each row: ±10 tokens around one occurrence (in [brackets]); colour: its gate at this layer and branch.")
+    st.html(figures.context_html(contexts))
+    st.caption(
+        "Each row: ±10 tokens around one occurrence (outlined); colour: each token's gate at this layer and branch."
+    )
     positions, kinds = db.position_profile(), db.type_profile()
     left, right = st.columns(2)
     left.markdown("**Skip rate by position**")

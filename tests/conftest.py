@@ -119,9 +119,9 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def server():
+def server(tmp_path):
     port = free_port()
-    env = dict(os.environ, GATESKIP_DASHBOARD_MODEL="tiny-llama")
+    env = dict(os.environ, GATESKIP_DASHBOARD_MODEL="tiny-llama", GATESKIP_DASHBOARD_DATA=str(tmp_path / "data"))
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -190,7 +190,6 @@ def test_figures_render(tiny):
     # per branch: the heatmap, its clickable cell markers (which carry the hover text) and the skip marks
     assert len(heat.data) == 6 and "threshold" in heat.data[1].hovertemplate
     for fig in [
-        figures.token_strip(trace),
         figures.layer_profile_figure(stats.layer_table()),
         figures.bos_figure(stats.bos_table()),
         figures.token_type_figure(stats.token_type_table()),
@@ -301,16 +300,33 @@ def test_chat_fidelity_scores_the_originals_own_answers(tmp_path):
     assert row["kl_to_full"] == pytest.approx(0, abs=1e-9) and row["top1_agreement"] == 1.0
 
 
-def test_token_strip_wraps_long_prompts_and_keeps_every_token_once(tiny):
-    trace = tiny.trace("word " * 40, skip=0.3)
+def test_token_strip_and_contexts_are_readable_text_with_every_token_once(tiny):
+    """The token strip is the prompt's own text (each token one span, in order, HTML-escaped),
+    coloured by the share of branches it skipped, with the counts on hover; contexts likewise."""
+    import html
+    import re
+
+    trace = tiny.trace("word <b>&amp; " * 20, skip=0.3)
     seq = trace.sequences[0]
-    fig = figures.token_strip(trace, per_row=16)
-    heat = fig.data[0]
-    assert len(heat.z) == -(-seq.n_tokens // 16) and all(len(row) == 16 for row in heat.z)
-    labels = [t for row in heat.text for t in row if t]
-    assert labels == [figures._label(t) for t in seq.tokens]
-    counts = [c for row in heat.z for c in row if c is not None]
-    assert counts == seq.skipped.sum(axis=(1, 2)).tolist()
+    strip = figures.token_strip_html(trace)
+    spans = re.findall(
+        r'<span class="gs-tok[^"]*" style="background:rgba\(220, 40, 30, ([0-9.]+)\)" title="([^"]*)">(.*?)</span>',
+        strip,
+    )
+    assert [html.unescape(text) for _, _, text in spans] == [t.replace("\n", "↵\n") or "∅" for t in seq.tokens]
+    counts = seq.skipped.sum(axis=(1, 2))
+    total = trace.n_layers * 2
+    for (alpha, title, _), count in zip(spans, counts):
+        assert f"skipped {int(count)} of {total} branches" in html.unescape(title)
+        assert float(alpha) == pytest.approx(0.08 + 0.62 * count / total, abs=1e-3)
+    assert "<b>" not in strip.replace("<b>#", "")  # the text's own markup is escaped
+    contexts = pd.DataFrame(
+        {"example": [1, 1, 1], "offset": [-1, 0, 1], "token": [" the", " cat", " sat"], "gate": [0.9, 0.1, 0.5],
+         "skipped": [False, True, False]}
+    )  # fmt: skip
+    rendered = figures.context_html(contexts)
+    assert re.findall(r">([^<>]+)</span>", rendered) == [" the", " cat", " sat"]
+    assert rendered.count("gs-mark") == 2 and "gs-tok gs-skip gs-mark" in rendered  # CSS rule + the example token
 
 
 def test_harm_streamed_over_a_corpus_is_each_blocks_own_exact_harm(tiny_llama):

@@ -83,15 +83,23 @@ def test_prompt_and_slider_in_real_chromium(server):
     assert after > before, f"skipped count did not change after moving the slider ({before} -> {after})"
 
 
+def launch(p):
+    return p.chromium.launch(
+        executable_path=CHROMIUM,
+        args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"],
+    )
+
+
 def test_clicking_a_heatmap_cell_explains_that_gate_in_real_chromium(server):
-    """A click on a cell of the Explore heatmap selects it for gate attribution (the panel opens on it)."""
+    """A click on a cell of the Explore heatmap opens the attribution panel on that very cell: the
+    position, layer and branch of its hover label are the ones the panel's caption names."""
     playwright = require_browser()
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        browser = launch(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(server.url)
         page.get_by_text("Skipped branch evaluations").wait_for(timeout=90_000)
-        heatmap = page.locator(".js-plotly-plot").nth(1)  # the token strip comes first
+        heatmap = page.locator(".js-plotly-plot").first  # the token strip is text, the heatmap the first figure
         heatmap.scroll_into_view_if_needed()
         page.wait_for_timeout(1000)
         # The cell markers: invisible (opacity 0), one per (layer, token); pick one in the middle.
@@ -99,9 +107,59 @@ def test_clicking_a_heatmap_cell_explains_that_gate_in_real_chromium(server):
         assert cells.count() > 10, "the heatmap has no clickable cells"
         target = cells.nth(cells.count() // 3)
         box = target.bounding_box()
-        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        page.mouse.move(x, y)
+        hover = heatmap.locator(".hoverlayer .hovertext")
+        hover.first.wait_for(timeout=10_000)
+        label = hover.first.text_content()  # SVG: no inner_text
+        page.mouse.click(x, y)
         caption = page.get_by_text(re.compile(r"token .* \(position \d+\) (ran|skipped) layer \d+'s (attn|mlp)"))
         caption.wait_for(timeout=60_000)
         text = caption.inner_text()
         browser.close()
-    assert re.search(r"\(position \d+\)", text)
+    position = re.search(r"position (\d+)", label).group(1)
+    layer = re.search(r"layer (\d+)", label).group(1)
+    branch = re.search(r"branch (attn|mlp)", label).group(1)
+    assert f"(position {position})" in text and f"layer {layer}'s {branch}" in text, (label, text)
+
+
+def test_tokens_and_corpus_contexts_read_as_text_in_real_chromium(server, tmp_path):
+    """The Explore token strip is the prompt's text at body size (read back from the page), and the
+    Corpus view lists the data folder's datasets, opens the sample and shows its contexts as text."""
+    playwright = require_browser()
+    with playwright.sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(server.url)
+        page.get_by_text("Skipped branch evaluations").wait_for(timeout=90_000)
+        prompt = page.locator("textarea").first
+        typed = "Readable tokens: the strip shows this sentence as text."
+        prompt.fill(typed)
+        prompt.press("Control+Enter")
+        strip = page.locator(".gs-tokens").first
+        deadline = time.time() + 60
+        while time.time() < deadline and "Readable tokens" not in strip.inner_text():
+            page.wait_for_timeout(300)
+        shown = strip.inner_text()
+        size = float(strip.locator(".gs-tok").nth(1).evaluate("e => parseFloat(getComputedStyle(e).fontSize)"))
+        page.get_by_role("tab", name="Corpus").click()
+        page.get_by_role("button", name="Collect a sample dataset").click()
+        rows = page.locator(".gs-row")
+        rows.first.wait_for(timeout=180_000)
+        context = rows.first.inner_text()
+        listed = page.get_by_text(re.compile(r"sample-pydoc-tiny-llama-")).count()
+        SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT_DIR / "dashboard-corpus-contexts.png"), full_page=True)
+        browser.close()
+    assert typed in shown.replace("\n", "")  # BOS first, then the sentence as written
+    assert size >= 14, f"tokens render at {size}px"
+    assert listed >= 1
+    # The first context row reads as the text of its example: the sample's lowest-gate occurrence at
+    # the view's default cell (last layer, MLP), computed here from the dataset the page collected.
+    from analysis.tracedb import TraceDB
+
+    (folder,) = [f for f in (tmp_path / "data").iterdir() if not f.name.startswith(".")]
+    db = TraceDB(folder)
+    contexts = db.example_contexts(db.counts()["layers"] - 1, "mlp", n=8, lowest=True)
+    expected = "".join(contexts[contexts.example == 1].sort_values("offset").token).replace("\n", "↵\n")
+    assert context.removeprefix("#1").strip() == expected.strip(), (context, expected)
