@@ -44,7 +44,19 @@ def _probe(model: str, gates: str) -> None:
     gated = load_model(model, gates=gates)
     skip = 0.0 if gates == "none" else 0.25
     gated.trace(SENTENCE, skip=skip)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
+    print(_peak_rss())
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory in bytes: VmHWM (reset at exec, unlike ru_maxrss, which a
+    child started from a large parent inherits)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 if __name__ == "__main__":

@@ -660,6 +660,8 @@ def compare_view(cfg: service.Settings) -> None:
             col.error(result)
             continue
         trace, quality, _ = result
+        for notice in trace.notices:  # returned with this call's result (a text cut to the context, ...)
+            col.warning(notice)
         seq = trace.sequences[0]
         m1, m2, m3 = col.columns(3)
         m1.metric("Skipped fraction", f"{trace.skipped_fraction():.1%}")
