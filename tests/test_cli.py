@@ -126,3 +126,19 @@ def test_every_package_contributes_its_commands_to_one_entry_point():
     assert {"models", "trace", "train", "fit-fill"} <= commands  # core
     assert {"quality", "sweep", "collect", "stats", "faithfulness", "settled"} <= commands  # analysis
     assert {"bench", "dashboard"} <= commands
+
+
+def test_commands_print_the_notices_their_results_carry(tmp_path):
+    """Truncation notices come back with each call's result and every command that produces them
+    prints them: `trace`, and `collect` into a file and into a dataset folder."""
+    text = tmp_path / "long.txt"
+    text.write_text("A long paragraph about gates and layers that will not fit. " * 80 + "\n\nShort one.")
+    out = run("trace", "--model", "tiny-llama", "--gates", "untrained", "--skip", "0.2", "--file", str(text),
+              "--out", str(tmp_path / "t.csv"))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "warning: text 0 truncated to its first 512 tokens" in out.stderr and "text 1" not in out.stderr
+    for target in (str(tmp_path / "c.parquet"), str(tmp_path / "ds") + "/"):
+        out = run("collect", "--model", "tiny-llama", "--gates", "untrained", "--skip", "0.2", "--file", str(text),
+                      "--max-tokens", "16", "--out", target)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert "1 truncated to 16 tokens" in out.stdout or "warning: 1 text(s) truncated" in out.stderr, target
