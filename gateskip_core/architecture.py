@@ -9,7 +9,7 @@ supported architecture, the modules that walk needs:
          (post-attention norm)] -> h + g_attn * branch
       -> mlp_norm  -> [mlp, (post-mlp norm)] -> h + g_mlp * branch
 
-Supported: Llama (SmolLM2) and Gemma-3 text models.
+Supported (`FAMILIES`): Llama (SmolLM2), Mistral, Qwen2 / Qwen2.5, Qwen3 and Gemma-3 text models.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import GateSkipError
-
-SUPPORTED_MODEL_TYPES = ("llama", "gemma3_text")
 
 
 @dataclass(frozen=True)
@@ -117,49 +115,96 @@ class ArchSpec:
         return logits
 
 
+def _norm(module: nn.Module, plus_one: bool = False) -> RMSNorm:
+    """A family's RMSNorm module (its epsilon is `variance_epsilon` or `eps`)."""
+    eps = getattr(module, "variance_epsilon", None)
+    return RMSNorm(module, plus_one=plus_one, eps=module.eps if eps is None else eps)
+
+
+def _llama_family_layer(config, layer: nn.Module, i: int, model_type: str) -> LayerParts:
+    """Llama and its close relatives: pre-norms, q/k/v/o and gate/up/down projections, rotary.
+
+    - `mistral`: sliding-window attention in every layer (`config.sliding_window`, or none);
+    - `qwen2`: biases on q/k/v (`nn.Linear` carries them); sliding windows per `layer_types`;
+    - `qwen3`: as qwen2, plus an RMSNorm on q and k per head before rotary.
+    """
+    attn = layer.self_attn
+    if model_type == "mistral":
+        window = getattr(config, "sliding_window", None)
+    else:  # llama: none; qwen2/qwen3: the layer's own (None on full-attention layers)
+        window = getattr(attn, "sliding_window", None)
+    qk_norm = model_type == "qwen3"
+    return LayerParts(
+        attn_norm=_norm(layer.input_layernorm),
+        q_proj=attn.q_proj,
+        k_proj=attn.k_proj,
+        v_proj=attn.v_proj,
+        o_proj=attn.o_proj,
+        q_norm=_norm(attn.q_norm) if qk_norm else None,
+        k_norm=_norm(attn.k_norm) if qk_norm else None,
+        attn_post_norm=None,
+        mlp_norm=_norm(layer.post_attention_layernorm),  # Llama's name for the MLP's input norm
+        mlp=layer.mlp,
+        gate_proj=layer.mlp.gate_proj,
+        up_proj=layer.mlp.up_proj,
+        down_proj=layer.mlp.down_proj,
+        mlp_act=layer.mlp.act_fn,
+        mlp_post_norm=None,
+        rope_kind=None,
+        sliding_window=window,
+    )
+
+
+def _gemma3_layer(config, layer: nn.Module, i: int, model_type: str) -> LayerParts:
+    """Gemma-3 text: (1 + w) RMSNorms, q/k norms per head, norms before *and* after each branch,
+    sliding and global layers with their own rotary bases."""
+    attn = layer.self_attn
+    rope_kind = config.layer_types[i]
+    return LayerParts(
+        attn_norm=_norm(layer.input_layernorm, plus_one=True),
+        q_proj=attn.q_proj,
+        k_proj=attn.k_proj,
+        v_proj=attn.v_proj,
+        o_proj=attn.o_proj,
+        q_norm=_norm(attn.q_norm, plus_one=True),
+        k_norm=_norm(attn.k_norm, plus_one=True),
+        attn_post_norm=_norm(layer.post_attention_layernorm, plus_one=True),
+        mlp_norm=_norm(layer.pre_feedforward_layernorm, plus_one=True),
+        mlp=layer.mlp,
+        gate_proj=layer.mlp.gate_proj,
+        up_proj=layer.mlp.up_proj,
+        down_proj=layer.mlp.down_proj,
+        mlp_act=layer.mlp.act_fn,
+        mlp_post_norm=_norm(layer.post_feedforward_layernorm, plus_one=True),
+        rope_kind=rope_kind,
+        sliding_window=config.sliding_window if rope_kind == "sliding_attention" else None,
+    )
+
+
+# One entry per supported family (Hugging Face `model_type`): how to describe one decoder layer.
+# To add a family, write its layer function (the modules the walk needs, in execution order).
+FAMILIES = {
+    "llama": _llama_family_layer,
+    "mistral": _llama_family_layer,
+    "qwen2": _llama_family_layer,
+    "qwen3": _llama_family_layer,
+    "gemma3_text": _gemma3_layer,
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+
+
 def arch_spec(hf_model: nn.Module) -> ArchSpec:
     """Describe `hf_model` (a *ForCausalLM) or fail with a clear message."""
     config = hf_model.config
     model_type = getattr(config, "model_type", "?")
     if model_type == "gemma3":  # multimodal wrapper config; we only run the text stack
         raise GateSkipError("Gemma-3 multimodal checkpoints are not supported; use a text-only (gemma3_text) model")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in FAMILIES:
         raise GateSkipError(f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     base = hf_model.model
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     is_gemma = model_type == "gemma3_text"
-
-    def norm(module: nn.Module) -> RMSNorm:  # Llama's module names its epsilon variance_epsilon
-        return RMSNorm(module, plus_one=is_gemma, eps=module.eps if is_gemma else module.variance_epsilon)
-
-    layers = []
-    for i, layer in enumerate(base.layers):
-        attn = layer.self_attn
-        rope_kind = config.layer_types[i] if is_gemma else None
-        window = config.sliding_window if (is_gemma and rope_kind == "sliding_attention") else None
-        layers.append(
-            LayerParts(
-                attn_norm=norm(layer.input_layernorm),
-                q_proj=attn.q_proj,
-                k_proj=attn.k_proj,
-                v_proj=attn.v_proj,
-                o_proj=attn.o_proj,
-                q_norm=norm(attn.q_norm) if is_gemma else None,
-                k_norm=norm(attn.k_norm) if is_gemma else None,
-                attn_post_norm=norm(layer.post_attention_layernorm) if is_gemma else None,
-                # Llama's "post_attention_layernorm" is the MLP's input norm.
-                mlp_norm=norm(layer.pre_feedforward_layernorm if is_gemma else layer.post_attention_layernorm),
-                mlp=layer.mlp,
-                gate_proj=layer.mlp.gate_proj,
-                up_proj=layer.mlp.up_proj,
-                down_proj=layer.mlp.down_proj,
-                mlp_act=layer.mlp.act_fn,
-                mlp_post_norm=norm(layer.post_feedforward_layernorm) if is_gemma else None,
-                rope_kind=rope_kind,
-                sliding_window=window,
-            )
-        )
-    scale = config.query_pre_attn_scalar**-0.5 if is_gemma else head_dim**-0.5
+    layers = tuple(FAMILIES[model_type](config, layer, i, model_type) for i, layer in enumerate(base.layers))
     return ArchSpec(
         model_type=model_type,
         n_layers=len(layers),
@@ -169,11 +214,11 @@ def arch_spec(hf_model: nn.Module) -> ArchSpec:
         n_kv_heads=config.num_key_value_heads,
         head_dim=head_dim,
         vocab_size=config.vocab_size,
-        attn_scale=scale,
+        attn_scale=config.query_pre_attn_scalar**-0.5 if is_gemma else head_dim**-0.5,
         final_logit_softcap=getattr(config, "final_logit_softcapping", None) if is_gemma else None,
-        layers=tuple(layers),
+        layers=layers,
         embed=base.embed_tokens,
-        final_norm=norm(base.norm),
+        final_norm=_norm(base.norm, plus_one=is_gemma),
         lm_head=hf_model.lm_head,
         rotary=base.rotary_emb,
     )

@@ -1,7 +1,8 @@
 """Tiny seeded random models with a byte-level tokenizer, for fast tests.
 
 They have the real architectures (Llama; Gemma-3 with sliding-window and global
-layers, q/k norms and post-branch norms) at toy sizes, so every code path runs
+layers, q/k norms and post-branch norms; Mistral, Qwen2 and Qwen3 with sliding windows,
+q/k/v biases and q/k norms) at toy sizes, so every code path runs
 in milliseconds. Their weights are random: their text is noise.
 """
 
@@ -14,8 +15,14 @@ from transformers import (
     Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<|user|>", "<|assistant|>"]
@@ -42,6 +49,10 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
         eos_token="<eos>",
         chat_template=CHAT_TEMPLATE,
     )
+
+
+# Every family the walk supports has a tiny model (the family tests build each one).
+TINY_FAMILIES = ("llama", "gemma3", "mistral", "qwen2", "qwen3")
 
 
 def build_tiny_model(kind: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
@@ -72,6 +83,22 @@ def build_tiny_model(kind: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrai
             attn_implementation="eager",
         )
         model = Gemma3ForCausalLM(config)
+    elif kind == "mistral":  # sliding windows in every layer
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=8, attn_implementation="eager"))
+    elif kind in ("qwen2", "qwen3"):  # biases on q/k/v (qwen2), q/k norms (qwen3); sliding and full layers
+        config_class, model_class = (
+            (Qwen2Config, Qwen2ForCausalLM) if kind == "qwen2" else (Qwen3Config, Qwen3ForCausalLM)
+        )
+        layer_types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+        config = config_class(
+            **common, use_sliding_window=True, sliding_window=8, layer_types=layer_types, attn_implementation="eager"
+        )
+        model = model_class(config)
+        if kind == "qwen2":
+            with torch.no_grad():  # biases away from zero, so a test notices a dropped bias
+                for name, p in model.named_parameters():
+                    if name.endswith("_proj.bias"):
+                        p.normal_(0, 0.5)
     else:
         raise ValueError(f"unknown tiny model kind {kind!r}")
     # Random norm weights, so a test notices if a norm is applied in the wrong place.
