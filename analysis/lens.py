@@ -171,13 +171,21 @@ class GatedLens:
         hooks = []
         for layer in range(self.n_layers):
             for branch in BRANCHES:
-                hooks.append((f"blocks.{layer}.{NORM_HOOKS[branch]}", self._decide(state, layer, branch)))
+                hooks.append((self._input_hook(layer, branch), self._decide(state, layer, branch)))
                 hooks.append((hook_name(layer, branch), self._scale(state, layer, branch)))
             if self.model.lora is not None:
                 for hook, projection in LORA_HOOKS.items():
                     hooks.append((f"blocks.{layer}.{hook}.hook_in", self._keep_input(state, layer, projection)))
                     hooks.append((f"blocks.{layer}.{hook}.hook_out", self._add_delta(state, layer, projection)))
         return hooks
+
+    def _input_hook(self, layer: int, branch: str) -> str:
+        """The hook point holding a branch's input (what its gate reads): the pre-branch norm's
+        output, or the residual stream itself for families without one (OLMo-2)."""
+        name = f"blocks.{layer}.{NORM_HOOKS[branch]}"
+        if name in self.bridge.hook_dict:
+            return name
+        return f"blocks.{layer}.{'hook_resid_pre' if branch == 'attn' else 'hook_resid_mid'}"
 
     def _keep_input(self, state: _CallState, layer: int, projection: str):
         def keep(x: torch.Tensor, hook) -> torch.Tensor:

@@ -9,7 +9,8 @@ supported architecture, the modules that walk needs:
          (post-attention norm)] -> h + g_attn * branch
       -> mlp_norm  -> [mlp, (post-mlp norm)] -> h + g_mlp * branch
 
-Supported (`FAMILIES`): Llama (SmolLM2), Mistral, Qwen2 / Qwen2.5, Qwen3 and Gemma-3 text models.
+Supported (`FAMILIES`): Llama (SmolLM2), Mistral, Qwen2 / Qwen2.5, Qwen3, Phi-3, OLMo-2 and Gemma-3
+text models.
 """
 
 from __future__ import annotations
@@ -50,26 +51,64 @@ class RMSNorm:
 
 
 @dataclass(frozen=True)
+class NoNorm:
+    """A branch that reads the residual stream as it is (OLMo-2 normalises branch outputs instead)."""
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(x, dtype=torch.float32)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@dataclass(frozen=True)
+class WeightSlice:
+    """Rows [start, end) of a fused projection (Phi-3's qkv_proj, gate_up_proj) as a linear layer of
+    its own: `weight` and `bias` are views of the fused module's, no copy."""
+
+    module: nn.Linear
+    start: int
+    end: int
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight[self.start : self.end]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return None if self.module.bias is None else self.module.bias[self.start : self.end]
+
+    @property
+    def in_features(self) -> int:
+        return self.module.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
 class LayerParts:
     """The modules of one decoder layer, in execution order."""
 
-    attn_norm: RMSNorm
-    q_proj: nn.Linear
-    k_proj: nn.Linear
-    v_proj: nn.Linear
+    attn_norm: RMSNorm | NoNorm
+    q_proj: nn.Linear | WeightSlice
+    k_proj: nn.Linear | WeightSlice
+    v_proj: nn.Linear | WeightSlice
     o_proj: nn.Linear
     q_norm: RMSNorm | None
     k_norm: RMSNorm | None
     attn_post_norm: RMSNorm | None
-    mlp_norm: RMSNorm
+    mlp_norm: RMSNorm | NoNorm
     mlp: nn.Module  # the whole MLP module; the walk calls its projections itself (LoRA deltas per row)
-    gate_proj: nn.Linear
-    up_proj: nn.Linear
+    gate_proj: nn.Linear | WeightSlice
+    up_proj: nn.Linear | WeightSlice
     down_proj: nn.Linear
     mlp_act: nn.Module  # down(act(gate(x)) * up(x))
     mlp_post_norm: RMSNorm | None
     rope_kind: str | None  # Gemma-3: "sliding_attention" or "full_attention"
     sliding_window: int | None
+    qk_norm_per_head: bool = True  # OLMo-2 normalises the whole q and k projection instead
 
 
 @dataclass(frozen=True)
@@ -181,6 +220,59 @@ def _gemma3_layer(config, layer: nn.Module, i: int, model_type: str) -> LayerPar
     )
 
 
+def _phi3_layer(config, layer: nn.Module, i: int, model_type: str) -> LayerParts:
+    """Phi-3: Llama's layout with fused `qkv_proj` and `gate_up_proj` (split here into views of the
+    fused weights, no copy) and, in some configs, partial rotary and sliding windows."""
+    attn, mlp = layer.self_attn, layer.mlp
+    q_out = config.num_attention_heads * attn.head_dim
+    kv_out = config.num_key_value_heads * attn.head_dim
+    return LayerParts(
+        attn_norm=_norm(layer.input_layernorm),
+        q_proj=WeightSlice(attn.qkv_proj, 0, q_out),
+        k_proj=WeightSlice(attn.qkv_proj, q_out, q_out + kv_out),
+        v_proj=WeightSlice(attn.qkv_proj, q_out + kv_out, q_out + 2 * kv_out),
+        o_proj=attn.o_proj,
+        q_norm=None,
+        k_norm=None,
+        attn_post_norm=None,
+        mlp_norm=_norm(layer.post_attention_layernorm),
+        mlp=mlp,
+        gate_proj=WeightSlice(mlp.gate_up_proj, 0, config.intermediate_size),  # gate first, then up
+        up_proj=WeightSlice(mlp.gate_up_proj, config.intermediate_size, 2 * config.intermediate_size),
+        down_proj=mlp.down_proj,
+        mlp_act=mlp.activation_fn,
+        mlp_post_norm=None,
+        rope_kind=None,
+        sliding_window=getattr(config, "sliding_window", None),
+    )
+
+
+def _olmo2_layer(config, layer: nn.Module, i: int, model_type: str) -> LayerParts:
+    """OLMo-2: no norm before a branch (the gate and the branch read the residual as it is); an
+    RMSNorm after each branch output; q and k normalised over the whole projection."""
+    attn = layer.self_attn
+    return LayerParts(
+        attn_norm=NoNorm(),
+        q_proj=attn.q_proj,
+        k_proj=attn.k_proj,
+        v_proj=attn.v_proj,
+        o_proj=attn.o_proj,
+        q_norm=_norm(attn.q_norm),
+        k_norm=_norm(attn.k_norm),
+        attn_post_norm=_norm(layer.post_attention_layernorm),
+        mlp_norm=NoNorm(),
+        mlp=layer.mlp,
+        gate_proj=layer.mlp.gate_proj,
+        up_proj=layer.mlp.up_proj,
+        down_proj=layer.mlp.down_proj,
+        mlp_act=layer.mlp.act_fn,
+        mlp_post_norm=_norm(layer.post_feedforward_layernorm),
+        rope_kind=None,
+        sliding_window=None,
+        qk_norm_per_head=False,
+    )
+
+
 # One entry per supported family (Hugging Face `model_type`): how to describe one decoder layer.
 # To add a family, write its layer function (the modules the walk needs, in execution order).
 FAMILIES = {
@@ -189,6 +281,8 @@ FAMILIES = {
     "qwen2": _llama_family_layer,
     "qwen3": _llama_family_layer,
     "gemma3_text": _gemma3_layer,
+    "phi3": _phi3_layer,
+    "olmo2": _olmo2_layer,
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 

@@ -262,22 +262,33 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + _rotate_half(x) * sin
+    """Rotary embedding of the first cos.shape[-1] dimensions (all, or a part: partial rotary)."""
+    rotary = cos.shape[-1]
+    if rotary == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rotary], x[..., rotary:]
+    return torch.cat([x_rot * cos + _rotate_half(x_rot) * sin, x_pass], dim=-1)
 
 
 def project_q(parts: LayerParts, spec: ArchSpec, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adapter):
     """x [N, d], cos/sin [N, hd] -> rotated queries [N, H, hd]; `adapter`: `AdapterRows` of the N rows."""
-    q = adapter.linear("q_proj", parts.q_proj, x).view(x.shape[0], spec.n_heads, spec.head_dim)
-    if parts.q_norm is not None:
+    q = adapter.linear("q_proj", parts.q_proj, x)
+    if parts.q_norm is not None and not parts.qk_norm_per_head:
+        q = parts.q_norm(q)
+    q = q.view(x.shape[0], spec.n_heads, spec.head_dim)
+    if parts.q_norm is not None and parts.qk_norm_per_head:
         q = parts.q_norm(q)
     return _rope(q, cos[:, None], sin[:, None])
 
 
 def project_kv(parts: LayerParts, spec: ArchSpec, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adapter):
     """x [N, d] -> rotated keys and values [N, H_kv, hd]; `adapter`: `AdapterRows` of the N rows."""
-    k = adapter.linear("k_proj", parts.k_proj, x).view(x.shape[0], spec.n_kv_heads, spec.head_dim)
+    k = adapter.linear("k_proj", parts.k_proj, x)
+    if parts.k_norm is not None and not parts.qk_norm_per_head:
+        k = parts.k_norm(k)
+    k = k.view(x.shape[0], spec.n_kv_heads, spec.head_dim)
     v = adapter.linear("v_proj", parts.v_proj, x).view(x.shape[0], spec.n_kv_heads, spec.head_dim)
-    if parts.k_norm is not None:
+    if parts.k_norm is not None and parts.qk_norm_per_head:
         k = parts.k_norm(k)
     return _rope(k, cos[:, None], sin[:, None]), v
 

@@ -17,6 +17,10 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -52,7 +56,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 # Every family the walk supports has a tiny model (the family tests build each one).
-TINY_FAMILIES = ("llama", "gemma3", "mistral", "qwen2", "qwen3")
+TINY_FAMILIES = ("llama", "gemma3", "mistral", "qwen2", "qwen3", "phi3", "olmo2")
 
 
 def build_tiny_model(kind: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
@@ -99,6 +103,11 @@ def build_tiny_model(kind: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrai
                 for name, p in model.named_parameters():
                     if name.endswith("_proj.bias"):
                         p.normal_(0, 0.5)
+    elif kind == "phi3":  # fused qkv and gate_up projections, partial rotary
+        config = Phi3Config(**common, partial_rotary_factor=0.5, attn_implementation="eager")
+        model = Phi3ForCausalLM(config)
+    elif kind == "olmo2":  # post-norms only, q/k norms over the whole projection
+        model = Olmo2ForCausalLM(Olmo2Config(**common, attn_implementation="eager"))
     else:
         raise ValueError(f"unknown tiny model kind {kind!r}")
     # Random norm weights, so a test notices if a norm is applied in the wrong place.
