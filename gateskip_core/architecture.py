@@ -9,8 +9,8 @@ supported architecture, the modules that walk needs:
          (post-attention norm)] -> h + g_attn * branch
       -> mlp_norm  -> [mlp, (post-mlp norm)] -> h + g_mlp * branch
 
-Supported (`FAMILIES`): Llama (SmolLM2), Mistral, Qwen2 / Qwen2.5, Qwen3, Phi-3, OLMo-2 and Gemma-3
-text models.
+Supported (`FAMILIES`): Llama (SmolLM2), Mistral, Qwen2 / Qwen2.5, Qwen3, Phi-3, OLMo-2, Gemma-2
+and Gemma-3 text models.
 """
 
 from __future__ import annotations
@@ -125,6 +125,7 @@ class ArchSpec:
     vocab_size: int
     attn_scale: float
     final_logit_softcap: float | None
+    attn_logit_softcap: float | None  # Gemma-2: scores -> cap * tanh(scores / cap) before the softmax
     layers: tuple[LayerParts, ...]
     embed: nn.Module
     final_norm: RMSNorm
@@ -147,7 +148,7 @@ class ArchSpec:
         return self.rotary(x, positions, kind)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm, LM head and (Gemma-3) logit soft-capping of residual stream `h`."""
+        """Final norm, LM head and (Gemma-2/3) logit soft-capping of residual stream `h`."""
         logits = self.lm_head(self.final_norm(h))
         if self.final_logit_softcap is not None:
             logits = torch.tanh(logits / self.final_logit_softcap) * self.final_logit_softcap
@@ -196,17 +197,19 @@ def _llama_family_layer(config, layer: nn.Module, i: int, model_type: str) -> La
 
 def _gemma3_layer(config, layer: nn.Module, i: int, model_type: str) -> LayerParts:
     """Gemma-3 text: (1 + w) RMSNorms, q/k norms per head, norms before *and* after each branch,
-    sliding and global layers with their own rotary bases."""
+    sliding and global layers with their own rotary bases. Gemma-2 (`_gemma2_layer`) is the same
+    without q/k norms and with one rotary base (and soft-capped attention scores, in `ArchSpec`)."""
     attn = layer.self_attn
     rope_kind = config.layer_types[i]
+    gemma2 = model_type == "gemma2"
     return LayerParts(
         attn_norm=_norm(layer.input_layernorm, plus_one=True),
         q_proj=attn.q_proj,
         k_proj=attn.k_proj,
         v_proj=attn.v_proj,
         o_proj=attn.o_proj,
-        q_norm=_norm(attn.q_norm, plus_one=True),
-        k_norm=_norm(attn.k_norm, plus_one=True),
+        q_norm=None if gemma2 else _norm(attn.q_norm, plus_one=True),
+        k_norm=None if gemma2 else _norm(attn.k_norm, plus_one=True),
         attn_post_norm=_norm(layer.post_attention_layernorm, plus_one=True),
         mlp_norm=_norm(layer.pre_feedforward_layernorm, plus_one=True),
         mlp=layer.mlp,
@@ -215,7 +218,7 @@ def _gemma3_layer(config, layer: nn.Module, i: int, model_type: str) -> LayerPar
         down_proj=layer.mlp.down_proj,
         mlp_act=layer.mlp.act_fn,
         mlp_post_norm=_norm(layer.post_feedforward_layernorm, plus_one=True),
-        rope_kind=rope_kind,
+        rope_kind=None if gemma2 else rope_kind,
         sliding_window=config.sliding_window if rope_kind == "sliding_attention" else None,
     )
 
@@ -281,6 +284,7 @@ FAMILIES = {
     "qwen2": _llama_family_layer,
     "qwen3": _llama_family_layer,
     "gemma3_text": _gemma3_layer,
+    "gemma2": _gemma3_layer,
     "phi3": _phi3_layer,
     "olmo2": _olmo2_layer,
 }
@@ -297,7 +301,7 @@ def arch_spec(hf_model: nn.Module) -> ArchSpec:
         raise GateSkipError(f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     base = hf_model.model
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    is_gemma = model_type == "gemma3_text"
+    is_gemma = model_type in ("gemma2", "gemma3_text")
     layers = tuple(FAMILIES[model_type](config, layer, i, model_type) for i, layer in enumerate(base.layers))
     return ArchSpec(
         model_type=model_type,
@@ -310,6 +314,7 @@ def arch_spec(hf_model: nn.Module) -> ArchSpec:
         vocab_size=config.vocab_size,
         attn_scale=config.query_pre_attn_scalar**-0.5 if is_gemma else head_dim**-0.5,
         final_logit_softcap=getattr(config, "final_logit_softcapping", None) if is_gemma else None,
+        attn_logit_softcap=getattr(config, "attn_logit_softcapping", None) if model_type == "gemma2" else None,
         layers=layers,
         embed=base.embed_tokens,
         final_norm=_norm(base.norm, plus_one=is_gemma),

@@ -311,7 +311,16 @@ def attention_mask(q_slots, q_valid, slot_real, sliding_window: int | None) -> t
 
 def attend(spec: ArchSpec, q, keys, values, mask) -> torch.Tensor:
     """Attention of q [B, H, Q, hd] over keys/values [B, H_kv, S, hd] under `mask`: [B, Q, H*hd]."""
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=spec.attn_scale, enable_gqa=True)
+    if spec.attn_logit_softcap is not None:  # Gemma-2: soft-capped scores, written out
+        group = spec.n_heads // spec.n_kv_heads
+        keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+        scores = torch.matmul(q, keys.transpose(2, 3)) * spec.attn_scale
+        scores = torch.tanh(scores / spec.attn_logit_softcap) * spec.attn_logit_softcap
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), values)
+    else:
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=spec.attn_scale, enable_gqa=True)
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
     LlamaConfig,
@@ -56,7 +58,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 # Every family the walk supports has a tiny model (the family tests build each one).
-TINY_FAMILIES = ("llama", "gemma3", "mistral", "qwen2", "qwen3", "phi3", "olmo2")
+TINY_FAMILIES = ("llama", "gemma3", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma2")
 
 
 def build_tiny_model(kind: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
@@ -106,6 +108,17 @@ def build_tiny_model(kind: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrai
     elif kind == "phi3":  # fused qkv and gate_up projections, partial rotary
         config = Phi3Config(**common, partial_rotary_factor=0.5, attn_implementation="eager")
         model = Phi3ForCausalLM(config)
+    elif kind == "gemma2":  # soft-capped attention and logits, alternating sliding and global layers
+        config = Gemma2Config(
+            **common,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+            query_pre_attn_scalar=16,
+            attn_logit_softcapping=0.02,  # tiny: the tiny model's small scores do reach the cap
+            final_logit_softcapping=0.5,
+            attn_implementation="eager",
+        )
+        model = Gemma2ForCausalLM(config)
     elif kind == "olmo2":  # post-norms only, q/k norms over the whole projection
         model = Olmo2ForCausalLM(Olmo2Config(**common, attn_implementation="eager"))
     else:
