@@ -175,6 +175,13 @@ class GatedLens:
                 hooks.append((hook_name(layer, branch), self._scale(state, layer, branch)))
             if self.model.lora is not None:
                 for hook, projection in LORA_HOOKS.items():
+                    if projection not in self.model.lora.targets:  # e.g. no gate projection (GPT-2)
+                        continue
+                    if f"blocks.{layer}.{hook}.hook_in" not in self.bridge.hook_dict:
+                        raise GateSkipError(
+                            f"TransformerLens has no hook point for this family's {projection} "
+                            f"(blocks.{layer}.{hook}), so the lens cannot add the gates' LoRA adapter to it"
+                        )
                     hooks.append((f"blocks.{layer}.{hook}.hook_in", self._keep_input(state, layer, projection)))
                     hooks.append((f"blocks.{layer}.{hook}.hook_out", self._add_delta(state, layer, projection)))
         return hooks

@@ -24,6 +24,9 @@ from gateskip_core import DEFAULT_MODEL, REGISTRY, GateSkipError
 from gateskip_core.data import paragraphs
 
 START_MODEL = os.environ.get("GATESKIP_DASHBOARD_MODEL", DEFAULT_MODEL)
+# The registry's models, and a local checkpoint directory given on the command line (visitors
+# cannot name other paths).
+MODEL_NAMES = list(REGISTRY) + ([START_MODEL] if START_MODEL not in REGISTRY else [])
 
 
 @st.cache_resource(show_spinner=False)
@@ -47,7 +50,7 @@ def figure_download(container, label: str, fig, file_name: str) -> None:
 def sidebar() -> service.Settings:
     sb = st.sidebar
     sb.header("Model and gates")
-    names = list(REGISTRY)
+    names = MODEL_NAMES
     index = names.index(START_MODEL) if START_MODEL in names else 0
     model_name = sb.selectbox("Model", names, index=index, key="model")
     with st.spinner(f"Loading {model_name} (the first load converts it once)…"):
@@ -628,7 +631,7 @@ def compare_view(cfg: service.Settings) -> None:
     shown = explored_trace()
     if shown is None:
         return
-    names = list(REGISTRY)
+    names = MODEL_NAMES
     left, right = st.columns(2)
     sides = []
     for col, side, default_gates in ((left, "left", 0), (right, "right", 1)):

@@ -56,9 +56,23 @@ def url_of(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def check_model(model: str) -> str:
+    """A registry name, or a local checkpoint directory of a supported family (made absolute)."""
+    from gateskip_core.registry import check_family
+
+    if model in REGISTRY:
+        return model
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise GateSkipError(
+            f"unknown model {model!r}; choose one of {', '.join(REGISTRY)} or a local checkpoint directory"
+        )
+    check_family(path)
+    return str(path.resolve())
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    if args.model not in REGISTRY:
-        raise GateSkipError(f"unknown model {args.model!r}; choose one of {', '.join(REGISTRY)}")
+    model = check_model(args.model)
     host, loopback = check_host(args.host)
     port = check_port(host, args.port)
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
@@ -68,7 +82,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise GateSkipError(f"cannot create --data-dir {data_dir}: {err.strerror or err}") from None
-    env = dict(os.environ, GATESKIP_DASHBOARD_MODEL=args.model, GATESKIP_DASHBOARD_DATA=str(data_dir.resolve()))
+    env = dict(os.environ, GATESKIP_DASHBOARD_MODEL=model, GATESKIP_DASHBOARD_DATA=str(data_dir.resolve()))
     cmd = [
         sys.executable,
         "-m",
@@ -99,7 +113,11 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 def register(sub, commands) -> None:
     p = sub.add_parser("dashboard", help="start the Streamlit dashboard")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="registry model selected when the app opens")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="registry model, or a local checkpoint directory, selected when the app opens",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8501)
     p.add_argument("--data-dir", help="the Corpus view's datasets (default: <cache>/dashboard-data)")

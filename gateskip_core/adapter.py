@@ -52,8 +52,9 @@ class LoraAdapter(nn.Module):
         self.n_layers = len(layers)
         self.A = nn.ParameterDict()
         self.B = nn.ParameterDict()
+        self.targets = tuple(name for name in LORA_TARGETS if getattr(layers[0], name) is not None)
         for i, parts in enumerate(layers):
-            for name in LORA_TARGETS:
+            for name in self.targets:
                 linear = getattr(parts, name)
                 a = torch.empty(rank, linear.in_features, dtype=linear.weight.dtype, device=linear.weight.device)
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
@@ -80,7 +81,7 @@ class LoraAdapter(nn.Module):
 
         def cost(name: str) -> int:
             linear = getattr(layers[0], name)
-            return 2 * self.rank * (linear.in_features + linear.out_features)
+            return 0 if linear is None else 2 * self.rank * (linear.in_features + linear.out_features)
 
         return (
             cost("k_proj") + cost("v_proj"),
@@ -91,7 +92,7 @@ class LoraAdapter(nn.Module):
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         out = {}
         for i in range(self.n_layers):
-            for name in LORA_TARGETS:
+            for name in self.targets:
                 for matrix, params in (("A", self.A), ("B", self.B)):
                     value = params[self._key(i, name)].detach().to(torch.float16).contiguous()
                     out[self.checkpoint_name(i, name, matrix)] = value
@@ -102,7 +103,7 @@ class LoraAdapter(nn.Module):
         """The adapter a checkpoint stores, refused with one line if it does not fit these layers."""
         adapter = cls(layers, spec.rank)
         stored = {k: v for k, v in tensors.items() if k.startswith(ADAPTER_PREFIX)}
-        expected = {cls.checkpoint_name(i, n, m) for i in range(len(layers)) for n in LORA_TARGETS for m in "AB"}
+        expected = {cls.checkpoint_name(i, n, m) for i in range(len(layers)) for n in adapter.targets for m in "AB"}
         if set(stored) != expected:
             raise GateSkipError(
                 f"the checkpoint's LoRA adapter does not fit this model ({len(stored)} tensors, expected "
@@ -110,7 +111,7 @@ class LoraAdapter(nn.Module):
             )
         with torch.no_grad():
             for i in range(len(layers)):
-                for name in LORA_TARGETS:
+                for name in adapter.targets:
                     for matrix, params in (("A", adapter.A), ("B", adapter.B)):
                         target, value = params[cls._key(i, name)], stored[cls.checkpoint_name(i, name, matrix)]
                         if target.shape != value.shape:

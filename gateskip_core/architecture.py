@@ -51,6 +51,20 @@ class RMSNorm:
 
 
 @dataclass(frozen=True)
+class LayerNorm:
+    """A LayerNorm module (GPT-2, GPT-NeoX): centred and scaled, with a bias. Not linear in its
+    input, so gate attribution (which holds a norm's scale) does not apply to these families."""
+
+    module: nn.Module
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        raise GateSkipError("gate attribution needs RMSNorm models; this family uses LayerNorm (with a bias)")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+@dataclass(frozen=True)
 class NoNorm:
     """A branch that reads the residual stream as it is (OLMo-2 normalises branch outputs instead)."""
 
@@ -88,27 +102,84 @@ class WeightSlice:
 
 
 @dataclass(frozen=True)
+class ConvSlice:
+    """Columns [start, end) of a GPT-2 `Conv1D` (weight [in, out]: x @ W + b) as a linear layer:
+    `weight` is a transposed view, no copy."""
+
+    module: nn.Module
+    start: int
+    end: int
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight[:, self.start : self.end].t()
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return self.module.bias[self.start : self.end]
+
+    @property
+    def in_features(self) -> int:
+        return self.module.weight.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class HeadInterleavedSlice:
+    """Part `part` (0 q, 1 k, 2 v) of GPT-NeoX's fused `query_key_value`, whose rows interleave
+    per head ([H, 3, hd]): not a contiguous block of rows, so it is kept as a [H, hd, d] view and
+    applied with one batched matmul (`project`), no copy of the weights."""
+
+    module: nn.Linear
+    part: int
+    n_heads: int
+    head_dim: int
+
+    @property
+    def weight(self) -> torch.Tensor:  # [H, hd, d]
+        return self.module.weight.view(self.n_heads, 3, self.head_dim, -1)[:, self.part]
+
+    @property
+    def in_features(self) -> int:
+        return self.module.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.n_heads * self.head_dim
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, d] -> [N, H * hd]."""
+        y = torch.einsum("nd,hkd->nhk", x, self.weight).reshape(x.shape[0], -1)
+        bias = self.module.bias
+        return y if bias is None else y + bias.view(self.n_heads, 3, self.head_dim)[:, self.part].reshape(-1)
+
+
+@dataclass(frozen=True)
 class LayerParts:
     """The modules of one decoder layer, in execution order."""
 
-    attn_norm: RMSNorm | NoNorm
-    q_proj: nn.Linear | WeightSlice
-    k_proj: nn.Linear | WeightSlice
-    v_proj: nn.Linear | WeightSlice
-    o_proj: nn.Linear
+    attn_norm: RMSNorm | LayerNorm | NoNorm
+    q_proj: nn.Linear | WeightSlice | ConvSlice | HeadInterleavedSlice
+    k_proj: nn.Linear | WeightSlice | ConvSlice | HeadInterleavedSlice
+    v_proj: nn.Linear | WeightSlice | ConvSlice | HeadInterleavedSlice
+    o_proj: nn.Linear | ConvSlice
     q_norm: RMSNorm | None
     k_norm: RMSNorm | None
     attn_post_norm: RMSNorm | None
-    mlp_norm: RMSNorm | NoNorm
+    mlp_norm: RMSNorm | LayerNorm | NoNorm
     mlp: nn.Module  # the whole MLP module; the walk calls its projections itself (LoRA deltas per row)
-    gate_proj: nn.Linear | WeightSlice
-    up_proj: nn.Linear | WeightSlice
-    down_proj: nn.Linear
+    gate_proj: nn.Linear | WeightSlice | None  # None: not gated, down(act(up(x))) (GPT-2, GPT-NeoX)
+    up_proj: nn.Linear | WeightSlice | ConvSlice
+    down_proj: nn.Linear | ConvSlice
     mlp_act: nn.Module  # down(act(gate(x)) * up(x))
     mlp_post_norm: RMSNorm | None
     rope_kind: str | None  # Gemma-3: "sliding_attention" or "full_attention"
     sliding_window: int | None
     qk_norm_per_head: bool = True  # OLMo-2 normalises the whole q and k projection instead
+    parallel_residual: bool = False  # GPT-NeoX: the MLP reads the residual from before the attention
 
 
 @dataclass(frozen=True)
@@ -130,7 +201,9 @@ class ArchSpec:
     embed: nn.Module
     final_norm: RMSNorm
     lm_head: nn.Linear
-    rotary: nn.Module
+    rotary: nn.Module | None  # None: learned absolute positions (`position_embed`)
+    position_embed: nn.Module | None = None  # GPT-2: added to the token embedding
+    mlp_projections: int = 3  # gated MLPs have three matrices, GPT-2 / GPT-NeoX two
 
     def fingerprint(self) -> dict[str, int | str]:
         """What a gate checkpoint must match to be loaded into this model."""
@@ -141,8 +214,11 @@ class ArchSpec:
             "vocab_size": self.vocab_size,
         }
 
-    def rope_for(self, kind: str | None, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for `positions` [B, T] of the layers with rope `kind` (Gemma-3 uses two rope bases)."""
+    def rope_for(self, kind: str | None, x: torch.Tensor, positions: torch.Tensor):
+        """cos, sin for `positions` [B, T] of the layers with rope `kind` (Gemma-3 uses two rope
+        bases); (None, None) for a model without rotary embeddings."""
+        if self.rotary is None:
+            return None, None
         if kind is None:
             return self.rotary(x, positions)
         return self.rotary(x, positions, kind)
@@ -276,6 +352,59 @@ def _olmo2_layer(config, layer: nn.Module, i: int, model_type: str) -> LayerPart
     )
 
 
+def _gpt2_layer(config, layer: nn.Module, i: int, model_type: str) -> LayerParts:
+    """GPT-2: LayerNorms with biases, fused `c_attn` and `Conv1D` projections (split into transposed
+    views), a GELU MLP without gate; positions are learned embeddings (no rotary)."""
+    attn, mlp, d = layer.attn, layer.mlp, config.hidden_size
+    return LayerParts(
+        attn_norm=LayerNorm(layer.ln_1),
+        q_proj=ConvSlice(attn.c_attn, 0, d),
+        k_proj=ConvSlice(attn.c_attn, d, 2 * d),
+        v_proj=ConvSlice(attn.c_attn, 2 * d, 3 * d),
+        o_proj=ConvSlice(attn.c_proj, 0, d),
+        q_norm=None,
+        k_norm=None,
+        attn_post_norm=None,
+        mlp_norm=LayerNorm(layer.ln_2),
+        mlp=mlp,
+        gate_proj=None,
+        up_proj=ConvSlice(mlp.c_fc, 0, mlp.c_fc.weight.shape[1]),
+        down_proj=ConvSlice(mlp.c_proj, 0, d),
+        mlp_act=mlp.act,
+        mlp_post_norm=None,
+        rope_kind=None,
+        sliding_window=None,
+    )
+
+
+def _gpt_neox_layer(config, layer: nn.Module, i: int, model_type: str) -> LayerParts:
+    """GPT-NeoX (Pythia): LayerNorms, fused per-head-interleaved `query_key_value`, partial rotary,
+    a GELU MLP without gate, and (usually) the parallel residual: attention and MLP both read the
+    residual entering the layer, and both gates read it too."""
+    attn, mlp = layer.attention, layer.mlp
+    heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    return LayerParts(
+        attn_norm=LayerNorm(layer.input_layernorm),
+        q_proj=HeadInterleavedSlice(attn.query_key_value, 0, heads, head_dim),
+        k_proj=HeadInterleavedSlice(attn.query_key_value, 1, heads, head_dim),
+        v_proj=HeadInterleavedSlice(attn.query_key_value, 2, heads, head_dim),
+        o_proj=attn.dense,
+        q_norm=None,
+        k_norm=None,
+        attn_post_norm=None,
+        mlp_norm=LayerNorm(layer.post_attention_layernorm),
+        mlp=mlp,
+        gate_proj=None,
+        up_proj=mlp.dense_h_to_4h,
+        down_proj=mlp.dense_4h_to_h,
+        mlp_act=mlp.act,
+        mlp_post_norm=None,
+        rope_kind=None,
+        sliding_window=None,
+        parallel_residual=bool(config.use_parallel_residual),
+    )
+
+
 # One entry per supported family (Hugging Face `model_type`): how to describe one decoder layer.
 # To add a family, write its layer function (the modules the walk needs, in execution order).
 FAMILIES = {
@@ -287,6 +416,8 @@ FAMILIES = {
     "gemma2": _gemma3_layer,
     "phi3": _phi3_layer,
     "olmo2": _olmo2_layer,
+    "gpt2": _gpt2_layer,
+    "gpt_neox": _gpt_neox_layer,
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
@@ -296,9 +427,16 @@ def arch_spec(hf_model: nn.Module) -> ArchSpec:
     config = hf_model.config
     model_type = getattr(config, "model_type", "?")
     if model_type == "gemma3":  # multimodal wrapper config; we only run the text stack
-        raise GateSkipError("Gemma-3 multimodal checkpoints are not supported; use a text-only (gemma3_text) model")
+        raise GateSkipError(
+            "Gemma-3 multimodal checkpoints are not supported; use a text-only (gemma3_text) model "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
     if model_type not in FAMILIES:
         raise GateSkipError(f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if model_type == "gpt2":
+        return _gpt2_spec(hf_model)
+    if model_type == "gpt_neox":
+        return _gpt_neox_spec(hf_model)
     base = hf_model.model
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     is_gemma = model_type in ("gemma2", "gemma3_text")
@@ -320,4 +458,57 @@ def arch_spec(hf_model: nn.Module) -> ArchSpec:
         final_norm=_norm(base.norm, plus_one=is_gemma),
         lm_head=hf_model.lm_head,
         rotary=base.rotary_emb,
+    )
+
+
+def _gpt2_spec(hf_model: nn.Module) -> ArchSpec:
+    """GPT-2's model-level pieces: `transformer.wte` + `transformer.wpe`, `ln_f`, the tied head."""
+    config, base = hf_model.config, hf_model.transformer
+    layers = tuple(_gpt2_layer(config, layer, i, "gpt2") for i, layer in enumerate(base.h))
+    d, heads = config.hidden_size, config.num_attention_heads
+    return ArchSpec(
+        model_type="gpt2",
+        n_layers=len(layers),
+        d_model=d,
+        d_ff=config.n_inner or 4 * d,
+        n_heads=heads,
+        n_kv_heads=heads,
+        head_dim=d // heads,
+        vocab_size=config.vocab_size,
+        attn_scale=(d // heads) ** -0.5 if config.scale_attn_weights else 1.0,
+        final_logit_softcap=None,
+        attn_logit_softcap=None,
+        layers=layers,
+        embed=base.wte,
+        final_norm=LayerNorm(base.ln_f),
+        lm_head=hf_model.lm_head,
+        rotary=None,
+        position_embed=base.wpe,
+        mlp_projections=2,
+    )
+
+
+def _gpt_neox_spec(hf_model: nn.Module) -> ArchSpec:
+    """GPT-NeoX's model-level pieces: `gpt_neox.embed_in`, `final_layer_norm`, the head."""
+    config, base = hf_model.config, hf_model.gpt_neox
+    layers = tuple(_gpt_neox_layer(config, layer, i, "gpt_neox") for i, layer in enumerate(base.layers))
+    d, heads = config.hidden_size, config.num_attention_heads
+    return ArchSpec(
+        model_type="gpt_neox",
+        n_layers=len(layers),
+        d_model=d,
+        d_ff=config.intermediate_size,
+        n_heads=heads,
+        n_kv_heads=heads,
+        head_dim=d // heads,
+        vocab_size=config.vocab_size,
+        attn_scale=(d // heads) ** -0.5,
+        final_logit_softcap=None,
+        attn_logit_softcap=None,
+        layers=layers,
+        embed=base.embed_in,
+        final_norm=LayerNorm(base.final_layer_norm),
+        lm_head=hf_model.lm_head,
+        rotary=base.rotary_emb,
+        mlp_projections=2,
     )

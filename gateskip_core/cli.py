@@ -102,6 +102,9 @@ def cmd_models(args: argparse.Namespace) -> int:
             "built in" if entry.build else ("cached" if entry.is_cached() else "not cached (converted on first load)")
         )
         print(f"{entry.name:24s} {state:38s} {entry.description}; from {entry.source}")
+    from .architecture import SUPPORTED_MODEL_TYPES
+
+    print(f"or a local checkpoint directory of a supported family: {', '.join(SUPPORTED_MODEL_TYPES)}")
     return 0
 
 

@@ -72,7 +72,7 @@ class LayerCosts:
             kv=2 * 2 * d * spec.n_kv_heads * hd,
             o=2 * spec.n_heads * hd * d,
             attn_per_key=2 * 2 * spec.n_heads * hd,  # scores and weighted sum
-            mlp=3 * 2 * d * spec.d_ff,
+            mlp=spec.mlp_projections * 2 * d * spec.d_ff,
             lm_head=2 * d * spec.vocab_size,
         )
 

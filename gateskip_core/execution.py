@@ -248,7 +248,7 @@ class AdapterRows:
 
     def linear(self, name: str, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         """`module(x)` for rows x [N, in], plus the adapter's delta on the adapted rows."""
-        y = F.linear(x, module.weight, module.bias)
+        y = module.project(x) if hasattr(module, "project") else F.linear(x, module.weight, module.bias)
         if self.lora is None:
             return y
         if self.index is None:
@@ -261,8 +261,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of the first cos.shape[-1] dimensions (all, or a part: partial rotary)."""
+def _rope(x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+    """Rotary embedding of the first cos.shape[-1] dimensions (all, or a part: partial rotary);
+    nothing for a model without rotary embeddings (cos None)."""
+    if cos is None:
+        return x
     rotary = cos.shape[-1]
     if rotary == x.shape[-1]:
         return x * cos + _rotate_half(x) * sin
@@ -278,7 +281,7 @@ def project_q(parts: LayerParts, spec: ArchSpec, x: torch.Tensor, cos: torch.Ten
     q = q.view(x.shape[0], spec.n_heads, spec.head_dim)
     if parts.q_norm is not None and parts.qk_norm_per_head:
         q = parts.q_norm(q)
-    return _rope(q, cos[:, None], sin[:, None])
+    return _rope(q, _heads(cos), _heads(sin))
 
 
 def project_kv(parts: LayerParts, spec: ArchSpec, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adapter):
@@ -290,7 +293,20 @@ def project_kv(parts: LayerParts, spec: ArchSpec, x: torch.Tensor, cos: torch.Te
     v = adapter.linear("v_proj", parts.v_proj, x).view(x.shape[0], spec.n_kv_heads, spec.head_dim)
     if parts.k_norm is not None and parts.qk_norm_per_head:
         k = parts.k_norm(k)
-    return _rope(k, cos[:, None], sin[:, None]), v
+    return _rope(k, _heads(cos), _heads(sin)), v
+
+
+def _heads(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t[:, None]
+
+
+def _flat(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """[B, T, hd] -> [B*T, hd] (None passes: no rotary)."""
+    return None if t is None else t.reshape(n, -1)
+
+
+def _at(t: torch.Tensor | None, b_idx: torch.Tensor, t_idx: torch.Tensor) -> torch.Tensor | None:
+    return None if t is None else t[b_idx, t_idx]
 
 
 def attention_mask(q_slots, q_valid, slot_real, sliding_window: int | None) -> torch.Tensor | None:
@@ -335,7 +351,7 @@ def query_side(call: _Call, layer: int, cos, sin, keys, values, x_rows: torch.Te
     parts = spec.layers[layer]
     if rows is None:
         adapter = call.adapter_rows(layer, None)
-        flat = (x_rows.reshape(B * T, -1), cos.reshape(B * T, -1), sin.reshape(B * T, -1))
+        flat = (x_rows.reshape(B * T, -1), _flat(cos, B * T), _flat(sin, B * T))
         q = project_q(parts, spec, *flat, adapter).view(B, T, spec.n_heads, -1).transpose(1, 2)
         window = parts.sliding_window
         if window not in call.masks:  # one mask per call and window size, shared by the layers
@@ -345,7 +361,7 @@ def query_side(call: _Call, layer: int, cos, sin, keys, values, x_rows: torch.Te
     b_idx, t_idx, rank, width = rows
     adapter = call.adapter_rows(layer, (b_idx, t_idx))
     device = x_rows.device
-    q_rows = project_q(parts, spec, x_rows, cos[b_idx, t_idx], sin[b_idx, t_idx], adapter)
+    q_rows = project_q(parts, spec, x_rows, _at(cos, b_idx, t_idx), _at(sin, b_idx, t_idx), adapter)
     q = torch.zeros(B, width, spec.n_heads, spec.head_dim, dtype=q_rows.dtype, device=device)
     q = q.index_put((b_idx, rank), q_rows).transpose(1, 2)
     q_slots = torch.zeros(B, width, dtype=torch.long, device=device).index_put((b_idx, rank), call.slots[b_idx, t_idx])
@@ -368,9 +384,13 @@ def attention_branch(call: _Call, cos, sin, keys, values):
 
 
 def mlp_forward(parts: LayerParts, x: torch.Tensor, adapter: AdapterRows) -> torch.Tensor:
-    """down(act(gate(x)) * up(x)) for rows x [N, d], each projection with the adapter's delta."""
+    """down(act(gate(x)) * up(x)) for rows x [N, d] (down(act(up(x))) without a gate projection),
+    each projection with the adapter's delta."""
+    up = adapter.linear("up_proj", parts.up_proj, x)
+    if parts.gate_proj is None:
+        return adapter.linear("down_proj", parts.down_proj, parts.mlp_act(up))
     gate = parts.mlp_act(adapter.linear("gate_proj", parts.gate_proj, x))
-    return adapter.linear("down_proj", parts.down_proj, gate * adapter.linear("up_proj", parts.up_proj, x))
+    return adapter.linear("down_proj", parts.down_proj, gate * up)
 
 
 def mlp_branch(call: _Call):
@@ -472,7 +492,7 @@ def layer_keys_values(call: _Call, layer: int, x: torch.Tensor, skip: torch.Tens
     kv_rows = real & ~skip if copy_kv else None
     parts = spec.layers[layer]
     if call.plan.path == "masked" or kv_rows is None or bool(kv_rows.all()):
-        flat = (x.reshape(B * T, -1), cos.reshape(B * T, -1), sin.reshape(B * T, -1))
+        flat = (x.reshape(B * T, -1), _flat(cos, B * T), _flat(sin, B * T))
         k, v = project_kv(parts, spec, *flat, call.adapter_rows(layer, None))
         k, v = k.view(B, T, spec.n_kv_heads, -1), v.view(B, T, spec.n_kv_heads, -1)
     else:
@@ -481,7 +501,7 @@ def layer_keys_values(call: _Call, layer: int, x: torch.Tensor, skip: torch.Tens
         b_idx, t_idx = kv_rows.nonzero(as_tuple=True)
         if b_idx.numel():
             adapter = call.adapter_rows(layer, (b_idx, t_idx))
-            kr, vr = project_kv(parts, spec, x[b_idx, t_idx], cos[b_idx, t_idx], sin[b_idx, t_idx], adapter)
+            kr, vr = project_kv(parts, spec, x[b_idx, t_idx], _at(cos, b_idx, t_idx), _at(sin, b_idx, t_idx), adapter)
             k, v = k.index_put((b_idx, t_idx), kr), v.index_put((b_idx, t_idx), vr)
     if kv_rows is not None:
         take_below = (~kv_rows)[:, :, None, None]
@@ -632,6 +652,8 @@ def gated_forward(
     call = _start_call(spec, gates, fill, lora, input_ids, attention_mask, plan, cache, capture)
     hidden = call.result.hidden_states
     h = spec.embed(input_ids)
+    if spec.position_embed is not None:  # learned absolute positions (GPT-2): each token's real position
+        h = h + spec.position_embed(call.positions)
     if capture.branch_deltas:  # make the residual stream differentiable although the backbone is frozen
         h = h.detach().requires_grad_(True)
     rope = {kind: spec.rope_for(kind, h, call.positions) for kind in {p.rope_kind for p in spec.layers}}
@@ -639,13 +661,14 @@ def gated_forward(
         if hidden is not None:
             hidden.append(h)
         cos, sin = rope[parts.rope_kind]  # [B, T, hd]
+        h_in = h  # the parallel residual's MLP reads the residual entering the layer
         x = parts.attn_norm(h)
         g, skip = decide_branch(call, layer, "attn", x)
         if call.adapted is not None:
             call.adapted = call.adapted | skip
         keys, values = layer_keys_values(call, layer, x, skip, cos, sin)
         h = apply_branch(call, layer, "attn", h, x, g, skip, attention_branch(call, cos, sin, keys, values))
-        x = parts.mlp_norm(h)
+        x = parts.mlp_norm(h_in if parts.parallel_residual else h)
         g, skip = decide_branch(call, layer, "mlp", x)
         if call.adapted is not None:
             call.adapted = call.adapted | skip

@@ -14,6 +14,10 @@ from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
     Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
@@ -58,7 +62,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 # Every family the walk supports has a tiny model (the family tests build each one).
-TINY_FAMILIES = ("llama", "gemma3", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma2")
+TINY_FAMILIES = ("llama", "gemma3", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma2", "gpt2", "gpt_neox")
 
 
 def build_tiny_model(kind: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
@@ -119,6 +123,19 @@ def build_tiny_model(kind: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrai
             attn_implementation="eager",
         )
         model = Gemma2ForCausalLM(config)
+    elif kind == "gpt2":  # LayerNorm, learned positions, Conv1D projections, GELU MLP
+        config = GPT2Config(
+            vocab_size=len(tokenizer), n_embd=64, n_layer=4, n_head=4, n_inner=256, n_positions=512,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="eager",
+        )  # fmt: skip
+        model = GPT2LMHeadModel(config)
+    elif kind == "gpt_neox":  # Pythia: parallel residual, partial rotary, per-head fused qkv
+        config = GPTNeoXConfig(
+            vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+            intermediate_size=256, rotary_pct=0.25, max_position_embeddings=512, use_parallel_residual=True,
+            tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="eager",
+        )  # fmt: skip
+        model = GPTNeoXForCausalLM(config)
     elif kind == "olmo2":  # post-norms only, q/k norms over the whole projection
         model = Olmo2ForCausalLM(Olmo2Config(**common, attn_implementation="eager"))
     else:

@@ -43,6 +43,13 @@ def family(request, tmp_path_factory):
     return kind, root / "ckpt", gates
 
 
+def _hugging_face(model, batch) -> torch.Tensor:
+    """The Hugging Face model's logits for a left-padded batch, each token at its real position
+    (learned absolute positions, GPT-2's, would otherwise count the padding)."""
+    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return model.original(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions).logits
+
+
 def test_every_supported_family_has_a_tiny_model():
     assert {build_tiny_model(kind)[0].config.model_type for kind in TINY_FAMILIES} == set(SUPPORTED_MODEL_TYPES)
 
@@ -54,7 +61,7 @@ def test_the_walk_equals_hugging_face_with_left_padding(family):
     batch = model.encode(PROMPTS)
     assert not bool(batch.attention_mask.all())  # left padded
     with torch.no_grad():
-        ref = model.original(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        ref = _hugging_face(model, batch)
     out = model.forward(batch.input_ids, batch.attention_mask, model.make_plan(0.0)).logits
     real = batch.attention_mask.bool()
     torch.testing.assert_close(out[real], ref[real], atol=1e-4, rtol=1e-4)
@@ -96,7 +103,7 @@ def test_trained_gates_round_trip_and_budget_zero_is_the_original(family, tmp_pa
     batch = model.encode(PROMPTS)
     real = batch.attention_mask.bool()
     with torch.no_grad():
-        original = model.original(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        original = _hugging_face(model, batch)
     zero = model.forward(batch.input_ids, batch.attention_mask, model.make_plan(0.0)).logits
     torch.testing.assert_close(zero[real], original[real], atol=1e-4, rtol=1e-4)
     everywhere = model.forward(batch.input_ids, batch.attention_mask, model.make_plan(0.0, adapter_scope="all")).logits
@@ -139,3 +146,38 @@ def test_the_command_line_runs_a_checkpoint_directory(family, tmp_path):
                   "--out", str(tmp_path / "t.csv"))  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert read_trace(tmp_path / "t.csv").sequences[0].skipped.any()
+
+
+def test_the_dashboard_opens_a_checkpoint_directory_given_on_the_command_line(family, monkeypatch):
+    kind, folder, _ = family
+    if kind != "gpt_neox":  # one family is enough: the app only calls the library
+        pytest.skip("checked on gpt_neox")
+    from streamlit.testing.v1 import AppTest
+
+    from .conftest import APP
+
+    monkeypatch.setenv("GATESKIP_DASHBOARD_MODEL", str(folder))
+    app = AppTest.from_file(APP, default_timeout=120)
+    app.run()
+    assert not app.exception, app.exception
+    assert app.selectbox(key="model").value == str(folder)
+    assert str(folder) in app.selectbox(key="model").options
+
+
+@pytest.mark.parametrize(
+    "model_type, message",
+    [
+        ("bert", "unsupported architecture 'bert'; supported: llama"),
+        ("gemma3", "multimodal checkpoints are not supported"),
+    ],
+)
+def test_an_unsupported_family_is_refused_with_the_supported_ones(tmp_path, model_type, message):
+    import json
+
+    folder = tmp_path / model_type
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+    for argv in (["trace", "--text", "hi", "--out", str(tmp_path / "t.csv")], ["dashboard", "--port", "1"]):
+        out = run_cli(argv[0], "--model", str(folder), *argv[1:])
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert ("unsupported architecture" in out.stderr and "gpt_neox" in out.stderr) or message in out.stderr
