@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from analysis.dataset import STAMP, Manifest, open_dataset, shard_name, shard_stamp
 
-from .suite import PeakRSS
+from .memory import PeakRSS
 
 
 def synthesise(source: str | Path, out: str | Path, n_tokens: int) -> Path:

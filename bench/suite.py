@@ -30,7 +30,6 @@ import os
 import platform
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -44,7 +43,7 @@ from gateskip_core import Capture, GateSkipError, load_model
 from gateskip_core.compute import account_sequence, adapted_rows, decode_step_bytes
 from gateskip_core.model import Batch, GatedModel
 
-from .memory import bench_memory
+from .memory import PeakRSS, bench_memory
 
 SECTIONS = ("prefill", "decode", "memory", "capture", "collect", "dashboard", "rates", "corpus")
 
@@ -407,29 +406,6 @@ def bench_capture(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
 
 
 # ---- collect
-class PeakRSS:
-    """Peak resident memory of this process while the block runs (sampled every 20 ms)."""
-
-    def __enter__(self):
-        import psutil
-
-        self._proc = psutil.Process()
-        self.start = self.peak = self._proc.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
-
-
 def _paragraphs_for(model: GatedModel, n_tokens: int, max_tokens: int = 128) -> list[str]:
     from gateskip_core.data import paragraphs, pydoc_texts
 

@@ -236,7 +236,8 @@ def cmd_fit_fill(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from .checkpoint import save_gates
-    from .fill import FillSpec, fit_fill
+    from .fill import FillSpec
+    from .fill_fitting import fit_fill
     from .model import load_model
     from .training import calibrate_checkpoint, calibration_texts
 

@@ -513,7 +513,7 @@ def _start_from(path: str, gm: GatedModel, gates: GateSet, adapter: AdapterSpec,
     """Load `path`'s gates and adapter into the ones that train; fit the stand-ins on it without
     training (same adapter scope) when it has none of this kind. Returns its sensitivity profile."""
     from .checkpoint import load_gates
-    from .fill import fit_fill
+    from .fill_fitting import fit_fill
 
     ckpt = load_gates(path, gm.spec.fingerprint())
     if (ckpt.gates.variant_label, ckpt.gates.shared) != (gates.variant_label, gates.shared):
