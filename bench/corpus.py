@@ -109,7 +109,7 @@ def query_latencies(dataset: str | Path) -> list[dict]:
 
 
 def corpus_view_first_render(dataset: str | Path) -> None:
-    """The library calls and figures of the Corpus view's first render (`dashboard.app.corpus_view`)."""
+    """The library calls and figures of the Corpus view's first render (`dashboard.views.corpus.corpus_view`)."""
     from analysis import figures
     from analysis.flow import TOKEN_TYPES
     from dashboard import service

@@ -1,0 +1,43 @@
+"""Shared by the views: the models offered, the process-wide model hub, cached gate views, downloads."""
+
+from __future__ import annotations
+
+import os
+
+import streamlit as st
+
+from dashboard import service
+from gateskip_core import DEFAULT_MODEL, REGISTRY
+
+START_MODEL = os.environ.get("GATESKIP_DASHBOARD_MODEL", DEFAULT_MODEL)
+
+
+# The registry's models, and a local checkpoint directory given on the command line (visitors
+# cannot name other paths).
+MODEL_NAMES = list(REGISTRY) + ([START_MODEL] if START_MODEL not in REGISTRY else [])
+
+
+@st.cache_resource(show_spinner=False)
+def hub() -> service.ModelHub:
+    return service.ModelHub()
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def gated_view(model_name: str, gates: str, upload_digest: str | None, _upload: bytes | None):
+    """One view per (model, gates) per process, shared by all sessions (views are read-only)."""
+    return hub().view(model_name, gates, _upload)
+
+
+def figure_download(container, label: str, fig, file_name: str) -> None:
+    """A figure as a standalone HTML file; serialised only when clicked (keeps the slider path light)."""
+    container.download_button(
+        label, lambda: fig.to_html(include_plotlyjs="cdn"), file_name, "text/html", key=f"download_{file_name}"
+    )
+
+
+def explored_trace():
+    """The trace the Explore view shows, or None (with a hint) before it has run."""
+    shown = st.session_state.get("shown_trace")
+    if shown is None:
+        st.info("Run a prompt in the Explore view first.")
+    return shown

@@ -1,0 +1,61 @@
+"""Compare: two (model, gates) choices side by side on the same prompt and budget."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from analysis import figures
+from dashboard import service
+from dashboard.views.common import MODEL_NAMES, explored_trace, figure_download, gated_view
+from gateskip_core import GateSkipError
+
+
+def compare_view(cfg: service.Settings) -> None:
+    """Two (model, gates) choices side by side on the same prompt and budget: two gate sets of one
+    model, or two models (e.g. SmolLM2 vs Gemma-3, each with its shipped gates)."""
+    shown = explored_trace()
+    if shown is None:
+        return
+    names = MODEL_NAMES
+    left, right = st.columns(2)
+    sides = []
+    for col, side, default_gates in ((left, "left", 0), (right, "right", 1)):
+        name = col.selectbox(f"{side.title()} model", names, index=names.index(cfg.model_name), key=f"cmp_{side}_model")
+        choices = [c for c in service.gate_choices(name) if c != "upload"]
+        index = min(default_gates, len(choices) - 1) if name == cfg.model_name else 0
+        spec = col.selectbox(f"{side.title()} gates", choices, index=index, key=f"cmp_{side}_gates_{name}")
+        sides.append((name, spec))
+    branch = st.radio("Branch", ["mlp", "attn"], horizontal=True, key="cmp_module")
+    text = shown.sequences[0].text
+    if st.button("Compare on the current prompt and budget", key="run_compare"):
+        results = {}
+        for name, spec in sides:
+            try:
+                with st.spinner(f"Loading {name} (the first load converts it once)…"):
+                    view = gated_view(name, spec, None, None)
+                settings = service.settings_for(cfg, name, view)
+                results[(name, spec)] = service.exact(view, text, False, settings)
+            except GateSkipError as err:
+                results[(name, spec)] = str(err)
+        st.session_state["compare"] = (sides, results)
+    stored = st.session_state.get("compare")
+    if stored is None:
+        return
+    for col, (name, spec) in zip((left, right), stored[0]):
+        col.markdown(f"**{name} · {spec}**")
+        result = stored[1][(name, spec)]
+        if isinstance(result, str):
+            col.error(result)
+            continue
+        trace, quality, _ = result
+        for notice in trace.notices:  # returned with this call's result (a text cut to the context, ...)
+            col.warning(notice)
+        seq = trace.sequences[0]
+        m1, m2, m3 = col.columns(3)
+        m1.metric("Skipped fraction", f"{trace.skipped_fraction():.1%}")
+        m2.metric("Net FLOPs saved", f"{seq.compute.net_saved_fraction:+.1%}")
+        m3.metric("Top-1 agreement", f"{quality.top1_agreement:.1%}")
+        heat = figures.gate_heatmap(trace, branches=(branch,))
+        side = "left" if col is left else "right"
+        col.plotly_chart(heat, key=f"cmp_heat_{side}")
+        figure_download(col, f"{spec} heatmap (HTML)", heat, f"compare_{side}_{branch}.html")

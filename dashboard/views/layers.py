@@ -1,0 +1,32 @@
+"""Layers: per-layer gate distributions, thresholds, skip rates, BOS and token types."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from analysis import figures
+from analysis.flow import FlowStats, layer_skip_summary
+from dashboard import service
+from dashboard.views.common import explored_trace, figure_download
+
+
+def layers_view(cfg: service.Settings) -> None:
+    shown = explored_trace()
+    if shown is None:
+        return
+    stats = FlowStats().add(shown)
+    table = stats.layer_table()
+    fig = figures.layer_profile_figure(table)
+    st.plotly_chart(fig, key="layer_profile")
+    st.dataframe(layer_skip_summary(table), hide_index=True)
+    bos = figures.bos_figure(stats.bos_table())
+    st.plotly_chart(bos, key="bos")
+    branch = st.radio("Token types for", ["mlp", "attn"], horizontal=True, key="type_module")
+    types = figures.token_type_figure(stats.token_type_table(), branch=branch)
+    st.plotly_chart(types, key="types")
+    st.dataframe(table, hide_index=True)
+    c1, c2, c3, c4 = st.columns(4)
+    c1.download_button("Layer statistics (CSV)", lambda: table.to_csv(index=False), "layer_stats.csv", "text/csv")
+    figure_download(c2, "Layer profile (HTML)", fig, "layer_profile.html")
+    figure_download(c3, "BOS profile (HTML)", bos, "bos_profile.html")
+    figure_download(c4, "Token types (HTML)", types, "token_types.html")
