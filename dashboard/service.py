@@ -285,18 +285,27 @@ class DataDir:
         self.upload_limit = upload_limit
 
     def datasets(self) -> list[DatasetInfo]:
-        """Complete datasets directly in the folder, newest first (damaged or partial ones are left out)."""
+        """Complete datasets directly in the folder, newest first (`problems` names the others)."""
+        return self._scan()[0]
+
+    def problems(self) -> list[str]:
+        """One line per folder in the data folder that is not a usable dataset (damaged, incomplete)."""
+        return self._scan()[1]
+
+    def _scan(self) -> tuple[list[DatasetInfo], list[str]]:
         from analysis.dataset import Manifest
 
-        found = []
+        found, problems = [], []
         for folder in sorted(self.root.iterdir()) if self.root.is_dir() else ():
             if not folder.is_dir() or folder.name.startswith("."):
                 continue
             try:
                 manifest = Manifest.read(folder)
-            except GateSkipError:
+            except GateSkipError as err:
+                problems.append(f"{folder.name}: {str(err).replace(str(folder), 'its folder')}")
                 continue
             if not manifest.complete:
+                problems.append(f"{folder.name}: incomplete (collection did not finish)")
                 continue
             stamp = (folder / "manifest.json").stat().st_mtime
             found.append(
@@ -309,7 +318,7 @@ class DataDir:
                     uploaded=(folder / UPLOAD_MARK).is_file(),
                 )
             )
-        return sorted(found, key=lambda d: d.created, reverse=True)
+        return sorted(found, key=lambda d: d.created, reverse=True), problems
 
     def open(self, name: str):
         """A DuckDB view of the dataset `name` (one connection per session)."""

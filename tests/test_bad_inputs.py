@@ -347,8 +347,23 @@ def model():
     return load_model("tiny-llama", gates="untrained:lowrank:4")
 
 
+def _damaged_dataset(data, tmp_path):
+    """A folder in the data directory whose manifest is damaged: listed as a problem, never opened."""
+    import os
+
+    folder = data.root / "broken"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text("{not json")
+    try:
+        assert data.datasets() == [] and data.problems()[0].startswith("broken: ")
+        data.open("broken")
+    finally:  # the case asserts nothing was left behind
+        os.remove(folder / "manifest.json")
+
+
 def _api_cases():
     from analysis.corpus import collect
+    from dashboard.service import DataDir
     from analysis.lens import GatedLens
     from analysis.logit_lens import logit_lens, settled_corpus
     from analysis.quality import evaluation_blocks
@@ -384,6 +399,11 @@ def _api_cases():
         ("logit-lens-int", lambda m, f, t: logit_lens(m, 123), "text must be a str"),
         ("lens-bytes", lambda m, f, t: GatedLens(m).run_with_cache(b"hi"), "got bytes"),
         ("eval-blocks-0", lambda m, f, t: evaluation_blocks(m, [TEXT], n_blocks=0), "n_blocks must be at least 1"),
+        ("data-dir-outside", lambda m, f, t: DataDir(t / "data").open("/etc"), "is not a dataset in the dashboard's data folder"),
+        ("data-dir-missing", lambda m, f, t: DataDir(t / "data").open("/no/such/place"), "is not a dataset in the dashboard's data folder"),
+        ("data-dir-damaged", lambda m, f, t: _damaged_dataset(DataDir(t / "data"), t), "is not a dataset in the dashboard's data folder"),
+        ("upload-oversize", lambda m, f, t: DataDir(t / "data", upload_limit=10).collect(m, "u", "u.txt", b"x" * 11), "uploads are limited to"),
+        ("upload-binary", lambda m, f, t: DataDir(t / "data").collect(m, "u", "u.txt", b"\xff\xfe"), "not UTF-8 text"),
         ("save-gates-read-only", lambda m, f, t: save_gates(GateCheckpoint(gates=m.gates, model="tiny-llama", fingerprint=m.spec.fingerprint()), f"{READ_ONLY}/g.safetensors"), "cannot write"),
     ]  # fmt: skip
 

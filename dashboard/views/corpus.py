@@ -40,6 +40,8 @@ def corpus_view(cfg: service.Settings) -> None:
     if c2.button("Collect a sample dataset", key="corpus_sample", help="24 paragraphs of held-out pydoc prose"):
         collect_into(lambda progress: data.collect_sample(cfg.view, progress, **cfg.skip_args()))
     infos = data.datasets()
+    for problem in data.problems():  # damaged or incomplete folders: named, not silently hidden
+        st.warning(f"not a usable dataset: {problem}")
     if not infos:
         st.info(
             f"No dataset in the data folder yet: collect the sample, upload a text, or run "
