@@ -200,6 +200,8 @@ TRAIN_HELP = {
     "first-order cost of its skip)",
     "rank_weight": "weight of a pairwise loss ranking each branch's gates by how much a skip changes the residual",
     "router_first": "steps at the start in which only the gates and stand-ins train (the adapter joins after)",
+    "chat_share": "with --data builtin: the least share of the training text that is the model's own chat answers "
+    "(they repeat to reach it; 0: the built-in mix, about a sixth)",
 }
 
 

@@ -189,6 +189,7 @@ class TrainConfig:
     skip_gradient: str = "none"  # none (the paper) | straight-through: skipped tokens' gates learn their skip's cost
     rank_weight: float = 0.0  # weight of the pairwise ranking loss toward each skip's residual change
     router_first: int = 0  # steps at the start in which only gates and stand-ins train
+    chat_share: float = 0.0  # builtin data: least share of training characters that are the model's chat answers
 
     def validate(self) -> None:
         parse_gate_variant(self.gate)
@@ -201,6 +202,10 @@ class TrainConfig:
         if self.skip_gradient not in SKIP_GRADIENTS:
             raise GateSkipError(f"--skip-gradient must be one of {', '.join(SKIP_GRADIENTS)}")
         whole_number("--router-first", self.router_first, minimum=0)
+        if not 0 <= self.chat_share < 1:  # NaN fails too
+            raise GateSkipError(f"--chat-share must lie in [0, 1), got {self.chat_share}")
+        if self.chat_share and self.data != ["builtin"]:
+            raise GateSkipError("--chat-share needs --data builtin (the model's own chat answers)")
         if not math.isfinite(self.rank_weight) or self.rank_weight < 0:
             raise GateSkipError(f"--rank-weight must be a number >= 0, got {self.rank_weight}")
         if self.teacher_top_k and not self.distill:
@@ -351,13 +356,20 @@ def ranking_loss(gate_values: list[torch.Tensor], targets: list[torch.Tensor], e
     return (per_pair * weight).sum() / weight.sum().clamp(min=1)
 
 
-def builtin_texts(gm: GatedModel, split: str, progress: Callable[[str], None]) -> list[str]:
-    """pydoc prose, plus (instruction-tuned models) the model's own chat answers, cached."""
+def builtin_texts(gm: GatedModel, split: str, progress: Callable[[str], None], chat_share: float = 0.0) -> list[str]:
+    """pydoc prose, plus (instruction-tuned models) the model's own chat answers, cached. With
+    `chat_share`, the answers repeat until they are at least that share of the characters."""
     texts = pydoc_texts(split)
     if gm.tokenizer.chat_template and split in ("train", "validation"):
         answers = [
             t for i, t in enumerate(instruction_answers(gm, progress)) if (i % 6 == 0) == (split == "validation")
         ]
+        if chat_share > 0:
+            prose, chat = sum(map(len, texts)), sum(map(len, answers))
+            repeats = max(1, math.ceil(chat_share * prose / ((1 - chat_share) * max(1, chat))))
+            answers = answers * repeats
+            share = repeats * chat / (repeats * chat + prose)
+            progress(f"chat answers: {share:.0%} of the {split} text ({repeats} pass(es) over {chat:,} characters)")
         # Interleave, so that every stretch of training blocks mixes prose and chat.
         mixed, step = [], max(1, len(texts) // max(1, len(answers)))
         for i, answer in enumerate(answers):
@@ -391,7 +403,7 @@ def instruction_answers(
 
 def _load_texts(config: TrainConfig, gm: GatedModel, progress) -> tuple[list[str], list[str]]:
     if config.data == ["builtin"]:
-        return builtin_texts(gm, "train", progress), builtin_texts(gm, "validation", progress)
+        return builtin_texts(gm, "train", progress, config.chat_share), builtin_texts(gm, "validation", progress)
     paras: list[str] = []
     for name in config.data:
         try:

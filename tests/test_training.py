@@ -328,3 +328,20 @@ def test_router_first_trains_gates_and_stand_ins_alone_before_the_adapter_joins(
         assert (moved_b == 0) == (steps <= router_first)
         assert (ckpt.gates.attn[0].net[1].bias - INIT_BIAS).abs().max() > 1e-4
         assert ckpt.fill is not None
+
+
+def test_chat_share_repeats_the_models_answers_to_the_requested_share():
+    from gateskip_core.training import builtin_texts
+
+    model = load_model("tiny-llama")
+
+    def share(texts):
+        return sum(len(t) for t in texts if "<|user|>" in t) / sum(map(len, texts))
+
+    plain = builtin_texts(model, "train", lambda m: None)
+    assert 0 < share(plain) < 0.2
+    assert share(builtin_texts(model, "train", lambda m: None, chat_share=0.34)) >= 0.34
+    with pytest.raises(GateSkipError, match="--chat-share needs --data builtin"):
+        TrainConfig(chat_share=0.3, data=["x.txt"]).validate()
+    with pytest.raises(GateSkipError, match="--chat-share must lie in"):
+        TrainConfig(chat_share=1.0).validate()
