@@ -58,10 +58,10 @@ def type_prompt(page, text: str) -> None:
 
 
 def strip_text(page) -> str:
-    """The token labels the browser rendered in the Explore token strip (the first Plotly chart), in
-    order and joined: the tiny model's tokens are characters, labels write spaces as '·'."""
-    text = page.locator('[data-testid="stPlotlyChart"]').first.inner_text()
-    return re.sub(r"\s", "", text).replace("·", "")
+    """The text the browser rendered in the Explore token strip (inline tokens), whitespace dropped:
+    the tiny model's tokens are characters."""
+    text = page.locator(".gs-tokens").first.inner_text()
+    return re.sub(r"\s", "", text)
 
 
 def shows(page, word: str, timeout_s: float = 60) -> bool:
