@@ -54,9 +54,12 @@ def test_unknown_models(name, message):
 
 
 def test_unsupported_architecture(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import BertConfig, BertLMHeadModel
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
-    load_model("tiny-llama").tokenizer.save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(GateSkipError, match="unsupported architecture 'gpt2'"):
-        load_model(str(tmp_path / "gpt2"))
+    model = BertLMHeadModel(
+        BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, vocab_size=50, is_decoder=True)
+    )
+    model.save_pretrained(tmp_path / "bert")
+    load_model("tiny-llama").tokenizer.save_pretrained(tmp_path / "bert")
+    with pytest.raises(GateSkipError, match="unsupported architecture 'bert'; supported: llama, mistral"):
+        load_model(str(tmp_path / "bert"))

@@ -9,12 +9,17 @@ import streamlit as st
 from dashboard import service
 from gateskip_core import DEFAULT_MODEL, REGISTRY
 
-START_MODEL = os.environ.get("GATESKIP_DASHBOARD_MODEL", DEFAULT_MODEL)
+
+def start_model() -> str:
+    """The model the app opens with (`gateskip dashboard --model`), read per run."""
+    return os.environ.get("GATESKIP_DASHBOARD_MODEL", DEFAULT_MODEL)
 
 
-# The registry's models, and a local checkpoint directory given on the command line (visitors
-# cannot name other paths).
-MODEL_NAMES = list(REGISTRY) + ([START_MODEL] if START_MODEL not in REGISTRY else [])
+def model_names() -> list[str]:
+    """The registry's models, and a local checkpoint directory given on the command line (visitors
+    cannot name other paths)."""
+    start = start_model()
+    return list(REGISTRY) + ([start] if start not in REGISTRY else [])
 
 
 @st.cache_resource(show_spinner=False)

@@ -6,7 +6,7 @@ import streamlit as st
 
 from analysis import figures
 from dashboard import service
-from dashboard.views.common import MODEL_NAMES, explored_trace, figure_download, gated_view
+from dashboard.views.common import explored_trace, figure_download, gated_view, model_names
 from gateskip_core import GateSkipError
 
 
@@ -16,7 +16,7 @@ def compare_view(cfg: service.Settings) -> None:
     shown = explored_trace()
     if shown is None:
         return
-    names = MODEL_NAMES
+    names = model_names()
     left, right = st.columns(2)
     sides = []
     for col, side, default_gates in ((left, "left", 0), (right, "right", 1)):

@@ -7,15 +7,15 @@ import hashlib
 import streamlit as st
 
 from dashboard import service
-from dashboard.views.common import MODEL_NAMES, START_MODEL, gated_view, hub
+from dashboard.views.common import gated_view, hub, model_names, start_model
 from gateskip_core import GateSkipError
 
 
 def sidebar() -> service.Settings:
     sb = st.sidebar
     sb.header("Model and gates")
-    names = MODEL_NAMES
-    index = names.index(START_MODEL) if START_MODEL in names else 0
+    names = model_names()
+    index = names.index(start_model()) if start_model() in names else 0
     model_name = sb.selectbox("Model", names, index=index, key="model")
     with st.spinner(f"Loading {model_name} (the first load converts it once)…"):
         base = hub().base(model_name)
