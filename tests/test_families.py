@@ -150,8 +150,6 @@ def test_the_command_line_runs_a_checkpoint_directory(family, tmp_path):
 
 def test_the_dashboard_opens_a_checkpoint_directory_given_on_the_command_line(family, monkeypatch):
     kind, folder, _ = family
-    if kind != "gpt_neox":  # one family is enough: the app only calls the library
-        pytest.skip("checked on gpt_neox")
     from streamlit.testing.v1 import AppTest
 
     from .conftest import APP
