@@ -179,3 +179,16 @@ def test_an_unsupported_family_is_refused_with_the_supported_ones(tmp_path, mode
         out = run_cli(argv[0], "--model", str(folder), *argv[1:])
         assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
         assert ("unsupported architecture" in out.stderr and "gpt_neox" in out.stderr) or message in out.stderr
+
+
+def test_gate_attribution_refuses_layernorm_families_with_one_line(family):
+    kind, folder, _ = family
+    if kind not in ("gpt2", "gpt_neox"):
+        pytest.skip("RMSNorm family: attribution is exact (tests/test_attribution.py)")
+    from analysis.attribution import gate_attributions
+    from gateskip_core import GateSkipError
+
+    model = spread_gates(load_model(str(folder)), "lowrank:4")
+    with pytest.raises(GateSkipError, match="gate attribution needs RMSNorm models") as err:
+        gate_attributions(model, PROMPTS[0], 1, "mlp", skip=0.3)
+    assert "\n" not in str(err.value)
