@@ -57,15 +57,44 @@ def main() -> None:
         rows.append(row)
     table = pd.DataFrame(rows)
     table.to_csv("docs/skip_signal.csv", index=False)
-    print(table.to_markdown(index=False, floatfmt=".3g") if _has_tabulate() else table.to_string())
+    print(markdown(table))
 
 
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def markdown(table: pd.DataFrame) -> str:
+    """Compact Markdown: per recipe, ranking and chat, then ppl / KL / top-1 at 10 / 20 / 30% per text."""
+
+    def cell(row, text, saved):
+        ppl = row.get(f"{text}_{saved}_ppl")
+        if ppl is None or pd.isna(ppl):
+            return "–"
+        return f"{ppl:.1f} / {row[f'{text}_{saved}_kl']:.2f} / {row[f'{text}_{saved}_top1']:.2f}"
+
+    def num(value, fmt):
+        return "–" if value is None or pd.isna(value) else format(value, fmt)
+
+    lines = [
+        "| recipe | steps | Spearman | lowest quarter vs random / vs oracle | chat top-1 / KL at 0.25 "
+        "| pydoc 10% | 20% | 30% | legal 10% | 20% | 30% |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in table.to_dict("records"):
+        ranking = (
+            f"{num(row.get('gate_vs_random'), '.2f')}x / {num(row.get('gate_vs_oracle'), '.2f')}x"
+            if "gate_vs_random" in row and not pd.isna(row.get("gate_vs_random"))
+            else "–"
+        )
+        chat = (
+            f"{num(row.get('chat_top1_at_0.25'), '.2f')} / {num(row.get('chat_kl_at_0.25'), '.2f')}"
+            if not pd.isna(row.get("chat_top1_at_0.25", float("nan")))
+            else "–"
+        )
+        cells = [cell(row, text, saved) for text in ("pydoc", "legal") for saved in (10, 20, 30)]
+        steps = row.get("steps")
+        lines.append(
+            f"| {row['recipe']} | {'–' if pd.isna(steps) else int(steps)} | {num(row.get('spearman_within'), '+.3f')} "
+            f"| {ranking} | {chat} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
