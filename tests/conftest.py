@@ -11,6 +11,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -156,3 +157,23 @@ def server(tmp_path):
     yield Server(url, proc.pid)
     proc.terminate()
     proc.wait(timeout=20)
+
+
+def assert_lens_matches_the_walk(lens, text: str, logits_atol: float = 1e-4, **skip_args):
+    """`GatedLens` against the gated walk on one text: every decision, the gate vectors (1e-4) and
+    the logits (`logits_atol`). Returns (cache, the walk's forward result with hidden states)."""
+    from analysis.lens import cache_to_arrays
+    from gateskip_core import Capture
+
+    model = lens.model
+    logits, cache = lens.run_with_cache(text, **skip_args)
+    seq = model.trace(text, gate_vectors=True, **skip_args).sequences[0]
+    got = cache_to_arrays(cache, model.spec.n_layers)
+    assert np.array_equal(got["skipped"], seq.skipped) and seq.skipped.any()
+    np.testing.assert_allclose(got["gate_vectors"], seq.gate_vectors, atol=1e-4)
+    batch = model.encode([text])
+    ours = model.forward(
+        batch.input_ids, batch.attention_mask, model.make_plan(**skip_args), capture=Capture(hidden_states=True)
+    )
+    torch.testing.assert_close(logits, ours.logits, atol=logits_atol, rtol=1e-4)
+    return cache, ours

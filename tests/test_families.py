@@ -17,7 +17,7 @@ from gateskip_core.architecture import SUPPORTED_MODEL_TYPES
 from gateskip_core.tiny_models import TINY_FAMILIES, build_tiny_model
 from gateskip_core.training import TrainConfig, train
 
-from .conftest import PROMPTS, run_cli, spread_gates
+from .conftest import PROMPTS, assert_lens_matches_the_walk, run_cli, spread_gates
 
 # Families TransformerLens 4 does not boot from a local model (the lens test says so instead of passing).
 NO_LENS: dict[str, str] = {}
@@ -125,19 +125,10 @@ def test_the_lens_hooks_equal_the_trace(family):
     kind, folder, gates = family
     if kind in NO_LENS:
         pytest.skip(f"TransformerLens does not boot {kind}: {NO_LENS[kind]}")
-    from analysis.lens import GatedLens, cache_to_arrays
+    from analysis.lens import GatedLens
 
     model = load_model(str(folder), gates=str(gates))
-    lens = GatedLens(model)
-    text = PROMPTS[0]
-    logits, cache = lens.run_with_cache(text, skip=0.3)
-    seq = model.trace(text, skip=0.3, gate_vectors=True).sequences[0]
-    got = cache_to_arrays(cache, model.spec.n_layers)
-    assert np.array_equal(got["skipped"], seq.skipped) and seq.skipped.any()
-    np.testing.assert_allclose(got["gate_vectors"], seq.gate_vectors, atol=1e-4)
-    batch = model.encode([text])
-    ours = model.forward(batch.input_ids, batch.attention_mask, model.make_plan(0.3)).logits
-    torch.testing.assert_close(logits, ours, atol=1e-4, rtol=1e-4)
+    assert_lens_matches_the_walk(GatedLens(model), PROMPTS[0], skip=0.3)
 
 
 def test_the_command_line_runs_a_checkpoint_directory(family, tmp_path):

@@ -8,10 +8,10 @@ import torch
 
 from analysis.lens import GatedLens, cache_to_arrays, gate_hook, hook_name, skip_hook, trace_to_cache
 from analysis.logit_lens import grid_counts, logit_lens, settled_corpus, settled_summary, settled_table
-from gateskip_core import Capture, Forced, GateSkipError, load_model
+from gateskip_core import Forced, GateSkipError, load_model
 from gateskip_core.adapter import AdapterSpec
 
-from .conftest import TINY, run_cli, spread_gates
+from .conftest import TINY, assert_lens_matches_the_walk, run_cli, spread_gates
 
 TEXT = "Gates decide which tokens skip which layers, and the lens shows it."
 
@@ -213,16 +213,8 @@ def test_the_bridge_runs_a_lora_adapter_in_either_scope_like_the_walk(tmp_path, 
             p.add_(torch.randn_like(p) * 0.2)
     lens = GatedLens(model)
     args = dict(skip=0.3, adapter_scope=scope)
-    logits, cache = lens.run_with_cache(TEXT, **args)
-    trace = model.trace(TEXT, gate_vectors=True, **args)
-    seq = trace.sequences[0]
-    got = cache_to_arrays(cache, model.spec.n_layers)
-    assert np.array_equal(got["skipped"], seq.skipped) and seq.skipped.any()
-    np.testing.assert_allclose(got["gate_vectors"], seq.gate_vectors, atol=1e-4)
-    batch = model.encode([TEXT])
-    plan = model.make_plan(**args)
-    ours = model.forward(batch.input_ids, batch.attention_mask, plan, capture=Capture(hidden_states=True))
-    torch.testing.assert_close(logits, ours.logits, atol=1e-4, rtol=1e-4)
+    cache, ours = assert_lens_matches_the_walk(lens, TEXT, **args)
+    logits = ours.logits
     for layer in range(model.spec.n_layers):
         torch.testing.assert_close(
             cache[f"blocks.{layer}.hook_resid_pre"], ours.hidden_states[layer], atol=1e-4, rtol=1e-4

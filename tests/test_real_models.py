@@ -8,7 +8,7 @@ import torch
 
 from gateskip_core import load_model
 
-from .conftest import flop_counter_dense
+from .conftest import assert_lens_matches_the_walk, flop_counter_dense
 
 pytestmark = pytest.mark.real
 
@@ -100,7 +100,7 @@ def test_transformer_lens_bridge_sees_the_same_residual_stream(smollm2):
 
 
 def test_gated_lens_on_smollm2_with_the_shipped_gates_matches_traces_and_logits(smollm2):
-    from analysis.lens import GatedLens, cache_to_arrays, skip_hook
+    from analysis.lens import GatedLens, skip_hook
     from analysis.logit_lens import settled_corpus, settled_summary
 
     model = smollm2.view()
@@ -109,14 +109,8 @@ def test_gated_lens_on_smollm2_with_the_shipped_gates_matches_traces_and_logits(
     batch = model.encode([TEXT])
     for scope in ("skipped", "all"):  # the shipped scope (adapter per token from its first skip) and all
         args = dict(skip=0.25, policy="quantile", adapter_scope=scope)
-        logits, cache = lens.run_with_cache(TEXT, **args)
-        trace = model.trace(TEXT, gate_vectors=True, **args)
-        seq = trace.sequences[0]
-        got = cache_to_arrays(cache, model.spec.n_layers)
-        assert np.array_equal(got["skipped"], seq.skipped) and seq.skipped.any()
-        np.testing.assert_allclose(got["gate_vectors"], seq.gate_vectors, atol=1e-4)
-        ours = model.forward(batch.input_ids, batch.attention_mask, model.make_plan(**args)).logits
-        torch.testing.assert_close(logits, ours, atol=1e-3, rtol=1e-4)
+        cache, walked = assert_lens_matches_the_walk(lens, TEXT, logits_atol=1e-3, **args)
+        logits, seq = walked.logits, model.trace(TEXT, **args).sequences[0]
 
     position = int(np.flatnonzero(~seq.skipped[:, 20, 1])[1])  # a token that ran layer 20's MLP (not BOS)
 
