@@ -90,15 +90,21 @@ def launch(p):
     )
 
 
+def open_app(p, server, width: int = 1400):
+    """A new page of the app in headless Chromium, after its first render."""
+    browser = launch(p)
+    page = browser.new_page(viewport={"width": width, "height": 1000})
+    page.goto(server.url)
+    page.get_by_text("Skipped branch evaluations").wait_for(timeout=90_000)
+    return browser, page
+
+
 def test_clicking_a_heatmap_cell_explains_that_gate_in_real_chromium(server):
     """A click on a cell of the Explore heatmap opens the attribution panel on that very cell: the
     position, layer and branch of its hover label are the ones the panel's caption names."""
     playwright = require_browser()
     with playwright.sync_playwright() as p:
-        browser = launch(p)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(server.url)
-        page.get_by_text("Skipped branch evaluations").wait_for(timeout=90_000)
+        browser, page = open_app(p, server)
         heatmap = page.locator(".js-plotly-plot").first  # the token strip is text, the heatmap the first figure
         heatmap.scroll_into_view_if_needed()
         page.wait_for_timeout(1000)
@@ -128,10 +134,7 @@ def test_tokens_and_corpus_contexts_read_as_text_in_real_chromium(server, tmp_pa
     Corpus view lists the data folder's datasets, opens the sample and shows its contexts as text."""
     playwright = require_browser()
     with playwright.sync_playwright() as p:
-        browser = launch(p)
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.goto(server.url)
-        page.get_by_text("Skipped branch evaluations").wait_for(timeout=90_000)
+        browser, page = open_app(p, server, width=1280)
         prompt = page.locator("textarea").first
         typed = "Readable tokens: the strip shows this sentence as text."
         prompt.fill(typed)
