@@ -286,13 +286,14 @@ class DataDir:
 
     def datasets(self) -> list[DatasetInfo]:
         """Complete datasets directly in the folder, newest first (`problems` names the others)."""
-        return self._scan()[0]
+        return self.scan()[0]
 
     def problems(self) -> list[str]:
         """One line per folder in the data folder that is not a usable dataset (damaged, incomplete)."""
-        return self._scan()[1]
+        return self.scan()[1]
 
-    def _scan(self) -> tuple[list[DatasetInfo], list[str]]:
+    def scan(self) -> tuple[list[DatasetInfo], list[str]]:
+        """(`datasets`, `problems`) from one pass over the folder's manifests."""
         from analysis.dataset import Manifest
 
         found, problems = [], []

@@ -39,8 +39,8 @@ def corpus_view(cfg: service.Settings) -> None:
             )
     if c2.button("Collect a sample dataset", key="corpus_sample", help="24 paragraphs of held-out pydoc prose"):
         collect_into(lambda progress: data.collect_sample(cfg.view, progress, **cfg.skip_args()))
-    infos = data.datasets()
-    for problem in data.problems():  # damaged or incomplete folders: named, not silently hidden
+    infos, problems = data.scan()  # every rerun (a slider move too) reads the manifests once
+    for problem in problems:  # damaged or incomplete folders: named, not silently hidden
         st.warning(f"not a usable dataset: {problem}")
     if not infos:
         st.info(
