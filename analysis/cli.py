@@ -40,7 +40,7 @@ def _csv(table):
 def cmd_quality(args: argparse.Namespace) -> int:
     from gateskip_core import load_model
 
-    from .quality import evaluation_blocks, quality_table
+    from .experiments.quality import evaluation_blocks, quality_table
 
     out = _check_out(args.out)
     model = load_model(args.model)
@@ -56,7 +56,7 @@ def cmd_quality(args: argparse.Namespace) -> int:
 def cmd_chat_fidelity(args: argparse.Namespace) -> int:
     from gateskip_core import load_model
 
-    from .quality import chat_fidelity
+    from .experiments.quality import chat_fidelity
 
     out = _check_out(args.out)
     model = load_model(args.model, gates=args.gates, device=args.device)
@@ -93,7 +93,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
     if Path(args.out).suffix.lower() in (".csv", ".parquet"):
         return _collect_file(args)
-    from .dataset import check_dataset_folder, collect_dataset, process_state
+    from analysis.experiments.collect import check_dataset_folder, collect_dataset, process_state
 
     out = check_dataset_folder(args.out)
     sources = [(Path(f).name, _paragraphs_of(f)) for f in args.file]
@@ -124,10 +124,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 
 def _collect_file(args: argparse.Namespace) -> int:
+    from analysis.experiments.collect import collect, process_state
     from gateskip_core import load_model
-
-    from .corpus import collect
-    from .dataset import process_state
 
     _check_out(args.out, (".csv", ".parquet"))
     if process_state().num_processes > 1:
@@ -153,8 +151,8 @@ def _collect_file(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from .flow import layer_skip_summary
-    from .tracedb import TraceDB
+    from .traces.flow import layer_skip_summary
+    from .traces.tracedb import TraceDB
 
     out = _check_out(args.out)
     optional = {
@@ -196,7 +194,7 @@ READY_QUERIES = ("skip-rates", "tokens", "positions", "types", "contexts")
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from .tracedb import TraceDB, context_strings
+    from .traces.tracedb import TraceDB, context_strings
 
     if (args.sql is None) == (args.ready is None):
         raise GateSkipError("give either SQL or --ready NAME (one of " + ", ".join(READY_QUERIES) + ")")
@@ -248,8 +246,8 @@ def cmd_query(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from gateskip_core import load_model
 
-    from .quality import evaluation_blocks
-    from .sweep import METHODS, at_matched_savings, sweep
+    from .experiments.quality import evaluation_blocks
+    from .experiments.sweep import METHODS, at_matched_savings, sweep
 
     out = _check_out(args.out)
     figure = _check_out(args.figure, (".html",), "--figure")
@@ -274,7 +272,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if matched_out:
         outputs[matched_out] = _csv(matched)
     if figure:
-        from .figures import sweep_figure
+        from .traces.figures import sweep_figure
 
         fig = sweep_figure(table, args.metric)
         outputs[figure] = lambda tmp: fig.write_html(tmp, include_plotlyjs="cdn")
@@ -288,7 +286,7 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
 
     from gateskip_core import load_model
 
-    from .faithfulness import faithfulness
+    from .experiments.faithfulness import faithfulness
 
     out = _check_out(args.out)
     entries_out = _check_out(args.entries_out, option="--entries-out")
@@ -303,7 +301,7 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
     model = load_model(args.model, gates=args.gates, device=args.device)
     start = time.perf_counter()
     if args.texts > 1:
-        from .faithfulness import corpus_harm, signal_table
+        from .experiments.faithfulness import corpus_harm, signal_table
 
         entries = corpus_harm(
             model,
@@ -328,7 +326,7 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     outputs = {out: _csv(signals), **({entries_out: _csv(entries)} if entries_out else {})}
     if figure:
-        from .figures import faithfulness_figure
+        from .traces.figures import faithfulness_figure
 
         fig = faithfulness_figure(entries, signals)
         outputs[figure] = lambda tmp: fig.write_html(tmp, include_plotlyjs="cdn")
@@ -345,7 +343,7 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
 def cmd_settled(args: argparse.Namespace) -> int:
     from gateskip_core import load_model
 
-    from .logit_lens import settled_corpus, settled_summary
+    from .experiments.logit_lens import settled_corpus, settled_summary
 
     out = _check_out(args.out)
     figure = _check_out(args.figure, (".html",), "--figure")
@@ -366,7 +364,7 @@ def cmd_settled(args: argparse.Namespace) -> int:
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     outputs = {out: _csv(table)}
     if figure:
-        from .figures import settled_figure
+        from .traces.figures import settled_figure
 
         fig = settled_figure(table)
         outputs[figure] = lambda tmp: fig.write_html(tmp, include_plotlyjs="cdn")

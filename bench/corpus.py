@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from analysis.dataset import STAMP, Manifest, open_dataset, shard_name, shard_stamp
+from analysis.traces.dataset import STAMP, Manifest, open_dataset, shard_name, shard_stamp
 
 from .memory import PeakRSS
 
@@ -73,7 +73,7 @@ QUERIES = ("open", "skip_rates", "layer_table", "tokens", "positions", "types", 
 
 def query_latencies(dataset: str | Path) -> list[dict]:
     """Seconds and peak RSS of opening the views and of each ready-made query (this process)."""
-    from analysis.tracedb import TraceDB
+    from analysis.traces.tracedb import TraceDB
 
     rows = []
     with PeakRSS() as mem:
@@ -110,8 +110,8 @@ def query_latencies(dataset: str | Path) -> list[dict]:
 
 def corpus_view_first_render(dataset: str | Path) -> None:
     """The library calls and figures of the Corpus view's first render (`dashboard.views.corpus.corpus_view`)."""
-    from analysis import figures
-    from analysis.flow import TOKEN_TYPES
+    from analysis.traces import figures
+    from analysis.traces.flow import TOKEN_TYPES
     from dashboard import service
 
     path = Path(dataset)

@@ -13,7 +13,7 @@ import argparse
 import statistics
 import time
 
-from analysis import figures
+from analysis.traces import figures
 from dashboard import service
 from gateskip_core.data import pydoc_texts
 from gateskip_core.registry import DEFAULT_MODEL

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from analysis.quality import evaluation_blocks
+from analysis.experiments.quality import evaluation_blocks
 from gateskip_core import load_model
 from gateskip_core.registry import DEFAULT_MODEL
 

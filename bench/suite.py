@@ -169,7 +169,7 @@ def _decisions(view: GatedModel, ids, mask, plan):
 def bench_prefill(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
     """Per batch size, the dense model and every (variant, skip, path) are timed in turns, so each
     speedup compares runs made under the same machine conditions."""
-    from analysis.quality import evaluation_blocks
+    from analysis.experiments.quality import evaluation_blocks
 
     rows = []
     for batch_size in cfg.prefill_batches:
@@ -374,7 +374,7 @@ def _decode_batch(base, views: dict[str, GatedModel], cfg: BenchConfig, batch_si
 
 # ---- capture overhead
 def bench_capture(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
-    from analysis.quality import evaluation_blocks
+    from analysis.experiments.quality import evaluation_blocks
 
     view = _views(base, [cfg.gates])[cfg.gates]
     ids = evaluation_blocks(base, n_blocks=1, seq_len=cfg.prefill_tokens)
@@ -421,7 +421,7 @@ def _paragraphs_for(model: GatedModel, n_tokens: int, max_tokens: int = 128) -> 
 
 
 def bench_collect(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
-    from analysis.corpus import collect
+    from analysis.experiments.collect import collect
 
     view = _views(base, [cfg.gates])[cfg.gates]
     rows = []
@@ -526,7 +526,7 @@ def bench_corpus(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
         for processes in (1, 2):
             out = tmp / f"collected_{processes}"
             seconds = collect_seconds(corpus, out, cfg.model, cfg.gates, processes)
-            from analysis.dataset import open_dataset
+            from analysis.traces.dataset import open_dataset
 
             tokens = open_dataset(out).n_tokens
             collected[processes] = out

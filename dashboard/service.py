@@ -183,7 +183,7 @@ def exact(model: GatedModel, text: str, chat: bool, settings: Settings) -> tuple
 
 def lens(model: GatedModel, text: str, settings: Settings):
     """The logit lens of the exact gated run of `text`: a `LensGrid` and its settled table."""
-    from analysis.logit_lens import grid_counts, logit_lens, settled_table
+    from analysis.experiments.logit_lens import grid_counts, logit_lens, settled_table
 
     grid = logit_lens(model, text, max_tokens=MAX_PROMPT_TOKENS, **settings.skip_args(model))
     return grid, settled_table(grid_counts(grid))
@@ -201,7 +201,7 @@ def prompt_blocks(model: GatedModel, text: str) -> torch.Tensor:
 
 def attribution(model: GatedModel, text: str, chat: bool, settings: Settings, layer: int, branch: str):
     """Gate attribution of one (layer, branch) for every position, in the exact run of these settings."""
-    from analysis.attribution import gate_attributions
+    from analysis.experiments.attribution import gate_attributions
 
     return gate_attributions(
         model, text, layer, branch, max_tokens=MAX_PROMPT_TOKENS, chat=chat, **settings.skip_args(model)
@@ -212,7 +212,7 @@ def attention_sources(
     model: GatedModel, text: str, chat: bool, settings: Settings, layer: int, branch: str, position: int, source: int
 ):
     """The term of attention layer `source` in the gate at (position, layer, branch), by source token."""
-    from analysis.attribution import attention_sources as split
+    from analysis.experiments.attribution import attention_sources as split
 
     return split(
         model,
@@ -229,7 +229,7 @@ def attention_sources(
 
 def why(model: GatedModel, text: str, n_entries: int, skip_fraction: float, on_step=None):
     """Exact harm of `n_entries` single skips on `text` and the signal comparison: (entries, signals)."""
-    from analysis.faithfulness import faithfulness
+    from analysis.experiments.faithfulness import faithfulness
 
     return faithfulness(
         model,
@@ -294,7 +294,7 @@ class DataDir:
 
     def scan(self) -> tuple[list[DatasetInfo], list[str]]:
         """(`datasets`, `problems`) from one pass over the folder's manifests."""
-        from analysis.dataset import Manifest
+        from analysis.traces.dataset import Manifest
 
         found, problems = [], []
         for folder in sorted(self.root.iterdir()) if self.root.is_dir() else ():
@@ -323,7 +323,7 @@ class DataDir:
 
     def open(self, name: str):
         """A DuckDB view of the dataset `name` (one connection per session)."""
-        from analysis.tracedb import TraceDB
+        from analysis.traces.tracedb import TraceDB
 
         name = str(name).strip()
         if not name or name not in {d.name for d in self.datasets()}:
@@ -355,7 +355,7 @@ class DataDir:
     def _collect(self, model, name: str, source: str, text: str, uploaded: bool, on_progress, **skip_args) -> str:
         import tempfile
 
-        from analysis.dataset import collect_dataset
+        from analysis.experiments.collect import collect_dataset
         from gateskip_core.data import paragraphs
 
         if (self.root / name).is_dir():

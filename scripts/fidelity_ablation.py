@@ -20,8 +20,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from analysis.quality import evaluate, evaluation_blocks, reference
-from analysis.sweep import at_matched_savings, sweep
+from analysis.experiments.quality import evaluate, evaluation_blocks, reference
+from analysis.experiments.sweep import at_matched_savings, sweep
 from gateskip_core import load_model
 from gateskip_core.data import pydoc_texts
 

@@ -29,7 +29,7 @@ gateskip stats --trace docs/gemma3_traces --out docs/gemma3_layer_stats.csv --bo
     --types-out docs/gemma3_token_types.csv
 python3 - <<'PY'
 import pandas as pd
-from analysis.flow import by_attention_kind
+from analysis.traces.flow import by_attention_kind
 from gateskip_core import load_model
 spec = load_model("gemma3-270m").spec
 table = by_attention_kind(pd.read_csv("docs/gemma3_layer_stats.csv"), [p.sliding_window is not None for p in spec.layers])

@@ -162,7 +162,7 @@ def server(tmp_path):
 def assert_lens_matches_the_walk(lens, text: str, logits_atol: float = 1e-4, **skip_args):
     """`GatedLens` against the gated walk on one text: every decision, the gate vectors (1e-4) and
     the logits (`logits_atol`). Returns (cache, the walk's forward result with hidden states)."""
-    from analysis.lens import cache_to_arrays
+    from analysis.experiments.lens import cache_to_arrays
     from gateskip_core import Capture
 
     model = lens.model

@@ -6,26 +6,23 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import figures
-from analysis.corpus import collect, iter_traces
-from analysis.faithfulness import faithfulness
-from analysis.flow import FlowStats, layer_skip_summary, token_layer_matrix, token_type
-from analysis.quality import evaluation_blocks
-from analysis.sweep import METHODS, at_matched_savings, block_influence, shortgpt_layers, sweep
+from analysis.experiments.collect import collect
+from analysis.experiments.faithfulness import faithfulness
+from analysis.experiments.quality import evaluation_blocks
+from analysis.experiments.sweep import METHODS, at_matched_savings, block_influence, shortgpt_layers, sweep
+from analysis.traces import figures
+from analysis.traces.dataset import iter_traces
+from analysis.traces.flow import TOKEN_TYPES, layer_skip_summary, token_layer_matrix, token_type
+from analysis.traces.tracedb import TraceDB
 from gateskip_core import GateSkipError, read_trace
 from gateskip_core.data import paragraphs, pydoc_texts
 
 from .conftest import run_cli as run
 
 
-def _state_bytes(stats: FlowStats) -> int:
-    arrays = [v for v in vars(stats).values() if isinstance(v, np.ndarray)]
-    return sum(a.nbytes for a in arrays)
-
-
 def test_layer_table_matches_direct_computation(tiny):
     trace = tiny.trace(pydoc_texts("validation")[:3], skip=0.3, max_tokens=64)
-    table = FlowStats().add(trace).layer_table()
+    table = TraceDB(trace).layer_table()
     gates = np.concatenate([s.gate for s in trace.sequences])  # [N, L, 2]
     row = table[(table["layer"] == 2) & (table["branch"] == "mlp")].iloc[0]
     assert row["gate_mean"] == pytest.approx(gates[:, 2, 1].mean(), rel=1e-6)
@@ -35,21 +32,18 @@ def test_layer_table_matches_direct_computation(tiny):
     assert {"gate_p5", "gate_p95", "threshold", "skip_budget"} <= set(table.columns)
 
 
-def test_streaming_stats_are_bounded_and_equal_in_memory_stats(tiny, tmp_path):
+def test_stats_of_a_collected_file_equal_those_of_its_traces_in_memory(tiny, tmp_path):
     paras = [p for t in pydoc_texts("validation")[:6] for p in paragraphs(t)]
     assert len(paras) > 40
     out = tmp_path / "c.parquet"
     counts = collect(tiny, paras, out, batch_size=4, show_progress=False, skip=0.2, max_tokens=48)
     assert counts["sequences"] == len(paras)
-    streamed, sizes = FlowStats(), []
-    for trace in iter_traces(out, chunk_rows=1000):  # far smaller than the corpus
-        streamed.add(trace)
-        sizes.append(_state_bytes(streamed))
-    assert len(sizes) > 10 and len(set(sizes)) == 1  # memory does not grow with the corpus
-    whole = FlowStats().add(read_trace(out))
-    pd.testing.assert_frame_equal(streamed.layer_table(), whole.layer_table())
-    pd.testing.assert_frame_equal(streamed.bos_table(), whole.bos_table())
-    assert streamed.n_sequences == len(paras)
+    chunks = list(iter_traces(out, chunk_rows=1000))  # far smaller than the corpus: complete sequences each
+    assert len(chunks) > 10 and sum(len(t.sequences) for t in chunks) == len(paras)
+    from_file, in_memory = TraceDB(out), TraceDB(chunks)
+    for table in ("layer_table", "bos_table", "token_type_table"):
+        pd.testing.assert_frame_equal(getattr(from_file, table)(), getattr(in_memory, table)(), check_dtype=False)
+    assert in_memory.counts() == from_file.counts() and from_file.counts()["sequences"] == len(paras)
     # Batched by length inside a window, written in corpus order: the same sequences as tracing in order.
     direct = tiny.trace(paras, batch_size=4, skip=0.2, max_tokens=48)
     read = read_trace(out)
@@ -61,7 +55,7 @@ def test_streaming_stats_are_bounded_and_equal_in_memory_stats(tiny, tmp_path):
 
 def test_bos_token_types_and_token_table(tiny):
     trace = tiny.trace(["Hello, world! 42 is the answer.", "The cat sat."], skip=0.0)
-    stats = FlowStats().add(trace)
+    stats = TraceDB(trace)
     bos = stats.bos_table()
     seq = trace.sequences[0]
     expected = seq.gate[0, 0, 0] / ((seq.gate[1:, 0, 0].mean() + trace.sequences[1].gate[1:, 0, 0].mean()) / 2)
@@ -72,6 +66,24 @@ def test_bos_token_types_and_token_table(tiny):
     tokens = stats.token_table()
     assert tokens["count"].sum() == sum(s.n_tokens for s in trace.sequences)
     assert tokens["mean_gate"].is_monotonic_decreasing
+    # the token-type table against pandas over the same rows
+    rows = trace.to_dataframe()
+    rows["token_type"] = [token_type(t, p) for t, p in zip(rows["token"], rows["position"])]
+    rows["skip"] = rows["skipped"] * rows["eligible"]
+    expected = rows.groupby(["token_type", "layer", "branch"]).agg(
+        gate_mean=("gate", "mean"), skipped=("skip", "sum"), eligible=("eligible", "sum"), tokens=("gate", "size")
+    )
+    table = stats.token_type_table().set_index(["token_type", "layer", "branch"])
+    assert list(dict.fromkeys(table.index.get_level_values(0))) == [t for t in TOKEN_TYPES if t in types]
+    assert len(table) == len(expected)
+    for key, row in expected.iterrows():
+        assert table.loc[key, "tokens"] == row["tokens"]
+        assert table.loc[key, "gate_mean"] == pytest.approx(row["gate_mean"], rel=1e-9)
+        rate = row["skipped"] / row["eligible"] if row["eligible"] else float("nan")
+        assert table.loc[key, "skip_rate"] == pytest.approx(rate, rel=1e-9, nan_ok=True)
+    per_token = rows.groupby("token_id")["gate"].mean()
+    for _, row in tokens.iterrows():
+        assert row["mean_gate"] == pytest.approx(per_token[row["token_id"]], rel=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -103,7 +115,7 @@ def test_estimate_matches_model_at_first_layer_and_summary(tiny):
         tiny.spec, est.sequences[0].skipped, tiny.gate_flops(), est.sequences[0].n_tokens, "masked"
     )
     assert est.sequences[0].compute == expected
-    summary = layer_skip_summary(FlowStats().add(exact).layer_table())
+    summary = layer_skip_summary(TraceDB(exact).layer_table())
     assert list(summary["branch"]) == ["attn", "mlp"]
     matrix = token_layer_matrix(exact, branch="mlp", value="skipped")
     assert matrix.shape == (exact.sequences[0].n_tokens, tiny.spec.n_layers)
@@ -156,7 +168,7 @@ def test_exact_harm_is_stratified_batched_and_equals_single_ablations(tiny):
     import torch
     import torch.nn.functional as F
 
-    from analysis.faithfulness import SIGNALS
+    from analysis.experiments.faithfulness import SIGNALS
     from gateskip_core import Forced
 
     text = "The quick brown fox jumps over the lazy dog. " * 2
@@ -185,7 +197,7 @@ def test_exact_harm_is_stratified_batched_and_equals_single_ablations(tiny):
 
 def test_figures_render(tiny):
     trace = tiny.trace(["Hello, world!", "Another one."], skip=0.3)
-    stats = FlowStats().add(trace)
+    stats = TraceDB(trace)
     heat = figures.gate_heatmap(trace)
     # per branch: the heatmap, its clickable cell markers (which carry the hover text) and the skip marks
     assert len(heat.data) == 6 and "threshold" in heat.data[1].hovertemplate
@@ -266,7 +278,7 @@ def test_analysis_cli_round_trip(tmp_path):
 
 def test_chat_fidelity_scores_the_originals_own_answers(tmp_path):
     """Budget 0 with the gates unscaled until a skip (adapter scope 'skipped') is the original: KL 0, top-1 1."""
-    from analysis.quality import chat_fidelity
+    from analysis.experiments.quality import chat_fidelity
     from gateskip_core import load_model
 
     from .conftest import spread_gates
@@ -331,7 +343,7 @@ def test_token_strip_and_contexts_are_readable_text_with_every_token_once(tiny):
 
 def test_harm_streamed_over_a_corpus_is_each_blocks_own_exact_harm(tiny_llama):
     """`corpus_harm`: the corpus's token stream in consecutive blocks, each ablated as a text of its own."""
-    from analysis.faithfulness import _exact_harm_of_ids, corpus_harm
+    from analysis.experiments.faithfulness import _exact_harm_of_ids, corpus_harm
     from gateskip_core.data import token_blocks
 
     texts = [p for t in pydoc_texts("validation")[:3] for p in paragraphs(t)]
@@ -362,13 +374,13 @@ def test_faithfulness_cli_streams_a_corpus_with_texts(tmp_path):
 
 
 def test_gates_by_attention_kind_split_sliding_and_global_layers(tmp_path):
-    from analysis.flow import by_attention_kind
+    from analysis.traces.flow import by_attention_kind
     from gateskip_core import load_model
 
     model = load_model("tiny-gemma3", gates="untrained")
     sliding = [parts.sliding_window is not None for parts in model.spec.layers]
     assert any(sliding) and not all(sliding)  # Gemma-3 alternates the two kinds
-    table = FlowStats().add(model.trace("The quick brown fox jumps over the lazy dog.", skip=0.3)).layer_table()
+    table = TraceDB(model.trace("The quick brown fox jumps over the lazy dog.", skip=0.3)).layer_table()
     kinds = by_attention_kind(table, sliding)
     assert set(kinds["attention"]) == {"sliding", "global"} and kinds["layers"].sum() == 2 * len(sliding)
     glob = table[np.array([not sliding[i] for i in table["layer"]]) & (table["branch"] == "mlp").to_numpy()]

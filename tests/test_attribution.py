@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analysis.attribution import component_names, gate_attribution, gate_attributions
+from analysis.experiments.attribution import component_names, gate_attribution, gate_attributions
 from gateskip_core import Forced, GateSkipError, load_model
 
 from .conftest import TINY, spread_gates
@@ -91,7 +91,7 @@ def test_an_attention_term_splits_exactly_by_source_position(name, scope, tmp_pa
 
     import torch
 
-    from analysis.attribution import attention_sources
+    from analysis.experiments.attribution import attention_sources
 
     from .test_fill_and_scope import _lora_checkpoint, _random_fill
 

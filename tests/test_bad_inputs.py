@@ -362,10 +362,10 @@ def _damaged_dataset(data, tmp_path):
 
 
 def _api_cases():
-    from analysis.corpus import collect
-    from analysis.lens import GatedLens
-    from analysis.logit_lens import logit_lens, settled_corpus
-    from analysis.quality import evaluation_blocks
+    from analysis.experiments.collect import collect
+    from analysis.experiments.lens import GatedLens
+    from analysis.experiments.logit_lens import logit_lens, settled_corpus
+    from analysis.experiments.quality import evaluation_blocks
     from dashboard.service import DataDir
     from gateskip_core import load_gates, read_trace
 

@@ -161,7 +161,7 @@ def test_tokens_and_corpus_contexts_read_as_text_in_real_chromium(server, tmp_pa
     assert "sample-pydoc-tiny-llama-" in chosen, chosen  # the collected sample, chosen from the list
     # The first context row reads as the text of its example: the sample's lowest-gate occurrence at
     # the view's default cell (last layer, MLP), computed here from the dataset the page collected.
-    from analysis.tracedb import TraceDB
+    from analysis.traces.tracedb import TraceDB
 
     (folder,) = [f for f in (tmp_path / "data").iterdir() if not f.name.startswith(".")]
     db = TraceDB(folder)

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from analysis.sweep import METHODS
+from analysis.experiments.sweep import METHODS
 from gateskip_core import GateCheckpoint, GateSet, GateSkipError, load_model, save_gates
 from gateskip_core.model import GatedModel
 
@@ -305,7 +305,7 @@ def test_the_data_folder_collects_uploads_under_limits_and_opens_only_its_own_da
             str(err.value) == f"{outside!r} is not a dataset in the dashboard's data folder; choose one from the list"
         )
     # A user's own dataset (collected there with `gateskip collect`) is listed and never evicted.
-    from analysis.dataset import collect_dataset
+    from analysis.experiments.collect import collect_dataset
 
     collect_dataset(view, [("own", ["Own text about gates."] * 4)], data.root / "own", show_progress=False, skip=0.3)
     second = data.collect(view, "second", "second.txt", text.replace(b"Paragraph", b"Section"), skip=0.3)
@@ -323,7 +323,7 @@ def test_the_data_folder_collects_uploads_under_limits_and_opens_only_its_own_da
 
 
 def test_every_heatmap_cell_is_a_clickable_marker_that_names_its_cell():
-    from analysis import figures
+    from analysis.traces import figures
 
     model = load_model("tiny-llama", gates="untrained")
     trace = model.trace("Gates decide which tokens skip.", skip=0.3)

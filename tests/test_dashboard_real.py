@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from analysis.sweep import METHODS
+from analysis.experiments.sweep import METHODS
 
 from .conftest import APP, metrics
 

@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.corpus import iter_traces
-from analysis.dataset import MANIFEST, collect_dataset, open_dataset, shard_name
-from analysis.flow import FlowStats, token_type
-from analysis.tracedb import TraceDB, context_strings, wilson
+from analysis.experiments.collect import collect_dataset
+from analysis.traces.dataset import MANIFEST, iter_traces, open_dataset, shard_name
+from analysis.traces.flow import token_type
+from analysis.traces.tracedb import TraceDB, context_strings, wilson
 from gateskip_core import GateSkipError, read_trace
 from gateskip_core.data import paragraphs, pydoc_texts
 
@@ -68,21 +68,19 @@ def test_a_dataset_is_shards_plus_a_manifest_and_each_shard_is_a_trace_file(data
         np.testing.assert_allclose(ours.gate, theirs.gate, atol=1e-5)
 
 
-def test_duckdb_stats_equal_the_streaming_stats_on_the_same_traces(dataset, tmp_path):
+def test_one_engine_gives_the_same_stats_from_a_dataset_a_csv_file_and_traces_in_memory(dataset, tmp_path):
     folder, _, _ = dataset
-    streamed = FlowStats()
-    for trace in iter_traces(folder):
-        streamed.add(trace)
-    single = tmp_path / "one.csv"  # the same rows as one CSV file: DuckDB reads it too
+    in_memory = TraceDB(list(iter_traces(folder)))
+    single = tmp_path / "one.csv"  # the same rows as one CSV file
     _rows(folder).to_csv(single, index=False)
     for source in (folder, single):
         db = TraceDB(source)
-        assert db.counts()["tokens"] == streamed.n_tokens and db.counts()["sequences"] == streamed.n_sequences
-        pd.testing.assert_frame_equal(db.layer_table(), streamed.layer_table(), check_dtype=False)
-        pd.testing.assert_frame_equal(db.bos_table(), streamed.bos_table(), check_dtype=False)
-        pd.testing.assert_frame_equal(db.token_type_table(), streamed.token_type_table(), check_dtype=False)
+        assert db.counts() == in_memory.counts()
+        pd.testing.assert_frame_equal(db.layer_table(), in_memory.layer_table(), check_dtype=False)
+        pd.testing.assert_frame_equal(db.bos_table(), in_memory.bos_table(), check_dtype=False)
+        pd.testing.assert_frame_equal(db.token_type_table(), in_memory.token_type_table(), check_dtype=False)
         ours = db.token_table(min_count=3).sort_values("token_id", ignore_index=True)
-        theirs = streamed.token_table(min_count=3).sort_values("token_id", ignore_index=True)
+        theirs = in_memory.token_table(min_count=3).sort_values("token_id", ignore_index=True)
         pd.testing.assert_frame_equal(ours, theirs, check_dtype=False)
 
 

@@ -125,7 +125,7 @@ def test_the_lens_hooks_equal_the_trace(family):
     kind, folder, gates = family
     if kind in NO_LENS:
         pytest.skip(f"TransformerLens does not boot {kind}: {NO_LENS[kind]}")
-    from analysis.lens import GatedLens
+    from analysis.experiments.lens import GatedLens
 
     model = load_model(str(folder), gates=str(gates))
     assert_lens_matches_the_walk(GatedLens(model), PROMPTS[0], skip=0.3)
@@ -176,7 +176,7 @@ def test_gate_attribution_refuses_layernorm_families_with_one_line(family):
     kind, folder, _ = family
     if kind not in ("gpt2", "gpt_neox"):
         pytest.skip("RMSNorm family: attribution is exact (tests/test_attribution.py)")
-    from analysis.attribution import gate_attributions
+    from analysis.experiments.attribution import gate_attributions
     from gateskip_core import GateSkipError
 
     model = spread_gates(load_model(str(folder)), "lowrank:4")

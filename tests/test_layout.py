@@ -61,3 +61,11 @@ def test_no_import_circles():
 
 def test_a_circle_is_found():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+def test_every_folder_of_modules_is_a_package_the_install_finds():
+    """pyproject finds packages by their __init__.py: a folder of modules without one would be left out
+    of a wheel while an editable install still imports it."""
+    folders = {p.parent for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    assert ROOT / "analysis" / "traces" in folders
+    assert sorted(str(f.relative_to(ROOT)) for f in folders if not (f / "__init__.py").is_file()) == []

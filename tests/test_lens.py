@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.lens import GatedLens, cache_to_arrays, gate_hook, hook_name, skip_hook, trace_to_cache
-from analysis.logit_lens import grid_counts, logit_lens, settled_corpus, settled_summary, settled_table
+from analysis.experiments.lens import GatedLens, cache_to_arrays, gate_hook, hook_name, skip_hook, trace_to_cache
+from analysis.experiments.logit_lens import grid_counts, logit_lens, settled_corpus, settled_summary, settled_table
 from gateskip_core import Forced, GateSkipError, load_model
 from gateskip_core.adapter import AdapterSpec
 
@@ -202,7 +202,7 @@ def test_the_bridge_runs_a_lora_adapter_in_either_scope_like_the_walk(tmp_path, 
     walk's, logits equal the gated model's; the adapter and the scope both change the result."""
     import dataclasses
 
-    from analysis.lens import residual_stream_gap
+    from analysis.experiments.lens import residual_stream_gap
 
     from .test_fill_and_scope import _lora_checkpoint, _random_fill
 

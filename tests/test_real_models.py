@@ -86,7 +86,7 @@ def test_gemma3_loads_and_runs():
 
 
 def test_transformer_lens_bridge_sees_the_same_residual_stream(smollm2):
-    from analysis.lens import hook_name, residual_stream_gap, to_transformer_lens
+    from analysis.experiments.lens import hook_name, residual_stream_gap, to_transformer_lens
 
     ids = smollm2.encode([TEXT]).input_ids
     with torch.no_grad():
@@ -100,8 +100,8 @@ def test_transformer_lens_bridge_sees_the_same_residual_stream(smollm2):
 
 
 def test_gated_lens_on_smollm2_with_the_shipped_gates_matches_traces_and_logits(smollm2):
-    from analysis.lens import GatedLens, skip_hook
-    from analysis.logit_lens import settled_corpus, settled_summary
+    from analysis.experiments.lens import GatedLens, skip_hook
+    from analysis.experiments.logit_lens import settled_corpus, settled_summary
 
     model = smollm2.view()
     model.load_gates("default")  # low-rank gates, their LoRA adapter and rank-16 stand-ins
@@ -163,14 +163,14 @@ def test_shipped_default_gates_carry_their_adapter_and_keep_the_original():
 
 
 def test_gate_attribution_on_smollm2_with_the_shipped_gates_is_exact(smollm2):
-    from analysis.attribution import gate_attributions
+    from analysis.experiments.attribution import gate_attributions
 
     model = smollm2.view()
     model.load_gates("default")
     for layer, branch in ((3, "attn"), (20, "mlp"), (29, "mlp")):
         result = gate_attributions(model, TEXT, layer, branch, skip=0.25)
         assert result.residual_error < 1e-4, (layer, branch, result.residual_error)
-    from analysis.attribution import attention_sources
+    from analysis.experiments.attribution import attention_sources
 
     position = len(result.tokens) - 2
     for source in (0, 14, 28):  # an attention term split by source token adds up to the term
@@ -213,8 +213,8 @@ def test_shipped_gemma3_gates_load_with_their_fingerprint_and_keep_the_original(
     assert torch.equal(masked.skipped, physical.skipped) and masked.skipped.any()
     torch.testing.assert_close(physical.logits, masked.logits, atol=2e-3, rtol=1e-3)
     # Trained gates beat untrained gates and random skipping at budget 0.2 on held-out text.
-    from analysis.quality import evaluate, evaluation_blocks
-    from analysis.quality import reference as quality_reference
+    from analysis.experiments.quality import evaluate, evaluation_blocks
+    from analysis.experiments.quality import reference as quality_reference
     from gateskip_core.data import pydoc_texts
 
     blocks = evaluation_blocks(model, pydoc_texts("validation"), n_blocks=2, seq_len=96)

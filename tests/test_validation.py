@@ -143,7 +143,7 @@ def _damage(tmp_path, how: str):
     ],
 )
 def test_damaged_trace_files_are_refused_with_the_reason(tmp_path, how, message):
-    from analysis.corpus import iter_traces
+    from analysis.traces.dataset import iter_traces
     from gateskip_core import read_trace
 
     bad = _damage(tmp_path, how)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from analysis import figures
+from analysis.traces import figures
 from dashboard import service
 from dashboard.views.common import explored_trace, figure_download, gated_view, model_names
 from gateskip_core import GateSkipError

@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from analysis import figures
-from analysis.flow import TOKEN_TYPES
+from analysis.traces import figures
+from analysis.traces.flow import TOKEN_TYPES
 from dashboard import service
 from dashboard.views.common import figure_download
 from gateskip_core import GateSkipError

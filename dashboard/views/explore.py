@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from analysis import figures
+from analysis.traces import figures
 from dashboard import service
 from dashboard.views.common import figure_download
 from gateskip_core import GateSkipError

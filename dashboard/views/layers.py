@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from analysis import figures
-from analysis.flow import FlowStats, layer_skip_summary
+from analysis.traces import figures
+from analysis.traces.flow import layer_skip_summary
+from analysis.traces.tracedb import TraceDB
 from dashboard import service
 from dashboard.views.common import explored_trace, figure_download
 
@@ -14,7 +15,7 @@ def layers_view(cfg: service.Settings) -> None:
     shown = explored_trace()
     if shown is None:
         return
-    stats = FlowStats().add(shown)
+    stats = TraceDB(shown)
     table = stats.layer_table()
     fig = figures.layer_profile_figure(table)
     st.plotly_chart(fig, key="layer_profile")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from analysis import figures
-from analysis.logit_lens import settled_summary
+from analysis.experiments.logit_lens import settled_summary
+from analysis.traces import figures
 from dashboard import service
 from dashboard.views.common import explored_trace, figure_download
 

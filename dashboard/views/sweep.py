@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from analysis import figures
-from analysis.sweep import METHODS, sweep
+from analysis.experiments.sweep import METHODS, sweep
+from analysis.traces import figures
 from dashboard import service
 from dashboard.views.common import figure_download
 from gateskip_core.data import paragraphs

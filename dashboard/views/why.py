@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from analysis import figures
+from analysis.traces import figures
 from dashboard import service
 from dashboard.views.common import explored_trace, figure_download
 from gateskip_core import GateSkipError

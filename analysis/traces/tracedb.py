@@ -1,32 +1,38 @@
-"""Corpus questions in SQL: DuckDB views over a trace dataset (or one trace file), out of core.
+"""The statistics engine: DuckDB views over traces in memory, a trace file or a dataset folder.
 
     db = TraceDB("traces/")            # a dataset folder, a .parquet or a .csv trace file
+    db = TraceDB(trace)                # a Trace (or a list of Traces) in memory
     db.sql("SELECT layer, avg(skipped) FROM traces WHERE branch = 'mlp' GROUP BY layer").df()
 
 Views (stable names):
     traces   one row per token, layer and branch: the trace columns (`gateskip_core.trace`)
     tokens   one row per token: sequence_id, position, token_id, token, token_type, eligible,
-             prompt_length (token_type as `analysis.flow.token_type`: bos, special, whitespace,
+             prompt_length (token_type as `analysis.traces.flow.token_type`: bos, special, whitespace,
              punctuation, digits, stopword, content)
 
-The statistics tables of `gateskip stats` (`layer_table`, `bos_table`, `token_type_table`,
-`token_table`) equal `analysis.flow.FlowStats`'s on the same traces, and the ready-made queries
+One engine computes every table, wherever the rows live: the statistics tables of `gateskip stats`
+and the dashboard (`layer_table`, `bos_table`, `token_type_table`, `token_table`), and the ready-made queries
 (`skip_rates`, `token_leaderboard`, `position_profile`, `type_profile`, `example_contexts`) give
 rates with Wilson 95% intervals (tokens counted as independent trials). DuckDB reads the Parquet
-shards directly and spills to disk past `memory_limit`: nothing is loaded into pandas but results.
+shards directly and spills to disk past `memory_limit`: nothing is loaded into pandas but results
+(traces in memory are handed to DuckDB as one DataFrame).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from gateskip_core import BRANCHES, GateSkipError
+from gateskip_core import BRANCHES, GateSkipError, Trace
 
 from .dataset import is_dataset_path, open_dataset
-from .flow import N_BINS, PERCENTILES, TOKEN_TYPES, token_type
+from .flow import TOKEN_TYPES, token_type
+
+N_BINS = 2000  # histogram bins over [0, 1] for the percentiles: exact to 5e-4
+PERCENTILES = (5, 25, 50, 75, 95)
 
 Z95 = 1.959963984540054
 POSITION_BUCKETS = (0, 1, 4, 16, 64, 256, 1024)  # bucket starts: [0], [1,4), [4,16), ...
@@ -72,31 +78,34 @@ def _quote(path: Path) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
 
-class TraceDB:
-    """An in-memory DuckDB connection with the `traces` and `tokens` views over `source`."""
+def _frame(traces: Sequence[Trace]) -> pd.DataFrame:
+    """The traces' rows as one table, sequence ids running on from one trace to the next."""
+    frames, first = [], 0
+    for trace in traces:
+        df = trace.to_dataframe()
+        df["sequence_id"] += first
+        first += len(trace.sequences)
+        frames.append(df)
+    if not frames:
+        raise GateSkipError("no traces given")
+    return pd.concat(frames, ignore_index=True)
 
-    def __init__(self, source: str | Path, memory_limit: str = "1GB", threads: int | None = None):
+
+class TraceDB:
+    """An in-memory DuckDB connection with the `traces` and `tokens` views over `source`: a Trace or a
+    list of Traces in memory, a trace file (.csv / .parquet) or a dataset folder."""
+
+    def __init__(
+        self, source: Trace | Sequence[Trace] | str | Path, memory_limit: str = "1GB", threads: int | None = None
+    ):
         import duckdb
 
-        source = Path(source)
-        self.source = source
         config = {"memory_limit": memory_limit}
         if threads:
             config["threads"] = int(threads)
         self.con = duckdb.connect(":memory:", config=config)
-        if is_dataset_path(source):
-            self.dataset = open_dataset(source)
-            files = "[" + ", ".join(_quote(p) for p in self.dataset.shard_paths) + "]"
-            scan = f"read_parquet({files})"
-        elif not source.is_file():
-            raise GateSkipError(f"trace file not found: {source}")
-        elif source.suffix.lower() == ".csv":
-            self.dataset = None
-            types = "{" + ", ".join(f"'{c}': '{t}'" for c, t in _CSV_TYPES.items()) + "}"
-            scan = f"read_csv({_quote(source)}, header = true, columns = {types}, quote = '\"', escape = '\"')"
-        else:
-            self.dataset = None
-            scan = f"read_parquet({_quote(source)})"
+        self.dataset = None
+        scan = self._scan(source)
         try:
             self.con.execute(f"CREATE VIEW raw_traces AS SELECT * FROM {scan}")
             columns = [row[0] for row in self.con.execute("DESCRIBE raw_traces").fetchall()]
@@ -110,12 +119,33 @@ class TraceDB:
             if missing:
                 raise GateSkipError(f"not a GateSkip trace: missing columns {', '.join(missing)}")
             if self.dataset is None:  # a dataset's shards are checked by their stamps and row counts
-                self._check_complete(source)
+                self._check_complete(self.source)
             self._make_tokens_view()
         except duckdb.Error as err:
-            raise GateSkipError(f"cannot read traces {source}: {str(err).splitlines()[0]}") from None
+            raise GateSkipError(f"cannot read traces {self.source}: {str(err).splitlines()[0]}") from None
 
-    def _check_complete(self, source: Path) -> None:
+    def _scan(self, source: Trace | Sequence[Trace] | str | Path) -> str:
+        """What the `raw_traces` view reads; sets `source` (for messages) and `dataset`."""
+        if isinstance(source, Trace):
+            source = [source]
+        if isinstance(source, Sequence) and not isinstance(source, str):
+            if not all(isinstance(t, Trace) for t in source):
+                raise GateSkipError("TraceDB reads a Trace, a list of Traces, a trace file or a dataset folder")
+            self.source = "the traces in memory"
+            self.con.register("memory_rows", _frame(source))
+            return "memory_rows"
+        source = self.source = Path(source)
+        if is_dataset_path(source):
+            self.dataset = open_dataset(source)
+            return "read_parquet([" + ", ".join(_quote(p) for p in self.dataset.shard_paths) + "])"
+        if not source.is_file():
+            raise GateSkipError(f"trace file not found: {source}")
+        if source.suffix.lower() == ".csv":
+            types = "{" + ", ".join(f"'{c}': '{t}'" for c, t in _CSV_TYPES.items()) + "}"
+            return f"read_csv({_quote(source)}, header = true, columns = {types}, quote = '\"', escape = '\"')"
+        return f"read_parquet({_quote(source)})"
+
+    def _check_complete(self, source) -> None:
         """Every sequence of a trace file has 2 x layers rows per token and at least its prompt."""
         n_layers = self.con.execute("SELECT max(layer) + 1 FROM traces").fetchone()[0]
         if n_layers is None:

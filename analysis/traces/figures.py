@@ -387,7 +387,7 @@ def settled_figure(table: pd.DataFrame) -> go.Figure:
 
 def attribution_figure(cell: pd.DataFrame, top: int = 12) -> go.Figure:
     """What pushed one gate down (red) or up (blue): the largest terms of its pre-activation
-    (`analysis.attribution.gate_attribution`), the rest summed into one bar, and the bias."""
+    (`analysis.experiments.attribution.gate_attribution`), the rest summed into one bar, and the bias."""
     shown = cell.head(top)
     rest = float(cell["term"].iloc[top:].sum())
     names = list(shown["component"]) + ([f"{len(cell) - top} others"] if len(cell) > top else []) + ["bias"]
@@ -444,7 +444,7 @@ def corpus_skip_heatmap(rates: pd.DataFrame) -> go.Figure:
 
 
 def attention_source_figure(sources: pd.DataFrame, top: int = 12) -> go.Figure:
-    """One attention component's term split by source token (`analysis.attribution.attention_sources`):
+    """One attention component's term split by source token (`analysis.experiments.attribution.attention_sources`):
     the largest, the rest summed into one bar."""
     shown = sources.head(top)
     names = [

@@ -1,0 +1,91 @@
+"""Token types and summaries of the statistics tables (the tables themselves: `analysis.traces.tracedb`).
+
+- `token_type(token, position)`: bos, special, whitespace, punctuation, digits, stopword or content;
+- `layer_skip_summary(layer_table)`: per branch, the most / least skipped layers and early vs late layers;
+- `token_layer_matrix(trace)`: one sequence's token x layer matrix of gates or skips;
+- `by_attention_kind(layer_table, sliding)`: sliding-window layers against global ones.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+import unicodedata
+
+import numpy as np
+import pandas as pd
+
+from gateskip_core import BRANCHES, Trace
+
+TOKEN_TYPES = ("bos", "special", "whitespace", "punctuation", "digits", "stopword", "content")
+STOPWORDS = frozenset(
+    """a about above after again against all am an and any are as at be because been before being below between
+    both but by can could did do does doing down during each few for from further had has have having he her here
+    hers herself him himself his how i if in into is it its itself just me more most my myself no nor not now of
+    off on once only or other our ours ourselves out over own same she should so some such than that the their
+    theirs them themselves then there these they this those through to too under until up very was we were what
+    when where which while who whom why will with would you your yours yourself yourselves""".split()
+)
+_SPECIAL = re.compile(r"^\s*<\|?[^<>\s]+\|?>\s*$")
+
+
+def token_type(token: str, position: int) -> str:
+    """One of TOKEN_TYPES. Special tokens are recognised by their <...> / <|...|> form."""
+    if position == 0:
+        return "bos"
+    if _SPECIAL.match(token):
+        return "special"
+    stripped = token.strip()
+    if not stripped:
+        return "whitespace"
+    if all(unicodedata.category(c)[0] in "PS" or c in string.punctuation for c in stripped):
+        return "punctuation"
+    if stripped.isdigit():
+        return "digits"
+    if stripped.lower() in STOPWORDS:
+        return "stopword"
+    return "content"
+
+
+def layer_skip_summary(layer_table: pd.DataFrame) -> pd.DataFrame:
+    """Per branch: which layers skip most, and early (first third) vs late (last third) layers."""
+    rows = []
+    for branch, part in layer_table.groupby("branch", sort=False):
+        n = len(part)
+        third = max(1, n // 3)
+        ordered = part.sort_values("skip_rate", ascending=False)
+        rows.append(
+            {
+                "branch": branch,
+                "most_skipped_layers": ",".join(str(x) for x in ordered["layer"].head(3)),
+                "least_skipped_layers": ",".join(str(x) for x in ordered["layer"].tail(3)),
+                "early_gate_mean": part["gate_mean"].head(third).mean(),
+                "late_gate_mean": part["gate_mean"].tail(third).mean(),
+                "early_skip_rate": part["skip_rate"].head(third).mean(),
+                "late_skip_rate": part["skip_rate"].tail(third).mean(),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def token_layer_matrix(trace: Trace, sequence: int = 0, branch: str = "attn", value: str = "gate") -> pd.DataFrame:
+    """Rows: positions (labelled 'pos:token'); columns: layers; values: gate or skipped (0/1)."""
+    seq = trace.sequences[sequence]
+    b = BRANCHES.index(branch)
+    data = seq.gate[:, :, b] if value == "gate" else seq.skipped[:, :, b].astype(np.int8)
+    index = [f"{i}:{tok!r}" for i, tok in enumerate(seq.tokens)]
+    return pd.DataFrame(data, index=index, columns=list(range(trace.n_layers)))
+
+
+def by_attention_kind(layer_table: pd.DataFrame, sliding: list[bool]) -> pd.DataFrame:
+    """Gate mean and skip rate of the layers with sliding-window attention against those with global
+    attention (Gemma-3 alternates them), per branch: do gates treat the two kinds differently?
+    `sliding[i]`: layer i's attention is sliding-window."""
+    if len(sliding) != layer_table["layer"].nunique():
+        raise ValueError(f"{len(sliding)} attention kinds for {layer_table['layer'].nunique()} layers")
+    table = layer_table.assign(attention=[("sliding" if sliding[i] else "global") for i in layer_table["layer"]])
+    return (
+        table.groupby(["attention", "branch"], sort=True)
+        .agg(layers=("layer", "nunique"), gate_mean=("gate_mean", "mean"), skip_rate=("skip_rate", "mean"))
+        .reset_index()
+    )
