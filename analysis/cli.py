@@ -6,10 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from gateskip_core.backbone.registry import DEFAULT_MODEL
 from gateskip_core.cli import add_adapter_scope_arg
 from gateskip_core.errors import GateSkipError
 from gateskip_core.files import check_writable, write_all
-from gateskip_core.registry import DEFAULT_MODEL
 from gateskip_core.validation import cli_type, skip_args_of, whole_number
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from gateskip_core.backbone.registry import DEFAULT_MODEL
 from gateskip_core.files import check_writable, write_all
-from gateskip_core.registry import DEFAULT_MODEL
 from gateskip_core.validation import cli_type, whole_number
 
 

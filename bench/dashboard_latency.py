@@ -15,8 +15,8 @@ import time
 
 from analysis.traces import figures
 from dashboard import service
+from gateskip_core.backbone.registry import DEFAULT_MODEL
 from gateskip_core.data import pydoc_texts
-from gateskip_core.registry import DEFAULT_MODEL
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 
-from gateskip_core.registry import DEFAULT_MODEL
+from gateskip_core.backbone.registry import DEFAULT_MODEL
 
 
 def main() -> None:

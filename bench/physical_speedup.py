@@ -16,7 +16,7 @@ import torch
 
 from analysis.experiments.quality import evaluation_blocks
 from gateskip_core import load_model
-from gateskip_core.registry import DEFAULT_MODEL
+from gateskip_core.backbone.registry import DEFAULT_MODEL
 
 
 def timed(model, ids, plan, repeats: int) -> float:

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 
 from gateskip_core import Capture, GateSkipError, load_model
-from gateskip_core.compute import account_sequence, adapted_rows, decode_step_bytes
 from gateskip_core.model import Batch, GatedModel
+from gateskip_core.traces.compute import account_sequence, adapted_rows, decode_step_bytes
 
 from .memory import PeakRSS, bench_memory
 
@@ -479,7 +479,7 @@ def domain_texts(model: GatedModel, n: int = 8) -> dict[str, tuple[list[str], bo
     import json as json_module
 
     from gateskip_core.data import paragraphs, pydoc_texts
-    from gateskip_core.training import chat_prompts
+    from gateskip_core.training.loop import chat_prompts
 
     prose = [p for t in pydoc_texts("validation") for p in paragraphs(t)][:n]
     chat = chat_prompts()[::33][:n]

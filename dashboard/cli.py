@@ -14,8 +14,8 @@ import socket
 import sys
 from pathlib import Path
 
+from gateskip_core.backbone.registry import DEFAULT_MODEL, REGISTRY, cache_root
 from gateskip_core.errors import GateSkipError
-from gateskip_core.registry import DEFAULT_MODEL, REGISTRY, cache_root
 
 APP = Path(__file__).resolve().parent / "app.py"
 
@@ -58,7 +58,7 @@ def url_of(host: str, port: int) -> str:
 
 def check_model(model: str) -> str:
     """A registry name, or a local checkpoint directory of a supported family (made absolute)."""
-    from gateskip_core.registry import check_family
+    from gateskip_core.backbone.registry import check_family
 
     if model in REGISTRY:
         return model

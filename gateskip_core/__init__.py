@@ -1,5 +1,17 @@
 """GateSkip Lens core: gated inference, skip policies, real compute skipping, traces.
 
+The folders follow the data: text -> plan -> forward -> trace.
+
+    data.py      real text (pydoc topics, the model's own chat answers)
+    backbone/    where a model is loaded (registry, per-family architecture specs, tiny test models)
+    gating/      the learned parts: gates, adapter, stand-ins, their checkpoint files
+    skipping/    where a skip is decided: budgets, policies, allocation, calibrated thresholds
+    forward/     the gated walk over the layers that skips compute for real; cached decoding
+    traces/      what a run leaves: per-token gate values and decisions, the compute account
+    training/    training gates, stand-ins and the adapter
+    model.py     `GatedModel` / `load_model`: one object that holds them all
+    cli.py       the core `gateskip` subcommands
+
 Names are imported on first use (PEP 562), so that `import gateskip_core` (and the
 `gateskip` command starting up) does not load torch before it is needed.
 """
@@ -10,34 +22,34 @@ import importlib
 from typing import TYPE_CHECKING
 
 _WHERE = {
-    "GateCheckpoint": "checkpoint",
-    "load_gates": "checkpoint",
-    "save_gates": "checkpoint",
-    "ComputeAccount": "compute",
-    "account_sequence": "compute",
+    "GateCheckpoint": "gating.checkpoint",
+    "load_gates": "gating.checkpoint",
+    "save_gates": "gating.checkpoint",
+    "ComputeAccount": "traces.compute",
+    "account_sequence": "traces.compute",
     "GateSkipError": "errors",
-    "Capture": "execution",
-    "KVCache": "execution",
-    "SkipPlan": "execution",
-    "gated_forward": "execution",
-    "BRANCHES": "gates",
-    "GateSet": "gates",
-    "Generation": "generation",
+    "Capture": "forward.execution",
+    "KVCache": "forward.execution",
+    "SkipPlan": "forward.execution",
+    "gated_forward": "forward.execution",
+    "BRANCHES": "branches",
+    "GateSet": "gating.gates",
+    "Generation": "forward.generation",
     "GatedModel": "model",
     "SkipArgs": "model",
     "load_model": "model",
-    "CalibratedPolicy": "policies",
-    "Forced": "policies",
-    "QuantilePolicy": "policies",
-    "RandomPolicy": "policies",
-    "SkipBudget": "policies",
-    "SkipPolicy": "policies",
-    "DEFAULT_MODEL": "registry",
-    "REGISTRY": "registry",
-    "cache_root": "registry",
-    "SequenceTrace": "trace",
-    "Trace": "trace",
-    "read_trace": "trace",
+    "CalibratedPolicy": "skipping.policies",
+    "Forced": "skipping.policies",
+    "QuantilePolicy": "skipping.policies",
+    "RandomPolicy": "skipping.policies",
+    "SkipBudget": "skipping.policies",
+    "SkipPolicy": "skipping.policies",
+    "DEFAULT_MODEL": "backbone.registry",
+    "REGISTRY": "backbone.registry",
+    "cache_root": "backbone.registry",
+    "SequenceTrace": "traces.trace",
+    "Trace": "traces.trace",
+    "read_trace": "traces.trace",
 }
 __all__ = sorted(_WHERE)
 
@@ -55,14 +67,15 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from .checkpoint import GateCheckpoint, load_gates, save_gates  # noqa: F401
-    from .compute import ComputeAccount, account_sequence  # noqa: F401
-    from .errors import GateSkipError  # noqa: F401
-    from .execution import Capture, KVCache, SkipPlan, gated_forward  # noqa: F401
-    from .gates import BRANCHES, GateSet  # noqa: F401
-    from .generation import Generation  # noqa: F401
-    from .model import GatedModel, SkipArgs, load_model  # noqa: F401
-    from .policies import (  # noqa: F401
+    from gateskip_core.backbone.registry import DEFAULT_MODEL, REGISTRY, cache_root  # noqa: F401
+    from gateskip_core.branches import BRANCHES  # noqa: F401
+    from gateskip_core.errors import GateSkipError  # noqa: F401
+    from gateskip_core.forward.execution import Capture, KVCache, SkipPlan, gated_forward  # noqa: F401
+    from gateskip_core.forward.generation import Generation  # noqa: F401
+    from gateskip_core.gating.checkpoint import GateCheckpoint, load_gates, save_gates  # noqa: F401
+    from gateskip_core.gating.gates import GateSet  # noqa: F401
+    from gateskip_core.model import GatedModel, SkipArgs, load_model  # noqa: F401
+    from gateskip_core.skipping.policies import (  # noqa: F401
         CalibratedPolicy,
         Forced,
         QuantilePolicy,
@@ -70,5 +83,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         SkipBudget,
         SkipPolicy,
     )
-    from .registry import DEFAULT_MODEL, REGISTRY, cache_root  # noqa: F401
-    from .trace import SequenceTrace, Trace, read_trace  # noqa: F401
+    from gateskip_core.traces.compute import ComputeAccount, account_sequence  # noqa: F401
+    from gateskip_core.traces.trace import SequenceTrace, Trace, read_trace  # noqa: F401

@@ -13,10 +13,10 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import GateSkipError
-from .files import check_writable
-from .registry import DEFAULT_MODEL
-from .validation import skip_args_of
+from gateskip_core.backbone.registry import DEFAULT_MODEL
+from gateskip_core.errors import GateSkipError
+from gateskip_core.files import check_writable
+from gateskip_core.validation import skip_args_of
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -94,7 +94,7 @@ def add_adapter_scope_arg(p: argparse.ArgumentParser, help_text: str | None = No
 
 @_command("models")
 def cmd_models(args: argparse.Namespace) -> int:
-    from .registry import REGISTRY, cache_root
+    from gateskip_core.backbone.registry import REGISTRY, cache_root
 
     print(f"cache: {cache_root()}  (set GATESKIP_CACHE to move it)")
     for entry in REGISTRY.values():
@@ -102,7 +102,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             "built in" if entry.build else ("cached" if entry.is_cached() else "not cached (converted on first load)")
         )
         print(f"{entry.name:24s} {state:38s} {entry.description}; from {entry.source}")
-    from .architecture import SUPPORTED_MODEL_TYPES
+    from gateskip_core.backbone.architecture import SUPPORTED_MODEL_TYPES
 
     print(f"or a local checkpoint directory of a supported family: {', '.join(SUPPORTED_MODEL_TYPES)}")
     return 0
@@ -110,8 +110,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 @_command("trace")
 def cmd_trace(args: argparse.Namespace) -> int:
-    from .data import paragraphs
-    from .model import load_model
+    from gateskip_core.data import paragraphs
+    from gateskip_core.model import load_model
 
     out = Path(args.out)
     if out.suffix.lower() not in (".csv", ".parquet"):
@@ -152,7 +152,7 @@ def _skip_map(trace, width: int = 80) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from .training import TrainConfig, train
+    from gateskip_core.training.loop import TrainConfig, train
 
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     if args.full:
@@ -209,7 +209,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     """One flag per `TrainConfig` field, defaults taken from it (so they cannot disagree)."""
     from dataclasses import MISSING, fields
 
-    from .training import TrainConfig
+    from gateskip_core.training.loop import TrainConfig
 
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -237,11 +237,11 @@ class _OneLineParser(argparse.ArgumentParser):
 def cmd_fit_fill(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .checkpoint import save_gates
-    from .fill import FillSpec
-    from .fill_fitting import fit_fill
-    from .model import load_model
-    from .training import calibrate_checkpoint, calibration_texts
+    from gateskip_core.gating.checkpoint import save_gates
+    from gateskip_core.gating.fill import FillSpec
+    from gateskip_core.gating.fill_fitting import fit_fill
+    from gateskip_core.model import load_model
+    from gateskip_core.training.loop import calibrate_checkpoint, calibration_texts
 
     spec = FillSpec.parse(args.fill)
     if spec.kind == "zero":

@@ -54,7 +54,7 @@ def first_blocks(tokenizer, texts: Iterable[str], seq_len: int, n_blocks: int) -
         if len(blocks) == n_blocks:
             break
     if not blocks:
-        from .errors import GateSkipError
+        from gateskip_core.errors import GateSkipError
 
         raise GateSkipError(f"the text is shorter than one block of {seq_len} tokens")
     return torch.stack(blocks)

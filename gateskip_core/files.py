@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .errors import GateSkipError
+from gateskip_core.errors import GateSkipError
 
 
 def temporary_for(path: Path) -> Path:

@@ -24,22 +24,23 @@ import numpy as np
 import torch
 from typing_extensions import TypedDict, Unpack
 
-from . import validation
-from .adapter import ADAPTED, LoraAdapter
-from .allocation import ALLOCATIONS, allocate_budget
-from .architecture import ArchSpec, arch_spec
-from .calibration import Calibrator, fit_thresholds
-from .checkpoint import GateCheckpoint, load_gates
-from .compute import account_sequence, branch_saving_flops
-from .errors import GateSkipError
-from .estimate import estimate_trace
-from .execution import Capture, ForwardResult, KVCache, SkipPlan, gated_forward
-from .fill import fill_flops
-from .gates import BRANCHES, GateSet, parse_gate_variant
-from .generation import Generation, generate
-from .policies import CalibratedPolicy, Forced, SkipBudget, SkipPolicy, resolve_policy
-from .registry import DEFAULT_MODEL, load_backbone
-from .trace import SequenceTrace, Trace
+from gateskip_core import validation
+from gateskip_core.backbone.architecture import ArchSpec, arch_spec
+from gateskip_core.backbone.registry import DEFAULT_MODEL, load_backbone
+from gateskip_core.branches import BRANCHES
+from gateskip_core.errors import GateSkipError
+from gateskip_core.forward.execution import Capture, ForwardResult, KVCache, SkipPlan, gated_forward
+from gateskip_core.forward.generation import Generation, generate
+from gateskip_core.gating.adapter import ADAPTED, LoraAdapter
+from gateskip_core.gating.checkpoint import GateCheckpoint, load_gates
+from gateskip_core.gating.fill import fill_flops
+from gateskip_core.gating.gates import GateSet, parse_gate_variant
+from gateskip_core.skipping.allocation import ALLOCATIONS, allocate_budget
+from gateskip_core.skipping.calibration import Calibrator, fit_thresholds
+from gateskip_core.skipping.estimate import estimate_trace
+from gateskip_core.skipping.policies import CalibratedPolicy, Forced, SkipBudget, SkipPolicy, resolve_policy
+from gateskip_core.traces.compute import account_sequence, branch_saving_flops
+from gateskip_core.traces.trace import SequenceTrace, Trace
 
 SHIPPED_GATES_DIR = Path(__file__).parent / "shipped_gates"
 # Gate specs that name a shipped file, and the file's suffix: {model}-{suffix}.safetensors

@@ -11,7 +11,7 @@ import argparse
 import math
 from collections.abc import Callable, Sequence
 
-from .errors import GateSkipError
+from gateskip_core.errors import GateSkipError
 
 
 def whole_number(name: str, value, minimum: int = 1) -> int:

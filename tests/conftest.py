@@ -28,7 +28,7 @@ PROMPTS = [
 
 def spread_gates(model: GatedModel, variant: str = "vector", seed: int = 0) -> GatedModel:
     """Attach gates with widely spread values, so rankings are not all ties."""
-    from gateskip_core.gates import parse_gate_variant
+    from gateskip_core.gating.gates import parse_gate_variant
 
     torch.manual_seed(seed)
     kind, rank = parse_gate_variant(variant)

@@ -9,13 +9,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gateskip_core import GateSkipError, load_gates, load_model
-from gateskip_core.adapter import AdapterSpec, LoraAdapter, make_trainable_copy
-from gateskip_core.allocation import allocate_budget
-from gateskip_core.compute import branch_saving_flops
-from gateskip_core.execution import SkipPlan, gated_forward
-from gateskip_core.gates import GateSet, parse_gate_variant
-from gateskip_core.policies import SkipBudget
-from gateskip_core.training import TrainConfig, _GateObjective, train
+from gateskip_core.forward.execution import SkipPlan, gated_forward
+from gateskip_core.gating.adapter import AdapterSpec, LoraAdapter, make_trainable_copy
+from gateskip_core.gating.gates import GateSet, parse_gate_variant
+from gateskip_core.skipping.allocation import allocate_budget
+from gateskip_core.skipping.policies import SkipBudget
+from gateskip_core.traces.compute import branch_saving_flops
+from gateskip_core.training.loop import TrainConfig, _GateObjective, train
 
 FAST = dict(
     model="tiny-llama",
@@ -189,7 +189,7 @@ def test_cli_training_flags_take_their_defaults_from_train_config():
 
 
 def test_resumed_global_run_reuses_the_stored_sensitivity(tmp_path, monkeypatch):
-    import gateskip_core.training as training
+    import gateskip_core.training.loop as training
 
     out = tmp_path / "r.safetensors"
     cfg = dict(FAST, allocation="global", out=str(out))

@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 from gateskip_core import load_model
-from gateskip_core.compute import LayerCosts, decode_step_bytes
+from gateskip_core.traces.compute import LayerCosts, decode_step_bytes
 
 from .conftest import run_cli
 

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from gateskip_core import GateCheckpoint, GateSet, save_gates
-from gateskip_core.trace import TRACE_COLUMNS
+from gateskip_core.traces.trace import TRACE_COLUMNS
 
 from .conftest import run_cli as run
 

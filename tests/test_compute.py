@@ -83,7 +83,7 @@ def test_a_skipping_physical_run_executes_the_flops_the_account_charges(name):
     sums, which torch does not count for scaled_dot_product_attention on the CPU."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from gateskip_core.compute import LayerCosts, keys_per_query
+    from gateskip_core.traces.compute import LayerCosts, keys_per_query
 
     model = spread_gates(load_model(name))
     ids = model.encode(["The quick brown fox jumps over the lazy dog. " * 3]).input_ids

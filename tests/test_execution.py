@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gateskip_core import Capture, GateSkipError, SkipBudget, SkipPlan, load_model
-from gateskip_core.policies import BranchInput, Decision, SkipPolicy
+from gateskip_core.skipping.policies import BranchInput, Decision, SkipPolicy
 
 from .conftest import ACCELERATORS, PROMPTS, TINY, spread_gates
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from gateskip_core import Forced, load_model, read_trace
-from gateskip_core.architecture import SUPPORTED_MODEL_TYPES
-from gateskip_core.tiny_models import TINY_FAMILIES, build_tiny_model
-from gateskip_core.training import TrainConfig, train
+from gateskip_core.backbone.architecture import SUPPORTED_MODEL_TYPES
+from gateskip_core.backbone.tiny_models import TINY_FAMILIES, build_tiny_model
+from gateskip_core.training.loop import TrainConfig, train
 
 from .conftest import PROMPTS, assert_lens_matches_the_walk, run_cli, spread_gates
 

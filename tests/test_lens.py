@@ -9,7 +9,7 @@ import torch
 from analysis.experiments.lens import GatedLens, cache_to_arrays, gate_hook, hook_name, skip_hook, trace_to_cache
 from analysis.experiments.logit_lens import grid_counts, logit_lens, settled_corpus, settled_summary, settled_table
 from gateskip_core import Forced, GateSkipError, load_model
-from gateskip_core.adapter import AdapterSpec
+from gateskip_core.gating.adapter import AdapterSpec
 
 from .conftest import TINY, assert_lens_matches_the_walk, run_cli, spread_gates
 
@@ -176,7 +176,7 @@ def test_settled_command_writes_table_and_figure(tmp_path):
 @pytest.mark.parametrize("name", TINY)
 def test_the_bridge_adds_stand_ins_for_skipped_branches(name):
     from gateskip_core import GateCheckpoint
-    from gateskip_core.fill import FillSpec, SkipFill
+    from gateskip_core.gating.fill import FillSpec, SkipFill
 
     model = spread_gates(load_model(name), "lowrank:8")
     torch.manual_seed(0)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gateskip_core import REGISTRY, GateSkipError, cache_root, load_model, registry
+from gateskip_core import REGISTRY, GateSkipError, cache_root, load_model
+from gateskip_core.backbone import registry
 
 
 def test_cache_dir_follows_environment(monkeypatch, tmp_path):

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from gateskip_core import GateSkipError, read_trace
-from gateskip_core.trace import TRACE_COLUMNS
+from gateskip_core.traces.trace import TRACE_COLUMNS
 
 TRICKY = ['He said, "no",\nthen left;  NaN null None -inf', "  spaces  and\ttabs, émoji 🙂"]
 

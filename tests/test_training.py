@@ -15,8 +15,8 @@ import torch
 from safetensors import safe_open
 
 from gateskip_core import GateSkipError, load_gates, load_model
-from gateskip_core.gates import INIT_BIAS
-from gateskip_core.training import TrainConfig, train
+from gateskip_core.gating.gates import INIT_BIAS
+from gateskip_core.training.loop import TrainConfig, train
 
 from .conftest import accelerate_launch
 
@@ -42,8 +42,8 @@ def test_training_moves_gates_and_writes_a_complete_checkpoint(tmp_path):
     for gates in (*ckpt.gates.attn, *ckpt.gates.mlp):  # every bias started at exactly INIT_BIAS
         assert (gates.net.bias - INIT_BIAS).abs().max() > 1e-4
     # the stored thresholds reproduce their budget on the calibration sequences they were fitted on
-    from gateskip_core.calibration import calibration_sequences
-    from gateskip_core.training import calibration_texts
+    from gateskip_core.skipping.calibration import calibration_sequences
+    from gateskip_core.training.loop import calibration_texts
 
     model = load_model("tiny-llama", gates=str(out))
     ids, mask = calibration_sequences(model, calibration_texts(model), 96, 128)
@@ -200,10 +200,10 @@ def test_the_training_loss_is_the_task_loss_plus_the_weighted_sparsity(distill, 
     import torch.nn.functional as F
 
     from gateskip_core import Capture, SkipBudget, SkipPlan, gated_forward
-    from gateskip_core.adapter import AdapterSpec, make_trainable_copy
-    from gateskip_core.architecture import arch_spec
-    from gateskip_core.policies import QuantilePolicy
-    from gateskip_core.training import _GateObjective
+    from gateskip_core.backbone.architecture import arch_spec
+    from gateskip_core.gating.adapter import AdapterSpec, make_trainable_copy
+    from gateskip_core.skipping.policies import QuantilePolicy
+    from gateskip_core.training.loop import _GateObjective
 
     from .conftest import spread_gates
 
@@ -244,7 +244,7 @@ def test_straight_through_gives_a_skipped_tokens_gate_the_first_order_cost_of_it
     task gradient; with it, exactly d loss / d residual * (branch output - stand-in), which is
     checked against the MLP run directly on the branch's input."""
     from gateskip_core import Capture, SkipBudget, SkipPlan, gated_forward
-    from gateskip_core.policies import QuantilePolicy
+    from gateskip_core.skipping.policies import QuantilePolicy
 
     from .conftest import spread_gates
 
@@ -288,7 +288,7 @@ def test_straight_through_gives_a_skipped_tokens_gate_the_first_order_cost_of_it
 
 
 def test_the_ranking_loss_is_the_mean_pairwise_logistic_loss_over_eligible_pairs():
-    from gateskip_core.training import ranking_loss
+    from gateskip_core.training.loop import ranking_loss
 
     torch.manual_seed(0)
     gates = [torch.rand(2, 5, 3) * 0.9 + 0.05 for _ in range(4)]
@@ -331,7 +331,7 @@ def test_router_first_trains_gates_and_stand_ins_alone_before_the_adapter_joins(
 
 
 def test_chat_share_repeats_the_models_answers_to_the_requested_share():
-    from gateskip_core.training import builtin_texts
+    from gateskip_core.training.loop import builtin_texts
 
     model = load_model("tiny-llama")
 

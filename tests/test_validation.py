@@ -7,7 +7,7 @@ import math
 import pytest
 
 from gateskip_core import GateSkipError, load_model
-from gateskip_core.training import TrainConfig
+from gateskip_core.training.loop import TrainConfig
 
 from .conftest import run_cli
 

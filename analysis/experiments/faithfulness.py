@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from gateskip_core import BRANCHES, Capture, GatedModel, GateSkipError, SkipBudget
 from gateskip_core.data import token_blocks
-from gateskip_core.policies import BranchInput, Decision, SkipPolicy
+from gateskip_core.skipping.policies import BranchInput, Decision, SkipPolicy
 from gateskip_core.validation import whole_number
 
 SIGNALS = ("gate", "preactivation", "rel_norm", "block_influence", "attribution", "unsettled")

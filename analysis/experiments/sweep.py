@@ -13,7 +13,7 @@ Methods, for each skip budget b:
   calibration split), as ShortGPT does; compare against the stronger of the two;
 - `attn-only` / `mlp-only`: the gates' quantile policy on one branch type, at the
   rate that gives the same FLOP saving (capped at skipping every eligible token).
-`flops_saved` is always net of the gates' own cost (see gateskip_core.compute).
+`flops_saved` is always net of the gates' own cost (see gateskip_core.traces.compute).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from gateskip_core import Capture, GatedModel, GateSkipError, SkipBudget, SkipPlan, account_sequence
 from gateskip_core.data import pydoc_texts
-from gateskip_core.policies import BranchInput, Decision, SkipPolicy
+from gateskip_core.skipping.policies import BranchInput, Decision, SkipPolicy
 
 from .quality import evaluate, evaluation_blocks, reference
 

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from gateskip_core import GateSkipError, Trace
 from gateskip_core.files import atomic_write
-from gateskip_core.trace import read_trace_frames
+from gateskip_core.traces.trace import read_trace_frames
 
 FORMAT = "gateskip-trace-dataset/1"
 MANIFEST = "manifest.json"

@@ -5,7 +5,7 @@
     db.sql("SELECT layer, avg(skipped) FROM traces WHERE branch = 'mlp' GROUP BY layer").df()
 
 Views (stable names):
-    traces   one row per token, layer and branch: the trace columns (`gateskip_core.trace`)
+    traces   one row per token, layer and branch: the trace columns (`gateskip_core.traces.trace`)
     tokens   one row per token: sequence_id, position, token_id, token, token_type, eligible,
              prompt_length (token_type as `analysis.traces.flow.token_type`: bos, special, whitespace,
              punctuation, digits, stopword, content)

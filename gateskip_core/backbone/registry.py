@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import GateSkipError
+from gateskip_core.errors import GateSkipError
 
 if TYPE_CHECKING:  # torch and transformers load on first use, not when the CLI starts
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -75,7 +75,7 @@ def _gemma3_gguf(work_dir: Path) -> Path:
 
 
 def _tiny(kind: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    from .tiny_models import build_tiny_model
+    from gateskip_core.backbone.tiny_models import build_tiny_model
 
     return build_tiny_model(kind)
 
@@ -104,7 +104,7 @@ REGISTRY: dict[str, RegistryEntry] = {
 def check_family(path: Path) -> str:
     """The checkpoint's `model_type`, refused with one line (naming the supported families) before
     anything loads when the walk does not support it."""
-    from .architecture import SUPPORTED_MODEL_TYPES
+    from gateskip_core.backbone.architecture import SUPPORTED_MODEL_TYPES
 
     try:
         model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type", "?")

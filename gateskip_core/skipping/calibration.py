@@ -17,11 +17,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .data import paragraphs, pydoc_texts
-from .errors import GateSkipError
-from .execution import SkipPlan
-from .gates import BRANCHES
-from .policies import BranchInput, CalibratedPolicy, Decision, SkipBudget, SkipPolicy
+from gateskip_core.branches import BRANCHES
+from gateskip_core.data import paragraphs, pydoc_texts
+from gateskip_core.errors import GateSkipError
+from gateskip_core.forward.execution import SkipPlan
+from gateskip_core.skipping.policies import BranchInput, CalibratedPolicy, Decision, SkipBudget, SkipPolicy
 
 CALIBRATION_BUDGETS = np.round(np.arange(0.05, 0.6001, 0.05), 2)
 TIE_TOLERANCE = 1e-6

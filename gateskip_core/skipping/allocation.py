@@ -16,11 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .architecture import ArchSpec
-from .errors import GateSkipError
-from .execution import SkipPlan, gated_forward
-from .gates import BRANCHES
-from .policies import RandomPolicy, SkipBudget, parse_branches
+from gateskip_core.backbone.architecture import ArchSpec
+from gateskip_core.branches import BRANCHES
+from gateskip_core.errors import GateSkipError
+from gateskip_core.forward.execution import SkipPlan, gated_forward
+from gateskip_core.skipping.policies import RandomPolicy, SkipBudget, parse_branches
 
 ALLOCATIONS = ("uniform", "global")
 MAX_ALLOCATED_RATE = 0.95

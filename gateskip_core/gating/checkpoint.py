@@ -25,12 +25,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .adapter import ADAPTER_PREFIX, AdapterSpec
-from .errors import GateSkipError
-from .execution import ADAPTER_SCOPES
-from .files import atomic_write
-from .fill import FillSpec, SkipFill, fill_tensors, load_fill
-from .gates import GateSet
+from gateskip_core.errors import GateSkipError
+from gateskip_core.files import atomic_write
+from gateskip_core.forward.execution import ADAPTER_SCOPES
+from gateskip_core.gating.adapter import ADAPTER_PREFIX, AdapterSpec
+from gateskip_core.gating.fill import FillSpec, SkipFill, fill_tensors, load_fill
+from gateskip_core.gating.gates import GateSet
 
 FORMAT = "gateskip-gates/1"
 

@@ -12,8 +12,8 @@ from typing import NamedTuple
 
 import torch
 
-from .execution import ForwardResult, KVCache, SkipPlan
-from .trace import Trace
+from gateskip_core.forward.execution import ForwardResult, KVCache, SkipPlan
+from gateskip_core.traces.trace import Trace
 
 
 class Generation(NamedTuple):

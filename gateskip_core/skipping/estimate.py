@@ -11,13 +11,13 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .architecture import ArchSpec
-from .compute import account_sequence
-from .errors import GateSkipError
-from .execution import SkipPlan
-from .gates import BRANCHES
-from .policies import BranchInput
-from .trace import Trace
+from gateskip_core.backbone.architecture import ArchSpec
+from gateskip_core.branches import BRANCHES
+from gateskip_core.errors import GateSkipError
+from gateskip_core.forward.execution import SkipPlan
+from gateskip_core.skipping.policies import BranchInput
+from gateskip_core.traces.compute import account_sequence
+from gateskip_core.traces.trace import Trace
 
 
 def estimate_trace(

@@ -26,10 +26,13 @@ cost more than the skips save.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .architecture import ArchSpec
+if TYPE_CHECKING:  # only a type here: the account reads no torch
+    from gateskip_core.backbone.architecture import ArchSpec
+
 
 FLOP_CONVENTIONS = ("causal", "full")
 

@@ -32,11 +32,10 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from .compute import ComputeAccount
-from .errors import GateSkipError
-from .files import atomic_write
-from .gates import BRANCHES
-from .policies import budget_label
+from gateskip_core.branches import BRANCHES, budget_label
+from gateskip_core.errors import GateSkipError
+from gateskip_core.files import atomic_write
+from gateskip_core.traces.compute import ComputeAccount
 
 TRACE_COLUMNS = [
     "sequence_id",

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import GateSkipError
-from .gates import BRANCHES
+from gateskip_core.branches import BRANCHES, budget_label
+from gateskip_core.errors import GateSkipError
 
 BranchSet = tuple[str, ...]
 
@@ -97,16 +97,6 @@ class SkipBudget:
 
     def describe(self) -> str:
         return budget_label(self.fractions, self.branches, self.total)
-
-
-def budget_label(fractions: np.ndarray, branches: Sequence[str] = BRANCHES, total: float | None = None) -> str:
-    """How a [n_layers, 2] budget prints everywhere: '0.25', '0.25 (global)' or 'mean 0.31 (per layer)'."""
-    active = np.asarray(fractions)[:, [BRANCHES.index(b) for b in branches]]
-    if total is not None:
-        return f"{total:g} (global)"
-    if np.all(active == active.flat[0]):
-        return f"{float(active.flat[0]):g}"
-    return f"mean {float(active.mean()):.3g} (per layer)"
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import GateSkipError
-from .validation import rank_of
+from gateskip_core.errors import GateSkipError
+from gateskip_core.validation import rank_of
 
 FILL_KINDS = ("zero", "mean", "lowrank")
 

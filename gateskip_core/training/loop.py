@@ -50,22 +50,22 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapter import AdapterSpec, LoraAdapter, adapter_tensors, make_trainable_copy
-from .allocation import ALLOCATIONS, allocate_budget, measure_sensitivity
-from .architecture import arch_spec
-from .calibration import CALIBRATION_BUDGETS
-from .checkpoint import GateCheckpoint, save_gates
-from .compute import branch_saving_flops
-from .data import paragraphs, pydoc_texts, token_blocks
-from .errors import GateSkipError
-from .execution import ADAPTER_SCOPES, SKIP_GRADIENTS, Capture, SkipPlan, gated_forward
-from .files import atomic_write, check_writable
-from .fill import FillSpec, SkipFill
-from .gates import GateSet, parse_gate_variant
-from .model import GatedModel, load_model
-from .policies import QuantilePolicy, SkipBudget
-from .registry import DEFAULT_MODEL, cache_root
-from .validation import whole_number
+from gateskip_core.backbone.architecture import arch_spec
+from gateskip_core.backbone.registry import DEFAULT_MODEL, cache_root
+from gateskip_core.data import paragraphs, pydoc_texts, token_blocks
+from gateskip_core.errors import GateSkipError
+from gateskip_core.files import atomic_write, check_writable
+from gateskip_core.forward.execution import ADAPTER_SCOPES, SKIP_GRADIENTS, Capture, SkipPlan, gated_forward
+from gateskip_core.gating.adapter import AdapterSpec, LoraAdapter, adapter_tensors, make_trainable_copy
+from gateskip_core.gating.checkpoint import GateCheckpoint, save_gates
+from gateskip_core.gating.fill import FillSpec, SkipFill
+from gateskip_core.gating.gates import GateSet, parse_gate_variant
+from gateskip_core.model import GatedModel, load_model
+from gateskip_core.skipping.allocation import ALLOCATIONS, allocate_budget, measure_sensitivity
+from gateskip_core.skipping.calibration import CALIBRATION_BUDGETS
+from gateskip_core.skipping.policies import QuantilePolicy, SkipBudget
+from gateskip_core.traces.compute import branch_saving_flops
+from gateskip_core.validation import whole_number
 
 INSTRUCTIONS = [
     "Explain what a hash table is in two sentences.",
@@ -524,8 +524,8 @@ def _setup(config: TrainConfig, log: Callable[[str], None], state_path: Path | N
 def _start_from(path: str, gm: GatedModel, gates: GateSet, adapter: AdapterSpec, student, lora, fill, config, log):
     """Load `path`'s gates and adapter into the ones that train; fit the stand-ins on it without
     training (same adapter scope) when it has none of this kind. Returns its sensitivity profile."""
-    from .checkpoint import load_gates
-    from .fill_fitting import fit_fill
+    from gateskip_core.gating.checkpoint import load_gates
+    from gateskip_core.gating.fill_fitting import fit_fill
 
     ckpt = load_gates(path, gm.spec.fingerprint())
     if (ckpt.gates.variant_label, ckpt.gates.shared) != (gates.variant_label, gates.shared):

@@ -9,11 +9,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .calibration import calibration_sequences
-from .errors import GateSkipError
-from .execution import Capture
-from .fill import FillSpec, SkipFill
-from .gates import BRANCHES
+from gateskip_core.branches import BRANCHES
+from gateskip_core.errors import GateSkipError
+from gateskip_core.forward.execution import Capture
+from gateskip_core.gating.fill import FillSpec, SkipFill
+from gateskip_core.skipping.calibration import calibration_sequences
 
 
 def ridge_fill(x: torch.Tensor, y: torch.Tensor, spec: FillSpec, ridge: float = 1e-2) -> dict[str, torch.Tensor]:

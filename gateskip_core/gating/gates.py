@@ -18,11 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import GateSkipError
-from .validation import rank_of
+from gateskip_core.errors import GateSkipError
+from gateskip_core.validation import rank_of
 
 GateVariant = Literal["vector", "scalar", "mlp", "lowrank"]
-BRANCHES = ("attn", "mlp")
 GATE_VARIANTS: tuple[str, ...] = ("vector", "scalar", "mlp", "lowrank")
 DEFAULT_LOWRANK_RANK = 16
 INIT_WEIGHT_STD = 0.01

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import GateSkipError
+from gateskip_core.errors import GateSkipError
 
 
 @dataclass(frozen=True)

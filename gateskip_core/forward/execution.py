@@ -51,12 +51,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import LoraAdapter
-from .architecture import ArchSpec, LayerParts
-from .errors import GateSkipError
-from .fill import SkipFill
-from .gates import BRANCHES, GateSet
-from .policies import BranchInput, Forced, SkipBudget, SkipPolicy
+from gateskip_core.backbone.architecture import ArchSpec, LayerParts
+from gateskip_core.branches import BRANCHES
+from gateskip_core.errors import GateSkipError
+from gateskip_core.gating.adapter import LoraAdapter
+from gateskip_core.gating.fill import SkipFill
+from gateskip_core.gating.gates import GateSet
+from gateskip_core.skipping.policies import BranchInput, Forced, SkipBudget, SkipPolicy
 
 ExecutionPath = Literal["masked", "physical"]
 KVMode = Literal["compute", "copy"]
