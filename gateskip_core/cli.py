@@ -198,7 +198,10 @@ TRAIN_HELP = {
     "teacher_top_k": "with --distill: the teacher's top-k log-probs per block, computed once and reused (0: exact)",
     "skip_gradient": "none (the paper: a skipped token's gate gets no task gradient) | straight-through (it gets the "
     "first-order cost of its skip)",
-    "rank_weight": "weight of a pairwise loss ranking each branch's gates by how much a skip changes the residual",
+    "rank_weight": "weight of a pairwise loss ranking each branch's gates by what a skip costs (--rank-target)",
+    "rank_target": "what the ranking loss orders tokens by: residual (how much a skip changes the residual, "
+    "|branch - stand-in| / |h|) | first-order (|gradient . (branch - stand-in)|: the skip's first-order cost to "
+    "the task loss; one more backward pass per step)",
     "router_first": "steps at the start in which only the gates and stand-ins train (the adapter joins after)",
     "chat_share": "with --data builtin: the least share of the training text that is the model's own chat answers "
     "(they repeat to reach it; 0: the built-in mix, about a sixth)",

@@ -311,6 +311,55 @@ def test_the_ranking_loss_is_the_mean_pairwise_logistic_loss_over_eligible_pairs
     assert float(ranking_loss(equal, targets, eligible)) == pytest.approx(float(np.log(2)), rel=1e-6)
 
 
+def test_first_order_costs_are_the_gradient_at_the_residual_times_what_a_skip_changes():
+    from gateskip_core import Capture, SkipBudget, SkipPlan, gated_forward
+    from gateskip_core.skipping.policies import QuantilePolicy
+    from gateskip_core.training.loop import first_order_costs
+
+    from .conftest import spread_gates
+
+    model = spread_gates(load_model("tiny-llama"), "lowrank:4")
+    ids = torch.tensor([[1, 5, 9, 33, 7, 2, 11, 40, 3, 17, 8, 6], [1, 12, 4, 4, 30, 6, 21, 2, 9, 14, 22, 5]])
+    plan = SkipPlan(SkipBudget.make(0.4, model.spec.n_layers), QuantilePolicy(), "masked")
+    capture = Capture(gate_values=True, branch_deltas=True, branch_io=True, skip_direction=True)
+    out = gated_forward(model.spec, model.gates, ids, torch.ones_like(ids), plan, capture=capture)
+    task = -out.logits.float().log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None]).mean()
+    costs = first_order_costs(task, out.branch_deltas, out.skip_direction)
+    model.gates.requires_grad_(True)
+    assert all(p.grad is None for p in model.gates.parameters())  # the costs leave no parameter gradient
+    for d in out.branch_deltas:
+        d.grad = None
+    task.backward()  # the same gradient, the usual way
+    layer, index = 1, 3  # the MLP branch of layer 1
+    x, _ = out.branch_io[index]
+    with torch.no_grad():
+        branch = model.spec.layers[layer].mlp(x)  # zero stand-in: a skip removes the whole branch output
+    torch.testing.assert_close(out.skip_direction[index], branch)
+    expected = (out.branch_deltas[index].grad * branch).sum(-1).abs()
+    torch.testing.assert_close(costs[index], expected, rtol=1e-4, atol=1e-10)
+    skipped = out.skipped[:, :-1, layer, 1]  # (the last position predicts nothing the loss counts)
+    assert skipped.any() and (~skipped).any() and (costs[index][:, :-1][skipped] > 0).all()  # skipped ones too
+
+
+def test_the_first_order_rank_target_trains_and_needs_the_ranking_loss(tmp_path):
+    extra = dict(FAST, gate="lowrank:3", calibrate=False, rank_weight=5.0, rank_target="first-order")
+    out = tmp_path / "fo.safetensors"
+    gates = {}
+    for target in ("first-order", "residual"):
+        path = tmp_path / f"{target}.safetensors"
+        train(
+            TrainConfig(**dict(extra, rank_target=target), steps=2, out=str(path)),
+            progress=lambda m: None,
+            show_bar=False,
+        )
+        gates[target] = load_gates(path).gates.attn[1].net[1].bias.detach()
+    assert not torch.allclose(gates["first-order"], gates["residual"])  # the target changes what the gates learn
+    with pytest.raises(GateSkipError, match="--rank-target needs --rank-weight"):
+        TrainConfig(**dict(extra, rank_weight=0.0), out=str(out)).validate()
+    with pytest.raises(GateSkipError, match="--rank-target must be one of residual, first-order"):
+        TrainConfig(**dict(extra, rank_target="exact"), out=str(out)).validate()
+
+
 def test_router_first_trains_gates_and_stand_ins_alone_before_the_adapter_joins(tmp_path):
     extra = dict(
         FAST, gate="lowrank:3", adapter="lora:2", adapter_scope="skipped", skip_fill="lowrank:2", calibrate=False

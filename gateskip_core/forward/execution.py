@@ -113,7 +113,10 @@ class Capture:
       path only);
     - `skip_change`: per branch [B, T], log of how much the residual would change if the token
       skipped the branch (|branch output - stand-in| / |h|), detached: the ranking target of
-      training (masked path only).
+      training (masked path only);
+    - `skip_direction`: per branch [B, T, d], the change itself (branch output - stand-in),
+      detached: with the gradient at `branch_deltas` it gives each skip's first-order cost
+      (the first-order ranking target of training; masked path only).
     """
 
     gate_values: bool = False
@@ -122,6 +125,7 @@ class Capture:
     branch_deltas: bool = False
     branch_io: bool = False
     skip_change: bool = False
+    skip_direction: bool = False
 
 
 @dataclass
@@ -189,6 +193,7 @@ class ForwardResult:
     branch_deltas: list[torch.Tensor] | None = None  # per (layer, branch), grads retained
     branch_io: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per (layer, branch): (x, added)
     skip_change: list[torch.Tensor] | None = None  # per (layer, branch) [B, T] log relative change
+    skip_direction: list[torch.Tensor] | None = None  # per (layer, branch) [B, T, d] branch - stand-in
 
 
 @dataclass
@@ -566,6 +571,8 @@ def _masked_delta(call: _Call, layer: int, x, g, skip, run, fill, run_branch, h)
     if call.result.skip_change is not None:
         size = (raw - stand_in).detach().float().norm(dim=-1) / h.detach().float().norm(dim=-1).clamp(min=1e-6)
         call.result.skip_change.append(size.clamp(min=1e-8).log())
+    if call.result.skip_direction is not None:
+        call.result.skip_direction.append((raw - stand_in).detach())
     if call.result.branch_deltas is not None:
         delta.retain_grad()  # d loss / d delta = d loss / d residual after this branch
         call.result.branch_deltas.append(delta)
@@ -601,6 +608,7 @@ def _start_call(spec, gates, fill, lora, input_ids, attention_mask, plan, cache,
         branch_deltas=[] if capture.branch_deltas else None,
         branch_io=[] if capture.branch_io else None,
         skip_change=[] if capture.skip_change else None,
+        skip_direction=[] if capture.skip_direction else None,
     )
     scoped = plan.adapter_scope == "skipped"
     return _Call(
@@ -625,7 +633,9 @@ def _start_call(spec, gates, fill, lora, input_ids, attention_mask, plan, cache,
 def _check(spec: ArchSpec, gates: GateSet | None, plan: SkipPlan, capture: Capture) -> None:
     if plan.policy is not None and plan.policy.needs_gates and gates is None and not plan.budget.is_zero():
         raise GateSkipError(f"policy {plan.policy.name!r} ranks tokens by their gates; load gates or use 'random'")
-    if (capture.branch_deltas or capture.branch_io or capture.skip_change) and plan.path != "masked":
+    if (capture.branch_deltas or capture.branch_io or capture.skip_change or capture.skip_direction) and (
+        plan.path != "masked"
+    ):
         raise GateSkipError("branch contributions (attribution, stand-ins, ranking targets) need the masked path")
     if plan.budget.fractions.shape[0] != spec.n_layers:
         raise GateSkipError(f"skip budget is for {plan.budget.fractions.shape[0]} layers, model has {spec.n_layers}")

@@ -17,9 +17,11 @@ What tells a gate that skipping *this* token hurts (`--skip-gradient`, `--rank-w
   the gate had scaled (branch output - stand-in), so a skipped token's gate receives the
   first-order change of the loss from its skip;
 - `rank_weight > 0`: a pairwise ranking loss within each (sequence, layer, branch) between the
-  gates (in logit space) and how much skipping would change the residual stream,
-  |branch(x) - stand-in| / |h| (measured on the same masked walk, detached): gates learn to
-  order tokens by what their skip changes;
+  gates (in logit space) and a per-token target measured on the same masked walk (detached):
+  `rank_target="residual"`, how much skipping would change the residual stream,
+  |branch(x) - stand-in| / |h|; `"first-order"`, the skip's first-order cost to the task loss,
+  |dL/dh . (branch(x) - stand-in)| (the gradient at the residual where the branch adds, from one
+  more backward pass): gates learn to order tokens by what their skip costs;
 - `router_first N`: for the first N steps only the gates and stand-ins train on a frozen
   backbone (SkipGPT's schedule); the adapter joins after.
 By default only the gates train (frozen backbone); `adapter="lora:R"`
@@ -66,6 +68,8 @@ from gateskip_core.skipping.calibration import CALIBRATION_BUDGETS
 from gateskip_core.skipping.policies import QuantilePolicy, SkipBudget
 from gateskip_core.traces.compute import branch_saving_flops
 from gateskip_core.validation import whole_number
+
+RANK_TARGETS = ("residual", "first-order")  # what the ranking loss orders tokens by
 
 INSTRUCTIONS = [
     "Explain what a hash table is in two sentences.",
@@ -187,7 +191,8 @@ class TrainConfig:
     init: str = ""  # a gate checkpoint to start from (gates, adapter, stand-ins, sensitivity)
     teacher_top_k: int = 0  # distillation against the teacher's top-k log-probs, cached per block (0: exact)
     skip_gradient: str = "none"  # none (the paper) | straight-through: skipped tokens' gates learn their skip's cost
-    rank_weight: float = 0.0  # weight of the pairwise ranking loss toward each skip's residual change
+    rank_weight: float = 0.0  # weight of the pairwise ranking loss toward each skip's cost
+    rank_target: str = "residual"  # residual | first-order: what the ranking loss orders tokens by
     router_first: int = 0  # steps at the start in which only gates and stand-ins train
     chat_share: float = 0.0  # builtin data: least share of training characters that are the model's chat answers
 
@@ -208,6 +213,10 @@ class TrainConfig:
             raise GateSkipError("--chat-share needs --data builtin (the model's own chat answers)")
         if not math.isfinite(self.rank_weight) or self.rank_weight < 0:
             raise GateSkipError(f"--rank-weight must be a number >= 0, got {self.rank_weight}")
+        if self.rank_target not in RANK_TARGETS:
+            raise GateSkipError(f"--rank-target must be one of {', '.join(RANK_TARGETS)}, got {self.rank_target!r}")
+        if self.rank_target != "residual" and not self.rank_weight:
+            raise GateSkipError("--rank-target needs --rank-weight > 0 (the ranking loss it is the target of)")
         if self.teacher_top_k and not self.distill:
             raise GateSkipError("--teacher-top-k needs --distill")
         whole_number("--teacher-top-k", self.teacher_top_k, minimum=0)
@@ -305,6 +314,9 @@ class _GateObjective(nn.Module):
             skip_gradient=cfg.skip_gradient,
         )
         mask = torch.ones_like(input_ids)
+        # The first-order target needs the task gradient: validation (no grad) leaves the ranking term out.
+        ranked = cfg.rank_weight > 0 and (cfg.rank_target == "residual" or torch.is_grad_enabled())
+        first_order = ranked and cfg.rank_target == "first-order"
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             out = gated_forward(
                 spec,
@@ -312,7 +324,12 @@ class _GateObjective(nn.Module):
                 input_ids,
                 mask,
                 plan,
-                capture=Capture(gate_values=True, skip_change=cfg.rank_weight > 0),
+                capture=Capture(
+                    gate_values=True,
+                    skip_change=ranked and cfg.rank_target == "residual",
+                    branch_deltas=first_order,
+                    skip_direction=first_order,
+                ),
                 fill=self.fill,
                 lora=self.lora,
             )
@@ -337,9 +354,20 @@ class _GateObjective(nn.Module):
         eligible = out.eligible.sum() * spec.n_layers * 2
         skip_rate = out.skipped.sum() / eligible.clamp(min=1)
         loss = task + cfg.sparsity_weight * sparsity
-        if cfg.rank_weight > 0:
-            loss = loss + cfg.rank_weight * ranking_loss(out.gate_values, out.skip_change, out.eligible)
+        if ranked:
+            targets = first_order_costs(task, out.branch_deltas, out.skip_direction) if first_order else out.skip_change
+            loss = loss + cfg.rank_weight * ranking_loss(out.gate_values, targets, out.eligible)
         return loss, task.detach(), sparsity.detach(), skip_rate
+
+
+def first_order_costs(
+    task: torch.Tensor, deltas: list[torch.Tensor], directions: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Per (layer, branch) [B, T]: |dL/dh . (branch - stand-in)|, the first-order change of the task
+    loss if the token skipped the branch (or, skipped, ran it): dL/dh is the gradient at the residual
+    right after the branch adds (= at what it added), taken without touching any parameter's grad."""
+    grads = torch.autograd.grad(task, deltas, retain_graph=True)
+    return [(g.float() * d.float()).sum(-1).abs().detach() for g, d in zip(grads, directions, strict=True)]
 
 
 def ranking_loss(gate_values: list[torch.Tensor], targets: list[torch.Tensor], eligible: torch.Tensor) -> torch.Tensor:
