@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # before torch loads: workers share the cores, and so
+    # do the subprocesses their tests start (each inherits this); two torch pools per core fight
+    _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _workers))
+
+import socket  # noqa: E402
 import subprocess
 import sys
 import time

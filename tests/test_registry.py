@@ -32,6 +32,31 @@ def test_interrupted_conversion_leaves_no_usable_cache(monkeypatch, tmp_path):
     assert list((tmp_path / "models").iterdir()) == []  # the partial directory is cleaned up
 
 
+def test_processes_finding_the_cache_missing_at_once_convert_it_once(monkeypatch, tmp_path):
+    """Two loaders start on a fresh cache (two commands, two test workers): the second waits for the
+    first's conversion and loads it, instead of converting again and replacing it under a reader."""
+    import threading
+    import time
+
+    monkeypatch.setenv("GATESKIP_CACHE", str(tmp_path))
+    entry = registry.RegistryEntry("fake", "fake", "test", locate_gguf=lambda work: work)
+    conversions = []
+
+    def slow_conversion(entry, progress):
+        conversions.append(threading.get_ident())
+        time.sleep(0.5)
+        entry.cache_dir.mkdir(parents=True)
+        (entry.cache_dir / registry._COMPLETE_MARKER).write_text("{}")
+
+    monkeypatch.setattr(registry, "_convert_gguf", slow_conversion)
+    loaders = [threading.Thread(target=registry._ensure_cached, args=(entry, print)) for _ in range(2)]
+    for t in loaders:
+        t.start()
+    for t in loaders:
+        t.join()
+    assert len(conversions) == 1 and entry.is_cached()
+
+
 def test_directory_without_completion_marker_is_not_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("GATESKIP_CACHE", str(tmp_path))
     entry = REGISTRY["smollm2-135m-instruct"]

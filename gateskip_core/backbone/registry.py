@@ -9,11 +9,14 @@ Names:
 A GGUF model is dequantised once and converted into a cache directory
 (`$GATESKIP_CACHE`, default `~/.cache/gateskip`) as safetensors + config +
 tokenizer. The conversion writes into a temporary directory that is renamed into
-place only when complete, so an interrupted conversion is never used.
+place only when complete, so an interrupted conversion is never used; processes that
+find the cache missing at the same time take a file lock in turn, and only the first
+converts (the others load what it wrote).
 """
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
@@ -169,6 +172,18 @@ def _load_hub(hub_id: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         raise GateSkipError(f"cannot load {hub_id!r} from the hub: {str(err).splitlines()[0]}") from None
 
 
+def _ensure_cached(entry: RegistryEntry, progress: Callable[[str], None]) -> None:
+    """Convert the GGUF unless the cache holds it, one process (or thread) at a time: whoever waited
+    for the lock finds the cache complete and converts nothing, so a cache being loaded is never
+    replaced under a reader."""
+    locks = cache_root() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{entry.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not entry.is_cached():
+            _convert_gguf(entry, progress)
+
+
 def _convert_gguf(entry: RegistryEntry, progress: Callable[[str], None]) -> None:
     """Dequantise the GGUF once and write the cache atomically."""
     target = entry.cache_dir
@@ -212,7 +227,7 @@ def load_backbone(
             model, tokenizer = entry.build()
         else:
             if not entry.is_cached():
-                _convert_gguf(entry, progress)
+                _ensure_cached(entry, progress)
             model, tokenizer = _load_dir(entry.cache_dir)
         name = entry.name
     else:
