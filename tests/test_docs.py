@@ -51,7 +51,7 @@ def quoted_commands(page: Path) -> list[str]:
     joined; inline code)."""
     text = page.read_text()
     commands = []
-    for block in re.findall(r"```(?:bash|sh|console)?\n(.*?)```", text, flags=re.S):
+    for block in re.findall(r"```[\w-]*\n(.*?)```", text, flags=re.S):
         joined = re.sub(r"\\\n\s*", " ", block)
         commands += [m.group(0) for m in re.finditer(r"\bgateskip [a-z][\w-]*[^\n#|;&]*", joined)]
     inline = re.sub(r"```.*?```", "", text, flags=re.S)
@@ -104,3 +104,11 @@ def test_the_readme_is_a_front_page():
     for page in sorted((ROOT / "docs").glob("*.md")):
         if page.name not in ("results.md", "chat_examples.md"):  # generated tables, linked from their pages
             assert f"docs/{page.name}" in text, f"the README does not link {page.name}"
+
+
+def test_the_readme_map_names_folders_that_exist():
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Where things are", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    folders = [line.split()[0] for line in block.splitlines() if line.strip()]
+    assert len(folders) >= 8
+    assert [f for f in folders if not (ROOT / f).is_dir() or not (ROOT / f / "__init__.py").is_file()] == []
