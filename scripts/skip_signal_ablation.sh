@@ -7,6 +7,7 @@
 #   rank     --rank-weight 0.5 (pairwise ranking toward each skip's residual change)
 #   router   --router-first STEPS/2 (gates and stand-ins alone first, then the adapter joins)
 #   combo    all three
+#   rankfo   --rank-weight 0.5 --rank-target first-order (ranking toward each skip's first-order cost)
 # Then, for each recipe and the shipped default: quality on held-out pydoc and legal text at budget 0
 # and matched 10/20/30% net saved against both ShortGPT variants (scripts/fidelity_ablation.py),
 # ranking against exact harm on held-out pydoc (gateskip faithfulness), and chat fidelity.
@@ -34,8 +35,9 @@ train ste --skip-gradient straight-through
 train rank --rank-weight 0.5
 train router --router-first $((STEPS / 2))
 train combo --skip-gradient straight-through --rank-weight 0.5 --router-first $((STEPS / 2))
+train rankfo --rank-weight 0.5 --rank-target first-order
 RECIPES=(shipped="$DEFAULT")
-for name in rule ste rank router combo; do RECIPES+=("$name=$RUNS/sig-$name.safetensors"); done
+for name in rule ste rank router combo rankfo; do RECIPES+=("$name=$RUNS/sig-$name.safetensors"); done
 python3 scripts/fidelity_ablation.py --out docs/skip_signal_quality.csv "${RECIPES[@]}"
 for recipe in "${RECIPES[@]}"; do
     label="${recipe%%=*}"; gates="${recipe#*=}"
@@ -44,3 +46,7 @@ for recipe in "${RECIPES[@]}"; do
     gateskip chat-fidelity --gates "$gates" --budgets 0,0.25 --policies quantile --out "$RUNS/chat-$label.csv"
 done
 python3 scripts/skip_signal_table.py "$RUNS" "${RECIPES[@]%%=*}"
+for label in "${RECIPES[@]%%=*}"; do  # the per-recipe ranking and chat tables, next to the summary
+    cp "$RUNS/faith-$label.csv" "docs/skip_signal_faith-$label.csv"
+    cp "$RUNS/chat-$label.csv" "docs/skip_signal_chat-$label.csv"
+done
