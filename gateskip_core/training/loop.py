@@ -467,6 +467,15 @@ def _save_state(
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
+def _check_state(path: Path) -> None:
+    """Fail now, with one line, if the state file to resume from cannot be read."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.metadata()
+    except Exception as err:
+        raise GateSkipError(f"cannot resume: {path.name} is damaged ({str(err).splitlines()[0]})") from None
+
+
 def _load_state(path: Path, objective: _GateObjective, optim: torch.optim.Optimizer):
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -685,6 +694,8 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar
     state_path = _state_path(out)
     if state_path.exists() and not config.resume:
         raise GateSkipError(f"{state_path} exists from an earlier run; pass --resume to continue it or delete it")
+    if config.resume and state_path.exists():
+        _check_state(state_path)  # a damaged state file is refused before any model or data work
     setup = _setup(config, log, state_path if config.resume else None)
     objective = _GateObjective(setup.student, setup.gm.original, setup.gates, setup.fill, config, setup.lora)
     optim = _optimizer(setup, config)
