@@ -35,6 +35,7 @@ N_BINS = 2000  # histogram bins over [0, 1] for the percentiles: exact to 5e-4
 PERCENTILES = (5, 25, 50, 75, 95)
 
 Z95 = 1.959963984540054
+_MEMORY_ROWS = "memory_rows"  # the DataFrame of Traces given in memory, registered under this name
 POSITION_BUCKETS = (0, 1, 4, 16, 64, 256, 1024)  # bucket starts: [0], [1,4), [4,16), ...
 _CSV_TYPES = {
     "sequence_id": "BIGINT",
@@ -115,11 +116,13 @@ class TraceDB:
                 self.con.execute(
                     "CREATE VIEW traces AS SELECT * REPLACE (coalesce(token, '') AS token) FROM raw_traces"
                 )
-            missing = [c for c in _CSV_TYPES if c not in self._columns("traces")]
+            present = set(self._columns("traces"))  # one DESCRIBE, not one per expected column
+            missing = [c for c in _CSV_TYPES if c not in present]
             if missing:
                 raise GateSkipError(f"not a GateSkip trace: missing columns {', '.join(missing)}")
-            if self.dataset is None:  # a dataset's shards are checked by their stamps and row counts
-                self._check_complete(self.source)
+            # A dataset's shards are checked by their stamps and row counts; Traces in memory are whole.
+            if self.dataset is None and scan != _MEMORY_ROWS:
+                self._check_complete()
             self._make_tokens_view()
         except duckdb.Error as err:
             raise GateSkipError(f"cannot read traces {self.source}: {str(err).splitlines()[0]}") from None
@@ -132,8 +135,8 @@ class TraceDB:
             if not all(isinstance(t, Trace) for t in source):
                 raise GateSkipError("TraceDB reads a Trace, a list of Traces, a trace file or a dataset folder")
             self.source = "the traces in memory"
-            self.con.register("memory_rows", _frame(source))
-            return "memory_rows"
+            self.con.register(_MEMORY_ROWS, _frame(source))
+            return _MEMORY_ROWS
         source = self.source = Path(source)
         if is_dataset_path(source):
             self.dataset = open_dataset(source)
@@ -145,11 +148,11 @@ class TraceDB:
             return f"read_csv({_quote(source)}, header = true, columns = {types}, quote = '\"', escape = '\"')"
         return f"read_parquet({_quote(source)})"
 
-    def _check_complete(self, source) -> None:
+    def _check_complete(self) -> None:
         """Every sequence of a trace file has 2 x layers rows per token and at least its prompt."""
         n_layers = self.con.execute("SELECT max(layer) + 1 FROM traces").fetchone()[0]
         if n_layers is None:
-            raise GateSkipError(f"trace file {source} holds no rows")
+            raise GateSkipError(f"trace file {self.source} holds no rows")
         bad = self.con.execute(
             """SELECT sequence_id, count(*) AS n, max(position) + 1 AS t, max(prompt_length) AS prompt
                FROM traces GROUP BY sequence_id HAVING count(*) != (max(position) + 1) * ? * 2
