@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from gateskip_core.backbone.registry import DEFAULT_MODEL
@@ -302,25 +304,60 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="GATES.safetensors (the gates, adapter and the fitted stand-ins)")
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt  # so that `finally` blocks remove temporary files on SIGTERM too
+class _Interrupts:
+    """Turns Ctrl-C and SIGTERM into KeyboardInterrupt (so that `finally` blocks remove temporary
+    files) and remembers that one came: a KeyboardInterrupt raised inside a destructor is only
+    printed by Python as "Exception ignored", and the command would otherwise finish as if the
+    user had not asked it to stop."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._held = False
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.received = True
+        if not self._held:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Record a signal during the block without raising; raise once the block ends.
+
+        Importing torch runs Python callbacks from C++: a KeyboardInterrupt raised inside one
+        aborts the process (pybind11 `terminate`) instead of unwinding."""
+        self._held = True
+        try:
+            yield
+        finally:
+            self._held = False
+        if self.received:
+            raise KeyboardInterrupt
 
 
 def run(build_parser: Callable[[], argparse.ArgumentParser], argv: list[str] | None = None) -> int:
-    """Parse `argv` with `build_parser()` and run the command: user errors exit 2 with one line."""
-    import signal
-
-    signal.signal(signal.SIGTERM, _terminate)
+    """Parse `argv` with `build_parser()` and run the command: user errors exit 2 with one line,
+    an interrupt exits 130 with one line."""
+    interrupts = _Interrupts()
     # One line per error on stderr: no library progress bars ("Loading weights") or deprecation
     # notices from dependencies before it. Our own long steps print their own progress.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        args = build_parser().parse_args(argv)  # builds the train flags from TrainConfig: imports torch
-        return COMMANDS[args.command](args)
+        with interrupts.held():
+            import torch  # noqa: F401  (held: see _Interrupts.held)
+
+            parser = build_parser()  # builds the train flags from TrainConfig
+        args = parser.parse_args(argv)
+        status = COMMANDS[args.command](args)
     except GateSkipError as err:
         print(f"gateskip: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gateskip: interrupted", file=sys.stderr)
         return 130
+    if interrupts.received:  # swallowed where Python ignores exceptions (a destructor)
+        print("gateskip: interrupted", file=sys.stderr)
+        return 130
+    return status

@@ -170,16 +170,23 @@ def _gateskip(*args, cwd=None):
     )
 
 
-def test_ctrl_c_while_importing_prints_one_line():
+@pytest.mark.parametrize("delay", [0.3, 0.6, 1.0, 1.5, 2.0, 3.0])
+def test_ctrl_c_at_any_moment_prints_one_line_and_exits_130(delay, tmp_path):
+    """Ctrl-C while torch imports (the CI machine hit it at 0.5 s: pybind11 aborted the process),
+    while the model loads, or while the command runs: one line, exit status 130."""
     import signal
     import time
 
-    proc = _gateskip("trace", "--model", "tiny-llama", "--text", "hi", "--out", "never.csv")
-    time.sleep(0.5)  # torch is still being imported
+    out = tmp_path / "never.csv"
+    proc = _gateskip("trace", "--model", "tiny-llama", "--text", "hi", "--out", str(out))
+    time.sleep(delay)  # the command takes ~7 s on an idle 2-core machine
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert proc.returncode == 130 and lines == ["gateskip: interrupted"], err
+    # -SIGINT: Python ends a process that saw a KeyboardInterrupt escape a C extension's own
+    # evaluation by killing itself with SIGINT after our message; a shell reports 130 for both.
+    assert proc.returncode in (130, -signal.SIGINT) and lines == ["gateskip: interrupted"], err
+    assert not out.exists()
 
 
 def test_sigterm_during_collect_leaves_no_temporary_or_partial_file(tmp_path):
