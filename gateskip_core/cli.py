@@ -59,7 +59,7 @@ def add_model_args(p: argparse.ArgumentParser, gates_default: str = "none") -> N
     p.add_argument(
         "--gates",
         default=gates_default,
-        help="none | default (shipped gates + adapter + stand-ins) | default-v1 (the previous default) | "
+        help="none | default (shipped gates + adapter + stand-ins) | default-v2 (the previous default) | "
         "default-scalar | untrained[:variant] | FILE.safetensors",
     )
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps")
@@ -258,7 +258,7 @@ def cmd_fit_fill(args: argparse.Namespace) -> int:
         raise GateSkipError("--out must end in .safetensors")
     model = load_model(args.model, gates=args.gates, progress=_progress, device=args.device)
     if model.checkpoint is None:
-        raise GateSkipError("fit-fill needs a gate checkpoint (default, default-v1, default-scalar or a file)")
+        raise GateSkipError("fit-fill needs a gate checkpoint (default, default-v2, default-scalar or a file)")
     scope = model.checkpoint.adapter_scope if args.adapter_scope == "auto" else args.adapter_scope
     base = replace(model.checkpoint, fill=None, adapter_scope=scope)
     model.attach_gates(model.gates, "fitting", base)

@@ -44,7 +44,9 @@ from gateskip_core.traces.trace import SequenceTrace, Trace
 
 SHIPPED_GATES_DIR = Path(__file__).parent / "shipped_gates"
 # Gate specs that name a shipped file, and the file's suffix: {model}-{suffix}.safetensors
-SHIPPED_GATES = {"default": "default", "default-v1": "default-v1", "default-scalar": "scalar"}
+SHIPPED_GATES = {"default": "default", "default-v2": "default-v2", "default-scalar": "scalar"}
+# Gate specs that shipped once and were retired (to keep the shipped files small): how to rebuild them.
+RETIRED_GATES = {"default-v1": "bash scripts/train_shipped_gates.sh writes it to runs/"}
 
 
 class SkipArgs(TypedDict, total=False):
@@ -63,7 +65,7 @@ class SkipArgs(TypedDict, total=False):
 
 
 def shipped_gate_path(model_name: str, spec: str = "default") -> Path:
-    """Where the shipped gates `spec` ('default', 'default-v1', 'default-scalar') for `model_name` live."""
+    """Where the shipped gates `spec` ('default', 'default-v2', 'default-scalar') for `model_name` live."""
     return SHIPPED_GATES_DIR / f"{model_name}-{SHIPPED_GATES[spec]}.safetensors"
 
 
@@ -188,7 +190,7 @@ class GatedModel:
         self._calibrator.clear()
 
     def load_gates(self, gates: str | Path) -> None:
-        """'none', 'default' (the shipped gates), 'default-v1' (the previous default), 'default-scalar',
+        """'none', 'default' (the shipped gates), 'default-v2' (the previous default), 'default-scalar',
         'untrained[:variant]', or a file."""
         spec = str(gates)
         if spec == "none":
@@ -204,6 +206,8 @@ class GatedModel:
                 raise GateSkipError(f"no trained gates '{spec}' ship for {self.name}; train some with `gateskip train`")
             ckpt = load_gates(path, self.spec.fingerprint())
             self.attach_gates(ckpt.gates, f"shipped {spec}", ckpt)
+        elif spec in RETIRED_GATES:
+            raise GateSkipError(f"the gates '{spec}' no longer ship; {RETIRED_GATES[spec]}, then pass that file")
         else:
             ckpt = load_gates(spec, self.spec.fingerprint())
             self.attach_gates(ckpt.gates, Path(spec).name, ckpt)
@@ -536,7 +540,7 @@ def load_model(
 ) -> GatedModel:
     """Load a registry model, checkpoint directory or hub id on `device` in `dtype`, and attach gates.
 
-    gates: 'none', 'default' (the shipped trained gates, adapter and stand-ins), 'default-v1', 'default-scalar',
+    gates: 'none', 'default' (the shipped trained gates, adapter and stand-ins), 'default-v2', 'default-scalar',
     'untrained[:vector|scalar|mlp|lowrank:R]' (freshly initialised), or a .safetensors path.
     """
     device, dtype = resolve_device(device), resolve_dtype(dtype)

@@ -7,7 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export THREADS="${THREADS:-1}" OMP_NUM_THREADS="${THREADS:-1}"
-PREV=gateskip_core/shipped_gates/smollm2-135m-instruct-default-v1.safetensors
+# default-v1 no longer ships: scripts/train_shipped_gates.sh writes it to runs/.
+PREV="${PREV:-runs/smollm2-135m-instruct-default-v1.safetensors}"
+[ -f "$PREV" ] || { echo "fidelity_ablation.sh: $PREV is missing: run scripts/train_shipped_gates.sh first" >&2; exit 2; }
 for scope in skipped all; do
     STEPS=60 NAME="abl-$scope-zero" INIT="$PREV" scripts/train_fidelity.sh --adapter-scope "$scope"
     STEPS=60 NAME="abl-$scope-lowrank32" INIT="$PREV" scripts/train_fidelity.sh --adapter-scope "$scope" --skip-fill lowrank:32

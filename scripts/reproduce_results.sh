@@ -27,7 +27,7 @@ python3 scripts/figure_png.py docs/sweep.html docs/sweep.png
 gateskip collect --gates default --skip 0.25 --file docs/heldout.txt --max-tokens 128 --out docs/heldout_traces.parquet
 gateskip stats --trace docs/heldout_traces.parquet --out docs/layer_stats.csv --bos-out docs/bos.csv \
     --types-out docs/token_types.csv --tokens-out docs/tokens.csv
-gateskip faithfulness --gates default-v1 --file docs/heldout.txt --max-tokens 128 --exact 600 --figure docs/faithfulness.html \
+gateskip faithfulness --gates default-v2 --file docs/heldout.txt --max-tokens 128 --exact 600 --figure docs/faithfulness.html \
     --out docs/faithfulness.csv --entries-out docs/faithfulness_entries.csv
 gateskip faithfulness --gates default --file docs/heldout.txt --max-tokens 128 --exact 600 \
     --out docs/faithfulness_default.csv --entries-out docs/faithfulness_default_entries.csv
@@ -36,8 +36,8 @@ gateskip settled --gates default --skip 0.25 --blocks 32 --out docs/settled.csv 
 gateskip settled --gates default-scalar --skip 0.25 --blocks 32 --out docs/settled_scalar.csv
 python3 scripts/chat_examples.py --out docs/chat_examples.md
 # The shipped default against the previous one and ShortGPT at matched net FLOPs, and chat fidelity.
-python3 scripts/fidelity_ablation.py --out docs/fidelity_default.csv default=default default-v1=default-v1
+python3 scripts/fidelity_ablation.py --out docs/fidelity_default.csv default=default default-v2=default-v2
 gateskip chat-fidelity --gates default --out docs/chat_fidelity.csv
-gateskip chat-fidelity --gates default-v1 --out docs/chat_fidelity_v1.csv
+gateskip chat-fidelity --gates default-v2 --out docs/chat_fidelity_v2.csv
 rm docs/heldout_traces.parquet docs/heldout.txt docs/heldout_legal.txt
 python3 scripts/results_tables.py > docs/results.md

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The skip-signal ablation in the README (docs/skip_signal_*.csv): what tells a gate that a skip hurts.
-# Every recipe continues the shipped default gates (low-rank gates + LoRA 16 + rank-16 stand-ins,
+# Every recipe continues the previous default, default-v2 (low-rank gates + LoRA 16 + rank-16 stand-ins,
 # adapter scope 'skipped', global allocation) for the same number of steps, with one lever or all:
 #   rule     the current rule (a skipped token's gate gets no task gradient)
 #   ste      --skip-gradient straight-through
@@ -18,7 +18,7 @@ export THREADS="${THREADS:-1}" OMP_NUM_THREADS="${THREADS:-1}"
 STEPS="${STEPS:-40}"
 RUNS="${RUNS:-runs}"
 EXACT="${EXACT:-300}"
-DEFAULT=gateskip_core/shipped_gates/smollm2-135m-instruct-default.safetensors
+DEFAULT=gateskip_core/shipped_gates/smollm2-135m-instruct-default-v2.safetensors  # the default when it ran
 mkdir -p "$RUNS" docs
 python3 -c "
 import pathlib

@@ -4,7 +4,7 @@
 # from literature, people and proverbs), chosen before the ablation and looked at only for the final
 # comparison. Writes, for each GATES given (LABEL=GATES), quality at matched 10/20/30% net FLOPs saved
 # against both ShortGPT variants: docs/third_text_<LABEL>.csv (+ _matched.csv).
-#   bash scripts/third_text.sh shipped=default ranked=runs/ranked.safetensors
+#   bash scripts/third_text.sh shipped=default-v2 ranked=default
 # TABLE_ONLY=1 prints the Markdown table from the CSVs already written.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gateskip_core import load_model
+from gateskip_core import GateSkipError, load_model
 
 from .conftest import assert_lens_matches_the_walk, flop_counter_dense
 
@@ -135,8 +135,8 @@ def test_gated_lens_on_smollm2_with_the_shipped_gates_matches_traces_and_logits(
 def test_shipped_default_gates_carry_their_adapter_and_keep_the_original():
     from gateskip_core.model import SHIPPED_GATES_DIR, shipped_gate_path
 
-    for model_name in ("smollm2-135m-instruct", "gemma3-270m"):  # <= 25 MB of shipped gates per model
-        assert sum(p.stat().st_size for p in SHIPPED_GATES_DIR.glob(f"{model_name}-*.safetensors")) <= 25e6
+    for model_name in ("smollm2-135m-instruct", "gemma3-270m"):  # <= 28 MB of shipped gates per model
+        assert sum(p.stat().st_size for p in SHIPPED_GATES_DIR.glob(f"{model_name}-*.safetensors")) <= 28e6
     model = load_model("smollm2-135m-instruct", gates="default")
     ckpt = model.checkpoint
     assert shipped_gate_path(model.name).is_file() and model.adapter.startswith("lora:")
@@ -158,8 +158,11 @@ def test_shipped_default_gates_carry_their_adapter_and_keep_the_original():
     trace = model.trace(TEXT, skip=0.3, policy="calibrated")
     assert "lora:" in trace.gates and "fill" in trace.gates and trace.sequences[0].skipped.any()
     assert not np.allclose(trace.skip_budget, trace.skip_budget[0, 0])  # auto -> the global allocation
-    previous = load_model("smollm2-135m-instruct", gates="default-v1")  # the previous default stays available
-    assert previous.checkpoint.adapter_scope == "all" and previous.fill is None
+    previous = load_model("smollm2-135m-instruct", gates="default-v2")  # the previous default stays available
+    assert previous.checkpoint.adapter_scope == "skipped" and previous.fill is not None
+    assert previous.checkpoint.training["steps"] != ckpt.training["steps"]  # and is another file
+    with pytest.raises(GateSkipError, match="'default-v1' no longer ship; bash scripts/train_shipped_gates.sh"):
+        previous.load_gates("default-v1")
 
 
 def test_gate_attribution_on_smollm2_with_the_shipped_gates_is_exact(smollm2):
@@ -176,8 +179,8 @@ def test_gate_attribution_on_smollm2_with_the_shipped_gates_is_exact(smollm2):
     for source in (0, 14, 28):  # an attention term split by source token adds up to the term
         sources = attention_sources(model, TEXT, 29, "mlp", position, source, skip=0.25)
         assert sources["term"].sum() == pytest.approx(sources.attrs["component_term"], abs=1e-4)
-    # With the previous default (no stand-ins) an earlier branch a token skipped adds exactly nothing.
-    model.load_gates("default-v1")
+    # With gates without stand-ins an earlier branch a token skipped adds exactly nothing.
+    model.load_gates("default-scalar")
     result = gate_attributions(model, TEXT, 29, "mlp", skip=0.25)
     assert result.residual_error < 1e-4 and (result.terms == 0).any()
 
