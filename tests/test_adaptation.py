@@ -65,6 +65,25 @@ def test_full_fine_tuning_keeps_what_it_trained_and_leaves_the_original(tmp_path
     torch.testing.assert_close(_logits(model, ids), _logits(fresh, ids), atol=0, rtol=0)
 
 
+def test_the_adapters_inference_delta_equals_the_trained_form_and_follows_every_change_to_b():
+    """Without gradients a delta is one addmm on a cached s * B^T: equal to s * B(A x) + y, and
+    recomputed after B changes in place (an optimiser step, a loaded checkpoint)."""
+    model = load_model("tiny-llama")
+    torch.manual_seed(0)
+    lora = LoraAdapter(model.spec.layers, rank=4)
+    for b in lora.B.values():
+        torch.nn.init.normal_(b)
+    x, y = torch.randn(5, model.spec.d_model), torch.randn(5, model.spec.d_model)
+    expected = y + lora.delta(0, "q_proj", x)
+    with torch.no_grad():
+        torch.testing.assert_close(lora.add_delta(0, "q_proj", x, y), expected)
+        lora.B["0_q_proj"].mul_(3.0)
+        torch.testing.assert_close(lora.add_delta(0, "q_proj", x, y), y + 3 * (expected - y))
+    # With gradients (training) the delta is the trained form, and B gets its gradient.
+    lora.add_delta(0, "q_proj", x, y).sum().backward()
+    assert lora.B["0_q_proj"].grad is not None and lora.B["0_q_proj"].grad.abs().sum() > 0
+
+
 def test_lora_checkpoint_round_trips_and_is_refused_for_another_model(tmp_path):
     out, state = _train(tmp_path, "lora", adapter="lora:4", gate="lowrank:3", distill=True)
     ckpt = load_gates(out)

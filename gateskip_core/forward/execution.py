@@ -258,8 +258,11 @@ class AdapterRows:
         if self.lora is None:
             return y
         if self.index is None:
-            return y + self.lora.delta(self.layer, name, x)
-        return y.index_add(0, self.index, self.lora.delta(self.layer, name, x[self.index]))
+            return self.lora.add_delta(self.layer, name, x, y)
+        rows = x[self.index]
+        return y.index_add(
+            0, self.index, self.lora.add_delta(self.layer, name, rows, rows.new_zeros(len(rows), y.shape[1]))
+        )
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

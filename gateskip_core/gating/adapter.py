@@ -52,6 +52,7 @@ class LoraAdapter(nn.Module):
         self.n_layers = len(layers)
         self.A = nn.ParameterDict()
         self.B = nn.ParameterDict()
+        self._scaled_bt: dict[str, tuple[tuple, torch.Tensor]] = {}  # key -> (B's identity and version, s * B^T)
         self.targets = tuple(name for name in LORA_TARGETS if getattr(layers[0], name) is not None)
         for i, parts in enumerate(layers):
             for name in self.targets:
@@ -75,6 +76,21 @@ class LoraAdapter(nn.Module):
     def delta(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor:
         key = self._key(layer, name)
         return F.linear(F.linear(x, self.A[key]), self.B[key]) * self.scaling
+
+    def add_delta(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """`y + delta(layer, name, x)`. Without gradients it is one `addmm` on a cached s * B^T
+        (two calls per projection instead of four: at batch-1 decoding the calls, not the
+        rank-R FLOPs, are what an adapted row costs)."""
+        key = self._key(layer, name)
+        a, b = self.A[key], self.B[key]
+        if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+            return y + F.linear(F.linear(x, a), b) * self.scaling
+        stamp = (b.data_ptr(), b._version, b.dtype, b.device)  # any change to B makes a new one
+        cached = self._scaled_bt.get(key)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, (b.detach() * self.scaling).t().contiguous())
+            self._scaled_bt[key] = cached
+        return torch.addmm(y, F.linear(x, a), cached[1])
 
     def flops_per_row(self, layers) -> tuple[int, int, int]:
         """FLOPs of the deltas per adapted row: (k + v projections, q + o, the MLP) of one layer."""
