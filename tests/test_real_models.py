@@ -72,6 +72,36 @@ def test_smollm2_cached_generation_matches_rerun(smollm2):
         assert seq.skipped[seq.prompt_length :].any()
 
 
+@pytest.mark.parametrize("model_name", ["smollm2-135m-instruct", "gemma3-270m"])
+def test_shipped_gates_masked_physical_and_cached_decoding_agree(model_name):
+    """One backbone with the shipped adapter (per-row deltas, scope 'skipped') and stand-ins: the
+    masked and physical paths give the same decisions and logits, and cached decoding (physical)
+    gives every token the decisions and next token of an uncached run over the whole text."""
+    model = load_model(model_name, gates="default")
+    assert model.adapter_scope == "skipped" and model.lora is not None and model.fill is not None
+    batch = model.encode([TEXT])
+    masked = model.forward(batch.input_ids, batch.attention_mask, model.make_plan(0.3, path="masked"))
+    physical = model.forward(batch.input_ids, batch.attention_mask, model.make_plan(0.3, path="physical"))
+    assert torch.equal(masked.skipped, physical.skipped) and masked.skipped.any()
+    torch.testing.assert_close(physical.logits, masked.logits, atol=2e-3, rtol=1e-3)
+    texts = [TEXT, "Short prompt.", "Name the planets of the solar system.", "Gates decide which tokens skip."]
+    policy = model.calibrate(model.make_plan(0.3).budget, texts=texts)
+    gen = model.generate(
+        "Name three colours, then three animals.",
+        max_new_tokens=6,
+        skip=0.3,
+        policy=policy,
+        stop_at_eos=False,
+        path="physical",
+    )
+    seq = gen.trace.sequences[0]
+    ids = torch.as_tensor(seq.token_ids)[None]
+    out = model.forward(ids, torch.ones_like(ids), model.make_plan(0.3, policy))
+    np.testing.assert_array_equal(out.skipped[0].numpy(), seq.skipped)
+    assert seq.skipped[seq.prompt_length :].any()
+    assert out.logits[0, -1].argmax().item() == gen.trace.extra["generated_token_ids"][0][-1]
+
+
 def test_gemma3_loads_and_runs():
     model = load_model("gemma3-270m", gates="untrained")
     assert model.spec.model_type == "gemma3_text" and model.spec.n_layers == 18
@@ -190,7 +220,7 @@ def test_shipped_gemma3_gates_load_with_their_fingerprint_and_keep_the_original(
     from gateskip_core.model import shipped_gate_path
 
     path = shipped_gate_path("gemma3-270m")
-    assert path.is_file() and path.stat().st_size <= 25e6
+    assert path.is_file() and path.stat().st_size <= 28e6
     assert gate_choices("gemma3-270m")[0] == "default"  # the dashboard opens Gemma-3 with them
     model = load_model("gemma3-270m", gates="default")
     ckpt = model.checkpoint
