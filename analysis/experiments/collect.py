@@ -118,13 +118,8 @@ def collect(
 
             def flush():
                 nonlocal writer, n_seq, n_rows, n_truncated
-                order = sorted(range(len(batch)), key=lambda i: len(batch[i]))  # characters: a length proxy
-                trace = model.trace([batch[i] for i in order], batch_size=batch_size, **trace_kwargs)
+                trace = _trace_by_length(model, batch, batch_size=batch_size, **trace_kwargs)
                 n_truncated += len(trace.notices)
-                in_corpus_order = [None] * len(batch)
-                for seq, i in zip(trace.sequences, order):
-                    in_corpus_order[i] = seq
-                trace = dataclasses.replace(trace, sequences=in_corpus_order)
                 df = trace.to_dataframe()
                 df["sequence_id"] += n_seq
                 if suffix == ".parquet":
@@ -163,18 +158,25 @@ def _differences(old: dict, new: dict) -> str:
     return "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in keys if old.get(k) != new.get(k))
 
 
+def _trace_by_length(model: GatedModel, texts: Sequence[str], **trace_kwargs):
+    """`model.trace(texts)` with the texts batched by length (less padding), sequences returned
+    in the order of `texts`."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # characters: a length proxy
+    trace = model.trace([texts[i] for i in order], **trace_kwargs)
+    in_given_order = [None] * len(texts)
+    for seq, i in zip(trace.sequences, order):
+        in_given_order[i] = seq
+    return dataclasses.replace(trace, sequences=in_given_order)
+
+
 def _trace_shard(model: GatedModel, texts: Sequence[str], first_sequence: int, settings: dict, skip_args: dict):
     """One shard's traces as a table, sequences in corpus order (batched by length inside the shard)."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # characters: a length proxy
-    trace = model.trace(
-        [texts[i] for i in order], batch_size=settings["batch_size"], max_tokens=settings["max_tokens"], **skip_args
+    trace = _trace_by_length(
+        model, texts, batch_size=settings["batch_size"], max_tokens=settings["max_tokens"], **skip_args
     )
-    in_corpus_order = [None] * len(texts)
-    for seq, i in zip(trace.sequences, order):
-        in_corpus_order[i] = seq
-    df = dataclasses.replace(trace, sequences=in_corpus_order).to_dataframe()
+    df = trace.to_dataframe()
     df["sequence_id"] += first_sequence
-    tokens = sum(s.n_tokens for s in in_corpus_order)
+    tokens = sum(s.n_tokens for s in trace.sequences)
     truncated = sum(notice.endswith(" tokens") and " truncated to " in notice for notice in trace.notices)
     return pa.Table.from_pandas(df, preserve_index=False), tokens, truncated
 

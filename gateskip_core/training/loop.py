@@ -467,22 +467,24 @@ def _save_state(
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
-def _check_state(path: Path) -> None:
-    """Fail now, with one line, if the state file to resume from cannot be read."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            f.metadata()
-    except Exception as err:
-        raise GateSkipError(f"cannot resume: {path.name} is damaged ({str(err).splitlines()[0]})") from None
-
-
-def _load_state(path: Path, objective: _GateObjective, optim: torch.optim.Optimizer):
+def _read_state(path: Path, with_tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The state file's metadata and tensors, or one line naming the damaged file."""
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
     except Exception as err:
         raise GateSkipError(f"cannot resume: {path.name} is damaged ({str(err).splitlines()[0]})") from None
+    return meta, tensors
+
+
+def _check_state(path: Path) -> None:
+    """Fail now, with one line, if the state file to resume from cannot be read."""
+    _read_state(path, with_tensors=False)
+
+
+def _load_state(path: Path, objective: _GateObjective, optim: torch.optim.Optimizer):
+    meta, tensors = _read_state(path)
     params = dict(objective.named_parameters())
     with torch.no_grad():
         for key, value in tensors.items():
