@@ -170,7 +170,7 @@ def _gateskip(*args, cwd=None):
     )
 
 
-@pytest.mark.parametrize("delay", [0.3, 0.6, 1.0, 1.5, 2.0, 3.0])
+@pytest.mark.parametrize("delay", [0.5, 0.8, 1.2, 1.6, 2.0, 3.0])
 def test_ctrl_c_at_any_moment_prints_one_line_and_exits_130(delay, tmp_path):
     """Ctrl-C while torch imports (the CI machine hit it at 0.5 s: pybind11 aborted the process),
     while the model loads, or while the command runs: one line, exit status 130."""
