@@ -110,7 +110,10 @@ def test_clicking_a_heatmap_cell_explains_that_gate_in_real_chromium(server):
     playwright = require_browser()
     with playwright.sync_playwright() as p:
         browser, page = open_app(p, server)
-        heatmap = page.locator(".js-plotly-plot").first  # the token strip is text, the heatmap the first figure
+        # The token strip is text, the heatmap the first figure shown (the other tabs' figures are
+        # in the page too, hidden, and may be drawn before it).
+        heatmap = page.locator(".js-plotly-plot:visible").first
+        heatmap.wait_for(state="visible", timeout=60_000)
         heatmap.scroll_into_view_if_needed()
         page.wait_for_timeout(1000)
         # The cell markers: invisible (opacity 0), one per (layer, token); pick one in the middle.
