@@ -15,5 +15,10 @@ if [ "${GATESKIP_SKIP_BROWSER:-0}" != "1" ] && ! command -v chromium >/dev/null 
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
     || echo "setup: chromium could not be installed; the browser test will be skipped" >&2
 fi
+# Debian's quotations, the third held-out text of scripts/third_text.sh (not needed by the tests).
+if ! [ -f /usr/share/games/fortunes/literature ] && command -v apt-get >/dev/null 2>&1; then
+  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes >/dev/null) \
+    || echo "setup: fortunes could not be installed; scripts/third_text.sh will say so" >&2
+fi
 # pyenv installs console scripts (`gateskip`) behind shims that must be refreshed.
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi

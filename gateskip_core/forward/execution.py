@@ -259,10 +259,7 @@ class AdapterRows:
             return y
         if self.index is None:
             return self.lora.add_delta(self.layer, name, x, y)
-        rows = x[self.index]
-        return y.index_add(
-            0, self.index, self.lora.add_delta(self.layer, name, rows, rows.new_zeros(len(rows), y.shape[1]))
-        )
+        return y.index_add(0, self.index, self.lora.delta(self.layer, name, x[self.index]))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

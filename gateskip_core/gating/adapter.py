@@ -73,24 +73,34 @@ class LoraAdapter(nn.Module):
             f"{ADAPTER_PREFIX}model.layers.{layer}.{LORA_MODULE.get(name, 'mlp')}.{name}.lora_{matrix}.default.weight"
         )
 
-    def delta(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor:
-        key = self._key(layer, name)
-        return F.linear(F.linear(x, self.A[key]), self.B[key]) * self.scaling
-
-    def add_delta(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """`y + delta(layer, name, x)`. Without gradients it is one `addmm` on a cached s * B^T
-        (two calls per projection instead of four: at batch-1 decoding the calls, not the
-        rank-R FLOPs, are what an adapted row costs)."""
-        key = self._key(layer, name)
+    def _inference_bt(self, key: str) -> torch.Tensor | None:
+        """s * B^T, cached until B changes; None when gradients flow to A or B (training), where
+        the delta must be the trained form. At batch-1 decoding the calls, not the rank-R FLOPs,
+        are what an adapted row costs: this makes a delta two calls instead of four."""
         a, b = self.A[key], self.B[key]
         if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
-            return y + F.linear(F.linear(x, a), b) * self.scaling
+            return None
         stamp = (b.data_ptr(), b._version, b.dtype, b.device)  # any change to B makes a new one
         cached = self._scaled_bt.get(key)
         if cached is None or cached[0] != stamp:
             cached = (stamp, (b.detach() * self.scaling).t().contiguous())
             self._scaled_bt[key] = cached
-        return torch.addmm(y, F.linear(x, a), cached[1])
+        return cached[1]
+
+    def delta(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor:
+        key = self._key(layer, name)
+        bt = self._inference_bt(key)
+        if bt is None:
+            return F.linear(F.linear(x, self.A[key]), self.B[key]) * self.scaling
+        return torch.matmul(F.linear(x, self.A[key]), bt)
+
+    def add_delta(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """`y + delta(layer, name, x)` for rows x [N, in]: one `addmm` without gradients."""
+        key = self._key(layer, name)
+        bt = self._inference_bt(key)
+        if bt is None:
+            return y + self.delta(layer, name, x)
+        return torch.addmm(y, F.linear(x, self.A[key]), bt)
 
     def flops_per_row(self, layers) -> tuple[int, int, int]:
         """FLOPs of the deltas per adapted row: (k + v projections, q + o, the MLP) of one layer."""
