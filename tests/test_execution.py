@@ -56,6 +56,23 @@ def test_masked_and_physical_paths_agree(tiny, skip, kv):
     torch.testing.assert_close(outs["masked"].logits[real], outs["physical"].logits[real], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("skip", [0.0, 0.3])
+@pytest.mark.parametrize("path", ["masked", "physical"])
+def test_padding_runs_no_branch(tiny, path, skip):
+    """Left padding adds nothing to its own residual on either path, with or without skips (the
+    compute account charges real tokens only; budget 0 takes the no-mask fast path)."""
+    batch = tiny.encode(PROMPTS)
+    pad = ~batch.attention_mask.bool()
+    assert pad.any()
+    with torch.no_grad():  # a zero embedding would stay zero through any branch; make padding visible
+        embedding = tiny.backbone.get_input_embeddings().weight
+        embedding[tiny.tokenizer.pad_token_id] = torch.randn(embedding.shape[1])
+    plan = tiny.make_plan(skip, "quantile", path=path)
+    out = tiny.forward(batch.input_ids, batch.attention_mask, plan, capture=Capture(hidden_states=True))
+    assert torch.equal(out.hidden_states[-1][pad], out.hidden_states[0][pad])
+    assert not torch.equal(out.hidden_states[-1][~pad], out.hidden_states[0][~pad])
+
+
 @dataclass(frozen=True)
 class SkipPositions(SkipPolicy):
     """Test policy: the given positions skip every branch of every layer."""

@@ -218,22 +218,35 @@ class _Call:
     prev_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # kv="copy": the layer below's
     masks: dict = field(default_factory=dict)  # attention masks by sliding window (every-token path)
     adapted: torch.Tensor | None = None  # [B, T] adapter scope "skipped": the token has skipped a branch
+    # Counts kept as Python ints, so that the common cases (nothing skipped, no token or every token
+    # on the adapter: every decoding step at batch 1) need no mask arithmetic and no extra sync.
+    n_adapted: int = 0
+    all_real: bool = True  # no padding in this call
+
+    def mark_skipped(self, skip: torch.Tensor, n_skip: int) -> None:
+        """Scope "skipped": tokens that skipped this branch run the adapted model from here on."""
+        if self.adapted is not None and n_skip and self.n_adapted < self.adapted.numel():
+            self.adapted = self.adapted | skip
+            self.n_adapted = int(self.adapted.sum())
 
     def adapter_rows(self, layer: int, rows: tuple[torch.Tensor, torch.Tensor] | None) -> AdapterRows:
         """Which of the rows a projection runs on (every token of the call, or the packed `rows`
         (b_idx, t_idx)) get the LoRA delta: all of them in scope "all", the adapted ones in "skipped"."""
-        if self.lora is None:
+        if self.lora is None or (self.adapted is not None and self.n_adapted == 0):
             return AdapterRows(None, layer, None)
-        if self.adapted is None:
+        if self.adapted is None or self.n_adapted == self.adapted.numel():
             return AdapterRows(self.lora, layer, None)
         mask = self.adapted.reshape(-1) if rows is None else self.adapted[rows[0], rows[1]]
         return AdapterRows(self.lora, layer, mask)
 
-    def scaled(self, rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
-        """Which rows the gate scales (None: all): tokens on the adapted model (scope "skipped": from
-        their first skip on; a kept branch before it adds its output unscaled, as the original does)."""
-        if self.adapted is None:
-            return None
+    def scaled(self, rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | bool:
+        """Which rows the gate scales (True: all, False: none): tokens on the adapted model (scope
+        "skipped": from their first skip on; a kept branch before it adds its output unscaled, as the
+        original does)."""
+        if self.adapted is None or self.n_adapted == self.adapted.numel():
+            return True
+        if self.n_adapted == 0:
+            return False
         return self.adapted if rows is None else self.adapted[rows[0], rows[1]]
 
 
@@ -518,7 +531,7 @@ def layer_keys_values(call: _Call, layer: int, x: torch.Tensor, skip: torch.Tens
     return call.cache.append_layer(layer, k, v) if call.cache is not None else (k, v)
 
 
-def apply_branch(call: _Call, layer: int, branch: str, h, x, g, skip, run_branch) -> torch.Tensor:
+def apply_branch(call: _Call, layer: int, branch: str, h, x, g, skip, n_skip: int, run_branch) -> torch.Tensor:
     """h + what the branch adds for every token.
 
     A token that runs the branch adds `g * branch(x)` (or `branch(x)`, unscaled and without the
@@ -528,19 +541,23 @@ def apply_branch(call: _Call, layer: int, branch: str, h, x, g, skip, run_branch
     (`x_rows` [B, T, d], `rows` None), on the physical path only for the packed rows that run it
     (`rows` from `pack_rows`, `x_rows` [N, d]).
     """
-    run = call.real & ~skip
     fill = call.fill.fill(layer, branch) if call.fill is not None else None
+    everybody = n_skip == 0 and call.all_real
     if call.plan.path == "masked":
-        return h + _masked_delta(call, layer, x, g, skip, run, fill, run_branch, h)
-    if fill is not None and bool(skip.any()):
+        if everybody and not _records_branch_outputs(call):  # nothing to mask
+            return h + _scaled(call, g, run_branch(layer, x, None), None)
+        return h + _masked_delta(call, layer, x, g, skip, call.real & ~skip, fill, run_branch, h)
+    if everybody:  # no gather, no scatter
+        return h + _scaled(call, g, run_branch(layer, x, None), None)
+    if fill is not None and n_skip:
         b_idx, t_idx = skip.nonzero(as_tuple=True)
         h = h.index_put((b_idx, t_idx), h[b_idx, t_idx] + fill(x[b_idx, t_idx]).to(h.dtype))
+    run = call.real & ~skip
     n_run = int(run.sum())
     if n_run == 0:  # nobody runs it (a skipping decoding step): nothing to compute
         return h
     if n_run == run.numel():  # everybody runs it: no gather, no scatter
-        y = run_branch(layer, x, None)
-        return h + _scaled(call, g, y, None)
+        return h + _scaled(call, g, run_branch(layer, x, None), None)
     rows = pack_rows(run)
     b_idx, t_idx = rows[0], rows[1]
     y = run_branch(layer, x[b_idx, t_idx], rows)
@@ -550,10 +567,19 @@ def apply_branch(call: _Call, layer: int, branch: str, h, x, g, skip, run_branch
 
 def _scaled(call: _Call, g: torch.Tensor | None, y: torch.Tensor, rows) -> torch.Tensor:
     """`g * y` on the rows the gate scales (all, or the adapted ones under scope "skipped")."""
-    if g is None:
-        return y
     scaled = call.scaled(rows)
-    return g * y if scaled is None else torch.where(scaled[..., None], g * y, y)
+    if g is None or scaled is False:
+        return y
+    return g * y if scaled is True else torch.where(scaled[..., None], g * y, y)
+
+
+def _records_branch_outputs(call: _Call) -> bool:
+    """Whether the masked path must build each branch's delta in full: a straight-through gradient,
+    or records of what branches add (training targets, attribution, stand-in fitting)."""
+    res = call.result
+    return call.plan.skip_gradient != "none" or any(
+        r is not None for r in (res.skip_change, res.skip_direction, res.branch_deltas, res.branch_io)
+    )
 
 
 def _masked_delta(call: _Call, layer: int, x, g, skip, run, fill, run_branch, h) -> torch.Tensor:
@@ -627,6 +653,7 @@ def _start_call(spec, gates, fill, lora, input_ids, attention_mask, plan, cache,
         result=result,
         no_gate=torch.ones(B, T, device=device),
         adapted=torch.zeros(B, T, dtype=torch.bool, device=device) if scoped else None,
+        all_real=bool(real.all()),
     )
 
 
@@ -675,15 +702,15 @@ def gated_forward(
         h_in = h  # the parallel residual's MLP reads the residual entering the layer
         x = parts.attn_norm(h)
         g, skip = decide_branch(call, layer, "attn", x)
-        if call.adapted is not None:
-            call.adapted = call.adapted | skip
+        n_skip = int(skip.sum())
+        call.mark_skipped(skip, n_skip)
         keys, values = layer_keys_values(call, layer, x, skip, cos, sin)
-        h = apply_branch(call, layer, "attn", h, x, g, skip, attention_branch(call, cos, sin, keys, values))
+        h = apply_branch(call, layer, "attn", h, x, g, skip, n_skip, attention_branch(call, cos, sin, keys, values))
         x = parts.mlp_norm(h_in if parts.parallel_residual else h)
         g, skip = decide_branch(call, layer, "mlp", x)
-        if call.adapted is not None:
-            call.adapted = call.adapted | skip
-        h = apply_branch(call, layer, "mlp", h, x, g, skip, mlp_branch(call))
+        n_skip = int(skip.sum())
+        call.mark_skipped(skip, n_skip)
+        h = apply_branch(call, layer, "mlp", h, x, g, skip, n_skip, mlp_branch(call))
     if hidden is not None:
         hidden.append(h)
     res = call.result
