@@ -4,11 +4,11 @@
     for each layer:
         record hidden state h                                  (capture.hidden_states)
         x = attn_norm(h)
-        g, skip = decide_branch(call, layer, "attn", x)        # g = gate(x.detach()); policy.decide(mean(g))
+        g, skip, n = decide_branch(call, layer, "attn", x)     # g = gate(x.detach()); policy.decide(mean(g))
         keys, values = layer_keys_values(call, parts, x, skip) # every position's K/V, appended to the cache
         h = apply_branch(call, h, x, g, skip, query_side)      # h + g * attention(x) for tokens that run it
         x = mlp_norm(h)
-        g, skip = decide_branch(call, layer, "mlp", x)
+        g, skip, n = decide_branch(call, layer, "mlp", x)
         h = apply_branch(call, h, x, g, skip, mlp)             # h + g * mlp(x) for tokens that run it
     logits = lm_head(final_norm(h))
 
@@ -222,6 +222,7 @@ class _Call:
     # on the adapter: every decoding step at batch 1) need no mask arithmetic and no extra sync.
     n_adapted: int = 0
     all_real: bool = True  # no padding in this call
+    no_skip: tuple[torch.Tensor, torch.Tensor] | None = None  # (skip, threshold) of a branch with budget 0
 
     def mark_skipped(self, skip: torch.Tensor, n_skip: int) -> None:
         """Scope "skipped": tokens that skipped this branch run the adapted model from here on."""
@@ -434,7 +435,8 @@ def pack_rows(run: torch.Tensor):
 
 
 def decide_branch(call: _Call, layer: int, branch: str, x: torch.Tensor):
-    """Gate values [B, T, d|1] (None without gates) and the skip mask [B, T] of one branch."""
+    """Gate values [B, T, d|1] (None without gates), the skip mask [B, T] of one branch and how
+    many tokens skip it."""
     bi = BRANCHES.index(branch)
     res = call.result
     g = call.gates.gate(layer, branch)(x) if call.gates is not None else None
@@ -446,6 +448,13 @@ def decide_branch(call: _Call, layer: int, branch: str, x: torch.Tensor):
             res.gate_values.append(g)
         if res.gate_vectors is not None:
             res.gate_vectors[:, :, layer, bi] = g.detach().float().expand(*call.real.shape, call.spec.d_model)
+    if call.plan.budget.at(layer, branch) <= 0 and not any(
+        f.layer == layer and f.branch == branch for f in call.plan.forced
+    ):  # nothing can skip: one shared no-skip record per call
+        if call.no_skip is None:
+            call.no_skip = (torch.zeros_like(call.eligible), torch.full(gate.shape, float("-inf"), device=gate.device))
+        call.records.append((gate, call.no_skip[1], call.no_skip[0]))
+        return g, call.no_skip[0], 0
     history = call.cache is not None and call.cache.gate is not None
     skip, threshold = branch_decision(
         call.plan,
@@ -458,7 +467,7 @@ def decide_branch(call: _Call, layer: int, branch: str, x: torch.Tensor):
         history_eligible=call.cache.eligible if history else None,
     )
     call.records.append((gate, threshold, skip))
-    return g, skip
+    return g, skip, int(skip.sum())
 
 
 def branch_decision(
@@ -701,14 +710,12 @@ def gated_forward(
         cos, sin = rope[parts.rope_kind]  # [B, T, hd]
         h_in = h  # the parallel residual's MLP reads the residual entering the layer
         x = parts.attn_norm(h)
-        g, skip = decide_branch(call, layer, "attn", x)
-        n_skip = int(skip.sum())
+        g, skip, n_skip = decide_branch(call, layer, "attn", x)
         call.mark_skipped(skip, n_skip)
         keys, values = layer_keys_values(call, layer, x, skip, cos, sin)
         h = apply_branch(call, layer, "attn", h, x, g, skip, n_skip, attention_branch(call, cos, sin, keys, values))
         x = parts.mlp_norm(h_in if parts.parallel_residual else h)
-        g, skip = decide_branch(call, layer, "mlp", x)
-        n_skip = int(skip.sum())
+        g, skip, n_skip = decide_branch(call, layer, "mlp", x)
         call.mark_skipped(skip, n_skip)
         h = apply_branch(call, layer, "mlp", h, x, g, skip, n_skip, mlp_branch(call))
     if hidden is not None:
