@@ -128,6 +128,30 @@ def test_layers_view_and_exports(app):
     assert len(app.dataframe) >= 2  # layer summary and layer table
 
 
+def test_layer_tables_follow_the_shown_trace_and_are_reused_while_it_stays(app, monkeypatch):
+    """A rerun that leaves the trace as it was (the types radio) reuses the Layers view's tables; a
+    budget change recomputes them from the new trace."""
+    import dashboard.views.layers as layers
+    from analysis.traces.tracedb import TraceDB
+
+    built = []
+
+    class CountingTraceDB(TraceDB):
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(layers, "TraceDB", CountingTraceDB)
+    app.radio(key="type_module").set_value("attn").run()
+    assert not app.exception and built == []
+    app.sidebar.slider(key="global_budget").set_value(0.6).run()
+    assert not app.exception and len(built) == 1
+    expected = TraceDB(app.session_state["shown_trace"]).layer_table()
+    shown = [d.value for d in app.dataframe if list(d.value.columns) == list(expected.columns)]
+    assert expected["skip_rate"].sum() > 0
+    pd.testing.assert_frame_equal(shown[-1].reset_index(drop=True), expected.reset_index(drop=True))
+
+
 def test_sweep_view_runs_with_progress_and_exports(app):
     app.button(key="run_sweep").click().run()
     assert not app.exception

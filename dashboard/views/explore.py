@@ -31,7 +31,11 @@ def current_traces(cfg: service.Settings, text: str, chat: bool):
         st.session_state["capture"] = service.capture(view, text, chat, cfg.adapter_scope)
         st.session_state["capture_key"] = key
     captured, truncated = st.session_state["capture"]
-    est = service.estimate(view, captured, cfg)
+    est_key = ("estimate", key, str(cfg.skip_args()))
+    if st.session_state.get("estimate_key") != est_key:  # one estimate per setting, kept across reruns
+        st.session_state["estimate"] = service.estimate(view, captured, cfg)
+        st.session_state["estimate_key"] = est_key
+    est = st.session_state["estimate"]
     ex = quality = seconds = None
     if cfg.mode == "exact":
         ex_key = ("exact", key, str(cfg.skip_args()))

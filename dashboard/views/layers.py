@@ -15,15 +15,14 @@ def layers_view(cfg: service.Settings) -> None:
     shown = explored_trace()
     if shown is None:
         return
-    stats = TraceDB(shown)
-    table = stats.layer_table()
+    table, bos_table, type_table = layer_tables(shown)
     fig = figures.layer_profile_figure(table)
     st.plotly_chart(fig, key="layer_profile")
     st.dataframe(layer_skip_summary(table), hide_index=True)
-    bos = figures.bos_figure(stats.bos_table())
+    bos = figures.bos_figure(bos_table)
     st.plotly_chart(bos, key="bos")
     branch = st.radio("Token types for", ["mlp", "attn"], horizontal=True, key="type_module")
-    types = figures.token_type_figure(stats.token_type_table(), branch=branch)
+    types = figures.token_type_figure(type_table, branch=branch)
     st.plotly_chart(types, key="types")
     st.dataframe(table, hide_index=True)
     c1, c2, c3, c4 = st.columns(4)
@@ -31,3 +30,14 @@ def layers_view(cfg: service.Settings) -> None:
     figure_download(c2, "Layer profile (HTML)", fig, "layer_profile.html")
     figure_download(c3, "BOS profile (HTML)", bos, "bos_profile.html")
     figure_download(c4, "Token types (HTML)", types, "token_types.html")
+
+
+def layer_tables(shown):
+    """The layer, BOS and token-type tables of the shown trace, computed once per trace: a rerun that
+    leaves the trace as it was (another tab's widget, the types radio) reuses them."""
+    held = st.session_state.get("layer_tables")
+    if held is None or held[0] is not shown:
+        stats = TraceDB(shown)
+        held = (shown, (stats.layer_table(), stats.bos_table(), stats.token_type_table()))
+        st.session_state["layer_tables"] = held
+    return held[1]

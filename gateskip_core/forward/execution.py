@@ -558,6 +558,8 @@ def apply_branch(call: _Call, layer: int, branch: str, h, x, g, skip, n_skip: in
         return h + _masked_delta(call, layer, x, g, skip, call.real & ~skip, fill, run_branch, h)
     if everybody:  # no gather, no scatter
         return h + _scaled(call, g, run_branch(layer, x, None), None)
+    if n_skip == skip.numel():  # everybody skips it (a skipping decoding step): no gather, no scatter
+        return h if fill is None else h + fill(x).to(h.dtype)
     if fill is not None and n_skip:
         b_idx, t_idx = skip.nonzero(as_tuple=True)
         h = h.index_put((b_idx, t_idx), h[b_idx, t_idx] + fill(x[b_idx, t_idx]).to(h.dtype))
