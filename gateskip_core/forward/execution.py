@@ -45,7 +45,7 @@ Every tensor is created on the device of the input ids.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -230,17 +230,17 @@ class _Call:
             self.adapted = self.adapted | skip
             self.n_adapted = int(self.adapted.sum())
 
-    def adapter_rows(self, layer: int, rows: tuple[torch.Tensor, torch.Tensor] | None) -> AdapterRows:
-        """Which of the rows a projection runs on (every token of the call, or the packed `rows`
-        (b_idx, t_idx)) get the LoRA delta: all of them in scope "all", the adapted ones in "skipped"."""
+    def adapter_rows(self, layer: int, rows: Rows | None) -> AdapterRows:
+        """Which of the rows a projection runs on (every token of the call, or the packed `rows`)
+        get the LoRA delta: all of them in scope "all", the adapted ones in "skipped"."""
         if self.lora is None or (self.adapted is not None and self.n_adapted == 0):
             return AdapterRows(None, layer, None)
         if self.adapted is None or self.n_adapted == self.adapted.numel():
             return AdapterRows(self.lora, layer, None)
-        mask = self.adapted.reshape(-1) if rows is None else self.adapted[rows[0], rows[1]]
+        mask = self.adapted.reshape(-1) if rows is None else rows.take(self.adapted)
         return AdapterRows(self.lora, layer, mask)
 
-    def scaled(self, rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | bool:
+    def scaled(self, rows: Rows | None = None) -> torch.Tensor | bool:
         """Which rows the gate scales (True: all, False: none): tokens on the adapted model (scope
         "skipped": from their first skip on; a kept branch before it adds its output unscaled, as the
         original does)."""
@@ -248,7 +248,7 @@ class _Call:
             return True
         if self.n_adapted == 0:
             return False
-        return self.adapted if rows is None else self.adapted[rows[0], rows[1]]
+        return self.adapted if rows is None else rows.take(self.adapted)
 
 
 class AdapterRows:
@@ -273,7 +273,7 @@ class AdapterRows:
             return y
         if self.index is None:
             return self.lora.add_delta(self.layer, name, x, y)
-        return y.index_add(0, self.index, self.lora.delta(self.layer, name, x[self.index]))
+        return y.index_add(0, self.index, self.lora.delta(self.layer, name, x.index_select(0, self.index)))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -325,8 +325,24 @@ def _flat(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
     return None if t is None else t.reshape(n, -1)
 
 
-def _at(t: torch.Tensor | None, b_idx: torch.Tensor, t_idx: torch.Tensor) -> torch.Tensor | None:
-    return None if t is None else t[b_idx, t_idx]
+class Rows(NamedTuple):
+    """The tokens of a call that run a branch, packed (`pack_rows`): `flat` indexes the call's B*T
+    rows (a gather or scatter by `flat` is several times faster than by (b_idx, t_idx) pairs), `rank`
+    is each row's place among its own sequence's, `width` the most rows any sequence has."""
+
+    b_idx: torch.Tensor
+    t_idx: torch.Tensor
+    flat: torch.Tensor
+    rank: torch.Tensor
+    width: int
+
+    def take(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """These rows of a per-token tensor [B, T, ...] -> [N, ...] (None passes: no rotary)."""
+        return None if t is None else t.reshape(-1, *t.shape[2:]).index_select(0, self.flat)
+
+    def add_to(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """h [B, T, ...] with y [N, ...] added on these rows (a new tensor)."""
+        return h.reshape(-1, *h.shape[2:]).index_add(0, self.flat, y.to(h.dtype)).view(h.shape)
 
 
 def attention_mask(q_slots, q_valid, slot_real, sliding_window: int | None) -> torch.Tensor | None:
@@ -334,14 +350,15 @@ def attention_mask(q_slots, q_valid, slot_real, sliding_window: int | None) -> t
     every query sees every key (one decoding step over a full cache: the fast kernel path).
 
     q_slots [B, Q] slot of each query; q_valid [B, Q] real queries (padding rows are discarded
-    later); slot_real [B, S]."""
+    later; None: every query is real); slot_real [B, S]."""
     k_slots = torch.arange(slot_real.shape[1], device=q_slots.device)
     allowed = (k_slots[None, None, :] <= q_slots[:, :, None]) & slot_real[:, None, :]
     if sliding_window is not None:
         allowed &= k_slots[None, None, :] > q_slots[:, :, None] - sliding_window
-    # A padding query would have no key at all (NaN softmax); let it see its own slot.
-    own = k_slots[None, None, :] == q_slots[:, :, None]
-    allowed = torch.where(q_valid[:, :, None], allowed, own)
+    if q_valid is not None:
+        # A padding query would have no key at all (NaN softmax); let it see its own slot.
+        own = k_slots[None, None, :] == q_slots[:, :, None]
+        allowed = torch.where(q_valid[:, :, None], allowed, own)
     return None if bool(allowed.all()) else allowed[:, None]
 
 
@@ -378,13 +395,17 @@ def query_side(call: _Call, layer: int, cos, sin, keys, values, x_rows: torch.Te
             call.masks[window] = attention_mask(call.slots, call.real, call.slot_real, window)
         out = attend(spec, q, keys, values, call.masks[window]).reshape(B * T, -1)
         return adapter.linear("o_proj", parts.o_proj, out).view(B, T, -1)
-    b_idx, t_idx, rank, width = rows
-    adapter = call.adapter_rows(layer, (b_idx, t_idx))
+    adapter = call.adapter_rows(layer, rows)
     device = x_rows.device
-    q_rows = project_q(parts, spec, x_rows, _at(cos, b_idx, t_idx), _at(sin, b_idx, t_idx), adapter)
+    q_rows = project_q(parts, spec, x_rows, rows.take(cos), rows.take(sin), adapter)
+    if B == 1:  # one sequence: the packed rows are already its query rows, in order
+        q = q_rows[None].transpose(1, 2)
+        mask = attention_mask(rows.take(call.slots)[None], None, call.slot_real, parts.sliding_window)
+        return adapter.linear("o_proj", parts.o_proj, attend(spec, q, keys, values, mask)[0])
+    b_idx, rank, width = rows.b_idx, rows.rank, rows.width
     q = torch.zeros(B, width, spec.n_heads, spec.head_dim, dtype=q_rows.dtype, device=device)
     q = q.index_put((b_idx, rank), q_rows).transpose(1, 2)
-    q_slots = torch.zeros(B, width, dtype=torch.long, device=device).index_put((b_idx, rank), call.slots[b_idx, t_idx])
+    q_slots = torch.zeros(B, width, dtype=torch.long, device=device).index_put((b_idx, rank), rows.take(call.slots))
     q_valid = torch.zeros(B, width, dtype=torch.bool, device=device)
     q_valid = q_valid.index_put((b_idx, rank), torch.tensor(True, device=device))
     mask = attention_mask(q_slots, q_valid, call.slot_real, parts.sliding_window)
@@ -419,19 +440,19 @@ def mlp_branch(call: _Call):
     def run(layer: int, x_rows: torch.Tensor, rows) -> torch.Tensor:
         parts = call.spec.layers[layer]
         flat = x_rows.reshape(-1, x_rows.shape[-1])
-        y = mlp_forward(parts, flat, call.adapter_rows(layer, None if rows is None else rows[:2]))
+        y = mlp_forward(parts, flat, call.adapter_rows(layer, rows))
         y = y.view(*x_rows.shape[:-1], -1)
         return y if parts.mlp_post_norm is None else parts.mlp_post_norm(y)
 
     return run
 
 
-def pack_rows(run: torch.Tensor):
-    """Indices of tokens that run a branch, and their rank within their own sequence."""
+def pack_rows(run: torch.Tensor) -> Rows:
+    """The tokens that run a branch (`run` [B, T]), packed."""
     b_idx, t_idx = run.nonzero(as_tuple=True)
     rank = (run.long().cumsum(1) - 1)[b_idx, t_idx]
     width = int(run.sum(1).max()) if b_idx.numel() else 0
-    return b_idx, t_idx, rank, width
+    return Rows(b_idx, t_idx, b_idx * run.shape[1] + t_idx, rank, width)
 
 
 def decide_branch(call: _Call, layer: int, branch: str, x: torch.Tensor):
@@ -526,11 +547,11 @@ def layer_keys_values(call: _Call, layer: int, x: torch.Tensor, skip: torch.Tens
     else:
         k = torch.zeros(B, T, spec.n_kv_heads, spec.head_dim, dtype=x.dtype, device=x.device)
         v = torch.zeros_like(k)
-        b_idx, t_idx = kv_rows.nonzero(as_tuple=True)
-        if b_idx.numel():
-            adapter = call.adapter_rows(layer, (b_idx, t_idx))
-            kr, vr = project_kv(parts, spec, x[b_idx, t_idx], _at(cos, b_idx, t_idx), _at(sin, b_idx, t_idx), adapter)
-            k, v = k.index_put((b_idx, t_idx), kr), v.index_put((b_idx, t_idx), vr)
+        rows = pack_rows(kv_rows)
+        if rows.flat.numel():
+            adapter = call.adapter_rows(layer, rows)
+            kr, vr = project_kv(parts, spec, rows.take(x), rows.take(cos), rows.take(sin), adapter)
+            k, v = rows.add_to(k, kr), rows.add_to(v, vr)
     if kv_rows is not None:
         take_below = (~kv_rows)[:, :, None, None]
         k = torch.where(take_below, call.prev_kv[0], k)
@@ -561,8 +582,8 @@ def apply_branch(call: _Call, layer: int, branch: str, h, x, g, skip, n_skip: in
     if n_skip == skip.numel():  # everybody skips it (a skipping decoding step): no gather, no scatter
         return h if fill is None else h + fill(x).to(h.dtype)
     if fill is not None and n_skip:
-        b_idx, t_idx = skip.nonzero(as_tuple=True)
-        h = h.index_put((b_idx, t_idx), h[b_idx, t_idx] + fill(x[b_idx, t_idx]).to(h.dtype))
+        skipped = pack_rows(skip)
+        h = skipped.add_to(h, fill(skipped.take(x)))
     run = call.real & ~skip
     n_run = int(run.sum())
     if n_run == 0:  # nobody runs it (a skipping decoding step): nothing to compute
@@ -570,10 +591,8 @@ def apply_branch(call: _Call, layer: int, branch: str, h, x, g, skip, n_skip: in
     if n_run == run.numel():  # everybody runs it: no gather, no scatter
         return h + _scaled(call, g, run_branch(layer, x, None), None)
     rows = pack_rows(run)
-    b_idx, t_idx = rows[0], rows[1]
-    y = run_branch(layer, x[b_idx, t_idx], rows)
-    y = _scaled(call, None if g is None else g[b_idx, t_idx], y, (b_idx, t_idx))
-    return h.index_put((b_idx, t_idx), h[b_idx, t_idx] + y)
+    y = run_branch(layer, rows.take(x), rows)
+    return rows.add_to(h, _scaled(call, rows.take(g), y, rows))
 
 
 def _scaled(call: _Call, g: torch.Tensor | None, y: torch.Tensor, rows) -> torch.Tensor:
