@@ -586,10 +586,8 @@ def apply_branch(call: _Call, layer: int, branch: str, h, x, g, skip, n_skip: in
         h = skipped.add_to(h, fill(skipped.take(x)))
     run = call.real & ~skip
     n_run = int(run.sum())
-    if n_run == 0:  # nobody runs it (a skipping decoding step): nothing to compute
+    if n_run == 0:  # nobody runs it (the others are padding): nothing to compute
         return h
-    if n_run == run.numel():  # everybody runs it: no gather, no scatter
-        return h + _scaled(call, g, run_branch(layer, x, None), None)
     rows = pack_rows(run)
     y = run_branch(layer, rows.take(x), rows)
     return rows.add_to(h, _scaled(call, rows.take(g), y, rows))
