@@ -218,7 +218,7 @@ class TraceDB:
         n_layers = self.con.execute("SELECT max(layer) + 1 FROM traces").fetchone()[0]
         return {"sequences": int(row[0]), "tokens": int(row[1]), "layers": int(n_layers or 0)}
 
-    # ---- the tables of `gateskip stats` (equal to FlowStats's)
+    # ---- the tables of `gateskip stats`
     def layer_table(self) -> pd.DataFrame:
         sums = self.df(
             """SELECT layer, branch, count(*) AS n, sum(gate) AS s, sum(gate * gate) AS ss,
