@@ -27,23 +27,22 @@ def current_traces(cfg: service.Settings, text: str, chat: bool):
     """(captured, estimate, exact or None, quality or None, seconds or None, truncated)."""
     view = cfg.view
     key = ("capture", cfg.model_name, view.gates_label, id(view), text, chat, cfg.adapter_scope)
-    if st.session_state.get("capture_key") != key:
-        st.session_state["capture"] = service.capture(view, text, chat, cfg.adapter_scope)
-        st.session_state["capture_key"] = key
-    captured, truncated = st.session_state["capture"]
-    est_key = ("estimate", key, str(cfg.skip_args()))
-    if st.session_state.get("estimate_key") != est_key:  # one estimate per setting, kept across reruns
-        st.session_state["estimate"] = service.estimate(view, captured, cfg)
-        st.session_state["estimate_key"] = est_key
-    est = st.session_state["estimate"]
+    captured, truncated = _kept("capture", key, lambda: service.capture(view, text, chat, cfg.adapter_scope))
+    settings = (key, str(cfg.skip_args()))
+    est = _kept("estimate", settings, lambda: service.estimate(view, captured, cfg))
     ex = quality = seconds = None
     if cfg.mode == "exact":
-        ex_key = ("exact", key, str(cfg.skip_args()))
-        if st.session_state.get("exact_key") != ex_key:
-            st.session_state["exact"] = service.exact(view, text, chat, cfg)
-            st.session_state["exact_key"] = ex_key
-        ex, quality, seconds = st.session_state["exact"]
+        ex, quality, seconds = _kept("exact", settings, lambda: service.exact(view, text, chat, cfg))
     return captured, est, ex, quality, seconds, truncated
+
+
+def _kept(name: str, key, compute):
+    """`compute()` once per `key`, kept in the session across reruns (a rerun that changes nothing it
+    depends on reuses it)."""
+    if st.session_state.get(f"{name}_key") != key:
+        st.session_state[name] = compute()
+        st.session_state[f"{name}_key"] = key
+    return st.session_state[name]
 
 
 def explore_view(cfg: service.Settings) -> None:

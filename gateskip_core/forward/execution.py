@@ -327,14 +327,17 @@ def _flat(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
 
 class Rows(NamedTuple):
     """The tokens of a call that run a branch, packed (`pack_rows`): `flat` indexes the call's B*T
-    rows (a gather or scatter by `flat` is several times faster than by (b_idx, t_idx) pairs), `rank`
-    is each row's place among its own sequence's, `width` the most rows any sequence has."""
+    rows (a gather or scatter by `flat` is several times faster than by (batch, position) pairs)."""
 
-    b_idx: torch.Tensor
-    t_idx: torch.Tensor
-    flat: torch.Tensor
-    rank: torch.Tensor
-    width: int
+    mask: torch.Tensor  # [B, T] the tokens these rows are
+    flat: torch.Tensor  # [N]
+
+    def per_sequence(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Each row's sequence and place among its own sequence's rows, and the most rows any
+        sequence has: where the rows go when they are padded per sequence."""
+        T = self.mask.shape[1]
+        rank = (self.mask.long().cumsum(1) - 1).reshape(-1).index_select(0, self.flat)
+        return self.flat // T, rank, int(self.mask.sum(1).max())
 
     def take(self, t: torch.Tensor | None) -> torch.Tensor | None:
         """These rows of a per-token tensor [B, T, ...] -> [N, ...] (None passes: no rotary)."""
@@ -402,7 +405,7 @@ def query_side(call: _Call, layer: int, cos, sin, keys, values, x_rows: torch.Te
         q = q_rows[None].transpose(1, 2)
         mask = attention_mask(rows.take(call.slots)[None], None, call.slot_real, parts.sliding_window)
         return adapter.linear("o_proj", parts.o_proj, attend(spec, q, keys, values, mask)[0])
-    b_idx, rank, width = rows.b_idx, rows.rank, rows.width
+    b_idx, rank, width = rows.per_sequence()
     q = torch.zeros(B, width, spec.n_heads, spec.head_dim, dtype=q_rows.dtype, device=device)
     q = q.index_put((b_idx, rank), q_rows).transpose(1, 2)
     q_slots = torch.zeros(B, width, dtype=torch.long, device=device).index_put((b_idx, rank), rows.take(call.slots))
@@ -449,10 +452,7 @@ def mlp_branch(call: _Call):
 
 def pack_rows(run: torch.Tensor) -> Rows:
     """The tokens that run a branch (`run` [B, T]), packed."""
-    b_idx, t_idx = run.nonzero(as_tuple=True)
-    rank = (run.long().cumsum(1) - 1)[b_idx, t_idx]
-    width = int(run.sum(1).max()) if b_idx.numel() else 0
-    return Rows(b_idx, t_idx, b_idx * run.shape[1] + t_idx, rank, width)
+    return Rows(run, run.reshape(-1).nonzero().squeeze(-1))
 
 
 def decide_branch(call: _Call, layer: int, branch: str, x: torch.Tensor):
