@@ -117,6 +117,10 @@ def _single_thread_determinism():
 class Server:
     url: str
     pid: int
+    log: Path  # the server's stdout and stderr (a file, not a pipe nobody reads: a full pipe blocks the server)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
 
 
 def free_port() -> int:
@@ -129,6 +133,8 @@ def free_port() -> int:
 def server(tmp_path):
     port = free_port()
     env = dict(os.environ, GATESKIP_DASHBOARD_MODEL="tiny-llama", GATESKIP_DASHBOARD_DATA=str(tmp_path / "data"))
+    log = tmp_path / "server.log"
+    log_file = log.open("wb")
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -146,7 +152,7 @@ def server(tmp_path):
             "false",
         ],
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=log_file,
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
@@ -159,10 +165,13 @@ def server(tmp_path):
             time.sleep(0.5)
     else:
         proc.kill()
-        pytest.fail("streamlit server did not start: " + proc.stdout.read().decode()[-2000:])
-    yield Server(url, proc.pid)
+        log_file.close()
+        pytest.fail("streamlit server did not start: " + log.read_text(errors="replace")[-2000:])
+    yield Server(url, proc.pid, log)
+    print("server log (tail):\n" + log.read_text(errors="replace")[-3000:])  # shown by pytest when the test failed
     proc.terminate()
     proc.wait(timeout=20)
+    log_file.close()
 
 
 def assert_lens_matches_the_walk(lens, text: str, logits_atol: float = 1e-4, **skip_args):

@@ -32,6 +32,18 @@ def skipped_count(page) -> int:
     return int(re.sub(r"\D", "", metric.locator('[data-testid="stMetricValue"]').inner_text()))
 
 
+def wait_until_idle(page, timeout_s: float = 120) -> None:
+    """Until the app has no run in flight and none starts within a second (a slider moved several
+    steps queues several reruns). The state is the one Streamlit's own browser tests read."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        page.locator('[data-test-script-state="notRunning"]').wait_for(timeout=timeout_s * 1000)
+        page.wait_for_timeout(1000)
+        if page.locator('[data-test-script-state="notRunning"]').count():
+            return
+    raise AssertionError(f"the app was still running after {timeout_s:.0f} s")
+
+
 def test_prompt_and_slider_in_real_chromium(server):
     playwright = require_browser()
     with playwright.sync_playwright() as p:
@@ -74,11 +86,11 @@ def test_prompt_and_slider_in_real_chromium(server):
         while time.time() < deadline and after == before:
             page.wait_for_timeout(500)
             after = skipped_count(page)
-        page.wait_for_timeout(2000)  # let the last slider step's rerun finish before the screenshot
+        wait_until_idle(page)  # the last slider step's rerun, before the screenshot and the download
         after = skipped_count(page)
         SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SCREENSHOT_DIR / "dashboard-browser-test.png"), full_page=False)
-        with page.expect_download(timeout=180_000) as download:  # slow under load: the app may still be rerunning
+        with page.expect_download(timeout=60_000) as download:
             page.get_by_role("button", name="Trace (CSV)").click()
         csv_path = SCREENSHOT_DIR / "dashboard-browser-trace.csv"
         download.value.save_as(str(csv_path))

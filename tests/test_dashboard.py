@@ -128,6 +128,16 @@ def test_layers_view_and_exports(app):
     assert len(app.dataframe) >= 2  # layer summary and layer table
 
 
+def test_no_download_reruns_the_app(app):
+    """A click on a download must not rerun the app: the rerun's start drops the click's answer
+    from Streamlit's outgoing queue and the browser's button then spins for minutes."""
+    app.button(key="run_sweep").click().run()
+    app.button(key="run_lens").click().run()
+    buttons = app.get("download_button")
+    assert len(buttons) >= 10 and not app.exception
+    assert [b.label for b in buttons if not b.proto.ignore_rerun] == []
+
+
 def test_layer_tables_follow_the_shown_trace_and_are_reused_while_it_stays(app, monkeypatch):
     """A rerun that leaves the trace as it was (the types radio) reuses the Layers view's tables; a
     budget change recomputes them from the new trace."""

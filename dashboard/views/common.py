@@ -33,10 +33,21 @@ def gated_view(model_name: str, gates: str, upload_digest: str | None, _upload: 
     return hub().view(model_name, gates, _upload)
 
 
+def download(container, label: str, data, file_name: str, mime: str, key: str | None = None) -> None:
+    """A download button that does not rerun the app when clicked.
+
+    `data` is usually a callable, run only when clicked (keeps the slider path light). Streamlit
+    answers that click over the websocket, and a rerun starting before the answer is sent drops it
+    from the outgoing queue: the button then spins for three minutes and downloads nothing. A rerun
+    on click is Streamlit's default, so every download here turns it off.
+    """
+    container.download_button(label, data, file_name, mime, key=key, on_click="ignore")
+
+
 def figure_download(container, label: str, fig, file_name: str) -> None:
-    """A figure as a standalone HTML file; serialised only when clicked (keeps the slider path light)."""
-    container.download_button(
-        label, lambda: fig.to_html(include_plotlyjs="cdn"), file_name, "text/html", key=f"download_{file_name}"
+    """A figure as a standalone HTML file; serialised only when clicked."""
+    download(
+        container, label, lambda: fig.to_html(include_plotlyjs="cdn"), file_name, "text/html", f"download_{file_name}"
     )
 
 

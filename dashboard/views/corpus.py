@@ -11,7 +11,7 @@ import streamlit as st
 from analysis.traces import figures
 from analysis.traces.flow import TOKEN_TYPES
 from dashboard import service
-from dashboard.views.common import figure_download
+from dashboard.views.common import download, figure_download
 from gateskip_core import GateSkipError
 
 
@@ -102,11 +102,11 @@ def corpus_view(cfg: service.Settings) -> None:
     right.markdown("**Skip rate by token type**")
     right.dataframe(kinds, hide_index=True)
     d = st.columns(6)
-    d[0].download_button("Skip rates (CSV)", lambda: rates.to_csv(index=False), "corpus_skip_rates.csv", "text/csv")
-    d[1].download_button("Tokens (CSV)", lambda: board.to_csv(index=False), "corpus_tokens.csv", "text/csv")
-    d[2].download_button("Contexts (CSV)", lambda: contexts.to_csv(index=False), "corpus_contexts.csv", "text/csv")
-    d[3].download_button("Positions (CSV)", lambda: positions.to_csv(index=False), "corpus_positions.csv", "text/csv")
-    d[4].download_button("Token types (CSV)", lambda: kinds.to_csv(index=False), "corpus_types.csv", "text/csv")
+    download(d[0], "Skip rates (CSV)", lambda: rates.to_csv(index=False), "corpus_skip_rates.csv", "text/csv")
+    download(d[1], "Tokens (CSV)", lambda: board.to_csv(index=False), "corpus_tokens.csv", "text/csv")
+    download(d[2], "Contexts (CSV)", lambda: contexts.to_csv(index=False), "corpus_contexts.csv", "text/csv")
+    download(d[3], "Positions (CSV)", lambda: positions.to_csv(index=False), "corpus_positions.csv", "text/csv")
+    download(d[4], "Token types (CSV)", lambda: kinds.to_csv(index=False), "corpus_types.csv", "text/csv")
     figure_download(d[5], "Heatmap (HTML)", heat, "corpus_heatmap.html")
 
 

@@ -7,7 +7,7 @@ import streamlit as st
 
 from analysis.traces import figures
 from dashboard import service
-from dashboard.views.common import figure_download
+from dashboard.views.common import download, figure_download
 from gateskip_core import GateSkipError
 
 
@@ -134,9 +134,9 @@ def explore_view(cfg: service.Settings) -> None:
 
     st.subheader("Export")
     c1, c2, c3 = st.columns(3)
-    c1.download_button("Trace (CSV)", lambda: shown.to_dataframe().to_csv(index=False), "trace.csv", "text/csv")
+    download(c1, "Trace (CSV)", lambda: shown.to_dataframe().to_csv(index=False), "trace.csv", "text/csv")
     figure_download(c2, "Heatmap (HTML)", heat, "heatmap.html")
-    c3.download_button("Token strip (HTML)", strip, "token_strip.html", "text/html")
+    download(c3, "Token strip (HTML)", strip, "token_strip.html", "text/html")
 
 
 def select_cell(cell: tuple[int, int, str] | None, n_tokens: int, n_layers: int) -> None:
@@ -193,7 +193,8 @@ def attribution_panel(cfg: service.Settings, text: str, chat: bool, seq) -> None
             "earlier branch added; with the norm's scale held at this token's value the gate's pre-activation "
             "(mean over the gate vector) is exactly the sum of one term per part plus the bias."
         )
-        st.download_button(
+        download(
+            st,
             "Attribution (CSV)",
             lambda: result.to_dataframe().to_csv(index=False),
             f"attribution_L{layer}_{branch}.csv",

@@ -8,7 +8,7 @@ from analysis.traces import figures
 from analysis.traces.flow import layer_skip_summary
 from analysis.traces.tracedb import TraceDB
 from dashboard import service
-from dashboard.views.common import explored_trace, figure_download
+from dashboard.views.common import download, explored_trace, figure_download
 
 
 def layers_view(cfg: service.Settings) -> None:
@@ -26,7 +26,7 @@ def layers_view(cfg: service.Settings) -> None:
     st.plotly_chart(types, key="types")
     st.dataframe(table, hide_index=True)
     c1, c2, c3, c4 = st.columns(4)
-    c1.download_button("Layer statistics (CSV)", lambda: table.to_csv(index=False), "layer_stats.csv", "text/csv")
+    download(c1, "Layer statistics (CSV)", lambda: table.to_csv(index=False), "layer_stats.csv", "text/csv")
     figure_download(c2, "Layer profile (HTML)", fig, "layer_profile.html")
     figure_download(c3, "BOS profile (HTML)", bos, "bos_profile.html")
     figure_download(c4, "Token types (HTML)", types, "token_types.html")

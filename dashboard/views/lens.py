@@ -7,7 +7,7 @@ import streamlit as st
 from analysis.experiments.logit_lens import settled_summary
 from analysis.traces import figures
 from dashboard import service
-from dashboard.views.common import explored_trace, figure_download
+from dashboard.views.common import download, explored_trace, figure_download
 
 
 def lens_view(cfg: service.Settings) -> None:
@@ -38,6 +38,6 @@ def lens_view(cfg: service.Settings) -> None:
     st.plotly_chart(figures.settled_figure(table), key="lens_settled")
     c1, c2, c3 = st.columns(3)
     frame = grid.to_dataframe()
-    c1.download_button("Lens grid (CSV)", lambda: frame.to_csv(index=False), "logit_lens.csv", "text/csv")
-    c2.download_button("Settled table (CSV)", lambda: table.to_csv(index=False), "settled.csv", "text/csv")
+    download(c1, "Lens grid (CSV)", lambda: frame.to_csv(index=False), "logit_lens.csv", "text/csv")
+    download(c2, "Settled table (CSV)", lambda: table.to_csv(index=False), "settled.csv", "text/csv")
     figure_download(c3, "Lens grid (HTML)", fig, "logit_lens.html")

@@ -7,7 +7,7 @@ import streamlit as st
 from analysis.experiments.sweep import METHODS, sweep
 from analysis.traces import figures
 from dashboard import service
-from dashboard.views.common import figure_download
+from dashboard.views.common import download, figure_download
 from gateskip_core.data import paragraphs
 
 
@@ -57,5 +57,5 @@ def sweep_view(cfg: service.Settings) -> None:
         st.plotly_chart(fig, key="sweep_fig")
         st.dataframe(table, hide_index=True)
         c1, c2 = st.columns(2)
-        c1.download_button("Sweep (CSV)", lambda: table.to_csv(index=False), "sweep.csv", "text/csv")
+        download(c1, "Sweep (CSV)", lambda: table.to_csv(index=False), "sweep.csv", "text/csv")
         figure_download(c2, "Sweep figure (HTML)", fig, "sweep.html")

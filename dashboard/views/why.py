@@ -7,7 +7,7 @@ import streamlit as st
 
 from analysis.traces import figures
 from dashboard import service
-from dashboard.views.common import explored_trace, figure_download
+from dashboard.views.common import download, explored_trace, figure_download
 from gateskip_core import GateSkipError
 
 
@@ -49,6 +49,6 @@ def why_view(cfg: service.Settings) -> None:
     fig = figures.faithfulness_figure(entries, signals)
     st.plotly_chart(fig, key="why_fig")
     c1, c2, c3 = st.columns(3)
-    c1.download_button("Signals (CSV)", lambda: signals.to_csv(index=False), "faithfulness.csv", "text/csv")
-    c2.download_button("Entries (CSV)", lambda: entries.to_csv(index=False), "faithfulness_entries.csv", "text/csv")
+    download(c1, "Signals (CSV)", lambda: signals.to_csv(index=False), "faithfulness.csv", "text/csv")
+    download(c2, "Entries (CSV)", lambda: entries.to_csv(index=False), "faithfulness_entries.csv", "text/csv")
     figure_download(c3, "Figure (HTML)", fig, "faithfulness.html")
