@@ -167,8 +167,9 @@ def server(tmp_path):
         proc.kill()
         log_file.close()
         pytest.fail("streamlit server did not start: " + log.read_text(errors="replace")[-2000:])
-    yield Server(url, proc.pid, log)
-    print("server log (tail):\n" + log.read_text(errors="replace")[-3000:])  # shown by pytest when the test failed
+    server = Server(url, proc.pid, log)
+    yield server
+    print("server log (tail):\n" + server.log_tail())  # pytest shows it when the test failed
     proc.terminate()
     proc.wait(timeout=20)
     log_file.close()
