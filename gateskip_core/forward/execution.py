@@ -572,13 +572,12 @@ def apply_branch(call: _Call, layer: int, branch: str, h, x, g, skip, n_skip: in
     (`rows` from `pack_rows`, `x_rows` [N, d]).
     """
     fill = call.fill.fill(layer, branch) if call.fill is not None else None
-    everybody = n_skip == 0 and call.all_real
-    if call.plan.path == "masked":
-        if everybody and not _records_branch_outputs(call):  # nothing to mask
-            return h + _scaled(call, g, run_branch(layer, x, None), None)
-        return h + _masked_delta(call, layer, x, g, skip, call.real & ~skip, fill, run_branch, h)
-    if everybody:  # no gather, no scatter
+    masked = call.plan.path == "masked"
+    if n_skip == 0 and call.all_real and not (masked and _records_branch_outputs(call)):
+        # Every token runs it: nothing to mask, no gather, no scatter.
         return h + _scaled(call, g, run_branch(layer, x, None), None)
+    if masked:
+        return h + _masked_delta(call, layer, x, g, skip, call.real & ~skip, fill, run_branch, h)
     if n_skip == skip.numel():  # everybody skips it (a skipping decoding step): no gather, no scatter
         return h if fill is None else h + fill(x).to(h.dtype)
     if fill is not None and n_skip:
