@@ -40,7 +40,7 @@ from gateskip_core.skipping.calibration import Calibrator, fit_thresholds
 from gateskip_core.skipping.estimate import estimate_trace
 from gateskip_core.skipping.policies import CalibratedPolicy, Forced, SkipBudget, SkipPolicy, resolve_policy
 from gateskip_core.traces.compute import account_sequence, branch_saving_flops
-from gateskip_core.traces.trace import SequenceTrace, Trace
+from gateskip_core.traces.trace import SequenceTrace, Trace, applied_gates
 
 SHIPPED_GATES_DIR = Path(__file__).parent / "shipped_gates"
 # Gate specs that name a shipped file, and the file's suffix: {model}-{suffix}.safetensors
@@ -429,6 +429,7 @@ class GatedModel:
             path=plan.path,
             kv=plan.kv,
             protect_bos=plan.protect_bos,
+            adapter_scope=plan.adapter_scope,
         )
 
     def gate_flops(self) -> tuple[int, int]:
@@ -476,6 +477,7 @@ class GatedModel:
                     gate=gate[b][real].numpy().astype(np.float32),
                     threshold=threshold[b][real].numpy().astype(np.float64),
                     skipped=skipped,
+                    gate_applied=applied_gates(skipped, plan.adapter_scope, self.gates is not None),
                     eligible=eligible[b][real].numpy(),
                     compute=account_sequence(
                         self.spec,

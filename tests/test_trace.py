@@ -13,7 +13,7 @@ TRICKY = ['He said, "no",\nthen left;  NaN null None -inf', "  spaces  and\ttabs
 
 
 def assert_traces_equal(a, b):
-    assert (a.model, a.gates, a.policy, a.path, a.kv, a.protect_bos, a.branches) == (
+    assert (a.model, a.gates, a.policy, a.path, a.kv, a.protect_bos, a.branches, a.adapter_scope) == (
         b.model,
         b.gates,
         b.policy,
@@ -21,6 +21,7 @@ def assert_traces_equal(a, b):
         b.kv,
         b.protect_bos,
         b.branches,
+        b.adapter_scope,
     )
     np.testing.assert_array_equal(a.skip_budget, b.skip_budget)
     assert len(a.sequences) == len(b.sequences)
@@ -30,6 +31,7 @@ def assert_traces_equal(a, b):
         np.testing.assert_array_equal(x.gate, y.gate)
         np.testing.assert_array_equal(x.threshold, y.threshold)
         np.testing.assert_array_equal(x.skipped, y.skipped)
+        np.testing.assert_array_equal(x.gate_applied, y.gate_applied)
         np.testing.assert_array_equal(x.eligible, y.eligible)
         assert x.compute == y.compute and x.prompt_length == y.prompt_length
 

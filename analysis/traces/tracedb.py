@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from gateskip_core import BRANCHES, GateSkipError, Trace
+from gateskip_core.traces.trace import NO_GATES
 
 from .dataset import is_dataset_path, open_dataset
 from .flow import TOKEN_TYPES, token_type
@@ -47,11 +48,13 @@ _CSV_TYPES = {
     "gate": "DOUBLE",
     "threshold": "DOUBLE",
     "skipped": "BIGINT",
+    "gate_applied": "BIGINT",
     "eligible": "BIGINT",
     "skip_budget": "DOUBLE",
     "policy": "VARCHAR",
     "model": "VARCHAR",
     "gates": "VARCHAR",
+    "adapter_scope": "VARCHAR",
     "path": "VARCHAR",
     "kv": "VARCHAR",
     "protect_bos": "BIGINT",
@@ -62,6 +65,37 @@ _CSV_TYPES = {
     "executed_flops": "DOUBLE",
     "gate_flops": "DOUBLE",
 }
+
+
+def _csv_header(path: Path) -> list[str]:
+    """The column names of a CSV trace file (files written before a column was added lack it)."""
+    try:
+        columns = list(pd.read_csv(path, nrows=0).columns)
+    except Exception as err:  # pandas raises many types for unreadable files
+        raise GateSkipError(f"cannot read traces {path}: {str(err).splitlines()[0]}") from None
+    return ["branch" if c == "module" else c for c in columns]
+
+
+def _traces_columns(columns: list[str]) -> str:
+    """The select list of the `traces` view over the raw columns: tokens never NULL, and files written
+    before a rename or a new column read as current ones (`module` -> `branch`; `adapter_scope` from
+    the gates label, `gate_applied` from the decisions in walk order, as `applied_gates` derives them)."""
+    select = ["* REPLACE (coalesce(token, '') AS token)"]
+    if "module" in columns and "branch" not in columns:
+        select = ["* RENAME (module AS branch)"]
+    scope = "adapter_scope"
+    if "adapter_scope" not in columns:
+        scope = "CASE WHEN gates LIKE '%(adapter scope: skipped)%' THEN 'skipped' ELSE 'all' END"
+        select.append(f"{scope} AS adapter_scope")
+    if "gate_applied" not in columns:
+        branch = "branch" if "branch" in columns else "module"
+        walk = (
+            f"max(skipped) OVER (PARTITION BY sequence_id, position ORDER BY layer, {branch} ROWS UNBOUNDED PRECEDING)"
+        )
+        select.append(
+            f"CAST(skipped = 0 AND gates != '{NO_GATES}' AND ({scope} = 'all' OR {walk} = 1) AS BIGINT) AS gate_applied"
+        )
+    return ", ".join(select)
 
 
 def wilson(k, n, z: float = Z95) -> tuple[np.ndarray, np.ndarray]:
@@ -110,12 +144,7 @@ class TraceDB:
         try:
             self.con.execute(f"CREATE VIEW raw_traces AS SELECT * FROM {scan}")
             columns = [row[0] for row in self.con.execute("DESCRIBE raw_traces").fetchall()]
-            if "module" in columns and "branch" not in columns:  # files written before the rename
-                self.con.execute("CREATE VIEW traces AS SELECT * RENAME (module AS branch) FROM raw_traces")
-            else:
-                self.con.execute(
-                    "CREATE VIEW traces AS SELECT * REPLACE (coalesce(token, '') AS token) FROM raw_traces"
-                )
+            self.con.execute(f"CREATE VIEW traces AS SELECT {_traces_columns(columns)} FROM raw_traces")
             present = set(self._columns("traces"))  # one DESCRIBE, not one per expected column
             missing = [c for c in _CSV_TYPES if c not in present]
             if missing:
@@ -144,7 +173,8 @@ class TraceDB:
         if not source.is_file():
             raise GateSkipError(f"trace file not found: {source}")
         if source.suffix.lower() == ".csv":
-            types = "{" + ", ".join(f"'{c}': '{t}'" for c, t in _CSV_TYPES.items()) + "}"
+            header = _csv_header(source)
+            types = "{" + ", ".join(f"'{c}': '{t}'" for c, t in _CSV_TYPES.items() if c in header) + "}"
             return f"read_csv({_quote(source)}, header = true, columns = {types}, quote = '\"', escape = '\"')"
         return f"read_parquet({_quote(source)})"
 

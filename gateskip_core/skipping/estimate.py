@@ -17,7 +17,7 @@ from gateskip_core.errors import GateSkipError
 from gateskip_core.forward.execution import SkipPlan
 from gateskip_core.skipping.policies import BranchInput
 from gateskip_core.traces.compute import account_sequence
-from gateskip_core.traces.trace import Trace
+from gateskip_core.traces.trace import Trace, applied_gates
 
 
 def estimate_trace(
@@ -49,7 +49,10 @@ def estimate_trace(
             compute = account_sequence(
                 spec, skipped, gate_flops, seq.n_tokens, trace.path, kv_copy=trace.kv == "copy", **(overheads or {})
             )
-        sequences.append(replace(seq, skipped=skipped, threshold=threshold, eligible=eligible, compute=compute))
+        applied = applied_gates(skipped, plan.adapter_scope, trace.has_gates)
+        sequences.append(
+            replace(seq, skipped=skipped, gate_applied=applied, threshold=threshold, eligible=eligible, compute=compute)
+        )
     return replace(
         trace,
         sequences=sequences,
@@ -57,6 +60,7 @@ def estimate_trace(
         branches=plan.budget.branches,
         policy=f"{plan.policy.name} (estimate)" if plan.policy is not None else "none",
         protect_bos=plan.protect_bos,
+        adapter_scope=plan.adapter_scope,
     )
 
 

@@ -8,10 +8,11 @@ Full gate vectors (on request) stay in memory and are not exported.
 
 Column reference (stable names):
     sequence_id, position, token_id, token, layer, branch ('attn' | 'mlp'),
-    gate (mean gate value = token importance), threshold (skip iff gate <= threshold;
-    -inf: nothing skipped, NaN: policy without threshold), skipped (0/1),
+    gate (mean gate value = token importance, the score the policies rank), threshold (skip iff
+    gate <= threshold; -inf: nothing skipped, NaN: policy without threshold), skipped (0/1),
+    gate_applied (0/1: the gate's value multiplied the branch's output; see below),
     eligible (0/1: could be skipped; padding never appears, BOS is ineligible when protected),
-    skip_budget, policy, model, gates, path, kv, protect_bos, branches,
+    skip_budget, policy, model, gates, adapter_scope ('all' | 'skipped'), path, kv, protect_bos, branches,
     prompt_length (tokens of the prompt; later positions were generated),
     dense_flops, skipping_flops, executed_flops, gate_flops (per sequence).
 
@@ -19,6 +20,14 @@ Names, one per concept, in code and columns alike: a *branch* is the attention o
 the MLP of one layer (files written before 0.2 called the column `module`, and
 still read); a token's *gate* at a branch is the mean of the gate vector — the token's importance there,
 which the policies rank (`BranchInput.gate`, `ForwardResult.gate`, the `gate` column).
+
+What a gate *is* depends on the adapter scope (`gate_role`). In scope `all` every kept branch
+adds `g * branch(x)`: the gate ranks the token and scales what it adds. In scope `skipped` a token
+runs the original model, kept branches unscaled, until its first skipped branch: until then its
+gates only rank it and scale nothing (layer 0's attention gate, for example, is never applied in
+that scope). `gate_applied` marks the cells where the gate scaled the branch; a skipped cell's gate
+decided the skip and scaled nothing. Files written before the column existed are read with it
+derived from the decisions and the scope (`applied_gates`), which is exactly what the walk does.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import pyarrow.parquet as pq
 from gateskip_core.branches import BRANCHES, budget_label
 from gateskip_core.errors import GateSkipError
 from gateskip_core.files import atomic_write
-from gateskip_core.traces.compute import ComputeAccount
+from gateskip_core.traces.compute import ComputeAccount, adapted_rows
 
 TRACE_COLUMNS = [
     "sequence_id",
@@ -47,11 +56,13 @@ TRACE_COLUMNS = [
     "gate",
     "threshold",
     "skipped",
+    "gate_applied",
     "eligible",
     "skip_budget",
     "policy",
     "model",
     "gates",
+    "adapter_scope",
     "path",
     "kv",
     "protect_bos",
@@ -62,6 +73,36 @@ TRACE_COLUMNS = [
     "executed_flops",
     "gate_flops",
 ]
+# Columns added after the first release: derived on reading a file that lacks them.
+DERIVED_COLUMNS = ("gate_applied", "adapter_scope")
+ADAPTER_SCOPES = ("all", "skipped")
+NO_GATES = "none"  # the `gates` label of a model without gates
+
+
+def applied_gates(skipped: np.ndarray, adapter_scope: str, has_gates: bool = True) -> np.ndarray:
+    """[..., L, 2] bool: where the gate scaled the branch's output. A skipped branch is never
+    scaled; a kept one is in scope 'all', and in scope 'skipped' from the token's first skip on
+    (walk order: attention, then MLP, layer by layer), as `forward.execution` runs it."""
+    if not has_gates:
+        return np.zeros(skipped.shape, dtype=bool)
+    return ~skipped & adapted_rows(skipped, adapter_scope)
+
+
+def gate_role(adapter_scope: str, has_gates: bool = True) -> str:
+    """What a gate value is in this scope, in words for legends and captions."""
+    if not has_gates:
+        return "no gates: every branch runs unscaled (gate shown as 1)"
+    if adapter_scope == "skipped":
+        return (
+            "gate = a ranking score for every token; a scale only from the token's first skipped branch on "
+            "(before it the token runs the original model, kept branches unscaled)"
+        )
+    return "gate = ranking score and scale: every kept branch's output is multiplied by it"
+
+
+def scope_from_label(gates_label: str) -> str:
+    """The adapter scope a trace written before the `adapter_scope` column recorded in its gates label."""
+    return "skipped" if "(adapter scope: skipped)" in gates_label else "all"
 
 
 @dataclass
@@ -71,6 +112,7 @@ class SequenceTrace:
     gate: np.ndarray  # [T, L, 2] float32 mean gate (importance)
     threshold: np.ndarray  # [T, L, 2] float64
     skipped: np.ndarray  # [T, L, 2] bool
+    gate_applied: np.ndarray  # [T, L, 2] bool: the gate scaled the branch (`applied_gates`)
     eligible: np.ndarray  # [T] bool
     compute: ComputeAccount
     prompt_length: int
@@ -101,6 +143,7 @@ class Trace:
     path: str
     kv: str
     protect_bos: bool
+    adapter_scope: str = "all"  # 'skipped': gates scale a token's branches only from its first skip on
     extra: dict = field(default_factory=dict)
     # Notices of the call that made this trace (a text truncated to the context, ...): returned with
     # the result, not raised as process-wide warnings, so that a server's threads never mix them.
@@ -125,6 +168,19 @@ class Trace:
     def budget_label(self) -> str:
         return budget_label(self.skip_budget, self.branches)
 
+    @property
+    def has_gates(self) -> bool:
+        return self.gates != NO_GATES
+
+    def gate_role(self) -> str:
+        return gate_role(self.adapter_scope, self.has_gates)
+
+    def applied_fraction(self) -> float:
+        """Of the cells a token ran (not skipped, real), the share whose gate scaled the branch."""
+        ran = sum(int((~s.skipped).sum()) for s in self.sequences)
+        applied = sum(int(s.gate_applied.sum()) for s in self.sequences)
+        return applied / ran if ran else 0.0
+
     def budget_fraction(self) -> float:
         """The share of eligible branch evaluations the budget table asks to skip (its mean over
         layers and both branch types), in the units of `skipped_fraction`: the reached rate."""
@@ -148,11 +204,13 @@ class Trace:
                 "gate": seq.gate.reshape(-1).astype(np.float64),
                 "threshold": seq.threshold.reshape(-1),
                 "skipped": seq.skipped.reshape(-1).astype(np.int8),
+                "gate_applied": seq.gate_applied.reshape(-1).astype(np.int8),
                 "eligible": seq.eligible[pos].astype(np.int8),
                 "skip_budget": self.skip_budget[layer, mod],
                 "policy": self.policy,
                 "model": self.model,
                 "gates": self.gates,
+                "adapter_scope": self.adapter_scope,
                 "path": self.path,
                 "kv": self.kv,
                 "protect_bos": int(self.protect_bos),
@@ -187,6 +245,7 @@ class Trace:
 
     @classmethod
     def from_dataframe(cls, df: pd.DataFrame) -> Trace:
+        df = with_derived_columns(df)
         missing = [c for c in TRACE_COLUMNS if c not in df.columns]
         if missing:
             raise GateSkipError(f"not a GateSkip trace: missing columns {', '.join(missing)}")
@@ -219,6 +278,7 @@ class Trace:
                     gate=part["gate"].to_numpy(np.float64).astype(np.float32).reshape(T, L, 2),
                     threshold=part["threshold"].to_numpy(np.float64).reshape(T, L, 2),
                     skipped=part["skipped"].to_numpy().astype(bool).reshape(T, L, 2),
+                    gate_applied=part["gate_applied"].to_numpy().astype(bool).reshape(T, L, 2),
                     eligible=per_token["eligible"].to_numpy().astype(bool),
                     compute=ComputeAccount(
                         dense_flops=float(row0["dense_flops"]),
@@ -240,6 +300,7 @@ class Trace:
             path=str(first["path"]),
             kv=str(first["kv"]),
             protect_bos=bool(int(first["protect_bos"])),
+            adapter_scope=str(first["adapter_scope"]),
         )
 
     # ---- display
@@ -255,6 +316,11 @@ class Trace:
             f"net FLOPs saved {c.net_saved_fraction:+.1%} (gates included; "
             f"dense {c.dense_flops / 1e9:.2f} GFLOP, with skipping {c.skipping_flops / 1e9:.2f} GFLOP)",
         ]
+        if self.has_gates:
+            lines.append(
+                f"adapter scope {self.adapter_scope}: {self.applied_fraction():.1%} of the branches that ran were "
+                f"scaled by their gate ({self.gate_role()})"
+            )
         lines += [f"notice: {notice}" for notice in self.notices]
         return "\n".join(lines)
 
@@ -276,7 +342,38 @@ class Trace:
         return f"<div><p style='font-family: monospace'>{body}</p><p>{''.join(spans)}</p></div>"
 
 
-NUMERIC_COLUMNS = ("sequence_id", "position", "token_id", "layer", "gate", "skipped", "eligible", "prompt_length")
+NUMERIC_COLUMNS = (
+    "sequence_id",
+    "position",
+    "token_id",
+    "layer",
+    "gate",
+    "skipped",
+    "gate_applied",
+    "eligible",
+    "prompt_length",
+)
+
+
+def with_derived_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` with the columns of `DERIVED_COLUMNS` a file written before them lacks, derived from its
+    decisions and its gates label (`applied_gates`); a frame that has them is returned as it is."""
+    if all(c in df.columns for c in DERIVED_COLUMNS) or "skipped" not in df.columns or "gates" not in df.columns:
+        return df
+    df = df.copy()
+    if "adapter_scope" not in df.columns:
+        df["adapter_scope"] = [scope_from_label(str(g)) for g in df["gates"]]
+    if "gate_applied" not in df.columns:
+        order = df.sort_values(["sequence_id", "position", "layer", "branch"], kind="stable")
+        skipped = order["skipped"].astype(int).to_numpy()
+        keys = order[["sequence_id", "position"]].to_numpy()
+        walk = pd.Series(skipped, index=order.index).groupby([keys[:, 0], keys[:, 1]]).cummax().to_numpy()
+        scoped = order["adapter_scope"].astype(str).eq("skipped").to_numpy()
+        gated = order["gates"].astype(str).ne(NO_GATES).to_numpy()
+        applied = (skipped == 0) & gated & (~scoped | (walk == 1))
+        df.loc[order.index, "gate_applied"] = applied.astype(np.int8)
+        df["gate_applied"] = df["gate_applied"].astype(np.int8)
+    return df[[c for c in TRACE_COLUMNS if c in df.columns] + [c for c in df.columns if c not in TRACE_COLUMNS]]
 
 
 def read_trace_frames(path: str | Path, chunk_rows: int | None = None) -> Iterator[pd.DataFrame]:
@@ -300,7 +397,14 @@ def read_trace_frames(path: str | Path, chunk_rows: int | None = None) -> Iterat
         for df in frames:
             if "module" in df.columns and "branch" not in df.columns:  # files written before the rename
                 df = df.rename(columns={"module": "branch"})
+            if chunk_rows is None:  # deriving needs whole sequences; a chunk may cut one
+                df = with_derived_columns(df)
             missing = [c for c in TRACE_COLUMNS if c not in df.columns]
+            if missing and set(missing) <= set(DERIVED_COLUMNS):
+                raise GateSkipError(
+                    f"trace {path.name} was written before the columns {', '.join(missing)}: read it whole "
+                    "(read_trace) and save it again"
+                )
             if missing:
                 raise GateSkipError(f"not a GateSkip trace: missing columns {', '.join(missing)}")
             if not pd.api.types.is_numeric_dtype(df["threshold"]):  # CSV writes NaN thresholds as empty fields
