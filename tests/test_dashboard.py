@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
@@ -366,10 +367,101 @@ def test_every_heatmap_cell_is_a_clickable_marker_that_names_its_cell():
     cells = [t for t in fig.data if t.type == "scatter" and t.customdata is not None]
     assert [len(t.customdata) for t in cells] == [seq.n_tokens * trace.n_layers] * 2
     row = next(r for r in cells[1].customdata if r[1] == 3 and r[2] == 2)  # (position 3, layer 2) of the mlp
-    assert row[5] == "mlp" and row[6] == seq.gate[3, 2, 1] and row[4] == ("skipped" if seq.skipped[3, 2, 1] else "kept")
+    assert row[5] == "mlp" and row[6] == seq.gate[3, 2, 1] and row[4] == figures.cell_roles(trace)[3, 2, 1]
     event = {"selection": {"points": [{"x": "3:x", "y": 2, "customdata": list(row)}]}}
     assert figures.clicked_cell(event) == (3, 2, "mlp")
     assert figures.clicked_cell({"selection": {"points": []}}) is None and figures.clicked_cell(None) is None
+
+
+def _overlay_cells(fig, branches=("attn", "mlp")) -> np.ndarray:
+    """[T, L, n branches] bool: the cells the heatmap greys out (its "gate not applied" overlays)."""
+    overlays = [t for t in fig.data if t.type == "heatmap" and t.name == "gate not applied"]
+    assert len(overlays) == len(branches)
+    return np.stack([~np.isnan(np.asarray(t.z, dtype=float)).T for t in overlays], -1)
+
+
+@pytest.mark.parametrize("scope", ["skipped", "all"])
+def test_the_heatmap_greys_out_exactly_the_cells_that_ran_with_their_gate_not_applied(scope):
+    """Grey cells are those with gate_applied == 0 and skipped == 0; their hover says "ranked only",
+    the applied ones "applied", the skipped ones "skipped"; the title says how many gates acted."""
+    from analysis.traces import figures
+
+    model = load_model("tiny-llama", gates="untrained")
+    trace = model.trace("Gates decide which tokens skip, and which branches run.", skip=0.3, adapter_scope=scope)
+    seq = trace.sequences[0]
+    expected = ~seq.gate_applied & ~seq.skipped
+    assert seq.skipped.any() and seq.gate_applied.any()
+    assert expected.any() == (scope == "skipped")  # scope all: every branch that ran was scaled
+    fig = figures.gate_heatmap(trace)
+    np.testing.assert_array_equal(_overlay_cells(fig), expected)
+    roles = np.stack(
+        [
+            np.asarray(t.customdata)[:, 4].reshape(trace.n_layers, -1).T
+            for t in fig.data
+            if t.name and t.name.endswith(" cells")
+        ],
+        -1,
+    )
+    assert (roles[expected] == figures.CELL_ROLES["ranked"]).all()
+    assert (roles[seq.skipped] == "skipped").all() and (roles[seq.gate_applied] == figures.CELL_ROLES["applied"]).all()
+    acted = int(seq.gate_applied.sum()) / int((~seq.skipped).sum())
+    assert f"{acted:.0%} of the shown gates acted" in fig.layout.title.text.replace("<br>", " ")
+    legend = [t.name for t in fig.data if t.showlegend is not False and t.name]
+    assert (figures.NOT_APPLIED_LEGEND in legend) == (scope == "skipped")
+    mlp_only = figures.gate_heatmap(trace, branches=("mlp",))
+    np.testing.assert_array_equal(_overlay_cells(mlp_only, ("mlp",))[:, :, 0], expected[:, :, 1])
+
+
+def test_the_token_strip_marks_tokens_none_of_whose_gates_acted():
+    from analysis.traces import figures
+
+    model = load_model("tiny-llama", gates="untrained")
+    trace = model.trace("Gates decide which tokens skip, and which branches run.", skip=0.1, adapter_scope="skipped")
+    seq = trace.sequences[0]
+    idle = (~seq.skipped).any((1, 2)) & ~seq.gate_applied.any((1, 2))
+    assert idle[0] and 0 < idle.sum() < seq.n_tokens  # BOS (protected) never skips, so never scales
+    html = figures.token_strip_html(trace)
+    assert html.count("gs-tok gs-idle") == int(idle.sum())
+    assert "dotted underline: none of the token's gates acted" in html and "of the shown gates acted" in html
+    applied = int(seq.gate_applied[3].sum())
+    assert f"gate applied at {applied} of the {int((~seq.skipped[3]).sum())} it ran" in html
+
+
+def _chart_specs(app) -> list[dict]:
+    import json
+
+    return [json.loads(c.proto.spec) for c in app.get("plotly_chart")]
+
+
+def _greyed_in_explore_heatmap(app) -> np.ndarray:
+    """The Explore heatmap's grey cells as the browser receives them (Plotly's JSON: a typed array)."""
+    import base64
+
+    heat = next(s for s in _chart_specs(app) if any(t.get("name") == "gate not applied" for t in s["data"]))
+    cells = []
+    for t in (t for t in heat["data"] if t.get("name") == "gate not applied"):
+        z = t["z"]
+        if isinstance(z, dict):  # {"dtype", "bdata", "shape"}
+            z = np.frombuffer(base64.b64decode(z["bdata"]), z["dtype"]).reshape([int(n) for n in z["shape"].split(",")])
+        cells.append(~np.isnan(np.asarray(z, dtype=float)))
+    return np.stack(cells)
+
+
+def test_the_explore_view_marks_gates_that_did_not_act_and_its_legend_follows_the_scope(app):
+    """Scope all: every branch that ran was scaled (no grey cell); scope skipped at budget 0: the
+    model is the original, so not one gate acted and every cell is grey, the caption says 0%."""
+    app.sidebar.radio(key="adapter_scope").set_value("all").run()
+    caption = next(c.value for c in app.caption if c.value.startswith("Adapter scope"))
+    assert caption.startswith("Adapter scope all: gate = ranking score and scale; 100% of the shown gates acted")
+    assert "Grey cells" not in caption
+    assert not _greyed_in_explore_heatmap(app).any()
+    app.sidebar.slider(key="global_budget").set_value(0.0).run()
+    app.sidebar.radio(key="adapter_scope").set_value("skipped").run()
+    assert not app.exception
+    caption = next(c.value for c in app.caption if c.value.startswith("Adapter scope"))
+    assert "a scale only from the token's first skip on; 0% of the shown gates acted" in caption
+    assert "Grey cells" in caption and "ranked only, not applied" in caption
+    assert _greyed_in_explore_heatmap(app).all()
 
 
 def test_attribution_panel_splits_an_attention_component_by_source_token(app):

@@ -25,6 +25,47 @@ def _label(tok: str) -> str:
 
 CELL_FIELDS = ("token", "position", "layer", "threshold", "status", "branch", "gate")
 
+# What one cell's gate did, in the words of every display (hover text, legends). In adapter scope
+# 'skipped' a token runs the original model until its first skip: its gates there rank it and scale
+# nothing, so a dark cell need not mean a weak branch (`Trace.gate_role`, `SequenceTrace.gate_applied`).
+CELL_ROLES = {
+    "skipped": "skipped",
+    "applied": "applied: scaled the branch output",
+    "ranked": "ranked only, not applied (token still on the original model)",
+    "ungated": "not applied: no gates, the branch ran unscaled",
+}
+NOT_APPLIED_LEGEND = "grey: gate not applied (ranked only)"
+
+
+def not_applied_cells(trace: Trace, sequence: int = 0) -> np.ndarray:
+    """[T, L, 2] bool: cells the token ran whose gate scaled nothing (`gate_applied` 0, not skipped)."""
+    seq = trace.sequences[sequence]
+    return ~seq.gate_applied & ~seq.skipped
+
+
+def cell_roles(trace: Trace, sequence: int = 0) -> np.ndarray:
+    """[T, L, 2] the `CELL_ROLES` text of every cell: skipped, applied, or ran with its gate not applied."""
+    seq = trace.sequences[sequence]
+    idle = CELL_ROLES["ranked"] if trace.has_gates else CELL_ROLES["ungated"]
+    roles = np.where(seq.gate_applied, CELL_ROLES["applied"], idle).astype(object)
+    roles[seq.skipped] = CELL_ROLES["skipped"]
+    return roles
+
+
+def gate_legend(trace: Trace, sequence: int | None = None, branches: tuple[str, ...] = BRANCHES) -> str:
+    """What a gate is in the trace's scope and how many of the shown gates acted: of the cells that
+    ran (one sequence, or all with `sequence=None`; the given branches), the share the gate scaled."""
+    seqs = trace.sequences if sequence is None else [trace.sequences[sequence]]
+    cols = [BRANCHES.index(b) for b in branches]
+    ran = sum(int((~s.skipped[:, :, cols]).sum()) for s in seqs)
+    applied = sum(int(s.gate_applied[:, :, cols].sum()) for s in seqs)
+    if not trace.has_gates:
+        return trace.gate_role()
+    share = f"{applied / ran:.0%} of the shown gates acted ({applied} of the {ran} cells that ran)" if ran else ""
+    if trace.adapter_scope == "skipped":
+        return f"gate = ranking score for every token, a scale only from the token's first skip on; {share}"
+    return f"gate = ranking score and scale; {share}"
+
 
 def clicked_cell(selection: dict | None) -> tuple[int, int, str] | None:
     """(position, layer, branch) of the first heatmap cell in a Plotly selection event (Streamlit's
@@ -38,10 +79,10 @@ def clicked_cell(selection: dict | None) -> tuple[int, int, str] | None:
 
 
 def gate_heatmap(trace: Trace, sequence: int = 0, branches: tuple[str, ...] = BRANCHES) -> go.Figure:
-    """Layers x tokens heatmap of gate values per branch; skipped cells marked with x; every cell
+    """Layers x tokens heatmap of gate values per branch: skipped cells marked with x, cells whose gate
+    did not act (ran unscaled: `not_applied_cells`) washed pale, the legend saying which; every cell
     clickable (an invisible marker with the cell's `CELL_FIELDS` as customdata, see `clicked_cell`)."""
     seq = trace.sequences[sequence]
-    T, L = seq.n_tokens, trace.n_layers
     fig = make_subplots(
         rows=len(branches),
         cols=1,
@@ -50,66 +91,116 @@ def gate_heatmap(trace: Trace, sequence: int = 0, branches: tuple[str, ...] = BR
         subplot_titles=[f"{m} gates" for m in branches],
     )
     x = [f"{i}:{_label(t)}" for i, t in enumerate(seq.tokens)]
+    idle, roles = not_applied_cells(trace, sequence), cell_roles(trace, sequence)
     for row, branch in enumerate(branches, start=1):
         b = BRANCHES.index(branch)
         z = seq.gate[:, :, b].T  # [L, T]
-        status = np.where(seq.skipped[:, :, b].T, "skipped", "kept")
-        custom = np.stack(
-            [
-                np.broadcast_to(np.array(seq.tokens, dtype=object), (L, T)),
-                np.broadcast_to(np.arange(T), (L, T)),
-                np.broadcast_to(np.arange(L)[:, None], (L, T)),
-                seq.threshold[:, :, b].T,
-                status,
-            ],
-            axis=-1,
-        )
-        fig.add_trace(go.Heatmap(z=z, x=x, y=list(range(L)), coloraxis="coloraxis", hoverinfo="skip"), row=row, col=1)
-        # One invisible marker per cell carries the hover text and makes cells clickable: Plotly does not
-        # report clicks on heatmap cells as selections, but it does on markers (customdata: CELL_FIELDS).
-        cells = np.concatenate([custom, np.full((L, T, 1), branch, dtype=object), z[..., None]], -1).reshape(L * T, -1)
         fig.add_trace(
-            go.Scatter(
-                x=[x[t] for t in range(T)] * L,
-                y=np.repeat(np.arange(L), T),
-                mode="markers",
-                marker=dict(size=10, opacity=0),
-                customdata=cells,
-                showlegend=False,
-                name=f"{branch} cells",
-                hovertemplate=(
-                    "token %{customdata[0]|s}<br>position %{customdata[1]}<br>layer %{customdata[2]}"
-                    "<br>branch %{customdata[5]}<br>gate %{customdata[6]:.4f}<br>threshold %{customdata[3]:.4f}"
-                    "<br>%{customdata[4]}<extra></extra>"
-                ),
-            ),
+            go.Heatmap(z=z, x=x, y=list(range(seq.gate.shape[1])), coloraxis="coloraxis", hoverinfo="skip"),
             row=row,
             col=1,
         )
-        ly, tx = np.nonzero(seq.skipped[:, :, b].T)
-        fig.add_trace(
-            go.Scatter(
-                x=[x[t] for t in tx],
-                y=ly,
-                mode="markers",
-                hoverinfo="skip",
-                showlegend=False,
-                marker=dict(symbol="x-thin", size=7, line=dict(width=1.5, color="white")),
-            ),
-            row=row,
-            col=1,
-        )
+        fig.add_trace(_not_applied_overlay(idle[:, :, b].T, x), row=row, col=1)
+        fig.add_trace(_cell_markers(seq, b, roles[:, :, b].T, x), row=row, col=1)
+        fig.add_trace(_marks(seq.skipped[:, :, b].T, x, "skipped", row == 1), row=row, col=1)
         fig.update_yaxes(title_text="layer", row=row, col=1)
+    if idle.any():  # a legend entry for the pale cells (the overlay heatmap has none of its own)
+        fig.add_trace(_legend_swatch(NOT_APPLIED_LEGEND if trace.has_gates else "grey: no gate, ran unscaled"))
     # Gates are narrow within a model (often 0.9-1.0): scale colours to the values shown.
     values = seq.gate[:, :, [BRANCHES.index(m) for m in branches]]
     fig.update_layout(
+        title=dict(text=_wrapped(gate_legend(trace, sequence, branches)), font=dict(size=13)),
         coloraxis=dict(
             colorscale="Viridis", cmin=float(values.min()), cmax=float(values.max()), colorbar=dict(title="gate")
         ),
-        height=260 * len(branches) + 80,
-        margin=dict(l=50, r=20, t=40, b=40),
+        legend=dict(orientation="h", x=1.0, xanchor="right", y=1.0, yanchor="bottom"),
+        height=260 * len(branches) + 120,
+        margin=dict(l=50, r=20, t=100, b=40),
     )
     return fig
+
+
+def _wrapped(text: str, width: int = 95) -> str:
+    """Plotly does not wrap titles: break long ones into lines."""
+    import textwrap
+
+    return "<br>".join(textwrap.wrap(text, width))
+
+
+def _not_applied_overlay(idle: np.ndarray, x: list[str]) -> go.Heatmap:
+    """A grey veil over the [L, T] cells whose gate did not act ("greyed out"): their colour stays faintly
+    readable, and no gate colour of the scale looks like it."""
+    return go.Heatmap(
+        z=np.where(idle, 1.0, np.nan),
+        x=x,
+        y=list(range(idle.shape[0])),
+        colorscale=[[0, "#d0d0d0"], [1, "#d0d0d0"]],
+        zmin=0,
+        zmax=1,
+        opacity=0.78,
+        showscale=False,
+        hoverinfo="skip",
+        name="gate not applied",
+    )
+
+
+def _cell_markers(seq, b: int, roles: np.ndarray, x: list[str]) -> go.Scatter:
+    """One invisible marker per cell carries the hover text and makes cells clickable: Plotly does not
+    report clicks on heatmap cells as selections, but it does on markers (customdata: CELL_FIELDS)."""
+    L, T = roles.shape
+    branch = BRANCHES[b]
+    cells = np.stack(
+        [
+            np.broadcast_to(np.array(seq.tokens, dtype=object), (L, T)),
+            np.broadcast_to(np.arange(T), (L, T)),
+            np.broadcast_to(np.arange(L)[:, None], (L, T)),
+            seq.threshold[:, :, b].T,
+            roles,
+            np.full((L, T), branch, dtype=object),
+            seq.gate[:, :, b].T,
+        ],
+        axis=-1,
+    ).reshape(L * T, -1)
+    return go.Scatter(
+        x=x * L,
+        y=np.repeat(np.arange(L), T),
+        mode="markers",
+        marker=dict(size=10, opacity=0),
+        customdata=cells,
+        showlegend=False,
+        name=f"{branch} cells",
+        hovertemplate=(
+            "token %{customdata[0]|s}<br>position %{customdata[1]}<br>layer %{customdata[2]}"
+            "<br>branch %{customdata[5]}<br>gate %{customdata[6]:.4f} — %{customdata[4]}"
+            "<br>threshold %{customdata[3]:.4f}<extra></extra>"
+        ),
+    )
+
+
+def _marks(cells: np.ndarray, x: list[str], name: str, legend: bool) -> go.Scatter:
+    """An x on each marked [L, T] cell (the skipped ones), with one legend entry."""
+    ly, tx = np.nonzero(cells)
+    return go.Scatter(
+        x=[x[t] for t in tx],
+        y=ly,
+        mode="markers",
+        hoverinfo="skip",
+        name=f"x: {name}",
+        showlegend=legend and bool(len(ly)),
+        legendgroup=name,
+        marker=dict(symbol="x-thin", size=7, line=dict(width=1.5, color="#d62728")),
+    )
+
+
+def _legend_swatch(name: str) -> go.Scatter:
+    """A legend entry only (no point drawn): a pale square for the cells whose gate did not act."""
+    return go.Scatter(
+        x=[None],
+        y=[None],
+        mode="markers",
+        name=name,
+        marker=dict(symbol="square", size=12, color="#d0d0d0", line=dict(width=1, color="#999")),
+    )
 
 
 TOKEN_CSS = (
@@ -117,6 +208,7 @@ TOKEN_CSS = (
     ".gs-tok{padding:0.15em 0.05em;border-radius:3px;color:#111}"
     ".gs-tok.gs-skip{text-decoration:underline dashed #b00000}"
     ".gs-tok.gs-mark{outline:2px solid #111;font-weight:600}"
+    ".gs-tok.gs-idle{border-bottom:2px dotted #777}"
     ".gs-row{margin:0.2em 0}.gs-legend{font-size:0.8rem;color:#555}</style>"
 )
 
@@ -127,50 +219,65 @@ def _red(level: float) -> str:
     return f"rgba(220, 40, 30, {0.08 + 0.62 * level:.3f})"
 
 
-def _token_span(token: str, level: float, title: str, skipped: bool = False, marked: bool = False) -> str:
-    """One token as inline text: its own characters (a newline shown as ↵ and kept), coloured."""
+def _token_span(
+    token: str, level: float, title: str, skipped: bool = False, marked: bool = False, idle: bool = False
+) -> str:
+    """One token as inline text: its own characters (a newline shown as ↵ and kept), coloured;
+    `idle`: dotted grey underline, its gate(s) did not act (ranked only)."""
     import html
 
     text = html.escape(token.replace("\n", "↵\n")) if token else "∅"
-    classes = "gs-tok" + (" gs-skip" if skipped else "") + (" gs-mark" if marked else "")
+    classes = "gs-tok" + (" gs-skip" if skipped else "") + (" gs-mark" if marked else "") + (" gs-idle" if idle else "")
     return f'<span class="{classes}" style="background:{_red(level)}" title="{html.escape(title)}">{text}</span>'
 
 
 def token_strip_html(trace: Trace, sequence: int = 0) -> str:
     """The prompt as readable inline text: each token's background is the share of its branches it
-    skipped (white: none, red: all); hover shows position, skipped count and mean gate."""
+    skipped (white: none, red: all); a dotted grey underline marks a token none of whose gates acted
+    (in adapter scope 'skipped', one that never skipped: it ran the original model); hover shows
+    position, skipped count, how many of the branches it ran its gate scaled, and mean gate."""
     seq = trace.sequences[sequence]
     counts = seq.skipped.sum(axis=(1, 2))
+    ran = (~seq.skipped).sum(axis=(1, 2))
+    applied = seq.gate_applied.sum(axis=(1, 2))
     total = trace.n_layers * 2
     spans = [
         _token_span(
             token,
             counts[i] / total,
-            f"position {i} · skipped {int(counts[i])} of {total} branches · mean gate {float(seq.gate[i].mean()):.3f}",
+            f"position {i} · skipped {int(counts[i])} of {total} branches · gate applied at {int(applied[i])} of "
+            f"the {int(ran[i])} it ran (the rest ranked only) · mean gate {float(seq.gate[i].mean()):.3f}",
+            idle=bool(ran[i]) and not applied[i],
         )
         for i, token in enumerate(seq.tokens)
     ]
-    legend = f'<div class="gs-legend">background: share of the {total} branches the token skipped (white none, red all)</div>'
-    return TOKEN_CSS + f'<div class="gs-tokens">{"".join(spans)}</div>' + legend
+    legend = f"background: share of the {total} branches the token skipped (white none, red all)"
+    if ((ran > 0) & (applied == 0)).any():
+        legend += "; dotted underline: none of the token's gates acted (every branch it ran, ran unscaled)"
+    legend += f". {gate_legend(trace, sequence)}"
+    return TOKEN_CSS + f'<div class="gs-tokens">{"".join(spans)}</div><div class="gs-legend">{legend}</div>'
 
 
 def context_html(contexts: pd.DataFrame, value: str = "gate") -> str:
     """Example contexts (`TraceDB.example_contexts`) as lines of readable text: the example token
     outlined, every token coloured by its gate at the chosen (layer, branch) (red: low gate) or,
-    with `value='skipped'`, by the decision; skipped tokens underlined; values on hover."""
+    with `value='skipped'`, by the decision; skipped tokens underlined; with a `gate_applied` column,
+    tokens that ran the branch unscaled (gate not applied: ranked only) dotted; values on hover."""
+    has_applied = "gate_applied" in contexts.columns
     rows = []
     for example, part in contexts.sort_values(["example", "offset"]).groupby("example", sort=True):
         spans = []
         for r in part.itertuples():
             level = 1.0 - float(r.gate) if value == "gate" else float(r.skipped)
-            title = f"offset {r.offset} · gate {float(r.gate):.3f} · {'skipped' if r.skipped else 'kept'}"
-            spans.append(_token_span(r.token, level, title, skipped=bool(r.skipped), marked=r.offset == 0))
+            idle = has_applied and not r.skipped and not r.gate_applied
+            state = "skipped" if r.skipped else ("ran, gate not applied (ranked only)" if idle else "kept")
+            title = f"offset {r.offset} · gate {float(r.gate):.3f} · {state}"
+            spans.append(_token_span(r.token, level, title, bool(r.skipped), r.offset == 0, idle))
         rows.append(f'<div class="gs-row gs-tokens"><b>#{example}</b> {"".join(spans)}</div>')
-    legend = (
-        '<div class="gs-legend">outlined: the example token; background: its gate here (red: low); '
-        "dashed underline: skipped</div>"
-    )
-    return TOKEN_CSS + "".join(rows) + legend
+    legend = "outlined: the example token; background: its gate here (red: low); dashed underline: skipped"
+    if has_applied:
+        legend += "; dotted underline: ran unscaled, its gate here not applied (ranked only)"
+    return TOKEN_CSS + "".join(rows) + f'<div class="gs-legend">{legend}</div>'
 
 
 def layer_profile_figure(layer_table: pd.DataFrame) -> go.Figure:

@@ -53,9 +53,12 @@ def compare_view(cfg: service.Settings) -> None:
         seq = trace.sequences[0]
         m1, m2, m3 = col.columns(3)
         m1.metric("Skipped fraction", f"{trace.skipped_fraction():.1%}")
-        m2.metric("Net FLOPs saved", f"{seq.compute.net_saved_fraction:+.1%}")
+        m2.metric(
+            "Net FLOPs saved", f"{seq.compute.net_saved_fraction:+.1%}", help="gates, adapter and stand-ins included"
+        )
         m3.metric("Top-1 agreement", f"{quality.top1_agreement:.1%}")
         heat = figures.gate_heatmap(trace, branches=(branch,))
         side = "left" if col is left else "right"
         col.plotly_chart(heat, key=f"cmp_heat_{side}")
+        col.caption(f"Adapter scope {trace.adapter_scope}: {figures.gate_legend(trace, 0, (branch,))}")
         figure_download(col, f"{spec} heatmap (HTML)", heat, f"compare_{side}_{branch}.html")

@@ -8,7 +8,7 @@ import streamlit as st
 from analysis.traces import figures
 from dashboard import service
 from dashboard.views.common import download, figure_download
-from gateskip_core import GateSkipError
+from gateskip_core import BRANCHES, GateSkipError
 
 
 def prompt_input(view) -> tuple[str, bool]:
@@ -74,7 +74,11 @@ def explore_view(cfg: service.Settings) -> None:
         delta_color="off",
         help="share of eligible branch evaluations skipped (reached), against what the budget table asks",
     )
-    cols[2].metric("Net FLOPs saved", f"{seq.compute.net_saved_fraction:+.1%}", help="gate cost included")
+    cols[2].metric(
+        "Net FLOPs saved",
+        f"{seq.compute.net_saved_fraction:+.1%}",
+        help="net: gates, adapter and stand-ins included",
+    )
     if quality is not None:
         cols[3].metric("KL to ungated", f"{quality.kl_to_full:.4f}")
         cols[4].metric("Top-1 agreement", f"{quality.top1_agreement:.1%}")
@@ -93,6 +97,7 @@ def explore_view(cfg: service.Settings) -> None:
     branches = ("attn", "mlp") if layout == "side by side" else (layout,)
     heat = figures.gate_heatmap(shown, branches=branches)
     event = st.plotly_chart(heat, key="heatmap", on_select="rerun", selection_mode="points")
+    st.caption(gate_caption(shown, branches))
     st.caption("Click a cell to see why its gate is low (gate attribution, below).")
     select_cell(figures.clicked_cell(event), seq.n_tokens, view.spec.n_layers)
 
@@ -137,6 +142,17 @@ def explore_view(cfg: service.Settings) -> None:
     download(c1, "Trace (CSV)", lambda: shown.to_dataframe().to_csv(index=False), "trace.csv", "text/csv")
     figure_download(c2, "Heatmap (HTML)", heat, "heatmap.html")
     download(c3, "Token strip (HTML)", strip, "token_strip.html", "text/html")
+
+
+def gate_caption(shown, branches: tuple[str, ...]) -> str:
+    """What the heatmap's gates are in the shown trace's adapter scope, and which of them acted."""
+    text = f"Adapter scope {shown.adapter_scope}: {figures.gate_legend(shown, 0, branches)}."
+    if figures.not_applied_cells(shown)[:, :, [BRANCHES.index(b) for b in branches]].any():
+        text += (
+            " Grey cells: the token ran the branch unscaled; its gate only ranked it (hover: "
+            f"“{figures.CELL_ROLES['ranked' if shown.has_gates else 'ungated']}”). x: skipped."
+        )
+    return text
 
 
 def select_cell(cell: tuple[int, int, str] | None, n_tokens: int, n_layers: int) -> None:
