@@ -96,6 +96,41 @@ def test_masked_physical_and_cached_agree_and_skip_counts_are_exact(family):
         assert logits[seq.prompt_length - 1 : -1].argmax(-1).tolist() == seq.token_ids[seq.prompt_length :].tolist()
 
 
+def test_net_flops_saved_is_the_same_on_every_path_for_the_same_decisions(family):
+    """One compute account: the decisions alone set net FLOPs saved (adapter rows and stand-ins
+    counted once), whether the masked path, the physical path or cached decoding made them."""
+    _, folder, gates = family
+    model = load_model(str(folder), gates=str(gates))
+    assert model.lora is not None and model.fill is not None and model.adapter_scope == "skipped"
+    texts = PROMPTS[:2]
+    traces = {p: model.trace(texts, skip=0.4, policy="quantile", path=p) for p in ("masked", "physical")}
+    for m, p in zip(traces["masked"].sequences, traces["physical"].sequences):
+        assert np.array_equal(m.skipped, p.skipped) and m.skipped.any()
+        assert m.compute.skipping_flops == p.compute.skipping_flops and m.compute.gate_flops == p.compute.gate_flops
+        assert m.compute.dense_flops == p.compute.dense_flops
+        assert m.compute.executed_flops > p.compute.executed_flops == p.compute.skipping_flops
+    assert traces["masked"].compute.net_saved_fraction == traces["physical"].compute.net_saved_fraction
+    for path in ("masked", "physical"):  # cached decoding: the same account as any run with its decisions
+        gen = model.generate(texts, max_new_tokens=6, skip=0.4, policy="quantile", path=path, stop_at_eos=False)
+        assert any(seq.skipped[seq.prompt_length :].any() for seq in gen.trace.sequences)
+        for seq in gen.trace.sequences:
+            forced = [
+                Forced(layer, branch, int(pos), bool(seq.skipped[pos, layer, i]))
+                for pos in range(1, seq.n_tokens)
+                for layer in range(model.spec.n_layers)
+                for i, branch in enumerate(("attn", "mlp"))
+            ]
+            ids = torch.from_numpy(np.asarray(seq.token_ids))[None]
+            other = "physical" if path == "masked" else "masked"
+            plan = model.make_plan(0.0, forced=forced, path=other)
+            result = model.forward(ids, torch.ones_like(ids), plan)
+            head = seq.n_tokens - seq.prompt_length + 1  # decoding scores the last prompt token and each new one
+            rerun = model.sequence_traces(ids, torch.ones_like(ids), result, plan, lm_head_tokens=[head])[0]
+            assert np.array_equal(rerun.skipped, seq.skipped)
+            assert rerun.compute.skipping_flops == seq.compute.skipping_flops
+            assert rerun.compute.net_saved_fraction == seq.compute.net_saved_fraction
+
+
 def test_trained_gates_round_trip_and_budget_zero_is_the_original(family, tmp_path):
     _, folder, gates = family
     model = load_model(str(folder), gates=str(gates))

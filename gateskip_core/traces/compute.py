@@ -16,9 +16,12 @@ Conventions for attention keys per query:
 
 Three totals:
 - `dense_flops`: the ungated model, every token through every branch;
-- `skipping_flops`: what the physical path executes under the decisions, gates included;
+- `skipping_flops`: what the decisions cost when skipped work is not done, gates, stand-ins and
+  adapter rows included, each counted once: a function of the decisions alone, the same whichever
+  path (masked, physical, cached decoding) produced them;
 - `executed_flops`: what this call really executed (physical: `skipping_flops`;
-  masked: dense plus gates, since masking computes everything and discards it).
+  masked: dense plus every overhead, since masking computes everything, every adapted row's
+  deltas included, and discards what is skipped).
 `net_saved_fraction = 1 - skipping_flops / dense_flops`: negative when the gates
 cost more than the skips save.
 """
@@ -42,7 +45,7 @@ class ComputeAccount:
     dense_flops: float
     skipping_flops: float
     executed_flops: float
-    gate_flops: float  # the overhead: gates, and stand-ins for skipped branches
+    gate_flops: float  # the overhead under the decisions: gates, stand-ins of skipped branches, adapter rows
     tokens: int
 
     @property
@@ -127,17 +130,18 @@ def account_sequence(
         skipping += kv_tokens * costs.kv + attn_query_side[run_attn].sum() + run_mlp.sum() * costs.mlp
     gates = float(T * spec.n_layers * sum(gate_flops_per_branch))
     gates += float(skipped[..., 0].sum() * fill_flops[0] + skipped[..., 1].sum() * fill_flops[1])
+    adapter = adapter_run = 0.0
     if any(adapter_flops):
-        gates += _adapter_flops(skipped, adapter_flops, adapter_scope, path, kv_copy)
+        adapter, adapter_run = _adapter_flops(skipped, adapter_flops, adapter_scope, kv_copy)
     head = float(lm_head_tokens * costs.lm_head)
     dense += head
-    skipping += head + gates
-    executed = skipping if path == "physical" else dense + gates
+    skipping += head + gates + adapter_run
+    executed = skipping if path == "physical" else dense + gates + adapter
     return ComputeAccount(
         dense_flops=float(dense),
         skipping_flops=float(skipping),
         executed_flops=float(executed),
-        gate_flops=gates,
+        gate_flops=gates + adapter_run,
         tokens=T,
     )
 
@@ -151,22 +155,22 @@ def adapted_rows(skipped: np.ndarray, scope: str) -> np.ndarray:
     return np.logical_or.accumulate(skipped.reshape(*lead, 2 * L), axis=-1).reshape(skipped.shape)
 
 
-def _adapter_flops(skipped: np.ndarray, flops: tuple[int, int, int], scope: str, path: str, kv_copy: bool) -> float:
-    """The LoRA deltas' FLOPs: per (token, layer), k/v where the token's keys/values are projected,
-    q/o where it runs attention, the MLP where it runs it, for rows on the adapter (masked: every
-    row that is on the adapter computes every delta)."""
+def _adapter_flops(skipped: np.ndarray, flops: tuple[int, int, int], scope: str, kv_copy: bool) -> tuple[float, float]:
+    """The LoRA deltas' FLOPs as (every adapted row computing every delta, what the masked path
+    executes; only the parts each adapted row runs: k/v where its keys/values are projected, q/o
+    where it runs attention, the MLP where it runs it, what the decisions cost)."""
     adapted = adapted_rows(skipped, scope)
-    if path == "masked":
-        return float(adapted[..., 0].sum() * (flops[0] + flops[1]) + adapted[..., 1].sum() * flops[2])
+    every = float(adapted[..., 0].sum() * (flops[0] + flops[1]) + adapted[..., 1].sum() * flops[2])
     run_attn, run_mlp = ~skipped[..., 0], ~skipped[..., 1]
     kv_rows = adapted[..., 0].copy()
     if kv_copy:
         kv_rows[:, 1:] &= run_attn[:, 1:]
-    return float(
+    run = float(
         kv_rows.sum() * flops[0]
         + (adapted[..., 0] & run_attn).sum() * flops[1]
         + (adapted[..., 1] & run_mlp).sum() * flops[2]
     )
+    return every, run
 
 
 def branch_saving_flops(spec: ArchSpec, context: int = 256) -> np.ndarray:
