@@ -427,6 +427,18 @@ def test_the_token_strip_marks_tokens_none_of_whose_gates_acted():
     assert f"gate applied at {applied} of the {int((~seq.skipped[3]).sum())} it ran" in html
 
 
+def test_a_trace_in_a_notebook_marks_tokens_none_of_whose_gates_acted():
+    """`Trace._repr_html_` (what a notebook shows for a trace): the same tokens underlined as the strip."""
+    model = load_model("tiny-llama", gates="untrained")
+    for scope, budget in (("skipped", 0.1), ("all", 0.1)):
+        trace = model.trace("Gates decide which tokens skip, and which run.", skip=budget, adapter_scope=scope)
+        seq = trace.sequences[0]
+        idle = (~seq.skipped).any((1, 2)) & ~seq.gate_applied.any((1, 2))
+        html = trace._repr_html_()
+        assert html.count("2px dotted") == int(idle.sum()) and (idle.any() == (scope == "skipped"))
+        assert f"gate applied at {int(seq.gate_applied[2].sum())} of the {int((~seq.skipped[2]).sum())}" in html
+
+
 def _chart_specs(app) -> list[dict]:
     import json
 

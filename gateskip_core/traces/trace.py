@@ -328,18 +328,26 @@ class Trace:
         return f"<Trace {self.summary()}>"
 
     def _repr_html_(self) -> str:
+        """The summary, then the first sequence's tokens shaded by how many branches each skipped; a
+        dotted underline under a token none of whose gates acted (it ran every branch unscaled)."""
         seq = self.sequences[0]
         skipped_per_token = seq.skipped.sum(axis=(1, 2))
+        ran_per_token = (~seq.skipped).sum(axis=(1, 2))
+        applied_per_token = seq.gate_applied.sum(axis=(1, 2))
+        idle = (ran_per_token > 0) & (applied_per_token == 0)
         max_skips = max(1, self.n_layers * 2)
         spans = []
-        for tok, n in zip(seq.tokens, skipped_per_token):
-            shade = int(255 - 155 * n / max_skips)
+        for i, tok in enumerate(seq.tokens):
+            shade = int(255 - 155 * skipped_per_token[i] / max_skips)
+            underline = "; border-bottom: 2px dotted #777" if idle[i] else ""
             spans.append(
-                f'<span title="skipped {n} of {max_skips} branches" '
-                f'style="background: rgb(255,{shade},{shade}); white-space: pre">{html.escape(tok)}</span>'
+                f'<span title="skipped {skipped_per_token[i]} of {max_skips} branches; gate applied at '
+                f'{applied_per_token[i]} of the {ran_per_token[i]} it ran" '
+                f'style="background: rgb(255,{shade},{shade}); white-space: pre{underline}">{html.escape(tok)}</span>'
             )
         body = html.escape(self.summary()).replace("\n", "<br>")
-        return f"<div><p style='font-family: monospace'>{body}</p><p>{''.join(spans)}</p></div>"
+        legend = "<p><small>dotted underline: none of the token's gates acted</small></p>" if idle.any() else ""
+        return f"<div><p style='font-family: monospace'>{body}</p><p>{''.join(spans)}</p>{legend}</div>"
 
 
 NUMERIC_COLUMNS = (
