@@ -77,7 +77,8 @@ def explore_view(cfg: service.Settings) -> None:
     cols[2].metric(
         "Net FLOPs saved",
         f"{seq.compute.net_saved_fraction:+.1%}",
-        help="net: gates, adapter and stand-ins included",
+        help="net: gates, adapter and stand-ins included; a function of the skip decisions, the same "
+        "number on every execution path (masked, physical, cached)",
     )
     if quality is not None:
         cols[3].metric("KL to ungated", f"{quality.kl_to_full:.4f}")
