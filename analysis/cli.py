@@ -524,3 +524,7 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
     p.add_argument("--figure", help="also write the settled-rate figure (HTML)")
     p.add_argument("--out", required=True, help="settled.csv: counts and rates per (layer, branch)")
     commands["settled"] = cmd_settled
+
+    from .causal_cli import register_causal  # its own module: the gate beside the causal measures
+
+    register_causal(sub, commands, add_model_args, budget_type)

@@ -8,6 +8,7 @@ from analysis.traces import figures
 from analysis.traces.flow import layer_skip_summary
 from analysis.traces.tracedb import TraceDB
 from dashboard import service
+from dashboard.views.causal import causal_panel
 from dashboard.views.common import download, explored_trace, figure_download
 
 
@@ -30,6 +31,7 @@ def layers_view(cfg: service.Settings) -> None:
     figure_download(c2, "Layer profile (HTML)", fig, "layer_profile.html")
     figure_download(c3, "BOS profile (HTML)", bos, "bos_profile.html")
     figure_download(c4, "Token types (HTML)", types, "token_types.html")
+    causal_panel(cfg, shown)  # on demand: the gate beside what the branch adds and what skipping costs
 
 
 def layer_tables(shown):
