@@ -439,6 +439,24 @@ def test_a_trace_in_a_notebook_marks_tokens_none_of_whose_gates_acted():
         assert f"gate applied at {int(seq.gate_applied[2].sum())} of the {int((~seq.skipped[2]).sum())}" in html
 
 
+def test_corpus_contexts_mark_the_tokens_whose_gate_did_not_act_at_the_chosen_branch():
+    """`example_contexts` carries gate_applied at the chosen (layer, branch), as the trace has it; the
+    Corpus view's lines underline (dotted) exactly the context tokens that ran it unscaled."""
+    from analysis.traces import figures
+    from analysis.traces.tracedb import TraceDB
+
+    model = load_model("tiny-llama", gates="untrained")
+    texts = ["Gates decide which tokens skip, and which run.", "A second text about layers and branches."]
+    trace = model.trace(texts, skip=0.2, adapter_scope="skipped")
+    contexts = TraceDB(trace).example_contexts(2, "mlp", n=3, window=4)
+    truth = [trace.sequences[r.sequence_id].gate_applied[r.position, 2, 1] for r in contexts.itertuples()]
+    assert list(contexts["gate_applied"].astype(bool)) == truth
+    idle = (contexts["skipped"] == 0) & (contexts["gate_applied"] == 0)
+    assert 0 < idle.sum() < len(contexts)
+    html = figures.context_html(contexts)
+    assert html.count('gs-idle"') == int(idle.sum()) and "ran unscaled, its gate here not applied" in html
+
+
 def _chart_specs(app) -> list[dict]:
     import json
 

@@ -435,8 +435,9 @@ class TraceDB:
         self, layer: int, branch: str, n: int = 10, lowest: bool = True, window: int = 10
     ) -> pd.DataFrame:
         """The `n` eligible occurrences with the lowest (or highest) gate at (layer, branch), each
-        with `window` tokens either side: one row per (example, context token), with that token's gate
-        and skip decision at (layer, branch) and how many of its branches were skipped in all."""
+        with `window` tokens either side: one row per (example, context token), with that token's gate,
+        skip decision and whether its gate acted (`gate_applied`) at (layer, branch), and how many of
+        its branches were skipped in all."""
         _check_cell(layer, branch)
         order = "ASC" if lowest else "DESC"
         return self.df(
@@ -449,16 +450,17 @@ class TraceDB:
                    SELECT t.sequence_id, t.position, any_value(t.token) AS token,
                           sum(t.skipped) AS skipped_cells,
                           any_value(t.gate) FILTER (WHERE t.layer = ? AND t.branch = ?) AS gate,
-                          any_value(t.skipped) FILTER (WHERE t.layer = ? AND t.branch = ?) AS skipped
+                          any_value(t.skipped) FILTER (WHERE t.layer = ? AND t.branch = ?) AS skipped,
+                          any_value(t.gate_applied) FILTER (WHERE t.layer = ? AND t.branch = ?) AS gate_applied
                    FROM traces t SEMI JOIN picked p ON t.sequence_id = p.sequence_id
                         AND t.position BETWEEN p.position - ? AND p.position + ?
                    GROUP BY ALL)
             SELECT p.example, p.sequence_id, p.position AS centre, c.position, c.position - p.position AS offset,
-                   c.token, c.gate, c.skipped, c.skipped_cells
+                   c.token, c.gate, c.skipped, c.gate_applied, c.skipped_cells
             FROM picked p JOIN cells c ON c.sequence_id = p.sequence_id
                  AND c.position BETWEEN p.position - ? AND p.position + ?
             ORDER BY p.example, c.position""",
-            [int(layer), branch, int(n), int(layer), branch, int(layer), branch, window, window, window, window],
+            [int(layer), branch, int(n), *[int(layer), branch] * 3, window, window, window, window],
         )
 
 
