@@ -46,7 +46,7 @@ def main() -> None:
             browser = p.chromium.launch(
                 executable_path="/usr/bin/chromium", args=["--headless", "--no-sandbox", "--disable-gpu"]
             )
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page = browser.new_page(viewport={"width": 1400, "height": 1500})  # down to the heatmap
             page.goto(url)
             page.get_by_text("Skipped branch evaluations").wait_for(timeout=300_000)
             prompt = page.locator("textarea").first
