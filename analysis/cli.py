@@ -286,7 +286,7 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
 
     from gateskip_core import load_model
 
-    from .experiments.faithfulness import faithfulness
+    from .experiments.faithfulness import DEFAULT_PER_CELL, exact_harm, signal_summary, signal_table
 
     out = _check_out(args.out)
     entries_out = _check_out(args.entries_out, option="--entries-out")
@@ -298,31 +298,29 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
         raise GateSkipError("text is empty")
     if args.texts > 1 and args.file is None:
         raise GateSkipError("--texts streams blocks of a corpus: give it with --file")
+    if args.exact is not None and args.per_cell is not None:
+        raise GateSkipError("give --per-cell (entries per (layer, branch)) or --exact (entries in all), not both")
     model = load_model(args.model, gates=args.gates, device=args.device)
+    per_cell = DEFAULT_PER_CELL if args.per_cell is None else args.per_cell
+    n_entries = args.exact if args.exact is not None else per_cell * 2 * model.spec.n_layers
     start = time.perf_counter()
     if args.texts > 1:
-        from .experiments.faithfulness import corpus_harm, signal_table
+        from .experiments.faithfulness import corpus_harm
 
         entries = corpus_harm(
             model,
             _paragraphs_of(args.file),
             args.texts,
-            n_entries=args.exact,
+            n_entries=n_entries,
             seed=args.seed,
             seq_len=args.max_tokens,
             batch_size=args.batch_size,
         )
-        signals = signal_table(entries, args.skip_fraction)
     else:
-        entries, signals = faithfulness(
-            model,
-            text,
-            n_exact=args.exact,
-            seed=args.seed,
-            max_tokens=args.max_tokens,
-            batch_size=args.batch_size,
-            skip_fraction=args.skip_fraction,
+        entries = exact_harm(
+            model, text, n_entries, seed=args.seed, max_tokens=args.max_tokens, batch_size=args.batch_size
         )
+    signals = signal_table(entries, args.skip_fraction, resamples=args.resamples, seed=args.seed)
     seconds = time.perf_counter() - start
     outputs = {out: _csv(signals), **({entries_out: _csv(entries)} if entries_out else {})}
     if figure:
@@ -331,7 +329,11 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
         fig = faithfulness_figure(entries, signals)
         outputs[figure] = lambda tmp: fig.write_html(tmp, include_plotlyjs="cdn")
     write_all(outputs)
-    print(signals.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(signal_summary(signals).to_string(index=False))
+    print(
+        f"[low, high]: 95% bootstrap intervals over {signals['clusters'].iloc[0]}, "
+        f"{signals['entries_per_stratum'].iloc[0]} entries per (layer, branch)"
+    )
     tracks = entries[["estimate", "delta_loss"]].corr(method="spearman").iloc[0, 1]
     print(f"first-order estimate vs exact loss change: Spearman {tracks:.3f}")
     blocks = f" over {args.texts} texts" if args.texts > 1 else ""
@@ -347,6 +349,7 @@ def cmd_settled(args: argparse.Namespace) -> int:
 
     out = _check_out(args.out)
     figure = _check_out(args.figure, (".html",), "--figure")
+    summary_out = _check_out(args.summary_out, option="--summary-out")
     texts = _paragraphs_of(args.file) if args.file else None
     model = load_model(args.model, gates=args.gates, device=args.device)
     if args.from_layer is not None and args.from_layer >= model.spec.n_layers:
@@ -362,7 +365,11 @@ def cmd_settled(args: argparse.Namespace) -> int:
     summary = settled_summary(table, args.from_layer)
     print(f"prediction already settled (final top-1 = top-1 entering the layer), skip {args.skip:g}:")
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    outputs = {out: _csv(table)}
+    print(
+        "ratio: skipped vs ran compared within each layer (Mantel-Haenszel), 95% interval ratio_low-ratio_high "
+        "(tokens as independent trials); pooled_ratio pools the layers first"
+    )
+    outputs = {out: _csv(table), **({summary_out: _csv(summary)} if summary_out else {})}
     if figure:
         from .traces.figures import settled_figure
 
@@ -458,16 +465,30 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
     src.add_argument("--text")
     src.add_argument("--file")
     p.add_argument(
+        "--per-cell",
+        type=cli_type(whole_number, "--per-cell"),
+        default=None,
+        help="entries ablated exactly per (layer, branch) and text (default 16; on SmolLM2 the gate Spearman's "
+        "interval is 0.32 wide with 4, 0.20 with 10: docs/results/faithfulness_interval_width.csv)",
+    )
+    p.add_argument(
         "--exact",
         type=cli_type(whole_number, "--exact"),
-        default=600,
-        help="entries ablated exactly, the same number from every (layer, branch)",
+        default=None,
+        help="instead of --per-cell: entries ablated exactly in all, the same number from every (layer, branch)",
     )
     p.add_argument(
         "--texts",
         type=cli_type(whole_number, "--texts"),
         default=1,
-        help="stream the --file corpus: this many consecutive blocks of --max-tokens tokens, --exact entries each",
+        help="stream the --file corpus: this many consecutive blocks of --max-tokens tokens, sampled alike; "
+        "the intervals then resample texts",
+    )
+    p.add_argument(
+        "--resamples",
+        type=cli_type(whole_number, "--resamples"),
+        default=1000,
+        help="bootstrap draws for the 95%% intervals",
     )
     p.add_argument(
         "--batch-size", type=cli_type(whole_number, "--batch-size"), default=16, help="ablations per forward"
@@ -522,8 +543,13 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
         help="first layer pooled in the summary (default: the second half)",
     )
     p.add_argument("--figure", help="also write the settled-rate figure (HTML)")
+    p.add_argument("--summary-out", help="also write the summary: the within-layer ratio per branch (CSV)")
     p.add_argument("--out", required=True, help="settled.csv: counts and rates per (layer, branch)")
     commands["settled"] = cmd_settled
+
+    from .evaluation.cli import register_eval  # its own module: lm-eval is imported only when it runs
+
+    register_eval(sub, commands, add_model_args)
 
     from .causal_cli import register_causal  # its own module: the gate beside the causal measures
 

@@ -390,3 +390,35 @@ def test_gates_by_attention_kind_split_sliding_and_global_layers(tmp_path):
     )
     with pytest.raises(ValueError):
         by_attention_kind(table, sliding[:-1])
+
+
+def test_faithfulness_intervals_resample_texts_contain_the_estimates_and_narrow_with_more_entries(tiny_llama):
+    from analysis.experiments.faithfulness import BOOTSTRAPPED, corpus_harm, signal_table
+
+    texts = [p for t in pydoc_texts("validation")[:3] for p in paragraphs(t)]
+    per_cell = 8
+    entries = corpus_harm(
+        tiny_llama, texts, n_texts=8, n_entries=per_cell * 8, seq_len=32, batch_size=64, show_progress=False
+    )
+    full = signal_table(entries, resamples=300)
+    assert set(full["clusters"]) == {"8 texts"} and set(full["entries_per_stratum"]) == {8 * per_cell}
+    for column in BOOTSTRAPPED:
+        finite = full[np.isfinite(full[column]) & np.isfinite(full[f"{column}_low"])]
+        assert len(finite) >= 5
+        assert (finite[f"{column}_low"] <= finite[column] + 1e-12).all()
+        assert (finite[column] <= finite[f"{column}_high"] + 1e-12).all()
+    # the same texts with 2 of the 8 entries per (text, layer, branch): wider intervals
+    thin = [
+        signal_table(entries.groupby(["text", "layer", "branch"]).sample(n=2, random_state=s), resamples=300)
+        for s in range(3)
+    ]
+
+    def width(table, signal, column):
+        row = table.set_index("signal").loc[signal]
+        return row[f"{column}_high"] - row[f"{column}_low"]
+
+    for signal in ("gate", "rel_norm", "attribution"):
+        assert width(full, signal, "spearman_within") < np.mean([width(t, signal, "spearman_within") for t in thin])
+    # one text: the layers are the clusters
+    one = signal_table(entries[entries["text"] == 0], resamples=100)
+    assert set(one["clusters"]) == {f"{tiny_llama.spec.n_layers} layers of one text"}

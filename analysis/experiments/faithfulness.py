@@ -20,11 +20,14 @@ Every sampled entry also gets the cheap signals a researcher would rank by:
 `signal_table` compares them as predictors of the harm: Spearman within each (layer, branch),
 averaged, and pooled; and, at a budget's skip fraction f, the harm carried by the f of each
 stratum's entries a signal ranks lowest, against random choice (f of the total) and the oracle
-(the f with the least harm).
+(the f with the least harm). The within-stratum Spearman and both harm ratios carry 95% bootstrap
+intervals over texts (a corpus) or over the layers of one text: whole clusters, so that entries of
+one text are never treated as independent draws of many.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -35,12 +38,15 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
+from analysis.traces.intervals import DEFAULT_RESAMPLES
 from gateskip_core import BRANCHES, Capture, GatedModel, GateSkipError, SkipBudget
 from gateskip_core.data import token_blocks
 from gateskip_core.skipping.policies import BranchInput, Decision, SkipPolicy
 from gateskip_core.validation import whole_number
 
 SIGNALS = ("gate", "preactivation", "rel_norm", "block_influence", "attribution", "unsettled")
+BOOTSTRAPPED = ("spearman_within", "vs_random", "vs_oracle")  # the columns with intervals
+DEFAULT_PER_CELL = 16  # entries per (layer, branch): with 4 the intervals are about twice as wide (docs/analysis.md)
 
 
 @dataclass(frozen=True)
@@ -223,40 +229,171 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-def signal_table(entries: pd.DataFrame, skip_fraction: float = 0.25, target: str = "harm_kl") -> pd.DataFrame:
+def signal_table(
+    entries: pd.DataFrame,
+    skip_fraction: float = 0.25,
+    target: str = "harm_kl",
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> pd.DataFrame:
     """One row per signal: Spearman with the harm (within (layer, branch) averaged, and pooled), and
     the harm of the entries it would skip at `skip_fraction` (lowest signal first, per stratum)
-    against random choice and the oracle."""
+    against random choice and the oracle. `spearman_within`, `vs_random` and `vs_oracle` carry 95%
+    bootstrap intervals (`_low`, `_high`; `resamples` draws) over clusters named in `clusters`:
+    texts when the entries come from several (a `text` column), else the layers of the one text
+    (both branches of a layer together) — whole clusters, never single entries of one text twice."""
     strata = list(entries.groupby(["layer", "branch"], sort=True))
     total = float(entries[target].sum())
     oracle = sum(_lowest(part[target].to_numpy(), part[target].to_numpy(), skip_fraction) for _, part in strata)
+    intervals, clusters = _bootstrap_intervals(entries, skip_fraction, target, resamples, seed)
     rows = []
     for signal in SIGNALS + ("random", "oracle"):
         if signal in ("random", "oracle"):
             within, pooled = float("nan"), float("nan")
             carried = skip_fraction * total if signal == "random" else oracle
         else:
-            within = float(np.nanmean([_spearman(p[signal].to_numpy(), p[target].to_numpy()) for _, p in strata]))
+            rhos = [_spearman(p[signal].to_numpy(), p[target].to_numpy()) for _, p in strata]
+            within = float(np.nanmean(rhos)) if np.isfinite(rhos).any() else float("nan")
             pooled = _spearman(entries[signal].to_numpy(), entries[target].to_numpy())
             carried = sum(_lowest(p[signal].to_numpy(), p[target].to_numpy(), skip_fraction) for _, p in strata)
         rows.append(
             {
                 "signal": signal,
                 "spearman_within": within,
+                **intervals[signal]["spearman_within"],
                 "spearman_pooled": pooled,
                 "skip_fraction": skip_fraction,
                 "harm_of_skipped": carried,
                 "vs_random": carried / (skip_fraction * total) if total else float("nan"),
+                **intervals[signal]["vs_random"],
                 "vs_oracle": carried / oracle if oracle else float("nan"),
+                **intervals[signal]["vs_oracle"],
+                "entries_per_stratum": int(entries.groupby(["layer", "branch"]).size().min()),
+                "clusters": clusters,
             }
         )
     return pd.DataFrame(rows)
+
+
+def signal_summary(signals: pd.DataFrame) -> pd.DataFrame:
+    """The signal table to read: each bootstrapped number with its interval, `0.086 [-0.011, 0.187]`."""
+
+    def cell(row, column: str) -> str:
+        value, low, high = row[column], row[f"{column}_low"], row[f"{column}_high"]
+        return "-" if np.isnan(value) else f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
+    return pd.DataFrame(
+        {
+            "signal": signals["signal"],
+            **{column: [cell(row, column) for _, row in signals.iterrows()] for column in BOOTSTRAPPED},
+            "spearman_pooled": [f"{v:.3f}" if np.isfinite(v) else "-" for v in signals["spearman_pooled"]],
+        }
+    )
 
 
 def _lowest(signal: np.ndarray, harm: np.ndarray, fraction: float) -> float:
     """The harm of the `fraction` of entries with the lowest signal (ties broken by order)."""
     k = int(np.floor(fraction * len(signal) + 1e-9))
     return float(harm[np.argsort(signal, kind="stable")[:k]].sum())
+
+
+# ---- bootstrap intervals of the signal table
+
+
+def _stratum_numbers(values: np.ndarray, harm: np.ndarray, fraction: float):
+    """Strata of equal size, stacked: `values` [S, n, signals], `harm` [S, n]. Per stratum and signal,
+    Spearman with the harm and the harm of the signal's lowest `fraction` ([S, signals] each); and
+    per stratum the oracle's harm [S]. Vectorised: the bootstrap runs it for every draw."""
+    n, k = harm.shape[1], int(np.floor(fraction * harm.shape[1] + 1e-9))
+    ranks = _average_ranks(np.concatenate([values, harm[..., None]], axis=-1))
+    centred = ranks - ranks.mean(1, keepdims=True)
+    norms = np.sqrt((centred**2).sum(1))  # [S, signals + 1]; 0 where a column is constant
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = (centred[..., :-1] * centred[..., -1:]).sum(1) / (norms[:, :-1] * norms[:, -1:])
+    rho[(norms[:, :-1] == 0) | (norms[:, -1:] == 0) | (n < 3)] = np.nan
+    lowest = np.argsort(values, axis=1, kind="stable")[:, :k]  # [S, k, signals]
+    carried = np.take_along_axis(np.broadcast_to(harm[..., None], values.shape), lowest, axis=1).sum(1)
+    return rho, carried, np.sort(harm, axis=1)[:, :k].sum(1)
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks along axis 1 of `x` [S, n, m], ties given their average rank (as `scipy.stats.rankdata`)."""
+    n = x.shape[1]
+    order = np.argsort(x, axis=1, kind="stable")
+    ordered = np.take_along_axis(x, order, axis=1)
+    index = np.broadcast_to(np.arange(n)[None, :, None], x.shape)
+    change = ordered[:, 1:] != ordered[:, :-1]
+    edge = np.ones((x.shape[0], 1, x.shape[2]), bool)
+    starts, ends = np.concatenate([edge, change], axis=1), np.concatenate([change, edge], axis=1)
+    first = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+    last = np.flip(np.minimum.accumulate(np.flip(np.where(ends, index, n - 1), 1), axis=1), 1)
+    ranks = np.empty(x.shape)
+    np.put_along_axis(ranks, order, (first + last) / 2 + 1, axis=1)
+    return ranks
+
+
+def _table_numbers(strata: list[tuple[np.ndarray, np.ndarray]], fraction: float) -> dict[str, np.ndarray]:
+    """Per bootstrapped column: one value per signal, then random and oracle (NaN where undefined)."""
+    rhos, carried, oracle, total = [], [], 0.0, 0.0
+    for size in sorted({len(harm) for _, harm in strata}):  # equal-size strata in one stacked call
+        group = [(v, h) for v, h in strata if len(h) == size]
+        harm = np.stack([h for _, h in group])
+        rho, c, o = _stratum_numbers(np.stack([v for v, _ in group]), harm, fraction)
+        rhos.append(rho)
+        carried.append(c.sum(0))
+        oracle += float(o.sum())
+        total += float(harm.sum())
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a draw where every stratum's Spearman is NaN
+        within = np.nanmean(np.concatenate(rhos), axis=0)
+        harm_of = np.append(np.sum(carried, axis=0), [fraction * total, oracle])
+        return {
+            "spearman_within": np.append(within, [np.nan, np.nan]),
+            "vs_random": harm_of / (fraction * total),
+            "vs_oracle": harm_of / oracle,
+        }
+
+
+def _bootstrap_intervals(
+    entries: pd.DataFrame, fraction: float, target: str, resamples: int, seed: int
+) -> tuple[dict[str, dict[str, float]], str]:
+    """{signal: {column: {column_low: .., column_high: ..}}} over cluster resamples, and the clusters in words."""
+    texts = entries["text"].to_numpy() if "text" in entries.columns else np.zeros(len(entries), dtype=int)
+    by_text = len(np.unique(texts)) > 1
+    unit = texts if by_text else entries["layer"].to_numpy()
+    clusters = np.unique(unit)
+    values = entries[list(SIGNALS)].to_numpy(dtype=float)
+    harm = entries[target].to_numpy(dtype=float)
+    stratum = entries["layer"].to_numpy() * 2 + entries["branch"].map(BRANCHES.index).to_numpy()
+    # per cluster, per stratum: the row indices (a resample concatenates the drawn clusters' rows)
+    rows_of = {
+        c: {s: np.flatnonzero((unit == c) & (stratum == s)) for s in np.unique(stratum[unit == c])} for c in clusters
+    }
+    rng = np.random.default_rng(seed)
+    draws = {column: [] for column in BOOTSTRAPPED}
+    for _ in range(resamples if len(clusters) > 1 else 0):
+        drawn = rng.choice(clusters, size=len(clusters), replace=True)
+        if by_text:  # a stratum pools its entries from every drawn text
+            merged: dict[int, list[np.ndarray]] = {}
+            for c in drawn:
+                for s, idx in rows_of[c].items():
+                    merged.setdefault(s, []).append(idx)
+            parts = [np.concatenate(v) for v in merged.values()]
+        else:  # a layer drawn twice counts as two strata of its own
+            parts = [idx for c in drawn for idx in rows_of[c].values()]
+        numbers = _table_numbers([(values[i], harm[i]) for i in parts], fraction)
+        for column in BOOTSTRAPPED:
+            draws[column].append(numbers[column])
+    out: dict = {signal: {} for signal in SIGNALS + ("random", "oracle")}
+    for column in BOOTSTRAPPED:
+        table = np.array(draws[column]) if draws[column] else np.full((1, len(out)), np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            low, high = np.nanpercentile(table, [2.5, 97.5], axis=0)
+        for j, signal in enumerate(out):
+            out[signal][column] = {f"{column}_low": float(low[j]), f"{column}_high": float(high[j])}
+    words = f"{len(clusters)} texts" if by_text else f"{len(clusters)} layers of one text"
+    return out, words
 
 
 def faithfulness(
@@ -269,8 +406,10 @@ def faithfulness(
     skip_fraction: float = 0.25,
     show_progress: bool = True,
     on_step: Callable[[int, int], None] | None = None,
+    resamples: int = DEFAULT_RESAMPLES,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(entries, signals): the exact harm and signals of `n_exact` stratified entries of `text`, and
-    how well each signal predicts the harm (`signal_table`). `on_step(done, total)` after each batch."""
+    how well each signal predicts the harm, with intervals (`signal_table`). `on_step(done, total)`
+    after each batch."""
     entries = exact_harm(model, text, n_exact, seed, max_tokens, batch_size, show_progress, on_step)
-    return entries, signal_table(entries, skip_fraction)
+    return entries, signal_table(entries, skip_fraction, resamples=resamples, seed=seed)

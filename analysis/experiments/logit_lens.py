@@ -9,8 +9,9 @@ A token has *settled* at depth l when its final top-1 is already top-1 there.
 The finding this supports: when a token skips a branch of layer l, had its
 prediction already settled before layer l more often than tokens that ran it?
 `settled_table` counts, per (layer, branch), eligible tokens that skipped vs ran,
-and how many of each had settled at that depth; `settled_summary` pools the late
-layers (the second half of the stack by default).
+and how many of each had settled at that depth; `settled_summary` compares the two within
+each late layer (the second half of the stack by default) and combines the layers
+(Mantel-Haenszel), with a 95% interval.
 
 `logit_lens` is one text (token x depth grid, `to_dataframe` for CSV); `settled_corpus`
 streams a corpus in token blocks (memory bounded by one batch, like `collect`).
@@ -26,6 +27,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from analysis.traces.intervals import mantel_haenszel_risk_ratio, pooled_risk_ratio
 from gateskip_core import BRANCHES, Capture, GatedModel, GateSkipError
 from gateskip_core.data import pydoc_texts, token_blocks
 from gateskip_core.validation import whole_number
@@ -154,7 +156,11 @@ def settled_table(counts: np.ndarray) -> pd.DataFrame:
 
 
 def settled_summary(table: pd.DataFrame, from_layer: int | None = None) -> pd.DataFrame:
-    """Pooled over layers >= `from_layer` (default: the second half): per branch and both."""
+    """Layers >= `from_layer` (default: the second half), per branch and both: the settled rates of
+    tokens that skipped vs ran (pooled), and `ratio`, skipped against ran compared *within* each
+    (layer, branch) and combined (Mantel-Haenszel), with its 95% interval (`ratio_low`, `ratio_high`).
+    `pooled_ratio` divides the pooled rates: it mixes layers whose settled rates and skip shares
+    differ, so it can point the other way (docs/lens.md); the reported comparison is `ratio`."""
     n_layers = int(table["layer"].max()) + 1
     start = n_layers // 2 if from_layer is None else from_layer
     if not 0 <= start < n_layers:
@@ -162,6 +168,8 @@ def settled_summary(table: pd.DataFrame, from_layer: int | None = None) -> pd.Da
     late = table[table["layer"] >= start]
     rows = []
     for scope, part in [*((b, late[late["branch"] == b]) for b in BRANCHES), ("both", late)]:
+        counts = [part[c].to_numpy() for c in ("skipped_settled", "skipped_n", "ran_settled", "ran_n")]
+        within = mantel_haenszel_risk_ratio(*counts)
         sums = part[COUNT_COLUMNS].sum()
         rows.append(
             {
@@ -171,11 +179,14 @@ def settled_summary(table: pd.DataFrame, from_layer: int | None = None) -> pd.Da
                 "ran_n": int(sums["ran_n"]),
                 "settled_rate_skipped": sums["skipped_settled"] / sums["skipped_n"] if sums["skipped_n"] else np.nan,
                 "settled_rate_ran": sums["ran_settled"] / sums["ran_n"] if sums["ran_n"] else np.nan,
+                "ratio": within.estimate,
+                "ratio_low": within.low,
+                "ratio_high": within.high,
+                "pooled_ratio": pooled_risk_ratio(*counts),
+                "strata": "(layer, branch)" if scope == "both" else "layer",
             }
         )
-    out = pd.DataFrame(rows)
-    out["ratio"] = out["settled_rate_skipped"] / out["settled_rate_ran"]
-    return out
+    return pd.DataFrame(rows)
 
 
 def grid_counts(grid: LensGrid) -> np.ndarray:
