@@ -8,6 +8,7 @@ a token gets the same decisions as in an uncached run over the whole text
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -43,8 +44,10 @@ def generate(
     top_k: int | None = None,
     seed: int = 0,
     stop_at_eos: bool = True,
+    stop: Callable[[list[int]], bool] | None = None,
 ) -> tuple[list[list[int]], Trace]:
-    """New token ids per prompt of `batch` (an encoded, left-padded `Batch`), and the trace of all tokens."""
+    """New token ids per prompt of `batch` (an encoded, left-padded `Batch`), and the trace of all tokens.
+    `stop(new_tokens)`: a sequence also ends once it returns True (e.g. a stop string was generated)."""
     rng = torch.Generator().manual_seed(seed)
     cache = KVCache().reserve(batch.input_ids.shape[1] + max_new_tokens)
     B = batch.input_ids.shape[0]
@@ -60,7 +63,7 @@ def generate(
         for b in range(B):
             if not done[b]:
                 new_tokens[b].append(int(nxt[b]))
-                done[b] = stop_at_eos and int(nxt[b]) == eos
+                done[b] = (stop_at_eos and int(nxt[b]) == eos) or (stop is not None and stop(new_tokens[b]))
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         feed = torch.where(done, torch.full_like(nxt, pad), nxt)[:, None]
