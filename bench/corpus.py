@@ -163,8 +163,9 @@ def collect_seconds(corpus: Path, out: Path, model: str, gates: str, processes: 
         cmd, env = [sys.executable, *args], dict(os.environ)
     else:
         cmd = [
-            "accelerate",
-            "launch",
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
             "--multi_gpu",
             "--num_processes",
             str(processes),

@@ -49,10 +49,13 @@ def spread_gates(model: GatedModel, variant: str = "vector", seed: int = 0) -> G
 
 
 def accelerate_launch(n_processes: int) -> list[str]:
-    """`accelerate launch` of `python -m gateskip` with N CPU processes (gloo; run it with CUDA_VISIBLE_DEVICES="")."""
+    """`accelerate launch` of `python -m gateskip` with N CPU processes (gloo; run it with CUDA_VISIBLE_DEVICES=""),
+    through this interpreter (`python -m accelerate.commands.launch`), so a virtual environment that is
+    not activated runs its own accelerate, not whichever is first on PATH."""
     return [
-        "accelerate",
-        "launch",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
         "--multi_gpu",
         "--num_processes",
         str(n_processes),

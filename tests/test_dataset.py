@@ -245,7 +245,6 @@ def test_a_second_source_is_appended_with_sequence_ids_running_on(straight, corp
     pd.testing.assert_frame_equal(rows[rows["sequence_id"] < n].reset_index(drop=True), _rows(straight))
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")
 def test_two_gloo_processes_under_accelerate_launch_collect_the_one_process_dataset(straight, corpus, tmp_path):
     out = tmp_path / "ds"
     cmd = [*accelerate_launch(2), *_collect_cmd(out, corpus)]
