@@ -159,35 +159,87 @@ def cmd_stats(args: argparse.Namespace) -> int:
         name: _check_out(getattr(args, name), option="--" + name.replace("_", "-"))
         for name in ("bos_out", "types_out", "tokens_out")
     }
-    db = TraceDB(args.trace)
+    db = TraceDB(args.trace, cells=args.cells)
     counts = db.counts()
     table = db.layer_table()
     outputs = {out: _csv(table)}
-    print(f"{counts['sequences']} sequences, {counts['tokens']} tokens")
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"{counts['sequences']} sequences, {counts['tokens']} tokens, {counts['layers']} layers")
+    print(
+        _CELLS_WORDS[args.cells]
+        + "; skip rates pool the eligible tokens; [low, high]: 95% intervals clustered by sequence"
+    )
+    print(_layer_lines(table).to_string(index=False))
     print(layer_skip_summary(table).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     bos = db.bos_table()
-    for branch in ("attn", "mlp"):
-        part = bos[bos["branch"] == branch]
-        print(f"BOS/others gate ratio ({branch}), layers 0-4: " + " ".join(f"{r:.3f}" for r in part["ratio"].head(5)))
+    _print_bos(bos, counts["layers"], args.cells)
     if optional["bos_out"]:
         outputs[optional["bos_out"]] = _csv(bos)
     if optional["types_out"]:
         outputs[optional["types_out"]] = _csv(db.token_type_table())
     tokens = db.token_table(min_count=args.min_count)
-    if len(tokens):
+    ranked = tokens.dropna(subset=["mean_gate"])
+    if len(ranked):
 
         def show(part) -> str:
             rows = zip(part["token"], part["mean_gate"], part["count"])
             return ", ".join(f"{t!r} {g:.3f} (x{c})" for t, g, c in rows)
 
-        print(f"most important tokens (>= {args.min_count} occurrences): {show(tokens.head(8))}")
-        print(f"least important tokens: {show(tokens.tail(8))}")
+        shown = min(8, len(ranked) // 2) or len(ranked)
+        print(
+            f"highest mean gate over {args.cells} cells (tokens seen >= {args.min_count} times): {show(ranked.head(shown))}"
+        )
+        if len(ranked) >= 2 * shown:
+            print(f"lowest mean gate: {show(ranked.tail(shown))}")
     if optional["tokens_out"]:
         outputs[optional["tokens_out"]] = _csv(tokens)
     write_all(outputs)
     print(f"wrote {', '.join(map(str, outputs))}")
     return 0
+
+
+_CELLS_WORDS = {
+    "applied": "gate statistics pool the applied cells only (the gate scaled the branch's output; gate_n of them)",
+    "all": "gate statistics pool every token's gate (the ranking score; in adapter scope 'skipped' most scaled nothing)",
+}
+
+
+def _layer_lines(table):
+    """The layer table as printed: each mean with its interval."""
+    import pandas as pd
+
+    def with_interval(column: str):
+        return [
+            "-" if pd.isna(v) else f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+            for v, lo, hi in zip(table[column], table[f"{column}_low"], table[f"{column}_high"])
+        ]
+
+    return pd.DataFrame(
+        {
+            "layer": table["layer"],
+            "branch": table["branch"],
+            "gate_n": table["gate_n"],
+            "gate_mean": with_interval("gate_mean"),
+            "skip_rate": with_interval("skip_rate"),
+            "applied_share": [f"{v:.2f}" if v == v else "-" for v in table["applied_share"]],
+        }
+    )
+
+
+def _print_bos(bos, n_layers: int, cells: str) -> None:
+    """The BOS/others gate ratio over the early layers (`depth_windows`), labelled with those layers."""
+    from .traces.flow import depth_windows, layer_span
+
+    early = depth_windows(n_layers)[0] or [0]
+    for branch in ("attn", "mlp"):
+        part = bos[(bos["branch"] == branch) & bos["layer"].isin(early)]
+        if not part["sequences"].any():
+            print(f"BOS ({branch}), layers {layer_span(early)}: its gate never acted ({cells} cells: none)")
+            continue
+        ratios = " ".join("-" if r != r else f"{r:.3f}" for r in part["ratio"])
+        print(f"BOS/others gate ratio ({branch}), layers {layer_span(early)}: {ratios}")
+    distinct, sequences = int(bos["bos_distinct"].max()), int(bos["sequences"].max())
+    if sequences > 1 and distinct == 1:
+        print(f"BOS's gate is one value in all {sequences} sequences: one measurement repeated, not {sequences}")
 
 
 READY_QUERIES = ("skip-rates", "tokens", "positions", "types", "contexts")
@@ -199,7 +251,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     if (args.sql is None) == (args.ready is None):
         raise GateSkipError("give either SQL or --ready NAME (one of " + ", ".join(READY_QUERIES) + ")")
     out = _check_out(args.out, (".csv", ".parquet")) if args.out else None
-    db = TraceDB(args.dataset, memory_limit=args.memory_limit)
+    db = TraceDB(args.dataset, memory_limit=args.memory_limit, cells=args.cells)
     if args.sql is not None:
         relation = db.sql(args.sql)
         if relation is None:
@@ -416,6 +468,12 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
     p.add_argument("--types-out", help="also write the token-type table (CSV)")
     p.add_argument("--tokens-out", help="also write per-token-id importance over the corpus (CSV)")
     p.add_argument(
+        "--cells",
+        choices=["applied", "all"],
+        default="applied",
+        help="cells the gate statistics pool: where the gate scaled the branch (default), or every token's gate",
+    )
+    p.add_argument(
         "--min-count",
         type=cli_type(whole_number, "--min-count"),
         default=5,
@@ -440,6 +498,13 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
     p.add_argument("--highest", action="store_true", help="contexts: the highest gates instead of the lowest")
     p.add_argument("--limit", type=cli_type(whole_number, "--limit"), default=20, help="rows (tokens) or examples")
     p.add_argument("--show", type=cli_type(whole_number, "--show"), default=40, help="rows printed")
+    p.add_argument(
+        "--cells",
+        choices=["applied", "all"],
+        default="applied",
+        help="ready-made queries: the cells their gates pool (contexts: the cells picked), where the gate scaled "
+        "the branch (default) or every eligible token",
+    )
     p.add_argument("--memory-limit", default="1GB", help="DuckDB's memory limit (it spills to disk beyond)")
     p.add_argument("--out", help="write the whole result (.csv or .parquet)")
     commands["query"] = cmd_query

@@ -22,7 +22,7 @@ from .conftest import run_cli as run
 
 def test_layer_table_matches_direct_computation(tiny):
     trace = tiny.trace(pydoc_texts("validation")[:3], skip=0.3, max_tokens=64)
-    table = TraceDB(trace).layer_table()
+    table = TraceDB(trace, cells="all").layer_table()  # every token's gate (applied only: see below)
     gates = np.concatenate([s.gate for s in trace.sequences])  # [N, L, 2]
     row = table[(table["layer"] == 2) & (table["branch"] == "mlp")].iloc[0]
     assert row["gate_mean"] == pytest.approx(gates[:, 2, 1].mean(), rel=1e-6)
@@ -422,3 +422,141 @@ def test_faithfulness_intervals_resample_texts_contain_the_estimates_and_narrow_
     # one text: the layers are the clusters
     one = signal_table(entries[entries["text"] == 0], resamples=100)
     assert set(one["clusters"]) == {f"{tiny_llama.spec.n_layers} layers of one text"}
+
+
+def _three_layer_trace(skip_rates=(0.1, 0.5, 0.3), n_sequences: int = 4, tokens: int = 12, seed: int = 0):
+    """A synthetic 3-layer trace written through the real Trace class: random gates, each layer's
+    branches skipping about `skip_rates[layer]` of the eligible tokens, adapter scope 'skipped'."""
+    from gateskip_core import Trace
+    from gateskip_core.traces.compute import ComputeAccount
+    from gateskip_core.traces.trace import SequenceTrace, applied_gates
+
+    rng = np.random.default_rng(seed)
+    words = ["<s>", " the", " cat", ",", " 42", " sat", " on", " a", " mat", ".", "\n", " again"]
+    sequences = []
+    for _ in range(n_sequences):
+        gate = rng.uniform(0.05, 0.95, (tokens, 3, 2)).astype(np.float32)
+        eligible = np.arange(tokens) > 0
+        skipped = (rng.uniform(size=(tokens, 3, 2)) < np.asarray(skip_rates)[None, :, None]) & eligible[:, None, None]
+        sequences.append(
+            SequenceTrace(
+                token_ids=np.arange(tokens, dtype=np.int64),
+                tokens=words[:tokens],
+                gate=gate,
+                threshold=np.full((tokens, 3, 2), 0.5),
+                skipped=skipped,
+                gate_applied=applied_gates(skipped, "skipped"),
+                eligible=eligible,
+                compute=ComputeAccount(1.0, 0.8, 0.8, 0.0, tokens),
+                prompt_length=tokens,
+            )
+        )
+    budget = np.repeat(np.asarray(skip_rates, dtype=float)[:, None], 2, axis=1)
+    return Trace(
+        sequences, "synthetic", "synthetic", "quantile", budget, ("attn", "mlp"), "masked", "compute", True, "skipped"
+    )
+
+
+def test_gate_statistics_name_their_cells_and_applied_only_equals_pandas_over_applied_rows(tiny_llama):
+    from analysis.traces.intervals import cluster_mean_interval
+
+    texts = ["The quick brown fox jumps over the lazy dog.", "Gates decide which tokens skip.", "Short one, 42."]
+    trace = tiny_llama.trace(texts, skip=0.3, adapter_scope="skipped")
+    rows = trace.to_dataframe()
+    rows["token_type"] = [token_type(t, p) for t, p in zip(rows["token"], rows["position"])]
+    assert 0 < rows["gate_applied"].sum() < (rows["skipped"] == 0).sum()  # some gates that ran never acted
+    db = TraceDB(trace)  # the default pools the applied cells
+    for cells in ("applied", "all"):
+        pooled = rows[rows["gate_applied"] == 1] if cells == "applied" else rows
+        layers = db.layer_table(cells=cells) if cells == "all" else db.layer_table()
+        assert set(layers["gate_cells"]) == {cells}
+        expected = pooled.groupby(["layer", "branch"])["gate"].agg(["mean", "std", "size"])
+        for row in layers.itertuples():
+            if (row.layer, row.branch) not in expected.index:
+                assert row.gate_n == 0 and np.isnan(row.gate_mean)
+                continue
+            want = expected.loc[(row.layer, row.branch)]
+            assert row.gate_n == want["size"] and row.gate_mean == pytest.approx(want["mean"], rel=1e-9)
+            assert row.gate_std == pytest.approx(
+                pooled[(pooled.layer == row.layer) & (pooled.branch == row.branch)]["gate"].std(ddof=0), abs=1e-6
+            )
+        types = db.token_type_table(cells=cells).set_index(["token_type", "layer", "branch"])
+        by_type = pooled.groupby(["token_type", "layer", "branch"])["gate"].mean()
+        assert set(types["gate_cells"]) == {cells}
+        for key, mean in by_type.items():
+            assert types.loc[key, "gate_mean"] == pytest.approx(mean, rel=1e-9)
+        rates = db.skip_rates(cells=cells)
+        assert np.allclose(
+            rates["gate_mean"],
+            [
+                by
+                for by in pooled.groupby(["layer", "branch"])["gate"]
+                .mean()
+                .reindex(list(zip(rates["layer"], rates["branch"])))
+            ],
+            equal_nan=True,
+        )
+    # BOS never skips, so in scope 'skipped' its gate never acts: the applied BOS table is empty
+    assert db.bos_table()["sequences"].eq(0).all() and db.bos_table()["bos_gate"].isna().all()
+    assert db.bos_table(cells="all")["sequences"].eq(3).all()
+    # the interval clustered by sequence, from the per-sequence sums
+    cell = rows[(rows["layer"] == 3) & (rows["branch"] == "mlp") & (rows["gate_applied"] == 1)]
+    per_seq = cell.groupby("sequence_id")["gate"].agg(["sum", "size"])
+    y, n = per_seq["sum"].to_numpy(), per_seq["size"].to_numpy()
+    mean, k = y.sum() / n.sum(), len(y)
+    half = 1.959963984540054 * np.sqrt(k / (k - 1) * ((y - mean * n) ** 2).sum()) / n.sum()
+    row = db.layer_table().set_index(["layer", "branch"]).loc[(3, "mlp")]
+    assert (row["gate_mean_low"], row["gate_mean_high"]) == pytest.approx((mean - half, mean + half), rel=1e-9)
+    low, high = cluster_mean_interval([y.sum()], [n.sum()], [(y * y).sum()], [(y * n).sum()], [(n * n).sum()], [1])
+    assert np.isnan(low[0]) and np.isnan(high[0])  # one sequence says nothing about another
+    with pytest.raises(GateSkipError, match="cells must be one of"):
+        TraceDB(trace, cells="some")
+
+
+def test_stats_labels_follow_the_depth_of_a_three_layer_model(tmp_path):
+    table = TraceDB(_three_layer_trace(), cells="all").layer_table()
+    summary = layer_skip_summary(table).set_index("branch")
+    assert list(summary["early_layers"]) == ["0", "0"] and list(summary["late_layers"]) == ["2", "2"]
+    assert list(summary["most_skipped_layers"]) == ["1", "1"] and list(summary["least_skipped_layers"]) == ["0", "0"]
+    assert summary.loc["mlp", "early_gate_mean"] == pytest.approx(
+        table.query("layer == 0 and branch == 'mlp'")["gate_mean"].iloc[0]
+    )
+    even = layer_skip_summary(TraceDB(_three_layer_trace((0.0, 0.0, 0.0)), cells="all").layer_table())
+    assert set(even["most_skipped_layers"]) == {"-"} == set(even["least_skipped_layers"])  # all layers alike
+    path = _three_layer_trace().to_csv(tmp_path / "three.csv")
+    res = run("stats", "--trace", str(path), "--out", str(tmp_path / "ls.csv"), "--bos-out", str(tmp_path / "bos.csv"))
+    assert res.returncode == 0, res.stderr
+    assert "4 sequences, 48 tokens, 3 layers" in res.stdout and "layers 0-4" not in res.stdout
+    assert "BOS (attn), layers 0: its gate never acted (applied cells: none)" in res.stdout
+    assert "gate statistics pool the applied cells only" in res.stdout
+    every = run("stats", "--trace", str(path), "--out", str(tmp_path / "ls2.csv"), "--cells", "all")
+    assert "BOS/others gate ratio (mlp), layers 0: " in every.stdout
+    assert "one value in all" not in every.stdout  # random BOS gates: 4 different values
+    assert set(pd.read_csv(tmp_path / "ls2.csv")["gate_cells"]) == {"all"}
+    assert set(pd.read_csv(tmp_path / "ls.csv")["gate_cells"]) == {"applied"}
+
+
+def test_example_contexts_are_distinct_with_the_count_of_their_duplicates(tiny_llama):
+    from analysis.traces.tracedb import context_strings
+
+    texts = ["Note: the cat sat.", "Note: the cat sat.", "Note: the cat sat.", "A dog ran far away."]
+    trace = tiny_llama.trace(texts, skip=0.3)
+    db = TraceDB(trace, cells="all")
+    shown = context_strings(db.example_contexts(1, "mlp", n=50, window=3))
+    assert shown["context"].is_unique and set(shown["duplicates"]) > {1}
+    # against pandas: every eligible occurrence's context, grouped
+    rows = trace.to_dataframe()
+    tokens = rows[(rows["layer"] == 0) & (rows["branch"] == "attn")].set_index(["sequence_id", "position"])["token"]
+    cell = rows[(rows["layer"] == 1) & (rows["branch"] == "mlp") & (rows["eligible"] == 1)]
+
+    def context(sid, pos):
+        return "".join(
+            f"[{tokens[(sid, p)]}]" if p == pos else tokens[(sid, p)]
+            for p in range(pos - 3, pos + 4)
+            if (sid, p) in tokens.index
+        )
+
+    cell = cell.assign(context=[context(s, p) for s, p in zip(cell["sequence_id"], cell["position"])])
+    expected = cell.groupby("context").agg(gate=("gate", "min"), duplicates=("gate", "size")).sort_values("gate")
+    assert len(shown) == len(expected)
+    assert list(shown["context"]) == list(expected.index) and list(shown["duplicates"]) == list(expected["duplicates"])

@@ -1,7 +1,8 @@
 """Token types and summaries of the statistics tables (the tables themselves: `analysis.traces.tracedb`).
 
 - `token_type(token, position)`: bos, special, whitespace, punctuation, digits, stopword or content;
-- `layer_skip_summary(layer_table)`: per branch, the most / least skipped layers and early vs late layers;
+- `layer_skip_summary(layer_table)`: per branch, the most / least skipped layers and early vs late layers
+  (`depth_windows`: the first and last third of the stack, whatever its depth);
 - `token_layer_matrix(trace)`: one sequence's token x layer matrix of gates or skips;
 - `by_attention_kind(layer_table, sliding)`: sliding-window layers against global ones.
 """
@@ -47,24 +48,54 @@ def token_type(token: str, position: int) -> str:
     return "content"
 
 
+def depth_windows(n_layers: int) -> tuple[list[int], list[int]]:
+    """The early and late layers of a stack of `n_layers`: its first and last third (at least one layer
+    each; none for a one-layer model, where early and late are the same layer)."""
+    if n_layers < 2:
+        return [], []
+    third = max(1, n_layers // 3)
+    return list(range(third)), list(range(n_layers - third, n_layers))
+
+
+def layer_span(layers) -> str:
+    """'3', '0-9' or '0,2,5': layers as a label."""
+    layers = sorted(int(x) for x in layers)
+    if not layers:
+        return "-"
+    if len(layers) > 1 and layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}"
+    return ",".join(map(str, layers))
+
+
 def layer_skip_summary(layer_table: pd.DataFrame) -> pd.DataFrame:
-    """Per branch: which layers skip most, and early (first third) vs late (last third) layers."""
+    """Per branch: the most and least skipped layers (a third of the stack each, at most 3, and only
+    where the skip rates differ: '-' otherwise), and the early vs late layers (`depth_windows`, named in
+    `early_layers` / `late_layers`): their mean gate (over the cells the table pooled, `gate_cells`;
+    layers where no gate was in them are left out) and skip rate."""
     rows = []
     for branch, part in layer_table.groupby("branch", sort=False):
-        n = len(part)
-        third = max(1, n // 3)
-        ordered = part.sort_values("skip_rate", ascending=False)
-        rows.append(
-            {
-                "branch": branch,
-                "most_skipped_layers": ",".join(str(x) for x in ordered["layer"].head(3)),
-                "least_skipped_layers": ",".join(str(x) for x in ordered["layer"].tail(3)),
-                "early_gate_mean": part["gate_mean"].head(third).mean(),
-                "late_gate_mean": part["gate_mean"].tail(third).mean(),
-                "early_skip_rate": part["skip_rate"].head(third).mean(),
-                "late_skip_rate": part["skip_rate"].tail(third).mean(),
-            }
-        )
+        part = part.sort_values("layer")
+        early, late = depth_windows(len(part))
+        k = min(3, len(part) // 3)
+        rates = part["skip_rate"].dropna()
+        ordered = part.sort_values(["skip_rate", "layer"], ascending=[False, True], na_position="last")
+        differ = len(rates) > 1 and rates.max() > rates.min()
+        row = {
+            "branch": branch,
+            "most_skipped_layers": layer_span(ordered["layer"].head(k)) if differ and k else "-",
+            "least_skipped_layers": layer_span(ordered["layer"].iloc[len(rates) - k : len(rates)])
+            if differ and k
+            else "-",
+            "early_layers": layer_span(early),
+            "late_layers": layer_span(late),
+        }
+        for name, window in (("early", early), ("late", late)):
+            chosen = part[part["layer"].isin(window)]
+            row[f"{name}_gate_mean"] = chosen["gate_mean"].mean() if window else float("nan")
+            row[f"{name}_skip_rate"] = chosen["skip_rate"].mean() if window else float("nan")
+        if "gate_cells" in part.columns:
+            row["gate_cells"] = part["gate_cells"].iloc[0]
+        rows.append(row)
     return pd.DataFrame(rows)
 
 

@@ -88,3 +88,18 @@ def pooled_risk_ratio(exposed_events, exposed_n, other_events, other_n) -> float
     if not (n1 and n0 and c):
         return float("nan")
     return (a / n1) / (c / n0)
+
+
+def cluster_mean_interval(sum_y, sum_n, sum_yy, sum_yn, sum_nn, clusters, z: float = Z95):
+    """(low, high) of the ratio mean sum(y) / sum(n) when the observations come in clusters (a text's
+    tokens): the linearised cluster-robust variance k/(k-1) * sum_i (y_i - m n_i)^2 / N^2, with y_i and
+    n_i the cluster's sum and count. Takes the sums over clusters of y_i, n_i, y_i^2, y_i n_i, n_i^2 and
+    the cluster count k (arrays, one entry per statistic), so a database can aggregate them; NaN
+    where k < 2 (one text says nothing about another)."""
+    y, n, yy, yn, nn, k = (np.asarray(v, dtype=float) for v in (sum_y, sum_n, sum_yy, sum_yn, sum_nn, clusters))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = y / n
+        spread = np.maximum(yy - 2 * mean * yn + mean**2 * nn, 0.0)
+        half = z * np.sqrt(k / (k - 1) * spread) / n
+    half = np.where(k >= 2, half, np.nan)
+    return mean - half, mean + half

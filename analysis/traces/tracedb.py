@@ -31,6 +31,7 @@ from gateskip_core.traces.trace import NO_GATES
 
 from .dataset import is_dataset_path, open_dataset
 from .flow import TOKEN_TYPES, token_type
+from .intervals import cluster_mean_interval
 
 N_BINS = 2000  # histogram bins over [0, 1] for the percentiles: exact to 5e-4
 PERCENTILES = (5, 25, 50, 75, 95)
@@ -128,13 +129,25 @@ def _frame(traces: Sequence[Trace]) -> pd.DataFrame:
 
 class TraceDB:
     """An in-memory DuckDB connection with the `traces` and `tokens` views over `source`: a Trace or a
-    list of Traces in memory, a trace file (.csv / .parquet) or a dataset folder."""
+    list of Traces in memory, a trace file (.csv / .parquet) or a dataset folder.
+
+    `cells`: which cells the gate statistics pool by default (each table method takes `cells=` too,
+    and names its choice in a `gate_cells` column): 'applied' (the default), the cells whose gate
+    scaled the branch's output (`gate_applied`), the reading of a gate as what the model did with the
+    branch; 'all', every token's gate, the ranking score the skip policy read (in adapter scope
+    'skipped' most of those scaled nothing). Skip rates always pool the eligible tokens."""
 
     def __init__(
-        self, source: Trace | Sequence[Trace] | str | Path, memory_limit: str = "1GB", threads: int | None = None
+        self,
+        source: Trace | Sequence[Trace] | str | Path,
+        memory_limit: str = "1GB",
+        threads: int | None = None,
+        cells: str = "applied",
     ):
         import duckdb
 
+        self.cells = cells
+        self._cells(cells)  # a bad name fails before any file is read
         config = {"memory_limit": memory_limit}
         if threads:
             config["threads"] = int(threads)
@@ -248,126 +261,189 @@ class TraceDB:
         n_layers = self.con.execute("SELECT max(layer) + 1 FROM traces").fetchone()[0]
         return {"sequences": int(row[0]), "tokens": int(row[1]), "layers": int(n_layers or 0)}
 
+    # ---- which cells the gate statistics pool
+    def _cells(self, cells: str | None) -> str:
+        cells = self.cells if cells is None else cells
+        if cells not in GATE_CELLS:
+            raise GateSkipError(f"cells must be one of {', '.join(GATE_CELLS)}, got {cells!r}")
+        return cells
+
+    def _clustered(self, keys: str, source: str, measures: dict[str, tuple[str, str]]) -> pd.DataFrame:
+        """Per `keys`: for each measure (value, count) the sums over sequences that a clustered interval
+        needs (`intervals.cluster_mean_interval`): {name}_y, _n, _yy, _yn, _nn and _k (sequences)."""
+        inner = ", ".join(
+            f"sum({value}) AS {name}_y, sum({count}) AS {name}_n" for name, (value, count) in measures.items()
+        )
+        outer = ", ".join(
+            f"sum({m}_y) AS {m}_y, sum({m}_n) AS {m}_n, sum({m}_y * {m}_y) AS {m}_yy, sum({m}_y * {m}_n) AS {m}_yn, "
+            f"sum({m}_n * {m}_n) AS {m}_nn, count(*) FILTER (WHERE {m}_n > 0) AS {m}_k"
+            for m in measures
+        )
+        return self.df(
+            f"""WITH per_sequence AS (SELECT {keys}, sequence_id, {inner} FROM {source} GROUP BY ALL)
+                SELECT {keys}, {outer} FROM per_sequence GROUP BY ALL"""
+        )
+
     # ---- the tables of `gateskip stats`
-    def layer_table(self) -> pd.DataFrame:
+    def layer_table(self, cells: str | None = None) -> pd.DataFrame:
+        """Per (layer, branch): the gate's mean (95% interval clustered by sequence), spread and
+        percentiles over the cells named in `gate_cells` (`gate_n` of them: 'applied' = the gate scaled
+        the branch, 'all' = every token); the skip rate over eligible tokens (interval clustered by
+        sequence); and `applied_share`, the share of the tokens that ran the branch whose gate acted."""
+        cells = self._cells(cells)
+        pooled = GATE_CELLS[cells]
         sums = self.df(
-            """SELECT layer, branch, count(*) AS n, sum(gate) AS s, sum(gate * gate) AS ss,
-                   sum(CASE WHEN skipped = 1 AND eligible = 1 THEN 1 ELSE 0 END) AS skipped,
-                   sum(eligible) AS eligible,
+            f"""SELECT layer, branch, count(*) AS tokens,
+                   sum(gate * gate) FILTER (WHERE {pooled}) AS ss,
+                   count(*) FILTER (WHERE skipped = 0) AS ran, sum(gate_applied) AS applied,
                    sum(CASE WHEN isfinite(threshold) THEN threshold ELSE 0 END) AS thr_sum,
                    count(*) FILTER (WHERE isfinite(threshold)) AS thr_n,
                    arg_min(skip_budget, sequence_id) AS skip_budget
             FROM traces GROUP BY layer, branch"""
         )
+        if sums.empty:
+            raise GateSkipError(f"{self.source} holds no trace rows")
+        clustered = self._clustered("layer, branch", "traces", _flow_measures(pooled))
+        sums = sums.merge(clustered, on=["layer", "branch"]).set_index(["layer", "branch"])
+        percentiles = self._gate_percentiles(pooled, int(sums.index.get_level_values(0).max()) + 1)
+        rows = []
+        for layer, branch in [(layer, branch) for layer in range(len(percentiles) // 2) for branch in BRANCHES]:
+            r = sums.loc[(layer, branch)]
+            gate, gate_low, gate_high = _mean_interval(r, "gate")
+            rate, rate_low, rate_high = _mean_interval(r, "skip")
+            n = float(r["gate_n"])
+            row = {"layer": layer, "branch": branch, "gate_cells": cells, "gate_n": int(n), "gate_mean": gate}
+            row["gate_mean_low"], row["gate_mean_high"] = gate_low, gate_high
+            row["gate_std"] = float(np.sqrt(max(0.0, r["ss"] / n - gate**2))) if n else float("nan")
+            row.update(percentiles[(layer, branch)])
+            row.update({"skip_rate": rate, "skip_rate_low": rate_low, "skip_rate_high": rate_high})
+            row["threshold"] = r["thr_sum"] / r["thr_n"] if r["thr_n"] else float("nan")
+            row["skip_budget"] = float(r["skip_budget"])
+            row["tokens"] = int(r["tokens"])
+            row["applied_share"] = r["applied"] / r["ran"] if r["ran"] else float("nan")
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def _gate_percentiles(self, pooled: str, n_layers: int) -> dict[tuple[int, str], dict[str, float]]:
+        """PERCENTILES of the gate over the pooled cells, from a histogram of N_BINS bins (NaN: no cell)."""
         hist = self.df(
             f"""SELECT layer, branch, least(greatest(floor(gate * {N_BINS}), 0), {N_BINS - 1})::BIGINT AS bin,
                    count(*) AS n
-            FROM traces GROUP BY ALL"""
+            FROM traces WHERE {pooled} GROUP BY ALL"""
         )
-        if sums.empty:
-            raise GateSkipError(f"{self.source} holds no trace rows")
-        n_layers = int(sums["layer"].max()) + 1
         counts = np.zeros((n_layers, 2, N_BINS))
         b_index = hist["branch"].map(BRANCHES.index).to_numpy()
         np.add.at(counts, (hist["layer"].to_numpy(), b_index, hist["bin"].to_numpy()), hist["n"].to_numpy())
-        sums = sums.set_index(["layer", "branch"])
-        rows = []
+        out = {}
         for layer in range(n_layers):
             for b, branch in enumerate(BRANCHES):
-                r = sums.loc[(layer, branch)]
-                n = float(r["n"])
-                mean = r["s"] / n
-                row = {
-                    "layer": layer,
-                    "branch": branch,
-                    "gate_mean": mean,
-                    "gate_std": float(np.sqrt(max(0.0, r["ss"] / n - mean**2))),
-                }
                 cdf = np.cumsum(counts[layer, b])
-                for p in PERCENTILES:
-                    idx = int(np.searchsorted(cdf, p / 100 * cdf[-1]))
-                    row[f"gate_p{p}"] = (min(idx, N_BINS - 1) + 0.5) / N_BINS
-                row["skip_rate"] = r["skipped"] / max(1, r["eligible"])
-                row["threshold"] = r["thr_sum"] / r["thr_n"] if r["thr_n"] else float("nan")
-                row["skip_budget"] = float(r["skip_budget"])
-                row["tokens"] = int(n)
-                rows.append(row)
-        return pd.DataFrame(rows)
+                out[(layer, branch)] = {
+                    f"gate_p{p}": (min(int(np.searchsorted(cdf, p / 100 * cdf[-1])), N_BINS - 1) + 0.5) / N_BINS
+                    if cdf[-1]
+                    else float("nan")
+                    for p in PERCENTILES
+                }
+        return out
 
-    def bos_table(self) -> pd.DataFrame:
+    def bos_table(self, cells: str | None = None) -> pd.DataFrame:
+        """Per (layer, branch), over sequences of 2+ tokens: the first token's (BOS) gate, the mean gate of
+        the other tokens, their ratio and BOS's mean rank among them, over the cells named in `gate_cells`
+        (with 'applied', a sequence counts only where BOS's gate acted; NaN where it never did).
+        `bos_distinct`: how many different BOS gate values there are: BOS opens every text the same way,
+        so 1 means the `sequences` repeat one measurement."""
+        cells = self._cells(cells)
+        pooled = GATE_CELLS[cells]
         per_layer = self.df(
-            """WITH lengths AS (
+            f"""WITH lengths AS (
                    SELECT sequence_id FROM traces WHERE layer = 0 AND branch = 'attn'
                    GROUP BY sequence_id HAVING count(*) > 1),
                first AS (
                    SELECT t.sequence_id, t.layer, t.branch, t.gate AS g0
                    FROM traces t SEMI JOIN lengths l ON t.sequence_id = l.sequence_id
-                   WHERE t.position = 0),
+                   WHERE t.position = 0 AND {pooled}),
                per_seq AS (
                    SELECT t.sequence_id, t.layer, t.branch, any_value(f.g0) AS g0, avg(t.gate) AS others,
                           1 + count(*) FILTER (WHERE t.gate > f.g0) AS rank
                    FROM traces t JOIN first f USING (sequence_id, layer, branch)
-                   WHERE t.position > 0 GROUP BY ALL)
-            SELECT layer, branch, sum(g0) AS g0, sum(others) AS others, sum(rank) AS rank, count(*) AS n
+                   WHERE t.position > 0 AND {pooled} GROUP BY ALL)
+            SELECT layer, branch, sum(g0) AS g0, sum(others) AS others, sum(rank) AS rank, count(*) AS n,
+                   count(DISTINCT round(g0, 6)) AS distinct_g0
             FROM per_seq GROUP BY ALL"""
         ).set_index(["layer", "branch"])
-        n_layers = self.counts()["layers"]
         rows = []
-        for layer in range(n_layers):
+        for layer in range(self.counts()["layers"]):
             for branch in BRANCHES:
                 r = per_layer.loc[(layer, branch)] if (layer, branch) in per_layer.index else None
                 n = int(r["n"]) if r is not None else 0
-                first = float(r["g0"]) / max(1, n) if r is not None else 0.0
-                others = float(r["others"]) / max(1, n) if r is not None else 0.0
+                first = float(r["g0"]) / n if n else float("nan")
+                others = float(r["others"]) / n if n else float("nan")
                 rows.append(
                     {
                         "layer": layer,
                         "branch": branch,
+                        "gate_cells": cells,
                         "bos_gate": first,
                         "others_gate": others,
-                        "ratio": first / others if others else float("nan"),
-                        "mean_rank": float(r["rank"]) / max(1, n) if r is not None else 0.0,
+                        "ratio": first / others if n and others else float("nan"),
+                        "mean_rank": float(r["rank"]) / n if n else float("nan"),
                         "sequences": n,
+                        "bos_distinct": int(r["distinct_g0"]) if n else 0,
                     }
                 )
         return pd.DataFrame(rows)
 
-    def token_type_table(self) -> pd.DataFrame:
-        table = self.df(
-            """SELECT k.token_type, t.layer, t.branch, count(*) AS tokens, avg(t.gate) AS gate_mean,
-                      sum(CASE WHEN t.skipped = 1 AND t.eligible = 1 THEN 1 ELSE 0 END) AS skipped,
-                      sum(t.eligible) AS eligible
-               FROM traces t JOIN (SELECT sequence_id, position, token_type FROM tokens) k
-                    USING (sequence_id, position)
-               GROUP BY ALL"""
+    def token_type_table(self, cells: str | None = None) -> pd.DataFrame:
+        """Per (token type, layer, branch): the mean gate over the cells named in `gate_cells` (`gate_n`)
+        and the skip rate over eligible tokens, each with a 95% interval clustered by sequence."""
+        cells = self._cells(cells)
+        source = """(SELECT t.*, k.token_type FROM traces t
+                     JOIN (SELECT sequence_id, position, token_type FROM tokens) k USING (sequence_id, position))"""
+        table = self._clustered("token_type, layer, branch", source, _flow_measures(GATE_CELLS[cells]))
+        counts = self.df(
+            """SELECT k.token_type, t.layer, t.branch, count(*) AS tokens
+                FROM traces t JOIN (SELECT sequence_id, position, token_type FROM tokens) k USING (sequence_id, position)
+                GROUP BY ALL"""
         )
-        table["skip_rate"] = np.where(table["eligible"] > 0, table["skipped"] / table["eligible"].clip(lower=1), np.nan)
-        table["order"] = (
-            table["token_type"].map(TOKEN_TYPES.index) * 10**6
-            + table["layer"] * 2
-            + table["branch"].map(BRANCHES.index)
-        )
+        table = table.merge(counts, on=["token_type", "layer", "branch"])
+        table["gate_cells"], table["gate_n"] = cells, table["gate_n"].astype(int)
+        table["gate_mean"], table["gate_mean_low"], table["gate_mean_high"] = _mean_interval(table, "gate")
+        table["skip_rate"], table["skip_rate_low"], table["skip_rate_high"] = _mean_interval(table, "skip")
+        table["order"] = table["token_type"].map(TOKEN_TYPES.index) * 10**6 + table["layer"] * 2
+        table["order"] += table["branch"].map(BRANCHES.index)
         table = table.sort_values("order", ignore_index=True)
         table["tokens"] = table["tokens"].astype(int)
-        return table[["token_type", "layer", "branch", "gate_mean", "skip_rate", "tokens"]]
+        columns = ["gate_cells", "gate_n", "gate_mean", "gate_mean_low", "gate_mean_high"]
+        return table[
+            ["token_type", "layer", "branch", *columns, "skip_rate", "skip_rate_low", "skip_rate_high", "tokens"]
+        ]
 
-    def token_table(self, min_count: int = 1) -> pd.DataFrame:
-        """Per token id: occurrences and mean importance (mean gate over layers and branches)."""
+    def token_table(self, min_count: int = 1, cells: str | None = None) -> pd.DataFrame:
+        """Per token id: occurrences and mean importance (mean gate over layers and branches, over the
+        cells named in `gate_cells`, `gate_n` of them; NaN where none, ranked last)."""
+        cells = self._cells(cells)
         table = self.df(
-            """SELECT token_id, arg_min(token, sequence_id * 1000000 + position) AS token,
-                      count(*) FILTER (WHERE layer = 0 AND branch = 'attn') AS count, avg(gate) AS mean_gate
+            f"""SELECT token_id, arg_min(token, sequence_id * 1000000 + position) AS token,
+                      count(*) FILTER (WHERE layer = 0 AND branch = 'attn') AS count,
+                      avg(gate) FILTER (WHERE {GATE_CELLS[cells]}) AS mean_gate,
+                      count(*) FILTER (WHERE {GATE_CELLS[cells]}) AS gate_n
                FROM traces GROUP BY token_id HAVING count(*) FILTER (WHERE layer = 0 AND branch = 'attn') >= ?""",
             [int(min_count)],
         )
-        table["count"] = table["count"].astype(int)
-        return table.sort_values(["mean_gate", "token_id"], ascending=[False, True], ignore_index=True)
+        table["count"], table["gate_n"] = table["count"].astype(int), table["gate_n"].astype(int)
+        table.insert(3, "gate_cells", cells)
+        return table.sort_values(
+            ["mean_gate", "token_id"], ascending=[False, True], ignore_index=True, na_position="last"
+        )
 
     # ---- ready-made queries
-    def skip_rates(self) -> pd.DataFrame:
-        """Per (layer, branch): eligible tokens, skipped, the skip rate with its 95% interval, mean gate."""
+    def skip_rates(self, cells: str | None = None) -> pd.DataFrame:
+        """Per (layer, branch): eligible tokens, skipped, the skip rate with its 95% interval, mean gate
+        (over the cells named in `gate_cells`)."""
+        cells = self._cells(cells)
         table = self.df(
-            """SELECT layer, branch, sum(eligible) AS eligible,
-                      sum(CASE WHEN skipped = 1 AND eligible = 1 THEN 1 ELSE 0 END) AS skipped, avg(gate) AS gate_mean
+            f"""SELECT layer, branch, sum(eligible) AS eligible,
+                      sum(CASE WHEN skipped = 1 AND eligible = 1 THEN 1 ELSE 0 END) AS skipped, {_gate_mean(cells)}
                FROM traces GROUP BY ALL ORDER BY layer, branch"""
         )
         return _with_rate(table)
@@ -380,10 +456,13 @@ class TraceDB:
         token_types: list[str] | None = None,
         limit: int = 20,
         most_skipped: bool = True,
+        cells: str | None = None,
     ) -> pd.DataFrame:
         """The token strings that skip (layer, branch) most (or least) often, among those seen at
-        least `min_count` times as eligible tokens; optionally only some token types."""
+        least `min_count` times as eligible tokens; optionally only some token types. Mean gate over the
+        cells named in `gate_cells`."""
         _check_cell(layer, branch)
+        cells = self._cells(cells)
         types = list(token_types or TOKEN_TYPES)
         bad = [t for t in types if t not in TOKEN_TYPES]
         if bad:
@@ -391,7 +470,7 @@ class TraceDB:
         table = self.df(
             f"""SELECT t.token, any_value(k.token_type) AS token_type, sum(t.eligible) AS eligible,
                       sum(CASE WHEN t.skipped = 1 AND t.eligible = 1 THEN 1 ELSE 0 END) AS skipped,
-                      avg(t.gate) AS gate_mean
+                      {_gate_mean(cells)}
                FROM traces t JOIN (SELECT sequence_id, position, token_type FROM tokens) k USING (sequence_id, position)
                WHERE t.layer = ? AND t.branch = ? AND k.token_type IN ({", ".join("?" for _ in types)})
                GROUP BY t.token HAVING sum(t.eligible) >= ?""",
@@ -401,13 +480,15 @@ class TraceDB:
         table = table.sort_values(["skip_rate", "eligible", "token"], ascending=[not most_skipped, False, True])
         return table.head(int(limit)).reset_index(drop=True)
 
-    def position_profile(self, buckets: tuple[int, ...] = POSITION_BUCKETS) -> pd.DataFrame:
-        """Skip rate by position bucket and branch (over all layers)."""
+    def position_profile(self, buckets: tuple[int, ...] = POSITION_BUCKETS, cells: str | None = None) -> pd.DataFrame:
+        """Skip rate by position bucket and branch (over all layers); mean gate over the cells named in
+        `gate_cells`."""
+        cells = self._cells(cells)
         edges = sorted(set(int(b) for b in buckets) | {0})
         case = " ".join(f"WHEN position >= {e} THEN {i}" for i, e in reversed(list(enumerate(edges))))
         table = self.df(
             f"""SELECT CASE {case} END AS bucket, branch, sum(eligible) AS eligible,
-                      sum(CASE WHEN skipped = 1 AND eligible = 1 THEN 1 ELSE 0 END) AS skipped, avg(gate) AS gate_mean
+                      sum(CASE WHEN skipped = 1 AND eligible = 1 THEN 1 ELSE 0 END) AS skipped, {_gate_mean(cells)}
                FROM traces GROUP BY ALL ORDER BY bucket, branch"""
         )
         labels = [
@@ -419,12 +500,14 @@ class TraceDB:
         table.insert(0, "positions", [labels[int(b)] for b in table["bucket"]])
         return _with_rate(table.drop(columns="bucket"))
 
-    def type_profile(self) -> pd.DataFrame:
-        """Skip rate by token type and branch (over all layers)."""
+    def type_profile(self, cells: str | None = None) -> pd.DataFrame:
+        """Skip rate by token type and branch (over all layers); mean gate over the cells named in
+        `gate_cells`."""
+        cells = self._cells(cells)
         table = self.df(
-            """SELECT k.token_type, t.branch, sum(t.eligible) AS eligible,
+            f"""SELECT k.token_type, t.branch, sum(t.eligible) AS eligible,
                       sum(CASE WHEN t.skipped = 1 AND t.eligible = 1 THEN 1 ELSE 0 END) AS skipped,
-                      avg(t.gate) AS gate_mean
+                      {_gate_mean(cells)}
                FROM traces t JOIN (SELECT sequence_id, position, token_type FROM tokens) k USING (sequence_id, position)
                GROUP BY ALL"""
         )
@@ -432,19 +515,42 @@ class TraceDB:
         return _with_rate(table.sort_values("order", ignore_index=True).drop(columns="order"))
 
     def example_contexts(
-        self, layer: int, branch: str, n: int = 10, lowest: bool = True, window: int = 10
+        self,
+        layer: int,
+        branch: str,
+        n: int = 10,
+        lowest: bool = True,
+        window: int = 10,
+        cells: str | None = None,
     ) -> pd.DataFrame:
-        """The `n` eligible occurrences with the lowest (or highest) gate at (layer, branch), each
-        with `window` tokens either side: one row per (example, context token), with that token's gate,
-        skip decision and whether its gate acted (`gate_applied`) at (layer, branch), and how many of
-        its branches were skipped in all."""
+        """The `n` distinct contexts with the lowest (or highest) gate at (layer, branch) among eligible
+        tokens (and of those, the cells named in `cells`): a context is the centre token with `window`
+        tokens either side, as text; an occurrence whose context repeats an earlier one (a chat template's
+        `<|im_start|>` line in every text) is counted in `duplicates`, not shown again. One row per
+        (example, context token), with that token's gate, skip decision and whether its gate acted
+        (`gate_applied`) at (layer, branch), and how many of its branches were skipped in all."""
         _check_cell(layer, branch)
+        cells = self._cells(cells)
         order = "ASC" if lowest else "DESC"
+        frame = "PARTITION BY sequence_id ORDER BY position ROWS BETWEEN"
         return self.df(
-            f"""WITH picked AS (
-                   SELECT sequence_id, position, gate,
+            f"""WITH texts AS (
+                   SELECT sequence_id, position,
+                          coalesce(string_agg(token, '' ORDER BY position) OVER ({frame} ? PRECEDING AND 1 PRECEDING), '')
+                          || '[' || token || ']' ||
+                          coalesce(string_agg(token, '' ORDER BY position) OVER ({frame} 1 FOLLOWING AND ? FOLLOWING), '')
+                          AS context
+                   FROM traces WHERE layer = 0 AND branch = 'attn'),
+               occurrences AS (
+                   SELECT t.sequence_id, t.position, t.gate, x.context,
+                          count(*) OVER (PARTITION BY x.context) AS duplicates,
+                          row_number() OVER (PARTITION BY x.context ORDER BY t.gate {order}, t.sequence_id, t.position) AS k
+                   FROM traces t JOIN texts x USING (sequence_id, position)
+                   WHERE t.layer = ? AND t.branch = ? AND t.eligible = 1 AND {GATE_CELLS[cells]}),
+               picked AS (
+                   SELECT sequence_id, position, gate, duplicates,
                           row_number() OVER (ORDER BY gate {order}, sequence_id, position) AS example
-                   FROM traces WHERE layer = ? AND branch = ? AND eligible = 1
+                   FROM occurrences WHERE k = 1
                    ORDER BY gate {order}, sequence_id, position LIMIT ?),
                cells AS (
                    SELECT t.sequence_id, t.position, any_value(t.token) AS token,
@@ -456,12 +562,43 @@ class TraceDB:
                         AND t.position BETWEEN p.position - ? AND p.position + ?
                    GROUP BY ALL)
             SELECT p.example, p.sequence_id, p.position AS centre, c.position, c.position - p.position AS offset,
-                   c.token, c.gate, c.skipped, c.gate_applied, c.skipped_cells
+                   c.token, c.gate, c.skipped, c.gate_applied, c.skipped_cells, p.duplicates, '{cells}' AS gate_cells
             FROM picked p JOIN cells c ON c.sequence_id = p.sequence_id
                  AND c.position BETWEEN p.position - ? AND p.position + ?
             ORDER BY p.example, c.position""",
-            [int(layer), branch, int(n), *[int(layer), branch] * 3, window, window, window, window],
+            [window, window, int(layer), branch, int(n), *[int(layer), branch] * 3, window, window, window, window],
         )
+
+
+GATE_CELLS = {  # which cells a gate statistic pools: the SQL condition on a `traces` row
+    "applied": "gate_applied = 1",  # the gate scaled the branch's output (`gate_applied`)
+    "all": "TRUE",  # every token, the gate as the ranking score the policy read
+}
+
+
+def _gate_mean(cells: str) -> str:
+    """SQL: the mean gate over the pooled cells, and which cells those are (`gate_cells`)."""
+    return f"avg(gate) FILTER (WHERE {GATE_CELLS[cells]}) AS gate_mean, '{cells}' AS gate_cells"
+
+
+def _flow_measures(pooled: str) -> dict[str, tuple[str, str]]:
+    """The two means of the flow tables, as (value, count) per row: the gate over the pooled cells, and
+    the skip decision over eligible tokens."""
+    return {
+        "gate": (f"CASE WHEN {pooled} THEN gate ELSE 0 END", f"CASE WHEN {pooled} THEN 1 ELSE 0 END"),
+        "skip": ("CASE WHEN skipped = 1 AND eligible = 1 THEN 1 ELSE 0 END", "eligible"),
+    }
+
+
+def _mean_interval(table, name: str):
+    """(mean, low, high) of measure `name` from the sums `TraceDB._clustered` returns."""
+    sums = [table[f"{name}_{part}"] for part in ("y", "n", "yy", "yn", "nn", "k")]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.asarray(sums[0], dtype=float) / np.asarray(sums[1], dtype=float)
+    low, high = cluster_mean_interval(*sums)
+    if np.ndim(mean) == 0:
+        return float(mean), float(low), float(high)
+    return mean, low, high
 
 
 def _check_cell(layer: int, branch: str) -> None:
@@ -482,7 +619,8 @@ def _with_rate(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def context_strings(contexts: pd.DataFrame) -> pd.DataFrame:
-    """One row per example: the context as text with the centre token in [brackets]."""
+    """One row per example: the context as text with the centre token in [brackets], and how many
+    occurrences share that context (`duplicates`, from `TraceDB.example_contexts`)."""
     rows = []
     for example, part in contexts.groupby("example", sort=True):
         centre = part[part["offset"] == 0].iloc[0]
@@ -495,6 +633,7 @@ def context_strings(contexts: pd.DataFrame) -> pd.DataFrame:
                 "token": centre["token"],
                 "gate": float(centre["gate"]),
                 "context": text,
+                **({"duplicates": int(centre["duplicates"])} if "duplicates" in part.columns else {}),
             }
         )
     return pd.DataFrame(rows)
