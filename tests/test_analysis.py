@@ -199,8 +199,9 @@ def test_figures_render(tiny):
     trace = tiny.trace(["Hello, world!", "Another one."], skip=0.3)
     stats = TraceDB(trace)
     heat = figures.gate_heatmap(trace)
-    # per branch: the heatmap, its clickable cell markers (which carry the hover text) and the skip marks
-    assert len(heat.data) == 6 and "threshold" in heat.data[1].hovertemplate
+    # per branch: the heatmap, its grey veil over gates that did not act, its clickable cell markers
+    # (which carry the hover text) and the skip marks
+    assert len(heat.data) == 8 and "threshold" in heat.data[2].hovertemplate
     for fig in [
         figures.layer_profile_figure(stats.layer_table()),
         figures.bos_figure(stats.bos_table()),

@@ -332,8 +332,9 @@ class TraceDB:
             FROM traces WHERE {pooled} GROUP BY ALL"""
         )
         counts = np.zeros((n_layers, 2, N_BINS))
-        b_index = hist["branch"].map(BRANCHES.index).to_numpy()
-        np.add.at(counts, (hist["layer"].to_numpy(), b_index, hist["bin"].to_numpy()), hist["n"].to_numpy())
+        b_index = hist["branch"].map(BRANCHES.index).to_numpy(np.int64)  # typed: no pooled cell gives no rows
+        cells = (hist["layer"].to_numpy(np.int64), b_index, hist["bin"].to_numpy(np.int64))
+        np.add.at(counts, cells, hist["n"].to_numpy(np.float64))
         out = {}
         for layer in range(n_layers):
             for b, branch in enumerate(BRANCHES):
