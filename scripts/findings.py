@@ -1,7 +1,7 @@
 """The paper's interpretive findings checked causally, in both adapter scopes, on held-out prose.
 
-    OMP_NUM_THREADS=1 python3 scripts/findings.py                       # SmolLM2, shipped default gates
-    OMP_NUM_THREADS=1 python3 scripts/findings.py --model gemma3-270m --texts 24 --harm-texts 4
+    OMP_NUM_THREADS=1 python3 scripts/findings.py --update-docs         # SmolLM2, shipped default (~30 min)
+    OMP_NUM_THREADS=1 python3 scripts/findings.py --model gemma3-270m --texts 12 --harm-texts 3 --max-tokens 48 --update-docs
 
 Texts: the first --texts paragraphs of the held-out pydoc split (`pydoc_texts("validation")`) with at
 least --max-tokens tokens, each cut to --max-tokens. Three settings are measured on them
@@ -86,8 +86,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--gates", default="default")
-    parser.add_argument("--texts", type=int, default=48, help="held-out paragraphs for the gate and norm statistics")
-    parser.add_argument("--harm-texts", type=int, default=8, help="of which this many get forced-skip harm")
+    parser.add_argument("--texts", type=int, default=24, help="held-out paragraphs for the gate and norm statistics")
+    parser.add_argument("--harm-texts", type=int, default=5, help="of which this many get forced-skip harm")
     parser.add_argument("--per-branch", type=int, default=1, help="random positions per (layer, branch) and text")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--skip", type=float, default=0.25, help="budget of the gate statistics")
