@@ -163,6 +163,49 @@ def test_layer_tables_follow_the_shown_trace_and_are_reused_while_it_stays(app, 
     pd.testing.assert_frame_equal(shown[-1].reset_index(drop=True), expected.reset_index(drop=True))
 
 
+def test_layers_view_pools_applied_or_all_cells_and_names_them(app):
+    """The Layers view's gate statistics pool the cells whose gate acted by default, or all cells on
+    request; every table and figure title names the choice, and in scope 'skipped' layer 0's attention
+    (whose gate never acts) is named as such instead of showing a gate it never applied."""
+    from analysis.traces.tracedb import TraceDB
+
+    app.sidebar.radio(key="adapter_scope").set_value("skipped").run()
+    shown = app.session_state["shown_trace"]
+    for cells in ("applied", "all"):
+        app.radio(key="layer_cells").set_value(cells).run()
+        assert not app.exception
+        expected = TraceDB(shown, cells=cells).layer_table()
+        table = next(
+            d.value for d in app.dataframe if "gate_cells" in d.value.columns and "gate_p50" in d.value.columns
+        )
+        pd.testing.assert_frame_equal(table.reset_index(drop=True), expected.reset_index(drop=True))
+        assert set(table["gate_cells"]) == {cells}
+        titles = [spec["layout"].get("title", {}).get("text") for spec in _chart_specs(app)]
+        assert f"Gate statistics over {figures_pooled(cells)}" in titles
+        never = any(c.value.startswith("No gate acted at: layer 0 attn") for c in app.caption)
+        assert never == (cells == "applied"), [c.value[:50] for c in app.caption]
+    assert expected.set_index(["layer", "branch"]).loc[(0, "attn"), "applied_share"] == 0
+
+
+def test_gate_statistics_over_applied_cells_when_no_gate_acted():
+    """Scope 'skipped' at budget 0 is the original model: not one gate acted. The applied-only tables
+    are then empty pools (NaN gates, 0 cells, share 0), not a crash (it was: an untyped empty histogram)."""
+    from analysis.traces.tracedb import TraceDB
+
+    model = load_model("tiny-llama", gates="untrained")
+    trace = model.trace("Nothing skips, so no gate acts.", skip=0.0, adapter_scope="skipped")
+    assert not trace.sequences[0].gate_applied.any()
+    table = TraceDB(trace, cells="applied").layer_table()
+    assert table["gate_mean"].isna().all() and (table["gate_n"] == 0).all() and (table["applied_share"] == 0).all()
+    assert table["gate_p50"].isna().all()
+
+
+def figures_pooled(cells: str) -> str:
+    from analysis.traces import figures
+
+    return figures.POOLED_CELLS[cells]
+
+
 def test_sweep_view_runs_with_progress_and_exports(app):
     app.button(key="run_sweep").click().run()
     assert not app.exception
@@ -269,6 +312,8 @@ def _leaderboard_by_pandas(folder, layer: int, branch: str, min_count: int) -> p
     cell = rows[(rows.layer == layer) & (rows.branch == branch) & rows.eligible.astype(bool)]
     table = cell.groupby("token").agg(eligible=("skipped", "size"), skipped=("skipped", "sum")).reset_index()
     table = table[table.eligible >= min_count]
+    applied = cell[cell.gate_applied == 1].groupby("token")["gate"].mean().rename("gate_applied")
+    table = table.join(cell.groupby("token")["gate"].mean().rename("gate_all"), on="token").join(applied, on="token")
     return table.assign(skip_rate=table.skipped / table.eligible).set_index("token")
 
 
@@ -293,13 +338,18 @@ def test_corpus_view_lists_the_data_folder_collects_a_sample_and_queries_it(tmp_
     assert m["Tokens"] == f"{len(first):,}" and m["Sequences"] == str(first.sequence_id.nunique())
     app.number_input(key="corpus_layer").set_value(1).run()
     app.number_input(key="corpus_min_count").set_value(2).run()
-    board = next(d.value for d in app.dataframe if "token" in d.value.columns and "ci_low" in d.value.columns)
     expected = _leaderboard_by_pandas(folder, 1, "mlp", 2)
-    assert len(board) > 0
-    for _, row in board.iterrows():  # every shown token: its counts and rate as pandas has them
-        assert row["eligible"] == expected.loc[row["token"], "eligible"]
-        assert row["skip_rate"] == pytest.approx(expected.loc[row["token"], "skip_rate"])
-    assert board["skip_rate"].iloc[0] == pytest.approx(expected["skip_rate"].max())  # most skipped first
+    for cells in ("all", "applied"):  # the gate statistics over the chosen cells, as pandas has them
+        app.radio(key="corpus_cells").set_value(cells).run()
+        board = next(d.value for d in app.dataframe if "token" in d.value.columns and "ci_low" in d.value.columns)
+        assert len(board) > 0 and set(board["gate_cells"]) == {cells}
+        for _, row in board.iterrows():  # every shown token: its counts, rate and gate as pandas has them
+            assert row["eligible"] == expected.loc[row["token"], "eligible"]
+            assert row["skip_rate"] == pytest.approx(expected.loc[row["token"], "skip_rate"])
+            gate = expected.loc[row["token"], f"gate_{cells}"]
+            assert row["gate_mean"] == pytest.approx(gate) or (np.isnan(gate) and np.isnan(row["gate_mean"]))
+        assert board["skip_rate"].iloc[0] == pytest.approx(expected["skip_rate"].max())  # most skipped first
+    assert any(c.value.startswith("Gates acted at") and "cells whose gate acted" in c.value for c in app.caption)
     app.radio(key="corpus_lowest").set_value(False).run()  # contexts of the highest gates
     assert not app.exception
 

@@ -280,9 +280,25 @@ def context_html(contexts: pd.DataFrame, value: str = "gate") -> str:
     return TOKEN_CSS + "".join(rows) + f'<div class="gs-legend">{legend}</div>'
 
 
+POOLED_CELLS = {  # the `gate_cells` of a statistics table (`TraceDB(cells=...)`), in words for titles
+    "applied": "cells whose gate acted (scaled the branch)",
+    "all": "all cells (every token's gate, acting or not)",
+}
+
+
+def pooled_cells(table: pd.DataFrame) -> str:
+    """Which cells a table's gate statistics pool, in words (tables without `gate_cells` pool all)."""
+    cells = str(table["gate_cells"].iloc[0]) if "gate_cells" in table.columns and len(table) else "all"
+    return POOLED_CELLS.get(cells, cells)
+
+
 def layer_profile_figure(layer_table: pd.DataFrame) -> go.Figure:
-    """Per layer: gate median with 5-95% band per branch, and skip rate."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=["gate values (median, 5-95%)", "skip rate"])
+    """Per layer: gate median with 5-95% band per branch over the pooled cells (named in the title),
+    and skip rate; with `applied_share`, the share of the tokens that ran the branch whose gate acted
+    (dotted), so a layer whose gates never act (layer 0's attention in scope 'skipped') shows it."""
+    titles = ["gate (median, 5-95%)", "skip rate; dotted: share of gates that acted"]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=titles)
+    fig.update_layout(title=dict(text=f"Gate statistics over {pooled_cells(layer_table)}", font=dict(size=14)))
     for branch, colour in zip(BRANCHES, ("#1f77b4", "#ff7f0e")):
         part = layer_table[layer_table["branch"] == branch]
         fig.add_trace(
@@ -306,12 +322,27 @@ def layer_profile_figure(layer_table: pd.DataFrame) -> go.Figure:
             row=1,
             col=2,
         )
+        if "applied_share" in part.columns:
+            fig.add_trace(
+                go.Scatter(
+                    x=part["layer"],
+                    y=part["applied_share"],
+                    name=f"{branch} gates that acted",
+                    mode="lines+markers",
+                    line=dict(color=colour, dash="dot"),
+                    hovertemplate="layer %{x}<br>gate acted at %{y:.1%} of the tokens that ran it<extra></extra>",
+                ),
+                row=1,
+                col=2,
+            )
     fig.update_xaxes(title_text="layer")
-    fig.update_layout(height=360, barmode="group", margin=dict(l=40, r=20, t=40, b=40))
+    fig.update_yaxes(range=[0, 1.02], row=1, col=2)
+    fig.update_layout(height=400, barmode="group", margin=dict(l=40, r=20, t=80, b=40))
     return fig
 
 
 def bos_figure(bos_table: pd.DataFrame) -> go.Figure:
+    """The first token's gate over the other tokens' per layer, over the pooled cells (in the title)."""
     fig = go.Figure()
     for branch in BRANCHES:
         part = bos_table[bos_table["branch"] == branch]
@@ -327,7 +358,7 @@ def bos_figure(bos_table: pd.DataFrame) -> go.Figure:
         )
     fig.add_hline(y=1.0, line_dash="dot")
     fig.update_layout(
-        title="first-token (BOS) gate relative to the other tokens",
+        title=f"first-token (BOS) gate relative to the other tokens, over {pooled_cells(bos_table)}",
         xaxis_title="layer",
         yaxis_title="BOS gate / mean of others",
         height=340,
@@ -336,6 +367,7 @@ def bos_figure(bos_table: pd.DataFrame) -> go.Figure:
 
 
 def token_type_figure(type_table: pd.DataFrame, branch: str = "mlp", value: str = "gate_mean") -> go.Figure:
+    """Token type x layer heatmap of `value` for one branch; a gate value's pooled cells in the title."""
     part = type_table[type_table["branch"] == branch].pivot(index="token_type", columns="layer", values=value)
     fig = go.Figure(
         go.Heatmap(
@@ -346,7 +378,8 @@ def token_type_figure(type_table: pd.DataFrame, branch: str = "mlp", value: str 
             colorbar=dict(title=value),
         )
     )
-    fig.update_layout(title=f"{value} by token type ({branch})", xaxis_title="layer", height=340)
+    pooled = f", over {pooled_cells(type_table)}" if value.startswith("gate") else ""
+    fig.update_layout(title=f"{value} by token type ({branch}){pooled}", xaxis_title="layer", height=340)
     return fig
 
 
@@ -524,8 +557,10 @@ def _term_bars(names: list[str], values: list[float], xaxis_title: str, title: s
     return fig
 
 
-def corpus_skip_heatmap(rates: pd.DataFrame) -> go.Figure:
-    """Layer x branch skip rate over a whole corpus (`TraceDB.skip_rates`), with intervals on hover."""
+def corpus_skip_heatmap(rates: pd.DataFrame, layer_table: pd.DataFrame | None = None) -> go.Figure:
+    """Layer x branch skip rate over a whole corpus (`TraceDB.skip_rates`), with intervals on hover;
+    with a `TraceDB.layer_table`, a second row: the share of the tokens that ran each branch whose
+    gate acted (scaled it), so the cells where gates mostly only ranked show at a glance."""
     layers = sorted(rates["layer"].unique())
     branches = [b for b in ("attn", "mlp") if b in set(rates["branch"])]
     cell = rates.set_index(["layer", "branch"])
@@ -534,7 +569,10 @@ def corpus_skip_heatmap(rates: pd.DataFrame) -> go.Figure:
         [f"{cell.loc[(layer, b), 'ci_low']:.3f}-{cell.loc[(layer, b), 'ci_high']:.3f}" for layer in layers]
         for b in branches
     ]
-    fig = go.Figure(
+    rows = 1 if layer_table is None else 2
+    titles = ["skip rate", "share of the gates that acted (of the tokens that ran the branch)"][:rows]
+    fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, vertical_spacing=0.25, subplot_titles=titles)
+    fig.add_trace(
         go.Heatmap(
             z=z,
             x=layers,
@@ -542,11 +580,31 @@ def corpus_skip_heatmap(rates: pd.DataFrame) -> go.Figure:
             customdata=ci,
             colorscale="Reds",
             zmin=0,
-            colorbar=dict(title="skip rate"),
+            colorbar=dict(title="skip rate", len=1 / rows, y=1, yanchor="top"),
             hovertemplate="layer %{x} %{y}<br>skip rate %{z:.3f}<br>95% CI %{customdata}<extra></extra>",
-        )
+        ),
+        row=1,
+        col=1,
     )
-    fig.update_layout(height=220, margin=dict(l=40, r=20, t=10, b=40), xaxis_title="layer")
+    if layer_table is not None:
+        share = layer_table.set_index(["layer", "branch"])["applied_share"]
+        fig.add_trace(
+            go.Heatmap(
+                z=[[share.get((layer, b), np.nan) for layer in layers] for b in branches],
+                x=layers,
+                y=branches,
+                colorscale="Greys",
+                reversescale=True,
+                zmin=0,
+                zmax=1,
+                colorbar=dict(title="acted", len=0.4, y=0, yanchor="bottom"),
+                hovertemplate="layer %{x} %{y}<br>gate acted at %{z:.1%} of the tokens that ran it<extra></extra>",
+            ),
+            row=2,
+            col=1,
+        )
+    fig.update_xaxes(title_text="layer", row=rows, col=1)
+    fig.update_layout(height=220 if rows == 1 else 360, margin=dict(l=40, r=20, t=30, b=40))
     return fig
 
 

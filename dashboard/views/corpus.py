@@ -12,6 +12,7 @@ from analysis.traces import figures
 from analysis.traces.flow import TOKEN_TYPES
 from dashboard import service
 from dashboard.views.common import download, figure_download
+from dashboard.views.layers import gate_cells_choice
 from gateskip_core import GateSkipError
 
 
@@ -52,10 +53,10 @@ def corpus_view(cfg: service.Settings) -> None:
     names = [d.name for d in infos]
     chosen = st.session_state.get("corpus_name")
     path = st.selectbox("Dataset", names, index=names.index(chosen) if chosen in names else 0, key="corpus_choice")
+    cells = gate_cells_choice("corpus_cells")
     try:
         db = corpus_connection(path)
-        counts = db.counts()
-        rates = db.skip_rates()
+        counts, rates, per_layer = corpus_overview(db, path, cells)
     except GateSkipError as err:
         st.error(str(err))
         return
@@ -63,8 +64,13 @@ def corpus_view(cfg: service.Settings) -> None:
     cols[0].metric("Sequences", f"{counts['sequences']:,}")
     cols[1].metric("Tokens", f"{counts['tokens']:,}")
     cols[2].metric("Trace rows", f"{counts['tokens'] * counts['layers'] * 2:,}")
-    heat = figures.corpus_skip_heatmap(rates)
+    heat = figures.corpus_skip_heatmap(rates, per_layer)
     st.plotly_chart(heat, key="corpus_heat")
+    acted = per_layer["applied_share"]
+    st.caption(
+        f"Gates acted at {acted.min():.0%}-{acted.max():.0%} of the tokens that ran a branch (per layer and "
+        f"branch; lower row). Gate statistics below pool {figures.pooled_cells(per_layer)}."
+    )
 
     st.subheader("Which tokens skip one branch")
     c1, c2, c3, c4 = st.columns(4)
@@ -75,12 +81,14 @@ def corpus_view(cfg: service.Settings) -> None:
     types = st.multiselect("Token types", list(TOKEN_TYPES), default=list(TOKEN_TYPES), key="corpus_types")
     try:
         board = db.token_leaderboard(
-            layer, branch, min_count, types or list(TOKEN_TYPES), 25, most_skipped=order == "most skipped"
+            layer, branch, min_count, types or list(TOKEN_TYPES), 25, most_skipped=order == "most skipped", cells=cells
         )
-        contexts = db.example_contexts(layer, branch, n=8, lowest=st.session_state.get("corpus_lowest", True))
+        lowest = st.session_state.get("corpus_lowest", True)
+        contexts = db.example_contexts(layer, branch, n=8, lowest=lowest, cells=cells)
     except GateSkipError as err:
         st.error(str(err))
         return
+    st.markdown(f"**Tokens at layer {layer} {branch}; gate_mean over {figures.pooled_cells(board)}**")
     st.dataframe(board, hide_index=True)
 
     st.subheader("Example contexts")
@@ -93,9 +101,10 @@ def corpus_view(cfg: service.Settings) -> None:
     )
     st.html(figures.context_html(contexts))
     st.caption(
-        "Each row: ±10 tokens around one occurrence (outlined); colour: each token's gate at this layer and branch."
+        "Each row: ±10 tokens around one occurrence (outlined), chosen among "
+        f"{figures.pooled_cells(board)}; colour: each token's gate at this layer and branch."
     )
-    positions, kinds = db.position_profile(), db.type_profile()
+    positions, kinds = db.position_profile(cells=cells), db.type_profile(cells=cells)
     left, right = st.columns(2)
     left.markdown("**Skip rate by position**")
     left.dataframe(positions, hide_index=True)
@@ -127,6 +136,16 @@ def collect_into(collect) -> None:
     except GateSkipError as err:
         st.error(str(err))
     bar.empty()
+
+
+def corpus_overview(db, path: str, cells: str):
+    """(counts, skip rates, layer table) of the dataset, queried once per (dataset, cells): a collected
+    dataset does not change, and every rerun of the app (a slider in another tab) passes through here."""
+    held = st.session_state.get("corpus_overview")
+    if held is None or held[0] != (path, cells):
+        held = ((path, cells), (db.counts(), db.skip_rates(cells=cells), db.layer_table(cells=cells)))
+        st.session_state["corpus_overview"] = held
+    return held[1]
 
 
 def corpus_connection(path: str):
