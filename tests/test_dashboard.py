@@ -460,6 +460,8 @@ def test_the_heatmap_greys_out_exactly_the_cells_that_ran_with_their_gate_not_ap
     assert (figures.NOT_APPLIED_LEGEND in legend) == (scope == "skipped")
     mlp_only = figures.gate_heatmap(trace, branches=("mlp",))
     np.testing.assert_array_equal(_overlay_cells(mlp_only, ("mlp",))[:, :, 0], expected[:, :, 1])
+    legend = [t.name for t in mlp_only.data if t.showlegend is not False and t.name]
+    assert (figures.NOT_APPLIED_LEGEND in legend) == bool(expected[:, :, 1].any())
 
 
 def test_the_token_strip_marks_tokens_none_of_whose_gates_acted():

@@ -80,7 +80,7 @@ def clicked_cell(selection: dict | None) -> tuple[int, int, str] | None:
 
 def gate_heatmap(trace: Trace, sequence: int = 0, branches: tuple[str, ...] = BRANCHES) -> go.Figure:
     """Layers x tokens heatmap of gate values per branch: skipped cells marked with x, cells whose gate
-    did not act (ran unscaled: `not_applied_cells`) washed pale, the legend saying which; every cell
+    did not act (ran unscaled: `not_applied_cells`) greyed out, the legend saying which; every cell
     clickable (an invisible marker with the cell's `CELL_FIELDS` as customdata, see `clicked_cell`)."""
     seq = trace.sequences[sequence]
     fig = make_subplots(
@@ -104,10 +104,11 @@ def gate_heatmap(trace: Trace, sequence: int = 0, branches: tuple[str, ...] = BR
         fig.add_trace(_cell_markers(seq, b, roles[:, :, b].T, x), row=row, col=1)
         fig.add_trace(_marks(seq.skipped[:, :, b].T, x, "skipped", row == 1), row=row, col=1)
         fig.update_yaxes(title_text="layer", row=row, col=1)
-    if idle.any():  # a legend entry for the pale cells (the overlay heatmap has none of its own)
+    shown = [BRANCHES.index(m) for m in branches]
+    if idle[:, :, shown].any():  # a legend entry for the grey cells (the overlay heatmap has none of its own)
         fig.add_trace(_legend_swatch(NOT_APPLIED_LEGEND if trace.has_gates else "grey: no gate, ran unscaled"))
     # Gates are narrow within a model (often 0.9-1.0): scale colours to the values shown.
-    values = seq.gate[:, :, [BRANCHES.index(m) for m in branches]]
+    values = seq.gate[:, :, shown]
     fig.update_layout(
         title=dict(text=_wrapped(gate_legend(trace, sequence, branches)), font=dict(size=13)),
         coloraxis=dict(
@@ -193,7 +194,7 @@ def _marks(cells: np.ndarray, x: list[str], name: str, legend: bool) -> go.Scatt
 
 
 def _legend_swatch(name: str) -> go.Scatter:
-    """A legend entry only (no point drawn): a pale square for the cells whose gate did not act."""
+    """A legend entry only (no point drawn): a grey square for the cells whose gate did not act."""
     return go.Scatter(
         x=[None],
         y=[None],
