@@ -128,6 +128,44 @@ def test_eval_command_writes_rows_matched_rows_and_json(tmp_path):
     assert len(runs) == 9 and "gateskip_legal_nextsent" in runs[0]["results"]
 
 
+LAUNCHED = """
+import torch
+torch.set_num_threads(1)
+import lm_eval
+from analysis.evaluation.lm import GateSkipLM
+from analysis.evaluation.task_loading import load_tasks
+from gateskip_core import load_model
+from tests.conftest import spread_gates
+tasks = load_tasks(["gateskip_legal_nextsent"])
+lm = GateSkipLM(spread_gates(load_model("tiny-llama")), skip=0.3, batch_size=2)
+lm_eval.simple_evaluate(model=lm, tasks=list(tasks.tasks.values()), task_manager=tasks.manager, limit=4)
+print("world", lm.world_size, "own", lm.account.compute.tokens, "all", lm.gathered_account().compute.tokens)
+"""
+
+
+def test_two_processes_under_accelerate_launch_split_the_requests_and_sum_the_account(tmp_path):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = tmp_path / "launched.py"
+    script.write_text(LAUNCHED)
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=root)
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
+    two = subprocess.run(launch, capture_output=True, text=True, env=env, cwd=root)
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = GateSkipLM(spread_gates(load_model("tiny-llama")), skip=0.3, batch_size=2)  # the same, one process
+    _samples(one, load_tasks(["gateskip_legal_nextsent"]), ["gateskip_legal_nextsent"], limit=4)
+    whole = one.gathered_account().compute.tokens
+    ranks = [line.split() for line in two.stdout.splitlines() if line.startswith("world")]
+    assert len(ranks) == 2 and all(r[1] == "2" for r in ranks)
+    own = [int(r[3]) for r in ranks]
+    assert all(0 < n < whole for n in own)  # each process scored a share
+    assert sum(own) == whole and all(int(r[5]) == whole for r in ranks)  # and every process sums the whole
+
+
 BAD_YAML = "task: broken_task\ndataset_path: json\n  bad: [indent\n"
 BAD_TYPE = "task: odd_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
 BAD_TYPE += "output_type: nonsense\ndoc_to_text: x\n"

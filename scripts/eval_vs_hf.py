@@ -1,0 +1,84 @@
+"""`gateskip` at budget 0 against lm-eval's own `hf` model on the same tasks, in one run: scores and time.
+
+    OMP_NUM_THREADS=1 python3 scripts/eval_vs_hf.py --out docs/eval_vs_hf.csv [--limit 16] [--repeats 2]
+
+SmolLM2-135M-Instruct with its shipped gates (adapter scope `skipped`: at budget 0 the original model),
+one torch thread, batch size 8. The two models alternate, `--repeats` times per task, and the fastest
+run of each counts (the machine is shared: the minimum is the least disturbed). One row per task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+TASKS = ["gateskip_pydoc_nextsent", "gateskip_legal_ppl", "gateskip_legal_lastword_gen"]
+MAIN_METRIC = {
+    "nextsent": "acc,none",
+    "lastword": "acc,none",
+    "ppl": "word_perplexity,none",
+    "gen": "exact_match,strip",
+}
+
+
+def timed(lm, task, manager, limit: int) -> tuple[float, dict]:
+    import lm_eval
+
+    start = time.perf_counter()
+    out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, log_samples=False)
+    return time.perf_counter() - start, out["results"][task.config.task]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--limit", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    from lm_eval.models.huggingface import HFLM
+
+    from analysis.evaluation.lm import GateSkipLM
+    from analysis.evaluation.task_loading import load_tasks
+    from gateskip_core import load_model
+
+    model = load_model("smollm2-135m-instruct", gates="default")
+    loaded = load_tasks(TASKS)
+    rows = []
+    for name in TASKS:
+        task, seconds, scores = loaded.tasks[name], {"hf": [], "gateskip": []}, {}
+        for _ in range(args.repeats):
+            for kind in ("hf", "gateskip"):
+                lm = (
+                    HFLM(pretrained=model.original, tokenizer=model.tokenizer, batch_size=8, add_bos_token=True)
+                    if kind == "hf"
+                    else GateSkipLM(model, skip=0.0, batch_size=8)
+                )
+                took, scores[kind] = timed(lm, task, loaded.manager, args.limit)
+                seconds[kind].append(took)
+        metric = MAIN_METRIC[name.rsplit("_", 1)[-1]]
+        rows.append(
+            {
+                "task": name,
+                "metric": metric.split(",")[0],
+                "n": args.limit,
+                "hf": scores["hf"][metric],
+                "gateskip_b0": scores["gateskip"][metric],
+                "hf_seconds": min(seconds["hf"]),
+                "gateskip_seconds": min(seconds["gateskip"]),
+                "time_ratio": min(seconds["gateskip"]) / min(seconds["hf"]),
+            }
+        )
+        print(rows[-1], flush=True)
+    table = pd.DataFrame(rows)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.out, index=False)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+
+
+if __name__ == "__main__":
+    main()
