@@ -116,3 +116,30 @@ def test_random_policy_decision_independent_of_batching():
     assert 0.3 < eligible.mean() < 0.7  # Bernoulli(0.5) draws, not all or nothing
     other = model.trace(PROMPTS[1], skip=0.5, policy=RandomPolicy(seed=4)).sequences[0]
     assert not np.array_equal(one.skipped, other.skipped)
+
+
+def test_stored_thresholds_are_interpolated_between_grid_budgets_and_rates_follow_the_budget(tmp_path):
+    """A budget between the checkpoint's grid budgets takes thresholds between the neighbouring
+    fitted rows (no fit on other texts), a grid budget its own row, and the skip rate on held-out
+    text never falls as the budget rises in small steps."""
+    from gateskip_core import load_model
+    from gateskip_core.skipping.calibration import interpolate_thresholds
+    from gateskip_core.training.loop import TrainConfig, train
+
+    out = tmp_path / "g.safetensors"
+    config = dict(model="tiny-llama", seq_len=32, batch=4, steps=2, gate="lowrank:4", calibrate=True)
+    train(TrainConfig(**config, val_every=100, checkpoint_every=100, out=str(out)), lambda m: None, show_bar=False)
+    model = load_model("tiny-llama", gates=str(out))
+    ckpt = model.checkpoint
+    grid, table = ckpt.calibration_budgets, ckpt.calibration_thresholds
+    assert len(grid) > 2 and np.isfinite(table).all()
+    np.testing.assert_array_equal(model.calibrate(model.budget(float(grid[3]))).thresholds, table[3])
+    middle = model.calibrate(model.budget(float(grid[3] + grid[4]) / 2)).thresholds
+    np.testing.assert_allclose(middle, (table[3] + table[4]) / 2)
+    assert interpolate_thresholds(grid, table, float(grid[-1]) + 0.05) is None  # above the grid: fitted
+    texts = [p for t in pydoc_texts("validation")[:3] for p in t.split("\n\n") if p.strip()][:8]
+    rates = [
+        model.trace(texts, skip=float(b), policy="calibrated", max_tokens=64).skipped_fraction()
+        for b in np.arange(0.2, 0.3501, 0.01)
+    ]
+    assert all(b >= a for a, b in zip(rates, rates[1:])), rates
