@@ -97,3 +97,17 @@ def test_notebook_outputs_are_what_the_code_produces_now(path, tmp_path):
         + ("\nregenerate with `python scripts/run_notebooks.py " + path.stem + "` if the change is intended")
     )
     assert any(tmp_path.glob("*.csv"))
+
+
+def test_show_survives_a_chromium_that_fails_at_render_time(monkeypatch, capsys):
+    """kaleido started but the browser fails on a figure (crashed, removed): one notice, no PNG, no error."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("browser closed")
+
+    monkeypatch.setitem(display._renderer_state, "ready", True)
+    monkeypatch.setattr(go.Figure, "to_image", broken)
+    fig = go.Figure(go.Bar(y=[1, 2]))
+    first, second = display.figure_bundle(fig), display.figure_bundle(fig)
+    assert "image/png" not in first and "image/png" not in second and display.PLOTLY_MIME in second
+    assert capsys.readouterr().err.strip() == display.NO_PNG_NOTICE

@@ -54,9 +54,14 @@ def figure_png(fig: go.Figure) -> bytes | None:
     if not _start_renderer():
         return None
     width, height = fig.layout.width or STATIC_WIDTH, fig.layout.height or STATIC_HEIGHT
-    with warnings.catch_warnings():  # plotly warns that kaleido's options are ignored by a running server
-        warnings.simplefilter("ignore")
-        return fig.to_image(format="png", width=width, height=height)
+    try:
+        with warnings.catch_warnings():  # plotly warns that kaleido's options are ignored by a running server
+            warnings.simplefilter("ignore")
+            return fig.to_image(format="png", width=width, height=height)
+    except Exception:  # Chromium missing or failing at render time: the figure stays interactive
+        print(NO_PNG_NOTICE, file=sys.stderr)
+        _renderer_state["ready"] = False
+        return None
 
 
 def figure_bundle(fig: go.Figure) -> dict[str, object]:
