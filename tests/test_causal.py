@@ -133,12 +133,25 @@ def test_causal_command_writes_the_layer_table(tmp_path):
         (["--text", "x", "--out", "table.txt"], "--out must end in .csv"),
         (["--file", "missing.txt", "--out", "t.csv"], "file not found"),
         (["--text", "   ", "--out", "t.csv"], "text is empty"),
+        (["--text", "x", "--per-branch", "-1", "--out", "t.csv"], "--per-branch"),
     ],
 )
-def test_causal_command_rejects_bad_input_with_one_line(tmp_path, bad, message):
-    result = run_cli("causal", "--model", "tiny-llama", "--gates", "untrained", *bad, cwd=tmp_path)
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and message in result.stderr
+def test_causal_command_rejects_bad_input_with_one_line(tmp_path, monkeypatch, capsys, bad, message):
+    """In-process (the console script's code): exit 2, one line on stderr, before any model loads."""
+    import gateskip_core.model as model_module
+    from gateskip.cli import main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(model_module, "load_backbone", no_loading)
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(["causal", "--model", "tiny-llama", "--gates", "untrained", *bad])
+    except SystemExit as exit_:
+        code = exit_.code
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "t.csv").exists()
 
 
