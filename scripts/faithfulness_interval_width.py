@@ -3,8 +3,9 @@
 From the entries of one `gateskip faithfulness ... --entries-out E.csv` run, draws K entries of each
 (layer, branch) stratum (without replacement, `--draws` times per K) and computes the signal table
 with its 95% bootstrap intervals (`analysis.experiments.faithfulness.signal_table`) on each draw;
-writes, per K and signal, the mean point estimate and the mean interval width of the gate Spearman,
-the lowest-quarter harm ratio (vs_random) and the oracle ratio.
+writes, per K and signal, the mean point estimate, interval ends and interval width of the
+within-stratum Spearman, the lowest-quarter harm ratio (vs_random) and the oracle ratio (with all
+the file's entries, one table: its own interval).
 
     python scripts/faithfulness_interval_width.py docs/faithfulness_default_entries.csv \
         --per-cell 4,6,8,10 --out docs/results/faithfulness_interval_width.csv
@@ -22,7 +23,9 @@ from analysis.experiments.faithfulness import BOOTSTRAPPED, signal_table
 
 
 def draw_per_cell(entries: pd.DataFrame, per_cell: int, seed: int) -> pd.DataFrame:
-    """`per_cell` entries of every (layer, branch), drawn without replacement."""
+    """`per_cell` entries of every (layer, branch), drawn without replacement (all of them: as they are)."""
+    if per_cell >= int(entries.groupby(["layer", "branch"]).size().min()):
+        return entries
     return entries.groupby(["layer", "branch"], group_keys=False).sample(n=per_cell, random_state=seed)
 
 
@@ -36,9 +39,10 @@ def widths(entries: pd.DataFrame, per_cells: list[int], draws: int, resamples: i
         ]
         for signal in tables[0]["signal"]:
             row = {"per_cell": per_cell, "draws": len(tables), "signal": signal}
-            for column in BOOTSTRAPPED:
-                got = [t.set_index("signal").loc[signal] for t in tables]
-                row[column] = float(np.mean([g[column] for g in got]))
+            got = [t.set_index("signal").loc[signal] for t in tables]
+            for column in BOOTSTRAPPED:  # means over the draws (with all entries: the one table's values)
+                for part in ("", "_low", "_high"):
+                    row[column + part] = float(np.mean([g[column + part] for g in got]))
                 row[f"{column}_width"] = float(np.mean([g[f"{column}_high"] - g[f"{column}_low"] for g in got]))
             rows.append(row)
     return pd.DataFrame(rows)
@@ -56,8 +60,12 @@ def main() -> None:
     table = widths(entries, [int(k) for k in args.per_cell.split(",")], args.draws, args.resamples)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)
-    gate = table[table["signal"] == "gate"].drop(columns="signal")
-    print(gate.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    gate = table[table["signal"] == "gate"]
+    print(
+        gate[["per_cell", "draws", *(f"{c}_width" for c in BOOTSTRAPPED)]].to_string(
+            index=False, float_format=lambda v: f"{v:.3f}"
+        )
+    )
     print(f"wrote {args.out}")
 
 

@@ -31,9 +31,14 @@ gateskip faithfulness --gates default-v2 --file docs/heldout.txt --max-tokens 12
     --out docs/faithfulness.csv --entries-out docs/faithfulness_entries.csv
 gateskip faithfulness --gates default --file docs/heldout.txt --max-tokens 128 --exact 600 \
     --out docs/faithfulness_default.csv --entries-out docs/faithfulness_default_entries.csv
+# How wide the faithfulness intervals are with 4-10 entries per (layer, branch)
+python3 scripts/faithfulness_interval_width.py docs/faithfulness_default_entries.csv --per-cell 4,6,8,10 \
+    --out docs/results/faithfulness_interval_width.csv
 # Logit lens: had tokens that skip late layers already settled? (shipped default and scalar gates)
-gateskip settled --gates default --skip 0.25 --blocks 32 --out docs/settled.csv --figure docs/settled.html
-gateskip settled --gates default-scalar --skip 0.25 --blocks 32 --out docs/settled_scalar.csv
+gateskip settled --gates default --skip 0.25 --blocks 32 --out docs/results/settled.csv \
+    --summary-out docs/results/settled_summary.csv --figure docs/results/settled.html
+gateskip settled --gates default-scalar --skip 0.25 --blocks 32 --out docs/results/settled_scalar.csv \
+    --summary-out docs/results/settled_scalar_summary.csv
 python3 scripts/chat_examples.py --out docs/chat_examples.md
 # The shipped default against the previous one and ShortGPT at matched net FLOPs, and chat fidelity.
 python3 scripts/fidelity_ablation.py --out docs/fidelity_default.csv default=default default-v2=default-v2

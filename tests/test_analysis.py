@@ -420,6 +420,15 @@ def test_faithfulness_intervals_resample_texts_contain_the_estimates_and_narrow_
 
     for signal in ("gate", "rel_norm", "attribution"):
         assert width(full, signal, "spearman_within") < np.mean([width(t, signal, "spearman_within") for t in thin])
+    # the table does not depend on the entries' order: ties (the binary `unsettled`) carry their mean harm
+    shuffled = signal_table(entries.sample(frac=1, random_state=1), resamples=300)
+    pd.testing.assert_frame_equal(shuffled, full)
+    from analysis.experiments.faithfulness import _lowest, _stratum_numbers
+
+    tied, harm = np.array([0.0, 0, 0, 1]), np.array([1.0, 2, 3, 10])
+    assert _lowest(tied, harm, 0.5) == pytest.approx(2 * (1 + 2 + 3) / 3)
+    carried = _stratum_numbers(tied[None, :, None], harm[None], 0.5)[1]  # the bootstrap's vectorised path
+    assert carried[0, 0] == pytest.approx(4.0)
     # one text: the layers are the clusters
     one = signal_table(entries[entries["text"] == 0], resamples=100)
     assert set(one["clusters"]) == {f"{tiny_llama.spec.n_layers} layers of one text"}

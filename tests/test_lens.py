@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -166,9 +167,14 @@ def test_settled_corpus_streams_blocks_and_equals_the_per_text_counts():
 def test_settled_command_writes_table_and_figure(tmp_path):
     out, fig = tmp_path / "settled.csv", tmp_path / "settled.html"
     args = ["--model", "tiny-llama", "--gates", "untrained:lowrank:4", "--blocks", "2", "--seq-len", "32"]
-    result = run_cli("settled", *args, "--out", str(out), "--figure", str(fig))
+    summary = tmp_path / "summary.csv"
+    result = run_cli("settled", *args, "--out", str(out), "--figure", str(fig), "--summary-out", str(summary))
     assert result.returncode == 0, result.stderr
     assert "settled_rate_skipped" in result.stdout and out.is_file() and "plotly" in fig.read_text()
+    assert "within each layer (Mantel-Haenszel)" in result.stdout
+    written = pd.read_csv(summary)
+    assert list(written["branch"]) == ["attn", "mlp", "both"]
+    assert {"ratio", "ratio_low", "ratio_high", "pooled_ratio"} <= set(written.columns)
     bad = run_cli("settled", *args, "--out", str(tmp_path / "missing" / "s.csv"))
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
 

@@ -292,9 +292,23 @@ def signal_summary(signals: pd.DataFrame) -> pd.DataFrame:
 
 
 def _lowest(signal: np.ndarray, harm: np.ndarray, fraction: float) -> float:
-    """The harm of the `fraction` of entries with the lowest signal (ties broken by order)."""
+    """The harm of the `fraction` of entries with the lowest signal. Entries tied with the last one
+    chosen carry their mean harm (the expectation over random tie-breaking): a binary signal such as
+    `unsettled` ties most entries, and breaking ties by row order made its figure depend on the order."""
     k = int(np.floor(fraction * len(signal) + 1e-9))
-    return float(harm[np.argsort(signal, kind="stable")[:k]].sum())
+    return float(_tie_averaged_lowest(signal[None, :, None], harm[None], k)[0, 0])
+
+
+def _tie_averaged_lowest(values: np.ndarray, harm: np.ndarray, k: int) -> np.ndarray:
+    """[S, signals]: per stratum and signal (`values` [S, n, signals], `harm` [S, n]), the harm of the k
+    entries with the lowest value, the entries tied at the cut contributing their mean harm."""
+    if k == 0:
+        return np.zeros((values.shape[0], values.shape[2]))
+    cut = np.sort(values, axis=1)[:, k - 1 : k, :]  # [S, 1, signals]: the k-th lowest value
+    below, tied = values < cut, values == cut
+    harm = harm[..., None]
+    tied_harm = (harm * tied).sum(1) / tied.sum(1)
+    return (harm * below).sum(1) + (k - below.sum(1)) * tied_harm
 
 
 # ---- bootstrap intervals of the signal table
@@ -311,9 +325,8 @@ def _stratum_numbers(values: np.ndarray, harm: np.ndarray, fraction: float):
     with np.errstate(invalid="ignore", divide="ignore"):
         rho = (centred[..., :-1] * centred[..., -1:]).sum(1) / (norms[:, :-1] * norms[:, -1:])
     rho[(norms[:, :-1] == 0) | (norms[:, -1:] == 0) | (n < 3)] = np.nan
-    lowest = np.argsort(values, axis=1, kind="stable")[:, :k]  # [S, k, signals]
-    carried = np.take_along_axis(np.broadcast_to(harm[..., None], values.shape), lowest, axis=1).sum(1)
-    return rho, carried, np.sort(harm, axis=1)[:, :k].sum(1)
+    carried = _tie_averaged_lowest(values, harm, k)
+    return rho, carried, _tie_averaged_lowest(harm[..., None], harm, k)[:, 0]
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:
