@@ -110,7 +110,7 @@ def test_eval_command_writes_rows_matched_rows_and_json(tmp_path):
     out = tmp_path / "results.csv"
     status = main(
         ["eval", "--model", "tiny-llama", "--gates", "untrained", "--tasks", "gateskip_legal_nextsent"]
-        + ["--budgets", "0,0.2,0.4", "--methods", "gateskip,random,shortgpt", "--limit", "3", "--out", str(out)]
+        + ["--budgets", "0,0.4", "--methods", "gateskip,shortgpt", "--limit", "3", "--out", str(out)]
     )
     assert status == 0
     import pandas as pd
@@ -118,14 +118,14 @@ def test_eval_command_writes_rows_matched_rows_and_json(tmp_path):
     table = pd.read_csv(out)
     measured = table[table["kind"] == "measured"]
     assert set(measured["metric"]) == {"acc", "acc_norm"}
-    assert len(measured) == 2 * 3 * 3  # metrics x methods x budgets
+    assert len(measured) == 2 * 2 * 2  # metrics x methods x budgets
     assert (measured["n"] == 3).all()
     gs = measured[(measured["method"] == "gateskip") & (measured["metric"] == "acc")].sort_values("skip_budget")
     assert gs["net_flops_saved"].is_monotonic_increasing and gs["net_flops_saved"].iloc[0] <= 0
     matched = table[table["kind"] == "matched"]
     assert set(matched["net_flops_saved"]) == {0.1, 0.2, 0.3}
     runs = json.loads(out.with_suffix(".json").read_text())["runs"]
-    assert len(runs) == 9 and "gateskip_legal_nextsent" in runs[0]["results"]
+    assert len(runs) == 4 and "gateskip_legal_nextsent" in runs[0]["results"]
 
 
 LAUNCHED = """
@@ -241,10 +241,10 @@ def test_smollm2_budget_zero_matches_hf_and_skipping_saves(tasks):
     model = load_model("smollm2-135m-instruct", gates="default")
     torch.manual_seed(0)
     names = ["gateskip_pydoc_nextsent"]
-    _, ours = _samples(GateSkipLM(model, skip=0.0, batch_size=8), tasks, names, limit=12)
-    _, theirs = _samples(_hf(model), tasks, names, limit=12)
-    assert abs(ours[names[0]]["acc,none"] - theirs[names[0]]["acc,none"]) <= 1 / 12 + 1e-9
+    _, ours = _samples(GateSkipLM(model, skip=0.0, batch_size=8), tasks, names, limit=6)
+    _, theirs = _samples(_hf(model), tasks, names, limit=6)
+    assert abs(ours[names[0]]["acc,none"] - theirs[names[0]]["acc,none"]) <= 1 / 6 + 1e-9
     skipping = GateSkipLM(model, skip=0.3, batch_size=8)
-    _samples(skipping, tasks, names, limit=4)
+    _samples(skipping, tasks, names, limit=2)
     account = skipping.gathered_account()
     assert 0.1 < account.net_flops_saved < 0.3 and not math.isnan(account.skipped_fraction)
