@@ -169,6 +169,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
         + "; skip rates pool the eligible tokens; [low, high]: 95% intervals clustered by sequence"
     )
     print(_layer_lines(table).to_string(index=False))
+    print(
+        "early / late layers: the first / last third; their gate mean and skip rate are cell-weighted "
+        "(pooled over the window's cells: *_gate_n gates, *_eligible tokens), not a mean of the layer means"
+    )
     print(layer_skip_summary(table).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     bos = db.bos_table()
     _print_bos(bos, counts["layers"], args.cells)

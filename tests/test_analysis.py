@@ -546,6 +546,49 @@ def test_stats_labels_follow_the_depth_of_a_three_layer_model(tmp_path):
     assert set(pd.read_csv(tmp_path / "ls.csv")["gate_cells"]) == {"applied"}
 
 
+def test_early_late_means_weigh_each_layer_by_its_cells(tmp_path):
+    """Layer 0's attention gate acts in 2 cells per sequence (gate 0.99), layer 1's in all 12 (gate 0.1):
+    the early window's mean is the pooled mean over those cells, not the mean of the two layer means."""
+    from gateskip_core import Trace
+    from gateskip_core.traces.compute import ComputeAccount
+    from gateskip_core.traces.trace import SequenceTrace, applied_gates
+
+    tokens, n_layers = 12, 6
+    gate = np.full((tokens, n_layers, 2), 0.5, dtype=np.float32)
+    gate[:, 0, 0], gate[:, 1, 0] = 0.99, 0.1
+    eligible = np.arange(tokens) > 0
+    skipped = np.zeros((tokens, n_layers, 2), dtype=bool)
+    skipped[2:, 0, 0] = True  # only BOS and token 1 run layer 0's attention
+    seq = SequenceTrace(
+        token_ids=np.arange(tokens, dtype=np.int64),
+        tokens=[f" t{i}" for i in range(tokens)],
+        gate=gate,
+        threshold=np.full((tokens, n_layers, 2), 0.5),
+        skipped=skipped,
+        gate_applied=applied_gates(skipped, "all"),
+        eligible=eligible,
+        compute=ComputeAccount(1.0, 0.9, 0.9, 0.0, tokens),
+        prompt_length=tokens,
+    )
+    budget = np.zeros((n_layers, 2))
+    trace = Trace(
+        [seq] * 3, "synthetic", "synthetic", "quantile", budget, ("attn", "mlp"), "masked", "compute", True, "all"
+    )
+    table = TraceDB(trace).layer_table()
+    attn = layer_skip_summary(table).set_index("branch").loc["attn"]
+    rows = trace.to_dataframe()
+    early = rows[(rows.branch == "attn") & (rows.layer < 2) & (rows.gate_applied == 1)]
+    assert attn["early_gate_n"] == len(early) == 3 * (2 + 12)
+    assert attn["early_gate_mean"] == pytest.approx(early["gate"].mean(), rel=1e-6)  # (2 x 0.99 + 12 x 0.1) / 14
+    assert attn["early_gate_mean"] < 0.25 < table.query("branch == 'attn' and layer < 2")["gate_mean"].mean()
+    ran = rows[(rows.branch == "attn") & (rows.layer < 2) & (rows.eligible == 1)]
+    assert attn["early_eligible"] == len(ran) and attn["early_skip_rate"] == pytest.approx(ran["skipped"].mean())
+    path = trace.to_csv(tmp_path / "six.csv")
+    res = run("stats", "--trace", str(path), "--out", str(tmp_path / "ls.csv"))
+    assert res.returncode == 0, res.stderr
+    assert "cell-weighted" in res.stdout and "early_gate_n" in res.stdout
+
+
 def test_example_contexts_are_distinct_with_the_count_of_their_duplicates(tiny_llama):
     from analysis.traces.tracedb import context_strings
 

@@ -70,8 +70,10 @@ def layer_span(layers) -> str:
 def layer_skip_summary(layer_table: pd.DataFrame) -> pd.DataFrame:
     """Per branch: the most and least skipped layers (a third of the stack each, at most 3, and only
     where the skip rates differ: '-' otherwise), and the early vs late layers (`depth_windows`, named in
-    `early_layers` / `late_layers`): their mean gate (over the cells the table pooled, `gate_cells`;
-    layers where no gate was in them are left out) and skip rate."""
+    `early_layers` / `late_layers`): their mean gate over the window's pooled cells (`gate_cells`;
+    `early_gate_n` of them) and their skip rate over the window's eligible tokens (`early_eligible`).
+    Both are cell-weighted: each layer counts by its cells, so a layer where the gate acted once weighs
+    one cell, not a whole layer (an unweighted mean of per-layer means would let it)."""
     rows = []
     for branch, part in layer_table.groupby("branch", sort=False):
         part = part.sort_values("layer")
@@ -91,12 +93,24 @@ def layer_skip_summary(layer_table: pd.DataFrame) -> pd.DataFrame:
         }
         for name, window in (("early", early), ("late", late)):
             chosen = part[part["layer"].isin(window)]
-            row[f"{name}_gate_mean"] = chosen["gate_mean"].mean() if window else float("nan")
-            row[f"{name}_skip_rate"] = chosen["skip_rate"].mean() if window else float("nan")
+            row[f"{name}_gate_mean"], row[f"{name}_gate_n"] = _cell_weighted(chosen, "gate_mean", "gate_n")
+            row[f"{name}_skip_rate"], row[f"{name}_eligible"] = _cell_weighted(chosen, "skip_rate", "eligible")
         if "gate_cells" in part.columns:
             row["gate_cells"] = part["gate_cells"].iloc[0]
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _cell_weighted(layers: pd.DataFrame, mean: str, count: str) -> tuple[float, int]:
+    """(the mean over all the cells of `layers`, how many cells): per-layer means weighted by their cell
+    counts, i.e. the pooled mean (NaN and 0 for no cell)."""
+    if count not in layers.columns:
+        raise ValueError(f"the layer table has no {count!r} column (the cell counts that weight {mean!r})")
+    counts = layers[count].to_numpy(dtype=float)
+    values = layers[mean].to_numpy(dtype=float)
+    counted = counts > 0
+    n = float(counts[counted].sum())
+    return (float((values[counted] * counts[counted]).sum() / n) if n else float("nan")), int(n)
 
 
 def token_layer_matrix(trace: Trace, sequence: int = 0, branch: str = "attn", value: str = "gate") -> pd.DataFrame:

@@ -317,6 +317,7 @@ class TraceDB:
             row["gate_std"] = float(np.sqrt(max(0.0, r["ss"] / n - gate**2))) if n else float("nan")
             row.update(percentiles[(layer, branch)])
             row.update({"skip_rate": rate, "skip_rate_low": rate_low, "skip_rate_high": rate_high})
+            row["eligible"] = int(r["skip_n"])  # the tokens the skip rate pools
             row["threshold"] = r["thr_sum"] / r["thr_n"] if r["thr_n"] else float("nan")
             row["skip_budget"] = float(r["skip_budget"])
             row["tokens"] = int(r["tokens"])
