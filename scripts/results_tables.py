@@ -12,6 +12,12 @@ import pandas as pd
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
+ACCOUNT_NOTE = (
+    "Net FLOPs saved as `gateskip sweep` / `quality` charge it: the physical path's account, which the one "
+    "compute account (commit 7d9e4cb) left unchanged, so files written before it need no correction."
+)
+
+
 def fmt(value) -> str:
     if isinstance(value, float):
         if value != value:
@@ -60,37 +66,95 @@ def sweep(name: str) -> str:
     )
 
 
-def flow(prefix: str = "") -> str:
-    layers = pd.read_csv(DOCS / f"{prefix}layer_stats.csv")
-    branch = "branch" if "branch" in layers.columns else "module"
+def _pooled_cells(df: pd.DataFrame) -> str:
+    """Which cells a gate statistic pools, as `gateskip stats` names them (older files: every cell)."""
+    if "gate_cells" not in df.columns:
+        return "every token's gate (file written before `gate_cells`)"
+    cells = set(df["gate_cells"].dropna())
+    return {"applied": "cells where the gate scaled the branch", "all": "every token's gate"}.get(
+        cells.pop() if len(cells) == 1 else "", f"cells {sorted(cells)}"
+    )
+
+
+def _weighted_mean(sel: pd.DataFrame) -> float:
+    """The gate mean over the group's pooled cells: each branch weighted by its cells (`gate_n`)."""
+    sel = sel[sel["gate_mean"].notna()]
+    if "gate_n" not in sel.columns:
+        return float(sel["gate_mean"].mean())
+    return (
+        float((sel["gate_mean"] * sel["gate_n"]).sum() / sel["gate_n"].sum()) if sel["gate_n"].sum() else float("nan")
+    )
+
+
+def _layer_groups(layers: pd.DataFrame, branch: str) -> list[str]:
     L = layers["layer"].max() + 1
     parts = []
     for lo, hi in ((0, L // 3), (L // 3, 2 * L // 3), (2 * L // 3, L)):
         sel = layers[(layers["layer"] >= lo) & (layers["layer"] < hi)]
-        means = sel.groupby(branch)["gate_mean"].mean()
-        width = (sel["gate_p95"] - sel["gate_p5"]).mean()
-        parts.append(
-            f"layers {lo}-{hi - 1}: mean gate attn {means['attn']:.3f} / mlp {means['mlp']:.3f}, "
-            f"5-95% width {width:.3f}"
+        width = (sel["gate_p95"] - sel["gate_p5"]).dropna()
+        empty = sel[sel["gate_mean"].isna()]
+        note = (
+            f" (no pooled cell: {', '.join(f'{r.layer} {r[branch]}' for _, r in empty.iterrows())})"
+            if len(empty)
+            else ""
         )
-    bos = pd.read_csv(DOCS / f"{prefix}bos.csv")
-    early = bos[bos["layer"] < 3]
-    later = bos[bos["layer"] >= 3]
-    parts.append(
-        f"BOS/others gate ratio, layers 0-2: {early['ratio'].min():.2f}-{early['ratio'].max():.2f}; "
-        f"layers 3+: {later['ratio'].min():.2f}-{later['ratio'].max():.2f} "
-        f"(mean rank {later['mean_rank'].mean():.1f})"
+        parts.append(
+            f"layers {lo}-{hi - 1}: mean gate attn {_weighted_mean(sel[sel[branch] == 'attn']):.3f} / "
+            f"mlp {_weighted_mean(sel[sel[branch] == 'mlp']):.3f}; per-branch 5-95% width "
+            f"{width.min():.3f}-{width.max():.3f}{note}"
+        )
+    return parts
+
+
+def _bos_line(bos: pd.DataFrame) -> str:
+    """BOS's gate against the other tokens', as a difference: a ratio of two saturated gates (1.0 over
+    1e-10) is meaningless. NaN rows are branches where BOS's gate never scaled anything."""
+    acted = bos[bos["bos_gate"].notna() & bos["others_gate"].notna()]
+    if acted.empty:
+        return (
+            "BOS's gate never scaled a branch in the pooled cells (BOS is protected and never skips, so in "
+            "adapter scope `skipped` its gate never acts): no BOS contrast"
+        )
+    diff = acted["bos_gate"] - acted["others_gate"]
+    return (
+        f"BOS gate minus the other tokens' mean gate: {diff.min():+.2f} to {diff.max():+.2f} over "
+        f"{len(acted)} branches, BOS higher in {int((diff > 0).sum())}; one measurement per model, "
+        "not a sample (BOS sits at position 0 and reads only itself)"
     )
+
+
+def flow(prefix: str = "") -> str:
+    layers = pd.read_csv(DOCS / f"{prefix}layer_stats.csv")
+    branch = "branch" if "branch" in layers.columns else "module"
+    L = layers["layer"].max() + 1
+    parts = [f"gate statistics pool: {_pooled_cells(layers)}", *_layer_groups(layers, branch)]
+    parts.append(_bos_line(pd.read_csv(DOCS / f"{prefix}bos.csv")))
     types = pd.read_csv(DOCS / f"{prefix}token_types.csv")
-    late = types[types["layer"] >= 2 * L // 3].groupby("token_type")["gate_mean"].mean().sort_values()
-    parts.append("late-layer mean gate by token type: " + ", ".join(f"{t} {v:.3f}" for t, v in late.items()))
+    late = types[types["layer"] >= 2 * L // 3].groupby("token_type")["gate_mean"].mean().dropna().sort_values()
+    parts.append(
+        f"layers {2 * L // 3}-{L - 1}, mean gate by token type (mean over branches): "
+        + ", ".join(f"{t} {v:.3f}" for t, v in late.items())
+    )
     return "\n".join(f"- {p}" for p in parts)
 
 
-def faithfulness() -> str:
-    """The signal table of `gateskip faithfulness` (docs/faithfulness.csv)."""
-    faith = pd.read_csv(DOCS / "faithfulness.csv")
-    return table(faith[["signal", "spearman_within", "spearman_pooled", "harm_of_skipped", "vs_random", "vs_oracle"]])
+def faithfulness(name: str) -> str:
+    """A `gateskip faithfulness` signal table; values with their 95% intervals where the file has them.
+    `unsettled` (a 0/1 signal) in a file without intervals broke its ties by row order: not printed."""
+    faith = pd.read_csv(DOCS / name)
+    columns = ["signal", "spearman_within", "spearman_pooled", "harm_of_skipped", "vs_random", "vs_oracle"]
+    if "vs_random_low" in faith.columns:
+        for column in ("spearman_within", "vs_random", "vs_oracle"):
+            faith[column] = [
+                "—" if v != v else f"{v:.3g} [{lo:.3g}, {hi:.3g}]"
+                for v, lo, hi in zip(faith[column], faith[f"{column}_low"], faith[f"{column}_high"])
+            ]
+    else:
+        stale = faith["signal"] == "unsettled"
+        for column in columns[1:]:
+            faith[column] = faith[column].astype(object)
+            faith.loc[stale, column] = "— (ties broken by row order)"
+    return table(faith[columns])
 
 
 def fidelity(name: str = "fidelity_ablation") -> str:
@@ -128,6 +192,9 @@ def main() -> None:
         quality("quality_legal.csv"),
         "",
         "## Matched net FLOPs saved, pydoc",
+        "",
+        ACCOUNT_NOTE,
+        "",
         matched("sweep_matched.csv"),
         "",
         "## Matched net FLOPs saved, legal",
@@ -139,8 +206,17 @@ def main() -> None:
         "## Information flow",
         flow(),
         "",
-        "## Faithfulness: which signal predicts the exact harm of a skip",
-        faithfulness(),
+        "## Faithfulness: which signal predicts the exact harm of a skip, shipped `default` gates",
+        "",
+        "`docs/faithfulness_default.csv` (95% bootstrap intervals over the layers of the text):",
+        "",
+        faithfulness("faithfulness_default.csv"),
+        "",
+        "## Faithfulness, the previous `default-v2` gates",
+        "",
+        "`docs/faithfulness.csv`:",
+        "",
+        faithfulness("faithfulness.csv"),
     ]
     if (DOCS / "gemma3_quality.csv").is_file():
         out += [
