@@ -1,6 +1,6 @@
 """Dashboard response times: estimate mode (no model call) and exact mode (model re-run).
 
-    python bench/dashboard_latency.py [--tokens 128] [--gates default]
+    python bench/dashboard_latency.py [--tokens 128] [--gates default] [--out docs/dashboard_latency.json]
 
 Times the library calls the dashboard makes when a slider moves, then a whole
 app rerun (Streamlit script, figures included) through AppTest, as a browser
@@ -10,8 +10,10 @@ session would trigger it.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 from analysis.traces import figures
 from dashboard import service
@@ -25,6 +27,7 @@ def main() -> None:
     parser.add_argument("--gates", default="default")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=None, help="also write the medians as JSON (the figures the docs quote)")
     args = parser.parse_args()
     hub = service.ModelHub()
     view = hub.view(args.model, args.gates)
@@ -60,12 +63,26 @@ def main() -> None:
     print(f"estimate mode (slider, no model call): median {statistics.median(est) * 1000:.0f} ms")
     print(f"exact mode (model re-run + quality vs ungated): median {statistics.median(exact):.2f} s")
     print(f"gate attribution of one cell (run + bar chart): median {statistics.median(attribution):.2f} s")
-    app_rerun(args.model, text, args.repeats)
+    reruns = app_rerun(args.model, text, args.repeats)
+    if args.out:
+        medians = {
+            "model": args.model,
+            "gates": view.gates_label,
+            "tokens": n,
+            "repeats": args.repeats,
+            "estimate_s": statistics.median(est),
+            "exact_s": statistics.median(exact),
+            "attribution_s": statistics.median(attribution),
+            "app_rerun_estimate_s": reruns["estimate"],
+            "app_rerun_exact_s": reruns["exact"],
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        Path(args.out).write_text(json.dumps(medians, indent=1) + "\n")
 
 
-def app_rerun(model: str, text: str, repeats: int) -> None:
+def app_rerun(model: str, text: str, repeats: int) -> dict[str, float]:
+    """The whole app's rerun after a slider move, median seconds per mode."""
     import os
-    from pathlib import Path
 
     from streamlit.testing.v1 import AppTest
 
@@ -83,6 +100,7 @@ def app_rerun(model: str, text: str, repeats: int) -> None:
             samples.append(time.perf_counter() - start)
         times[mode] = statistics.median(samples)
     print(f"whole app rerun after a slider move: estimate {times['estimate']:.2f} s, exact {times['exact']:.2f} s")
+    return times
 
 
 if __name__ == "__main__":
