@@ -18,8 +18,8 @@ from gateskip_core.validation import cli_type, whole_number
 def cmd_causal(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from analysis.cli import _paragraphs_of
     from analysis.experiments.causal import corpus_effects, layer_effects
+    from analysis.inputs import paragraphs_of
     from gateskip_core import load_model
 
     outputs = {}
@@ -30,7 +30,7 @@ def cmd_causal(args: argparse.Namespace) -> int:
             outputs[option] = check_writable(Path(path), option)
     if args.text is not None and not args.text.strip():
         raise GateSkipError("text is empty")
-    texts = [args.text] if args.text is not None else _paragraphs_of(args.file)
+    texts = [args.text] if args.text is not None else paragraphs_of(args.file)
     model = load_model(args.model, gates=args.gates, device=args.device)
     if args.file is not None:  # headings and one-word lines have no token to skip after BOS: the next paragraphs
         texts = [t for t in texts if model.encode([t], max_tokens=3).input_ids.shape[1] >= 3][: args.texts]

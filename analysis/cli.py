@@ -9,28 +9,10 @@ from pathlib import Path
 from gateskip_core.backbone.registry import DEFAULT_MODEL
 from gateskip_core.cli import add_adapter_scope_arg
 from gateskip_core.errors import GateSkipError
-from gateskip_core.files import check_writable, write_all
+from gateskip_core.files import write_all
 from gateskip_core.validation import cli_type, skip_args_of, whole_number
 
-
-def _budgets(text: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"budgets must be comma-separated numbers, got {text!r}") from None
-    if not values or any(not 0 <= v <= 1 for v in values):
-        raise argparse.ArgumentTypeError(f"budgets must lie in [0, 1], got {text!r}")
-    return values
-
-
-def _check_out(path: str | None, suffixes=(".csv",), option: str = "--out") -> Path | None:
-    """Checked before any work: the suffix, and that the file can be written."""
-    if path is None:
-        return None
-    out = Path(path)
-    if out.suffix.lower() not in suffixes:
-        raise GateSkipError(f"{option} must end in {' or '.join(suffixes)}, got {path!r}")
-    return check_writable(out, option)
+from .inputs import budget_list, check_out, paragraphs_of
 
 
 def _csv(table):
@@ -42,10 +24,10 @@ def cmd_quality(args: argparse.Namespace) -> int:
 
     from .experiments.quality import evaluation_blocks, quality_table
 
-    out = _check_out(args.out)
+    out = check_out(args.out)
     model = load_model(args.model)
     specs = dict(item.split("=", 1) if "=" in item else (item, item) for item in args.gates)
-    texts = _paragraphs_of(args.file) if args.file else None
+    texts = paragraphs_of(args.file) if args.file else None
     table = quality_table(model, specs, args.budgets, evaluation_blocks(model, texts, n_blocks=args.blocks))
     write_all({out: _csv(table)})
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
@@ -58,7 +40,7 @@ def cmd_chat_fidelity(args: argparse.Namespace) -> int:
 
     from .experiments.quality import chat_fidelity
 
-    out = _check_out(args.out)
+    out = check_out(args.out)
     model = load_model(args.model, gates=args.gates, device=args.device)
     table = chat_fidelity(
         model,
@@ -73,21 +55,6 @@ def cmd_chat_fidelity(args: argparse.Namespace) -> int:
     return 0
 
 
-def _paragraphs_of(path: str) -> list[str]:
-    from gateskip_core.data import paragraphs
-
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise GateSkipError(f"file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise GateSkipError(f"cannot read {path}: {err}") from None
-    paras = paragraphs(text)
-    if not paras:
-        raise GateSkipError(f"{path} holds no text")
-    return paras
-
-
 def cmd_collect(args: argparse.Namespace) -> int:
     from gateskip_core import load_model
 
@@ -96,7 +63,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from analysis.experiments.collect import check_dataset_folder, collect_dataset, process_state
 
     out = check_dataset_folder(args.out)
-    sources = [(Path(f).name, _paragraphs_of(f)) for f in args.file]
+    sources = [(Path(f).name, paragraphs_of(f)) for f in args.file]
     state = process_state()
     device = str(state.device) if state.num_processes > 1 and state.device.type != "cpu" else args.device
     model = load_model(args.model, gates=args.gates, device=device)
@@ -127,12 +94,12 @@ def _collect_file(args: argparse.Namespace) -> int:
     from analysis.experiments.collect import collect, process_state
     from gateskip_core import load_model
 
-    _check_out(args.out, (".csv", ".parquet"))
+    check_out(args.out, (".csv", ".parquet"))
     if process_state().num_processes > 1:
         raise GateSkipError("collecting with several processes needs a dataset folder as --out, not one file")
     if len(args.file) > 1:
         raise GateSkipError("several --file sources need a dataset folder as --out, not one file")
-    paras = _paragraphs_of(args.file[0])
+    paras = paragraphs_of(args.file[0])
     model = load_model(args.model, gates=args.gates, device=args.device)
     counts = collect(
         model,
@@ -154,9 +121,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from .traces.flow import layer_skip_summary
     from .traces.tracedb import TraceDB
 
-    out = _check_out(args.out)
+    out = check_out(args.out)
     optional = {
-        name: _check_out(getattr(args, name), option="--" + name.replace("_", "-"))
+        name: check_out(getattr(args, name), option="--" + name.replace("_", "-"))
         for name in ("bos_out", "types_out", "tokens_out")
     }
     db = TraceDB(args.trace, cells=args.cells)
@@ -254,7 +221,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
     if (args.sql is None) == (args.ready is None):
         raise GateSkipError("give either SQL or --ready NAME (one of " + ", ".join(READY_QUERIES) + ")")
-    out = _check_out(args.out, (".csv", ".parquet")) if args.out else None
+    out = check_out(args.out, (".csv", ".parquet")) if args.out else None
     db = TraceDB(args.dataset, memory_limit=args.memory_limit, cells=args.cells)
     if args.sql is not None:
         relation = db.sql(args.sql)
@@ -305,14 +272,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .experiments.quality import evaluation_blocks
     from .experiments.sweep import METHODS, at_matched_savings, sweep
 
-    out = _check_out(args.out)
-    figure = _check_out(args.figure, (".html",), "--figure")
-    matched_out = _check_out(args.matched_out, option="--matched-out")
+    out = check_out(args.out)
+    figure = check_out(args.figure, (".html",), "--figure")
+    matched_out = check_out(args.matched_out, option="--matched-out")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise GateSkipError(f"unknown method(s) {', '.join(bad) or '(none)'}; choose from {', '.join(METHODS)}")
-    texts = _paragraphs_of(args.file) if args.file else None
+    texts = paragraphs_of(args.file) if args.file else None
     model = load_model(args.model, gates=args.gates, device=args.device)
     blocks = evaluation_blocks(model, texts, n_blocks=args.blocks, seq_len=args.seq_len)
     from tqdm.auto import tqdm
@@ -344,12 +311,12 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
 
     from .experiments.faithfulness import DEFAULT_PER_CELL, exact_harm, signal_summary, signal_table
 
-    out = _check_out(args.out)
-    entries_out = _check_out(args.entries_out, option="--entries-out")
-    figure = _check_out(args.figure, (".html",), option="--figure")
+    out = check_out(args.out)
+    entries_out = check_out(args.entries_out, option="--entries-out")
+    figure = check_out(args.figure, (".html",), option="--figure")
     if not 0 < args.skip_fraction < 1:
         raise GateSkipError(f"--skip-fraction must lie in (0, 1), got {args.skip_fraction:g}")
-    text = args.text if args.text is not None else "\n\n".join(_paragraphs_of(args.file))
+    text = args.text if args.text is not None else "\n\n".join(paragraphs_of(args.file))
     if not text.strip():
         raise GateSkipError("text is empty")
     if args.texts > 1 and args.file is None:
@@ -365,7 +332,7 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
 
         entries = corpus_harm(
             model,
-            _paragraphs_of(args.file),
+            paragraphs_of(args.file),
             args.texts,
             n_entries=n_entries,
             seed=args.seed,
@@ -403,10 +370,10 @@ def cmd_settled(args: argparse.Namespace) -> int:
 
     from .experiments.logit_lens import settled_corpus, settled_summary
 
-    out = _check_out(args.out)
-    figure = _check_out(args.figure, (".html",), "--figure")
-    summary_out = _check_out(args.summary_out, option="--summary-out")
-    texts = _paragraphs_of(args.file) if args.file else None
+    out = check_out(args.out)
+    figure = check_out(args.figure, (".html",), "--figure")
+    summary_out = check_out(args.summary_out, option="--summary-out")
+    texts = paragraphs_of(args.file) if args.file else None
     model = load_model(args.model, gates=args.gates, device=args.device)
     if args.from_layer is not None and args.from_layer >= model.spec.n_layers:
         raise GateSkipError(f"--from-layer must be below {model.spec.n_layers} ({model.name} has that many layers)")
@@ -516,7 +483,7 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
     p = sub.add_parser("sweep", help="quality vs net FLOPs for GateSkip and baselines")
     add_model_args(p, gates_default="default")
     p.add_argument("--file", help="held-out text (default: the pydoc validation split)")
-    p.add_argument("--budgets", type=_budgets, default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    p.add_argument("--budgets", type=budget_list, default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
     p.add_argument(
         "--methods", default="gateskip,gateskip-uniform,random,shortgpt,shortgpt-calibration,attn-only,mlp-only"
     )
@@ -578,7 +545,7 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
         default=["trained=default", "untrained=untrained"],
         help="LABEL=SPEC pairs; the first is also run with random skipping",
     )
-    p.add_argument("--budgets", type=_budgets, default=[0.1, 0.25, 0.5])
+    p.add_argument("--budgets", type=budget_list, default=[0.1, 0.25, 0.5])
     p.add_argument("--blocks", type=cli_type(whole_number, "--blocks"), default=8, help="held-out blocks of 128 tokens")
     p.add_argument("--file", help="held-out text (default: the pydoc validation split)")
     p.add_argument("--out", required=True)
@@ -588,7 +555,7 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
         "chat-fidelity", help="KL / top-1 on the original model's own answers to 20 held-out chat prompts"
     )
     add_model_args(p, gates_default="default")
-    p.add_argument("--budgets", type=_budgets, default=[0.0, 0.25, 0.5])
+    p.add_argument("--budgets", type=budget_list, default=[0.0, 0.25, 0.5])
     p.add_argument("--policies", default="quantile,calibrated", help="comma-separated skip policies")
     p.add_argument("--max-new-tokens", type=cli_type(whole_number, "--max-new-tokens"), default=64)
     add_adapter_scope_arg(p)

@@ -20,8 +20,8 @@ from gateskip_core.validation import cli_type, whole_number
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from analysis.cli import _check_out
     from analysis.experiments.collect import process_state
+    from analysis.inputs import check_out
     from gateskip_core import load_model
     from gateskip_core.files import write_all
 
@@ -32,8 +32,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         import lm_eval  # noqa: F401
     except ImportError:
         raise GateSkipError("lm-eval is not installed: pip install -e '.[eval]' (or bash scripts/setup.sh)") from None
-    out = _check_out(args.out)
-    json_out = _check_out(str(Path(args.out).with_suffix(".json")), (".json",), "--out (its .json)")
+    out = check_out(args.out)
+    json_out = check_out(str(Path(args.out).with_suffix(".json")), (".json",), "--out (its .json)")
     methods = check_methods(args.methods.split(","))
     tasks = load_tasks(args.tasks.split(","), args.include_path or ())
     state = process_state()
@@ -68,7 +68,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _budgets(text: str) -> list[float]:
-    from analysis.cli import _budgets as parse
+    from analysis.inputs import budget_list as parse
 
     return parse(text)
 
