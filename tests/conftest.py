@@ -32,6 +32,43 @@ PROMPTS = [
 ]
 
 
+# The heavy tier: end-to-end tests of a minute or more each (on 2 cores), marked `heavy` and left out
+# of `pytest -q` (pyproject's addopts); `.ci/run` runs them after it with `pytest -q -m heavy`.
+# By file, the test functions (every parametrisation), or "*" for the whole file.
+HEAVY = {
+    "test_dashboard_load.py": {"test_four_sessions_at_once_stay_apart_and_memory_stays_bounded"},
+    "test_bad_inputs.py": {"test_a_real_subprocess_per_command_and_kind_of_error_prints_exactly_one_line"},
+    "test_notebooks.py": {"test_notebook_outputs_are_what_the_code_produces_now"},
+    "test_bench.py": {"test_bench_runs_every_section_on_a_tiny_configuration"},
+    "test_browser.py": {"*"},
+    "test_docs.py": {"test_every_command_shown_runs_as_written"},
+    "test_analysis.py": {"test_analysis_cli_round_trip"},
+    "test_cli.py": {"test_commands_print_the_notices_their_results_carry"},
+    "test_dataset.py": {
+        "test_other_settings_foreign_and_damaged_shards_are_refused_with_one_line",
+        "test_query_cli_writes_sql_and_ready_made_results",
+        "test_a_collect_killed_mid_run_resumes_to_the_uninterrupted_dataset",
+        "test_two_gloo_processes_under_accelerate_launch_collect_the_one_process_dataset",
+    },
+    "test_training.py": {
+        "test_resume_after_kill_9_reaches_the_same_gates",
+        "test_accelerate_two_process_data_parallel_matches_single_process",
+    },
+    "test_eval.py": {
+        "test_smollm2_budget_zero_matches_hf_and_skipping_saves",
+        "test_two_processes_under_accelerate_launch_split_the_requests_and_sum_the_account",
+        "test_bad_tasks_that_need_lm_evals_index",
+    },
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        names = HEAVY.get(item.path.name, ())
+        if "*" in names or item.originalname in names:
+            item.add_marker(pytest.mark.heavy)
+
+
 def spread_gates(model: GatedModel, variant: str = "vector", seed: int = 0) -> GatedModel:
     """Attach gates with widely spread values, so rankings are not all ties."""
     from gateskip_core.gating.gates import parse_gate_variant
