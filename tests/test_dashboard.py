@@ -304,6 +304,7 @@ def test_why_view_measures_exact_harm_against_the_signals(app):
     assert len(entries) >= 60 and (entries["harm_kl"] >= 0).all()
     assert {"gate", "block_influence", "random", "oracle"} <= set(signals["signal"])
     assert signals.set_index("signal").loc["random", "skip_fraction"] == 0.25  # the sidebar's budget
+    assert any("read here as a ranking score" in c.value and "gate = " in c.value for c in app.caption)
 
 
 def _leaderboard_by_pandas(folder, layer: int, branch: str, min_count: int) -> pd.DataFrame:

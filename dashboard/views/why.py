@@ -23,7 +23,8 @@ def why_view(cfg: service.Settings) -> None:
         "Each sampled (token, layer, branch) is skipped alone and its harm measured exactly: the KL between the "
         "model's next-token distributions without and with the skip, summed from that token on. Then each signal "
         "is compared with it: Spearman within each (layer, branch), and the harm of the entries it ranks lowest "
-        "at the budget's skip fraction, against random choice (1.0) and the oracle."
+        "at the budget's skip fraction, against random choice (1.0) and the oracle. The gate is read here as a "
+        f"ranking score (which tokens a policy skips first), whether or not it scaled its branch: {shown.gate_role()}."
     )
     text = shown.sequences[0].text
     n = st.slider("Entries to ablate", 60, 600, 120, 60, key="why_entries")
