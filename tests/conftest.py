@@ -32,7 +32,8 @@ PROMPTS = [
 ]
 
 
-# The heavy tier: end-to-end tests of a minute or more each (on 2 cores), marked `heavy` and left out
+# The heavy tier: the slowest end-to-end tests (a minute or more each on 2 cores, or a server, a browser or
+# dozens of subprocesses), marked `heavy` and left out
 # of `pytest -q` (pyproject's addopts); `.ci/run` runs them after it with `pytest -q -m heavy`.
 # By file, the test functions (every parametrisation), or "*" for the whole file.
 HEAVY = {
@@ -43,21 +44,11 @@ HEAVY = {
     "test_browser.py": {"*"},
     "test_docs.py": {"test_every_command_shown_runs_as_written"},
     "test_analysis.py": {"test_analysis_cli_round_trip"},
-    "test_cli.py": {"test_commands_print_the_notices_their_results_carry"},
     "test_dataset.py": {
         "test_other_settings_foreign_and_damaged_shards_are_refused_with_one_line",
         "test_query_cli_writes_sql_and_ready_made_results",
         "test_a_collect_killed_mid_run_resumes_to_the_uninterrupted_dataset",
         "test_two_gloo_processes_under_accelerate_launch_collect_the_one_process_dataset",
-    },
-    "test_training.py": {
-        "test_resume_after_kill_9_reaches_the_same_gates",
-        "test_accelerate_two_process_data_parallel_matches_single_process",
-    },
-    "test_eval.py": {
-        "test_smollm2_budget_zero_matches_hf_and_skipping_saves",
-        "test_two_processes_under_accelerate_launch_split_the_requests_and_sum_the_account",
-        "test_bad_tasks_that_need_lm_evals_index",
     },
 }
 
