@@ -67,6 +67,18 @@ def test_the_walk_equals_hugging_face_with_left_padding(family):
     torch.testing.assert_close(out[real], ref[real], atol=1e-4, rtol=1e-4)
 
 
+def _decisions_of(seq, n_layers: int) -> tuple[list[Forced], torch.Tensor]:
+    """Every decision of a generated sequence after BOS as forced ones, and its ids [1, T]: an
+    uncached rerun with them makes the decisions cached decoding made."""
+    forced = [
+        Forced(layer, branch, int(pos), bool(seq.skipped[pos, layer, i]))
+        for pos in range(1, seq.n_tokens)
+        for layer in range(n_layers)
+        for i, branch in enumerate(("attn", "mlp"))
+    ]
+    return forced, torch.from_numpy(np.asarray(seq.token_ids))[None]
+
+
 def test_masked_physical_and_cached_agree_and_skip_counts_are_exact(family):
     _, folder, _ = family
     model = spread_gates(load_model(str(folder)), "lowrank:4")
@@ -85,13 +97,7 @@ def test_masked_physical_and_cached_agree_and_skip_counts_are_exact(family):
     # Cached decoding of a left-padded batch equals an uncached run with the same decisions forced.
     gen = model.generate(PROMPTS[:2], max_new_tokens=5, skip=0.4, policy="quantile", path="physical", stop_at_eos=False)
     for seq in gen.trace.sequences:
-        forced = [
-            Forced(layer, branch, int(pos), bool(seq.skipped[pos, layer, i]))
-            for pos in range(1, seq.n_tokens)
-            for layer in range(model.spec.n_layers)
-            for i, branch in enumerate(("attn", "mlp"))
-        ]
-        ids = torch.from_numpy(np.asarray(seq.token_ids))[None]
+        forced, ids = _decisions_of(seq, model.spec.n_layers)
         logits = model.forward(ids, torch.ones_like(ids), model.make_plan(0.0, forced=forced)).logits[0]
         assert logits[seq.prompt_length - 1 : -1].argmax(-1).tolist() == seq.token_ids[seq.prompt_length :].tolist()
 
@@ -114,13 +120,7 @@ def test_net_flops_saved_is_the_same_on_every_path_for_the_same_decisions(family
         gen = model.generate(texts, max_new_tokens=6, skip=0.4, policy="quantile", path=path, stop_at_eos=False)
         assert any(seq.skipped[seq.prompt_length :].any() for seq in gen.trace.sequences)
         for seq in gen.trace.sequences:
-            forced = [
-                Forced(layer, branch, int(pos), bool(seq.skipped[pos, layer, i]))
-                for pos in range(1, seq.n_tokens)
-                for layer in range(model.spec.n_layers)
-                for i, branch in enumerate(("attn", "mlp"))
-            ]
-            ids = torch.from_numpy(np.asarray(seq.token_ids))[None]
+            forced, ids = _decisions_of(seq, model.spec.n_layers)
             other = "physical" if path == "masked" else "masked"
             plan = model.make_plan(0.0, forced=forced, path=other)
             result = model.forward(ids, torch.ones_like(ids), plan)
