@@ -628,3 +628,38 @@ def attention_source_figure(sources: pd.DataFrame, top: int = 12) -> go.Figure:
         f"{sources.attrs.get('component', 'attention')}: {sources.attrs.get('component_term', float('nan')):+.3f}"
         " = sum of the bars",
     )
+
+
+CAUSAL_PANELS = (
+    ("gate_mean", "mean gate (all cells)"),
+    ("gate_mean_applied", "mean gate where it scaled"),
+    ("rel_norm", "|added| / |residual|"),
+    ("harm_kl_mean", "harm of one skip (KL per position)"),
+)
+
+
+def causal_figure(table: pd.DataFrame) -> go.Figure:
+    """Per layer (from `analysis.experiments.causal.layer_effects`): one panel per measure, the gate
+    beside what the branch adds and what skipping it costs, a line per branch."""
+    fig = make_subplots(
+        rows=len(CAUSAL_PANELS), cols=1, shared_xaxes=True, subplot_titles=[t for _, t in CAUSAL_PANELS]
+    )
+    for row, (column, _) in enumerate(CAUSAL_PANELS, start=1):
+        for branch, colour in (("attn", "#1f77b4"), ("mlp", "#d62728")):
+            part = table[table["branch"] == branch]
+            fig.add_trace(
+                go.Scatter(
+                    x=part["layer"],
+                    y=part[column],
+                    mode="lines+markers",
+                    name=branch,
+                    legendgroup=branch,
+                    showlegend=row == 1,
+                    line={"color": colour},
+                ),
+                row=row,
+                col=1,
+            )
+    fig.update_xaxes(title_text="layer", row=len(CAUSAL_PANELS), col=1)
+    fig.update_layout(height=220 * len(CAUSAL_PANELS), margin={"t": 40, "b": 40})
+    return fig

@@ -8,21 +8,13 @@ The gate is a correlational reading; this panel runs the model to measure, on th
 from __future__ import annotations
 
 import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
-from plotly.subplots import make_subplots
 
 from analysis.experiments.causal import layer_effects, text_effects
+from analysis.traces.figures import causal_figure
 from dashboard import service
 from dashboard.views.common import download, figure_download
 from gateskip_core import GateSkipError
-
-PANELS = (
-    ("gate_mean", "mean gate (all cells)"),
-    ("gate_mean_applied", "mean gate where it scaled"),
-    ("rel_norm", "|added| / |residual|"),
-    ("harm_kl_mean", "harm of one skip (KL per position)"),
-)
 
 
 def causal_panel(cfg: service.Settings, shown) -> None:
@@ -77,27 +69,3 @@ def _measure(cfg: service.Settings, shown, skip: float, per_branch: int, with_bo
         on_step=lambda done, total: bar.progress(done / total, text=f"ablating… {done}/{total}"),
     )
     return layer_effects(cells.assign(text=0))
-
-
-def causal_figure(table: pd.DataFrame) -> go.Figure:
-    """One panel per measure, x = layer, a line per branch."""
-    fig = make_subplots(rows=len(PANELS), cols=1, shared_xaxes=True, subplot_titles=[t for _, t in PANELS])
-    for row, (column, _) in enumerate(PANELS, start=1):
-        for branch, colour in (("attn", "#1f77b4"), ("mlp", "#d62728")):
-            part = table[table["branch"] == branch]
-            fig.add_trace(
-                go.Scatter(
-                    x=part["layer"],
-                    y=part[column],
-                    mode="lines+markers",
-                    name=branch,
-                    legendgroup=branch,
-                    showlegend=row == 1,
-                    line={"color": colour},
-                ),
-                row=row,
-                col=1,
-            )
-    fig.update_xaxes(title_text="layer", row=len(PANELS), col=1)
-    fig.update_layout(height=220 * len(PANELS), margin={"t": 40, "b": 40})
-    return fig
