@@ -1,6 +1,6 @@
 """The README's benchmark tables, rendered from `gateskip bench --out` JSON files.
 
-    python -m bench.report docs/bench.json [docs/bench_collect.json ...]
+    python -m bench.report docs/results/bench.json [docs/results/bench_collect.json ...]
 
 Sections are taken from every file given; rows of a section that several files hold
 (e.g. `collect` at the default sizes and at 50k/500k tokens) are listed together.

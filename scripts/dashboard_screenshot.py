@@ -1,7 +1,7 @@
-"""The README's dashboard screenshot (docs/dashboard.png): a real `gateskip dashboard` on SmolLM2 with
+"""The README's dashboard screenshot (docs/images/dashboard.png): a real `gateskip dashboard` on SmolLM2 with
 the shipped default gates, driven in headless Chromium (Debian's chromium + playwright).
 
-    python3 scripts/dashboard_screenshot.py [--out docs/dashboard.png]
+    python3 scripts/dashboard_screenshot.py [--out docs/images/dashboard.png]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ PROMPT = "The Python language reference describes the syntax and core semantics 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(ROOT / "docs" / "dashboard.png"))
+    parser.add_argument("--out", default=str(ROOT / "docs" / "images" / "dashboard.png"))
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 

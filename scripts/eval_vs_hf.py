@@ -1,6 +1,6 @@
 """`gateskip` at budget 0 against lm-eval's own `hf` model on the same tasks, in one run: scores and time.
 
-    OMP_NUM_THREADS=1 python3 scripts/eval_vs_hf.py --out docs/eval_vs_hf.csv [--limit 16] [--repeats 2]
+    OMP_NUM_THREADS=1 python3 scripts/eval_vs_hf.py --out docs/results/eval_vs_hf.csv [--limit 16] [--repeats 2]
 
 SmolLM2-135M-Instruct with its shipped gates (adapter scope `skipped`: at budget 0 the original model),
 one torch thread, batch size 8. The two models alternate, `--repeats` times per task, and the fastest

@@ -7,7 +7,7 @@ writes, per K and signal, the mean point estimate, interval ends and interval wi
 within-stratum Spearman, the lowest-quarter harm ratio (vs_random) and the oracle ratio (with all
 the file's entries, one table: its own interval).
 
-    python scripts/faithfulness_interval_width.py docs/faithfulness_default_entries.csv \
+    python scripts/faithfulness_interval_width.py docs/results/faithfulness_default_entries.csv \
         --per-cell 4,6,8,10 --out docs/results/faithfulness_interval_width.csv
 """
 

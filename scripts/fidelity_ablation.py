@@ -1,7 +1,7 @@
 """Quality of gate sets on held-out pydoc and legal text: budget 0, and matched net FLOPs saved
 against ShortGPT (block influence on the evaluated text and on calibration text).
 
-    python scripts/fidelity_ablation.py --out docs/fidelity_ablation.csv \\
+    python scripts/fidelity_ablation.py --out docs/results/fidelity_ablation.csv \\
         LABEL=GATES[@SCOPE] [LABEL=GATES[@SCOPE] ...]
 
 GATES is anything `--gates` takes; SCOPE the adapter scope (all | skipped; default: the gates'

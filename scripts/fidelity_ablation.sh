@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The skipping-fidelity ablation in the README (docs/fidelity_ablation*.csv): four recipes at equal
+# The skipping-fidelity ablation in the README (docs/results/fidelity_ablation*.csv): four recipes at equal
 # steps (60, continuing the previous default gates; adapter scope all | skipped x stand-in zero |
 # lowrank:32), stand-ins fitted without training to the previous default, and the previous default
 # itself in both scopes, on held-out pydoc and legal text against ShortGPT (both block-influence
@@ -16,7 +16,7 @@ for scope in skipped all; do
     gateskip fit-fill --gates "$PREV" --fill lowrank:32 --adapter-scope "$scope" --no-calibrate --out "runs/fit-$scope-lowrank32.safetensors"
 done
 gateskip fit-fill --gates "$PREV" --fill mean --adapter-scope skipped --no-calibrate --out runs/fit-skipped-mean.safetensors
-python3 scripts/fidelity_ablation.py --out docs/fidelity_ablation.csv \
+python3 scripts/fidelity_ablation.py --out docs/results/fidelity_ablation.csv \
     previous-all="$PREV@all" previous-skipped="$PREV@skipped" \
     skipped-zero=runs/abl-skipped-zero.safetensors skipped-lowrank32=runs/abl-skipped-lowrank32.safetensors \
     all-zero=runs/abl-all-zero.safetensors all-lowrank32=runs/abl-all-lowrank32.safetensors \

@@ -1,6 +1,6 @@
 """Render a Plotly HTML figure (as written by `gateskip sweep --figure`) to PNG with headless Chromium.
 
-python scripts/figure_png.py docs/sweep.html docs/sweep.png
+python scripts/figure_png.py docs/results/sweep.html docs/images/sweep.png
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 # (BOS, token types, depth, sliding vs global attention layers) and decoding speed at batch 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mkdir -p docs
+mkdir -p docs/results
 M=gemma3-270m
 python3 - <<'PY'
 import pathlib, sysconfig
@@ -14,28 +14,28 @@ license = pathlib.Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
 pathlib.Path("docs/heldout_legal.txt").write_text(license.read_text())
 PY
 gateskip quality --model $M --gates default=default untrained=untrained:lowrank:16 \
-    --budgets 0,0.1,0.2,0.3 --blocks 8 --out docs/gemma3_quality.csv
+    --budgets 0,0.1,0.2,0.3 --blocks 8 --out docs/results/gemma3_quality.csv
 gateskip quality --model $M --gates default=default untrained=untrained:lowrank:16 \
-    --budgets 0,0.1,0.2,0.3 --blocks 8 --file docs/heldout_legal.txt --out docs/gemma3_quality_legal.csv
+    --budgets 0,0.1,0.2,0.3 --blocks 8 --file docs/heldout_legal.txt --out docs/results/gemma3_quality_legal.csv
 gateskip sweep --model $M --gates default --budgets 0,0.1,0.2,0.3,0.4 --blocks 4 \
-    --methods gateskip,random,shortgpt,shortgpt-calibration --out docs/gemma3_sweep.csv \
-    --matched-out docs/gemma3_sweep_matched.csv
+    --methods gateskip,random,shortgpt,shortgpt-calibration --out docs/results/gemma3_sweep.csv \
+    --matched-out docs/results/gemma3_sweep_matched.csv
 gateskip sweep --model $M --gates default --budgets 0,0.1,0.2,0.3,0.4 --blocks 4 --file docs/heldout_legal.txt \
-    --methods gateskip,random,shortgpt,shortgpt-calibration --out docs/gemma3_sweep_legal.csv \
-    --matched-out docs/gemma3_sweep_legal_matched.csv
+    --methods gateskip,random,shortgpt,shortgpt-calibration --out docs/results/gemma3_sweep_legal.csv \
+    --matched-out docs/results/gemma3_sweep_legal_matched.csv
 rm -rf docs/gemma3_traces
 gateskip collect --model $M --gates default --skip 0.25 --file docs/heldout.txt --max-tokens 128 --out docs/gemma3_traces
-gateskip stats --trace docs/gemma3_traces --out docs/gemma3_layer_stats.csv --bos-out docs/gemma3_bos.csv \
-    --types-out docs/gemma3_token_types.csv
+gateskip stats --trace docs/gemma3_traces --out docs/results/gemma3_layer_stats.csv --bos-out docs/results/gemma3_bos.csv \
+    --types-out docs/results/gemma3_token_types.csv
 python3 - <<'PY'
 import pandas as pd
 from analysis.traces.flow import by_attention_kind
 from gateskip_core import load_model
 spec = load_model("gemma3-270m").spec
-table = by_attention_kind(pd.read_csv("docs/gemma3_layer_stats.csv"), [p.sliding_window is not None for p in spec.layers])
-table.to_csv("docs/gemma3_attention_kinds.csv", index=False)
+table = by_attention_kind(pd.read_csv("docs/results/gemma3_layer_stats.csv"), [p.sliding_window is not None for p in spec.layers])
+table.to_csv("docs/results/gemma3_attention_kinds.csv", index=False)
 print(table.to_string(index=False))
 PY
 gateskip bench --model $M --gates default --sections decode --decode-batches 1 --decode-skips 0,0.25,0.5 \
-    --decode-prompt 128 --new-tokens 64 --out docs/gemma3_bench.json
+    --decode-prompt 128 --new-tokens 64 --out docs/results/gemma3_bench.json
 rm -rf docs/gemma3_traces docs/heldout.txt docs/heldout_legal.txt

@@ -4,7 +4,7 @@
 # Python's own LICENSE.txt (legal text: a domain in no training data).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mkdir -p docs
+mkdir -p docs/results
 python3 - <<'PY'
 import pathlib, sysconfig
 from gateskip_core.data import pydoc_texts
@@ -14,25 +14,25 @@ pathlib.Path("docs/heldout_legal.txt").write_text(license.read_text())
 PY
 # Quality of the shipped gates (+ adapter) against the original model, untrained gates and random skipping.
 gateskip quality --gates default=default scalar=default-scalar untrained=untrained:lowrank:16 \
-    --budgets 0,0.1,0.2,0.3,0.4 --blocks 16 --out docs/quality.csv
+    --budgets 0,0.1,0.2,0.3,0.4 --blocks 16 --out docs/results/quality.csv
 gateskip quality --gates default=default --budgets 0,0.1,0.2,0.3,0.4 --blocks 16 \
-    --file docs/heldout_legal.txt --out docs/quality_legal.csv
+    --file docs/heldout_legal.txt --out docs/results/quality_legal.csv
 # Sweeps against baselines at matched net FLOPs, on both held-out texts.
-gateskip sweep --gates default --budgets 0,0.1,0.2,0.3,0.4,0.5 --blocks 6 --out docs/sweep.csv \
-    --matched-out docs/sweep_matched.csv --figure docs/sweep.html
+gateskip sweep --gates default --budgets 0,0.1,0.2,0.3,0.4,0.5 --blocks 6 --out docs/results/sweep.csv \
+    --matched-out docs/results/sweep_matched.csv --figure docs/results/sweep.html
 gateskip sweep --gates default --budgets 0,0.1,0.2,0.3,0.4,0.5 --blocks 6 --file docs/heldout_legal.txt \
-    --out docs/sweep_legal.csv --matched-out docs/sweep_legal_matched.csv
-python3 scripts/figure_png.py docs/sweep.html docs/sweep.png
+    --out docs/results/sweep_legal.csv --matched-out docs/results/sweep_legal_matched.csv
+python3 scripts/figure_png.py docs/results/sweep.html docs/images/sweep.png
 # Information flow over a held-out corpus, and faithfulness.
 gateskip collect --gates default --skip 0.25 --file docs/heldout.txt --max-tokens 128 --out docs/heldout_traces.parquet
-gateskip stats --trace docs/heldout_traces.parquet --out docs/layer_stats.csv --bos-out docs/bos.csv \
-    --types-out docs/token_types.csv --tokens-out docs/tokens.csv
-gateskip faithfulness --gates default-v2 --file docs/heldout.txt --max-tokens 128 --exact 600 --figure docs/faithfulness.html \
-    --out docs/faithfulness.csv --entries-out docs/faithfulness_entries.csv
+gateskip stats --trace docs/heldout_traces.parquet --out docs/results/layer_stats.csv --bos-out docs/results/bos.csv \
+    --types-out docs/results/token_types.csv --tokens-out docs/results/tokens.csv
+gateskip faithfulness --gates default-v2 --file docs/heldout.txt --max-tokens 128 --exact 600 --figure docs/results/faithfulness.html \
+    --out docs/results/faithfulness.csv --entries-out docs/results/faithfulness_entries.csv
 gateskip faithfulness --gates default --file docs/heldout.txt --max-tokens 128 --exact 600 \
-    --out docs/faithfulness_default.csv --entries-out docs/faithfulness_default_entries.csv
+    --out docs/results/faithfulness_default.csv --entries-out docs/results/faithfulness_default_entries.csv
 # How wide the faithfulness intervals are with 4-10 entries per (layer, branch)
-python3 scripts/faithfulness_interval_width.py docs/faithfulness_default_entries.csv --per-cell 4,6,8,10 \
+python3 scripts/faithfulness_interval_width.py docs/results/faithfulness_default_entries.csv --per-cell 4,6,8,10 \
     --out docs/results/faithfulness_interval_width.csv
 # Logit lens: had tokens that skip late layers already settled? (shipped default and scalar gates)
 gateskip settled --gates default --skip 0.25 --blocks 32 --out docs/results/settled.csv \
@@ -41,8 +41,8 @@ gateskip settled --gates default-scalar --skip 0.25 --blocks 32 --out docs/resul
     --summary-out docs/results/settled_scalar_summary.csv
 python3 scripts/chat_examples.py --out docs/chat_examples.md
 # The shipped default against the previous one and ShortGPT at matched net FLOPs, and chat fidelity.
-python3 scripts/fidelity_ablation.py --out docs/fidelity_default.csv default=default default-v2=default-v2
-gateskip chat-fidelity --gates default --out docs/chat_fidelity.csv
-gateskip chat-fidelity --gates default-v2 --out docs/chat_fidelity_v2.csv
+python3 scripts/fidelity_ablation.py --out docs/results/fidelity_default.csv default=default default-v2=default-v2
+gateskip chat-fidelity --gates default --out docs/results/chat_fidelity.csv
+gateskip chat-fidelity --gates default-v2 --out docs/results/chat_fidelity_v2.csv
 rm docs/heldout_traces.parquet docs/heldout.txt docs/heldout_legal.txt
 python3 scripts/results_tables.py > docs/results.md

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "results"
 
 
 ACCOUNT_NOTE = (
@@ -208,13 +208,13 @@ def main() -> None:
         "",
         "## Faithfulness: which signal predicts the exact harm of a skip, shipped `default` gates",
         "",
-        "`docs/faithfulness_default.csv` (95% bootstrap intervals over the layers of the text):",
+        "`docs/results/faithfulness_default.csv` (95% bootstrap intervals over the layers of the text):",
         "",
         faithfulness("faithfulness_default.csv"),
         "",
         "## Faithfulness, the previous `default-v2` gates",
         "",
-        "`docs/faithfulness.csv`:",
+        "`docs/results/faithfulness.csv`:",
         "",
         faithfulness("faithfulness.csv"),
     ]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The skip-signal ablation in the README (docs/skip_signal_*.csv): what tells a gate that a skip hurts.
+# The skip-signal ablation in the README (docs/results/skip_signal_*.csv): what tells a gate that a skip hurts.
 # Every recipe continues the previous default, default-v2 (low-rank gates + LoRA 16 + rank-16 stand-ins,
 # adapter scope 'skipped', global allocation) for the same number of steps, with one lever or all:
 #   rule     the current rule (a skipped token's gate gets no task gradient)
@@ -19,7 +19,7 @@ STEPS="${STEPS:-40}"
 RUNS="${RUNS:-runs}"
 EXACT="${EXACT:-300}"
 DEFAULT=gateskip_core/shipped_gates/smollm2-135m-instruct-default-v2.safetensors  # the default when it ran
-mkdir -p "$RUNS" docs
+mkdir -p "$RUNS" docs/results
 python3 -c "
 import pathlib
 from gateskip_core.data import pydoc_texts
@@ -38,7 +38,7 @@ train combo --skip-gradient straight-through --rank-weight 0.5 --router-first $(
 train rankfo --rank-weight 0.5 --rank-target first-order
 RECIPES=(shipped="$DEFAULT")
 for name in rule ste rank router combo rankfo; do RECIPES+=("$name=$RUNS/sig-$name.safetensors"); done
-python3 scripts/fidelity_ablation.py --out docs/skip_signal_quality.csv "${RECIPES[@]}"
+python3 scripts/fidelity_ablation.py --out docs/results/skip_signal_quality.csv "${RECIPES[@]}"
 for recipe in "${RECIPES[@]}"; do
     label="${recipe%%=*}"; gates="${recipe#*=}"
     gateskip faithfulness --gates "$gates" --file docs/heldout.txt --max-tokens 128 --exact "$EXACT" \
@@ -47,6 +47,6 @@ for recipe in "${RECIPES[@]}"; do
 done
 python3 scripts/skip_signal_table.py "$RUNS" "${RECIPES[@]%%=*}"
 for label in "${RECIPES[@]%%=*}"; do  # the per-recipe ranking and chat tables, next to the summary
-    cp "$RUNS/faith-$label.csv" "docs/skip_signal_faith-$label.csv"
-    cp "$RUNS/chat-$label.csv" "docs/skip_signal_chat-$label.csv"
+    cp "$RUNS/faith-$label.csv" "docs/results/skip_signal_faith-$label.csv"
+    cp "$RUNS/chat-$label.csv" "docs/results/skip_signal_chat-$label.csv"
 done

@@ -1,6 +1,6 @@
 """One row per recipe of the skip-signal ablation (scripts/skip_signal_ablation.sh): training steps and
 seconds, ranking against exact harm, quality at budget 0 and matched 10/20/30% net saved on each
-held-out text (with both ShortGPT variants), and chat fidelity. Writes docs/skip_signal.csv and
+held-out text (with both ShortGPT variants), and chat fidelity. Writes docs/results/skip_signal.csv and
 prints it as a Markdown table.
 
     python scripts/skip_signal_table.py RUNS_DIR LABEL [LABEL ...]
@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 from safetensors import safe_open
 
-QUALITY = Path("docs/skip_signal_quality.csv")
+QUALITY = Path("docs/results/skip_signal_quality.csv")
 
 
 def training_of(runs: Path, label: str) -> dict:
@@ -56,7 +56,7 @@ def main() -> None:
                     row[f"{text}_{int(saved * 100)}_top1"] = float(m.top1_agreement.iloc[0])
         rows.append(row)
     table = pd.DataFrame(rows)
-    table.to_csv("docs/skip_signal.csv", index=False)
+    table.to_csv("docs/results/skip_signal.csv", index=False)
     print(markdown(table))
 
 

@@ -3,7 +3,7 @@
 # prose that is not code, not legal and in no training data — Debian's `fortunes` package (quotations
 # from literature, people and proverbs), chosen before the ablation and looked at only for the final
 # comparison. Writes, for each GATES given (LABEL=GATES), quality at matched 10/20/30% net FLOPs saved
-# against both ShortGPT variants: docs/third_text_<LABEL>.csv (+ _matched.csv).
+# against both ShortGPT variants: docs/results/third_text_<LABEL>.csv (+ _matched.csv).
 #   bash scripts/third_text.sh shipped=default-v2 ranked=default
 # TABLE_ONLY=1 prints the Markdown table from the CSVs already written.
 set -euo pipefail
@@ -33,7 +33,7 @@ for config in "$@"; do
     [ "${TABLE_ONLY:-0}" = 1 ] && continue  # only the table below, from the CSVs already written
     gateskip sweep --gates "$gates" --methods gateskip,shortgpt,shortgpt-calibration --budgets 0,0.1,0.2,0.3,0.4,0.5 \
         --blocks 8 --file "$TEXT" \
-        --out "docs/third_text_$label.csv" --matched-out "docs/third_text_${label}_matched.csv"
+        --out "docs/results/third_text_$label.csv" --matched-out "docs/results/third_text_${label}_matched.csv"
 done
 # One Markdown table: perplexity / KL / top-1 at matched 10 / 20 / 30% net saved, per gate set and ShortGPT.
 python3 - "$@" <<'PY'
@@ -42,7 +42,7 @@ import pandas as pd
 labels = [c.split("=", 1)[0] for c in sys.argv[1:]]
 rows = []
 for label in labels:
-    m = pd.read_csv(f"docs/third_text_{label}_matched.csv")
+    m = pd.read_csv(f"docs/results/third_text_{label}_matched.csv")
     for method, part in m.groupby("method", sort=False):
         name = label if method == "gateskip" else method
         if name in [r[0] for r in rows]:

@@ -250,14 +250,14 @@ EXEMPT: dict[tuple[str, str], Quick] = {
     ("README.md", "gateskip train --gate lowrank:16 --adapter lora:16 --distill --steps 200 --out my-gates.safetensors"): Quick(
         "200 steps of 4 x 128-token blocks with a teacher, then thresholds fitted at 12 budgets", SHORT_TRAINING
     ),
-    ("analysis.md", "gateskip faithfulness --gates default --file docs/heldout.txt --max-tokens 128 --exact 600 --out docs/faithfulness_default.csv --entries-out docs/faithfulness_default_entries.csv"): Quick(
+    ("analysis.md", "gateskip faithfulness --gates default --file docs/heldout.txt --max-tokens 128 --exact 600 --out docs/results/faithfulness_default.csv --entries-out docs/results/faithfulness_default_entries.csv"): Quick(
         "600 exact ablations of 128 tokens (~4 min, the page says)", {"--max-tokens": "16", "--exact": "60"}
     ),
-    ("analysis.md", "gateskip bench --sections corpus --out docs/bench_corpus.json"): BENCH,
-    ("benchmarks.md", "gateskip bench --out docs/bench.json"): BENCH,
-    ("benchmarks.md", "gateskip bench --sections collect --collect-tokens 50000,500000 --out docs/bench_collect.json"): BENCH,
+    ("analysis.md", "gateskip bench --sections corpus --out docs/results/bench_corpus.json"): BENCH,
+    ("benchmarks.md", "gateskip bench --out docs/results/bench.json"): BENCH,
+    ("benchmarks.md", "gateskip bench --sections collect --collect-tokens 50000,500000 --out docs/results/bench_collect.json"): BENCH,
     ("benchmarks.md", "gateskip bench --sections memory"): BENCH,
-    ("benchmarks.md", "gateskip bench --sections prefill,decode,memory --prefill-batches 1 --prefill-skips 0,0.25,0.5 --variants default,default@all,default@merged,default-scalar --decode-batches 1 --new-tokens 64 --decode-repeats 3 --repeats 5 --out docs/bench_one_backbone.json"): BENCH,
+    ("benchmarks.md", "gateskip bench --sections prefill,decode,memory --prefill-batches 1 --prefill-skips 0,0.25,0.5 --variants default,default@all,default@merged,default-scalar --decode-batches 1 --new-tokens 64 --decode-repeats 3 --repeats 5 --out docs/results/bench_one_backbone.json"): BENCH,
     ("dashboard.md", "gateskip dashboard"): SERVER,
     ("dashboard.md", "gateskip dashboard --host 0.0.0.0 --port 8601"): SERVER,
     ("dashboard.md", "gateskip dashboard --data-dir ~/gateskip-datasets"): SERVER,
