@@ -9,8 +9,8 @@ supported architecture, the modules that walk needs:
          (post-attention norm)] -> h + g_attn * branch
       -> mlp_norm  -> [mlp, (post-mlp norm)] -> h + g_mlp * branch
 
-Supported (`FAMILIES`): Llama (SmolLM2), Mistral, Qwen2 / Qwen2.5, Qwen3, Phi-3, OLMo-2, Gemma-2
-and Gemma-3 text models.
+Supported (`FAMILIES`): Llama (SmolLM2), Mistral, Qwen2 / Qwen2.5, Qwen3, Phi-3, OLMo-2, Gemma-2,
+Gemma-3 text models, GPT-2 and GPT-NeoX (Pythia).
 """
 
 from __future__ import annotations
@@ -422,10 +422,9 @@ FAMILIES = {
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 
-def arch_spec(hf_model: nn.Module) -> ArchSpec:
-    """Describe `hf_model` (a *ForCausalLM) or fail with a clear message."""
-    config = hf_model.config
-    model_type = getattr(config, "model_type", "?")
+def check_model_type(model_type: str) -> str:
+    """`model_type` if the walk supports it, else one line naming the supported families (the one
+    check both a checkpoint's config.json, before loading, and a loaded model go through)."""
     if model_type == "gemma3":  # multimodal wrapper config; we only run the text stack
         raise GateSkipError(
             "Gemma-3 multimodal checkpoints are not supported; use a text-only (gemma3_text) model "
@@ -433,6 +432,13 @@ def arch_spec(hf_model: nn.Module) -> ArchSpec:
         )
     if model_type not in FAMILIES:
         raise GateSkipError(f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    return model_type
+
+
+def arch_spec(hf_model: nn.Module) -> ArchSpec:
+    """Describe `hf_model` (a *ForCausalLM) or fail with a clear message."""
+    config = hf_model.config
+    model_type = check_model_type(getattr(config, "model_type", "?"))
     if model_type == "gpt2":
         return _gpt2_spec(hf_model)
     if model_type == "gpt_neox":

@@ -107,20 +107,13 @@ REGISTRY: dict[str, RegistryEntry] = {
 def check_family(path: Path) -> str:
     """The checkpoint's `model_type`, refused with one line (naming the supported families) before
     anything loads when the walk does not support it."""
-    from gateskip_core.backbone.architecture import SUPPORTED_MODEL_TYPES
+    from gateskip_core.backbone import architecture
 
     try:
         model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type", "?")
     except (OSError, ValueError, AttributeError):
         raise GateSkipError(f"{path} is not a Hugging Face checkpoint (no readable config.json)") from None
-    if model_type == "gemma3":
-        raise GateSkipError(
-            "Gemma-3 multimodal checkpoints are not supported; use a text-only (gemma3_text) model "
-            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise GateSkipError(f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    return model_type
+    return architecture.check_model_type(model_type)
 
 
 def _load_dir(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

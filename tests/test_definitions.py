@@ -1,0 +1,86 @@
+"""One definition per concept: each shared formula or check lives in one place, and these tests fail
+when a second copy appears (a source scan) or when the one definition drifts from what it names."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from analysis.traces.tracedb import _CSV_TYPES, TraceDB
+from gateskip_core import GateSkipError
+from gateskip_core.backbone import architecture
+from gateskip_core.traces.trace import TRACE_COLUMNS
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_DIRS = ("gateskip_core", "analysis", "dashboard", "bench", "scripts")
+
+
+def project_sources() -> dict[str, str]:
+    """Every project Python file's text, by its path relative to the repository."""
+    files = [p for d in PROJECT_DIRS for p in (ROOT / d).rglob("*.py")]
+    return {str(p.relative_to(ROOT)): p.read_text(encoding="utf-8") for p in files}
+
+
+def lines_matching(pattern: str, allowed: set[str]) -> list[str]:
+    """`path:line: text` of every project line matching `pattern` outside the `allowed` files."""
+    regex = re.compile(pattern)
+    return [
+        f"{path}:{n}: {line.strip()}"
+        for path, text in project_sources().items()
+        if path not in allowed
+        for n, line in enumerate(text.splitlines(), 1)
+        if regex.search(line) and not line.lstrip().startswith("#")
+    ]
+
+
+# ---- the trace schema: one column list, one type per column in DuckDB
+def test_the_duckdb_types_name_exactly_the_trace_columns_in_order():
+    assert list(_CSV_TYPES) == list(TRACE_COLUMNS)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_a_written_trace_reads_back_with_the_declared_duckdb_types(tiny_llama, tmp_path, suffix):
+    trace = tiny_llama.trace(["Gates decide which tokens skip."], skip=0.3)
+    path = tmp_path / f"t{suffix}"
+    trace.to_csv(path) if suffix == ".csv" else trace.to_parquet(path)
+    db = TraceDB(path)
+    described = dict(db.con.execute("SELECT column_name, column_type FROM (DESCRIBE raw_traces)").fetchall())
+    assert list(described) == list(TRACE_COLUMNS)
+    if suffix == ".csv":  # the CSV reader is told the types; Parquet carries narrower integer types
+        assert described == _CSV_TYPES
+    else:
+        kinds = {c: _kind(t) for c, t in described.items()}
+        assert kinds == {c: _kind(t) for c, t in _CSV_TYPES.items()}
+
+
+def _kind(duckdb_type: str) -> str:
+    """Integer, floating or text: what must agree between a trace's Parquet and CSV columns."""
+    if duckdb_type in ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "BOOLEAN"):
+        return "integer"
+    return {"FLOAT": "floating", "DOUBLE": "floating", "VARCHAR": "text"}[duckdb_type]
+
+
+# ---- the supported families: one check, one list the module's docstring names
+def test_the_registry_and_the_walk_refuse_families_through_one_check(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    from gateskip_core.backbone.registry import check_family
+
+    with pytest.raises(GateSkipError) as from_config:
+        check_family(tmp_path)
+    with pytest.raises(GateSkipError) as from_type:
+        architecture.check_model_type("bert")
+    assert str(from_config.value) == str(from_type.value)
+    assert (
+        lines_matching(
+            r"model_type not in (FAMILIES|SUPPORTED_MODEL_TYPES)", {"gateskip_core/backbone/architecture.py"}
+        )
+        == []
+    )
+
+
+def test_the_architecture_docstring_names_every_supported_family():
+    described = re.sub(r"[^a-z0-9]", "", (architecture.__doc__ or "").lower())
+    missing = [t for t in architecture.FAMILIES if re.sub(r"[^a-z0-9]", "", t.removesuffix("_text")) not in described]
+    assert missing == []
