@@ -29,8 +29,8 @@ _WHERE = {
     "account_sequence": "traces.compute",
     "GateSkipError": "errors",
     "Capture": "forward.execution",
-    "KVCache": "forward.execution",
-    "SkipPlan": "forward.execution",
+    "KVCache": "forward.cache",
+    "SkipPlan": "skipping.plan",
     "gated_forward": "forward.execution",
     "BRANCHES": "branches",
     "GateSet": "gating.gates",
@@ -70,7 +70,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from gateskip_core.backbone.registry import DEFAULT_MODEL, REGISTRY, cache_root  # noqa: F401
     from gateskip_core.branches import BRANCHES  # noqa: F401
     from gateskip_core.errors import GateSkipError  # noqa: F401
-    from gateskip_core.forward.execution import Capture, KVCache, SkipPlan, gated_forward  # noqa: F401
+    from gateskip_core.forward.cache import KVCache  # noqa: F401
+    from gateskip_core.forward.execution import Capture, gated_forward  # noqa: F401
     from gateskip_core.forward.generation import Generation  # noqa: F401
     from gateskip_core.gating.checkpoint import GateCheckpoint, load_gates, save_gates  # noqa: F401
     from gateskip_core.gating.gates import GateSet  # noqa: F401

@@ -29,7 +29,8 @@ from gateskip_core.backbone.architecture import ArchSpec, arch_spec
 from gateskip_core.backbone.registry import DEFAULT_MODEL, load_backbone
 from gateskip_core.branches import BRANCHES
 from gateskip_core.errors import GateSkipError
-from gateskip_core.forward.execution import Capture, ForwardResult, KVCache, SkipPlan, gated_forward
+from gateskip_core.forward.cache import KVCache
+from gateskip_core.forward.execution import Capture, ForwardResult, gated_forward
 from gateskip_core.forward.generation import Generation, generate
 from gateskip_core.gating.adapter import ADAPTED, LoraAdapter
 from gateskip_core.gating.checkpoint import GateCheckpoint, load_gates
@@ -38,6 +39,7 @@ from gateskip_core.gating.gates import GateSet, parse_gate_variant
 from gateskip_core.skipping.allocation import ALLOCATIONS, allocate_budget
 from gateskip_core.skipping.calibration import Calibrator, fit_thresholds
 from gateskip_core.skipping.estimate import estimate_trace
+from gateskip_core.skipping.plan import SkipPlan
 from gateskip_core.skipping.policies import CalibratedPolicy, Forced, SkipBudget, SkipPolicy, resolve_policy
 from gateskip_core.traces.compute import account_sequence, branch_saving_flops
 from gateskip_core.traces.trace import SequenceTrace, Trace, applied_gates

@@ -9,10 +9,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gateskip_core import GateSkipError, load_gates, load_model
-from gateskip_core.forward.execution import SkipPlan, gated_forward
+from gateskip_core.forward.execution import gated_forward
 from gateskip_core.gating.adapter import AdapterSpec, LoraAdapter, make_trainable_copy
 from gateskip_core.gating.gates import GateSet, parse_gate_variant
 from gateskip_core.skipping.allocation import allocate_budget
+from gateskip_core.skipping.plan import SkipPlan
 from gateskip_core.skipping.policies import SkipBudget
 from gateskip_core.traces.compute import branch_saving_flops
 from gateskip_core.training.loop import TrainConfig, _GateObjective, train

@@ -221,7 +221,8 @@ def attention_sources(
 
 def _attention_by_source(model: GatedModel, plan, out, layer: int, t: int, x: torch.Tensor, adapted_before):
     """[t+1, d]: what attention layer `layer` added at token t, one row per source position."""
-    from gateskip_core.forward.execution import AdapterRows, project_kv, project_q
+    from gateskip_core.forward.attention import project_kv, project_q
+    from gateskip_core.forward.rows import AdapterRows
 
     spec = model.spec
     T = x.shape[0]

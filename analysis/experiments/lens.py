@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from gateskip_core import BRANCHES, Capture, GatedModel, GateSkipError, SkipBudget, SkipPlan, Trace
-from gateskip_core.forward.execution import branch_decision
+from gateskip_core.skipping.plan import branch_decision
 
 NORM_HOOKS = {"attn": "ln1.hook_out", "mlp": "ln2.hook_out"}
 # The bridge's linear components and the projections a LoRA adapter changes.

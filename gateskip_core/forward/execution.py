@@ -40,64 +40,29 @@ What a call records is chosen per call with a `Capture`; the records, the
 decisions and the KV cache live in objects this module creates and returns.
 Nothing is stored on modules, so concurrent calls on one model do not interfere.
 Every tensor is created on the device of the input ids.
+
+The kernels live in `attention.py` (RoPE, projections, masks, attention), the packed rows and the
+adapter's rows in `rows.py`, the KV cache in `cache.py`, the plan and its decisions in
+`skipping/plan.py`; this module is the walk.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from gateskip_core.backbone.architecture import ArchSpec, LayerParts
 from gateskip_core.branches import BRANCHES
 from gateskip_core.errors import GateSkipError
+from gateskip_core.forward.attention import attend, attention_mask, flat_positions, project_kv, project_q
+from gateskip_core.forward.cache import KVCache
+from gateskip_core.forward.rows import AdapterRows, Rows, pack_rows
 from gateskip_core.gating.adapter import LoraAdapter
 from gateskip_core.gating.fill import SkipFill
 from gateskip_core.gating.gates import GateSet
-from gateskip_core.skipping.policies import BranchInput, Forced, SkipBudget, SkipPolicy
-
-ExecutionPath = Literal["masked", "physical"]
-KVMode = Literal["compute", "copy"]
-AdapterScope = Literal["all", "skipped"]
-SkipGradient = Literal["none", "straight-through"]
-EXECUTION_PATHS = ("masked", "physical")
-KV_MODES = ("compute", "copy")
-ADAPTER_SCOPES = ("all", "skipped")
-SKIP_GRADIENTS = ("none", "straight-through")
-
-
-@dataclass(frozen=True)
-class SkipPlan:
-    """Everything that steers skipping in one call."""
-
-    budget: SkipBudget
-    policy: SkipPolicy | None
-    path: ExecutionPath = "masked"
-    kv: KVMode = "compute"
-    protect_bos: bool = True
-    forced: tuple[Forced, ...] = ()  # decisions that override the policy's
-    adapter_scope: AdapterScope = "all"
-    # Training only (masked path): "straight-through" gives every gate the gradient it would get if it
-    # scaled its branch's output in place of the hard decision, so a skipped token's gate learns
-    # what its skip cost; the forward values are unchanged.
-    skip_gradient: SkipGradient = "none"
-
-    def __post_init__(self) -> None:
-        if self.path not in EXECUTION_PATHS:
-            raise GateSkipError(f"execution path must be one of {EXECUTION_PATHS}, got {self.path!r}")
-        if self.adapter_scope not in ADAPTER_SCOPES:
-            raise GateSkipError(f"adapter scope must be one of {ADAPTER_SCOPES}, got {self.adapter_scope!r}")
-        if self.kv not in KV_MODES:
-            raise GateSkipError(f"kv mode must be one of {KV_MODES}, got {self.kv!r}")
-        if self.policy is None and not self.budget.is_zero():
-            raise GateSkipError("a non-zero skip budget needs a skip policy")
-        if self.skip_gradient not in SKIP_GRADIENTS:
-            raise GateSkipError(f"skip gradient must be one of {SKIP_GRADIENTS}, got {self.skip_gradient!r}")
-        if self.skip_gradient != "none" and self.path != "masked":
-            raise GateSkipError("a straight-through skip gradient needs the masked path")
+from gateskip_core.skipping.plan import SkipPlan, branch_decision
 
 
 @dataclass(frozen=True)
@@ -126,57 +91,6 @@ class Capture:
     branch_io: bool = False
     skip_change: bool = False
     skip_direction: bool = False
-
-
-@dataclass
-class KVCache:
-    """Keys/values and per-token bookkeeping of earlier tokens, for one generation call.
-
-    Keys/values live in buffers with room to spare (`reserve` sizes them for a whole
-    generation; they double when full), so a decoding step writes its one slot instead of
-    copying the whole cache with `torch.cat`.
-    """
-
-    keys: list[torch.Tensor] = field(default_factory=list)  # per layer [B, H_kv, capacity, hd]
-    values: list[torch.Tensor] = field(default_factory=list)
-    slot_real: torch.Tensor | None = None  # [B, S] bool: slot holds a real token
-    n_real: torch.Tensor | None = None  # [B] real tokens so far
-    gate: torch.Tensor | None = None  # [B, S, L, 2] (running-quantile history)
-    eligible: torch.Tensor | None = None  # [B, S]
-    capacity: int = 0  # slots to allocate on first use (0: what the first call needs)
-
-    @property
-    def n_slots(self) -> int:
-        return 0 if self.slot_real is None else self.slot_real.shape[1]
-
-    def reserve(self, slots: int) -> KVCache:
-        """Allocate room for `slots` tokens in all (prompt + new tokens) when the buffers are made."""
-        self.capacity = max(self.capacity, slots)
-        return self
-
-    def append_layer(self, layer: int, keys: torch.Tensor, values: torch.Tensor):
-        """Add this call's keys/values [B, H_kv, T, hd] of `layer`; returns all of that layer's."""
-        start, end = self.n_slots, self.n_slots + keys.shape[2]
-        if len(self.keys) <= layer:
-            shape = (*keys.shape[:2], max(end, self.capacity), keys.shape[3])
-            self.keys.append(keys.new_empty(shape))
-            self.values.append(values.new_empty(shape))
-        elif self.keys[layer].shape[2] < end:  # full: double
-            grown = max(end, 2 * self.keys[layer].shape[2])
-            for buffers in (self.keys, self.values):
-                old = buffers[layer]
-                buffers[layer] = old.new_empty((*old.shape[:2], grown, old.shape[3]))
-                buffers[layer][:, :, :start] = old[:, :, :start]
-        self.keys[layer][:, :, start:end] = keys
-        self.values[layer][:, :, start:end] = values
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-    def append_tokens(self, slot_real, n_real, gate, eligible) -> None:
-        """Add this call's per-token bookkeeping (after every layer appended its keys/values)."""
-        self.slot_real = slot_real
-        self.n_real = n_real
-        self.gate = gate if self.gate is None else torch.cat([self.gate, gate], 1)
-        self.eligible = eligible if self.eligible is None else torch.cat([self.eligible, eligible], 1)
 
 
 @dataclass
@@ -251,135 +165,6 @@ class _Call:
         return self.adapted if rows is None else rows.take(self.adapted)
 
 
-class AdapterRows:
-    """The rows of one layer's projection calls that add the LoRA delta: none (no adapter), all
-    (`mask` None), or those where `mask` [N] is True. A projection is one dense call over every
-    row plus a rank-R call over the adapted rows only."""
-
-    def __init__(self, lora: LoraAdapter | None, layer: int, mask: torch.Tensor | None):
-        self.lora, self.layer = lora, layer
-        self.index: torch.Tensor | None = None  # the adapted rows when only some are
-        if lora is not None and mask is not None:
-            n = int(mask.sum())
-            if n == 0:
-                self.lora = None
-            elif n < mask.numel():
-                self.index = mask.nonzero().squeeze(-1)
-
-    def linear(self, name: str, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        """`module(x)` for rows x [N, in], plus the adapter's delta on the adapted rows."""
-        y = module.project(x) if hasattr(module, "project") else F.linear(x, module.weight, module.bias)
-        if self.lora is None:
-            return y
-        if self.index is None:
-            return self.lora.add_delta(self.layer, name, x, y)
-        return y.index_add(0, self.index, self.lora.delta(self.layer, name, x.index_select(0, self.index)))
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
-    """Rotary embedding of the first cos.shape[-1] dimensions (all, or a part: partial rotary);
-    nothing for a model without rotary embeddings (cos None)."""
-    if cos is None:
-        return x
-    rotary = cos.shape[-1]
-    if rotary == x.shape[-1]:
-        return x * cos + _rotate_half(x) * sin
-    x_rot, x_pass = x[..., :rotary], x[..., rotary:]
-    return torch.cat([x_rot * cos + _rotate_half(x_rot) * sin, x_pass], dim=-1)
-
-
-def project_q(parts: LayerParts, spec: ArchSpec, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adapter):
-    """x [N, d], cos/sin [N, hd] -> rotated queries [N, H, hd]; `adapter`: `AdapterRows` of the N rows."""
-    q = adapter.linear("q_proj", parts.q_proj, x)
-    if parts.q_norm is not None and not parts.qk_norm_per_head:
-        q = parts.q_norm(q)
-    q = q.view(x.shape[0], spec.n_heads, spec.head_dim)
-    if parts.q_norm is not None and parts.qk_norm_per_head:
-        q = parts.q_norm(q)
-    return _rope(q, _heads(cos), _heads(sin))
-
-
-def project_kv(parts: LayerParts, spec: ArchSpec, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adapter):
-    """x [N, d] -> rotated keys and values [N, H_kv, hd]; `adapter`: `AdapterRows` of the N rows."""
-    k = adapter.linear("k_proj", parts.k_proj, x)
-    if parts.k_norm is not None and not parts.qk_norm_per_head:
-        k = parts.k_norm(k)
-    k = k.view(x.shape[0], spec.n_kv_heads, spec.head_dim)
-    v = adapter.linear("v_proj", parts.v_proj, x).view(x.shape[0], spec.n_kv_heads, spec.head_dim)
-    if parts.k_norm is not None and parts.qk_norm_per_head:
-        k = parts.k_norm(k)
-    return _rope(k, _heads(cos), _heads(sin)), v
-
-
-def _heads(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t[:, None]
-
-
-def _flat(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
-    """[B, T, hd] -> [B*T, hd] (None passes: no rotary)."""
-    return None if t is None else t.reshape(n, -1)
-
-
-class Rows(NamedTuple):
-    """The tokens of a call that run a branch, packed (`pack_rows`): `flat` indexes the call's B*T
-    rows (a gather or scatter by `flat` is several times faster than by (batch, position) pairs)."""
-
-    mask: torch.Tensor  # [B, T] the tokens these rows are
-    flat: torch.Tensor  # [N]
-
-    def per_sequence(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Each row's sequence and place among its own sequence's rows, and the most rows any
-        sequence has: where the rows go when they are padded per sequence."""
-        T = self.mask.shape[1]
-        rank = (self.mask.long().cumsum(1) - 1).reshape(-1).index_select(0, self.flat)
-        return self.flat // T, rank, int(self.mask.sum(1).max())
-
-    def take(self, t: torch.Tensor | None) -> torch.Tensor | None:
-        """These rows of a per-token tensor [B, T, ...] -> [N, ...] (None passes: no rotary)."""
-        return None if t is None else t.reshape(-1, *t.shape[2:]).index_select(0, self.flat)
-
-    def add_to(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """h [B, T, ...] with y [N, ...] added on these rows (a new tensor)."""
-        return h.reshape(-1, *h.shape[2:]).index_add(0, self.flat, y.to(h.dtype)).view(h.shape)
-
-
-def attention_mask(q_slots, q_valid, slot_real, sliding_window: int | None) -> torch.Tensor | None:
-    """[B, 1, Q, S] bool: causal (optionally sliding-window) keys each query may see; None when
-    every query sees every key (one decoding step over a full cache: the fast kernel path).
-
-    q_slots [B, Q] slot of each query; q_valid [B, Q] real queries (padding rows are discarded
-    later; None: every query is real); slot_real [B, S]."""
-    k_slots = torch.arange(slot_real.shape[1], device=q_slots.device)
-    allowed = (k_slots[None, None, :] <= q_slots[:, :, None]) & slot_real[:, None, :]
-    if sliding_window is not None:
-        allowed &= k_slots[None, None, :] > q_slots[:, :, None] - sliding_window
-    if q_valid is not None:
-        # A padding query would have no key at all (NaN softmax); let it see its own slot.
-        own = k_slots[None, None, :] == q_slots[:, :, None]
-        allowed = torch.where(q_valid[:, :, None], allowed, own)
-    return None if bool(allowed.all()) else allowed[:, None]
-
-
-def attend(spec: ArchSpec, q, keys, values, mask) -> torch.Tensor:
-    """Attention of q [B, H, Q, hd] over keys/values [B, H_kv, S, hd] under `mask`: [B, Q, H*hd]."""
-    if spec.attn_logit_softcap is not None:  # Gemma-2: soft-capped scores, written out
-        group = spec.n_heads // spec.n_kv_heads
-        keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
-        scores = torch.matmul(q, keys.transpose(2, 3)) * spec.attn_scale
-        scores = torch.tanh(scores / spec.attn_logit_softcap) * spec.attn_logit_softcap
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), values)
-    else:
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=spec.attn_scale, enable_gqa=True)
-    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
-
-
 def query_side(call: _Call, layer: int, cos, sin, keys, values, x_rows: torch.Tensor, rows) -> torch.Tensor:
     """Attention's query side: q projection, scores, weighted sum and o projection.
 
@@ -391,7 +176,7 @@ def query_side(call: _Call, layer: int, cos, sin, keys, values, x_rows: torch.Te
     parts = spec.layers[layer]
     if rows is None:
         adapter = call.adapter_rows(layer, None)
-        flat = (x_rows.reshape(B * T, -1), _flat(cos, B * T), _flat(sin, B * T))
+        flat = (x_rows.reshape(B * T, -1), flat_positions(cos, B * T), flat_positions(sin, B * T))
         q = project_q(parts, spec, *flat, adapter).view(B, T, spec.n_heads, -1).transpose(1, 2)
         window = parts.sliding_window
         if window not in call.masks:  # one mask per call and window size, shared by the layers
@@ -450,11 +235,6 @@ def mlp_branch(call: _Call):
     return run
 
 
-def pack_rows(run: torch.Tensor) -> Rows:
-    """The tokens that run a branch (`run` [B, T]), packed."""
-    return Rows(run, run.reshape(-1).nonzero().squeeze(-1))
-
-
 def decide_branch(call: _Call, layer: int, branch: str, x: torch.Tensor):
     """Gate values [B, T, d|1] (None without gates), the skip mask [B, T] of one branch and how
     many tokens skip it."""
@@ -491,47 +271,6 @@ def decide_branch(call: _Call, layer: int, branch: str, x: torch.Tensor):
     return g, skip, int(skip.sum())
 
 
-def branch_decision(
-    plan: SkipPlan,
-    layer: int,
-    branch: str,
-    gate: torch.Tensor,
-    eligible: torch.Tensor,
-    positions: torch.Tensor,
-    history_gate: torch.Tensor | None = None,
-    history_eligible: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Skip mask [B, T] and thresholds [B, T] of one branch from its mean gates [B, T]: the
-    policy's decisions under the plan's budget, then the plan's forced ones (NaN threshold)."""
-    budget = plan.budget.at(layer, branch)
-    if budget <= 0:
-        skip = torch.zeros_like(eligible)
-        threshold = torch.full(gate.shape, float("-inf"), device=gate.device)
-    else:
-        decision = plan.policy.decide(
-            BranchInput(
-                layer=layer,
-                branch=branch,
-                budget=budget,
-                gate=gate,
-                eligible=eligible,
-                positions=positions,
-                history_gate=history_gate,
-                history_eligible=history_eligible,
-            )
-        )
-        skip = decision.skip & eligible
-        threshold = decision.threshold.to(torch.float32).expand(gate.shape)
-    for forced in plan.forced:
-        if forced.layer == layer and forced.branch == branch:
-            # Forced skips respect eligibility (padding, a protected BOS); forced runs apply to any real token.
-            at = positions == forced.position
-            at = at & eligible if forced.skip else at
-            skip = torch.where(at, torch.tensor(forced.skip, device=skip.device), skip)
-            threshold = threshold.masked_fill(at, float("nan"))
-    return skip, threshold
-
-
 def layer_keys_values(call: _Call, layer: int, x: torch.Tensor, skip: torch.Tensor, cos, sin):
     """Keys/values of this call's tokens at `layer`, appended to the cache; returns all of them [B, H_kv, S, hd]."""
     spec, real = call.spec, call.real
@@ -541,7 +280,7 @@ def layer_keys_values(call: _Call, layer: int, x: torch.Tensor, skip: torch.Tens
     kv_rows = real & ~skip if copy_kv else None
     parts = spec.layers[layer]
     if call.plan.path == "masked" or kv_rows is None or bool(kv_rows.all()):
-        flat = (x.reshape(B * T, -1), _flat(cos, B * T), _flat(sin, B * T))
+        flat = (x.reshape(B * T, -1), flat_positions(cos, B * T), flat_positions(sin, B * T))
         k, v = project_kv(parts, spec, *flat, call.adapter_rows(layer, None))
         k, v = k.view(B, T, spec.n_kv_heads, -1), v.view(B, T, spec.n_kv_heads, -1)
     else:

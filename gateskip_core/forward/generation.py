@@ -13,7 +13,9 @@ from typing import NamedTuple
 
 import torch
 
-from gateskip_core.forward.execution import ForwardResult, KVCache, SkipPlan
+from gateskip_core.forward.cache import KVCache
+from gateskip_core.forward.execution import ForwardResult
+from gateskip_core.skipping.plan import SkipPlan
 from gateskip_core.traces.trace import Trace
 
 

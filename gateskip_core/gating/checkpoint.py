@@ -27,10 +27,10 @@ from safetensors.torch import save_file
 
 from gateskip_core.errors import GateSkipError
 from gateskip_core.files import atomic_write
-from gateskip_core.forward.execution import ADAPTER_SCOPES
 from gateskip_core.gating.adapter import ADAPTER_PREFIX, AdapterSpec
 from gateskip_core.gating.fill import FillSpec, SkipFill, fill_tensors, load_fill
 from gateskip_core.gating.gates import GateSet
+from gateskip_core.skipping.plan import ADAPTER_SCOPES
 
 FORMAT = "gateskip-gates/1"
 

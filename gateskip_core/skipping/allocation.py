@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from gateskip_core.backbone.architecture import ArchSpec
 from gateskip_core.branches import BRANCHES
 from gateskip_core.errors import GateSkipError
-from gateskip_core.forward.execution import SkipPlan, gated_forward
+from gateskip_core.forward.execution import gated_forward
+from gateskip_core.skipping.plan import SkipPlan
 from gateskip_core.skipping.policies import RandomPolicy, SkipBudget, parse_branches
 
 ALLOCATIONS = ("uniform", "global")

@@ -20,7 +20,7 @@ import torch
 from gateskip_core.branches import BRANCHES
 from gateskip_core.data import paragraphs, pydoc_texts
 from gateskip_core.errors import GateSkipError
-from gateskip_core.forward.execution import SkipPlan
+from gateskip_core.skipping.plan import SkipPlan
 from gateskip_core.skipping.policies import BranchInput, CalibratedPolicy, Decision, SkipBudget, SkipPolicy
 
 CALIBRATION_BUDGETS = np.round(np.arange(0.05, 0.6001, 0.05), 2)

@@ -14,7 +14,7 @@ import torch
 from gateskip_core.backbone.architecture import ArchSpec
 from gateskip_core.branches import BRANCHES
 from gateskip_core.errors import GateSkipError
-from gateskip_core.forward.execution import SkipPlan
+from gateskip_core.skipping.plan import SkipPlan
 from gateskip_core.skipping.policies import BranchInput
 from gateskip_core.traces.compute import account_sequence
 from gateskip_core.traces.trace import Trace, applied_gates

@@ -57,7 +57,7 @@ from gateskip_core.backbone.registry import DEFAULT_MODEL, cache_root
 from gateskip_core.data import paragraphs, pydoc_texts, token_blocks
 from gateskip_core.errors import GateSkipError
 from gateskip_core.files import atomic_write, check_writable
-from gateskip_core.forward.execution import ADAPTER_SCOPES, SKIP_GRADIENTS, Capture, SkipPlan, gated_forward
+from gateskip_core.forward.execution import Capture, gated_forward
 from gateskip_core.gating.adapter import AdapterSpec, LoraAdapter, adapter_tensors, make_trainable_copy
 from gateskip_core.gating.checkpoint import GateCheckpoint, save_gates
 from gateskip_core.gating.fill import FillSpec, SkipFill
@@ -65,6 +65,7 @@ from gateskip_core.gating.gates import GateSet, parse_gate_variant
 from gateskip_core.model import GatedModel, load_model
 from gateskip_core.skipping.allocation import ALLOCATIONS, allocate_budget, measure_sensitivity
 from gateskip_core.skipping.calibration import CALIBRATION_BUDGETS
+from gateskip_core.skipping.plan import ADAPTER_SCOPES, SKIP_GRADIENTS, SkipPlan
 from gateskip_core.skipping.policies import QuantilePolicy, SkipBudget
 from gateskip_core.traces.compute import branch_saving_flops
 from gateskip_core.validation import whole_number
