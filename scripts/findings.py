@@ -11,9 +11,9 @@ decisions at --skip; the exact harm of single forced skips (BOS's included) on t
 texts, --per-branch random positions per (layer, branch) each.
 
 Writes, under --out-dir (docs/results/):
-- {model}_findings.csv: one row per (finding, scope), `analysis.experiments.findings.findings_table`;
-- {model}_bos_causal.csv: BOS against other tokens per setting and (layer, branch) (`bos_table`);
-- {model}_layer_causal.csv: per setting and (layer, branch), gate statistics beside rel_norm and harm
+- docs/results/{model}_findings.csv: one row per (finding, scope), `analysis.experiments.findings.findings_table`;
+- docs/results/{model}_bos_causal.csv: BOS against other tokens per setting and (layer, branch) (`bos_table`);
+- docs/results/{model}_layer_causal.csv: per setting and (layer, branch), gate statistics beside rel_norm and harm
   (`causal.layer_effects`).
 The measured cells are kept under --cache-dir (runs/findings/), so `--tables-only` rebuilds the
 tables without the model. `--update-docs` rewrites the generated tables in docs/analysis.md.

@@ -12,6 +12,7 @@ pathlib.Path("docs/heldout.txt").write_text("\n\n".join(pydoc_texts("validation"
 license = pathlib.Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
 pathlib.Path("docs/heldout_legal.txt").write_text(license.read_text())
 PY
+python3 scripts/text_provenance.py --out docs/results/texts.csv  # which Python's texts these figures use
 # Quality of the shipped gates (+ adapter) against the original model, untrained gates and random skipping.
 gateskip quality --gates default=default scalar=default-scalar untrained=untrained:lowrank:16 \
     --budgets 0,0.1,0.2,0.3,0.4 --blocks 16 --out docs/results/quality.csv
@@ -46,3 +47,4 @@ gateskip chat-fidelity --gates default --out docs/results/chat_fidelity.csv
 gateskip chat-fidelity --gates default-v2 --out docs/results/chat_fidelity_v2.csv
 rm docs/heldout_traces.parquet docs/heldout.txt docs/heldout_legal.txt
 python3 scripts/results_tables.py > docs/results.md
+python3 scripts/doc_tables.py  # the pages' tables from the new files

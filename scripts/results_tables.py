@@ -1,4 +1,6 @@
-"""Markdown tables of the README's results, from the CSVs `scripts/reproduce_results.sh` writes to docs/.
+"""Markdown tables of the results, from the CSVs `scripts/reproduce_results.sh` (and the other scripts the
+pages name) write to docs/results/: docs/results.md shows them all, and `scripts/doc_tables.py` renders
+the tables of the pages with the same functions (tests/test_docs_tables.py checks both).
 
 python3 scripts/results_tables.py > docs/results.md
 """
@@ -149,6 +151,8 @@ def faithfulness(name: str) -> str:
                 "—" if v != v else f"{v:.3g} [{lo:.3g}, {hi:.3g}]"
                 for v, lo, hi in zip(faith[column], faith[f"{column}_low"], faith[f"{column}_high"])
             ]
+        with_interval = {c: f"{c} [95%]" for c in ("spearman_within", "vs_random", "vs_oracle")}
+        return table(faith[columns].rename(columns=with_interval))
     else:
         stale = faith["signal"] == "unsettled"
         for column in columns[1:]:
@@ -183,8 +187,20 @@ def fidelity(name: str = "fidelity_ablation") -> str:
     return table(pd.DataFrame(rows))
 
 
-def main() -> None:
+HEADER = [
+    "# Result tables",
+    "",
+    "Every table of the CSVs in `docs/results/`, generated (`python3 scripts/results_tables.py > docs/results.md`;",
+    "do not edit). The pages quote them with what they mean: [training](training.md),",
+    "[analysis](analysis.md); which Python's texts the figures used: [data](data.md).",
+    "",
+]
+
+
+def page() -> str:
+    """docs/results.md."""
     out = [
+        *HEADER,
         "## Quality, held-out pydoc",
         quality("quality.csv"),
         "",
@@ -243,7 +259,11 @@ def main() -> None:
         out += ["", "## Skipping-fidelity ablation (ppl / KL / top-1)", fidelity()]
     if (DOCS / "gate_variants.csv").is_file():
         out += ["", "## Gate variants at equal training", quality("gate_variants.csv")]
-    print("\n".join(out))
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    print(page(), end="")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,195 @@
+"""The tables of the docs pages, generated from the data files they cite.
+
+A table is generated when the line above it (blank lines allowed) is a marker naming how it is
+rendered and from which files, paths relative to the repository root:
+
+    <!-- table: quality docs/results/quality.csv -->
+    | gates | policy | ... |
+
+`python3 scripts/doc_tables.py` rewrites every marked table of README.md and docs/*.md from its files;
+`--check` writes nothing, lists the tables that differ and exits 1 (tests/test_docs_tables.py runs it).
+The renderers reuse the formatting of `scripts/results_tables.py`, `scripts/skip_signal_table.py` and
+`bench/report.py`, so a page shows a figure exactly as the script that made it prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+MARKER = re.compile(r"^<!-- table: (\S+)((?: \S+)*) -->$")
+
+
+def _script(name: str) -> ModuleType:
+    """A sibling script as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _only_table(text: str) -> str:
+    """The Markdown table of a renderer's output (bench.report also prints bullet lines around it)."""
+    return "\n".join(line for line in text.splitlines() if line.startswith("|"))
+
+
+def _fidelity(raw: str, first: str = "recipe") -> str:
+    """Per recipe: budget 0 and matched 10/20/30% net saved per text (RAW.csv and RAW_matched.csv)."""
+    rendered = _script("results_tables").fidelity(str(ROOT / raw).removesuffix(".csv"))
+    head, _, rest = rendered.partition("\n")
+    return head.replace("| recipe |", f"| {first} |", 1) + "\n" + rest
+
+
+def _third_text(*labels: str) -> str:
+    """Perplexity / KL / top-1 at matched 10/20/30% net saved on the third held-out text, one row per gate
+    set (docs/results/third_text_LABEL_matched.csv) and per ShortGPT variant (from the first file)."""
+    rows: dict[str, list[str]] = {}
+    for label in labels:
+        matched = pd.read_csv(ROOT / "docs" / "results" / f"third_text_{label}_matched.csv")
+        for method, part in matched.groupby("method", sort=False):
+            name = label if method == "gateskip" else method
+            cells = {
+                round(s, 2): f"{p:.1f} / {k:.2f} / {t:.2f}"
+                for s, p, k, t in zip(part.net_flops_saved, part.ppl, part.kl_to_full, part.top1_agreement)
+            }
+            rows.setdefault(name, [cells.get(s, "–") for s in (0.1, 0.2, 0.3)])
+    lines = ["| gates | 10% | 20% | 30% |", "|---|---:|---:|---:|"]
+    return "\n".join(lines + [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows.items()])
+
+
+def _labelled_rows(*specs: str) -> str:
+    """LABEL=FILE ...: the files' rows one after another, a first column `gates` naming each file's label,
+    the columns of `gateskip chat-fidelity` (policy, budget, KL, top-1, skipped fraction)."""
+    tables = _script("results_tables")
+    frames = []
+    for spec in specs:
+        label, _, path = spec.partition("=")
+        frames.append(pd.read_csv(ROOT / path).assign(gates=label))
+    columns = ["gates", "policy", "skip_budget", "kl_to_full", "top1_agreement", "skipped_fraction"]
+    return tables.table(pd.concat(frames)[columns])
+
+
+def _bench(section: str, path: str) -> str:
+    from bench import report
+
+    results = json.loads((ROOT / path).read_text())
+    render = {"decode": report.decode_table, "corpus": report.corpus_table}[section]
+    return _only_table(render(results[section]))
+
+
+def _matched(path: str, *saved: str) -> str:
+    """A sweep's --matched-out CSV; with SAVED fractions, only the rows at those net savings."""
+    frame = pd.read_csv(ROOT / path)
+    if saved:
+        frame = frame[frame["net_flops_saved"].round(4).isin([float(s) for s in saved])]
+    frame["net_flops_saved"] = frame["net_flops_saved"].map(lambda v: f"{v:.0%}")
+    return _script("results_tables").table(frame)
+
+
+def _columns(path: str, *columns: str) -> str:
+    """A CSV's rows as they are, the COLUMNS given (all when none)."""
+    frame = pd.read_csv(ROOT / path)
+    return _script("results_tables").table(frame[list(columns)] if columns else frame)
+
+
+def _results(name: str) -> Callable[[str], str]:
+    """A table function of scripts/results_tables.py over one file."""
+    return lambda path: getattr(_script("results_tables"), name)(str(ROOT / path))
+
+
+RENDERERS: dict[str, Callable[..., str]] = {
+    "columns": _columns,
+    "quality": _results("quality"),  # a `gateskip quality` CSV
+    "matched": _matched,
+    "faithfulness": _results("faithfulness"),  # a `gateskip faithfulness` signal CSV
+    "fidelity": _fidelity,  # scripts/fidelity_ablation.py's CSV (+ _matched); optional first column's name
+    "skip_signal": lambda path: _script("skip_signal_table").markdown(pd.read_csv(ROOT / path)),
+    "third_text": _third_text,
+    "labelled_rows": _labelled_rows,
+    "bench": _bench,  # a section of a `gateskip bench` JSON
+}
+
+
+def render(marker: str) -> str:
+    """The table a marker line asks for."""
+    match = MARKER.match(marker.strip())
+    if not match or match.group(1) not in RENDERERS:
+        raise ValueError(f"not a table marker this script knows: {marker.strip()}")
+    return RENDERERS[match.group(1)](*match.group(2).split())
+
+
+def marked_tables(lines: list[str]) -> list[tuple[int, int, int]]:
+    """(marker line, first table line, line after the table) of every marked table, 0-based."""
+    found = []
+    for number, line in enumerate(lines):
+        if not line.startswith("<!-- table:"):
+            continue
+        start = number + 1
+        while start < len(lines) and not lines[start].strip():
+            start += 1
+        end = start
+        while end < len(lines) and lines[end].startswith("|"):
+            end += 1
+        if end == start:
+            raise ValueError(f"line {number + 1}: a table marker with no table under it")
+        found.append((number, start, end))
+    return found
+
+
+def regenerate(text: str) -> tuple[str, list[str]]:
+    """The page with every marked table rendered anew, and the markers whose table changed."""
+    lines = text.split("\n")
+    changed = []
+    for number, start, end in reversed(marked_tables(lines)):
+        table = render(lines[number]).split("\n")
+        if lines[start:end] != table:
+            changed.append(f"line {number + 1}: {lines[number].strip()}")
+            lines[start:end] = table
+    return "\n".join(lines), changed[::-1]
+
+
+def pages() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def whole_pages() -> dict[Path, str]:
+    """Pages generated whole: docs/results.md, every table of the CSVs."""
+    return {ROOT / "docs" / "results.md": _script("results_tables").page()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/doc_tables.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 when a table differs")
+    args = parser.parse_args(argv)
+    stale = []
+    for page in pages():
+        text = page.read_text()
+        try:
+            new, changed = regenerate(text)
+        except (OSError, ValueError, KeyError) as err:
+            print(f"doc_tables: {page.relative_to(ROOT)}: {err}", file=sys.stderr)
+            return 2
+        stale += [f"{page.relative_to(ROOT)} {where}" for where in changed]
+        if changed and not args.check:
+            page.write_text(new)
+    for page, text in whole_pages().items():
+        if page.read_text() != text:
+            stale.append(f"{page.relative_to(ROOT)} (the whole page)")
+            if not args.check:
+                page.write_text(text)
+    for where in stale:
+        print(f"{'differs from its data' if args.check else 'regenerated'}: {where}")
+    return 1 if stale and args.check else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
