@@ -269,18 +269,18 @@ def cmd_query(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from gateskip_core import load_model
 
+    from .experiments.pruning import check_method_names, prune_count
     from .experiments.quality import evaluation_blocks
     from .experiments.sweep import METHODS, at_matched_savings, sweep
 
     out = check_out(args.out)
     figure = check_out(args.figure, (".html",), "--figure")
     matched_out = check_out(args.matched_out, option="--matched-out")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise GateSkipError(f"unknown method(s) {', '.join(bad) or '(none)'}; choose from {', '.join(METHODS)}")
+    methods = check_method_names(args.methods.split(","), METHODS)
     texts = paragraphs_of(args.file) if args.file else None
     model = load_model(args.model, gates=args.gates, device=args.device)
+    for method in methods:  # K must leave a layer: checked once the model's depth is known
+        prune_count(method, model.spec.n_layers)
     blocks = evaluation_blocks(model, texts, n_blocks=args.blocks, seq_len=args.seq_len)
     from tqdm.auto import tqdm
 
@@ -485,7 +485,9 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
     p.add_argument("--file", help="held-out text (default: the pydoc validation split)")
     p.add_argument("--budgets", type=budget_list, default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
     p.add_argument(
-        "--methods", default="gateskip,gateskip-uniform,random,shortgpt,shortgpt-calibration,attn-only,mlp-only"
+        "--methods",
+        default="gateskip,gateskip-uniform,random,shortgpt,shortgpt-calibration,attn-only,mlp-only",
+        help="comma-separated; shortgpt+gateskip:K removes the K lowest-influence layers and gates the rest",
     )
     p.add_argument("--blocks", type=cli_type(whole_number, "--blocks"), default=8)
     p.add_argument("--seq-len", type=cli_type(whole_number, "--seq-len", minimum=2), default=128)

@@ -1,7 +1,8 @@
 """`gateskip eval`: benchmark tasks through lm-evaluation-harness, accuracy against net compute.
 
     gateskip eval --model M --gates G --tasks T1,T2 [--include-path DIR] [--budgets 0,0.1,0.2,0.3]
-                  [--methods gateskip,random,shortgpt,shortgpt-calibration] [--limit N] [--batch-size B]
+                  [--methods gateskip,random,shortgpt,shortgpt-calibration,shortgpt+gateskip:K]
+                  [--limit N] [--batch-size B]
                   --out results.csv
 
 Everything a user can get wrong (outputs, budgets, methods, task names, a task's YAML or data) is
@@ -88,7 +89,11 @@ def register_eval(sub, commands, add_model_args) -> None:
     )
     p.add_argument("--include-path", action="append", help="a folder of extra task YAMLs (repeatable)")
     p.add_argument("--budgets", type=_budgets, default=[0.0, 0.1, 0.2, 0.3])
-    p.add_argument("--methods", default="gateskip,random,shortgpt,shortgpt-calibration")
+    p.add_argument(
+        "--methods",
+        default="gateskip,random,shortgpt,shortgpt-calibration",
+        help="comma-separated; shortgpt+gateskip:K removes the K lowest-influence layers and gates the rest",
+    )
     p.add_argument("--policy", choices=["quantile", "calibrated"], default="quantile", help="GateSkip's skip policy")
     p.add_argument(
         "--allocation",

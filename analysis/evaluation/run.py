@@ -6,7 +6,9 @@ Methods, for each skip budget b (as in `gateskip sweep`, see analysis/experiment
 - `shortgpt`: the ungated model with its lowest Block-Influence layers removed until the skips'
   saving reaches GateSkip's on the same task at b (gates' own cost not charged: the skips alone).
   BI measured on the pydoc validation split, the text the shipped pydoc tasks come from;
-- `shortgpt-calibration`: the same with BI on the calibration split, as ShortGPT does.
+- `shortgpt-calibration`: the same with BI on the calibration split, as ShortGPT does;
+- `shortgpt+gateskip:K`: the K lowest-BI layers (calibration split) removed, the gates' policy at
+  budget b over the layers kept (analysis/experiments/pruning.py).
 Every task runs on its own, so its compute account (`net_flops_saved`: gates charged, summed over
 all its requests and processes) belongs to it. Matched rows: each method's value at 10/20/30%
 net FLOPs saved, interpolated along its budgets (`kind` = 'matched').
@@ -54,14 +56,13 @@ class EvalRun:
 
 
 def check_methods(methods: Sequence[str]) -> list[str]:
-    """Known, non-empty, GateSkip first (ShortGPT is matched to its saving)."""
-    methods = [m.strip() for m in methods if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise GateSkipError(f"unknown method(s) {', '.join(bad) or '(none)'}; choose from {', '.join(METHODS)}")
-    if any(m.startswith("shortgpt") for m in methods) and "gateskip" not in methods:
+    """Known (or `shortgpt+gateskip:K`), non-empty, GateSkip first (ShortGPT is matched to its saving)."""
+    from analysis.experiments.pruning import check_method_names
+
+    methods = check_method_names(methods, METHODS)
+    if any(m in ("shortgpt", "shortgpt-calibration") for m in methods) and "gateskip" not in methods:
         raise GateSkipError("the shortgpt methods are matched to GateSkip's saving: add gateskip to --methods")
-    return sorted(dict.fromkeys(methods), key=METHODS.index)
+    return sorted(dict.fromkeys(methods), key=lambda m: METHODS.index(m) if m in METHODS else len(METHODS))
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class MethodPlans:
     """The model and skip plan of each method at a budget (Block Influence measured once)."""
 
     def __init__(self, model: GatedModel, methods: Sequence[str], policy: str = "quantile", **skip_args):
+        from analysis.experiments.pruning import prune_count
         from analysis.experiments.quality import evaluation_blocks
         from analysis.experiments.sweep import block_influence
         from gateskip_core.data import pydoc_texts
@@ -85,14 +87,21 @@ class MethodPlans:
         self.influence = {}
         if "shortgpt" in methods:
             self.influence["shortgpt"] = block_influence(model, evaluation_blocks(model, seq_len=BI_SEQ_LEN))
-        if "shortgpt-calibration" in methods:
+        self.pruned = {m: prune_count(m, model.spec.n_layers) for m in methods if prune_count(m) is not None}
+        if "shortgpt-calibration" in methods or self.pruned:
             blocks = evaluation_blocks(model, pydoc_texts("calibration"), seq_len=BI_SEQ_LEN)
             self.influence["shortgpt-calibration"] = block_influence(model, blocks)
 
     def setting(self, method: str, budget: float, gateskip_saving: float | None) -> Setting:
+        from analysis.experiments.pruning import lowest_influence, pruned_plan
         from analysis.experiments.sweep import LayerDropPolicy, shortgpt_layers
 
         model = self.model
+        if method in self.pruned:
+            layers = lowest_influence(self.influence["shortgpt-calibration"], self.pruned[method])
+            plan = pruned_plan(model, layers, budget, self.policy, **self.skip_args)
+            removed = ",".join(map(str, layers)) or "none"
+            return Setting(model, plan, f"removed layers {removed} + {self.policy} b={budget:g}")
         if method == "gateskip":
             plan = model.make_plan(budget, self.policy, **self.skip_args)
             return Setting(model, plan, f"{self.policy} b={budget:g}")

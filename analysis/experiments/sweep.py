@@ -12,7 +12,10 @@ Methods, for each skip budget b:
 - `shortgpt-calibration`: the same with BI measured on calibration text (the pydoc
   calibration split), as ShortGPT does; compare against the stronger of the two;
 - `attn-only` / `mlp-only`: the gates' quantile policy on one branch type, at the
-  rate that gives the same FLOP saving (capped at skipping every eligible token).
+  rate that gives the same FLOP saving (capped at skipping every eligible token);
+- `shortgpt+gateskip:K`: the K lowest-BI layers (BI on calibration text) removed, then the
+  gates' quantile policy at budget b over the layers kept (`pruning.py`); its own curve
+  over b, so `at_matched_savings` matches each K at a net saving.
 `flops_saved` is always net of the gates' own cost (see gateskip_core.traces.compute).
 """
 
@@ -30,6 +33,7 @@ from gateskip_core import Capture, GatedModel, GateSkipError, SkipBudget, SkipPl
 from gateskip_core.data import pydoc_texts
 from gateskip_core.skipping.policies import BranchInput, Decision, SkipPolicy
 
+from .pruning import check_method_names, lowest_influence, prune_count, pruned_plan
 from .quality import evaluate, evaluation_blocks, reference
 
 METHODS = ("gateskip", "gateskip-uniform", "random", "shortgpt", "shortgpt-calibration", "attn-only", "mlp-only")
@@ -101,9 +105,8 @@ def sweep(
     on_step: Callable[[int, int, str], None] | None = None,
 ) -> pd.DataFrame:
     """One row per (method, budget) for a model with gates attached; see the module docstring."""
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    methods = check_method_names(methods, METHODS)
+    pruned = {m: prune_count(m, model.spec.n_layers) for m in methods if prune_count(m) is not None}
     if blocks is None:
         blocks = evaluation_blocks(model)
     if model.gates is None:
@@ -114,7 +117,7 @@ def sweep(
         "shortgpt": block_influence(model, blocks) if "shortgpt" in methods else None,
         "shortgpt-calibration": (
             block_influence(model, evaluation_blocks(model, pydoc_texts("calibration"), 8, blocks.shape[1]))
-            if "shortgpt-calibration" in methods
+            if "shortgpt-calibration" in methods or pruned
             else None
         ),
     }
@@ -139,6 +142,10 @@ def sweep(
             elif method == "random":
                 plan = model.make_plan(budget, "random", allocation="uniform")
                 result, setting = evaluate(model, ref, plan), f"random b={budget:g}"
+            elif method in pruned:
+                layers = lowest_influence(influence["shortgpt-calibration"], pruned[method])
+                result = evaluate(model, ref, pruned_plan(model, layers, budget))
+                setting = "removed layers " + (",".join(map(str, layers)) or "none") + f" + quantile b={budget:g}"
             elif method in ("shortgpt", "shortgpt-calibration"):
                 layers = shortgpt_layers(model, influence[method], target, seq_len)
                 plan = SkipPlan(
