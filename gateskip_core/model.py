@@ -32,6 +32,7 @@ from gateskip_core.errors import GateSkipError
 from gateskip_core.forward.cache import KVCache
 from gateskip_core.forward.execution import Capture, ForwardResult, gated_forward
 from gateskip_core.forward.generation import Generation, generate
+from gateskip_core.forward.speculative import speculative_generate
 from gateskip_core.gating.adapter import ADAPTED, LoraAdapter
 from gateskip_core.gating.checkpoint import GateCheckpoint, load_gates
 from gateskip_core.gating.fill import fill_flops
@@ -505,16 +506,27 @@ class GatedModel:
         top_k: int | None = None,
         chat: bool = False,
         stop_at_eos: bool = True,
+        draft_skip: float | None = None,
+        draft_tokens: int | None = None,
         **skip_args: Unpack[SkipArgs],
     ) -> Generation:
         """Generate with a KV cache under skipping (default policy: calibrated); returns the
-        continuation(s) and a trace of all tokens."""
+        continuation(s) and a trace of all tokens.
+
+        `draft_skip=B` turns on self-speculative decoding (greedy only): the gated model at
+        budget B (the skip settings apply to it; default path physical) drafts `draft_tokens`
+        (default 4) tokens, the ungated original checks them in one pass, and the output is the
+        original's greedy output. The trace is then the original's (nothing skips) and
+        `Generation.speculative` says what was drafted and accepted (see `forward/speculative.py`)."""
         prompts = validation.texts(prompt, "prompt")
         max_new_tokens = validation.whole_number("max_new_tokens", max_new_tokens)
         if do_sample:
             temperature = validation.positive_number("temperature", temperature)
             top_k = None if top_k is None else validation.whole_number("top_k", top_k)
-        plan = self.make_plan(**{"policy": "calibrated", **skip_args})
+        if draft_skip is not None or draft_tokens is not None:
+            draft_tokens, plans = self._speculative_plans(draft_skip, draft_tokens, do_sample, skip_args)
+        else:
+            plan = self.make_plan(**{"policy": "calibrated", **skip_args})
         batch = self.encode(prompts, chat=chat)
         longest = int(batch.attention_mask.sum(1).max())
         if longest >= self.max_context or any(batch.truncated):
@@ -528,11 +540,42 @@ class GatedModel:
                 f"generating {self.max_context - longest}",
             )
             max_new_tokens = self.max_context - longest
-        new_tokens, trace = generate(
-            self, batch, plan, max_new_tokens, do_sample, temperature, top_k, skip_args.get("seed", 0), stop_at_eos
-        )
+        record = None
+        if draft_tokens is not None:
+            new_tokens, trace, record = speculative_generate(
+                self, self.view(), batch, *plans, draft_tokens, max_new_tokens, stop_at_eos
+            )
+        else:
+            new_tokens, trace = generate(
+                self, batch, plan, max_new_tokens, do_sample, temperature, top_k, skip_args.get("seed", 0), stop_at_eos
+            )
         texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in new_tokens]
-        return Generation(texts[0] if isinstance(prompt, str) else texts, dataclasses.replace(trace, notices=notices))
+        text = texts[0] if isinstance(prompt, str) else texts
+        return Generation(text, dataclasses.replace(trace, notices=notices), record)
+
+    def _speculative_plans(
+        self, draft_skip: float | None, draft_tokens: int | None, do_sample: bool, skip_args: dict
+    ) -> tuple[int, tuple[SkipPlan, SkipPlan]]:
+        """The draft count and the (draft, verifier) plans of a speculative call; one-line errors
+        for the combinations it cannot honour."""
+        if draft_skip is None:
+            raise GateSkipError("draft_tokens needs draft_skip (the draft's skip budget)")
+        if do_sample:
+            raise GateSkipError("speculative decoding is greedy only; drop do_sample or draft_skip")
+        if skip_args.get("skip") not in (None, 0, 0.0):
+            raise GateSkipError(
+                "with draft_skip the output is the original's; set the draft's budget with draft_skip, not skip"
+            )
+        draft_tokens = validation.whole_number("draft_tokens", 4 if draft_tokens is None else draft_tokens)
+        if skip_args.get("policy") == "quantile":
+            raise GateSkipError(
+                "the draft needs a policy that decides token by token (calibrated or random); "
+                "quantile ranks against the cache's history, which holds the original's tokens"
+            )
+        args = {"policy": "calibrated", "path": "physical", **skip_args, "skip": draft_skip}
+        draft = self.make_plan(**args)
+        verifier = SkipPlan(self.budget(0.0, allocation="uniform"), None, protect_bos=draft.protect_bos)
+        return draft_tokens, (draft, verifier)
 
 
 def load_model(

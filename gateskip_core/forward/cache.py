@@ -50,6 +50,14 @@ class KVCache:
         self.values[layer][:, :, start:end] = values
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def crop(self, n_slots: int) -> None:
+        """Forget every slot from `n_slots` on; the next call writes there (speculative decoding drops
+        the draft's slots and the verifier's rejected ones). The buffers keep their room."""
+        self.slot_real = self.slot_real[:, :n_slots]
+        self.n_real = self.slot_real.long().sum(1)
+        self.gate = self.gate[:, :n_slots]
+        self.eligible = self.eligible[:, :n_slots]
+
     def append_tokens(self, slot_real, n_real, gate, eligible) -> None:
         """Add this call's per-token bookkeeping (after every layer appended its keys/values)."""
         self.slot_real = slot_real

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -18,10 +18,25 @@ from gateskip_core.forward.execution import ForwardResult
 from gateskip_core.skipping.plan import SkipPlan
 from gateskip_core.traces.trace import Trace
 
+if TYPE_CHECKING:
+    from gateskip_core.forward.speculative import SpeculativeRecord
 
-class Generation(NamedTuple):
+
+class _TextAndTrace(NamedTuple):
     text: str | list[str]  # the generated continuation(s), prompt excluded
     trace: Trace  # prompt and generated tokens
+
+
+class Generation(_TextAndTrace):
+    """The continuation(s) and the trace; unpacks as `text, trace`. `speculative`: what the draft
+    proposed and the original kept, when the call drafted (`speculative.py`), else None."""
+
+    speculative: SpeculativeRecord | None
+
+    def __new__(cls, text, trace, speculative: SpeculativeRecord | None = None):
+        self = super().__new__(cls, text, trace)
+        self.speculative = speculative
+        return self
 
 
 def next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, rng) -> torch.Tensor:
