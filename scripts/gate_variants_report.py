@@ -1,0 +1,148 @@
+"""The paper's gate comparison on held-out text: per-layer vs shared vector gates, and vector vs low-rank vs
+scalar gates, trained at equal steps by `scripts/compare_gate_variants.sh`, compared at matched net savings.
+
+Each variant runs the quantile policy at budgets 0 … 0.6 over fixed blocks of two held-out texts (the pydoc
+validation split and Python's LICENSE: neither is in training or calibration data). Every block is scored
+on its own, so a bootstrap over blocks gives 95% intervals of each variant's quality at 10 / 20 / 30% net
+FLOPs saved (gates and stand-ins charged), and of the paired difference between two variants (same blocks
+resampled for both). Random skipping at the same budgets is the floor.
+
+    python scripts/gate_variants_report.py [--runs runs/variants] [--blocks 12] [--out docs/results/gate_variants_matched.csv]
+
+Writes the per-(variant, text, budget) table next to the matched one (`..._sweep.csv`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from analysis.experiments.quality import Reference, evaluate, evaluation_blocks, reference
+from gateskip_core import load_model
+from gateskip_core.data import paragraphs
+
+VARIANTS = ("vector", "vector-shared", "lowrank16", "scalar")
+BUDGETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+TARGETS = (0.1, 0.2, 0.3)
+METRICS = ("kl_to_full", "top1_agreement", "nll")
+PAIRS = (("vector", "vector-shared"), ("vector", "lowrank16"), ("vector", "scalar"), ("lowrank16", "scalar"))
+PAIRS += tuple((v, f"{v} random") for v in VARIANTS)
+
+
+def heldout_texts() -> dict[str, list[str]]:
+    license_file = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+    from gateskip_core.data import pydoc_texts
+
+    return {"pydoc": pydoc_texts("validation"), "legal": paragraphs(license_file.read_text())}
+
+
+def per_block_rows(model, ref: Reference, label: str, text: str, policy: str) -> list[dict]:
+    """One row per (budget, block): that block's quality and net FLOPs saved under `label`'s gates."""
+    rows = []
+    for budget in BUDGETS:
+        plan = model.make_plan(budget, policy)
+        for i, block_lp in enumerate(ref.log_probs):
+            one = Reference(ref.blocks[i : i + 1], [block_lp], 1)
+            result = evaluate(model, one, plan)
+            rows.append(
+                {
+                    "variant": label,
+                    "text": text,
+                    "skip_budget": budget,
+                    "block": i,
+                    "kl_to_full": result["kl_to_full"],
+                    "top1_agreement": result["top1_agreement"],
+                    "nll": float(np.log(result["ppl"])),
+                    "flops_saved": result["flops_saved"],
+                }
+            )
+    return rows
+
+
+def matched(curve: pd.DataFrame, target: float, metric: str) -> float:
+    """A metric at `target` net saving, interpolated along the budget curve (NaN outside it)."""
+    curve = curve.sort_values("flops_saved")
+    saved = curve["flops_saved"].to_numpy()
+    if not saved.min() <= target <= saved.max():
+        return float("nan")
+    return float(np.interp(target, saved, curve[metric].to_numpy()))
+
+
+def bootstrap_matched(table: pd.DataFrame, n_boot: int, seed: int = 0) -> pd.DataFrame:
+    """Each variant's quality at each target, and paired differences, with 95% bootstrap-over-blocks intervals."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for text, part in table.groupby("text", sort=False):
+        n_blocks = part["block"].nunique()
+        draws = [np.arange(n_blocks)] + [rng.integers(0, n_blocks, n_blocks) for _ in range(n_boot)]
+        values: dict[tuple, list[float]] = {}
+        curves = {  # variant -> column -> [budget, block] array
+            variant: {c: rows_v.pivot(index="skip_budget", columns="block", values=c).to_numpy()
+                      for c in (*METRICS, "flops_saved")}
+            for variant, rows_v in part.groupby("variant", sort=False)
+        }  # fmt: skip
+        for idx in draws:
+            weights = np.bincount(idx, minlength=n_blocks) / len(idx)
+            for variant, arrays in curves.items():
+                curve = pd.DataFrame({c: a @ weights for c, a in arrays.items()})
+                for target in TARGETS:
+                    for metric in METRICS:
+                        values.setdefault((variant, target, metric), []).append(matched(curve, target, metric))
+        for (variant, target, metric), vals in values.items():
+            rows.append(_summary(text, variant, target, metric, vals))
+        for a, b in PAIRS:
+            for target in TARGETS:
+                for metric in METRICS:
+                    if (a, target, metric) in values and (b, target, metric) in values:
+                        diff = np.subtract(values[(a, target, metric)], values[(b, target, metric)])
+                        rows.append(_summary(text, f"{a} - {b}", target, metric, list(diff)))
+    return pd.DataFrame(rows)
+
+
+def _summary(text: str, variant: str, target: float, metric: str, vals: list[float]) -> dict:
+    point, boot = vals[0], np.asarray(vals[1:], dtype=float)
+    boot = boot[~np.isnan(boot)]
+    low, high = np.percentile(boot, [2.5, 97.5]) if len(boot) else (np.nan, np.nan)
+    return {"text": text, "variant": variant, "net_flops_saved": target, "metric": metric,
+            "value": point, "low": float(low), "high": float(high)}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", default="runs/variants", help="where compare_gate_variants.sh wrote the gates")
+    parser.add_argument("--blocks", type=int, default=12, help="held-out blocks of 128 tokens per text")
+    parser.add_argument("--boot", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument("--out", default="docs/results/gate_variants_matched.csv")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    runs = Path(args.runs)
+    done = [v for v in VARIANTS if (runs / f"{v}.done").exists()]
+    if not done:
+        raise SystemExit(f"gate_variants_report: no finished variant in {runs} (run scripts/compare_gate_variants.sh)")
+    model = load_model("smollm2-135m-instruct", gates="none")
+    rows = []
+    for text, texts in heldout_texts().items():
+        model.remove_gates()
+        blocks = evaluation_blocks(model, texts, args.blocks, 128)
+        ref = reference(model, blocks, batch_size=1)
+        for variant in tqdm(done, desc=f"variants on {text}"):
+            model.load_gates(runs / f"{variant}.safetensors")
+            rows += per_block_rows(model, ref, variant, text, "quantile")
+            # random skipping with the same adapter, stand-ins and compute account: the floor of its ranking
+            rows += per_block_rows(model, ref, f"{variant} random", text, "random")
+    table = pd.DataFrame(rows)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out.with_name(out.stem.removesuffix("_matched") + "_sweep.csv"), index=False)
+    bootstrap_matched(table, args.boot).to_csv(out, index=False)
+    print(f"wrote {out} ({', '.join(done)})")
+
+
+if __name__ == "__main__":
+    main()
