@@ -18,7 +18,7 @@ from pathlib import Path
 from gateskip_core.backbone.registry import DEFAULT_MODEL
 from gateskip_core.errors import GateSkipError
 from gateskip_core.files import check_writable
-from gateskip_core.validation import skip_args_of
+from gateskip_core.validation import cli_type, skip_args_of, whole_number
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -148,6 +148,79 @@ def _skip_map(trace, width: int = 80) -> str:
         line += part + " "
     lines.append(line)
     return f"skipped branches per token (of {trace.n_layers * 2}):\n" + "\n".join(lines)
+
+
+@_command("generate")
+def cmd_generate(args: argparse.Namespace) -> int:
+    from gateskip_core.model import load_model
+
+    prompt, out = _generate_inputs(args)
+    model = load_model(args.model, gates=args.gates, progress=_progress, device=args.device)
+    skip_args = skip_args_of(args)
+    if args.draft_skip is not None:
+        skip_args.pop("skip")
+    gen = model.generate(
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        chat=args.chat,
+        draft_skip=args.draft_skip,
+        draft_tokens=args.draft_tokens,
+        **skip_args,
+    )
+    for notice in gen.trace.notices:
+        print(f"warning: {notice}", file=sys.stderr)
+    print(gen.text)
+    print(generation_summary(gen))
+    if out is not None:
+        gen.trace.save(out)
+        print(f"wrote {len(gen.trace.to_dataframe())} rows to {out}")
+    return 0
+
+
+def _generate_inputs(args: argparse.Namespace) -> tuple[str, Path | None]:
+    """The prompt and the trace file of `gateskip generate`, checked before any model loads."""
+    if (args.prompt is None) == (args.file is None):
+        both = args.prompt is not None
+        raise GateSkipError("give a prompt or --file, not both" if both else "give a prompt or --file")
+    if args.draft_skip is None and args.draft_tokens is not None:
+        raise GateSkipError("--draft-tokens needs --draft-skip (the draft's skip budget)")
+    if args.draft_skip is not None and args.skip:
+        raise GateSkipError("with --draft-skip the output is the original's; give the draft's budget as --draft-skip")
+    if args.draft_skip is not None and args.policy == "quantile":
+        raise GateSkipError("--draft-skip needs --policy calibrated or random (quantile ranks by the cache's history)")
+    out = None
+    if args.out is not None:
+        out = Path(args.out)
+        if out.suffix.lower() not in (".csv", ".parquet"):
+            raise GateSkipError(f"--out must end in .csv or .parquet, got {args.out!r}")
+        check_writable(out)
+    prompt = args.prompt if args.file is None else _read_text(args.file)
+    if not prompt.strip():
+        raise GateSkipError("prompt is empty")
+    return prompt, out
+
+
+def generation_summary(gen) -> str:
+    """One line: tokens generated, the skip rates of prompt and generated tokens, and the drafts' acceptance."""
+    seq = gen.trace.sequences[0]
+    n_new = len(gen.trace.extra["generated_token_ids"][0])
+
+    def skip_rate(part: slice) -> str:
+        eligible = int(seq.eligible[part].sum()) * seq.skipped.shape[1] * 2
+        return f"{int(seq.skipped[part].sum()) / eligible:.1%}" if eligible else "n/a"
+
+    line = (
+        f"{n_new} new tokens | skipped: prompt {skip_rate(slice(0, seq.prompt_length))}, "
+        f"generated {skip_rate(slice(seq.prompt_length, None))} of eligible branches"
+    )
+    record = gen.speculative
+    if record is not None:
+        line += (
+            f" (the original's passes) | draft at skip {record.draft_skip:g}, K={record.draft_tokens}: "
+            f"accepted {record.accepted} of {record.drafted} drafted ({record.acceptance_rate:.1%}), "
+            f"draft skipped {record.draft_skip_rate:.1%}"
+        )
+    return line
 
 
 @_command("train")
@@ -280,7 +353,7 @@ def new_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
 
 
 def register(sub) -> None:
-    """The core's commands: models, trace, train, fit-fill."""
+    """The core's commands: models, trace, generate, train, fit-fill."""
     sub.add_parser("models", help="list the model registry and what is cached")
 
     p = sub.add_parser("trace", help="per-token, per-layer gate values and skips to CSV/Parquet")
@@ -291,6 +364,23 @@ def register(sub) -> None:
     src.add_argument("--file", help="UTF-8 text; each blank-line separated paragraph is one sequence")
     p.add_argument("--chat", action="store_true", help="format the text as a chat message")
     p.add_argument("--out", required=True, help="FILE.csv or FILE.parquet")
+
+    p = sub.add_parser("generate", help="generate a continuation under skipping, or drafted by it (exact)")
+    add_model_args(p)
+    add_skip_args(p)
+    p.set_defaults(policy="calibrated", path="physical")  # decoding decides token by token, and saves compute
+    p.add_argument("prompt", nargs="?", help="the prompt (or --file)")
+    p.add_argument("--file", help="UTF-8 text: the whole file is the prompt")
+    p.add_argument("--chat", action="store_true", help="format the prompt as a chat message")
+    p.add_argument("--max-new-tokens", type=cli_type(whole_number, "--max-new-tokens"), default=32)
+    p.add_argument(
+        "--draft-skip",
+        type=budget_type,
+        help="self-speculative decoding: the gated model at this budget drafts, the original checks "
+        "(output = the original's greedy tokens); the skip options then steer the draft",
+    )
+    p.add_argument("--draft-tokens", type=cli_type(whole_number, "--draft-tokens"), help="tokens per draft (4)")
+    p.add_argument("--out", help="the trace of the generation: FILE.csv or FILE.parquet")
 
     p = sub.add_parser("train", help="train gates (only gates by default)")
     _add_train_args(p)
