@@ -40,12 +40,14 @@ import numpy as np
 import torch
 
 from gateskip_core import Capture, GateSkipError, load_model
+from gateskip_core.branches import branches_per_token, skipped_fraction
 from gateskip_core.model import Batch, GatedModel
 from gateskip_core.traces.compute import account_sequence, adapted_rows, decode_step_bytes
 
 from .memory import PeakRSS, bench_memory
+from .speculative import bench_speculative
 
-SECTIONS = ("prefill", "decode", "memory", "capture", "collect", "dashboard", "rates", "corpus")
+SECTIONS = ("prefill", "decode", "speculative", "memory", "capture", "collect", "dashboard", "rates", "corpus")
 
 
 @dataclass
@@ -53,6 +55,7 @@ class BenchConfig:
     model: str = "smollm2-135m-instruct"
     dtype: str = "float32"  # bfloat16 halves the bytes read; fast only on CPUs with native bf16 (AVX-512 BF16, AMX)
     gates: str = "default"  # the gates of decode, capture, collect, dashboard and rates
+    weights: str = "fp32"  # the base model's projections (prefill, decode): fp32 | int8 | int4 | int4:quanto
     decode_variants: tuple[str, ...] = ("default", "default@all", "default@merged")  # decoding at batch 1
     memory_variants: tuple[str, ...] = ("default", "default-scalar")  # peak memory of load + one trace
     # prefill gate variants: GATES, GATES@all | GATES@skipped (adapter scope), GATES@merged (merged adapter)
@@ -71,6 +74,11 @@ class BenchConfig:
     corpus_query_tokens: tuple[int, ...] = (100_000, 1_000_000)  # synthesised from the collected dataset
     dashboard_tokens: int = 128
     rates_skip: float = 0.25
+    speculative_skips: tuple[float, ...] = (0.25, 0.5, 0.75)  # draft budgets (bench/speculative.py)
+    speculative_tokens: tuple[int, ...] = (2, 4, 6)  # draft tokens K
+    speculative_prompt: int = 64  # prompt tokens (held-out prose)
+    speculative_new_tokens: int = 48
+    speculative_step_repeats: int = 20  # timings of one draft step / one verify pass
     repeats: int = 2
     sections: tuple[str, ...] = SECTIONS
 
@@ -270,9 +278,8 @@ def _decode_predictions(view: GatedModel, trace, prompt_len: int, batch_size: in
     ]  # fmt: skip
     flops = sum(accounts[1:], accounts[0])
     generated = skipped.shape[1]
-    eligible = skipped.shape[0] * generated * spec.n_layers * 2
     return {
-        "reached_skip_rate": float(skipped.sum() / eligible) if eligible else 0.0,
+        "reached_skip_rate": skipped_fraction(skipped.sum(), skipped.shape[0] * generated, spec.n_layers),
         "predicted_speedup_bytes": dense_bytes / gated_bytes,
         "predicted_speedup_flops": flops.dense_flops / flops.skipping_flops,
     }
@@ -433,7 +440,7 @@ def bench_collect(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
                 start = time.perf_counter()
                 counts = collect(view, paras, out, batch_size=8, show_progress=False, skip=0.25, max_tokens=128)
                 seconds = time.perf_counter() - start
-            tokens = counts["rows"] // (2 * base.spec.n_layers)
+            tokens = counts["rows"] // branches_per_token(base.spec.n_layers)
             rows.append(
                 {
                     "tokens": tokens,
@@ -569,6 +576,7 @@ BENCHES = {
     "memory": lambda base, cfg, log: bench_memory(cfg.model, cfg.memory_variants, log),
     "prefill": bench_prefill,
     "decode": bench_decode,
+    "speculative": lambda base, cfg, log: bench_speculative(base, cfg, log, interleaved, _text_of_tokens),
     "capture": bench_capture,
     "collect": bench_collect,
     "dashboard": bench_dashboard,
@@ -582,7 +590,7 @@ def run(cfg: BenchConfig, log=print) -> dict:
         raise GateSkipError(
             f"unknown bench section(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(SECTIONS)}"
         )
-    base = load_model(cfg.model, dtype=cfg.dtype)
+    base = load_model(cfg.model, dtype=cfg.dtype, weights=cfg.weights)
     started = time.perf_counter()
     results = {"config": asdict(cfg), "machine": machine()}
     for section in cfg.sections:

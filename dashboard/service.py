@@ -2,8 +2,8 @@
 
 - `ModelHub`: each backbone is loaded once per process and shared by every
   browser session; sessions get their own `GatedModel.view` with their gates.
-- `explore`: one exact run (the gated model with the skips applied) and the
-  prompt's quality against the ungated model.
+- `exact`: one exact run (the gated model with the skips applied) and the
+  prompt's quality against the ungated model (`prompt_quality`).
 - `estimate`: re-threshold captured gate values (no model call).
 - `compare_decisions`: where estimate and exact decisions differ.
 - `DataDir`: the Corpus view's datasets (listed, opened by name, collected from uploads or a
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from gateskip_core import GatedModel, GateSkipError, Trace, load_gates, load_model
 from gateskip_core.model import shipped_gate_specs
+from gateskip_core.reference import kl_to_reference, log_probs, top1_agreement
 
 MAX_PROMPT_TOKENS = 512
 EXAMPLE_PROMPTS = {
@@ -42,18 +42,19 @@ class ModelHub:
     """Process-wide model cache; loading is serialised, use is concurrent."""
 
     def __init__(self) -> None:
-        self._models: dict[str, GatedModel] = {}
+        self._models: dict[tuple[str, str], GatedModel] = {}
         self._lock = threading.Lock()
 
-    def base(self, name: str, progress=lambda msg: None) -> GatedModel:
+    def base(self, name: str, progress=lambda msg: None, weights: str = "fp32") -> GatedModel:
+        """The backbone `name` with its projections in `weights` (fp32, int8, int4: one copy each)."""
         with self._lock:
-            if name not in self._models:
-                self._models[name] = load_model(name, progress=progress)
-            return self._models[name]
+            if (name, weights) not in self._models:
+                self._models[(name, weights)] = load_model(name, progress=progress, weights=weights)
+            return self._models[(name, weights)]
 
-    def view(self, name: str, gates: str, uploaded: bytes | None = None) -> GatedModel:
+    def view(self, name: str, gates: str, uploaded: bytes | None = None, weights: str = "fp32") -> GatedModel:
         """The shared backbone with the chosen gates attached (cache the result per choice)."""
-        base = self.base(name)
+        base = self.base(name, weights=weights)
         view = base.view()
         if gates == "upload":
             if uploaded is None:
@@ -132,10 +133,9 @@ class PromptQuality:
 def prompt_quality(model: GatedModel, batch, gated_logits: torch.Tensor) -> PromptQuality:
     """KL and top-1 agreement of the gated run's logits against the ungated model on the same tokens."""
     full = model.view().forward(batch.input_ids, batch.attention_mask, model.make_plan(0.0))
-    lp_full = F.log_softmax(full.logits[0].float(), -1)
-    lp = F.log_softmax(gated_logits[0].float(), -1)
-    kl = float((lp_full.exp() * (lp_full - lp)).sum(-1).mean())
-    agree = float((lp.argmax(-1) == lp_full.argmax(-1)).float().mean())
+    lp_full, lp = log_probs(full.logits[0]), log_probs(gated_logits[0])
+    kl = float(kl_to_reference(lp_full, lp).mean())
+    agree = float(top1_agreement(lp_full, lp).mean())
     return PromptQuality(kl, agree)
 
 
@@ -155,6 +155,60 @@ def continuations(model: GatedModel, text: str, chat: bool, n_new: int, **skip_k
     if first is None and len(a) != len(b):
         first = min(len(a), len(b))
     return Continuations(model.token_strings(a), model.token_strings(b), first)
+
+
+@dataclass
+class DraftedContinuation:
+    """The original's greedy continuation as self-speculative decoding produced it: per token, whether
+    it was a drafted token the original accepted, its correction of a drafted token (and which), or
+    its own token with no draft at that position."""
+
+    tokens: list[str]
+    sources: list[str]  # accepted | corrected | verifier (`gateskip_core.forward.speculative`)
+    rejected: list[str | None]  # the draft's token where the original corrected it
+    drafted: int
+    accepted: int
+    draft_skip_rate: float
+    policy: str
+
+    def marked(self) -> str:
+        """The continuation with each rejected draft shown as ⟪draft→original⟫."""
+        return "".join(tok if draft is None else f"⟪{draft}→{tok}⟫" for tok, draft in zip(self.tokens, self.rejected))
+
+    def caption(self) -> str:
+        n_rejected = sum(d is not None for d in self.rejected)
+        rate = self.accepted / self.drafted if self.drafted else 0.0
+        return (
+            f"the original accepted {self.accepted} of {self.drafted} drafted tokens ({rate:.0%}); "
+            f"⟪draft→original⟫ marks the {n_rejected} it rejected: where skipping changed the next token. "
+            f"The draft skipped {self.draft_skip_rate:.0%} of its branches ({self.policy} policy)."
+        )
+
+
+def drafted_continuation(
+    model: GatedModel, text: str, chat: bool, n_new: int, draft_tokens: int, **skip_kwargs
+) -> DraftedContinuation:
+    """Self-speculative decoding with the sidebar's skip settings as the draft's (a quantile policy
+    becomes calibrated: the draft decides token by token)."""
+    args = dict(skip_kwargs)
+    draft_skip = args.pop("skip")
+    if args.get("policy") == "quantile":
+        args["policy"] = "calibrated"
+    gen = model.generate(
+        text, max_new_tokens=n_new, chat=chat, draft_skip=draft_skip, draft_tokens=draft_tokens, **args
+    )
+    record = gen.speculative
+    ids = gen.trace.extra["generated_token_ids"][0]
+    rejected = [None if d is None else model.token_strings([d])[0] for d in record.rejected_drafts[0]]
+    return DraftedContinuation(
+        model.token_strings(ids),
+        record.sources[0],
+        rejected,
+        record.drafted,
+        record.accepted,
+        record.draft_skip_rate,
+        args.get("policy", "calibrated"),
+    )
 
 
 def capture(model: GatedModel, text: str, chat: bool, adapter_scope: str = "auto") -> tuple[Trace, bool]:

@@ -7,9 +7,11 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from analysis.traces.tracedb import _CSV_TYPES, TraceDB
-from gateskip_core import GateSkipError
+from gateskip_core import GateSkipError, branches, reference
 from gateskip_core.backbone import architecture
 from gateskip_core.traces.trace import TRACE_COLUMNS
 
@@ -84,3 +86,62 @@ def test_the_architecture_docstring_names_every_supported_family():
     described = re.sub(r"[^a-z0-9]", "", (architecture.__doc__ or "").lower())
     missing = [t for t in architecture.FAMILIES if re.sub(r"[^a-z0-9]", "", t.removesuffix("_text")) not in described]
     assert missing == []
+
+
+# ---- KL to the reference and top-1 agreement (gateskip_core/reference.py)
+def test_kl_to_reference_is_kl_of_the_reference_against_the_run_per_position():
+    torch.manual_seed(0)
+    ref, run = reference.log_probs(torch.randn(2, 5, 11)), reference.log_probs(torch.randn(2, 5, 11))
+    expected = F.kl_div(run, ref, log_target=True, reduction="none").sum(-1)
+    assert reference.kl_to_reference(ref, run).shape == (2, 5)
+    torch.testing.assert_close(reference.kl_to_reference(ref, run), expected)
+    assert float(reference.kl_to_reference(ref, ref).abs().max()) < 1e-6
+    assert reference.log_probs(torch.randn(3, 4, dtype=torch.float16)).dtype == torch.float32
+
+
+def test_top1_agreement_compares_the_most_likely_tokens_per_position():
+    ref = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 1.0]])
+    run = torch.tensor([[1.0, 9.0, 0.0], [0.0, 4.0, 1.0]])
+    assert reference.top1_agreement(ref, run).tolist() == [1.0, 0.0]
+
+
+# Files other engineers were rewriting while these definitions moved (the loop's split, the new
+# generate and speculative commands): each is moved onto the one definition as it lands; empty it.
+IN_FLUX = {
+    "gateskip_core/training/loop.py",
+    "gateskip_core/skipping/allocation.py",
+    "gateskip_core/training/sensitivity.py",
+    "gateskip_core/cli.py",
+    "analysis/cli.py",
+    "gateskip_core/forward/speculative.py",
+}
+
+
+def test_no_module_writes_out_kl_or_top1_agreement_again():
+    allowed = {"gateskip_core/reference.py"} | IN_FLUX
+    assert lines_matching(r"\.exp\(\)\s*\*\s*\(", allowed) == []  # p * (log p - log q)
+    assert lines_matching(r"argmax\(-1\)\s*==\s*\S*argmax", allowed) == []
+    assert lines_matching(r"\bkl_div\(", allowed) == []
+
+
+# ---- the skipped fraction's denominator (gateskip_core/branches.py)
+def test_the_skipped_fraction_counts_both_branches_of_every_layer_per_eligible_token(tiny_llama):
+    trace = tiny_llama.trace(PROMPTS_OF_TWO, skip=0.4)
+    skipped = sum(int(s.skipped.sum()) for s in trace.sequences)
+    eligible = sum(int(s.eligible.sum()) for s in trace.sequences)
+    assert 0 < skipped
+    assert trace.skipped_fraction() == pytest.approx(skipped / (eligible * tiny_llama.spec.n_layers * 2))
+    assert trace.sequences[0].skipped_fraction() == pytest.approx(
+        trace.sequences[0].skipped.sum() / (trace.sequences[0].eligible.sum() * tiny_llama.spec.n_layers * 2)
+    )
+    assert branches.skipped_fraction(0, 0, 4) == 0.0
+    assert int(branches.branch_evaluations(torch.tensor(3), 4)) == 24
+
+
+def test_no_module_writes_out_the_skipped_fraction_denominator_again():
+    allowed = {"gateskip_core/branches.py"} | IN_FLUX
+    assert lines_matching(r"n_layers\s*\*\s*2\b|\b2\s*\*\s*[\w.]*n_layers\b", allowed) == []
+    assert lines_matching(r"eligible.*\*\s*2\b", allowed) == []
+
+
+PROMPTS_OF_TWO = ["Gates decide which tokens skip which layers.", "Short one."]

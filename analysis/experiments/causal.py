@@ -38,11 +38,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from analysis.experiments.faithfulness import RowEntryPolicy
 from analysis.traces.flow import token_type
 from gateskip_core import BRANCHES, Capture, Forced, GatedModel, GateSkipError, SkipBudget
+from gateskip_core.reference import kl_to_reference, log_probs
 from gateskip_core.traces.trace import applied_gates
 from gateskip_core.validation import whole_number
 
@@ -88,7 +88,7 @@ def skip_harm(
     ids = ids.to(model.device)
     T = ids.shape[1]
     base = model.forward(ids, torch.ones_like(ids), model.make_plan(0.0, adapter_scope=adapter_scope))
-    base_lp = F.log_softmax(base.logits.float(), -1)[0]
+    base_lp = log_probs(base.logits)[0]
     base_nll = -base_lp[:-1].gather(-1, ids[0, 1:, None])[:, 0]
     every = SkipBudget.make(1.0, model.spec.n_layers)
     harm, harm_mean, dloss = (np.zeros(len(cells)) for _ in range(3))
@@ -101,8 +101,8 @@ def skip_harm(
         out = model.forward(rows, torch.ones_like(rows), plan)
         if int(out.skipped.sum()) != len(chunk):  # one skip per row, or the rows are not single ablations
             raise GateSkipError("a forced skip did not happen (is the position eligible?)")
-        lp = F.log_softmax(out.logits.float(), -1)
-        kl = (base_lp.exp() * (base_lp - lp)).sum(-1)  # [b, T]
+        lp = log_probs(out.logits)
+        kl = kl_to_reference(base_lp, lp)  # [b, T]
         nll = -lp[:, :-1].gather(-1, ids[0, 1:].expand(len(chunk), T - 1)[..., None])[..., 0]
         for j, position in enumerate(chunk[:, 2].tolist()):
             harm[start + j] = float(kl[j, position:].sum())

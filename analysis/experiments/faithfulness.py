@@ -40,7 +40,9 @@ from tqdm.auto import tqdm
 
 from analysis.traces.intervals import DEFAULT_RESAMPLES
 from gateskip_core import BRANCHES, Capture, GatedModel, GateSkipError, SkipBudget
+from gateskip_core.branches import branches_per_token
 from gateskip_core.data import token_blocks
+from gateskip_core.reference import kl_to_reference, log_probs
 from gateskip_core.skipping.policies import BranchInput, Decision, SkipPolicy
 from gateskip_core.validation import whole_number
 
@@ -63,7 +65,7 @@ class RowEntryPolicy(SkipPolicy):
         for row, (layer, branch, position) in enumerate(self.entries):
             if layer == inp.layer and branch == b:
                 skip[row] = inp.positions[row] == position
-        return Decision(skip=skip & inp.eligible, threshold=torch.full(skip.shape, float("nan")))
+        return Decision(skip=skip & inp.eligible, threshold=torch.full(skip.shape, float("nan"), device=skip.device))
 
 
 def sample_entries(n_tokens: int, n_layers: int, n_entries: int, seed: int = 0) -> np.ndarray:
@@ -72,7 +74,7 @@ def sample_entries(n_tokens: int, n_layers: int, n_entries: int, seed: int = 0) 
     positions = np.arange(1, n_tokens - 1)
     if len(positions) < 1:
         raise GateSkipError("the text is too short to ablate (need at least 3 tokens)")
-    per_stratum = max(1, -(-n_entries // (2 * n_layers)))
+    per_stratum = max(1, -(-n_entries // branches_per_token(n_layers)))
     rng = np.random.default_rng(seed)
     rows = []
     for layer in range(n_layers):
@@ -157,8 +159,8 @@ def _exact_harm_of_ids(
         plan = model.make_plan(ones, RowEntryPolicy(tuple(map(tuple, chunk.tolist()))), path="masked")
         out = model.forward(rows, torch.ones_like(rows), plan)
         assert int(out.skipped.sum()) == len(chunk)  # exactly one skip per row
-        lp = F.log_softmax(out.logits.float(), -1)  # [b, T, V]
-        kl = (base_lp.exp() * (base_lp - lp)).sum(-1)  # [b, T]
+        lp = log_probs(out.logits)  # [b, T, V]
+        kl = kl_to_reference(base_lp, lp)  # [b, T]
         nll = -lp[:, :-1].gather(-1, ids[0, 1:].expand(len(chunk), T - 1)[..., None])[..., 0]  # [b, T-1]
         for j, (_, _, position) in enumerate(chunk):
             harm[start + j] = float(kl[j, position:].sum())
@@ -191,7 +193,7 @@ def _signals(model: GatedModel, ids: torch.Tensor) -> dict[str, np.ndarray]:
     capture = Capture(branch_deltas=True, branch_io=True, hidden_states=True)
     with torch.enable_grad():
         out = model.walk(ids, torch.ones_like(ids), plan, capture=capture)
-        lp = F.log_softmax(out.logits.float(), -1)
+        lp = log_probs(out.logits)
         nll = -lp[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
         nll.sum().backward()
     T, L = ids.shape[1], spec.n_layers

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gateskip_core import GatedModel, GateSkipError, SkipPlan, account_sequence
+from gateskip_core.branches import skipped_fraction
 from gateskip_core.data import first_blocks, pydoc_texts
+from gateskip_core.reference import kl_to_reference, log_probs, top1_agreement
 from gateskip_core.validation import whole_number
 
 
@@ -42,12 +43,12 @@ def evaluation_blocks(
 
 def reference(model: GatedModel, blocks: torch.Tensor, batch_size: int = 4) -> Reference:
     """Run the original (ungated, unadapted) model once; every evaluation compares against it."""
-    log_probs = []
+    reference_log_probs = []
     with torch.no_grad():
         for i in range(0, len(blocks), batch_size):
             logits = model.original(input_ids=blocks[i : i + batch_size]).logits[:, :-1].float()
-            log_probs.append(F.log_softmax(logits, -1))
-    return Reference(blocks, log_probs, batch_size)
+            reference_log_probs.append(log_probs(logits))
+    return Reference(blocks, reference_log_probs, batch_size)
 
 
 def evaluate(model: GatedModel, ref: Reference, plan: SkipPlan) -> dict[str, float]:
@@ -59,14 +60,14 @@ def evaluate(model: GatedModel, ref: Reference, plan: SkipPlan) -> dict[str, flo
     for i, ref_lp in enumerate(ref.log_probs):
         ids = ref.blocks[i * ref.batch_size : (i + 1) * ref.batch_size]
         out = model.forward(ids, torch.ones_like(ids), plan)
-        lp = F.log_softmax(out.logits[:, :-1].float(), -1)
+        lp = log_probs(out.logits[:, :-1])
         target = ids[:, 1:]
         nll += float(-lp.gather(-1, target[..., None]).sum())
-        kl += float((ref_lp.exp() * (ref_lp - lp)).sum())
-        agree += float((lp.argmax(-1) == ref_lp.argmax(-1)).sum())
+        kl += float(kl_to_reference(ref_lp, lp).sum())
+        agree += float(top1_agreement(ref_lp, lp).sum())
         count += target.numel()
         skipped += int(out.skipped.sum())
-        eligible += int(out.eligible.sum()) * model.spec.n_layers * 2
+        eligible += int(out.eligible.sum())
         for b in range(ids.shape[0]):
             acc = account_sequence(
                 model.spec,
@@ -84,7 +85,7 @@ def evaluate(model: GatedModel, ref: Reference, plan: SkipPlan) -> dict[str, flo
         "ppl": float(np.exp(nll / count)),
         "kl_to_full": kl / count,
         "top1_agreement": agree / count,
-        "skipped_fraction": skipped / eligible if eligible else 0.0,
+        "skipped_fraction": skipped_fraction(skipped, eligible, model.spec.n_layers),
         "flops_saved": 1.0 - executed / dense,
         "flops_saved_gross": 1.0 - (executed - gate_cost) / dense,  # the skips alone, gates not charged
         "tokens": int(count),
@@ -174,7 +175,7 @@ def chat_fidelity(
     answers = original.generate(list(prompts), max_new_tokens=max_new_tokens, chat=True, skip=0.0)
     sequences = [(s.token_ids, s.prompt_length) for s in answers.trace.sequences if s.n_tokens > s.prompt_length + 1]
     inputs = [torch.as_tensor(np.asarray(ids))[None] for ids, _ in sequences]
-    refs = [F.log_softmax(original.forward(i, torch.ones_like(i), original.make_plan(0.0)).logits, -1) for i in inputs]
+    refs = [log_probs(original.forward(i, torch.ones_like(i), original.make_plan(0.0)).logits) for i in inputs]
     rows = []
     jobs = [(p, b) for p in policies for b in budgets]
     for policy, budget in tqdm(jobs, disable=not show_progress, desc="chat fidelity"):
@@ -183,20 +184,20 @@ def chat_fidelity(
         skipped = eligible = 0
         for ids_t, ref, (_, n_prompt) in zip(inputs, refs, sequences):
             out = model.forward(ids_t, torch.ones_like(ids_t), plan)
-            lp = F.log_softmax(out.logits.float(), -1)
+            lp = log_probs(out.logits)
             answer = slice(n_prompt - 1, ids_t.shape[1] - 1)  # positions that predict the answer's tokens
-            kl += float((ref[0, answer].exp() * (ref[0, answer] - lp[0, answer])).sum())
-            agree += float((lp[0, answer].argmax(-1) == ref[0, answer].argmax(-1)).sum())
+            kl += float(kl_to_reference(ref[0, answer], lp[0, answer]).sum())
+            agree += float(top1_agreement(ref[0, answer], lp[0, answer]).sum())
             count += answer.stop - answer.start
             skipped += int(out.skipped.sum())
-            eligible += int(out.eligible.sum()) * model.spec.n_layers * 2
+            eligible += int(out.eligible.sum())
         rows.append(
             {
                 "policy": policy,
                 "skip_budget": budget,
                 "kl_to_full": kl / count,
                 "top1_agreement": agree / count,
-                "skipped_fraction": skipped / eligible,
+                "skipped_fraction": skipped_fraction(skipped, eligible, model.spec.n_layers),
                 "answer_tokens": int(count),
                 "answers": len(sequences),
             }

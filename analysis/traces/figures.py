@@ -8,6 +8,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from gateskip_core import BRANCHES, Trace
+from gateskip_core.branches import branches_per_token
 
 METHOD_COLOURS = {
     "gateskip": "#d62728",
@@ -241,7 +242,7 @@ def token_strip_html(trace: Trace, sequence: int = 0) -> str:
     counts = seq.skipped.sum(axis=(1, 2))
     ran = (~seq.skipped).sum(axis=(1, 2))
     applied = seq.gate_applied.sum(axis=(1, 2))
-    total = trace.n_layers * 2
+    total = branches_per_token(trace.n_layers)
     spans = [
         _token_span(
             token,

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from gateskip_core import BRANCHES, GateSkipError, Trace
+from gateskip_core.branches import branches_per_token
 from gateskip_core.traces.trace import NO_GATES
 
 from .dataset import is_dataset_path, open_dataset
@@ -198,10 +199,10 @@ class TraceDB:
             raise GateSkipError(f"trace file {self.source} holds no rows")
         bad = self.con.execute(
             """SELECT sequence_id, count(*) AS n, max(position) + 1 AS t, max(prompt_length) AS prompt
-               FROM traces GROUP BY sequence_id HAVING count(*) != (max(position) + 1) * ? * 2
+               FROM traces GROUP BY sequence_id HAVING count(*) != (max(position) + 1) * ?
                    OR max(prompt_length) > max(position) + 1
                ORDER BY sequence_id LIMIT 1""",
-            [int(n_layers)],
+            [branches_per_token(int(n_layers))],
         ).fetchone()
         if bad is not None:
             sid, n, t, prompt = bad

@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from gateskip_core.branches import BRANCHES, budget_label
+from gateskip_core.branches import BRANCHES, branches_per_token, budget_label, skipped_fraction
 from gateskip_core.errors import GateSkipError
 from gateskip_core.files import atomic_write
 from gateskip_core.traces.compute import ComputeAccount, adapted_rows
@@ -128,8 +128,7 @@ class SequenceTrace:
 
     def skipped_fraction(self) -> float:
         """Skipped branch evaluations over eligible ones (both branch types)."""
-        denom = self.eligible.sum() * self.skipped.shape[1] * 2
-        return float(self.skipped.sum() / denom) if denom else 0.0
+        return skipped_fraction(self.skipped.sum(), self.eligible.sum(), self.skipped.shape[1])
 
 
 @dataclass
@@ -161,9 +160,8 @@ class Trace:
         return total
 
     def skipped_fraction(self) -> float:
-        eligible = sum(int(s.eligible.sum()) for s in self.sequences) * self.n_layers * 2
-        skipped = sum(int(s.skipped.sum()) for s in self.sequences)
-        return skipped / eligible if eligible else 0.0
+        eligible = sum(int(s.eligible.sum()) for s in self.sequences)
+        return skipped_fraction(sum(int(s.skipped.sum()) for s in self.sequences), eligible, self.n_layers)
 
     def budget_label(self) -> str:
         return budget_label(self.skip_budget, self.branches)
@@ -335,7 +333,7 @@ class Trace:
         ran_per_token = (~seq.skipped).sum(axis=(1, 2))
         applied_per_token = seq.gate_applied.sum(axis=(1, 2))
         idle = (ran_per_token > 0) & (applied_per_token == 0)
-        max_skips = max(1, self.n_layers * 2)
+        max_skips = max(1, branches_per_token(self.n_layers))
         spans = []
         for i, tok in enumerate(seq.tokens):
             shade = int(255 - 155 * skipped_per_token[i] / max_skips)
