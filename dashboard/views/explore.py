@@ -116,33 +116,55 @@ def explore_view(cfg: service.Settings) -> None:
         )
         st.dataframe(per_layer[(per_layer["attn"] > 0) | (per_layer["mlp"] > 0)], hide_index=True)
 
-    st.subheader("Continuation: ungated vs with skipping")
-    n_new = st.slider("New tokens", 4, 48, 16, 4, key="n_new")
-    if st.button("Generate continuations", key="generate"):
-        try:
-            result = service.continuations(view, text, chat, n_new, **cfg.skip_args())
-            st.session_state["continuations"] = result
-        except GateSkipError as err:
-            st.error(str(err))
-    result = st.session_state.get("continuations")
-    if result is not None:
-        left, right = st.columns(2)
-        left.markdown("**Ungated**")
-        left.code("".join(result.ungated) or "(nothing)")
-        right.markdown("**With skipping**")
-        marked = "".join(f"⟦{tok}⟧" if i == result.first_divergence else tok for i, tok in enumerate(result.skipping))
-        right.code(marked or "(nothing)")
-        st.caption(
-            "identical"
-            if result.first_divergence is None
-            else f"first divergent token (marked ⟦ ⟧): #{result.first_divergence}"
-        )
+    continuation_panel(view, cfg, text, chat)
 
     st.subheader("Export")
     c1, c2, c3 = st.columns(3)
     download(c1, "Trace (CSV)", lambda: shown.to_dataframe().to_csv(index=False), "trace.csv", "text/csv")
     figure_download(c2, "Heatmap (HTML)", heat, "heatmap.html")
     download(c3, "Token strip (HTML)", strip, "token_strip.html", "text/html")
+
+
+def continuation_panel(view, cfg: service.Settings, text: str, chat: bool) -> None:
+    """The ungated continuation beside the one with skipping; or, with drafting on, the original's
+    continuation drafted by the gated model, each drafted token the original rejected marked."""
+    st.subheader("Continuation: ungated vs with skipping")
+    n_new = st.slider("New tokens", 4, 48, 16, 4, key="n_new")
+    drafting = st.checkbox(
+        "Draft with skipping (self-speculative decoding: the original checks every drafted token, so the "
+        "output is the original's; marked: drafted tokens it rejected)",
+        key="drafting",
+    )
+    draft_tokens = st.slider("Drafted tokens per round", 1, 8, 4, key="draft_tokens", disabled=not drafting)
+    if st.button("Generate continuations", key="generate"):
+        try:
+            result = service.continuations(view, text, chat, n_new, **cfg.skip_args())
+            drafted = None
+            if drafting:
+                drafted = service.drafted_continuation(view, text, chat, n_new, draft_tokens, **cfg.skip_args())
+            st.session_state["continuations"] = (result, drafted)
+        except GateSkipError as err:
+            st.error(str(err))
+    kept = st.session_state.get("continuations")
+    if kept is None:
+        return
+    result, drafted = kept
+    left, right = st.columns(2)
+    left.markdown("**Ungated**")
+    left.code("".join(result.ungated) or "(nothing)")
+    if drafted is not None:
+        right.markdown("**Drafted with skipping, checked by the original**")
+        right.code(drafted.marked() or "(nothing)")
+        st.caption(drafted.caption())
+        return
+    right.markdown("**With skipping**")
+    marked = "".join(f"⟦{tok}⟧" if i == result.first_divergence else tok for i, tok in enumerate(result.skipping))
+    right.code(marked or "(nothing)")
+    st.caption(
+        "identical"
+        if result.first_divergence is None
+        else f"first divergent token (marked ⟦ ⟧): #{result.first_divergence}"
+    )
 
 
 def gate_caption(shown, branches: tuple[str, ...]) -> str:
