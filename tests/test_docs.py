@@ -279,12 +279,14 @@ def runnable(page: Path) -> list[Shown]:
 
 def make_sandbox(root: Path) -> Path:
     """A working directory holding every file the shown commands name: the sample texts
-    (docs/examples/), the held-out text scripts/reproduce_results.sh writes (docs/heldout.txt), and
+    (docs/examples/), the held-out text scripts/reproduce_results.sh writes (docs/heldout.txt), the
+    folder the commands write their data to (docs/results/), and
     a checkpoint directory of a supported family at models.md's path/to/ckpt."""
     from gateskip_core.backbone.tiny_models import build_tiny_model
     from gateskip_core.data import pydoc_texts
 
     shutil.copytree(EXAMPLES, root / "docs" / "examples")
+    (root / "docs" / "results").mkdir()  # where the pages' commands write their data, as scripts/ do
     (root / "docs" / "heldout.txt").write_text("\n\n".join(pydoc_texts("validation")))  # as reproduce_results.sh
     model, tokenizer = build_tiny_model("llama")
     model.save_pretrained(root / "path" / "to" / "ckpt")
