@@ -31,7 +31,7 @@ def cmd_causal(args: argparse.Namespace) -> int:
     if args.text is not None and not args.text.strip():
         raise GateSkipError("text is empty")
     texts = [args.text] if args.text is not None else paragraphs_of(args.file)
-    model = load_model(args.model, gates=args.gates, device=args.device)
+    model = load_model(args.model, gates=args.gates, device=args.device, dtype=args.dtype)
     if args.file is not None:  # headings and one-word lines have no token to skip after BOS: the next paragraphs
         texts = [t for t in texts if model.encode([t], max_tokens=3).input_ids.shape[1] >= 3][: args.texts]
     start = time.perf_counter()
@@ -91,12 +91,14 @@ def register_causal(sub, commands, add_model_args, budget_type) -> None:
     p.add_argument("--bos", action="store_true", help="also force BOS to skip (lifts its protection for that alone)")
     p.add_argument("--skip", type=budget_type, default=0.25, help="budget of the gate statistics (gate, applied)")
     add_adapter_scope_arg(p)
-    p.add_argument("--max-tokens", type=cli_type(whole_number, "--max-tokens", minimum=3), default=64)
+    p.add_argument(
+        "--max-tokens", type=cli_type(whole_number, "--max-tokens", minimum=3), default=64, help="tokens per text"
+    )
     p.add_argument(
         "--batch-size", type=cli_type(whole_number, "--batch-size"), default=16, help="ablations per forward"
     )
     p.add_argument("--resamples", type=cli_type(whole_number, "--resamples"), default=1000, help="bootstrap draws")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled cells and the bootstrap")
     p.add_argument("--cells-out", help="also write every (text, token, layer, branch) cell (CSV)")
     p.add_argument("--out", required=True, help="layer_causal.csv: one row per (layer, branch)")
     commands["causal"] = cmd_causal

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from gateskip_core.backbone.registry import DEFAULT_MODEL
-from gateskip_core.cli import add_adapter_scope_arg
+from gateskip_core.cli import add_adapter_scope_arg, add_device_args
 from gateskip_core.errors import GateSkipError
 from gateskip_core.files import write_all
 from gateskip_core.validation import cli_type, skip_args_of, whole_number
@@ -25,7 +25,7 @@ def cmd_quality(args: argparse.Namespace) -> int:
     from .experiments.quality import evaluation_blocks, quality_table
 
     out = check_out(args.out)
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     specs = dict(item.split("=", 1) if "=" in item else (item, item) for item in args.gates)
     texts = paragraphs_of(args.file) if args.file else None
     table = quality_table(model, specs, args.budgets, evaluation_blocks(model, texts, n_blocks=args.blocks))
@@ -41,7 +41,7 @@ def cmd_chat_fidelity(args: argparse.Namespace) -> int:
     from .experiments.quality import chat_fidelity
 
     out = check_out(args.out)
-    model = load_model(args.model, gates=args.gates, device=args.device)
+    model = load_model(args.model, gates=args.gates, device=args.device, dtype=args.dtype)
     table = chat_fidelity(
         model,
         args.budgets,
@@ -66,7 +66,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     sources = [(Path(f).name, paragraphs_of(f)) for f in args.file]
     state = process_state()
     device = str(state.device) if state.num_processes > 1 and state.device.type != "cpu" else args.device
-    model = load_model(args.model, gates=args.gates, device=device)
+    model = load_model(args.model, gates=args.gates, device=device, dtype=args.dtype)
     log = print if state.is_main_process else (lambda msg: None)
     counts = collect_dataset(
         model,
@@ -100,7 +100,7 @@ def _collect_file(args: argparse.Namespace) -> int:
     if len(args.file) > 1:
         raise GateSkipError("several --file sources need a dataset folder as --out, not one file")
     paras = paragraphs_of(args.file[0])
-    model = load_model(args.model, gates=args.gates, device=args.device)
+    model = load_model(args.model, gates=args.gates, device=args.device, dtype=args.dtype)
     counts = collect(
         model,
         paras,
@@ -278,7 +278,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     matched_out = check_out(args.matched_out, option="--matched-out")
     methods = check_method_names(args.methods.split(","), METHODS)
     texts = paragraphs_of(args.file) if args.file else None
-    model = load_model(args.model, gates=args.gates, device=args.device)
+    model = load_model(args.model, gates=args.gates, device=args.device, dtype=args.dtype)
     for method in methods:  # K must leave a layer: checked once the model's depth is known
         prune_count(method, model.spec.n_layers)
     blocks = evaluation_blocks(model, texts, n_blocks=args.blocks, seq_len=args.seq_len)
@@ -291,6 +291,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     matched = at_matched_savings(table)
     print("at matched net FLOPs saved:")
     print(matched.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    for line in _unreached_targets(table, matched):
+        print(line)
     outputs = {out: _csv(table)}
     if matched_out:
         outputs[matched_out] = _csv(matched)
@@ -302,6 +304,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     write_all(outputs)
     print(f"wrote {', '.join(map(str, outputs))}")
     return 0
+
+
+def _unreached_targets(table, matched) -> list[str]:
+    """Why a matched row is NaN: the method's sweep did not reach that saving (values are interpolated
+    between the budgets swept, never extrapolated)."""
+    lines = []
+    for method, part in matched.groupby("method", sort=False):
+        missing = part.loc[part["top1_agreement"].isna(), "net_flops_saved"]
+        if len(missing):
+            saved = table.loc[table["method"] == method, "flops_saved"]
+            lines.append(
+                f"NaN: {method} saves {saved.min():.1%} to {saved.max():.1%} of net FLOPs over the budgets swept, "
+                f"so {', '.join(f'{t:.0%}' for t in missing)} lie outside (add budgets that reach them)"
+            )
+    return lines
 
 
 def cmd_faithfulness(args: argparse.Namespace) -> int:
@@ -323,7 +340,7 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
         raise GateSkipError("--texts streams blocks of a corpus: give it with --file")
     if args.exact is not None and args.per_cell is not None:
         raise GateSkipError("give --per-cell (entries per (layer, branch)) or --exact (entries in all), not both")
-    model = load_model(args.model, gates=args.gates, device=args.device)
+    model = load_model(args.model, gates=args.gates, device=args.device, dtype=args.dtype)
     per_cell = DEFAULT_PER_CELL if args.per_cell is None else args.per_cell
     n_entries = args.exact if args.exact is not None else per_cell * 2 * model.spec.n_layers
     start = time.perf_counter()
@@ -374,7 +391,7 @@ def cmd_settled(args: argparse.Namespace) -> int:
     figure = check_out(args.figure, (".html",), "--figure")
     summary_out = check_out(args.summary_out, option="--summary-out")
     texts = paragraphs_of(args.file) if args.file else None
-    model = load_model(args.model, gates=args.gates, device=args.device)
+    model = load_model(args.model, gates=args.gates, device=args.device, dtype=args.dtype)
     if args.from_layer is not None and args.from_layer >= model.spec.n_layers:
         raise GateSkipError(f"--from-layer must be below {model.spec.n_layers} ({model.name} has that many layers)")
     table = settled_corpus(
@@ -417,7 +434,9 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
         required=True,
         help="DIR/ (a dataset: resumable, appendable, sharded) or traces.parquet / traces.csv (one file)",
     )
-    p.add_argument("--batch-size", type=cli_type(whole_number, "--batch-size"), default=8)
+    p.add_argument(
+        "--batch-size", type=cli_type(whole_number, "--batch-size"), default=8, help="paragraphs per forward pass"
+    )
     p.add_argument(
         "--max-tokens",
         type=cli_type(whole_number, "--max-tokens"),
@@ -483,25 +502,39 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
     p = sub.add_parser("sweep", help="quality vs net FLOPs for GateSkip and baselines")
     add_model_args(p, gates_default="default")
     p.add_argument("--file", help="held-out text (default: the pydoc validation split)")
-    p.add_argument("--budgets", type=budget_list, default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    p.add_argument(
+        "--budgets",
+        type=budget_list,
+        default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
+        help="comma-separated skip budgets in [0, 1], each run by every method",
+    )
     p.add_argument(
         "--methods",
         default="gateskip,gateskip-uniform,random,shortgpt,shortgpt-calibration,attn-only,mlp-only",
         help="comma-separated; shortgpt+gateskip:K removes the K lowest-influence layers and gates the rest",
     )
-    p.add_argument("--blocks", type=cli_type(whole_number, "--blocks"), default=8)
-    p.add_argument("--seq-len", type=cli_type(whole_number, "--seq-len", minimum=2), default=128)
+    p.add_argument(
+        "--blocks", type=cli_type(whole_number, "--blocks"), default=8, help="held-out token blocks every run scores"
+    )
+    p.add_argument(
+        "--seq-len", type=cli_type(whole_number, "--seq-len", minimum=2), default=128, help="tokens per block"
+    )
     p.add_argument("--figure", help="also write the quality-vs-FLOPs figure (HTML)")
     p.add_argument("--matched-out", help="also write each method's quality at 10/20/30%% net FLOPs saved (CSV)")
-    p.add_argument("--metric", default="top1_agreement", choices=["top1_agreement", "ppl", "kl_to_full"])
-    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--metric",
+        default="top1_agreement",
+        choices=["top1_agreement", "ppl", "kl_to_full"],
+        help="the figure's quality axis",
+    )
+    p.add_argument("--out", required=True, help="sweep.csv: one row per (method, budget)")
     commands["sweep"] = cmd_sweep
 
     p = sub.add_parser("faithfulness", help="which signal predicts the exact harm of a skip? (batched ablations)")
     add_model_args(p, gates_default="default")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text")
-    src.add_argument("--file")
+    src.add_argument("--text", help="one text whose skips are ablated")
+    src.add_argument("--file", help="a text file (with --texts: a corpus streamed in blocks)")
     p.add_argument(
         "--per-cell",
         type=cli_type(whole_number, "--per-cell"),
@@ -532,34 +565,46 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
         "--batch-size", type=cli_type(whole_number, "--batch-size"), default=16, help="ablations per forward"
     )
     p.add_argument("--skip-fraction", type=float, default=0.25, help="the budget's skip fraction for the ranking check")
-    p.add_argument("--max-tokens", type=cli_type(whole_number, "--max-tokens"), default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--max-tokens", type=cli_type(whole_number, "--max-tokens"), default=128, help="tokens per text (or block)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled entries and the bootstrap")
     p.add_argument("--entries-out", help="also write every sampled entry: signals and harm (CSV)")
     p.add_argument("--figure", help="also write the figure (HTML)")
     p.add_argument("--out", required=True, help="faithfulness.csv: one row per signal")
     commands["faithfulness"] = cmd_faithfulness
 
     p = sub.add_parser("quality", help="perplexity / agreement of gates vs random skipping on held-out text")
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="registry name, checkpoint dir or hub id")
+    add_device_args(p)
     p.add_argument(
         "--gates",
         nargs="+",
         default=["trained=default", "untrained=untrained"],
         help="LABEL=SPEC pairs; the first is also run with random skipping",
     )
-    p.add_argument("--budgets", type=budget_list, default=[0.1, 0.25, 0.5])
+    p.add_argument(
+        "--budgets", type=budget_list, default=[0.1, 0.25, 0.5], help="comma-separated skip budgets in [0, 1]"
+    )
     p.add_argument("--blocks", type=cli_type(whole_number, "--blocks"), default=8, help="held-out blocks of 128 tokens")
     p.add_argument("--file", help="held-out text (default: the pydoc validation split)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="quality.csv: one row per (gates, policy, budget)")
     commands["quality"] = cmd_quality
 
     p = sub.add_parser(
         "chat-fidelity", help="KL / top-1 on the original model's own answers to 20 held-out chat prompts"
     )
     add_model_args(p, gates_default="default")
-    p.add_argument("--budgets", type=budget_list, default=[0.0, 0.25, 0.5])
+    p.add_argument(
+        "--budgets", type=budget_list, default=[0.0, 0.25, 0.5], help="comma-separated skip budgets in [0, 1]"
+    )
     p.add_argument("--policies", default="quantile,calibrated", help="comma-separated skip policies")
-    p.add_argument("--max-new-tokens", type=cli_type(whole_number, "--max-new-tokens"), default=64)
+    p.add_argument(
+        "--max-new-tokens",
+        type=cli_type(whole_number, "--max-new-tokens"),
+        default=64,
+        help="tokens of each answer the original model writes",
+    )
     add_adapter_scope_arg(p)
     p.add_argument("--out", required=True, help="chat_fidelity.csv")
     commands["chat-fidelity"] = cmd_chat_fidelity
@@ -572,8 +617,10 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
     p.set_defaults(skip=0.25)
     p.add_argument("--file", help="text to stream (default: the pydoc validation split)")
     p.add_argument("--blocks", type=cli_type(whole_number, "--blocks"), default=16, help="token blocks to run")
-    p.add_argument("--seq-len", type=cli_type(whole_number, "--seq-len", minimum=2), default=128)
-    p.add_argument("--batch-size", type=cli_type(whole_number, "--batch-size"), default=4)
+    p.add_argument(
+        "--seq-len", type=cli_type(whole_number, "--seq-len", minimum=2), default=128, help="tokens per block"
+    )
+    p.add_argument("--batch-size", type=cli_type(whole_number, "--batch-size"), default=4, help="blocks per forward")
     p.add_argument(
         "--from-layer",
         type=cli_type(whole_number, "--from-layer", minimum=0),

@@ -65,7 +65,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def register(sub, commands) -> None:
     p = sub.add_parser("bench", help="speed and memory of prefill, decoding, capture, collect and the dashboard")
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="registry name, checkpoint dir or hub id")
     p.add_argument("--gates", default="default", help="gates for decode, capture, collect, dashboard and rates")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
     p.add_argument(
@@ -78,18 +78,57 @@ def register(sub, commands) -> None:
         default="default,default@all,default@merged",
         help="gate variants decoded at batch 1 (larger batches decode --gates); '' = --gates",
     )
-    p.add_argument("--sections", default="prefill,decode,memory,capture,collect,dashboard,rates,corpus")
-    p.add_argument("--memory-variants", default="default,default-scalar", help="gates whose peak memory is measured")
-    p.add_argument("--prefill-tokens", type=cli_type(whole_number, "--prefill-tokens", minimum=2), default=128)
     p.add_argument(
-        "--prefill-skips", type=_numbers(float, "--prefill-skips", 0, 1), default=(0.0, 0.15, 0.25, 0.5, 0.7)
+        "--sections",
+        default="prefill,decode,memory,capture,collect,dashboard,rates,corpus",
+        help="comma-separated sections to measure",
     )
-    p.add_argument("--prefill-batches", type=_numbers(int, "--prefill-batches", 1), default=(1, 8))
-    p.add_argument("--decode-prompt", type=cli_type(whole_number, "--decode-prompt", minimum=2), default=256)
-    p.add_argument("--new-tokens", type=cli_type(whole_number, "--new-tokens", minimum=1), default=128)
-    p.add_argument("--decode-skips", type=_numbers(float, "--decode-skips", 0, 1), default=(0.0, 0.25, 0.5))
-    p.add_argument("--decode-batches", type=_numbers(int, "--decode-batches", 1), default=(1, 8))
-    p.add_argument("--decode-repeats", type=cli_type(whole_number, "--decode-repeats", minimum=1), default=2)
+    p.add_argument("--memory-variants", default="default,default-scalar", help="gates whose peak memory is measured")
+    p.add_argument(
+        "--prefill-tokens",
+        type=cli_type(whole_number, "--prefill-tokens", minimum=2),
+        default=128,
+        help="prompt tokens of the prefill section",
+    )
+    p.add_argument(
+        "--prefill-skips",
+        type=_numbers(float, "--prefill-skips", 0, 1),
+        default=(0.0, 0.15, 0.25, 0.5, 0.7),
+        help="comma-separated skip budgets of the prefill section",
+    )
+    p.add_argument(
+        "--prefill-batches",
+        type=_numbers(int, "--prefill-batches", 1),
+        default=(1, 8),
+        help="comma-separated batch sizes of the prefill section",
+    )
+    p.add_argument(
+        "--decode-prompt",
+        type=cli_type(whole_number, "--decode-prompt", minimum=2),
+        default=256,
+        help="prompt tokens before decoding",
+    )
+    p.add_argument(
+        "--new-tokens", type=cli_type(whole_number, "--new-tokens", minimum=1), default=128, help="tokens decoded"
+    )
+    p.add_argument(
+        "--decode-skips",
+        type=_numbers(float, "--decode-skips", 0, 1),
+        default=(0.0, 0.25, 0.5),
+        help="comma-separated skip budgets of the decode section",
+    )
+    p.add_argument(
+        "--decode-batches",
+        type=_numbers(int, "--decode-batches", 1),
+        default=(1, 8),
+        help="comma-separated batch sizes of the decode section",
+    )
+    p.add_argument(
+        "--decode-repeats",
+        type=cli_type(whole_number, "--decode-repeats", minimum=1),
+        default=2,
+        help="repeats of decoding at batch size 1",
+    )
     p.add_argument(
         "--batched-decode-repeats",
         type=cli_type(whole_number, "--batched-decode-repeats", minimum=1),
@@ -108,8 +147,20 @@ def register(sub, commands) -> None:
         default=(100_000, 1_000_000),
         help="corpus section: dataset sizes the queries are timed on (synthesised from the collected one)",
     )
-    p.add_argument("--collect-tokens", type=_numbers(int, "--collect-tokens", 1), default=(2_000, 10_000))
-    p.add_argument("--dashboard-tokens", type=cli_type(whole_number, "--dashboard-tokens", minimum=2), default=128)
-    p.add_argument("--repeats", type=cli_type(whole_number, "--repeats", minimum=1), default=2)
+    p.add_argument(
+        "--collect-tokens",
+        type=_numbers(int, "--collect-tokens", 1),
+        default=(2_000, 10_000),
+        help="comma-separated corpus sizes (tokens) of the collect section",
+    )
+    p.add_argument(
+        "--dashboard-tokens",
+        type=cli_type(whole_number, "--dashboard-tokens", minimum=2),
+        default=128,
+        help="tokens of the text the dashboard section runs",
+    )
+    p.add_argument(
+        "--repeats", type=cli_type(whole_number, "--repeats", minimum=1), default=2, help="repeats of each timing"
+    )
     p.add_argument("--out", help="also write the results as JSON")
     commands["bench"] = cmd_bench

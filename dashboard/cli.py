@@ -1,7 +1,8 @@
 """`gateskip dashboard` (assembled into the command line by `gateskip.cli`).
 
 The server listens on the loopback interface unless `--host` says otherwise (with a warning:
-the app has no login); the URL printed is the one it listens on. Datasets the Corpus view
+the app has no login); the URL printed is the one it listens on. `--gates FILE` adds a gate
+checkpoint to the sidebar's choices and opens the app with it (read before the server starts). Datasets the Corpus view
 lists, opens and collects live in `--data-dir` (default: `<cache>/dashboard-data`).
 """
 
@@ -58,11 +59,13 @@ def url_of(host: str, port: int) -> str:
 
 def check_model(model: str) -> str:
     """A registry name, or a local checkpoint directory of a supported family (made absolute)."""
-    from gateskip_core.backbone.registry import check_family
+    from gateskip_core.backbone.registry import check_family, missing_folder
 
     if model in REGISTRY:
         return model
     path = Path(model).expanduser()
+    if missing_folder(model):  # the loader's wording
+        raise GateSkipError(missing_folder(model))
     if not path.is_dir():
         raise GateSkipError(
             f"unknown model {model!r}; choose one of {', '.join(REGISTRY)} or a local checkpoint directory"
@@ -83,6 +86,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     except OSError as err:
         raise GateSkipError(f"cannot create --data-dir {data_dir}: {err.strerror or err}") from None
     env = dict(os.environ, GATESKIP_DASHBOARD_MODEL=model, GATESKIP_DASHBOARD_DATA=str(data_dir.resolve()))
+    if args.gates is not None:  # read already (gateskip_core.cli.check_inputs); matched to the model in the app
+        env["GATESKIP_DASHBOARD_GATES"] = str(Path(args.gates).expanduser().resolve())
     cmd = [
         sys.executable,
         "-m",
@@ -119,6 +124,11 @@ def register(sub, commands) -> None:
         help="registry model, or a local checkpoint directory, selected when the app opens",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--port", type=int, default=8501, help="port to listen on")
+    p.add_argument(
+        "--gates",
+        help="a gate checkpoint (.safetensors, e.g. from `gateskip train`) offered in the sidebar and selected "
+        "when the app opens (default: the model's shipped gates)",
+    )
     p.add_argument("--data-dir", help="the Corpus view's datasets (default: <cache>/dashboard-data)")
     commands["dashboard"] = cmd_dashboard

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import warnings
@@ -41,6 +42,25 @@ def budget_type(text: str) -> float:
     return value
 
 
+def check_inputs(args: argparse.Namespace) -> None:
+    """What every command can check before any model loads: a --model folder that does not exist, and
+    a --gates FILE, read in full (whether it fits the model is checked once the model is loaded;
+    quality's LABEL=SPEC too). A mistake is then reported in a second, not after the model loaded."""
+    from gateskip_core.backbone.registry import missing_folder
+    from gateskip_core.gating.checkpoint import load_gates
+    from gateskip_core.model import RETIRED_GATES, SHIPPED_GATES
+
+    model = getattr(args, "model", None)
+    if isinstance(model, str) and missing_folder(model):
+        raise GateSkipError(missing_folder(model))
+    given = getattr(args, "gates", None)
+    for spec in [given] if isinstance(given, str) else given or []:
+        spec = spec.partition("=")[2] if "=" in spec else spec
+        if spec in ("none", *SHIPPED_GATES, *RETIRED_GATES) or spec.startswith("untrained"):
+            continue
+        load_gates(spec)
+
+
 def _read_text(path: str) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
@@ -62,13 +82,33 @@ def add_model_args(p: argparse.ArgumentParser, gates_default: str = "none") -> N
         help="none | default (shipped gates + adapter + stand-ins) | default-v2 (the previous default) | "
         "default-scalar | untrained[:variant] | FILE.safetensors",
     )
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps")
+    add_device_args(p)
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype of a command that loads a model (`load_model` checks them)."""
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu | cuda | cuda:N | mps")
+    p.add_argument(
+        "--dtype", default="float32", help="the model's weights and activations: float32 | bfloat16 | float16"
+    )
 
 
 def add_skip_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip", type=budget_type, default=0.0, help="skip budget in [0, 1]")
-    p.add_argument("--policy", choices=["quantile", "calibrated", "random"], default="quantile")
-    p.add_argument("--path", choices=["masked", "physical"], default="masked")
+    p.add_argument(
+        "--policy",
+        choices=["quantile", "calibrated", "random"],
+        default="quantile",
+        help="which tokens skip: the lowest gates per sequence (quantile), the checkpoint's fitted thresholds "
+        "(calibrated), or random tokens at the same budget",
+    )
+    p.add_argument(
+        "--path",
+        choices=["masked", "physical"],
+        default="masked",
+        help="masked: every token runs, skipped outputs are dropped; physical: skipped tokens are left out of "
+        "the branch's compute",
+    )
     p.add_argument("--branches", default="both", help="attn | mlp | both")
     p.add_argument("--no-protect-bos", action="store_true", help="allow the first token to skip")
     p.add_argument("--seed", type=int, default=0, help="seed of the random policy")
@@ -125,7 +165,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         texts = paragraphs(_read_text(args.file))
     if not texts or not any(t.strip() for t in texts):
         raise GateSkipError("text is empty")
-    model = load_model(args.model, gates=args.gates, progress=_progress, device=args.device)
+    model = load_model(args.model, gates=args.gates, progress=_progress, device=args.device, dtype=args.dtype)
     trace = model.trace(texts, chat=args.chat, **skip_args_of(args))
     for notice in trace.notices:
         print(f"warning: {notice}", file=sys.stderr)
@@ -155,7 +195,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from gateskip_core.model import load_model
 
     prompt, out = _generate_inputs(args)
-    model = load_model(args.model, gates=args.gates, progress=_progress, device=args.device)
+    model = load_model(args.model, gates=args.gates, progress=_progress, device=args.device, dtype=args.dtype)
     skip_args = skip_args_of(args)
     if args.draft_skip is not None:
         skip_args.pop("skip")
@@ -256,6 +296,8 @@ TRAIN_HELP = {
     "budget_schedule": "ramp | random (a budget drawn each step, for the whole slider)",
     "allocation": "uniform (the same fraction everywhere) | global (by measured sensitivity and FLOPs)",
     "bf16": "bfloat16 autocast for the forward passes",
+    "device": "where training runs: cpu | cuda | cuda:N | mps (under `accelerate launch`: each process's own device)",
+    "dtype": "the frozen backbone's weights: float32 | bfloat16 | float16 (what trains stays float32)",
     "data": "text files, or 'builtin' (pydoc train split + the model's own chat answers)",
     "distill": "KL to the original (frozen) model instead of cross-entropy",
     "out": "GATES.safetensors",
@@ -284,7 +326,7 @@ TRAIN_HELP = {
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    """One flag per `TrainConfig` field, defaults taken from it (so they cannot disagree)."""
+    """One flag per `TrainConfig` field, defaults taken from it (so they cannot disagree; `--help` shows them)."""
     from dataclasses import MISSING, fields
 
     from gateskip_core.training.loop import TrainConfig
@@ -292,7 +334,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else f.default_factory()
-        help_text = f"{TRAIN_HELP[f.name]} (default: {default})"
+        help_text = TRAIN_HELP[f.name]
         if f.name == "out":
             p.add_argument(flag, required=True, help=TRAIN_HELP[f.name])
         elif f.name == "data":
@@ -304,11 +346,46 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full", action="store_true", help="the same as --adapter full")
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows every flag's default, except where there is none to show (None, an on/off switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return action.help
+        return super()._get_help_string(action)
+
+
+# argparse's own wording of a value its type conversion refused, and ours
+_INVALID_VALUE = re.compile(r"argument (?P<flag>\S+): invalid (?P<kind>int|float) value: (?P<value>.*)")
+_KINDS = {"int": "a whole number", "float": "a number"}
+
+
+def error_line(message: str) -> str:
+    """The one format of every error a command reports: `gateskip: error: <message>`."""
+    return f"gateskip: error: {message}"
+
+
+def _argparse_message(message: str) -> str:
+    """argparse's message in our words: "--lowest must be a number, got 'x'", not "argument --lowest:
+    invalid float value: 'x'"."""
+    found = _INVALID_VALUE.fullmatch(message)
+    if found:
+        return f"{found['flag']} must be {_KINDS[found['kind']]}, got {found['value']}"
+    if message.startswith("argument command: invalid choice: "):
+        return "unknown command " + message.removeprefix("argument command: invalid choice: ")
+    return message.removeprefix("argument ")
+
+
 class _OneLineParser(argparse.ArgumentParser):
-    """Argument errors print one line (no usage block); `--help` still shows the usage."""
+    """Argument errors print one line (no usage block) in the format of every other error;
+    `--help` shows each flag's default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, error_line(_argparse_message(message)) + "\n")
 
 
 @_command("fit-fill")
@@ -329,7 +406,7 @@ def cmd_fit_fill(args: argparse.Namespace) -> int:
     out = check_writable(args.out)
     if not out.name.endswith(".safetensors"):
         raise GateSkipError("--out must end in .safetensors")
-    model = load_model(args.model, gates=args.gates, progress=_progress, device=args.device)
+    model = load_model(args.model, gates=args.gates, progress=_progress, device=args.device, dtype=args.dtype)
     if model.checkpoint is None:
         raise GateSkipError("fit-fill needs a gate checkpoint (default, default-v2, default-scalar or a file)")
     scope = model.checkpoint.adapter_scope if args.adapter_scope == "auto" else args.adapter_scope
@@ -360,7 +437,7 @@ def register(sub) -> None:
     add_model_args(p)
     add_skip_args(p)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text")
+    src.add_argument("--text", help="one text to trace")
     src.add_argument("--file", help="UTF-8 text; each blank-line separated paragraph is one sequence")
     p.add_argument("--chat", action="store_true", help="format the text as a chat message")
     p.add_argument("--out", required=True, help="FILE.csv or FILE.parquet")
@@ -372,7 +449,9 @@ def register(sub) -> None:
     p.add_argument("prompt", nargs="?", help="the prompt (or --file)")
     p.add_argument("--file", help="UTF-8 text: the whole file is the prompt")
     p.add_argument("--chat", action="store_true", help="format the prompt as a chat message")
-    p.add_argument("--max-new-tokens", type=cli_type(whole_number, "--max-new-tokens"), default=32)
+    p.add_argument(
+        "--max-new-tokens", type=cli_type(whole_number, "--max-new-tokens"), default=32, help="tokens generated at most"
+    )
     p.add_argument(
         "--draft-skip",
         type=budget_type,
@@ -440,9 +519,10 @@ def run(build_parser: Callable[[], argparse.ArgumentParser], argv: list[str] | N
 
             parser = build_parser()  # builds the train flags from TrainConfig
         args = parser.parse_args(argv)
+        check_inputs(args)
         status = COMMANDS[args.command](args)
     except GateSkipError as err:
-        print(f"gateskip: error: {err}", file=sys.stderr)
+        print(error_line(str(err)), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gateskip: interrupted", file=sys.stderr)

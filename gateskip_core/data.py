@@ -43,7 +43,7 @@ def token_blocks(tokenizer, texts: Iterable[str], seq_len: int, bos: bool = True
             block, buffer = buffer[:body], buffer[body:]
             if body < seq_len:
                 block = [tokenizer.bos_token_id] + block
-            yield torch.tensor(block, dtype=torch.long)
+            yield torch.tensor(block, dtype=torch.long, device="cpu")  # host data: moved where it runs
 
 
 def first_blocks(tokenizer, texts: Iterable[str], seq_len: int, n_blocks: int) -> torch.Tensor:

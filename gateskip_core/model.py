@@ -245,8 +245,9 @@ class GatedModel:
             rows.append(ids[:limit])
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+        # On the CPU: a batch is host data until a forward moves it to the model's device.
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long, device="cpu")
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device="cpu")
         return Batch(input_ids, mask, truncated)
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:

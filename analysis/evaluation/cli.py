@@ -39,7 +39,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tasks = load_tasks(args.tasks.split(","), args.include_path or ())
     state = process_state()
     device = str(state.device) if state.num_processes > 1 and state.device.type != "cpu" else args.device
-    model = load_model(args.model, gates=args.gates, device=device)
+    model = load_model(args.model, gates=args.gates, device=device, dtype=args.dtype)
     from tqdm.auto import tqdm
 
     total = len(tasks.tasks) * len(args.budgets) * len(methods)
@@ -88,7 +88,9 @@ def register_eval(sub, commands, add_model_args) -> None:
         help="comma-separated lm-eval tasks, groups or tags (gateskip_heldout: the shipped offline tasks)",
     )
     p.add_argument("--include-path", action="append", help="a folder of extra task YAMLs (repeatable)")
-    p.add_argument("--budgets", type=_budgets, default=[0.0, 0.1, 0.2, 0.3])
+    p.add_argument(
+        "--budgets", type=_budgets, default=[0.0, 0.1, 0.2, 0.3], help="comma-separated skip budgets in [0, 1]"
+    )
     p.add_argument(
         "--methods",
         default="gateskip,random,shortgpt,shortgpt-calibration",
@@ -103,6 +105,8 @@ def register_eval(sub, commands, add_model_args) -> None:
     )
     add_adapter_scope_arg(p)
     p.add_argument("--limit", type=cli_type(whole_number, "--limit"), default=None, help="items per task")
-    p.add_argument("--batch-size", type=cli_type(whole_number, "--batch-size"), default=8)
+    p.add_argument(
+        "--batch-size", type=cli_type(whole_number, "--batch-size"), default=8, help="requests per forward pass"
+    )
     p.add_argument("--out", required=True, help="results.csv (lm-eval's full results go to results.json)")
     commands["eval"] = cmd_eval

@@ -75,7 +75,9 @@ class PrunedPolicy(SkipPolicy):
 
     def decide(self, inp: BranchInput) -> Decision:
         if inp.layer in self.removed:
-            return Decision(skip=inp.eligible.clone(), threshold=torch.full(inp.gate.shape, math.nan))
+            return Decision(
+                skip=inp.eligible.clone(), threshold=torch.full(inp.gate.shape, math.nan, device=inp.gate.device)
+            )
         return self.inner.decide(_without_bos(inp))
 
 

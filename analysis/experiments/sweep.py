@@ -61,7 +61,7 @@ class LayerDropPolicy(SkipPolicy):
 
     def decide(self, inp: BranchInput) -> Decision:
         skip = inp.eligible & (inp.layer in self.layers)
-        return Decision(skip=skip, threshold=torch.full(skip.shape, float("nan")))
+        return Decision(skip=skip, threshold=torch.full(skip.shape, float("nan"), device=skip.device))
 
 
 def block_influence(model: GatedModel, blocks: torch.Tensor) -> np.ndarray:

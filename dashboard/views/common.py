@@ -15,6 +15,11 @@ def start_model() -> str:
     return os.environ.get("GATESKIP_DASHBOARD_MODEL", DEFAULT_MODEL)
 
 
+def start_gates() -> str | None:
+    """The gate checkpoint given on the command line (`gateskip dashboard --gates FILE`), read per run."""
+    return os.environ.get("GATESKIP_DASHBOARD_GATES") or None
+
+
 def model_names() -> list[str]:
     """The registry's models, and a local checkpoint directory given on the command line (visitors
     cannot name other paths)."""

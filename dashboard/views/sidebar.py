@@ -7,7 +7,7 @@ import hashlib
 import streamlit as st
 
 from dashboard import service
-from dashboard.views.common import gated_view, hub, model_names, start_model
+from dashboard.views.common import gated_view, hub, model_names, start_gates, start_model
 from gateskip_core import GateSkipError
 
 
@@ -19,7 +19,9 @@ def sidebar() -> service.Settings:
     model_name = sb.selectbox("Model", names, index=index, key="model")
     with st.spinner(f"Loading {model_name} (the first load converts it once)…"):
         base = hub().base(model_name)
-    choices = service.gate_choices(model_name)
+    # The file given with `gateskip dashboard --gates` comes first (visitors cannot name other paths).
+    given = [start_gates()] if start_gates() and model_name == start_model() else []
+    choices = given + service.gate_choices(model_name)
     gates = sb.selectbox(
         "Gates", choices, key="gates", help="shipped trained gates, untrained gates, none, or upload a file"
     )

@@ -116,6 +116,23 @@ def check_family(path: Path) -> str:
     return architecture.check_model_type(model_type)
 
 
+def missing_folder(name_or_path: str) -> str | None:
+    """The one-line problem of a model name that can only be a local folder and is not there, else None.
+
+    A hub id is `owner/name`; a name starting with /, ., or ~, one with more than one /, or one whose
+    first folder exists here is a local path, and a mistyped one is reported as a missing folder, not
+    as a hub id the machine cannot download."""
+    if name_or_path in REGISTRY:
+        return None
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return None
+    looks_local = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
+    if looks_local or ("/" in name_or_path and Path(name_or_path.split("/")[0]).is_dir()):
+        return f"model folder {path.absolute()} does not exist"
+    return None
+
+
 def _load_dir(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -156,7 +173,8 @@ def _load_hub(hub_id: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         return _load_dir(local)
     if not hub_reachable():
         raise GateSkipError(
-            f"{hub_id!r} is not in the local Hugging Face cache and the hub cannot be reached (offline); "
+            f"{hub_id!r} is no folder here, not in the local Hugging Face cache, and the hub cannot be reached "
+            "(offline); "
             "use a registry model or a checkpoint directory"
         )
     try:
@@ -225,6 +243,8 @@ def load_backbone(
         name = entry.name
     else:
         path = Path(name_or_path).expanduser()
+        if missing_folder(name_or_path):
+            raise GateSkipError(missing_folder(name_or_path))
         if path.is_dir():
             if not (path / "config.json").is_file():
                 raise GateSkipError(f"{path} is not a Hugging Face checkpoint (no config.json)")

@@ -72,7 +72,7 @@ def generate(
     all_ids, all_mask = [batch.input_ids], [batch.attention_mask]
     result = model.forward(batch.input_ids, batch.attention_mask, plan, cache=cache, logits_for="last")
     results = [result]
-    done = torch.zeros(B, dtype=torch.bool)
+    done = torch.zeros(B, dtype=torch.bool, device="cpu")  # host-side bookkeeping, read per token
     new_tokens: list[list[int]] = [[] for _ in range(B)]
     heads = [1] * B  # positions whose logits were computed, per sequence
     for step in range(max_new_tokens):
@@ -91,7 +91,7 @@ def generate(
         result = model.forward(feed, mask, plan, cache=cache, logits_for="last")
         results.append(result)
     merged = ForwardResult(
-        logits=torch.empty(0),
+        logits=torch.empty(0, device=model.device),  # not kept: each step's logits were used as they came
         gate=torch.cat([r.gate for r in results], 1),
         threshold=torch.cat([r.threshold for r in results], 1),
         skipped=torch.cat([r.skipped for r in results], 1),

@@ -76,19 +76,20 @@ def save_gates(ckpt: GateCheckpoint, path: str | Path, int8: bool = False) -> Pa
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     for key, value in ckpt.gates.state_dict().items():
-        value = value.detach().float().contiguous()
+        value = value.detach().float().cpu().contiguous()  # written from the CPU, wherever the gates ran
         if int8 and value.ndim == 2:
             q, scale = _quantise_rows(value)
             tensors[f"{key}.int8"] = q
             tensors[f"{key}.scale"] = scale
         else:
             tensors[key] = value
-    tensors["calibration.budgets"] = torch.as_tensor(ckpt.calibration_budgets, dtype=torch.float64)
-    tensors["calibration.thresholds"] = torch.as_tensor(ckpt.calibration_thresholds, dtype=torch.float64)
+    cpu64 = dict(dtype=torch.float64, device="cpu")  # a file is written from the CPU
+    tensors["calibration.budgets"] = torch.as_tensor(ckpt.calibration_budgets, **cpu64)
+    tensors["calibration.thresholds"] = torch.as_tensor(ckpt.calibration_thresholds, **cpu64)
     if len(ckpt.global_thresholds):
-        tensors["calibration.global_thresholds"] = torch.as_tensor(ckpt.global_thresholds, dtype=torch.float64)
+        tensors["calibration.global_thresholds"] = torch.as_tensor(ckpt.global_thresholds, **cpu64)
     if ckpt.sensitivity is not None:
-        tensors["allocation.sensitivity"] = torch.as_tensor(ckpt.sensitivity, dtype=torch.float64)
+        tensors["allocation.sensitivity"] = torch.as_tensor(ckpt.sensitivity, **cpu64)
     tensors.update({k: v.contiguous() for k, v in ckpt.adapter_tensors.items()})
     tensors.update(fill_tensors(ckpt.fill))
     metadata = {

@@ -248,7 +248,7 @@ class RandomPolicy(SkipPolicy):
     def decide(self, inp: BranchInput) -> Decision:
         u = _uniform_hash(self.seed, inp.positions.cpu().numpy(), inp.layer, BRANCHES.index(inp.branch))
         skip = inp.eligible & (torch.from_numpy(u).to(inp.eligible.device) < inp.budget)
-        return Decision(skip=skip, threshold=torch.full(inp.eligible.shape, math.nan))
+        return Decision(skip=skip, threshold=torch.full(inp.eligible.shape, math.nan, device=inp.eligible.device))
 
 
 POLICY_NAMES = ("quantile", "calibrated", "random")

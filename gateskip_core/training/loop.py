@@ -62,7 +62,7 @@ from gateskip_core.gating.adapter import AdapterSpec, LoraAdapter, adapter_tenso
 from gateskip_core.gating.checkpoint import GateCheckpoint, save_gates
 from gateskip_core.gating.fill import FillSpec, SkipFill
 from gateskip_core.gating.gates import GateSet, parse_gate_variant
-from gateskip_core.model import GatedModel, load_model
+from gateskip_core.model import GatedModel, load_model, resolve_device, resolve_dtype
 from gateskip_core.skipping.allocation import ALLOCATIONS, allocate_budget, measure_sensitivity
 from gateskip_core.skipping.calibration import CALIBRATION_BUDGETS
 from gateskip_core.skipping.plan import ADAPTER_SCOPES, SKIP_GRADIENTS, SkipPlan
@@ -177,6 +177,8 @@ class TrainConfig:
     budget_schedule: str = "ramp"  # ramp | random
     allocation: str = "uniform"  # uniform | global
     bf16: bool = False  # bfloat16 autocast for the forward passes
+    device: str = "cpu"  # cpu | cuda | cuda:N | mps; under `accelerate launch`, each process's own device
+    dtype: str = "float32"  # the frozen backbone's weights (float32 | bfloat16 | float16); what trains is float32
     data: list[str] = field(default_factory=lambda: ["builtin"])
     distill: bool = False
     out: str = "gates.safetensors"
@@ -200,9 +202,13 @@ class TrainConfig:
     def validate(self) -> None:
         parse_gate_variant(self.gate)
         adapter = AdapterSpec.parse(self.adapter)
+        resolve_device(self.device)
+        resolve_dtype(self.dtype)
         FillSpec.parse(self.skip_fill)
         if self.adapter_scope not in ADAPTER_SCOPES:
             raise GateSkipError(f"--adapter-scope must be one of {', '.join(ADAPTER_SCOPES)}")
+        if adapter.kind == "full" and resolve_dtype(self.dtype) != torch.float32:
+            raise GateSkipError("--adapter full trains the backbone's weights: it needs --dtype float32")
         if self.adapter_scope == "skipped" and adapter.kind == "full":
             raise GateSkipError("--adapter-scope skipped needs --adapter none or lora:R")
         if self.skip_gradient not in SKIP_GRADIENTS:
@@ -245,7 +251,8 @@ class TrainConfig:
     def budget_at(self, step: int) -> float:
         """The step's total budget: a pure function of (seed, step), so resumed runs draw the same."""
         if self.budget_schedule == "random":
-            u = torch.rand((), generator=torch.Generator().manual_seed(self.seed * 7919 + step + 1)).item()
+            seeded = torch.Generator().manual_seed(self.seed * 7919 + step + 1)
+            u = torch.rand((), generator=seeded, device="cpu").item()  # the CPU generator: same on every device
             return self.skip_start + (self.skip_end - self.skip_start) * u
         frac = min(1.0, step / self.skip_ramp_steps) if self.skip_ramp_steps > 0 else 1.0
         return self.skip_start + (self.skip_end - self.skip_start) * frac
@@ -285,6 +292,7 @@ class _GateObjective(nn.Module):
         self.fill = fill
         self.lora = lora
         self.backbone = student  # registered so that its trainable weights train and DDP syncs them
+        self.backbone_dtype = next(student.parameters()).dtype
         self.spec = arch_spec(student)
         self._teacher = (teacher,)  # a tuple: not a submodule, never trained
         self._teacher_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -318,7 +326,11 @@ class _GateObjective(nn.Module):
         # The first-order target needs the task gradient: validation (no grad) leaves the ranking term out.
         ranked = cfg.rank_weight > 0 and (cfg.rank_target == "residual" or torch.is_grad_enabled())
         first_order = ranked and cfg.rank_target == "first-order"
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        # Autocast on the device the batch is on (a CPU autocast would leave a GPU's passes in float32). A
+        # backbone stored in bfloat16 / float16 runs under it too, so the float32 gates meet its activations.
+        stored = self.backbone_dtype
+        low = torch.bfloat16 if stored == torch.float32 else stored
+        with torch.autocast(input_ids.device.type, dtype=low, enabled=cfg.bf16 or stored != torch.float32):
             out = gated_forward(
                 spec,
                 self.gates,
@@ -452,13 +464,13 @@ def _state_path(out: Path) -> Path:
 def _save_state(
     path: Path, step: int, objective: _GateObjective, optim: torch.optim.Optimizer, history, config, sensitivity=None
 ):
-    tensors = {f"param.{k}": v.detach().contiguous() for k, v in objective.named_parameters() if v.requires_grad}
+    tensors = {f"param.{k}": v.detach().cpu().contiguous() for k, v in objective.named_parameters() if v.requires_grad}
     if sensitivity is not None:  # kept, so that a resumed run does not measure it again
-        tensors["sensitivity"] = torch.as_tensor(sensitivity, dtype=torch.float64)
+        tensors["sensitivity"] = torch.as_tensor(sensitivity, dtype=torch.float64, device="cpu")
     state = optim.state_dict()
     for pid, st in state["state"].items():
         for name, value in st.items():
-            tensors[f"optim.{pid}.{name}"] = torch.as_tensor(value).contiguous()
+            tensors[f"optim.{pid}.{name}"] = torch.as_tensor(value, device="cpu").contiguous()  # saved from the CPU
     meta = {
         "step": str(step),
         "history": json.dumps(history),
@@ -521,18 +533,22 @@ class _Setup:
         return allocate_budget(total, self.sensitivity, branch_saving_flops(self.gm.spec))
 
 
-def _setup(config: TrainConfig, log: Callable[[str], None], state_path: Path | None = None) -> _Setup:
+def _setup(
+    config: TrainConfig, log: Callable[[str], None], state_path: Path | None = None, device: torch.device | None = None
+) -> _Setup:
     torch.manual_seed(config.seed)
-    gm = load_model(config.model, progress=log)
+    device = device or resolve_device(config.device)
+    gm = load_model(config.model, progress=log, device=device, dtype=config.dtype)
     gate_variant, gate_rank = parse_gate_variant(config.gate)
     adapter = AdapterSpec.parse(config.adapter)
-    gates = GateSet(gm.spec.n_layers, gm.spec.d_model, gate_variant, config.shared, rank=gate_rank)
+    # What trains is made on the CPU (the same initial values on every device) and moved, in float32.
+    gates = GateSet(gm.spec.n_layers, gm.spec.d_model, gate_variant, config.shared, rank=gate_rank).to(device)
     for p in gates.parameters():
         p.requires_grad_(True)
     student = make_trainable_copy(gm.original, adapter) if adapter.kind == "full" else gm.original
-    lora = LoraAdapter(gm.spec.layers, adapter.rank) if adapter.kind == "lora" else None
+    lora = LoraAdapter(gm.spec.layers, adapter.rank).float() if adapter.kind == "lora" else None
     fill_spec = FillSpec.parse(config.skip_fill)
-    fill = SkipFill(gm.spec.n_layers, gm.spec.d_model, fill_spec) if fill_spec.kind != "zero" else None
+    fill = SkipFill(gm.spec.n_layers, gm.spec.d_model, fill_spec).to(device) if fill_spec.kind != "zero" else None
     init_sensitivity = (
         _start_from(config.init, gm, gates, adapter, student, lora, fill, config, log) if config.init else None
     )
@@ -557,7 +573,7 @@ def _setup(config: TrainConfig, log: Callable[[str], None], state_path: Path | N
     if config.allocation == "global" and sensitivity is None:
         # Measured on the original model (the student starts equal to it), from fixed training blocks.
         log("measuring the sensitivity of every (layer, branch) for the global allocation")
-        sensitivity = measure_sensitivity(gm.spec, train_data[: max(4, config.batch)])
+        sensitivity = measure_sensitivity(gm.spec, train_data[: max(4, config.batch)].to(device))
     return _Setup(gm, gates, adapter, student, lora, fill, train_data, val_data, sensitivity)
 
 
@@ -609,7 +625,8 @@ def _batch_rows(config: TrainConfig, n_rows: int, step: int, process: int, n_pro
     """Rows of step `step`: an epoch-wise permutation seeded by (seed, epoch), a pure function of the step."""
     per_epoch = n_rows // config.batch
     epoch, offset = divmod(step, per_epoch)
-    perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
+    seeded = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+    perm = torch.randperm(n_rows, generator=seeded, device="cpu")  # rows of the CPU-held data, same on every device
     rows = perm[offset * config.batch : (offset + 1) * config.batch]
     return rows[process::n_processes]
 
@@ -619,7 +636,8 @@ def _validate(objective: _GateObjective, setup: _Setup, config: TrainConfig, bud
     losses = []
     with torch.no_grad():
         for i in range(0, len(setup.val_data), config.batch):
-            _, task, _, _ = objective(setup.val_data[i : i + config.batch], setup.budget_table(budget))
+            batch = setup.val_data[i : i + config.batch].to(setup.gm.device)
+            _, task, _, _ = objective(batch, setup.budget_table(budget))
             losses.append(float(task))
     objective.train()
     return {"val_loss": float(np.mean(losses)), "val_budget": budget}
@@ -684,14 +702,28 @@ def _checkpoint(setup: _Setup, config: TrainConfig, out: Path, metrics: dict, tr
     return ckpt
 
 
+def _accelerator(config: TrainConfig):
+    """(Accelerator, device). One process trains on --device. Under `accelerate launch` with several
+    processes, each takes its own device from Accelerate (its GPU, or the CPU where there is none).
+    Placement is ours (`device_placement=False`): the model is loaded there and every batch is moved."""
+    import os
+
+    from accelerate import Accelerator
+
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    wanted = resolve_device(config.device)
+    on_cpu = not torch.cuda.is_available() if several else wanted.type == "cpu"
+    accelerator = Accelerator(cpu=on_cpu, device_placement=False)
+    return accelerator, accelerator.device if several else wanted
+
+
 def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar: bool = True) -> TrainResult:
     """Train gates as `config` says; returns where the gates were written and the metrics."""
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     config.validate()
     out = check_writable(config.out)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator, device = _accelerator(config)
     is_main = accelerator.is_main_process
     log = progress if is_main else (lambda msg: None)
     state_path = _state_path(out)
@@ -699,7 +731,7 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar
         raise GateSkipError(f"{state_path} exists from an earlier run; pass --resume to continue it or delete it")
     if config.resume and state_path.exists():
         _check_state(state_path)  # a damaged state file is refused before any model or data work
-    setup = _setup(config, log, state_path if config.resume else None)
+    setup = _setup(config, log, state_path if config.resume else None, device)
     objective = _GateObjective(setup.student, setup.gm.original, setup.gates, setup.fill, config, setup.lora)
     optim = _optimizer(setup, config)
     start_step, history = 0, []
@@ -713,7 +745,7 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar
     for step in range(start_step, config.steps):
         budget = config.budget_at(step)
         rows = _batch_rows(config, len(setup.train_data), step, accelerator.process_index, accelerator.num_processes)
-        loss, task, sparsity, skip_rate = wrapped(setup.train_data[rows], setup.budget_table(budget), rows)
+        loss, task, sparsity, skip_rate = wrapped(setup.train_data[rows].to(device), setup.budget_table(budget), rows)
         if not torch.isfinite(loss):
             bar.close()
             raise GateSkipError(
