@@ -231,4 +231,73 @@ def test_the_bridge_runs_a_lora_adapter_in_either_scope_like_the_walk(tmp_path, 
     plain = load_model(name)
     plain.attach_gates(model.gates, "no adapter", no_adapter)
     assert (GatedLens(plain).run_with_cache(TEXT, **args)[0] - logits).abs().max() > 1e-2
-    assert residual_stream_gap(model, TEXT, lens.bridge) < 1e-4
+    assert residual_stream_gap(model, TEXT) < 1e-4  # a plain bridge: the lens's runs gated only
+
+
+# ---- TransformerLens' own calls on the lens, gated
+@pytest.fixture(scope="module")
+def llama_lens():
+    return GatedLens(spread_gates(load_model("tiny-llama"), "lowrank:8"))
+
+
+def test_the_bridge_runs_gated_inside_hooks_and_refuses_to_run_outside(llama_lens):
+    lens = llama_lens
+    ids = lens.tokens(TEXT)
+    with pytest.raises(GateSkipError, match="runs gated only"):
+        lens.bridge.run_with_cache(ids)
+    logits, cache = lens.run_with_cache(ids, skip=0.3)
+    with lens.hooks(skip=0.3) as same:
+        assert same is lens
+        bridge_logits, bridge_cache = lens.bridge.run_with_cache(ids)
+        nested_logits, _ = lens.run_with_cache(ids)  # no settings of its own: the block's
+        called = lens(ids)
+    torch.testing.assert_close(bridge_logits, logits)
+    torch.testing.assert_close(nested_logits, logits)
+    torch.testing.assert_close(called, logits)
+    for name in lens.hook_names():
+        torch.testing.assert_close(bridge_cache[name], cache[name])
+    assert bool(cache[skip_hook(1, "mlp")].any())
+    with pytest.raises(GateSkipError, match="runs gated only"):
+        lens.bridge(ids)
+
+
+def test_hooks_context_takes_fwd_hooks_like_run_with_hooks(llama_lens):
+    lens = llama_lens
+    ids = lens.tokens(TEXT)
+
+    def skip_all(mask, hook):
+        return torch.ones_like(mask)
+
+    hooks = [(skip_hook(2, "attn"), skip_all)]
+    expected = lens.run_with_hooks(ids, fwd_hooks=hooks, skip=0.2)
+    with lens.hooks(fwd_hooks=hooks, skip=0.2):
+        got, cache = lens.bridge.run_with_cache(ids)
+    torch.testing.assert_close(got, expected)
+    assert bool(cache[skip_hook(2, "attn")].all())
+    assert (lens.run_with_hooks(ids, skip=0.2) - expected).abs().max() > 1e-4  # the hook was removed on exit
+
+
+def test_add_hook_stays_until_reset_hooks_which_keeps_the_gating(llama_lens):
+    lens = llama_lens
+    ids = lens.tokens(TEXT)
+    assert set(lens.hook_names()) <= set(lens.hook_dict)
+    before = lens.run_with_hooks(ids, skip=0.3)
+    seen = []
+    lens.add_hook(gate_hook(0, "mlp"), lambda g, hook: seen.append(g.shape))
+    lens.run_with_hooks(ids, skip=0.3)
+    lens.run_with_cache(ids, skip=0.3)
+    assert len(seen) == 2
+    lens.reset_hooks()
+    torch.testing.assert_close(lens.run_with_hooks(ids, skip=0.3), before)
+    assert len(seen) == 2
+
+
+def test_a_bridge_whose_permanent_hooks_were_reset_is_refused_until_the_lens_reinstalls_them(llama_lens):
+    lens = llama_lens
+    ids = lens.tokens(TEXT)
+    before = lens.run_with_hooks(ids, skip=0.3)
+    lens.bridge.reset_hooks(including_permanent=True)
+    with pytest.raises(GateSkipError, match="ran without the lens's gating"):
+        lens.run_with_cache(ids, skip=0.3)
+    lens.reset_hooks(including_permanent=True)
+    torch.testing.assert_close(lens.run_with_hooks(ids, skip=0.3), before)

@@ -44,6 +44,10 @@ Every tensor is created on the device of the input ids.
 The kernels live in `attention.py` (RoPE, projections, masks, attention), the packed rows and the
 adapter's rows in `rows.py`, the KV cache in `cache.py`, the plan and its decisions in
 `skipping/plan.py`; this module is the walk.
+
+The same gating is written a second time as TransformerLens hooks (`analysis/experiments/lens.py`):
+TransformerLens runs the Hugging Face modules' own forward, where a hook can replace an activation
+but not gather rows, keep this walk's cache or skip a projection. Tests keep the two equal.
 """
 
 from __future__ import annotations
