@@ -15,8 +15,8 @@ The renderers reuse the formatting of `scripts/results_tables.py`, `scripts/skip
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
-import json
 import re
 import sys
 from collections.abc import Callable
@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MARKER = re.compile(r"^<!-- table: (\S+)((?: \S+)*) -->$")
 
 
+@functools.cache
 def _script(name: str) -> ModuleType:
     """A sibling script as a module (scripts/ is not a package)."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
@@ -78,11 +79,15 @@ def _labelled_rows(*specs: str) -> str:
     return tables.table(pd.concat(frames)[columns])
 
 
-def _bench(section: str, path: str) -> str:
+def _bench(section: str, *paths: str) -> str:
+    """A section of `gateskip bench` JSON files (merged as `python -m bench.report` merges them);
+    `rest`: the table of the sections without one of their own (capture, collect, dashboard, rates)."""
     from bench import report
 
-    results = json.loads((ROOT / path).read_text())
-    render = {"decode": report.decode_table, "corpus": report.corpus_table}[section]
+    results = report.merge([ROOT / path for path in paths])
+    if section == "rest":
+        return _only_table(report.rest_table(results))
+    render = {"decode": report.decode_table, "prefill": report.prefill_table, "corpus": report.corpus_table}[section]
     return _only_table(render(results[section]))
 
 
@@ -101,6 +106,29 @@ def _columns(path: str, *columns: str) -> str:
     return _script("results_tables").table(frame[list(columns)] if columns else frame)
 
 
+def _settled(*specs: str) -> str:
+    """LABEL=FILE ...: `gateskip settled --summary-out` files, one group of rows per gate set: the share of
+    tokens settled among those that skipped / ran each branch in the late layers, the ratio within
+    layers with its interval (bold), and the pooled ratio."""
+    branches = {"attn": "attention", "mlp": "MLP", "both": "both"}
+    lines = [
+        "| gates | branch | tokens that skipped: settled | tokens that ran: settled "
+        "| ratio within layers [95%] | pooled ratio |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for spec in specs:
+        label, _, path = spec.partition("=")
+        for number, row in enumerate(pd.read_csv(ROOT / path).itertuples()):
+            counts = row.branch != "both"
+            skipped = f"{row.settled_rate_skipped:.1%}" + (f" (n={row.skipped_n:,})" if counts else "")
+            ran = f"{row.settled_rate_ran:.1%}" + (f" (n={row.ran_n:,})" if counts else "")
+            lines.append(
+                f"| {'' if number else f'`{label}`'} | {branches[row.branch]} | {skipped} | {ran} "
+                f"| **{row.ratio:.2f}** [{row.ratio_low:.2f}, {row.ratio_high:.2f}] | {row.pooled_ratio:.2f} |"
+            )
+    return "\n".join(lines)
+
+
 def _results(name: str) -> Callable[[str], str]:
     """A table function of scripts/results_tables.py over one file."""
     return lambda path: getattr(_script("results_tables"), name)(str(ROOT / path))
@@ -108,6 +136,7 @@ def _results(name: str) -> Callable[[str], str]:
 
 RENDERERS: dict[str, Callable[..., str]] = {
     "columns": _columns,
+    "settled": _settled,
     "quality": _results("quality"),  # a `gateskip quality` CSV
     "matched": _matched,
     "faithfulness": _results("faithfulness"),  # a `gateskip faithfulness` signal CSV
@@ -115,7 +144,7 @@ RENDERERS: dict[str, Callable[..., str]] = {
     "skip_signal": lambda path: _script("skip_signal_table").markdown(pd.read_csv(ROOT / path)),
     "third_text": _third_text,
     "labelled_rows": _labelled_rows,
-    "bench": _bench,  # a section of a `gateskip bench` JSON
+    "bench": _bench,  # a section of `gateskip bench` JSON files
 }
 
 
