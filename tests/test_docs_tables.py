@@ -62,9 +62,9 @@ NOT_GENERATED = {
     ("evaluation.md", "| Task | Metric | n | `hf` | `gateskip`, budget 0 | `hf` time (s) | `gateskip` time (s) | time ratio |"): "from eval_vs_hf.csv, not yet generated",
     ("evaluation.md", "| Method | budget 0 | budget 0.1 | budget 0.2 | budget 0.3 |"): "from eval_smollm2.csv, not yet generated",
     ("benchmarks.md", "| command | measured here (2 CPU cores; one-off runs, output not stored in docs/) |"): "one-off runs, stored nowhere",
-    ("benchmarks.md", "| gates | peak RSS | vs `--gates none` |"): "from bench_one_backbone.json, not yet generated",
-    ("benchmarks.md", "| decoding, batch 1 | budget 0 | 0.25 | 0.5 | realised / bytes model at 0.5 |"): "from bench_one_backbone.json, not yet generated",
-    ("benchmarks.md", "| prefill, batch 1, 128 tokens, physical path | budget 0 | 0.25 | 0.5 |"): "from bench_one_backbone.json, not yet generated",
+    ("benchmarks.md", "| gates | peak RSS | vs `--gates none` |"): "SmolLM2 rows from bench_one_backbone.json beside a Gemma-3 row of a run not stored",
+    ("benchmarks.md", "| decoding, batch 1 | budget 0 | 0.25 | 0.5 | realised / bytes model at 0.5 |"): "ranges over two runs, only one of them stored (bench_one_backbone.json)",
+    ("benchmarks.md", "| prefill, batch 1, 128 tokens, physical path | budget 0 | 0.25 | 0.5 |"): "selected figures of bench_one_backbone.json, not yet generated",
     ("benchmarks.md", "| target | measured | | size and cause of a miss |"): "targets against figures of the tables above it",
 }  # fmt: skip
 FINDINGS = re.compile(r"<!-- findings-tables:begin.*?<!-- findings-tables:end -->", flags=re.S)  # test_causal.py
