@@ -58,7 +58,6 @@ NOT_GENERATED = {
     ("quantisation.md", "| `--weights` | What runs |"): "reference, no data",
     ("evaluation.md", "| Task | Type | Items (pydoc / legal) | Metric |"): "the shipped task files, no data file",
     # Not yet generated: hand-formatted from their data files (issue 38 point 2, left open).
-    ("lens.md", "| gates | branch | tokens that skipped: settled | tokens that ran: settled | ratio within layers [95%] | pooled ratio |"): "from settled_summary.csv and settled_scalar_summary.csv (renderer `settled`), not yet generated",
     ("evaluation.md", "| Task | Metric | n | `hf` | `gateskip`, budget 0 | `hf` time (s) | `gateskip` time (s) | time ratio |"): "from eval_vs_hf.csv, not yet generated",
     ("evaluation.md", "| Method | budget 0 | budget 0.1 | budget 0.2 | budget 0.3 |"): "from eval_smollm2.csv, not yet generated",
     ("benchmarks.md", "| command | measured here (2 CPU cores; one-off runs, output not stored in docs/) |"): "one-off runs, stored nowhere",
