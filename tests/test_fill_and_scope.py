@@ -11,8 +11,8 @@ import torch
 from gateskip_core import Capture, Forced, GateSkipError, load_gates, load_model, save_gates
 from gateskip_core.gating.adapter import AdapterSpec
 from gateskip_core.gating.fill import FillSpec, SkipFill, fill_flops
-from gateskip_core.gating.fill_fitting import fit_fill, ridge_fill
 from gateskip_core.traces.compute import account_sequence
+from gateskip_core.training.fill_fitting import fit_fill, ridge_fill
 from gateskip_core.training.loop import TrainConfig, _GateObjective, train
 
 from .conftest import PROMPTS, TINY, run_cli, spread_gates

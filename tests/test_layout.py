@@ -63,6 +63,39 @@ def test_a_circle_is_found():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
 
 
+def folder_graph(graph: dict[str, set[str]], package: str = "gateskip_core") -> dict[str, set[str]]:
+    """The import graph of `package`'s folders: each module stands for its folder one level below the
+    package (`gateskip_core.forward.execution` -> `gateskip_core.forward`; a top-level module for itself)."""
+
+    def folder(module: str) -> str | None:
+        parts = module.split(".")
+        return ".".join(parts[:2]) if parts[0] == package and len(parts) > 1 else None
+
+    folders: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        if (source := folder(module)) is not None:
+            found = {folder(t) for t in targets} - {None, source}
+            folders.setdefault(source, set()).update(found)
+    return folders
+
+
+def test_the_cores_folders_import_each_other_without_a_circle():
+    """Each folder of the core does one job, in one direction: the plan is decided in `skipping/`, the
+    walk in `forward/` reads it; what runs the model to fit or measure something lives in `training/`."""
+    folders = folder_graph(import_graph())
+    assert {"gateskip_core.skipping", "gateskip_core.gating"} <= folders["gateskip_core.forward"], "reads the imports"
+    assert cycles(folders) == []
+
+
+def test_a_circle_between_folders_is_found():
+    graph = {
+        "gateskip_core.a.x": {"gateskip_core.b.y"},
+        "gateskip_core.b.z": {"gateskip_core.a.w"},
+        "analysis.q": set(),
+    }
+    assert cycles(folder_graph(graph)) == [["gateskip_core.a", "gateskip_core.b", "gateskip_core.a"]]
+
+
 def test_every_folder_of_modules_is_a_package_the_install_finds():
     """pyproject finds packages by their __init__.py: a folder of modules without one would be left out
     of a wheel while an editable install still imports it."""

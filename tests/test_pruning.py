@@ -60,7 +60,7 @@ def test_removed_layers_skip_every_token_and_kept_layers_skip_the_quantile_count
 def _with_sensitivity(model, blocks) -> None:
     """Re-attach the model's gates with a measured sensitivity profile (what global allocation reads)."""
     from gateskip_core.gating.checkpoint import GateCheckpoint
-    from gateskip_core.skipping.allocation import measure_sensitivity
+    from gateskip_core.training.sensitivity import measure_sensitivity
 
     sensitivity = measure_sensitivity(model.spec, blocks[:1])
     model.attach_gates(model.gates, "test", GateCheckpoint(model.gates, model.name, {}, sensitivity=sensitivity))

@@ -2,9 +2,10 @@
 
 The paper's rule skips the same fraction in every layer and branch, which skips
 exactly where a small model is most sensitive (layer 0, the attention sinks).
-The global allocation measures, once, how much the model's output changes when
-each branch is skipped for every token (`measure_sensitivity`), and then spends a
-budget where skipping is cheap in loss and dear in FLOPs (`allocate_budget`).
+The global allocation uses a sensitivity profile measured once, how much the model's output
+changes when each branch is skipped for every token (`training/sensitivity.py`, which runs the
+model; this module does not), and spends a budget where skipping is cheap in loss and dear in
+FLOPs (`allocate_budget`).
 Layer removal (ShortGPT) is the special case of rates 1 in a few layers.
 """
 
@@ -13,15 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from gateskip_core.backbone.architecture import ArchSpec
 from gateskip_core.branches import BRANCHES
 from gateskip_core.errors import GateSkipError
-from gateskip_core.forward.execution import gated_forward
-from gateskip_core.skipping.plan import SkipPlan
-from gateskip_core.skipping.policies import RandomPolicy, SkipBudget, parse_branches
+from gateskip_core.skipping.policies import parse_branches
 
 ALLOCATIONS = ("uniform", "global")
 MAX_ALLOCATED_RATE = 0.95
@@ -68,24 +64,3 @@ def allocate_budget(
         mid = (low + high) / 2
         low, high = (mid, high) if (c * rates(mid)).sum() < target else (low, mid)
     return rates(high)
-
-
-def measure_sensitivity(spec: ArchSpec, blocks: torch.Tensor, batch_size: int = 4) -> np.ndarray:
-    """[n_layers, 2]: mean KL(model || model with that one branch skipped for every token but BOS),
-    on token `blocks` [N, T]. The backbone is run without gates (n_layers * 2 + 1 passes)."""
-    sensitivity = np.zeros((spec.n_layers, 2))
-    with torch.no_grad():
-        for start in range(0, len(blocks), batch_size):
-            ids = blocks[start : start + batch_size]
-            mask = torch.ones_like(ids)
-            none = SkipPlan(SkipBudget.make(0.0, spec.n_layers), None)
-            ref = F.log_softmax(gated_forward(spec, None, ids, mask, none).logits.float(), -1)
-            for layer in range(spec.n_layers):
-                for bi in range(2):
-                    table = np.zeros((spec.n_layers, 2))
-                    table[layer, bi] = 1.0
-                    plan = SkipPlan(SkipBudget.make(table, spec.n_layers), RandomPolicy())
-                    lp = F.log_softmax(gated_forward(spec, None, ids, mask, plan).logits.float(), -1)
-                    kl = (ref.exp() * (ref - lp)).sum(-1).mean()
-                    sensitivity[layer, bi] += float(kl) * len(ids) / len(blocks)
-    return sensitivity

@@ -63,11 +63,12 @@ from gateskip_core.gating.checkpoint import GateCheckpoint, save_gates
 from gateskip_core.gating.fill import FillSpec, SkipFill
 from gateskip_core.gating.gates import GateSet, parse_gate_variant
 from gateskip_core.model import GatedModel, load_model, resolve_device, resolve_dtype
-from gateskip_core.skipping.allocation import ALLOCATIONS, allocate_budget, measure_sensitivity
+from gateskip_core.skipping.allocation import ALLOCATIONS, allocate_budget
 from gateskip_core.skipping.calibration import CALIBRATION_BUDGETS
 from gateskip_core.skipping.plan import ADAPTER_SCOPES, SKIP_GRADIENTS, SkipPlan
 from gateskip_core.skipping.policies import QuantilePolicy, SkipBudget
 from gateskip_core.traces.compute import branch_saving_flops
+from gateskip_core.training.sensitivity import measure_sensitivity
 from gateskip_core.validation import whole_number
 
 RANK_TARGETS = ("residual", "first-order")  # what the ranking loss orders tokens by
@@ -581,7 +582,7 @@ def _start_from(path: str, gm: GatedModel, gates: GateSet, adapter: AdapterSpec,
     """Load `path`'s gates and adapter into the ones that train; fit the stand-ins on it without
     training (same adapter scope) when it has none of this kind. Returns its sensitivity profile."""
     from gateskip_core.gating.checkpoint import load_gates
-    from gateskip_core.gating.fill_fitting import fit_fill
+    from gateskip_core.training.fill_fitting import fit_fill
 
     ckpt = load_gates(path, gm.spec.fingerprint())
     if (ckpt.gates.variant_label, ckpt.gates.shared) != (gates.variant_label, gates.shared):
