@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from gateskip_core.data import paragraphs_of  # noqa: F401  (the analysis commands import it from here)
 from gateskip_core.errors import GateSkipError
 from gateskip_core.files import check_writable
 
@@ -18,22 +19,6 @@ def check_out(path: str | None, suffixes=(".csv",), option: str = "--out") -> Pa
     if out.suffix.lower() not in suffixes:
         raise GateSkipError(f"{option} must end in {' or '.join(suffixes)}, got {path!r}")
     return check_writable(out, option)
-
-
-def paragraphs_of(path: str) -> list[str]:
-    """The paragraphs of a UTF-8 text file; a missing, unreadable or empty file is one line."""
-    from gateskip_core.data import paragraphs
-
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise GateSkipError(f"file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise GateSkipError(f"cannot read {path}: {err}") from None
-    paras = paragraphs(text)
-    if not paras:
-        raise GateSkipError(f"{path} holds no text")
-    return paras
 
 
 def budget_list(text: str) -> list[float]:

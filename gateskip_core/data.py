@@ -1,4 +1,5 @@
-"""Real text that ships with Python: the pydoc topics (~113k tokens of English prose).
+"""Real text that ships with Python: the pydoc topics (~113k tokens of English prose); and the
+one reader of a user's text file (`read_text_file`, `paragraphs_of`).
 
 Topics are split deterministically (by a hash of the topic name) into train,
 validation and calibration sets, so no text is used for two purposes.
@@ -8,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Literal
 
 import torch
+
+from gateskip_core.errors import GateSkipError
 
 Split = Literal["train", "validation", "calibration"]
 
@@ -30,6 +34,24 @@ def pydoc_texts(split: Split | None = None) -> list[str]:
 def paragraphs(text: str) -> list[str]:
     """Non-empty blank-line separated paragraphs."""
     return [p.strip() for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
+
+
+def read_text_file(path: str | Path) -> str:
+    """A UTF-8 text file's contents; a missing, unreadable or undecodable file is one line."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise GateSkipError(f"file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise GateSkipError(f"cannot read {path}: {err}") from None
+
+
+def paragraphs_of(path: str | Path) -> list[str]:
+    """The paragraphs of a UTF-8 text file; a missing, unreadable or empty file is one line."""
+    paras = paragraphs(read_text_file(path))
+    if not paras:
+        raise GateSkipError(f"{path} holds no text")
+    return paras
 
 
 def token_blocks(tokenizer, texts: Iterable[str], seq_len: int, bos: bool = True) -> Iterator[torch.Tensor]:

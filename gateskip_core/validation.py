@@ -37,6 +37,21 @@ def rank_of(what: str, text: str) -> int:
     return rank
 
 
+def kind_and_rank(
+    text: str, what: str, kinds: Sequence[str], ranked: str, rank_label: str, default_rank: int = 0
+) -> tuple[str, int]:
+    """The one parser of the 'kind' | 'kind:R' options (gate variant, adapter, skip fill): `kinds`
+    allowed, only `ranked` takes ':R' (a whole number >= 1; `default_rank` when left out, if any).
+    Returns (kind, rank), rank 0 for an unranked kind."""
+    kind, colon, rank_text = str(text).strip().partition(":")
+    if kind not in kinds or (colon and kind != ranked):
+        shown = [f"'{k}:R'" if k == ranked else f"'{k}'" for k in kinds]
+        raise GateSkipError(f"{what} must be {', '.join(shown[:-1])} or {shown[-1]}, got {text!r}")
+    if kind != ranked:
+        return kind, 0
+    return kind, default_rank if default_rank and not colon else rank_of(rank_label, rank_text)
+
+
 def positive_number(name: str, value) -> float:
     """A finite number > 0."""
     try:

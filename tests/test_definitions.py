@@ -4,6 +4,7 @@ when a second copy appears (a source scan) or when the one definition drifts fro
 from __future__ import annotations
 
 import re
+from dataclasses import astuple
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from analysis.traces.tracedb import _CSV_TYPES, TraceDB
-from gateskip_core import GateSkipError, branches, reference
+from gateskip_core import GateSkipError, branches, data, reference
 from gateskip_core.backbone import architecture
+from gateskip_core.gating.adapter import AdapterSpec
+from gateskip_core.gating.fill import FillSpec
+from gateskip_core.gating.gates import parse_gate_variant
 from gateskip_core.traces.trace import TRACE_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,3 +149,59 @@ def test_no_module_writes_out_the_skipped_fraction_denominator_again():
 
 
 PROMPTS_OF_TWO = ["Gates decide which tokens skip which layers.", "Short one."]
+
+
+# ---- the 'kind:R' options (gate variant, adapter, skip fill): one parser
+@pytest.mark.parametrize(
+    ("parse", "text", "expected"),
+    [
+        (lambda t: parse_gate_variant(t), "lowrank", ("lowrank", 16)),
+        (lambda t: parse_gate_variant(t), "lowrank:4", ("lowrank", 4)),
+        (lambda t: parse_gate_variant(t), "scalar", ("scalar", 0)),
+        (lambda t: astuple(AdapterSpec.parse(t)), " lora:8 ", ("lora", 8)),
+        (lambda t: astuple(AdapterSpec.parse(t)), None, ("none", 0)),
+        (lambda t: astuple(FillSpec.parse(t)), "lowrank:3", ("lowrank", 3)),
+        (lambda t: astuple(FillSpec.parse(t)), None, ("zero", 0)),
+    ],
+)
+def test_kind_rank_options_parse_through_one_function(parse, text, expected):
+    assert parse(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("parse", "text", "message"),
+    [
+        (
+            parse_gate_variant,
+            "vector:2",
+            "gate variant must be 'vector', 'scalar', 'mlp' or 'lowrank:R', got 'vector:2'",
+        ),
+        (AdapterSpec.parse, "lora", "LoRA rank must be a whole number, got ''"),
+        (AdapterSpec.parse, "lora:0", "LoRA rank must be at least 1, got 0"),
+        (FillSpec.parse, "mean:2", "skip fill must be 'zero', 'mean' or 'lowrank:R', got 'mean:2'"),
+    ],
+)
+def test_kind_rank_options_are_refused_in_one_format(parse, text, message):
+    with pytest.raises(GateSkipError) as err:
+        parse(text)
+    assert str(err.value) == message
+
+
+def test_no_module_parses_a_rank_again():
+    assert lines_matching(r"\brank_of\(", {"gateskip_core/validation.py"}) == []
+
+
+# ---- a user's text file: one reader
+def test_a_text_file_reads_once_with_one_line_errors(tmp_path):
+    (tmp_path / "ok.txt").write_text("first\n\nsecond\n", encoding="utf-8")
+    (tmp_path / "latin.txt").write_bytes(b"caf\xe9")
+    (tmp_path / "blank.txt").write_text("\n\n")
+    assert data.paragraphs_of(tmp_path / "ok.txt") == ["first", "second"]
+    for name, message in [("none.txt", "file not found"), ("latin.txt", "cannot read"), ("blank.txt", "holds no text")]:
+        with pytest.raises(GateSkipError, match=message):
+            data.paragraphs_of(tmp_path / name)
+
+
+def test_no_module_reads_a_text_file_with_its_own_errors_again():
+    allowed = {"gateskip_core/data.py"} | IN_FLUX
+    assert lines_matching(r"except \(OSError, UnicodeDecodeError\)", allowed) == []

@@ -81,7 +81,7 @@ def test_user_data_files_and_config_errors(tmp_path):
         show_bar=False,
     )
     for bad, msg in [
-        (dict(gate="huge"), "unknown gate variant .huge."),
+        (dict(gate="huge"), "gate variant must be .* got .huge."),
         (dict(out="x.pt"), ".safetensors"),
         (dict(steps=0), "--steps"),
         (dict(data=[str(tmp_path / "missing.txt")]), "cannot read data file"),

@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from gateskip_core.errors import GateSkipError
-from gateskip_core.validation import rank_of
+from gateskip_core.validation import kind_and_rank
 
+ADAPTER_KINDS = ("none", "full", "lora")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_MODULE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn"}
 ADAPTER_PREFIX = "adapter."
@@ -160,13 +161,7 @@ class AdapterSpec:
     @classmethod
     def parse(cls, text: str | None) -> AdapterSpec:
         """'none' | 'full' | 'lora:R' (R >= 1)."""
-        text = (text or "none").strip()
-        if text in ("none", "full"):
-            return cls(text)
-        kind, _, rank_text = text.partition(":")
-        if kind != "lora":
-            raise GateSkipError(f"adapter must be 'none', 'full' or 'lora:R', got {text!r}")
-        return cls("lora", rank_of("LoRA", rank_text))
+        return cls(*kind_and_rank(text or "none", "adapter", ADAPTER_KINDS, "lora", "LoRA"))
 
     @property
     def label(self) -> str:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gateskip_core.errors import GateSkipError
-from gateskip_core.validation import rank_of
+from gateskip_core.validation import kind_and_rank
 
 FILL_KINDS = ("zero", "mean", "lowrank")
 
@@ -38,11 +38,7 @@ class FillSpec:
 
     @classmethod
     def parse(cls, text: str | None) -> FillSpec:
-        text = (text or "zero").strip()
-        kind, _, rank_text = text.partition(":")
-        if kind not in FILL_KINDS or (rank_text and kind != "lowrank"):
-            raise GateSkipError(f"skip fill must be 'zero', 'mean' or 'lowrank:R', got {text!r}")
-        return cls(kind) if kind != "lowrank" else cls("lowrank", rank_of("skip fill", rank_text))
+        return cls(*kind_and_rank(text or "zero", "skip fill", FILL_KINDS, "lowrank", "skip fill"))
 
     @property
     def label(self) -> str:

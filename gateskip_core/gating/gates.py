@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gateskip_core.errors import GateSkipError
-from gateskip_core.validation import rank_of
+from gateskip_core.validation import kind_and_rank
 
 GateVariant = Literal["vector", "scalar", "mlp", "lowrank"]
 GATE_VARIANTS: tuple[str, ...] = ("vector", "scalar", "mlp", "lowrank")
@@ -30,12 +30,7 @@ INIT_BIAS = 5.0  # sigmoid(5) = 0.993: gates start open, the model is almost unc
 
 def parse_gate_variant(text: str) -> tuple[str, int]:
     """'vector' | 'scalar' | 'mlp' | 'lowrank' | 'lowrank:R' -> (variant, rank); rank is 0 unless low-rank."""
-    variant, _, rank_text = str(text).partition(":")
-    if variant not in GATE_VARIANTS or (rank_text and variant != "lowrank"):
-        raise GateSkipError(f"unknown gate variant {text!r}; choose one of vector, scalar, mlp, lowrank:R")
-    if variant != "lowrank":
-        return variant, 0
-    return variant, rank_of("low-rank gate", rank_text) if rank_text else DEFAULT_LOWRANK_RANK
+    return kind_and_rank(text, "gate variant", GATE_VARIANTS, "lowrank", "low-rank gate", DEFAULT_LOWRANK_RANK)
 
 
 class BranchGate(nn.Module):
