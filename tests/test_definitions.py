@@ -113,8 +113,6 @@ def test_top1_agreement_compares_the_most_likely_tokens_per_position():
 # generate and speculative commands): each is moved onto the one definition as it lands; empty it.
 IN_FLUX = {
     "gateskip_core/training/loop.py",
-    "gateskip_core/skipping/allocation.py",
-    "gateskip_core/training/sensitivity.py",
     "gateskip_core/cli.py",
     "analysis/cli.py",
     "gateskip_core/forward/speculative.py",
