@@ -198,7 +198,15 @@ def whole_pages() -> dict[Path, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/doc_tables.py", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 when a table differs")
+    parser.add_argument("--show", metavar="'RENDERER ARG ...'", help="print the table a marker would ask for, and stop")
     args = parser.parse_args(argv)
+    if args.show:
+        try:
+            print(render(f"<!-- table: {args.show} -->"))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            print(f"doc_tables: {err}", file=sys.stderr)
+            return 2
+        return 0
     stale = []
     for page in pages():
         text = page.read_text()

@@ -19,11 +19,11 @@ STEPS="${STEPS:-40}"
 RUNS="${RUNS:-runs}"
 EXACT="${EXACT:-300}"
 DEFAULT=gateskip_core/shipped_gates/smollm2-135m-instruct-default-v2.safetensors  # the default when it ran
-mkdir -p "$RUNS" docs/results
+mkdir -p "$RUNS" runs docs/results
 python3 -c "
 import pathlib
 from gateskip_core.data import pydoc_texts
-pathlib.Path('docs/heldout.txt').write_text('\n\n'.join(pydoc_texts('validation')))"
+pathlib.Path('runs/heldout.txt').write_text('\n\n'.join(pydoc_texts('validation')))"
 train() {
     local name="$1"; shift
     [ -f "$RUNS/sig-$name.safetensors" ] && return 0
@@ -41,7 +41,7 @@ for name in rule ste rank router combo rankfo; do RECIPES+=("$name=$RUNS/sig-$na
 python3 scripts/fidelity_ablation.py --out docs/results/skip_signal_quality.csv "${RECIPES[@]}"
 for recipe in "${RECIPES[@]}"; do
     label="${recipe%%=*}"; gates="${recipe#*=}"
-    gateskip faithfulness --gates "$gates" --file docs/heldout.txt --max-tokens 128 --exact "$EXACT" \
+    gateskip faithfulness --gates "$gates" --file runs/heldout.txt --max-tokens 128 --exact "$EXACT" \
         --out "$RUNS/faith-$label.csv"
     gateskip chat-fidelity --gates "$gates" --budgets 0,0.25 --policies quantile --out "$RUNS/chat-$label.csv"
 done

@@ -7,7 +7,7 @@ Python running this script; docs/data.md quotes the rows the shipped figures wer
     python3 scripts/text_provenance.py --check-tokens docs/results/tokens.csv
 
 --check-tokens: does a `gateskip stats --tokens-out` file of the held-out pydoc traces (`gateskip collect
---file docs/heldout.txt --max-tokens 128`: each paragraph's BOS and first 127 tokens) count every token
+--file runs/heldout.txt --max-tokens 128`: each paragraph's BOS and first 127 tokens) count every token
 as this Python's validation text does? A text from another Python release changes the counts.
 """
 

@@ -35,22 +35,8 @@ for config in "$@"; do
         --blocks 8 --file "$TEXT" \
         --out "docs/results/third_text_$label.csv" --matched-out "docs/results/third_text_${label}_matched.csv"
 done
-# One Markdown table: perplexity / KL / top-1 at matched 10 / 20 / 30% net saved, per gate set and ShortGPT.
-python3 - "$@" <<'PY'
-import sys
-import pandas as pd
-labels = [c.split("=", 1)[0] for c in sys.argv[1:]]
-rows = []
-for label in labels:
-    m = pd.read_csv(f"docs/results/third_text_{label}_matched.csv")
-    for method, part in m.groupby("method", sort=False):
-        name = label if method == "gateskip" else method
-        if name in [r[0] for r in rows]:
-            continue
-        cells = {round(s, 2): f"{p:.1f} / {k:.2f} / {t:.2f}" for s, p, k, t in
-                 zip(part.net_flops_saved, part.ppl, part.kl_to_full, part.top1_agreement)}
-        rows.append((name, [cells.get(s, "–") for s in (0.1, 0.2, 0.3)]))
-print("| gates | 10% | 20% | 30% |\n|---|---:|---:|---:|")
-for name, cells in rows:
-    print(f"| {name} | " + " | ".join(cells) + " |")
-PY
+# One Markdown table: perplexity / KL / top-1 at matched 10 / 20 / 30% net saved, per gate set and ShortGPT
+# (the renderer of training.md's table, scripts/doc_tables.py third_text).
+labels=()
+for config in "$@"; do labels+=("${config%%=*}"); done
+python3 scripts/doc_tables.py --show "third_text ${labels[*]}"
