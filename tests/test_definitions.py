@@ -4,9 +4,11 @@ when a second copy appears (a source scan) or when the one definition drifts fro
 from __future__ import annotations
 
 import re
+import sysconfig
 from dataclasses import astuple
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -203,3 +205,38 @@ def test_a_text_file_reads_once_with_one_line_errors(tmp_path):
 def test_no_module_reads_a_text_file_with_its_own_errors_again():
     allowed = {"gateskip_core/data.py"} | IN_FLUX
     assert lines_matching(r"except \(OSError, UnicodeDecodeError\)", allowed) == []
+
+
+# ---- calibration texts: one set for stored thresholds and on-the-fly fits
+def test_on_the_fly_fits_use_the_texts_the_stored_thresholds_were_fitted_on(tiny_llama, tmp_path):
+    from gateskip_core.gating.checkpoint import GateCheckpoint, load_gates, save_gates
+    from gateskip_core.skipping import calibration
+
+    model = tiny_llama
+    # Texts of another kind than the fallback (the pydoc calibration prose): Python's LICENSE.
+    texts = data.paragraphs_of(Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt")
+    ckpt = GateCheckpoint(gates=model.gates, model=model.name, fingerprint=model.spec.fingerprint())
+    grid = np.array([0.2, 0.4])
+    ckpt.calibration_budgets = grid
+    ckpt.calibration_thresholds = np.stack(
+        [model.fit_thresholds(model.budget(b), texts=texts).thresholds for b in grid]
+    )
+    calibration.record_calibration_texts(ckpt, texts)
+    save_gates(ckpt, tmp_path / "g.safetensors")
+    model.attach_gates(model.gates, "recorded", load_gates(tmp_path / "g.safetensors", model.spec.fingerprint()))
+    assert calibration.calibration_set(model) == calibration.fitted_texts(texts)
+    on_the_fly = calibration.fit_thresholds(model, model.budget(0.4)).thresholds  # no texts given
+    np.testing.assert_array_equal(on_the_fly, ckpt.calibration_thresholds[1])
+    fallback = calibration.fit_thresholds(
+        model, model.budget(0.4), texts=calibration.calibration_set(tiny_llama_without_texts(model))
+    )
+    assert not np.array_equal(fallback.thresholds, on_the_fly)
+
+
+def tiny_llama_without_texts(model):
+    """The same gates with a checkpoint that recorded no texts (gates saved before they were)."""
+    from gateskip_core.gating.checkpoint import GateCheckpoint
+
+    view = model.view()
+    view.attach_gates(model.gates, "unrecorded", GateCheckpoint(model.gates, model.name, model.spec.fingerprint()))
+    return view

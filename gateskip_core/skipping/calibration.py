@@ -6,6 +6,12 @@ the budget's quantile of the eligible tokens' importances becomes the threshold,
 given the decisions already made in earlier layers. `Calibrator` serves a model's
 calibrated policies: thresholds stored in its gate checkpoint when they exist for
 the budget, otherwise fitted once per budget and memoised.
+
+One set of calibration texts: training records the texts its stored thresholds were fitted on
+in the checkpoint (`record_calibration_texts`, under `training["calibration_texts"]`), and an
+on-the-fly fit for a budget the checkpoint does not store uses the same texts
+(`calibration_set`), so stored and fitted thresholds describe the same text. Gates saved
+before texts were recorded fall back to the pydoc calibration prose.
 """
 
 from __future__ import annotations
@@ -25,6 +31,29 @@ from gateskip_core.skipping.policies import BranchInput, CalibratedPolicy, Decis
 
 CALIBRATION_BUDGETS = np.round(np.arange(0.05, 0.6001, 0.05), 2)
 TIE_TOLERANCE = 1e-6
+CALIBRATION_SEQUENCES = 96  # texts a fit runs, each its own sequence
+CALIBRATION_MAX_TOKENS = 128
+RECORDED_TEXTS = "calibration_texts"  # the key in a checkpoint's `training` record
+
+
+def fitted_texts(texts: Sequence[str], n_sequences: int = CALIBRATION_SEQUENCES) -> list[str]:
+    """The texts a fit actually runs: the first `n_sequences` non-empty ones."""
+    return [t for t in texts if t.strip()][:n_sequences]
+
+
+def record_calibration_texts(ckpt, texts: Sequence[str]) -> None:
+    """Store in `ckpt` the texts its thresholds are fitted on, for on-the-fly fits to reuse."""
+    ckpt.training = {**ckpt.training, RECORDED_TEXTS: fitted_texts(texts)}
+
+
+def calibration_set(model) -> list[str]:
+    """The texts every fit of `model`'s thresholds uses: those its checkpoint recorded, else the
+    paragraphs of the pydoc calibration split (gates saved before texts were recorded)."""
+    ckpt = getattr(model, "checkpoint", None)
+    recorded = ckpt.training.get(RECORDED_TEXTS) if ckpt is not None else None
+    if recorded:
+        return list(recorded)
+    return [p for t in pydoc_texts("calibration") for p in paragraphs(t)]
 
 
 def threshold_between(sorted_values: torch.Tensor, k: int) -> float:
@@ -65,7 +94,7 @@ def calibration_sequences(model, texts: Sequence[str], n_sequences: int, max_tok
     Sequences, not concatenated blocks: users send short texts, and gates near the start of a
     sequence differ from those deep in a long one; thresholds fitted on long blocks skipped
     ~1.3x the budget on short prose and ~2x on chat prompts."""
-    chosen = [t for t in texts if t.strip()][:n_sequences]
+    chosen = fitted_texts(texts, n_sequences)
     if not chosen:
         raise GateSkipError("calibration needs at least one non-empty text")
     batch = model.encode(chosen, max_tokens=max_tokens)
@@ -77,13 +106,13 @@ def fit_thresholds(
     budget: SkipBudget,
     protect_bos: bool = True,
     texts: Sequence[str] | None = None,
-    n_sequences: int = 96,
-    max_tokens: int = 128,
+    n_sequences: int = CALIBRATION_SEQUENCES,
+    max_tokens: int = CALIBRATION_MAX_TOKENS,
 ) -> CalibratedPolicy:
-    """Thresholds whose skip rate over `texts` (default: paragraphs of the pydoc calibration
-    split), each run as its own sequence, is `budget` at every branch."""
+    """Thresholds whose skip rate over `texts` (default: the model's `calibration_set`), each run
+    as its own sequence, is `budget` at every branch."""
     if texts is None:
-        texts = [p for t in pydoc_texts("calibration") for p in paragraphs(t)]
+        texts = calibration_set(model)
     input_ids, mask = calibration_sequences(model, list(texts), n_sequences, max_tokens)
     fitter = ThresholdFitter(model.spec.n_layers)
     # The physical path computes only what runs (the thresholds do not depend on the path: masked
