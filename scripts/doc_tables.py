@@ -190,9 +190,14 @@ def pages() -> list[Path]:
     return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
+WHOLE_PAGES: dict[Path, Callable[[], str]] = {  # pages generated whole
+    ROOT / "docs" / "results.md": lambda: _script("results_tables").page(),  # every table of the CSVs
+}
+
+
 def whole_pages() -> dict[Path, str]:
-    """Pages generated whole: docs/results.md, every table of the CSVs."""
-    return {ROOT / "docs" / "results.md": _script("results_tables").page()}
+    """The pages generated whole, rendered."""
+    return {page: render_page() for page, render_page in WHOLE_PAGES.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

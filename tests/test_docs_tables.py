@@ -71,7 +71,7 @@ FINDINGS = re.compile(r"<!-- findings-tables:begin.*?<!-- findings-tables:end --
 
 def unmarked_tables(page: Path) -> list[str]:
     """The header line of every table of the page that no marker generates."""
-    if page in doc_tables().whole_pages():
+    if page in doc_tables().WHOLE_PAGES:
         return []
     lines = FINDINGS.sub("", page.read_text()).split("\n")
     headers = []
