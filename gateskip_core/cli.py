@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from gateskip_core.backbone.registry import DEFAULT_MODEL
+from gateskip_core.branches import skipped_fraction
 from gateskip_core.errors import GateSkipError
 from gateskip_core.files import check_writable
 from gateskip_core.validation import cli_type, skip_args_of, whole_number
@@ -246,8 +247,7 @@ def generation_summary(gen) -> str:
     n_new = len(gen.trace.extra["generated_token_ids"][0])
 
     def skip_rate(part: slice) -> str:
-        eligible = int(seq.eligible[part].sum()) * seq.skipped.shape[1] * 2
-        return f"{int(seq.skipped[part].sum()) / eligible:.1%}" if eligible else "n/a"
+        return f"{skipped_fraction(seq.skipped[part].sum(), seq.eligible[part].sum(), seq.skipped.shape[1]):.1%}"
 
     line = (
         f"{n_new} new tokens | skipped: prompt {skip_rate(slice(0, seq.prompt_length))}, "
@@ -394,8 +394,8 @@ def cmd_fit_fill(args: argparse.Namespace) -> int:
 
     from gateskip_core.gating.checkpoint import save_gates
     from gateskip_core.gating.fill import FillSpec
+    from gateskip_core.gating.fill_fitting import fit_fill
     from gateskip_core.model import load_model
-    from gateskip_core.training.fill_fitting import fit_fill
     from gateskip_core.training.loop import calibrate_checkpoint, calibration_texts
 
     spec = FillSpec.parse(args.fill)

@@ -117,7 +117,6 @@ IN_FLUX = {
     "gateskip_core/training/loop.py",
     "gateskip_core/cli.py",
     "analysis/cli.py",
-    "gateskip_core/forward/speculative.py",
 }
 
 

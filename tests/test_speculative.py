@@ -201,3 +201,21 @@ def test_smollm2_default_gates_draft_the_originals_tokens():
     assert gen.text == plain.text
     _check_record(gen, 24)
     assert 0.2 < gen.speculative.acceptance_rate < 1.0  # the draft skips for real and is mostly right
+
+
+def test_dashboard_marks_the_drafted_tokens_the_original_rejected(monkeypatch):
+    import re
+
+    from streamlit.testing.v1 import AppTest
+
+    from .conftest import APP
+
+    monkeypatch.setenv("GATESKIP_DASHBOARD_MODEL", "tiny-gemma3")
+    app = AppTest.from_file(APP, default_timeout=120)
+    app.run()
+    app.checkbox(key="drafting").check().run()
+    app.button(key="generate").click().run()
+    assert not app.exception, app.exception
+    ungated, drafted = app.code[-2].value, app.code[-1].value
+    assert re.sub(r"⟪.*?→(.*?)⟫", r"\1", drafted, flags=re.S) == ungated  # the original's text, marks aside
+    assert any(c.value.startswith("the original accepted") for c in app.caption)

@@ -36,6 +36,7 @@ from typing import Literal
 
 import torch
 
+from gateskip_core.branches import branch_evaluations
 from gateskip_core.forward.cache import KVCache
 from gateskip_core.forward.execution import ForwardResult
 from gateskip_core.skipping.plan import SkipPlan
@@ -68,7 +69,7 @@ class SpeculativeRecord:
     @property
     def draft_skip_rate(self) -> float:
         """The fraction of eligible branch evaluations the draft passes skipped."""
-        return self.draft_skipped / self.draft_eligible if self.draft_eligible else 0.0
+        return float(self.draft_skipped / self.draft_eligible) if self.draft_eligible else 0.0
 
 
 @dataclass
@@ -196,7 +197,7 @@ def _draft(draft, plan: SkipPlan, state: _Decoding, pending: torch.Tensor, live:
         result = draft.forward(current[:, None], mask, plan, cache=state.cache, logits_for="last")
         eligible = result.eligible.cpu() & live[:, None]
         state.record.draft_skipped += int((result.skipped.cpu() & eligible[..., None, None]).sum())
-        state.record.draft_eligible += int(eligible.sum()) * result.skipped.shape[2] * 2
+        state.record.draft_eligible += branch_evaluations(int(eligible.sum()), result.skipped.shape[2])
         guess = result.logits[:, -1].float().cpu().argmax(-1)
         current = torch.where(live, guess, torch.full_like(guess, state.pad))
         tokens.append(current)
