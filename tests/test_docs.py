@@ -250,7 +250,7 @@ EXEMPT: dict[tuple[str, str], Quick] = {
     ("README.md", "gateskip train --gate lowrank:16 --adapter lora:16 --distill --steps 200 --out my-gates.safetensors"): Quick(
         "200 steps of 4 x 128-token blocks with a teacher, then thresholds fitted at 12 budgets", SHORT_TRAINING
     ),
-    ("analysis.md", "gateskip faithfulness --gates default --file docs/heldout.txt --max-tokens 128 --exact 600 --out docs/results/faithfulness_default.csv --entries-out docs/results/faithfulness_default_entries.csv"): Quick(
+    ("analysis.md", "gateskip faithfulness --gates default --file runs/heldout.txt --max-tokens 128 --exact 600 --out docs/results/faithfulness_default.csv --entries-out docs/results/faithfulness_default_entries.csv"): Quick(
         "600 exact ablations of 128 tokens (~4 min, the page says)", {"--max-tokens": "16", "--exact": "60"}
     ),
     ("analysis.md", "gateskip bench --sections corpus --out docs/results/bench_corpus.json"): BENCH,
@@ -279,7 +279,7 @@ def runnable(page: Path) -> list[Shown]:
 
 def make_sandbox(root: Path) -> Path:
     """A working directory holding every file the shown commands name: the sample texts
-    (docs/examples/), the held-out text scripts/reproduce_results.sh writes (docs/heldout.txt), the
+    (docs/examples/), the held-out text scripts/reproduce_results.sh writes (runs/heldout.txt), the
     folder the commands write their data to (docs/results/), and
     a checkpoint directory of a supported family at models.md's path/to/ckpt."""
     from gateskip_core.backbone.tiny_models import build_tiny_model
@@ -287,7 +287,8 @@ def make_sandbox(root: Path) -> Path:
 
     shutil.copytree(EXAMPLES, root / "docs" / "examples")
     (root / "docs" / "results").mkdir()  # where the pages' commands write their data, as scripts/ do
-    (root / "docs" / "heldout.txt").write_text("\n\n".join(pydoc_texts("validation")))  # as reproduce_results.sh
+    (root / "runs").mkdir()
+    (root / "runs" / "heldout.txt").write_text("\n\n".join(pydoc_texts("validation")))  # as reproduce_results.sh
     model, tokenizer = build_tiny_model("llama")
     model.save_pretrained(root / "path" / "to" / "ckpt")
     tokenizer.save_pretrained(root / "path" / "to" / "ckpt")
