@@ -16,6 +16,7 @@ from dashboard.views.layers import layers_view
 from dashboard.views.lens import lens_view
 from dashboard.views.sidebar import sidebar
 from dashboard.views.sweep import sweep_view
+from dashboard.views.tasks import tasks_view
 from dashboard.views.why import why_view
 from gateskip_core import GateSkipError
 
@@ -29,8 +30,8 @@ def main() -> None:
     except GateSkipError as err:
         st.error(str(err))
         return
-    explore, why, layers, lens_tab, sweep_tab, compare, corpus = st.tabs(
-        ["Explore", "Why", "Layers", "Lens", "Sweep", "Compare", "Corpus"]
+    explore, why, layers, lens_tab, sweep_tab, tasks_tab, compare, corpus = st.tabs(
+        ["Explore", "Why", "Layers", "Lens", "Sweep", "Tasks", "Compare", "Corpus"]
     )
     with explore:
         explore_view(cfg)
@@ -42,6 +43,8 @@ def main() -> None:
         lens_view(cfg)
     with sweep_tab:
         sweep_view(cfg)
+    with tasks_tab:
+        tasks_view(cfg)
     with compare:
         compare_view(cfg)
     with corpus:

@@ -40,6 +40,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     state = process_state()
     device = str(state.device) if state.num_processes > 1 and state.device.type != "cpu" else args.device
     model = load_model(args.model, gates=args.gates, device=device, dtype=args.dtype)
+    if args.chat_template and not model.tokenizer.chat_template:
+        raise GateSkipError(f"--chat-template: {args.model}'s tokenizer has no chat template")
     from tqdm.auto import tqdm
 
     total = len(tasks.tasks) * len(args.budgets) * len(methods)
@@ -52,6 +54,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         batch_size=args.batch_size,
         policy=args.policy,
+        chat_template=args.chat_template,
         on_step=lambda name: (bar.set_postfix_str(name), bar.update(1)),
         allocation=args.allocation,
         adapter_scope=args.adapter_scope,
@@ -107,6 +110,11 @@ def register_eval(sub, commands, add_model_args) -> None:
     p.add_argument("--limit", type=cli_type(whole_number, "--limit"), default=None, help="items per task")
     p.add_argument(
         "--batch-size", type=cli_type(whole_number, "--batch-size"), default=8, help="requests per forward pass"
+    )
+    p.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="render each request with the model's own chat template (lm-eval's --apply_chat_template)",
     )
     p.add_argument("--out", required=True, help="results.csv (lm-eval's full results go to results.json)")
     commands["eval"] = cmd_eval

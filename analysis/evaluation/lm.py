@@ -127,7 +127,7 @@ class GateSkipLM(HFLM):
         if isinstance(pretrained, GatedModel):
             model = pretrained
         else:
-            model = load_model(pretrained, gates, device=device, dtype=dtype)
+            model = load_model(pretrained, gates, device=_usable_device(device), dtype=dtype)
         self.gated = model
         self.seed = seed
         self.plan = plan or model.make_plan(
@@ -244,6 +244,12 @@ class GateSkipLM(HFLM):
         if self.world_size > 1:
             totals = self.accelerator.reduce(totals.to(self.device), reduction="sum").cpu()
         return EvalAccount.from_totals(totals.numpy())
+
+
+def _usable_device(device: str) -> str:
+    """HFLM's rule for the device lm-eval's command line passes (`cuda:0` unless told otherwise): a
+    CUDA device on a machine without CUDA means the CPU."""
+    return "cpu" if str(device).startswith("cuda") and not torch.cuda.is_available() else device
 
 
 def _stop_check(tokenizer, stop: list[str]):

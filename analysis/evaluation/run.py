@@ -16,9 +16,11 @@ net FLOPs saved, interpolated along its budgets (`kind` = 'matched').
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -126,18 +128,27 @@ def evaluate_tasks(
     batch_size: int = 8,
     policy: str = "quantile",
     on_step: Callable[[str], None] | None = None,
+    chat_template: bool = False,
     **skip_args,
 ) -> EvalRun:
-    """Rows for every (task, method, budget); `tasks`: `task_loading.load_tasks`'s `LoadedTasks`."""
+    """Rows for every (task, method, budget); `tasks`: `task_loading.load_tasks`'s `LoadedTasks`.
+    `chat_template`: each request rendered with the model's own chat template (lm-eval's
+    `apply_chat_template`, as `lm_eval --apply_chat_template` does for `hf`)."""
     methods = check_methods(methods)
     plans = MethodPlans(model, methods, policy, **skip_args)
     rows, runs = [], []
     for task_name, task in tasks.tasks.items():
+        removed_runs = {}  # ShortGPT settings removing the same layers give the same results: run each once
         for budget in budgets:
             gateskip_saving = None
             for method in methods:
                 setting = plans.setting(method, budget, gateskip_saving)
-                results, account = _run_one(setting, task, tasks.manager, limit, batch_size)
+                if method in ("shortgpt", "shortgpt-calibration") and setting.label in removed_runs:
+                    results, account = removed_runs[setting.label]
+                else:
+                    results, account = _run_one(setting, task, tasks.manager, limit, batch_size, chat_template)
+                if method in ("shortgpt", "shortgpt-calibration"):
+                    removed_runs[setting.label] = (results, account)
                 if method == "gateskip":
                     gateskip_saving = account.gross_flops_saved
                 if results is not None:  # None on the other processes of a launch
@@ -151,18 +162,52 @@ def evaluate_tasks(
     return EvalRun(pd.concat([table, matched], ignore_index=True) if len(matched) else table, runs)
 
 
-def _run_one(setting: Setting, task, manager, limit: int | None, batch_size: int):
+def _run_one(setting: Setting, task, manager, limit: int | None, batch_size: int, chat_template: bool = False):
     import lm_eval
 
     from .lm import GateSkipLM
 
     lm = GateSkipLM(setting.model, plan=setting.plan, batch_size=batch_size)
-    results = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, log_samples=False)
+    with _environment_collected_once():
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=[task],
+            task_manager=manager,
+            limit=limit,
+            log_samples=False,
+            apply_chat_template=chat_template,
+        )
+    if results is not None:  # None on the other processes of a launch; the template as lm-eval's tracker records it
+        results["chat_template"] = lm.chat_template(chat_template) if chat_template else None
     return results, lm.gathered_account()
 
 
+@functools.cache
+def _environment() -> dict:
+    from lm_eval.loggers.utils import add_env_info
+
+    info: dict = {}
+    add_env_info(info)
+    return info
+
+
+@contextmanager
+def _environment_collected_once():
+    """lm-eval describes the environment (pip list, compilers, GPUs: 4-7 s of subprocesses here) in
+    every `simple_evaluate`; a run of ours calls it once per (task, method, budget) in one unchanging
+    environment, so it is collected once per process and copied."""
+    import lm_eval.evaluator as evaluator
+
+    original = evaluator.add_env_info
+    evaluator.add_env_info = lambda storage: storage.update(_environment())
+    try:
+        yield
+    finally:
+        evaluator.add_env_info = original
+
+
 def _kept(results: dict) -> dict:
-    return {key: results.get(key) for key in ("results", "configs", "versions", "n-shot", "n-samples")}
+    return {key: results.get(key) for key in ("results", "configs", "versions", "n-shot", "n-samples", "chat_template")}
 
 
 def _metric_rows(results: dict, task_name: str, info: dict, account) -> list[dict]:
