@@ -218,4 +218,6 @@ def test_dashboard_marks_the_drafted_tokens_the_original_rejected(monkeypatch):
     assert not app.exception, app.exception
     ungated, drafted = app.code[-2].value, app.code[-1].value
     assert re.sub(r"⟪.*?→(.*?)⟫", r"\1", drafted, flags=re.S) == ungated  # the original's text, marks aside
-    assert any(c.value.startswith("the original accepted") for c in app.caption)
+    caption = next(c.value for c in app.caption if c.value.startswith("the original accepted"))
+    n_rejected = int(re.search(r"marks the (\d+) it rejected", caption).group(1))
+    assert n_rejected > 0 and drafted.count("⟪") == n_rejected  # one mark per rejected draft
