@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from gateskip_core.backbone.registry import DEFAULT_MODEL
+from gateskip_core.branches import branches_per_token
 from gateskip_core.cli import add_adapter_scope_arg, add_device_args
 from gateskip_core.errors import GateSkipError
 from gateskip_core.files import write_all
@@ -342,7 +343,7 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
         raise GateSkipError("give --per-cell (entries per (layer, branch)) or --exact (entries in all), not both")
     model = load_model(args.model, gates=args.gates, device=args.device, dtype=args.dtype)
     per_cell = DEFAULT_PER_CELL if args.per_cell is None else args.per_cell
-    n_entries = args.exact if args.exact is not None else per_cell * 2 * model.spec.n_layers
+    n_entries = args.exact if args.exact is not None else per_cell * branches_per_token(model.spec.n_layers)
     start = time.perf_counter()
     if args.texts > 1:
         from .experiments.faithfulness import corpus_harm

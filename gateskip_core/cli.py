@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from gateskip_core.backbone.registry import DEFAULT_MODEL
-from gateskip_core.branches import skipped_fraction
+from gateskip_core.branches import branches_per_token, skipped_fraction
 from gateskip_core.errors import GateSkipError
 from gateskip_core.files import check_writable
 from gateskip_core.validation import cli_type, skip_args_of, whole_number
@@ -60,15 +60,6 @@ def check_inputs(args: argparse.Namespace) -> None:
         if spec in ("none", *SHIPPED_GATES, *RETIRED_GATES) or spec.startswith("untrained"):
             continue
         load_gates(spec)
-
-
-def _read_text(path: str) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise GateSkipError(f"file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise GateSkipError(f"cannot read {path}: {err}") from None
 
 
 def _progress(msg: str) -> None:
@@ -153,7 +144,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 @_command("trace")
 def cmd_trace(args: argparse.Namespace) -> int:
-    from gateskip_core.data import paragraphs
+    from gateskip_core.data import paragraphs, read_text_file
     from gateskip_core.model import load_model
 
     out = Path(args.out)
@@ -163,7 +154,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if args.text is not None:
         texts = [args.text]
     else:
-        texts = paragraphs(_read_text(args.file))
+        texts = paragraphs(read_text_file(args.file))
     if not texts or not any(t.strip() for t in texts):
         raise GateSkipError("text is empty")
     model = load_model(args.model, gates=args.gates, progress=_progress, device=args.device, dtype=args.dtype)
@@ -188,7 +179,7 @@ def _skip_map(trace, width: int = 80) -> str:
             line = ""
         line += part + " "
     lines.append(line)
-    return f"skipped branches per token (of {trace.n_layers * 2}):\n" + "\n".join(lines)
+    return f"skipped branches per token (of {branches_per_token(trace.n_layers)}):\n" + "\n".join(lines)
 
 
 @_command("generate")
@@ -235,7 +226,9 @@ def _generate_inputs(args: argparse.Namespace) -> tuple[str, Path | None]:
         if out.suffix.lower() not in (".csv", ".parquet"):
             raise GateSkipError(f"--out must end in .csv or .parquet, got {args.out!r}")
         check_writable(out)
-    prompt = args.prompt if args.file is None else _read_text(args.file)
+    from gateskip_core.data import read_text_file
+
+    prompt = args.prompt if args.file is None else read_text_file(args.file)
     if not prompt.strip():
         raise GateSkipError("prompt is empty")
     return prompt, out

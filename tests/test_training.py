@@ -84,7 +84,7 @@ def test_user_data_files_and_config_errors(tmp_path):
         (dict(gate="huge"), "gate variant must be .* got .huge."),
         (dict(out="x.pt"), ".safetensors"),
         (dict(steps=0), "--steps"),
-        (dict(data=[str(tmp_path / "missing.txt")]), "cannot read data file"),
+        (dict(data=[str(tmp_path / "missing.txt")]), "file not found: .*missing.txt"),
     ]:
         with pytest.raises(GateSkipError, match=msg):
             train(

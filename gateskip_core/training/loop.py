@@ -54,7 +54,7 @@ from torch import nn
 
 from gateskip_core.backbone.architecture import arch_spec
 from gateskip_core.backbone.registry import DEFAULT_MODEL, cache_root
-from gateskip_core.data import paragraphs, pydoc_texts, token_blocks
+from gateskip_core.data import paragraphs, pydoc_texts, read_text_file, token_blocks
 from gateskip_core.errors import GateSkipError
 from gateskip_core.files import atomic_write, check_writable
 from gateskip_core.forward.execution import Capture, gated_forward
@@ -64,7 +64,7 @@ from gateskip_core.gating.fill import FillSpec, SkipFill
 from gateskip_core.gating.gates import GateSet, parse_gate_variant
 from gateskip_core.model import GatedModel, load_model, resolve_device, resolve_dtype
 from gateskip_core.skipping.allocation import ALLOCATIONS, allocate_budget
-from gateskip_core.skipping.calibration import CALIBRATION_BUDGETS
+from gateskip_core.skipping.calibration import CALIBRATION_BUDGETS, record_calibration_texts
 from gateskip_core.skipping.plan import ADAPTER_SCOPES, SKIP_GRADIENTS, SkipPlan
 from gateskip_core.skipping.policies import QuantilePolicy, SkipBudget
 from gateskip_core.traces.compute import branch_saving_flops
@@ -448,10 +448,7 @@ def _load_texts(config: TrainConfig, gm: GatedModel, progress) -> tuple[list[str
         return builtin_texts(gm, "train", progress, config.chat_share), builtin_texts(gm, "validation", progress)
     paras: list[str] = []
     for name in config.data:
-        try:
-            paras.extend(paragraphs(Path(name).read_text(encoding="utf-8")))
-        except (OSError, UnicodeDecodeError) as err:
-            raise GateSkipError(f"cannot read data file {name}: {err}") from None
+        paras.extend(paragraphs(read_text_file(name)))
     if len(paras) < 2:
         raise GateSkipError("training data needs at least two paragraphs")
     # Deterministic split: every 10th paragraph is validation.
@@ -663,6 +660,7 @@ def calibration_texts(gm: GatedModel, progress: Callable[[str], None] = lambda m
 def calibrate_checkpoint(gm: GatedModel, ckpt: GateCheckpoint, texts: list[str]) -> None:
     """Fit and store calibrated thresholds (uniform and, with a profile, global) for CALIBRATION_BUDGETS."""
     ckpt.calibration_budgets = CALIBRATION_BUDGETS
+    record_calibration_texts(ckpt, texts)  # on-the-fly fits of other budgets reuse them
     allocations = ["uniform"] + (["global"] if ckpt.sensitivity is not None else [])
     fitted = {
         allocation: np.stack(
