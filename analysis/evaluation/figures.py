@@ -86,7 +86,7 @@ def _add_method(fig: go.Figure, part: pd.DataFrame, method: str, col: int, show_
             name=method,
             legendgroup=method,
             showlegend=show_legend,
-            line=dict(color=colour),
+            line=dict(color=colour, dash="dash" if method == "shortgpt-calibration" else None),  # may overlay shortgpt
             customdata=measured["skip_budget"],
             hovertemplate="budget %{customdata}<br>net saved %{x:.1%}<br>%{y:.4g}<extra>" + method + "</extra>",
         ),
