@@ -124,7 +124,8 @@ def speculative_generate(
     """Greedy new token ids per prompt of `batch` (left padded), the trace of the verifier's passes,
     and the speculative record. `draft`/`verifier`: `GatedModel`s over the same original weights."""
     B = batch.input_ids.shape[0]
-    budget = float(draft_plan.budget.fractions.mean())
+    drafted_budget = draft_plan.budget  # the number asked for (a global allocation's total), else the mean
+    budget = float(drafted_budget.total if drafted_budget.total is not None else drafted_budget.fractions.mean())
     record = SpeculativeRecord(budget, draft_tokens, sources=[[] for _ in range(B)])
     record.rejected_drafts = [[] for _ in range(B)]
     tokenizer = verifier.tokenizer
