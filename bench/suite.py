@@ -486,7 +486,7 @@ def domain_texts(model: GatedModel, n: int = 8) -> dict[str, tuple[list[str], bo
     import json as json_module
 
     from gateskip_core.data import paragraphs, pydoc_texts
-    from gateskip_core.training.loop import chat_prompts
+    from gateskip_core.training.chat_data import chat_prompts
 
     prose = [p for t in pydoc_texts("validation") for p in paragraphs(t)][:n]
     chat = chat_prompts()[::33][:n]

@@ -387,9 +387,10 @@ def cmd_fit_fill(args: argparse.Namespace) -> int:
 
     from gateskip_core.gating.checkpoint import save_gates
     from gateskip_core.gating.fill import FillSpec
-    from gateskip_core.gating.fill_fitting import fit_fill
     from gateskip_core.model import load_model
-    from gateskip_core.training.loop import calibrate_checkpoint, calibration_texts
+    from gateskip_core.training.calibration_texts import calibration_texts
+    from gateskip_core.training.fill_fitting import fit_fill
+    from gateskip_core.training.loop import calibrate_checkpoint
 
     spec = FillSpec.parse(args.fill)
     if spec.kind == "zero":

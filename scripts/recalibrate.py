@@ -8,7 +8,8 @@ from __future__ import annotations
 import sys
 
 from gateskip_core import load_gates, load_model, save_gates
-from gateskip_core.training.loop import calibrate_checkpoint, calibration_texts
+from gateskip_core.training.calibration_texts import calibration_texts
+from gateskip_core.training.loop import calibrate_checkpoint
 
 
 def main(path: str) -> None:

@@ -16,7 +16,8 @@ from gateskip_core.skipping.allocation import allocate_budget
 from gateskip_core.skipping.plan import SkipPlan
 from gateskip_core.skipping.policies import SkipBudget
 from gateskip_core.traces.compute import branch_saving_flops
-from gateskip_core.training.loop import TrainConfig, _GateObjective, train
+from gateskip_core.training.loop import TrainConfig, train
+from gateskip_core.training.objective import GateObjective
 
 FAST = dict(
     model="tiny-llama",
@@ -124,7 +125,7 @@ def test_distillation_teacher_is_the_frozen_original(tmp_path):
     before = {k: v.clone() for k, v in model.original.state_dict().items()}
     student = make_trainable_copy(model.original, AdapterSpec("full"))
     gates = GateSet(model.spec.n_layers, model.spec.d_model, "scalar")
-    objective = _GateObjective(student, model.original, gates, None, TrainConfig(**FAST, distill=True))
+    objective = GateObjective(student, model.original, gates, None, TrainConfig(**FAST, distill=True))
     assert objective._teacher[0] is model.original and objective.backbone is student
     assert not any(p is q for p in student.parameters() for q in model.original.parameters())
     optim = torch.optim.SGD([p for p in objective.parameters() if p.requires_grad], lr=1.0)

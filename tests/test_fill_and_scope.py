@@ -13,7 +13,8 @@ from gateskip_core.gating.adapter import AdapterSpec
 from gateskip_core.gating.fill import FillSpec, SkipFill, fill_flops
 from gateskip_core.traces.compute import account_sequence
 from gateskip_core.training.fill_fitting import fit_fill, ridge_fill
-from gateskip_core.training.loop import TrainConfig, _GateObjective, train
+from gateskip_core.training.loop import TrainConfig, train
+from gateskip_core.training.objective import GateObjective
 
 from .conftest import PROMPTS, TINY, run_cli, spread_gates
 
@@ -221,7 +222,7 @@ def test_top_k_distillation_with_the_whole_vocabulary_is_the_exact_kl():
     losses = []
     for k in (0, vocab):
         config = TrainConfig(model="tiny-llama", distill=True, teacher_top_k=k)
-        objective = _GateObjective(model.original, model.original, model.gates, None, config)
+        objective = GateObjective(model.original, model.original, model.gates, None, config)
         losses.append(float(objective(ids, budget, torch.arange(len(ids)))[1]))
     assert losses[0] > 1e-3
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)

@@ -42,7 +42,7 @@ def test_training_moves_gates_and_writes_a_complete_checkpoint(tmp_path):
         assert (gates.net.bias - INIT_BIAS).abs().max() > 1e-4
     # the stored thresholds reproduce their budget on the calibration sequences they were fitted on
     from gateskip_core.skipping.calibration import calibration_sequences
-    from gateskip_core.training.loop import calibration_texts
+    from gateskip_core.training.calibration_texts import calibration_texts
 
     model = load_model("tiny-llama", gates=str(out))
     ids, mask = calibration_sequences(model, calibration_texts(model), 96, 128)
@@ -201,7 +201,7 @@ def test_the_training_loss_is_the_task_loss_plus_the_weighted_sparsity(distill, 
     from gateskip_core.backbone.architecture import arch_spec
     from gateskip_core.gating.adapter import AdapterSpec, make_trainable_copy
     from gateskip_core.skipping.policies import QuantilePolicy
-    from gateskip_core.training.loop import _GateObjective
+    from gateskip_core.training.objective import GateObjective
 
     from .conftest import spread_gates
 
@@ -212,7 +212,7 @@ def test_the_training_loss_is_the_task_loss_plus_the_weighted_sparsity(distill, 
             if "lora_B" in name:
                 p.normal_(0, 0.3)
     config = TrainConfig(model="tiny-llama", distill=distill, sparsity_loss=sparsity_loss, sparsity_weight=0.3)
-    objective = _GateObjective(student, model.original, model.gates, None, config)
+    objective = GateObjective(student, model.original, model.gates, None, config)
     ids = torch.tensor([[1, 5, 9, 33, 7, 2, 11, 40, 3, 17], [1, 12, 4, 4, 30, 6, 21, 2, 9, 14]])
     budget = np.full((model.spec.n_layers, 2), 0.3)
     loss, task, sparsity, skip_rate = objective(ids, budget)
@@ -286,7 +286,7 @@ def test_straight_through_gives_a_skipped_tokens_gate_the_first_order_cost_of_it
 
 
 def test_the_ranking_loss_is_the_mean_pairwise_logistic_loss_over_eligible_pairs():
-    from gateskip_core.training.loop import ranking_loss
+    from gateskip_core.training.objective import ranking_loss
 
     torch.manual_seed(0)
     gates = [torch.rand(2, 5, 3) * 0.9 + 0.05 for _ in range(4)]
@@ -312,7 +312,7 @@ def test_the_ranking_loss_is_the_mean_pairwise_logistic_loss_over_eligible_pairs
 def test_first_order_costs_are_the_gradient_at_the_residual_times_what_a_skip_changes():
     from gateskip_core import Capture, SkipBudget, SkipPlan, gated_forward
     from gateskip_core.skipping.policies import QuantilePolicy
-    from gateskip_core.training.loop import first_order_costs
+    from gateskip_core.training.objective import first_order_costs
 
     from .conftest import spread_gates
 
@@ -378,7 +378,7 @@ def test_router_first_trains_gates_and_stand_ins_alone_before_the_adapter_joins(
 
 
 def test_chat_share_repeats_the_models_answers_to_the_requested_share():
-    from gateskip_core.training.loop import builtin_texts
+    from gateskip_core.training.chat_data import builtin_texts
 
     model = load_model("tiny-llama")
 

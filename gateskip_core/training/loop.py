@@ -34,11 +34,13 @@ training state (gates, optimiser, step) is checkpointed in safetensors, so
 `resume=True` continues a killed run and ends with the same gates as an
 uninterrupted run. Runs unchanged under `accelerate launch` (data parallel):
 each process takes its share of every batch's rows.
+
+The loss of a batch is `objective.py`, the training-state file `state.py`, the training text
+`chat_data.py` and the calibration texts `calibration_texts.py`; this module runs the steps.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -47,17 +49,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from gateskip_core.backbone.architecture import arch_spec
-from gateskip_core.backbone.registry import DEFAULT_MODEL, cache_root
-from gateskip_core.data import paragraphs, pydoc_texts, read_text_file, token_blocks
+from gateskip_core.backbone.registry import DEFAULT_MODEL
+from gateskip_core.data import paragraphs, read_text_file, token_blocks
 from gateskip_core.errors import GateSkipError
-from gateskip_core.files import atomic_write, check_writable
-from gateskip_core.forward.execution import Capture, gated_forward
+from gateskip_core.files import check_writable
 from gateskip_core.gating.adapter import AdapterSpec, LoraAdapter, adapter_tensors, make_trainable_copy
 from gateskip_core.gating.checkpoint import GateCheckpoint, save_gates
 from gateskip_core.gating.fill import FillSpec, SkipFill
@@ -65,98 +63,14 @@ from gateskip_core.gating.gates import GateSet, parse_gate_variant
 from gateskip_core.model import GatedModel, load_model, resolve_device, resolve_dtype
 from gateskip_core.skipping.allocation import ALLOCATIONS, allocate_budget
 from gateskip_core.skipping.calibration import CALIBRATION_BUDGETS, record_calibration_texts
-from gateskip_core.skipping.plan import ADAPTER_SCOPES, SKIP_GRADIENTS, SkipPlan
-from gateskip_core.skipping.policies import QuantilePolicy, SkipBudget
+from gateskip_core.skipping.plan import ADAPTER_SCOPES, SKIP_GRADIENTS
 from gateskip_core.traces.compute import branch_saving_flops
+from gateskip_core.training.calibration_texts import calibration_texts
+from gateskip_core.training.chat_data import builtin_texts
+from gateskip_core.training.objective import RANK_TARGETS, GateObjective
 from gateskip_core.training.sensitivity import measure_sensitivity
+from gateskip_core.training.state import check_state, load_state, save_state, state_file
 from gateskip_core.validation import whole_number
-
-RANK_TARGETS = ("residual", "first-order")  # what the ranking loss orders tokens by
-
-INSTRUCTIONS = [
-    "Explain what a hash table is in two sentences.",
-    "Write a short poem about autumn leaves.",
-    "Give three tips for learning a new language.",
-    "What is the difference between weather and climate?",
-    "Summarise the plot of Romeo and Juliet briefly.",
-    "How do I reverse a list in Python?",
-    "Why is the sky blue?",
-    "Suggest a name for a friendly robot and explain it.",
-    "List the planets of the solar system in order.",
-    "What are the benefits of regular exercise?",
-    "Describe how a bicycle works.",
-    "Translate 'good morning, how are you?' into French.",
-    "What is 17 times 23? Show your steps.",
-    "Write a polite email declining a meeting invitation.",
-    "Explain photosynthesis to a ten-year-old.",
-    "What should I pack for a weekend hiking trip?",
-    "Give an example of a metaphor and explain it.",
-    "How does a binary search work?",
-    "What causes earthquakes?",
-    "Write a haiku about the sea.",
-    "Compare cats and dogs as pets.",
-    "What is the capital of Australia, and why is it not Sydney?",
-    "Describe the water cycle.",
-    "Give me a recipe for a simple tomato sauce.",
-]
-
-# Varied prompts for the model's own answers (training data that looks like what chat users see).
-TOPICS = [
-    "volcanoes",
-    "the French Revolution",
-    "black holes",
-    "compound interest",
-    "sourdough bread",
-    "honeybees",
-    "the stock market",
-    "recursion in programming",
-    "the immune system",
-    "jazz music",
-    "electric cars",
-    "the Roman Empire",
-    "machine learning",
-    "coral reefs",
-    "chess openings",
-    "the human heart",
-    "sleep",
-    "public speaking",
-    "renewable energy",
-    "the printing press",
-    "octopuses",
-    "time management",
-    "rainbows",
-    "the Moon landing",
-    "vaccines",
-    "gardening tomatoes",
-    "the internet",
-    "Shakespeare",
-    "glaciers",
-    "coffee",
-    "a job interview",
-    "saving money",
-    "the Olympic Games",
-    "photosynthesis in algae",
-    "dinosaurs",
-    "writing a résumé",
-    "the speed of light",
-    "origami",
-    "democracy",
-    "friendship",
-]
-TEMPLATES = [
-    "Explain {t} to a beginner.",
-    "Write a short story that involves {t}.",
-    "What are three surprising facts about {t}?",
-    "Give me practical advice related to {t}.",
-    "Write a short dialogue between two friends about {t}.",
-    "What are the pros and cons of {t}?",
-]
-ANSWERS_VERSION = "v2"
-
-
-def chat_prompts() -> list[str]:
-    """The 24 fixed instructions plus topic x template prompts (264 in all), in a fixed order."""
-    return INSTRUCTIONS + [template.format(t=topic) for topic in TOPICS for template in TEMPLATES]
 
 
 @dataclass
@@ -269,180 +183,6 @@ class TrainResult:
     is_main_process: bool = True
 
 
-class _GateObjective(nn.Module):
-    """Loss of one batch; a module so that Accelerate can wrap it for data parallelism.
-
-    `student` is the backbone the walk runs: the original itself, frozen, with a LoRA adapter
-    (`lora`, trainable, added per row by the walk), or a trainable copy for a full fine-tune; the
-    original model is also the frozen teacher, kept out of the registered modules. With
-    `teacher_top_k`, the teacher's top-k log-probs of each training block are computed the
-    first time the block is used and reused after (a block is seen once per epoch).
-    """
-
-    def __init__(
-        self,
-        student: nn.Module,
-        teacher: nn.Module,
-        gates: GateSet,
-        fill: SkipFill | None,
-        config: TrainConfig,
-        lora: LoraAdapter | None = None,
-    ):
-        super().__init__()
-        self.gates = gates
-        self.fill = fill
-        self.lora = lora
-        self.backbone = student  # registered so that its trainable weights train and DDP syncs them
-        self.backbone_dtype = next(student.parameters()).dtype
-        self.spec = arch_spec(student)
-        self._teacher = (teacher,)  # a tuple: not a submodule, never trained
-        self._teacher_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.config = config
-
-    def teacher_log_probs(self, input_ids: torch.Tensor, rows: torch.Tensor | None):
-        """The teacher's next-token log-probs [B, T-1, V], or (top-k indices, log-probs) when cached."""
-        k = self.config.teacher_top_k
-        with torch.no_grad():
-            if rows is None or not k:
-                return F.log_softmax(self._teacher[0](input_ids=input_ids).logits[:, :-1].float(), -1)
-            missing = [i for i, r in enumerate(rows.tolist()) if r not in self._teacher_cache]
-            if missing:
-                logits = self._teacher[0](input_ids=input_ids[missing]).logits[:, :-1].float()
-                top = F.log_softmax(logits, -1).topk(k, -1)
-                for j, i in enumerate(missing):
-                    self._teacher_cache[int(rows[i])] = (top.indices[j].to(torch.int32), top.values[j])
-        cached = [self._teacher_cache[int(r)] for r in rows.tolist()]
-        return torch.stack([c[0] for c in cached]).long(), torch.stack([c[1] for c in cached]).float()
-
-    def forward(self, input_ids: torch.Tensor, budget: np.ndarray, rows: torch.Tensor | None = None):
-        spec, cfg = self.spec, self.config
-        plan = SkipPlan(
-            SkipBudget.make(budget, spec.n_layers),
-            QuantilePolicy(),
-            "masked",
-            adapter_scope=cfg.adapter_scope,
-            skip_gradient=cfg.skip_gradient,
-        )
-        mask = torch.ones_like(input_ids)
-        # The first-order target needs the task gradient: validation (no grad) leaves the ranking term out.
-        ranked = cfg.rank_weight > 0 and (cfg.rank_target == "residual" or torch.is_grad_enabled())
-        first_order = ranked and cfg.rank_target == "first-order"
-        # Autocast on the device the batch is on (a CPU autocast would leave a GPU's passes in float32). A
-        # backbone stored in bfloat16 / float16 runs under it too, so the float32 gates meet its activations.
-        stored = self.backbone_dtype
-        low = torch.bfloat16 if stored == torch.float32 else stored
-        with torch.autocast(input_ids.device.type, dtype=low, enabled=cfg.bf16 or stored != torch.float32):
-            out = gated_forward(
-                spec,
-                self.gates,
-                input_ids,
-                mask,
-                plan,
-                capture=Capture(
-                    gate_values=True,
-                    skip_change=ranked and cfg.rank_target == "residual",
-                    branch_deltas=first_order,
-                    skip_direction=first_order,
-                ),
-                fill=self.fill,
-                lora=self.lora,
-            )
-            teacher = self.teacher_log_probs(input_ids, rows) if cfg.distill else None
-        log_probs = F.log_softmax(out.logits[:, :-1].float(), -1)
-        if teacher is None:
-            task = F.nll_loss(log_probs.flatten(0, 1), input_ids[:, 1:].flatten())
-        elif isinstance(teacher, tuple):  # top-k KL with the student's exact normaliser
-            # KL over the top k tokens plus one bucket for the rest of the vocabulary (so it is >= 0).
-            index, teacher_lp = teacher
-            student_lp = log_probs.gather(-1, index)
-            teacher_p = teacher_lp.exp()
-            tail_t = (1 - teacher_p.sum(-1)).clamp(min=1e-6)
-            tail_s = (1 - student_lp.exp().sum(-1)).clamp(min=1e-6)
-            task = ((teacher_p * (teacher_lp - student_lp)).sum(-1) + tail_t * (tail_t.log() - tail_s.log())).mean()
-        else:
-            task = (teacher.exp() * (teacher - log_probs)).sum(-1).mean()
-        per_branch = [
-            (g.float().pow(2) if cfg.sparsity_loss == "l2" else g.float().abs()).mean() for g in out.gate_values
-        ]
-        sparsity = torch.stack(per_branch).mean()
-        eligible = out.eligible.sum() * spec.n_layers * 2
-        skip_rate = out.skipped.sum() / eligible.clamp(min=1)
-        loss = task + cfg.sparsity_weight * sparsity
-        if ranked:
-            targets = first_order_costs(task, out.branch_deltas, out.skip_direction) if first_order else out.skip_change
-            loss = loss + cfg.rank_weight * ranking_loss(out.gate_values, targets, out.eligible)
-        return loss, task.detach(), sparsity.detach(), skip_rate
-
-
-def first_order_costs(
-    task: torch.Tensor, deltas: list[torch.Tensor], directions: list[torch.Tensor]
-) -> list[torch.Tensor]:
-    """Per (layer, branch) [B, T]: |dL/dh . (branch - stand-in)|, the first-order change of the task
-    loss if the token skipped the branch (or, skipped, ran it): dL/dh is the gradient at the residual
-    right after the branch adds (= at what it added), taken without touching any parameter's grad."""
-    grads = torch.autograd.grad(task, deltas, retain_graph=True)
-    return [(g.float() * d.float()).sum(-1).abs().detach() for g, d in zip(grads, directions, strict=True)]
-
-
-def ranking_loss(gate_values: list[torch.Tensor], targets: list[torch.Tensor], eligible: torch.Tensor) -> torch.Tensor:
-    """Pairwise logistic ranking loss: within each (sequence, branch), for every pair of eligible
-    tokens, softplus(-(s_i - s_j)) where token i's target is the larger, s = logit(mean gate).
-    0 when every pair is ordered with a wide margin; log 2 per pair for gates that cannot tell."""
-    gate = torch.stack([g.float().mean(-1) for g in gate_values], 1).clamp(1e-6, 1 - 1e-6)  # [B, 2L, T]
-    score = torch.logit(gate)
-    target = torch.stack(targets, 1).float()  # [B, 2L, T]
-    pair = eligible[:, None, :, None] & eligible[:, None, None, :]  # [B, 1, T, T]
-    order = torch.sign(target[..., :, None] - target[..., None, :])  # +1 where i should rank above j
-    weight = pair & (order != 0)
-    per_pair = F.softplus(-order * (score[..., :, None] - score[..., None, :]))
-    return (per_pair * weight).sum() / weight.sum().clamp(min=1)
-
-
-def builtin_texts(gm: GatedModel, split: str, progress: Callable[[str], None], chat_share: float = 0.0) -> list[str]:
-    """pydoc prose, plus (instruction-tuned models) the model's own chat answers, cached. With
-    `chat_share`, the answers repeat until they are at least that share of the characters."""
-    texts = pydoc_texts(split)
-    if gm.tokenizer.chat_template and split in ("train", "validation"):
-        answers = [
-            t for i, t in enumerate(instruction_answers(gm, progress)) if (i % 6 == 0) == (split == "validation")
-        ]
-        if chat_share > 0:
-            prose, chat = sum(map(len, texts)), sum(map(len, answers))
-            repeats = max(1, math.ceil(chat_share * prose / ((1 - chat_share) * max(1, chat))))
-            answers = answers * repeats
-            share = repeats * chat / (repeats * chat + prose)
-            progress(f"chat answers: {share:.0%} of the {split} text ({repeats} pass(es) over {chat:,} characters)")
-        # Interleave, so that every stretch of training blocks mixes prose and chat.
-        mixed, step = [], max(1, len(texts) // max(1, len(answers)))
-        for i, answer in enumerate(answers):
-            mixed.extend(texts[i * step : (i + 1) * step])
-            mixed.append(answer)
-        texts = mixed + texts[len(answers) * step :]
-    return texts
-
-
-def instruction_answers(
-    gm: GatedModel, progress: Callable[[str], None], max_new_tokens: int = 96, batch_size: int = 16
-) -> list[str]:
-    """The model's own answers to `chat_prompts()`, formatted with its chat template (generated once, cached)."""
-    path = cache_root() / "data" / f"{Path(gm.name).name}-answers-{ANSWERS_VERSION}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    prompts = chat_prompts()
-    progress(f"generating the model's answers to {len(prompts)} prompts (one time)")
-    plain = gm.view()
-    answers: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        answers += plain.generate(prompts[start : start + batch_size], max_new_tokens=max_new_tokens, chat=True).text
-    texts = []
-    for instruction, answer in zip(prompts, answers):
-        messages = [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer.strip()}]
-        texts.append(gm.tokenizer.apply_chat_template(messages, tokenize=False))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(texts)))
-    return texts
-
-
 def _load_texts(config: TrainConfig, gm: GatedModel, progress) -> tuple[list[str], list[str]]:
     if config.data == ["builtin"]:
         return builtin_texts(gm, "train", progress, config.chat_share), builtin_texts(gm, "validation", progress)
@@ -453,61 +193,6 @@ def _load_texts(config: TrainConfig, gm: GatedModel, progress) -> tuple[list[str
         raise GateSkipError("training data needs at least two paragraphs")
     # Deterministic split: every 10th paragraph is validation.
     return [p for i, p in enumerate(paras) if i % 10], [p for i, p in enumerate(paras) if not i % 10] or paras[:1]
-
-
-def _state_path(out: Path) -> Path:
-    return out.with_name(out.name.removesuffix(".safetensors") + ".state.safetensors")
-
-
-def _save_state(
-    path: Path, step: int, objective: _GateObjective, optim: torch.optim.Optimizer, history, config, sensitivity=None
-):
-    tensors = {f"param.{k}": v.detach().cpu().contiguous() for k, v in objective.named_parameters() if v.requires_grad}
-    if sensitivity is not None:  # kept, so that a resumed run does not measure it again
-        tensors["sensitivity"] = torch.as_tensor(sensitivity, dtype=torch.float64, device="cpu")
-    state = optim.state_dict()
-    for pid, st in state["state"].items():
-        for name, value in st.items():
-            tensors[f"optim.{pid}.{name}"] = torch.as_tensor(value, device="cpu").contiguous()  # saved from the CPU
-    meta = {
-        "step": str(step),
-        "history": json.dumps(history),
-        "config": json.dumps(asdict(config)),
-        "param_groups": json.dumps(state["param_groups"]),
-    }
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-
-
-def _read_state(path: Path, with_tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The state file's metadata and tensors, or one line naming the damaged file."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
-    except Exception as err:
-        raise GateSkipError(f"cannot resume: {path.name} is damaged ({str(err).splitlines()[0]})") from None
-    return meta, tensors
-
-
-def _check_state(path: Path) -> None:
-    """Fail now, with one line, if the state file to resume from cannot be read."""
-    _read_state(path, with_tensors=False)
-
-
-def _load_state(path: Path, objective: _GateObjective, optim: torch.optim.Optimizer):
-    meta, tensors = _read_state(path)
-    params = dict(objective.named_parameters())
-    with torch.no_grad():
-        for key, value in tensors.items():
-            if key.startswith("param."):
-                params[key[6:]].copy_(value)
-    opt_state: dict = {"state": {}, "param_groups": json.loads(meta["param_groups"])}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, pid, name = key.split(".", 2)
-            opt_state["state"].setdefault(int(pid), {})[name] = value
-    optim.load_state_dict(opt_state)
-    return int(meta["step"]), json.loads(meta["history"])
 
 
 @dataclass
@@ -629,7 +314,7 @@ def _batch_rows(config: TrainConfig, n_rows: int, step: int, process: int, n_pro
     return rows[process::n_processes]
 
 
-def _validate(objective: _GateObjective, setup: _Setup, config: TrainConfig, budget: float) -> dict:
+def _validate(objective: GateObjective, setup: _Setup, config: TrainConfig, budget: float) -> dict:
     objective.eval()
     losses = []
     with torch.no_grad():
@@ -639,22 +324,6 @@ def _validate(objective: _GateObjective, setup: _Setup, config: TrainConfig, bud
             losses.append(float(task))
     objective.train()
     return {"val_loss": float(np.mean(losses)), "val_budget": budget}
-
-
-def calibration_texts(gm: GatedModel, progress: Callable[[str], None] = lambda m: None) -> list[str]:
-    """Calibration texts, each fitted as its own sequence: paragraphs of the pydoc calibration split
-    and, for chat models, the model's own chat transcripts and chat prompts as users send them
-    (rendered with the chat template), interleaved so every kind is in the fitted batch."""
-    prose = [p for t in pydoc_texts("calibration") for p in paragraphs(t)]
-    if not gm.tokenizer.chat_template:
-        return prose
-    transcripts = [t for i, t in enumerate(instruction_answers(gm, progress)) if i % 6 == 1]
-    prompts = [
-        gm.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        for p in chat_prompts()[5::11]
-    ]
-    groups = list(zip(prose[::2], prose[1::2], transcripts, prompts))  # two paragraphs, a transcript, a prompt
-    return [text for group in groups for text in group] + prose[2 * len(groups) :]
 
 
 def calibrate_checkpoint(gm: GatedModel, ckpt: GateCheckpoint, texts: list[str]) -> None:
@@ -725,66 +394,33 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar
     accelerator, device = _accelerator(config)
     is_main = accelerator.is_main_process
     log = progress if is_main else (lambda msg: None)
-    state_path = _state_path(out)
-    if state_path.exists() and not config.resume:
-        raise GateSkipError(f"{state_path} exists from an earlier run; pass --resume to continue it or delete it")
-    if config.resume and state_path.exists():
-        _check_state(state_path)  # a damaged state file is refused before any model or data work
+    state_path = state_file(out)
+    _check_resume(config, state_path)
     setup = _setup(config, log, state_path if config.resume else None, device)
-    objective = _GateObjective(setup.student, setup.gm.original, setup.gates, setup.fill, config, setup.lora)
+    objective = GateObjective(setup.student, setup.gm.original, setup.gates, setup.fill, config, setup.lora)
     optim = _optimizer(setup, config)
     start_step, history = 0, []
     if config.resume and state_path.exists():
-        start_step, history = _load_state(state_path, objective, optim)
+        start_step, history = load_state(state_path, objective, optim)
         log(f"resuming from step {start_step}")
     wrapped, optim = accelerator.prepare(objective, optim)
 
     t0 = time.perf_counter()
     bar = tqdm(total=config.steps, initial=start_step, disable=not (is_main and show_bar), desc="train gates")
-    for step in range(start_step, config.steps):
-        budget = config.budget_at(step)
-        rows = _batch_rows(config, len(setup.train_data), step, accelerator.process_index, accelerator.num_processes)
-        loss, task, sparsity, skip_rate = wrapped(setup.train_data[rows].to(device), setup.budget_table(budget), rows)
-        if not torch.isfinite(loss):
-            bar.close()
-            raise GateSkipError(
-                f"loss became {float(loss.detach())} at step {step}; stopped. The last good checkpoint is {state_path}"
-                " (try a lower --lr)"
-            )
-        optim.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        if step < config.router_first:  # router first: the backbone's adapter waits (no grad: no update)
-            for p in [*setup.student.parameters(), *(setup.lora.parameters() if setup.lora is not None else ())]:
-                p.grad = None
-        optim.step()
-        record = {
-            "step": step + 1,
-            "loss": float(loss.detach()),
-            "task": float(task),
-            "sparsity": float(sparsity),
-            "skip_rate": float(skip_rate),
-            "budget": budget,
-        }
-        if (step + 1) % config.val_every == 0 or step + 1 == config.steps:
-            # Validate at the schedule's end budget, so that values of a random schedule compare across steps.
-            val_budget = config.skip_end if config.budget_schedule == "random" else budget
-            record.update(_validate(objective, setup, config, val_budget))
-        history.append(record)
-        tokens_per_s = (step + 1 - start_step) * config.batch * config.seq_len / max(1e-9, time.perf_counter() - t0)
-        bar.set_postfix(
-            loss=f"{record['loss']:.3f}",
-            sparsity=f"{record['sparsity']:.3f}",
-            skip=f"{record['skip_rate']:.2f}",
-            tok_s=f"{tokens_per_s:.0f}",
-            refresh=False,
-        )
-        bar.update(1)
-        if is_main and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
-            _save_state(
-                state_path, step + 1, accelerator.unwrap_model(wrapped), optim, history, config, setup.sensitivity
-            )
-        accelerator.wait_for_everyone()
-    bar.close()
+    run = _Run(wrapped, objective, optim, accelerator, setup, config, device, state_path)
+    try:
+        for step in range(start_step, config.steps):
+            record = _step(run, step)
+            history.append(record)
+            tokens_per_s = (step + 1 - start_step) * config.batch * config.seq_len / max(1e-9, time.perf_counter() - t0)
+            _show_step(bar, record, tokens_per_s)
+            if is_main and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
+                save_state(
+                    state_path, step + 1, accelerator.unwrap_model(wrapped), optim, history, config, setup.sensitivity
+                )
+            accelerator.wait_for_everyone()
+    finally:
+        bar.close()
     seconds = time.perf_counter() - t0
 
     metrics = {k: v for k, v in history[-1].items() if k.startswith("val")} if history else {}
@@ -798,3 +434,73 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar
     return TrainResult(
         out=out, steps=config.steps, seconds=seconds, history=history, metrics=metrics, is_main_process=is_main
     )
+
+
+def _check_resume(config: TrainConfig, state_path: Path) -> None:
+    """An earlier run's state file needs --resume, and one to resume from must be readable: both are
+    refused before any model or data work."""
+    if state_path.exists() and not config.resume:
+        raise GateSkipError(f"{state_path} exists from an earlier run; pass --resume to continue it or delete it")
+    if config.resume and state_path.exists():
+        check_state(state_path)
+
+
+@dataclass
+class _Run:
+    """What every step of a run uses."""
+
+    wrapped: nn.Module  # the objective as Accelerate prepared it
+    objective: GateObjective
+    optim: torch.optim.Optimizer
+    accelerator: object
+    setup: _Setup
+    config: TrainConfig
+    device: torch.device
+    state_path: Path
+
+
+def _step(run: _Run, step: int) -> dict:
+    """One optimiser step on the step's rows at the step's budget (and validation when due): its record."""
+    config, setup = run.config, run.setup
+    budget = config.budget_at(step)
+    rows = _batch_rows(
+        config, len(setup.train_data), step, run.accelerator.process_index, run.accelerator.num_processes
+    )
+    loss, task, sparsity, skip_rate = run.wrapped(
+        setup.train_data[rows].to(run.device), setup.budget_table(budget), rows
+    )
+    if not torch.isfinite(loss):
+        raise GateSkipError(
+            f"loss became {float(loss.detach())} at step {step}; stopped. The last good checkpoint is {run.state_path}"
+            " (try a lower --lr)"
+        )
+    run.optim.zero_grad(set_to_none=True)
+    run.accelerator.backward(loss)
+    if step < config.router_first:  # router first: the backbone's adapter waits (no grad: no update)
+        for p in [*setup.student.parameters(), *(setup.lora.parameters() if setup.lora is not None else ())]:
+            p.grad = None
+    run.optim.step()
+    record = {
+        "step": step + 1,
+        "loss": float(loss.detach()),
+        "task": float(task),
+        "sparsity": float(sparsity),
+        "skip_rate": float(skip_rate),
+        "budget": budget,
+    }
+    if (step + 1) % config.val_every == 0 or step + 1 == config.steps:
+        # Validate at the schedule's end budget, so that values of a random schedule compare across steps.
+        val_budget = config.skip_end if config.budget_schedule == "random" else budget
+        record.update(_validate(run.objective, setup, config, val_budget))
+    return record
+
+
+def _show_step(bar, record: dict, tokens_per_s: float) -> None:
+    bar.set_postfix(
+        loss=f"{record['loss']:.3f}",
+        sparsity=f"{record['sparsity']:.3f}",
+        skip=f"{record['skip_rate']:.2f}",
+        tok_s=f"{tokens_per_s:.0f}",
+        refresh=False,
+    )
+    bar.update(1)
