@@ -392,13 +392,14 @@ class GatedModel:
         texts = validation.texts(text_or_texts)
         batch_size = validation.whole_number("batch_size", batch_size)
         plan = self.make_plan(**skip_args)
-        sequences, notices = [], []
+        sequences, notices, cut = [], [], []
         for start in range(0, len(texts), batch_size):
             batch = self.encode(texts[start : start + batch_size], chat=chat, max_tokens=max_tokens)
             for i, was_cut in enumerate(batch.truncated):
                 if was_cut:
                     limit = min(max_tokens or self.max_context, self.max_context)
                     notices.append(f"text {start + i} truncated to its first {limit} tokens")
+                    cut.append(start + i)
             # A trace keeps decisions, not logits: only the last position's are computed (the
             # vocabulary projection of every position was a fifth of a SmolLM2 forward). The
             # compute account still describes a full pass that scores every position.
@@ -410,7 +411,7 @@ class GatedModel:
                 capture=Capture(gate_vectors=gate_vectors),
             )
             sequences.extend(self.sequence_traces(batch.input_ids, batch.attention_mask, result, plan))
-        return dataclasses.replace(self.make_trace(sequences, plan), notices=tuple(notices))
+        return dataclasses.replace(self.make_trace(sequences, plan), notices=tuple(notices), truncated=tuple(cut))
 
     def trace_of(self, batch: Batch, result: ForwardResult, plan: SkipPlan) -> Trace:
         """The trace of a forward pass already run (when the caller also needs its logits)."""

@@ -235,3 +235,17 @@ def tiny_llama_without_texts(model):
     view = model.view()
     view.attach_gates(model.gates, "unrecorded", GateCheckpoint(model.gates, model.name, model.spec.fingerprint()))
     return view
+
+
+# ---- truncations: counted from the trace's record of them, never parsed from notice text
+def test_truncations_are_recorded_by_the_trace_and_counted_by_both_collectors(tiny_llama, tmp_path):
+    from analysis.experiments.collect import collect, collect_dataset
+
+    long = "Gates decide which tokens skip which layers, and the trace records every one of them."
+    texts = [long, "Short one.", long]
+    trace = tiny_llama.trace(texts, max_tokens=16)
+    assert trace.truncated == (0, 2) and len(trace.notices) == 2
+    assert collect(tiny_llama, texts, tmp_path / "t.parquet", show_progress=False, max_tokens=16)["truncated"] == 2
+    counts = collect_dataset(tiny_llama, [("s", texts)], tmp_path / "ds", max_tokens=16, show_progress=False, log=str)
+    assert counts["truncated"] == 2
+    assert lines_matching(r"len\([\w.]*notices\)|truncated to \" in", set()) == []

@@ -119,7 +119,7 @@ def collect(
             def flush():
                 nonlocal writer, n_seq, n_rows, n_truncated
                 trace = _trace_by_length(model, batch, batch_size=batch_size, **trace_kwargs)
-                n_truncated += len(trace.notices)
+                n_truncated += len(trace.truncated)
                 df = trace.to_dataframe()
                 df["sequence_id"] += n_seq
                 if suffix == ".parquet":
@@ -177,7 +177,7 @@ def _trace_shard(model: GatedModel, texts: Sequence[str], first_sequence: int, s
     df = trace.to_dataframe()
     df["sequence_id"] += first_sequence
     tokens = sum(s.n_tokens for s in trace.sequences)
-    truncated = sum(notice.endswith(" tokens") and " truncated to " in notice for notice in trace.notices)
+    truncated = len(trace.truncated)
     return pa.Table.from_pandas(df, preserve_index=False), tokens, truncated
 
 

@@ -147,6 +147,7 @@ class Trace:
     # Notices of the call that made this trace (a text truncated to the context, ...): returned with
     # the result, not raised as process-wide warnings, so that a server's threads never mix them.
     notices: tuple[str, ...] = ()
+    truncated: tuple[int, ...] = ()  # which of the call's texts were cut to the context (counted, not parsed)
 
     @property
     def n_layers(self) -> int:
