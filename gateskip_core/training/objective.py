@@ -11,10 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from gateskip_core.backbone.architecture import arch_spec
+from gateskip_core.branches import branch_evaluations
 from gateskip_core.forward.execution import Capture, gated_forward
 from gateskip_core.gating.adapter import LoraAdapter
 from gateskip_core.gating.fill import SkipFill
 from gateskip_core.gating.gates import GateSet
+from gateskip_core.reference import kl_to_reference
 from gateskip_core.skipping.plan import SkipPlan
 from gateskip_core.skipping.policies import QuantilePolicy, SkipBudget
 
@@ -126,12 +128,12 @@ class GateObjective(nn.Module):
             tail_s = (1 - student_lp.exp().sum(-1)).clamp(min=1e-6)
             task = ((teacher_p * (teacher_lp - student_lp)).sum(-1) + tail_t * (tail_t.log() - tail_s.log())).mean()
         else:
-            task = (teacher.exp() * (teacher - log_probs)).sum(-1).mean()
+            task = kl_to_reference(teacher, log_probs).mean()
         per_branch = [
             (g.float().pow(2) if cfg.sparsity_loss == "l2" else g.float().abs()).mean() for g in out.gate_values
         ]
         sparsity = torch.stack(per_branch).mean()
-        eligible = out.eligible.sum() * spec.n_layers * 2
+        eligible = branch_evaluations(out.eligible.sum(), spec.n_layers)
         skip_rate = out.skipped.sum() / eligible.clamp(min=1)
         loss = task + cfg.sparsity_weight * sparsity
         if ranked:
