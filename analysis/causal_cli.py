@@ -31,7 +31,7 @@ def cmd_causal(args: argparse.Namespace) -> int:
     if args.text is not None and not args.text.strip():
         raise GateSkipError("text is empty")
     texts = [args.text] if args.text is not None else paragraphs_of(args.file)
-    model = load_model(args.model, gates=args.gates, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, gates=args.gates, device=args.device, dtype=args.dtype, weights=args.weights)
     if args.file is not None:  # headings and one-word lines have no token to skip after BOS: the next paragraphs
         texts = [t for t in texts if model.encode([t], max_tokens=3).input_ids.shape[1] >= 3][: args.texts]
     start = time.perf_counter()

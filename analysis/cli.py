@@ -26,7 +26,7 @@ def cmd_quality(args: argparse.Namespace) -> int:
     from .experiments.quality import evaluation_blocks, quality_table
 
     out = check_out(args.out)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, weights=args.weights)
     specs = dict(item.split("=", 1) if "=" in item else (item, item) for item in args.gates)
     texts = paragraphs_of(args.file) if args.file else None
     table = quality_table(model, specs, args.budgets, evaluation_blocks(model, texts, n_blocks=args.blocks))
@@ -42,7 +42,7 @@ def cmd_chat_fidelity(args: argparse.Namespace) -> int:
     from .experiments.quality import chat_fidelity
 
     out = check_out(args.out)
-    model = load_model(args.model, gates=args.gates, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, gates=args.gates, device=args.device, dtype=args.dtype, weights=args.weights)
     table = chat_fidelity(
         model,
         args.budgets,
@@ -67,7 +67,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     sources = [(Path(f).name, paragraphs_of(f)) for f in args.file]
     state = process_state()
     device = str(state.device) if state.num_processes > 1 and state.device.type != "cpu" else args.device
-    model = load_model(args.model, gates=args.gates, device=device, dtype=args.dtype)
+    model = load_model(args.model, gates=args.gates, device=device, dtype=args.dtype, weights=args.weights)
     log = print if state.is_main_process else (lambda msg: None)
     counts = collect_dataset(
         model,
@@ -101,7 +101,7 @@ def _collect_file(args: argparse.Namespace) -> int:
     if len(args.file) > 1:
         raise GateSkipError("several --file sources need a dataset folder as --out, not one file")
     paras = paragraphs_of(args.file[0])
-    model = load_model(args.model, gates=args.gates, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, gates=args.gates, device=args.device, dtype=args.dtype, weights=args.weights)
     counts = collect(
         model,
         paras,
@@ -279,7 +279,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     matched_out = check_out(args.matched_out, option="--matched-out")
     methods = check_method_names(args.methods.split(","), METHODS)
     texts = paragraphs_of(args.file) if args.file else None
-    model = load_model(args.model, gates=args.gates, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, gates=args.gates, device=args.device, dtype=args.dtype, weights=args.weights)
     for method in methods:  # K must leave a layer: checked once the model's depth is known
         prune_count(method, model.spec.n_layers)
     blocks = evaluation_blocks(model, texts, n_blocks=args.blocks, seq_len=args.seq_len)
@@ -341,7 +341,7 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
         raise GateSkipError("--texts streams blocks of a corpus: give it with --file")
     if args.exact is not None and args.per_cell is not None:
         raise GateSkipError("give --per-cell (entries per (layer, branch)) or --exact (entries in all), not both")
-    model = load_model(args.model, gates=args.gates, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, gates=args.gates, device=args.device, dtype=args.dtype, weights=args.weights)
     per_cell = DEFAULT_PER_CELL if args.per_cell is None else args.per_cell
     n_entries = args.exact if args.exact is not None else per_cell * branches_per_token(model.spec.n_layers)
     start = time.perf_counter()
@@ -392,7 +392,7 @@ def cmd_settled(args: argparse.Namespace) -> int:
     figure = check_out(args.figure, (".html",), "--figure")
     summary_out = check_out(args.summary_out, option="--summary-out")
     texts = paragraphs_of(args.file) if args.file else None
-    model = load_model(args.model, gates=args.gates, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, gates=args.gates, device=args.device, dtype=args.dtype, weights=args.weights)
     if args.from_layer is not None and args.from_layer >= model.spec.n_layers:
         raise GateSkipError(f"--from-layer must be below {model.spec.n_layers} ({model.name} has that many layers)")
     table = settled_corpus(

@@ -35,6 +35,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(
         model=args.model,
         dtype=args.dtype,
+        weights=args.weights,
         gates=args.gates,
         variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
         memory_variants=tuple(v.strip() for v in args.memory_variants.split(",") if v.strip()),
@@ -68,6 +69,12 @@ def register(sub, commands) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="registry name, checkpoint dir or hub id")
     p.add_argument("--gates", default="default", help="gates for decode, capture, collect, dashboard and rates")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
+    p.add_argument(
+        "--weights",
+        default="fp32",
+        help="the prefill and decoding model's projections: fp32 | int8 | int4 (dequantised: float32 speed) | "
+        "int4:quanto (quanto's kernels); the memory and dashboard rows load fp32",
+    )
     p.add_argument(
         "--variants",
         default="default,default@all,default@merged,default-scalar,untrained:vector",

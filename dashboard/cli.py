@@ -74,6 +74,15 @@ def check_model(model: str) -> str:
     return str(path.resolve())
 
 
+def check_weights(weights: str) -> str:
+    """fp32, int8 or int4: the app runs quanto's dequantised weights (its kernels are for a GPU)."""
+    from gateskip_core.backbone.quantisation import WEIGHTS
+
+    if weights not in WEIGHTS:
+        raise GateSkipError(f"--weights must be one of {', '.join(WEIGHTS)} in the dashboard, got {weights!r}")
+    return weights
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     model = check_model(args.model)
     host, loopback = check_host(args.host)
@@ -86,6 +95,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     except OSError as err:
         raise GateSkipError(f"cannot create --data-dir {data_dir}: {err.strerror or err}") from None
     env = dict(os.environ, GATESKIP_DASHBOARD_MODEL=model, GATESKIP_DASHBOARD_DATA=str(data_dir.resolve()))
+    env["GATESKIP_DASHBOARD_WEIGHTS"] = check_weights(args.weights)
     if args.gates is not None:  # read already (gateskip_core.cli.check_inputs); matched to the model in the app
         env["GATESKIP_DASHBOARD_GATES"] = str(Path(args.gates).expanduser().resolve())
     cmd = [
@@ -129,6 +139,11 @@ def register(sub, commands) -> None:
         "--gates",
         help="a gate checkpoint (.safetensors, e.g. from `gateskip train`) offered in the sidebar and selected "
         "when the app opens (default: the model's shipped gates)",
+    )
+    p.add_argument(
+        "--weights",
+        default="fp32",
+        help="the backbone's projections selected when the app opens: fp32 | int8 | int4 (optimum-quanto, weight only)",
     )
     p.add_argument("--data-dir", help="the Corpus view's datasets (default: <cache>/dashboard-data)")
     commands["dashboard"] = cmd_dashboard

@@ -78,10 +78,16 @@ def add_model_args(p: argparse.ArgumentParser, gates_default: str = "none") -> N
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
-    """--device and --dtype of a command that loads a model (`load_model` checks them)."""
+    """--device, --dtype and --weights of a command that loads a model (`load_model` checks them)."""
     p.add_argument("--device", default="cpu", help="where the model runs: cpu | cuda | cuda:N | mps")
     p.add_argument(
         "--dtype", default="float32", help="the model's weights and activations: float32 | bfloat16 | float16"
+    )
+    p.add_argument(
+        "--weights",
+        default="fp32",
+        help="the backbone's projections: fp32 | int8 | int4 (weight-only quantisation by optimum-quanto, run as "
+        "its dequantised weights; gates, adapter and stand-ins stay float) | int8:quanto | int4:quanto (quanto's kernels)",
     )
 
 
@@ -157,7 +163,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
         texts = paragraphs(read_text_file(args.file))
     if not texts or not any(t.strip() for t in texts):
         raise GateSkipError("text is empty")
-    model = load_model(args.model, gates=args.gates, progress=_progress, device=args.device, dtype=args.dtype)
+    model = load_model(
+        args.model, gates=args.gates, progress=_progress, device=args.device, dtype=args.dtype, weights=args.weights
+    )
     trace = model.trace(texts, chat=args.chat, **skip_args_of(args))
     for notice in trace.notices:
         print(f"warning: {notice}", file=sys.stderr)
@@ -187,7 +195,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from gateskip_core.model import load_model
 
     prompt, out = _generate_inputs(args)
-    model = load_model(args.model, gates=args.gates, progress=_progress, device=args.device, dtype=args.dtype)
+    model = load_model(
+        args.model, gates=args.gates, progress=_progress, device=args.device, dtype=args.dtype, weights=args.weights
+    )
     skip_args = skip_args_of(args)
     if args.draft_skip is not None:
         skip_args.pop("skip")
@@ -313,6 +323,8 @@ TRAIN_HELP = {
     "|branch - stand-in| / |h|) | first-order (|gradient . (branch - stand-in)|: the skip's first-order cost to "
     "the task loss; one more backward pass per step)",
     "router_first": "steps at the start in which only the gates and stand-ins train (the adapter joins after)",
+    "weights": "the backbone's projections: fp32 | int8 | int4 (weight-only quantisation by optimum-quanto; the "
+    "gates, adapter and stand-ins train in float32)",
     "chat_share": "with --data builtin: the least share of the training text that is the model's own chat answers "
     "(they repeat to reach it; 0: the built-in mix, about a sixth)",
 }
@@ -400,7 +412,9 @@ def cmd_fit_fill(args: argparse.Namespace) -> int:
     out = check_writable(args.out)
     if not out.name.endswith(".safetensors"):
         raise GateSkipError("--out must end in .safetensors")
-    model = load_model(args.model, gates=args.gates, progress=_progress, device=args.device, dtype=args.dtype)
+    model = load_model(
+        args.model, gates=args.gates, progress=_progress, device=args.device, dtype=args.dtype, weights=args.weights
+    )
     if model.checkpoint is None:
         raise GateSkipError("fit-fill needs a gate checkpoint (default, default-v2, default-scalar or a file)")
     scope = model.checkpoint.adapter_scope if args.adapter_scope == "auto" else args.adapter_scope

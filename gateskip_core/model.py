@@ -26,7 +26,8 @@ from typing_extensions import TypedDict, Unpack
 
 from gateskip_core import validation
 from gateskip_core.backbone.architecture import ArchSpec, arch_spec
-from gateskip_core.backbone.registry import DEFAULT_MODEL, load_backbone
+from gateskip_core.backbone.quantisation import parse_weights, quantise_backbone
+from gateskip_core.backbone.registry import DEFAULT_MODEL, REGISTRY, load_backbone
 from gateskip_core.branches import BRANCHES
 from gateskip_core.errors import GateSkipError
 from gateskip_core.forward.cache import KVCache
@@ -90,8 +91,17 @@ class GatedModel:
     full fine-tune), the gates, and a LoRA adapter they came with (`lora`: added per row on the
     original weights, never merged into a copy)."""
 
-    def __init__(self, backbone, tokenizer, name: str, gates: GateSet | None = None, gates_label: str = "none"):
+    def __init__(
+        self,
+        backbone,
+        tokenizer,
+        name: str,
+        gates: GateSet | None = None,
+        gates_label: str = "none",
+        weights: str = "fp32",
+    ):
         self.original = backbone
+        self.weights = weights  # the backbone's projections: fp32, int8, int4 (backbone/quantisation.py)
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.name = name
@@ -175,7 +185,7 @@ class GatedModel:
         """Another GatedModel over the user's original model (no copy) with other gates: safe to use
         concurrently with this one. `model.view()` is the ungated reference: the original model,
         without the gates' adapter."""
-        other = GatedModel(self.original, self.tokenizer, self.name)
+        other = GatedModel(self.original, self.tokenizer, self.name, weights=self.weights)
         if gates is not None:
             other.attach_gates(gates, label, checkpoint)
         return other
@@ -586,18 +596,32 @@ def load_model(
     progress=lambda msg: None,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "float32",
+    weights: str = "fp32",
 ) -> GatedModel:
     """Load a registry model, checkpoint directory or hub id on `device` in `dtype`, and attach gates.
 
     gates: 'none', 'default' (the shipped trained gates, adapter and stand-ins), 'default-v2', 'default-scalar',
     'untrained[:vector|scalar|mlp|lowrank:R]' (freshly initialised), or a .safetensors path.
+    weights: 'fp32' (as loaded), 'int8' or 'int4' (weight-only quantisation of every projection by
+    optimum-quanto, run as its dequantised weights), 'int8:quanto' / 'int4:quanto' (quanto's own
+    modules and kernels). The gates, adapter and stand-ins stay float (`backbone/quantisation.py`).
     """
-    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    device, dtype, spec = resolve_device(device), resolve_dtype(dtype), parse_weights(weights)
     backbone, tokenizer, name = load_backbone(name_or_path, progress)
+    if spec.quantised and not spec.kernels:  # quantise the float32 weights once (cached), then cast
+        quantise_backbone(backbone, spec, cache_key=_weight_cache_key(name))
     backbone.to(device=device, dtype=dtype)
-    model = GatedModel(backbone, tokenizer, name)
+    if spec.kernels:  # quanto's modules quantise on the device, from the weights in `dtype`
+        quantise_backbone(backbone, spec)
+    model = GatedModel(backbone, tokenizer, name, weights=spec.label)
     model.load_gates(gates)
     return model
+
+
+def _weight_cache_key(name: str) -> str | None:
+    """Registry models converted from a GGUF keep their quantised weights cached (tiny models are built, not cached)."""
+    entry = REGISTRY.get(name)
+    return name if entry is not None and entry.build is None else None
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

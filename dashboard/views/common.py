@@ -20,6 +20,11 @@ def start_gates() -> str | None:
     return os.environ.get("GATESKIP_DASHBOARD_GATES") or None
 
 
+def start_weights() -> str:
+    """The backbone's weights the app opens with (`gateskip dashboard --weights`), read per run."""
+    return os.environ.get("GATESKIP_DASHBOARD_WEIGHTS", "fp32")
+
+
 def model_names() -> list[str]:
     """The registry's models, and a local checkpoint directory given on the command line (visitors
     cannot name other paths)."""
@@ -33,9 +38,9 @@ def hub() -> service.ModelHub:
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
-def gated_view(model_name: str, gates: str, upload_digest: str | None, _upload: bytes | None):
-    """One view per (model, gates) per process, shared by all sessions (views are read-only)."""
-    return hub().view(model_name, gates, _upload)
+def gated_view(model_name: str, gates: str, upload_digest: str | None, _upload: bytes | None, weights: str = "fp32"):
+    """One view per (model, gates, weights) per process, shared by all sessions (views are read-only)."""
+    return hub().view(model_name, gates, _upload, weights)
 
 
 def download(container, label: str, data, file_name: str, mime: str, key: str | None = None) -> None:

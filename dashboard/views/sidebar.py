@@ -7,8 +7,9 @@ import hashlib
 import streamlit as st
 
 from dashboard import service
-from dashboard.views.common import gated_view, hub, model_names, start_gates, start_model
+from dashboard.views.common import gated_view, hub, model_names, start_gates, start_model, start_weights
 from gateskip_core import GateSkipError
+from gateskip_core.backbone.quantisation import WEIGHTS
 
 
 def sidebar() -> service.Settings:
@@ -17,8 +18,16 @@ def sidebar() -> service.Settings:
     names = model_names()
     index = names.index(start_model()) if start_model() in names else 0
     model_name = sb.selectbox("Model", names, index=index, key="model")
-    with st.spinner(f"Loading {model_name} (the first load converts it once)…"):
-        base = hub().base(model_name)
+    weights = sb.selectbox(
+        "Weights",
+        WEIGHTS,
+        index=WEIGHTS.index(start_weights()),
+        key="weights",
+        help="the backbone's projections: fp32, or quantised to int8 / int4 by optimum-quanto (weight only; the "
+        "gates, adapter and stand-ins stay float)",
+    )
+    with st.spinner(f"Loading {model_name} ({weights} weights; the first load converts it once)…"):
+        base = hub().base(model_name, weights=weights)
     # The file given with `gateskip dashboard --gates` comes first (visitors cannot name other paths).
     given = [start_gates()] if start_gates() and model_name == start_model() else []
     choices = given + service.gate_choices(model_name)
@@ -29,7 +38,7 @@ def sidebar() -> service.Settings:
     if gates == "upload":
         file = sb.file_uploader("Gate checkpoint (.safetensors)", type=None, key="gate_upload")
         upload = file.getvalue() if file is not None else None
-    view = load_view(model_name, gates, upload)
+    view = load_view(model_name, gates, upload, weights)
 
     sb.header("Skip budget")
     mode = sb.radio(
@@ -82,18 +91,18 @@ def sidebar() -> service.Settings:
     )
 
 
-def load_view(model_name: str, gates: str, upload: bytes | None):
+def load_view(model_name: str, gates: str, upload: bytes | None, weights: str = "fp32"):
     """The chosen gates, or the previous working ones with an error when they cannot be loaded."""
     digest = hashlib.sha256(upload).hexdigest() if upload is not None else None
     try:
-        view = gated_view(model_name, gates, digest, upload)
-        st.session_state["last_good_gates"] = (model_name, gates, digest, upload)
+        view = gated_view(model_name, gates, digest, upload, weights)
+        st.session_state["last_good_gates"] = (model_name, gates, digest, upload, weights)
         return view
     except GateSkipError as err:
         st.sidebar.error(str(err))
         last = st.session_state.get("last_good_gates")
-        if last is not None and last[0] == model_name:
+        if last is not None and last[0] == model_name and last[-1] == weights:
             st.sidebar.caption(f"still using the previous gates ({last[1]})")
             return gated_view(*last)
         fallback = service.gate_choices(model_name)[0]
-        return gated_view(model_name, fallback, None, None)
+        return gated_view(model_name, fallback, None, None, weights)

@@ -52,6 +52,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from gateskip_core.backbone.quantisation import parse_weights
 from gateskip_core.backbone.registry import DEFAULT_MODEL
 from gateskip_core.data import paragraphs, read_text_file, token_blocks
 from gateskip_core.errors import GateSkipError
@@ -113,12 +114,18 @@ class TrainConfig:
     rank_target: str = "residual"  # residual | first-order: what the ranking loss orders tokens by
     router_first: int = 0  # steps at the start in which only gates and stand-ins train
     chat_share: float = 0.0  # builtin data: least share of training characters that are the model's chat answers
+    weights: str = "fp32"  # the backbone's projections: fp32 | int8 | int4 (dequantised quanto weights)
 
     def validate(self) -> None:
         parse_gate_variant(self.gate)
         adapter = AdapterSpec.parse(self.adapter)
         resolve_device(self.device)
         resolve_dtype(self.dtype)
+        if parse_weights(self.weights).kernels:  # quanto's frozen modules have no float weights to train through
+            raise GateSkipError(
+                f"--weights {self.weights}: train on the dequantised weights ({self.weights.split(':')[0]})"
+            )
+        adapter = AdapterSpec.parse(self.adapter)
         FillSpec.parse(self.skip_fill)
         if self.adapter_scope not in ADAPTER_SCOPES:
             raise GateSkipError(f"--adapter-scope must be one of {', '.join(ADAPTER_SCOPES)}")
@@ -221,7 +228,7 @@ def _setup(
 ) -> _Setup:
     torch.manual_seed(config.seed)
     device = device or resolve_device(config.device)
-    gm = load_model(config.model, progress=log, device=device, dtype=config.dtype)
+    gm = load_model(config.model, progress=log, weights=config.weights, device=device, dtype=config.dtype)
     gate_variant, gate_rank = parse_gate_variant(config.gate)
     adapter = AdapterSpec.parse(config.adapter)
     # What trains is made on the CPU (the same initial values on every device) and moved, in float32.
