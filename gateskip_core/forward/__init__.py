@@ -6,4 +6,5 @@
 - `rows`: the packed tokens that run a branch, and which rows add the adapter's delta;
 - `cache`: the KV cache of one generation call;
 - `generation`: decoding token by token with the cache.
+- `speculative`: self-speculative decoding: the gated model drafts, the original checks (its greedy tokens).
 """
