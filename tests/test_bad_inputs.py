@@ -101,6 +101,10 @@ def commands(f) -> dict[str, tuple[list[str], dict[str, str]]]:
             ["chat-fidelity", *tiny, "--gates", "untrained", "--max-new-tokens", "2", "--budgets", "0"],
             {"--out": "cf.csv"},
         ),
+        "generate": (
+            ["generate", TEXT, *tiny, "--gates", "untrained", "--policy", "random", "--draft-skip", "0.5"],
+            {"--out": "gen.csv"},
+        ),
     }
 
 
@@ -147,8 +151,24 @@ NUMBERS = {
         ("--repeats", "0", "--repeats must be at least 1"),
         ("--prefill-skips", "nan", "--prefill-skips must be"),
     ],
+    "generate": [
+        ("--max-new-tokens", "0", "--max-new-tokens must be at least 1"),
+        ("--draft-skip", "1.5", "skip budget must lie in [0, 1]"),
+        ("--draft-tokens", "0", "--draft-tokens must be at least 1"),
+    ],
 }
-GATED = ["trace", "collect", "sweep", "faithfulness", "settled", "quality", "bench", "fit-fill", "chat-fidelity"]
+GATED = [
+    "trace",
+    "collect",
+    "sweep",
+    "faithfulness",
+    "settled",
+    "quality",
+    "bench",
+    "fit-fill",
+    "chat-fidelity",
+    "generate",
+]
 DAMAGED_GATES = {
     "gates_truncated": "not a valid safetensors gate checkpoint",
     "gates_random": "not a valid safetensors gate checkpoint",
