@@ -95,7 +95,7 @@ def summary(text: str, blocks: dict[str, pd.DataFrame], seed: int = 0) -> list[d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--blocks", type=int, default=10, help="held-out blocks of 128 tokens per text")
+    parser.add_argument("--blocks", type=int, default=8, help="held-out blocks of 128 tokens per text")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = load_model("smollm2-135m-instruct", gates="default")
