@@ -422,6 +422,26 @@ def cmd_settled(args: argparse.Namespace) -> int:
 
 
 def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
+    """Every analysis command's parser, each in its own function below."""
+    _register_collect(sub, commands, add_model_args, add_skip_args)
+    _register_stats(sub, commands)
+    _register_query(sub, commands)
+    _register_sweep(sub, commands, add_model_args)
+    _register_faithfulness(sub, commands, add_model_args)
+    _register_quality(sub, commands)
+    _register_chat_fidelity(sub, commands, add_model_args)
+    _register_settled(sub, commands, add_model_args, add_skip_args)
+
+    from .evaluation.cli import register_eval  # its own module: lm-eval is imported only when it runs
+
+    register_eval(sub, commands, add_model_args)
+
+    from .causal_cli import register_causal  # its own module: the gate beside the causal measures
+
+    register_causal(sub, commands, add_model_args, budget_type)
+
+
+def _register_collect(sub, commands, add_model_args, add_skip_args) -> None:
     p = sub.add_parser(
         "collect",
         help="trace a corpus (one sequence per paragraph) into a dataset folder of Parquet shards (resumable, "
@@ -452,6 +472,8 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
     )
     commands["collect"] = cmd_collect
 
+
+def _register_stats(sub, commands) -> None:
     p = sub.add_parser("stats", help="per-layer gate statistics of a trace dataset or file (DuckDB)")
     p.add_argument("--trace", required=True, help="a dataset folder, or a .parquet / .csv trace file")
     p.add_argument("--out", required=True, help="layer_stats.csv")
@@ -472,6 +494,8 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
     )
     commands["stats"] = cmd_stats
 
+
+def _register_query(sub, commands) -> None:
     p = sub.add_parser(
         "query",
         help="SQL over a trace dataset (views: traces, tokens) or a ready-made corpus question, with DuckDB",
@@ -500,6 +524,8 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
     p.add_argument("--out", help="write the whole result (.csv or .parquet)")
     commands["query"] = cmd_query
 
+
+def _register_sweep(sub, commands, add_model_args) -> None:
     p = sub.add_parser("sweep", help="quality vs net FLOPs for GateSkip and baselines")
     add_model_args(p, gates_default="default")
     p.add_argument("--file", help="held-out text (default: the pydoc validation split)")
@@ -531,6 +557,8 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
     p.add_argument("--out", required=True, help="sweep.csv: one row per (method, budget)")
     commands["sweep"] = cmd_sweep
 
+
+def _register_faithfulness(sub, commands, add_model_args) -> None:
     p = sub.add_parser("faithfulness", help="which signal predicts the exact harm of a skip? (batched ablations)")
     add_model_args(p, gates_default="default")
     src = p.add_mutually_exclusive_group(required=True)
@@ -575,6 +603,8 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
     p.add_argument("--out", required=True, help="faithfulness.csv: one row per signal")
     commands["faithfulness"] = cmd_faithfulness
 
+
+def _register_quality(sub, commands) -> None:
     p = sub.add_parser("quality", help="perplexity / agreement of gates vs random skipping on held-out text")
     p.add_argument("--model", default=DEFAULT_MODEL, help="registry name, checkpoint dir or hub id")
     add_device_args(p)
@@ -592,6 +622,8 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
     p.add_argument("--out", required=True, help="quality.csv: one row per (gates, policy, budget)")
     commands["quality"] = cmd_quality
 
+
+def _register_chat_fidelity(sub, commands, add_model_args) -> None:
     p = sub.add_parser(
         "chat-fidelity", help="KL / top-1 on the original model's own answers to 20 held-out chat prompts"
     )
@@ -610,6 +642,8 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
     p.add_argument("--out", required=True, help="chat_fidelity.csv")
     commands["chat-fidelity"] = cmd_chat_fidelity
 
+
+def _register_settled(sub, commands, add_model_args, add_skip_args) -> None:
     p = sub.add_parser(
         "settled", help="logit lens: had tokens' predictions settled when they skipped a layer? (streams a corpus)"
     )
@@ -632,11 +666,3 @@ def register(sub, commands, add_model_args, add_skip_args, budget_type) -> None:
     p.add_argument("--summary-out", help="also write the summary: the within-layer ratio per branch (CSV)")
     p.add_argument("--out", required=True, help="settled.csv: counts and rates per (layer, branch)")
     commands["settled"] = cmd_settled
-
-    from .evaluation.cli import register_eval  # its own module: lm-eval is imported only when it runs
-
-    register_eval(sub, commands, add_model_args)
-
-    from .causal_cli import register_causal  # its own module: the gate beside the causal measures
-
-    register_causal(sub, commands, add_model_args, budget_type)

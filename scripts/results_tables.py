@@ -199,8 +199,19 @@ HEADER = [
 
 def page() -> str:
     """docs/results.md."""
-    out = [
-        *HEADER,
+    out = [*HEADER, *smollm2_sections()]
+    if (DOCS / "gemma3_quality.csv").is_file():
+        out += gemma3_sections()
+    if (DOCS / "fidelity_ablation.csv").is_file():
+        out += ["", "## Skipping-fidelity ablation (ppl / KL / top-1)", fidelity()]
+    if (DOCS / "gate_variants.csv").is_file():
+        out += ["", "## Gate variants at equal training", quality("gate_variants.csv")]
+    return "\n".join(out) + "\n"
+
+
+def smollm2_sections() -> list[str]:
+    """The shipped SmolLM2 gates: quality, matched savings, sweep, information flow, faithfulness."""
+    return [
         "## Quality, held-out pydoc",
         quality("quality.csv"),
         "",
@@ -234,32 +245,30 @@ def page() -> str:
         "",
         faithfulness("faithfulness.csv"),
     ]
-    if (DOCS / "gemma3_quality.csv").is_file():
-        out += [
-            "",
-            "## Gemma-3-270M: quality, held-out pydoc",
-            quality("gemma3_quality.csv"),
-            "",
-            "## Gemma-3-270M: quality, held-out legal text",
-            quality("gemma3_quality_legal.csv"),
-            "",
-            "## Gemma-3-270M: matched net FLOPs saved, pydoc",
-            matched("gemma3_sweep_matched.csv"),
-            "",
-            "## Gemma-3-270M: matched net FLOPs saved, legal",
-            matched("gemma3_sweep_legal_matched.csv"),
-            "",
-            "## Gemma-3-270M: information flow",
-            flow("gemma3_"),
-            "",
-            "## Gemma-3-270M: sliding-window vs global attention layers",
-            table(pd.read_csv(DOCS / "gemma3_attention_kinds.csv")),
-        ]
-    if (DOCS / "fidelity_ablation.csv").is_file():
-        out += ["", "## Skipping-fidelity ablation (ppl / KL / top-1)", fidelity()]
-    if (DOCS / "gate_variants.csv").is_file():
-        out += ["", "## Gate variants at equal training", quality("gate_variants.csv")]
-    return "\n".join(out) + "\n"
+
+
+def gemma3_sections() -> list[str]:
+    """Gemma-3-270M: quality, matched savings, information flow, attention kinds."""
+    return [
+        "",
+        "## Gemma-3-270M: quality, held-out pydoc",
+        quality("gemma3_quality.csv"),
+        "",
+        "## Gemma-3-270M: quality, held-out legal text",
+        quality("gemma3_quality_legal.csv"),
+        "",
+        "## Gemma-3-270M: matched net FLOPs saved, pydoc",
+        matched("gemma3_sweep_matched.csv"),
+        "",
+        "## Gemma-3-270M: matched net FLOPs saved, legal",
+        matched("gemma3_sweep_legal_matched.csv"),
+        "",
+        "## Gemma-3-270M: information flow",
+        flow("gemma3_"),
+        "",
+        "## Gemma-3-270M: sliding-window vs global attention layers",
+        table(pd.read_csv(DOCS / "gemma3_attention_kinds.csv")),
+    ]
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -255,6 +256,25 @@ def process_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+class ShardJob(NamedTuple):
+    """One shard this process collects: its index in the dataset, its source, its paragraphs and
+    which of the source's shards it is."""
+
+    index: int
+    source: Source
+    texts: list[str]
+    part: int
+
+
+class CollectedWork(NamedTuple):
+    """What one process wrote in a call."""
+
+    shards: int
+    sequences: int
+    tokens: int
+    truncated: int
+
+
 def collect_dataset(
     model: GatedModel,
     sources: list[tuple[str, list[str]]],
@@ -275,89 +295,109 @@ def collect_dataset(
     batch_size = validation.whole_number("batch_size", batch_size)
     max_tokens = validation.whole_number("max_tokens", max_tokens)
     shard_size = validation.whole_number("shard_size", shard_size)
-    sources = [(name, [p for p in paras if p.strip()]) for name, paras in sources]
-    for name, paras in sources:
-        if not paras:
-            raise GateSkipError(f"{name} has no non-empty paragraph")
+    sources = _non_empty_sources(sources)
     folder = Path(out)
     settings = collection_settings(model, max_tokens, batch_size, shard_size, skip_args)
     state = process_state()
-    rank, world = state.process_index, state.num_processes
     if state.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
-        manifest = _plan(folder, settings, sources, log)
-        manifest.write(folder)
+        _plan(folder, settings, sources, log).write(folder)
     state.wait_for_everyone()
     manifest = Manifest.read(folder)
-    by_digest = {_source_digest(paras): paras for _, paras in sources}
-
-    todo = []  # (shard index, source, paragraphs of the shard)
-    for source in manifest.sources:
-        paras = by_digest.get(source.sha256)
-        for j in range(source.shards):
-            k = source.first_shard + j
-            if k % world != rank:
-                continue
-            path = folder / shard_name(k)
-            if path.is_file():
-                stamp = shard_stamp(path)
-                if stamp is not None and stamp.get("settings") == manifest.digest and stamp.get("shard") == k:
-                    continue
-                if stamp is not None and stamp.get("settings") not in (None, manifest.digest):
-                    raise GateSkipError(
-                        f"shard {path.name} in {folder} was collected with other settings; refusing to overwrite it"
-                    )
-                log(f"{path.name} is damaged; collecting it again")
-            if paras is None:
-                raise GateSkipError(
-                    f"{folder} misses shards of {source.file}, which this call was not given; pass it with --file"
-                )
-            todo.append((k, source, paras[j * shard_size : (j + 1) * shard_size], j))
-    n_todo = sum(len(t[2]) for t in todo)
-    bar = tqdm(
-        total=n_todo,
-        disable=not show_progress,
-        desc=f"collect [{rank + 1}/{world}]" if world > 1 else "collect",
-        unit="seq",
-    )
-    new_tokens = truncated = done = 0
-    try:
-        for k, source, texts, j in todo:
-            first = source.first_sequence + j * shard_size
-            table, tokens, cut = _trace_shard(model, texts, first, settings, skip_args)
-            stamp = {
-                "settings": manifest.digest,
-                "shard": k,
-                "first_sequence": first,
-                "sequences": len(texts),
-                "tokens": tokens,
-            }
-            _write_shard(folder / shard_name(k), table, stamp)
-            new_tokens += tokens
-            truncated += cut
-            done += len(texts)
-            bar.update(len(texts))
-            if on_progress is not None:
-                on_progress(done, n_todo)
-    finally:
-        bar.close()
-    work = [(len(todo), n_todo, new_tokens, truncated)]
-    if world > 1:
+    jobs = _shards_to_collect(folder, manifest, sources, shard_size, state, log)
+    work = [_collect_shards(model, folder, manifest, jobs, settings, skip_args, state, show_progress, on_progress)]
+    if state.num_processes > 1:
         from accelerate.utils import gather_object
 
         work = gather_object(work)
     state.wait_for_everyone()
     if state.is_main_process:
-        manifest = _finish(folder, manifest)
+        _finish(folder, manifest)
     state.wait_for_everyone()
     manifest = Manifest.read(folder)
     return {
-        "shards_written": sum(w[0] for w in work),
-        "sequences_written": sum(w[1] for w in work),
-        "tokens_written": sum(w[2] for w in work),
-        "truncated": sum(w[3] for w in work),
+        "shards_written": sum(w.shards for w in work),
+        "sequences_written": sum(w.sequences for w in work),
+        "tokens_written": sum(w.tokens for w in work),
+        "truncated": sum(w.truncated for w in work),
         "shards": manifest.n_shards,
         "sequences": manifest.n_sequences,
         "tokens": manifest.tokens,
-        "processes": world,
+        "processes": state.num_processes,
     }
+
+
+def _non_empty_sources(sources: list[tuple[str, list[str]]]) -> list[tuple[str, list[str]]]:
+    """Each source without its blank paragraphs; one line for a source with none left."""
+    sources = [(name, [p for p in paras if p.strip()]) for name, paras in sources]
+    for name, paras in sources:
+        if not paras:
+            raise GateSkipError(f"{name} has no non-empty paragraph")
+    return sources
+
+
+def _shards_to_collect(folder: Path, manifest: Manifest, sources, shard_size: int, state, log) -> list[ShardJob]:
+    """This process's shards (every N-th) that are not in the folder complete with these settings."""
+    by_digest = {_source_digest(paras): paras for _, paras in sources}
+    jobs = []
+    for source in manifest.sources:
+        paras = by_digest.get(source.sha256)
+        for part in range(source.shards):
+            index = source.first_shard + part
+            if index % state.num_processes != state.process_index or _shard_is_done(folder, manifest, index, log):
+                continue
+            if paras is None:
+                raise GateSkipError(
+                    f"{folder} misses shards of {source.file}, which this call was not given; pass it with --file"
+                )
+            jobs.append(ShardJob(index, source, paras[part * shard_size : (part + 1) * shard_size], part))
+    return jobs
+
+
+def _shard_is_done(folder: Path, manifest: Manifest, index: int, log) -> bool:
+    """Whether shard `index` is complete with the manifest's settings (a damaged one is collected
+    again; one with other settings is refused)."""
+    path = folder / shard_name(index)
+    if not path.is_file():
+        return False
+    stamp = shard_stamp(path)
+    if stamp is not None and stamp.get("settings") == manifest.digest and stamp.get("shard") == index:
+        return True
+    if stamp is not None and stamp.get("settings") not in (None, manifest.digest):
+        raise GateSkipError(
+            f"shard {path.name} in {folder} was collected with other settings; refusing to overwrite it"
+        )
+    log(f"{path.name} is damaged; collecting it again")
+    return False
+
+
+def _collect_shards(
+    model, folder: Path, manifest: Manifest, jobs, settings, skip_args, state, show_progress, on_progress
+) -> CollectedWork:
+    """Trace and write each shard of `jobs`, with a progress bar over their paragraphs."""
+    rank, world = state.process_index, state.num_processes
+    n_todo = sum(len(job.texts) for job in jobs)
+    desc = f"collect [{rank + 1}/{world}]" if world > 1 else "collect"
+    bar = tqdm(total=n_todo, disable=not show_progress, desc=desc, unit="seq")
+    new_tokens = truncated = done = 0
+    try:
+        for job in jobs:
+            first = job.source.first_sequence + job.part * settings["shard_size"]
+            table, tokens, cut = _trace_shard(model, job.texts, first, settings, skip_args)
+            stamp = {
+                "settings": manifest.digest,
+                "shard": job.index,
+                "first_sequence": first,
+                "sequences": len(job.texts),
+                "tokens": tokens,
+            }
+            _write_shard(folder / shard_name(job.index), table, stamp)
+            new_tokens += tokens
+            truncated += cut
+            done += len(job.texts)
+            bar.update(len(job.texts))
+            if on_progress is not None:
+                on_progress(done, n_todo)
+    finally:
+        bar.close()
+    return CollectedWork(len(jobs), n_todo, new_tokens, truncated)

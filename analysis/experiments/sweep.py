@@ -112,57 +112,63 @@ def sweep(
     if model.gates is None:
         raise GateSkipError("a sweep needs gates; load gates first (e.g. --gates default)")
     ref = reference(model, blocks)
-    seq_len = blocks.shape[1]
-    influence = {
-        "shortgpt": block_influence(model, blocks) if "shortgpt" in methods else None,
-        "shortgpt-calibration": (
-            block_influence(model, evaluation_blocks(model, pydoc_texts("calibration"), 8, blocks.shape[1]))
-            if "shortgpt-calibration" in methods or pruned
-            else None
-        ),
-    }
+    influence = _influences(model, blocks, methods, bool(pruned))
     rows = []
-    total, done = len(budgets) * len(methods), 0
-
-    def step(name: str):
-        nonlocal done
-        done += 1
-        if on_step is not None:
-            on_step(done, total, name)
-
+    total = len(budgets) * len(methods)
     for budget in budgets:
         gs = evaluate(model, ref, model.make_plan(budget, "quantile"))
-        target = gs["flops_saved_gross"]
         for method in methods:
             if method == "gateskip":
                 result, setting = gs, f"quantile b={budget:g}"
-            elif method == "gateskip-uniform":
-                plan = model.make_plan(budget, "quantile", allocation="uniform")
-                result, setting = evaluate(model, ref, plan), f"quantile uniform b={budget:g}"
-            elif method == "random":
-                plan = model.make_plan(budget, "random", allocation="uniform")
-                result, setting = evaluate(model, ref, plan), f"random b={budget:g}"
-            elif method in pruned:
-                layers = lowest_influence(influence["shortgpt-calibration"], pruned[method])
-                result = evaluate(model, ref, pruned_plan(model, layers, budget))
-                setting = "removed layers " + (",".join(map(str, layers)) or "none") + f" + quantile b={budget:g}"
-            elif method in ("shortgpt", "shortgpt-calibration"):
-                layers = shortgpt_layers(model, influence[method], target, seq_len)
-                plan = SkipPlan(
-                    SkipBudget.make(1.0 if layers else 0.0, model.spec.n_layers),
-                    LayerDropPolicy(frozenset(layers)),
-                    protect_bos=False,
-                )
-                result = evaluate(model.view(), ref, plan)  # ShortGPT prunes the original, ungated model
-                setting = "removed layers " + (",".join(map(str, layers)) or "none")
             else:
-                branch = method.split("-")[0]
-                rate = branch_rate_for(model, branch, target, seq_len)
-                result = evaluate(model, ref, model.make_plan(rate, "quantile", branches=branch, allocation="uniform"))
-                setting = f"{branch} rate {rate:.3f}"
+                target = gs["flops_saved_gross"]
+                result, setting = _method_result(model, ref, method, budget, target, pruned, influence, blocks.shape[1])
             rows.append({"method": method, "skip_budget": budget, **result, "setting": setting})
-            step(method)
+            if on_step is not None:
+                on_step(len(rows), total, method)
     return pd.DataFrame(rows)[SWEEP_COLUMNS]
+
+
+def _influences(model: GatedModel, blocks: torch.Tensor, methods: Sequence[str], pruning: bool) -> dict:
+    """ShortGPT's block influence on the evaluation blocks and on the calibration split (each only
+    where a method needs it)."""
+    calibration = "shortgpt-calibration" in methods or pruning
+    return {
+        "shortgpt": block_influence(model, blocks) if "shortgpt" in methods else None,
+        "shortgpt-calibration": (
+            block_influence(model, evaluation_blocks(model, pydoc_texts("calibration"), 8, blocks.shape[1]))
+            if calibration
+            else None
+        ),
+    }
+
+
+def _method_result(model, ref, method: str, budget: float, target: float, pruned: dict, influence: dict, seq_len):
+    """(metrics, setting) of one method other than `gateskip` at a budget; `target` is the gross FLOPs
+    share `gateskip` saved there, which the baselines match."""
+    if method == "gateskip-uniform":
+        plan = model.make_plan(budget, "quantile", allocation="uniform")
+        return evaluate(model, ref, plan), f"quantile uniform b={budget:g}"
+    if method == "random":
+        plan = model.make_plan(budget, "random", allocation="uniform")
+        return evaluate(model, ref, plan), f"random b={budget:g}"
+    if method in pruned:
+        layers = lowest_influence(influence["shortgpt-calibration"], pruned[method])
+        result = evaluate(model, ref, pruned_plan(model, layers, budget))
+        return result, "removed layers " + (",".join(map(str, layers)) or "none") + f" + quantile b={budget:g}"
+    if method in ("shortgpt", "shortgpt-calibration"):
+        layers = shortgpt_layers(model, influence[method], target, seq_len)
+        plan = SkipPlan(
+            SkipBudget.make(1.0 if layers else 0.0, model.spec.n_layers),
+            LayerDropPolicy(frozenset(layers)),
+            protect_bos=False,
+        )
+        result = evaluate(model.view(), ref, plan)  # ShortGPT prunes the original, ungated model
+        return result, "removed layers " + (",".join(map(str, layers)) or "none")
+    branch = method.split("-")[0]
+    rate = branch_rate_for(model, branch, target, seq_len)
+    result = evaluate(model, ref, model.make_plan(rate, "quantile", branches=branch, allocation="uniform"))
+    return result, f"{branch} rate {rate:.3f}"
 
 
 def at_matched_savings(

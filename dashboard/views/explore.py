@@ -64,6 +64,24 @@ def explore_view(cfg: service.Settings) -> None:
     shown = ex if ex is not None else est
     st.session_state["shown_trace"] = shown
     seq = shown.sequences[0]
+    metrics_row(shown, quality, seconds)
+    if view.gates is None:
+        st.info("No gates: every gate counts as 1.0, so skipping falls back to the random policy.")
+    strip, heat = heatmap_panel(view, shown)
+    attribution_panel(cfg, text, chat, seq)
+    if ex is not None:
+        estimate_vs_exact(est, ex)
+    continuation_panel(view, cfg, text, chat)
+    st.subheader("Export")
+    c1, c2, c3 = st.columns(3)
+    download(c1, "Trace (CSV)", lambda: shown.to_dataframe().to_csv(index=False), "trace.csv", "text/csv")
+    figure_download(c2, "Heatmap (HTML)", heat, "heatmap.html")
+    download(c3, "Token strip (HTML)", strip, "token_strip.html", "text/html")
+
+
+def metrics_row(shown, quality, seconds: float | None) -> None:
+    """Skips, reached vs asked fraction, net FLOPs saved, and (exact mode) KL and top-1 agreement."""
+    seq = shown.sequences[0]
     cols = st.columns(5)
     cols[0].metric("Skipped branch evaluations", int(seq.skipped.sum()))
     reached, asked = shown.skipped_fraction(), shown.budget_fraction()
@@ -89,9 +107,11 @@ def explore_view(cfg: service.Settings) -> None:
         cols[4].metric("Top-1 agreement", "–", help="measured in exact mode (sidebar: Mode)")
         st.caption("estimate mode: gate values captured once, re-thresholded without a model call")
     st.caption(f"gates: {shown.gates}")
-    if view.gates is None:
-        st.info("No gates: every gate counts as 1.0, so skipping falls back to the random policy.")
 
+
+def heatmap_panel(view, shown):
+    """The token strip and the clickable gate heatmap; returns both (strip HTML, figure) for the export."""
+    seq = shown.sequences[0]
     strip = figures.token_strip_html(shown)
     st.html(strip)
     layout = st.radio("Heatmap", ["side by side", "attn", "mlp"], horizontal=True, key="heat_layout")
@@ -101,28 +121,21 @@ def explore_view(cfg: service.Settings) -> None:
     st.caption(gate_caption(shown, branches))
     st.caption("Click a cell to see why its gate is low (gate attribution, below).")
     select_cell(figures.clicked_cell(event), seq.n_tokens, view.spec.n_layers)
+    return strip, heat
 
-    attribution_panel(cfg, text, chat, seq)
 
-    if ex is not None:
-        differ = service.compare_decisions(est, ex)
-        st.subheader("Estimate vs exact")
-        st.write(
-            f"{int(differ.sum())} of {differ.size} decisions differ between the estimate (captured gates "
-            "re-thresholded) and the exact re-run (later layers see the changed residuals)."
-        )
-        per_layer = pd.DataFrame(
-            {"layer": range(differ.shape[1]), "attn": differ[:, :, 0].sum(0), "mlp": differ[:, :, 1].sum(0)}
-        )
-        st.dataframe(per_layer[(per_layer["attn"] > 0) | (per_layer["mlp"] > 0)], hide_index=True)
-
-    continuation_panel(view, cfg, text, chat)
-
-    st.subheader("Export")
-    c1, c2, c3 = st.columns(3)
-    download(c1, "Trace (CSV)", lambda: shown.to_dataframe().to_csv(index=False), "trace.csv", "text/csv")
-    figure_download(c2, "Heatmap (HTML)", heat, "heatmap.html")
-    download(c3, "Token strip (HTML)", strip, "token_strip.html", "text/html")
+def estimate_vs_exact(est, ex) -> None:
+    """How many decisions the estimate got different from the exact re-run, per layer."""
+    differ = service.compare_decisions(est, ex)
+    st.subheader("Estimate vs exact")
+    st.write(
+        f"{int(differ.sum())} of {differ.size} decisions differ between the estimate (captured gates "
+        "re-thresholded) and the exact re-run (later layers see the changed residuals)."
+    )
+    per_layer = pd.DataFrame(
+        {"layer": range(differ.shape[1]), "attn": differ[:, :, 0].sum(0), "mlp": differ[:, :, 1].sum(0)}
+    )
+    st.dataframe(per_layer[(per_layer["attn"] > 0) | (per_layer["mlp"] > 0)], hide_index=True)
 
 
 def continuation_panel(view, cfg: service.Settings, text: str, chat: bool) -> None:
@@ -216,53 +229,60 @@ def attribution_panel(cfg: service.Settings, text: str, chat: bool, seq) -> None
             branch,
         )
         try:
-            if st.session_state.get("attribution_key") != key:
-                st.session_state["attribution"] = service.attribution(view, text, chat, cfg, layer, branch)
-                st.session_state["attribution_key"] = key
+            result = _kept("attribution", key, lambda: service.attribution(view, text, chat, cfg, layer, branch))
         except GateSkipError as err:
             st.error(str(err))
             return
-        result = st.session_state["attribution"]
         cell = result.cell(position)
-        st.plotly_chart(figures.attribution_figure(cell), key="attribution_fig")
-        state = "skipped" if result.skipped[position] else "ran"
-        st.caption(
-            f"token {cell.attrs['token']!r} (position {position}) {state} layer {layer}'s {branch} in the exact run with "
-            f"these settings; gate {cell.attrs['gate']:.3f}. The residual it reads is the embedding plus what every "
-            "earlier branch added; with the norm's scale held at this token's value the gate's pre-activation "
-            "(mean over the gate vector) is exactly the sum of one term per part plus the bias."
-        )
-        download(
-            st,
-            "Attribution (CSV)",
-            lambda: result.to_dataframe().to_csv(index=False),
-            f"attribution_L{layer}_{branch}.csv",
-            "text/csv",
-            key="download_attribution",
-        )
+        attribution_cell(result, cell, position, layer, branch)
         attention = [c for c in cell["component"] if c.endswith(".attn")]
         if attention:
-            split = st.selectbox(
-                "Split an attention component by source token",
-                ["(none)"] + attention,
-                key="attr_split",
-                help="which earlier tokens' value vectors carried that attention layer's push on this gate",
-            )
-            if split != "(none)":
-                split_key = (*key, position, split)  # one model run per choice, not per rerun (slider moves)
-                try:
-                    if st.session_state.get("attribution_sources_key") != split_key:
-                        st.session_state["attribution_sources"] = service.attention_sources(
-                            view, text, chat, cfg, layer, branch, position, int(split[1:].split(".")[0])
-                        )
-                        st.session_state["attribution_sources_key"] = split_key
-                except GateSkipError as err:
-                    st.error(str(err))
-                    return
-                sources = st.session_state["attribution_sources"]
-                st.plotly_chart(figures.attention_source_figure(sources), key="attribution_sources_fig")
-                st.caption(
-                    "With that layer's attention weights, its output norm's scale and its gate held at their "
-                    "values in the run, what it added at this token is a sum over earlier tokens: each one's "
-                    "weight times its value vector; the bars are each source's share of the gate's pre-activation."
-                )
+            attention_split(cfg, text, chat, (*key, position), attention, layer, branch, position)
+
+
+def attribution_cell(result, cell, position: int, layer: int, branch: str) -> None:
+    """One cell's attribution: the terms of its gate's pre-activation, a caption and the CSV."""
+    st.plotly_chart(figures.attribution_figure(cell), key="attribution_fig")
+    state = "skipped" if result.skipped[position] else "ran"
+    st.caption(
+        f"token {cell.attrs['token']!r} (position {position}) {state} layer {layer}'s {branch} in the exact run with "
+        f"these settings; gate {cell.attrs['gate']:.3f}. The residual it reads is the embedding plus what every "
+        "earlier branch added; with the norm's scale held at this token's value the gate's pre-activation "
+        "(mean over the gate vector) is exactly the sum of one term per part plus the bias."
+    )
+    download(
+        st,
+        "Attribution (CSV)",
+        lambda: result.to_dataframe().to_csv(index=False),
+        f"attribution_L{layer}_{branch}.csv",
+        "text/csv",
+        key="download_attribution",
+    )
+
+
+def attention_split(cfg, text: str, chat: bool, key: tuple, attention: list[str], layer, branch, position) -> None:
+    """One attention component of the cell split by the earlier tokens whose values carried it."""
+    split = st.selectbox(
+        "Split an attention component by source token",
+        ["(none)"] + attention,
+        key="attr_split",
+        help="which earlier tokens' value vectors carried that attention layer's push on this gate",
+    )
+    if split == "(none)":
+        return
+    source_layer = int(split[1:].split(".")[0])
+    try:  # one model run per choice, not per rerun (slider moves)
+        sources = _kept(
+            "attribution_sources",
+            (*key, split),
+            lambda: service.attention_sources(cfg.view, text, chat, cfg, layer, branch, position, source_layer),
+        )
+    except GateSkipError as err:
+        st.error(str(err))
+        return
+    st.plotly_chart(figures.attention_source_figure(sources), key="attribution_sources_fig")
+    st.caption(
+        "With that layer's attention weights, its output norm's scale and its gate held at their "
+        "values in the run, what it added at this token is a sum over earlier tokens: each one's "
+        "weight times its value vector; the bars are each source's share of the gate's pre-activation."
+    )

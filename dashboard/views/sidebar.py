@@ -40,6 +40,12 @@ def sidebar() -> service.Settings:
         upload = file.getvalue() if file is not None else None
     view = load_view(model_name, gates, upload, weights)
 
+    return service.Settings(model_name=model_name, view=view, **skip_settings(sb, base.spec.n_layers))
+
+
+def skip_settings(sb, n_layers: int) -> dict:
+    """The sidebar's skip settings (mode, budget or per-layer budgets, allocation, branches, policy, adapter
+    scope, BOS, seed), as `service.Settings` fields."""
     sb.header("Skip budget")
     mode = sb.radio(
         "Mode",
@@ -62,8 +68,7 @@ def sidebar() -> service.Settings:
     with sb.expander("Per-layer budgets"):
         if st.checkbox("Set per layer", key="per_layer_on"):
             per_layer = [
-                st.slider(f"layer {i}", 0.0, 0.9, budget, 0.05, key=f"layer_budget_{i}")
-                for i in range(base.spec.n_layers)
+                st.slider(f"layer {i}", 0.0, 0.9, budget, 0.05, key=f"layer_budget_{i}") for i in range(n_layers)
             ]
     branches = sb.radio("Branches that may skip", ["both", "attn", "mlp"], horizontal=True, key="branches")
     policy = sb.selectbox("Policy", ["quantile", "calibrated", "random"], key="policy")
@@ -77,9 +82,7 @@ def sidebar() -> service.Settings:
     )
     protect_bos = sb.checkbox("Protect the first token (BOS)", value=True, key="protect_bos")
     seed = int(sb.number_input("Seed (random policy)", value=0, step=1, key="seed"))
-    return service.Settings(
-        model_name=model_name,
-        view=view,
+    return dict(
         mode=mode,
         budget=per_layer if per_layer is not None else budget,
         branches=branches,

@@ -65,10 +65,10 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 TINY_FAMILIES = ("llama", "gemma3", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma2", "gpt2", "gpt_neox")
 
 
-def build_tiny_model(kind: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    tokenizer = byte_tokenizer()
-    common = dict(
-        vocab_size=len(tokenizer),
+def _common(vocab_size: int) -> dict:
+    """The toy sizes the Llama-like families share."""
+    return dict(
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=4,
@@ -81,65 +81,106 @@ def build_tiny_model(kind: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrai
         eos_token_id=2,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(seed)
-    if kind == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common, attn_implementation="eager"))
-    elif kind == "gemma3":
-        config = Gemma3TextConfig(
-            **common,
-            sliding_window=8,
-            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
-            query_pre_attn_scalar=16,
-            attn_implementation="eager",
-        )
-        model = Gemma3ForCausalLM(config)
-    elif kind == "mistral":  # sliding windows in every layer
-        model = MistralForCausalLM(MistralConfig(**common, sliding_window=8, attn_implementation="eager"))
-    elif kind in ("qwen2", "qwen3"):  # biases on q/k/v (qwen2), q/k norms (qwen3); sliding and full layers
-        config_class, model_class = (
-            (Qwen2Config, Qwen2ForCausalLM) if kind == "qwen2" else (Qwen3Config, Qwen3ForCausalLM)
-        )
-        layer_types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
-        config = config_class(
-            **common, use_sliding_window=True, sliding_window=8, layer_types=layer_types, attn_implementation="eager"
-        )
-        model = model_class(config)
-        if kind == "qwen2":
-            with torch.no_grad():  # biases away from zero, so a test notices a dropped bias
-                for name, p in model.named_parameters():
-                    if name.endswith("_proj.bias"):
-                        p.normal_(0, 0.5)
-    elif kind == "phi3":  # fused qkv and gate_up projections, partial rotary
-        config = Phi3Config(**common, partial_rotary_factor=0.5, attn_implementation="eager")
-        model = Phi3ForCausalLM(config)
-    elif kind == "gemma2":  # soft-capped attention and logits, alternating sliding and global layers
-        config = Gemma2Config(
-            **common,
-            sliding_window=8,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-            query_pre_attn_scalar=16,
-            attn_logit_softcapping=0.02,  # tiny: the tiny model's small scores do reach the cap
-            final_logit_softcapping=0.5,
-            attn_implementation="eager",
-        )
-        model = Gemma2ForCausalLM(config)
-    elif kind == "gpt2":  # LayerNorm, learned positions, Conv1D projections, GELU MLP
-        config = GPT2Config(
-            vocab_size=len(tokenizer), n_embd=64, n_layer=4, n_head=4, n_inner=256, n_positions=512,
-            bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="eager",
-        )  # fmt: skip
-        model = GPT2LMHeadModel(config)
-    elif kind == "gpt_neox":  # Pythia: parallel residual, partial rotary, per-head fused qkv
-        config = GPTNeoXConfig(
-            vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-            intermediate_size=256, rotary_pct=0.25, max_position_embeddings=512, use_parallel_residual=True,
-            tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="eager",
-        )  # fmt: skip
-        model = GPTNeoXForCausalLM(config)
-    elif kind == "olmo2":  # post-norms only, q/k norms over the whole projection
-        model = Olmo2ForCausalLM(Olmo2Config(**common, attn_implementation="eager"))
-    else:
+
+
+def _llama(vocab_size: int) -> PreTrainedModel:
+    return LlamaForCausalLM(LlamaConfig(**_common(vocab_size), attn_implementation="eager"))
+
+
+def _gemma3(vocab_size: int) -> PreTrainedModel:
+    config = Gemma3TextConfig(
+        **_common(vocab_size),
+        sliding_window=8,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        query_pre_attn_scalar=16,
+        attn_implementation="eager",
+    )
+    return Gemma3ForCausalLM(config)
+
+
+def _mistral(vocab_size: int) -> PreTrainedModel:  # sliding windows in every layer
+    return MistralForCausalLM(MistralConfig(**_common(vocab_size), sliding_window=8, attn_implementation="eager"))
+
+
+def _qwen(kind: str, vocab_size: int) -> PreTrainedModel:
+    """Biases on q/k/v (qwen2), q/k norms (qwen3); sliding and full layers."""
+    config_class, model_class = (Qwen2Config, Qwen2ForCausalLM) if kind == "qwen2" else (Qwen3Config, Qwen3ForCausalLM)
+    layer_types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+    config = config_class(
+        **_common(vocab_size),
+        use_sliding_window=True,
+        sliding_window=8,
+        layer_types=layer_types,
+        attn_implementation="eager",
+    )
+    model = model_class(config)
+    if kind == "qwen2":
+        with torch.no_grad():  # biases away from zero, so a test notices a dropped bias
+            for name, p in model.named_parameters():
+                if name.endswith("_proj.bias"):
+                    p.normal_(0, 0.5)
+    return model
+
+
+def _phi3(vocab_size: int) -> PreTrainedModel:  # fused qkv and gate_up projections, partial rotary
+    return Phi3ForCausalLM(Phi3Config(**_common(vocab_size), partial_rotary_factor=0.5, attn_implementation="eager"))
+
+
+def _gemma2(vocab_size: int) -> PreTrainedModel:  # soft-capped attention and logits, alternating layers
+    config = Gemma2Config(
+        **_common(vocab_size),
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        query_pre_attn_scalar=16,
+        attn_logit_softcapping=0.02,  # tiny: the tiny model's small scores do reach the cap
+        final_logit_softcapping=0.5,
+        attn_implementation="eager",
+    )
+    return Gemma2ForCausalLM(config)
+
+
+def _gpt2(vocab_size: int) -> PreTrainedModel:  # LayerNorm, learned positions, Conv1D projections, GELU MLP
+    config = GPT2Config(
+        vocab_size=vocab_size, n_embd=64, n_layer=4, n_head=4, n_inner=256, n_positions=512,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="eager",
+    )  # fmt: skip
+    return GPT2LMHeadModel(config)
+
+
+def _gpt_neox(vocab_size: int) -> PreTrainedModel:  # Pythia: parallel residual, partial rotary, fused qkv
+    config = GPTNeoXConfig(
+        vocab_size=vocab_size, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=256, rotary_pct=0.25, max_position_embeddings=512, use_parallel_residual=True,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="eager",
+    )  # fmt: skip
+    return GPTNeoXForCausalLM(config)
+
+
+def _olmo2(vocab_size: int) -> PreTrainedModel:  # post-norms only, q/k norms over the whole projection
+    return Olmo2ForCausalLM(Olmo2Config(**_common(vocab_size), attn_implementation="eager"))
+
+
+_BUILDERS = {
+    "llama": _llama,
+    "gemma3": _gemma3,
+    "mistral": _mistral,
+    "qwen2": lambda vocab_size: _qwen("qwen2", vocab_size),
+    "qwen3": lambda vocab_size: _qwen("qwen3", vocab_size),
+    "phi3": _phi3,
+    "gemma2": _gemma2,
+    "gpt2": _gpt2,
+    "gpt_neox": _gpt_neox,
+    "olmo2": _olmo2,
+}
+
+
+def build_tiny_model(kind: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A seeded random model of family `kind` (one of `TINY_FAMILIES`) and the byte tokenizer."""
+    if kind not in _BUILDERS:
         raise ValueError(f"unknown tiny model kind {kind!r}")
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(seed)
+    model = _BUILDERS[kind](len(tokenizer))
     # Random norm weights, so a test notices if a norm is applied in the wrong place.
     with torch.no_grad():
         for name, p in model.named_parameters():

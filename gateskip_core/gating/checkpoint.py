@@ -126,6 +126,23 @@ def save_gates(ckpt: GateCheckpoint, path: str | Path, int8: bool = False) -> Pa
 def load_gates(path: str | Path, expected_fingerprint: dict | None = None) -> GateCheckpoint:
     """Read a gate checkpoint; every problem is one clear `GateSkipError` line."""
     path = Path(path)
+    metadata, tensors = _read_checkpoint_file(path)
+    try:
+        ckpt = _checkpoint_from(metadata, tensors)
+    except (KeyError, ValueError, RuntimeError, GateSkipError) as err:
+        raise GateSkipError(f"{path.name} is a damaged gate checkpoint ({str(err).splitlines()[0]})") from None
+    if expected_fingerprint is not None and ckpt.fingerprint != expected_fingerprint:
+        raise GateSkipError(
+            f"{path.name} was trained for {ckpt.model} ({_describe(ckpt.fingerprint)}), "
+            f"not this model ({_describe(expected_fingerprint)})"
+        )
+    for p in ckpt.gates.parameters():
+        p.requires_grad_(False)
+    return ckpt
+
+
+def _read_checkpoint_file(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The metadata and tensors of a GateSkip gate checkpoint file, or one line saying why it is not one."""
     if not path.is_file():
         raise GateSkipError(f"gate checkpoint not found: {path}")
     try:
@@ -137,55 +154,55 @@ def load_gates(path: str | Path, expected_fingerprint: dict | None = None) -> Ga
         raise GateSkipError(f"{path.name} is not a valid safetensors gate checkpoint ({reason})") from None
     if metadata.get("format") != FORMAT:
         raise GateSkipError(f"{path.name} is a safetensors file but not a GateSkip gate checkpoint")
-    try:
-        fingerprint = json.loads(metadata["fingerprint"])
-        gates = GateSet(
-            n_layers=int(metadata["n_layers"]),
-            d_model=int(metadata["d_model"]),
-            variant=metadata["variant"],
-            shared=json.loads(metadata["shared"]),
-            rank=int(metadata.get("rank", "0")),
-        )
-        state = {}
-        for key in gates.state_dict():
-            if key in tensors:
-                state[key] = tensors[key].float()
-            else:
-                state[key] = tensors[f"{key}.int8"].float() * tensors[f"{key}.scale"][:, None]
-        gates.load_state_dict(state)
-        ckpt = GateCheckpoint(
-            gates=gates.eval(),
-            model=metadata["model"],
-            fingerprint=fingerprint,
-            calibration_budgets=tensors["calibration.budgets"].numpy(),
-            calibration_thresholds=tensors["calibration.thresholds"].numpy(),
-            training=json.loads(metadata.get("training", "{}")),
-            metrics=json.loads(metadata.get("metrics", "{}")),
-            weights=metadata.get("weights", "float32"),
-            adapter=AdapterSpec.parse(metadata.get("adapter", "none")),
-            adapter_tensors={k: v for k, v in tensors.items() if k.startswith(ADAPTER_PREFIX)},
-            sensitivity=tensors["allocation.sensitivity"].numpy() if "allocation.sensitivity" in tensors else None,
-            global_thresholds=(
-                tensors["calibration.global_thresholds"].numpy()
-                if "calibration.global_thresholds" in tensors
-                else np.zeros((0, 0, 2))
-            ),
-        )
-        ckpt.fill = load_fill(FillSpec.parse(metadata.get("skip_fill", "zero")), tensors, gates.n_layers, gates.d_model)
-        ckpt.adapter_scope = metadata.get("adapter_scope", "all")
-        if ckpt.adapter_scope not in ADAPTER_SCOPES:
-            raise ValueError(f"unknown adapter scope {ckpt.adapter_scope!r}")
-        if ckpt.adapter.kind != "none" and not ckpt.adapter_tensors:
-            raise ValueError(f"metadata names adapter {ckpt.adapter.label} but the file has no adapter tensors")
-    except (KeyError, ValueError, RuntimeError, GateSkipError) as err:
-        raise GateSkipError(f"{path.name} is a damaged gate checkpoint ({str(err).splitlines()[0]})") from None
-    if expected_fingerprint is not None and fingerprint != expected_fingerprint:
-        raise GateSkipError(
-            f"{path.name} was trained for {ckpt.model} ({_describe(fingerprint)}), "
-            f"not this model ({_describe(expected_fingerprint)})"
-        )
-    for p in ckpt.gates.parameters():
-        p.requires_grad_(False)
+    return metadata, tensors
+
+
+def _gates_from(metadata: dict, tensors: dict[str, torch.Tensor]) -> GateSet:
+    """The gates, from float tensors or int8 ones with per-row scales."""
+    gates = GateSet(
+        n_layers=int(metadata["n_layers"]),
+        d_model=int(metadata["d_model"]),
+        variant=metadata["variant"],
+        shared=json.loads(metadata["shared"]),
+        rank=int(metadata.get("rank", "0")),
+    )
+    state = {}
+    for key in gates.state_dict():
+        if key in tensors:
+            state[key] = tensors[key].float()
+        else:
+            state[key] = tensors[f"{key}.int8"].float() * tensors[f"{key}.scale"][:, None]
+    gates.load_state_dict(state)
+    return gates.eval()
+
+
+def _checkpoint_from(metadata: dict, tensors: dict[str, torch.Tensor]) -> GateCheckpoint:
+    """Everything the file stores; a missing or inconsistent part raises (KeyError, ValueError, ...)."""
+    gates = _gates_from(metadata, tensors)
+    ckpt = GateCheckpoint(
+        gates=gates,
+        model=metadata["model"],
+        fingerprint=json.loads(metadata["fingerprint"]),
+        calibration_budgets=tensors["calibration.budgets"].numpy(),
+        calibration_thresholds=tensors["calibration.thresholds"].numpy(),
+        training=json.loads(metadata.get("training", "{}")),
+        metrics=json.loads(metadata.get("metrics", "{}")),
+        weights=metadata.get("weights", "float32"),
+        adapter=AdapterSpec.parse(metadata.get("adapter", "none")),
+        adapter_tensors={k: v for k, v in tensors.items() if k.startswith(ADAPTER_PREFIX)},
+        sensitivity=tensors["allocation.sensitivity"].numpy() if "allocation.sensitivity" in tensors else None,
+        global_thresholds=(
+            tensors["calibration.global_thresholds"].numpy()
+            if "calibration.global_thresholds" in tensors
+            else np.zeros((0, 0, 2))
+        ),
+    )
+    ckpt.fill = load_fill(FillSpec.parse(metadata.get("skip_fill", "zero")), tensors, gates.n_layers, gates.d_model)
+    ckpt.adapter_scope = metadata.get("adapter_scope", "all")
+    if ckpt.adapter_scope not in ADAPTER_SCOPES:
+        raise ValueError(f"unknown adapter scope {ckpt.adapter_scope!r}")
+    if ckpt.adapter.kind != "none" and not ckpt.adapter_tensors:
+        raise ValueError(f"metadata names adapter {ckpt.adapter.label} but the file has no adapter tensors")
     return ckpt
 
 
