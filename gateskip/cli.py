@@ -2,7 +2,7 @@
 
     gateskip_core.cli   models, trace, train, fit-fill (and the runner: one-line errors, exit 2)
     analysis.cli        quality, sweep, collect, stats, faithfulness, lens, settled, ...
-    bench.cli           bench
+    gateskip.bench.cli  bench
     dashboard.cli       dashboard
 
 The core imports nothing from the packages built on it; this module is the only place that
@@ -18,8 +18,8 @@ from gateskip_core import cli as core
 
 def build_parser() -> argparse.ArgumentParser:
     from analysis.cli import register as register_analysis
-    from bench.cli import register as register_bench
     from dashboard.cli import register as register_dashboard
+    from gateskip.bench.cli import register as register_bench
 
     parser, sub = core.new_parser()
     core.register(sub)

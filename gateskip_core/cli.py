@@ -1,6 +1,6 @@
 """The core's commands of the `gateskip` command line, and the runner every command goes through.
 
-Each package keeps its own commands (`analysis.cli`, `bench.cli`, `dashboard.cli`); the entry
+Each package keeps its own commands (`analysis.cli`, `gateskip.bench.cli`, `dashboard.cli`); the entry
 point that assembles them lives above all of them, in `gateskip.cli`. Every user error exits 2
 with one line on stderr."""
 

@@ -9,7 +9,7 @@ rendered and from which files, paths relative to the repository root:
 `python3 scripts/doc_tables.py` rewrites every marked table of README.md and docs/*.md from its files;
 `--check` writes nothing, lists the tables that differ and exits 1 (tests/test_docs_tables.py runs it).
 The renderers reuse the formatting of `scripts/results_tables.py`, `scripts/skip_signal_table.py` and
-`bench/report.py`, so a page shows a figure exactly as the script that made it prints it.
+`gateskip/bench/report.py`, so a page shows a figure exactly as the script that made it prints it.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _script(name: str) -> ModuleType:
 
 
 def _only_table(text: str) -> str:
-    """The Markdown table of a renderer's output (bench.report also prints bullet lines around it)."""
+    """The Markdown table of a renderer's output (gateskip.bench.report also prints bullet lines around it)."""
     return "\n".join(line for line in text.splitlines() if line.startswith("|"))
 
 
@@ -80,9 +80,9 @@ def _labelled_rows(*specs: str) -> str:
 
 
 def _bench(section: str, *paths: str) -> str:
-    """A section of `gateskip bench` JSON files (merged as `python -m bench.report` merges them);
+    """A section of `gateskip bench` JSON files (merged as `python -m gateskip.bench.report` merges them);
     `rest`: the table of the sections without one of their own (capture, collect, dashboard, rates)."""
-    from bench import report
+    from gateskip.bench import report
 
     results = report.merge([ROOT / path for path in paths])
     if section == "rest":

@@ -1,6 +1,6 @@
 """Self-speculative decoding on SmolLM2 with its default gates: tok/s against our dense walk at draft
 budgets 0.25/0.5/0.75 and K = 2/4/6, acceptance rates and the cost of each part of a round, one thread
-(`gateskip bench --sections speculative`, `bench/speculative.py`). Writes docs/results/speculative.csv,
+(`gateskip bench --sections speculative`, `gateskip/bench/speculative.py`). Writes docs/results/speculative.csv,
 the table of docs/generation.md.
 
     python scripts/speculative_bench.py [--out docs/results/speculative.csv] [--new-tokens 48]
@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from bench.suite import BenchConfig, machine, run
+from gateskip.bench.suite import BenchConfig, machine, run
 
 
 def main() -> None:

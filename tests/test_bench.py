@@ -52,7 +52,7 @@ def test_bench_runs_every_section_on_a_tiny_configuration(tmp_path):
     assert corpus["query contexts"]["tokens"] >= 1500 and corpus["query tokens"]["peak_rss_mb"] > 0
 
     # The README's tables render from the JSON; a second file's rows of a section are listed too.
-    from bench.report import main, markdown, merge
+    from gateskip.bench.report import main, markdown, merge
 
     table = markdown(merge([out]))
     assert table.count("| 1 | gated untrained:lowrank:4 | 0.5 |") == 1

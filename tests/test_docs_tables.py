@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 RESULTS = DOCS / "results"
 PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
-WRITERS = [*sorted((ROOT / "scripts").glob("*")), *sorted((ROOT / "bench").glob("*.py"))]
+WRITERS = [*sorted((ROOT / "scripts").glob("*")), *sorted((ROOT / "gateskip" / "bench").glob("*.py"))]
 
 
 def doc_tables():

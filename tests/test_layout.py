@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("gateskip", "gateskip_core", "analysis", "dashboard", "bench")
+PACKAGES = ("gateskip", "gateskip_core", "analysis", "dashboard")
 
 
 def _module_name(path: Path) -> str:

@@ -3,7 +3,7 @@
 runs, so every weight has been read into memory). Each measurement is its own process, so
 nothing one left behind counts against the next.
 
-    python -m bench.memory MODEL GATES   # prints the peak in bytes (used by the bench section)
+    python -m gateskip.bench.memory MODEL GATES   # prints the peak in bytes (used by the bench section)
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class PeakRSS:
 def peak_of(model: str, gates: str) -> int:
     """Peak RSS (bytes) of a fresh process: load `model` with `gates`, trace one sentence."""
     result = subprocess.run(
-        [sys.executable, "-m", "bench.memory", model, gates], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "gateskip.bench.memory", model, gates], capture_output=True, text=True, check=False
     )
     if result.returncode != 0:
         raise RuntimeError(f"memory probe for {gates!r} failed: {result.stderr.strip().splitlines()[-1:]}")

@@ -1,6 +1,6 @@
 """The README's benchmark tables, rendered from `gateskip bench --out` JSON files.
 
-    python -m bench.report docs/results/bench.json [docs/results/bench_collect.json ...]
+    python -m gateskip.bench.report docs/results/bench.json [docs/results/bench_collect.json ...]
 
 Sections are taken from every file given; rows of a section that several files hold
 (e.g. `collect` at the default sizes and at 50k/500k tokens) are listed together.
@@ -162,7 +162,7 @@ def corpus_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m gateskip.bench.report", description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+", type=Path, help="JSON written by gateskip bench --out")
     args = parser.parse_args(argv)
     try:

@@ -1,6 +1,6 @@
 """Corpus scale: collection throughput with 1 and 2 processes, DuckDB query latency and memory.
 
-    python -m bench.corpus DATASET      # one JSON line: each ready-made query's seconds and peak RSS
+    python -m gateskip.bench.corpus DATASET      # one JSON line: each ready-made query's seconds and peak RSS
 
 `gateskip bench --sections corpus` collects a real dataset (`gateskip collect`, then the same under
 `accelerate launch --num_processes 2`), synthesises larger datasets from it by repeating its shards
@@ -132,7 +132,7 @@ def corpus_view_first_render(dataset: str | Path) -> None:
 
 
 def query_latencies_in_fresh_process(dataset: Path) -> list[dict]:
-    done = subprocess.run([sys.executable, "-m", "bench.corpus", str(dataset)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "gateskip.bench.corpus", str(dataset)], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"query bench failed: {done.stderr.strip().splitlines()[-1:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

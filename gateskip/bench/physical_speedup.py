@@ -1,6 +1,6 @@
 """Real compute savings: wall time of the masked and physical paths at several skip budgets.
 
-    python bench/physical_speedup.py [--gates default] [--batch 4] [--seq-len 256] [--repeats 3]
+    python gateskip/bench/physical_speedup.py [--gates default] [--batch 4] [--seq-len 256] [--repeats 3]
 
 Prefill of held-out text on CPU. The masked path computes everything and zeroes
 skipped outputs (it saves nothing); the physical path gathers the tokens that run

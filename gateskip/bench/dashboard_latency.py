@@ -1,6 +1,6 @@
 """Dashboard response times: estimate mode (no model call) and exact mode (model re-run).
 
-    python bench/dashboard_latency.py [--tokens 128] [--gates default] [--out docs/results/dashboard_latency.json]
+    python gateskip/bench/dashboard_latency.py [--tokens 128] [--gates default] [--out docs/results/dashboard_latency.json]
 
 Times the library calls the dashboard makes when a slider moves, then a whole
 app rerun (Streamlit script, figures included) through AppTest, as a browser

@@ -74,7 +74,7 @@ class BenchConfig:
     corpus_query_tokens: tuple[int, ...] = (100_000, 1_000_000)  # synthesised from the collected dataset
     dashboard_tokens: int = 128
     rates_skip: float = 0.25
-    speculative_skips: tuple[float, ...] = (0.25, 0.5, 0.75)  # draft budgets (bench/speculative.py)
+    speculative_skips: tuple[float, ...] = (0.25, 0.5, 0.75)  # draft budgets (gateskip/bench/speculative.py)
     speculative_tokens: tuple[int, ...] = (2, 4, 6)  # draft tokens K
     speculative_prompt: int = 64  # prompt tokens (held-out prose)
     speculative_new_tokens: int = 48

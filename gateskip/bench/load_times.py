@@ -1,6 +1,6 @@
 """Cold (first load: GGUF dequantised and converted) and warm (from the cache) load times.
 
-    python bench/load_times.py [--models smollm2-135m-instruct gemma3-270m]
+    python gateskip/bench/load_times.py [--models smollm2-135m-instruct gemma3-270m]
 
 Cold loads use a fresh temporary cache directory, so your own cache is untouched.
 """
