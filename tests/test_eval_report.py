@@ -12,6 +12,7 @@ import pytest
 
 from analysis.evaluation.figures import accuracy_figure, check_eval_table, headline_metric
 from analysis.evaluation.report import (
+    accuracy_tasks,
     matched_table,
     mean_retained,
     report_markdown,
@@ -80,6 +81,9 @@ def test_retained_accuracy_and_the_saving_it_lasts_to():
     assert mean_retained(table, 0.1) == pytest.approx(0.95)
     assert mean_retained(table, 0.15) == pytest.approx((0.7 + 1.0) / 2)
     assert math.isnan(mean_retained(table, 0.25))  # beyond the budgets
+    never = _table({"gateskip": [(0, 0.0, 0.0), (0.1, 0.1, 0.0), (0.2, 0.2, 0.0)]}, "c")  # 0 at budget 0
+    assert accuracy_tasks(pd.concat([table, never])) == ["a", "b"]  # a share of 0 is undefined: left out
+    assert mean_retained(pd.concat([table, never]), 0.1) == pytest.approx(0.95)
     # mean retained: 1 - x/2 up to 10%, then 0.95 - 2 (x - 10%): 0.9 at 12.5%
     assert saving_at_retention(table) == pytest.approx(0.125, abs=1e-3)
 

@@ -103,9 +103,10 @@ def retained_curve(table: pd.DataFrame, task: str, method: str = "gateskip") -> 
 
 
 def accuracy_tasks(table: pd.DataFrame) -> list[str]:
-    """Tasks whose headline metric is an accuracy (higher is better): the ones the targets average."""
+    """Tasks whose headline metric is an accuracy (higher is better) above 0 at budget 0: the ones the
+    targets average (a share of an accuracy of 0 is undefined)."""
     table = check_eval_table(table)
-    return [t for t in dict.fromkeys(table["task"]) if headline_metric(table, t) not in LOWER_IS_BETTER]
+    return [t for t in dict.fromkeys(table["task"]) if len(retained_curve(table, t)[0])]
 
 
 def mean_retained(table: pd.DataFrame, net: float) -> float:
