@@ -244,3 +244,14 @@ def test_truncations_are_recorded_by_the_trace_and_counted_by_both_collectors(ti
     counts = collect_dataset(tiny_llama, [("s", texts)], tmp_path / "ds", max_tokens=16, show_progress=False, log=str)
     assert counts["truncated"] == 2
     assert lines_matching(r"len\([\w.]*notices\)|truncated to \" in", set()) == []
+
+
+# ---- the installed top-level names: the project's packages only
+def test_the_install_finds_only_the_projects_top_level_packages():
+    import tomllib
+    from setuptools import find_packages
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    top_level = {name.split(".")[0] for name in find_packages(str(ROOT), include=include)}
+    assert top_level == {"gateskip", "gateskip_core", "analysis", "dashboard"}
+    assert "gateskip.bench" in find_packages(str(ROOT), include=include)  # `gateskip bench` ships
