@@ -96,6 +96,33 @@ def test_a_circle_between_folders_is_found():
     assert cycles(folder_graph(graph)) == [["gateskip_core.a", "gateskip_core.b", "gateskip_core.a"]]
 
 
+MAX_FUNCTION_LINES = 60  # the house bar: a longer function is split into named steps
+
+
+def long_functions(root: Path, folders: tuple[str, ...], limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """'path:line name (N lines)' for every function or method under `root`/`folders` over `limit`
+    lines, decorators included."""
+    found = []
+    for path in sorted(p for folder in folders for p in (root / folder).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                if (n := node.end_lineno - start + 1) > limit:
+                    found.append(f"{path.relative_to(root)}:{node.lineno} {node.name} ({n} lines)")
+    return found
+
+
+def test_no_function_is_longer_than_the_house_bar():
+    assert long_functions(ROOT, (*PACKAGES, "scripts")) == []
+
+
+def test_a_long_function_is_found(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "m.py").write_text(f"def short():\n    pass\n\n\n@decorated\ndef long():\n{body}\n")
+    assert long_functions(tmp_path, ("pkg",)) == [f"pkg/m.py:6 long ({MAX_FUNCTION_LINES + 2} lines)"]
+
+
 def test_every_folder_of_modules_is_a_package_the_install_finds():
     """pyproject finds packages by their __init__.py: a folder of modules without one would be left out
     of a wheel while an editable install still imports it."""

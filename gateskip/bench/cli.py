@@ -66,6 +66,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def register(sub, commands) -> None:
     p = sub.add_parser("bench", help="speed and memory of prefill, decoding, capture, collect and the dashboard")
+    _model_args(p)
+    _prefill_args(p)
+    _decode_args(p)
+    _section_args(p)
+    commands["bench"] = cmd_bench
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """The model, its gates and weights, and what is measured."""
     p.add_argument("--model", default=DEFAULT_MODEL, help="registry name, checkpoint dir or hub id")
     p.add_argument("--gates", default="default", help="gates for decode, capture, collect, dashboard and rates")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
@@ -81,16 +90,15 @@ def register(sub, commands) -> None:
         help="prefill gate variants: GATES, GATES@all | GATES@skipped (adapter scope), GATES@merged (merged adapter)",
     )
     p.add_argument(
-        "--decode-variants",
-        default="default,default@all,default@merged",
-        help="gate variants decoded at batch 1 (larger batches decode --gates); '' = --gates",
-    )
-    p.add_argument(
         "--sections",
         default="prefill,decode,memory,capture,collect,dashboard,rates,corpus",
         help="comma-separated sections to measure",
     )
     p.add_argument("--memory-variants", default="default,default-scalar", help="gates whose peak memory is measured")
+
+
+def _prefill_args(p: argparse.ArgumentParser) -> None:
+    """The prefill section's prompt length, budgets and batch sizes."""
     p.add_argument(
         "--prefill-tokens",
         type=cli_type(whole_number, "--prefill-tokens", minimum=2),
@@ -108,6 +116,15 @@ def register(sub, commands) -> None:
         type=_numbers(int, "--prefill-batches", 1),
         default=(1, 8),
         help="comma-separated batch sizes of the prefill section",
+    )
+
+
+def _decode_args(p: argparse.ArgumentParser) -> None:
+    """The decode section's prompt, length, budgets, batch sizes and repeats."""
+    p.add_argument(
+        "--decode-variants",
+        default="default,default@all,default@merged",
+        help="gate variants decoded at batch 1 (larger batches decode --gates); '' = --gates",
     )
     p.add_argument(
         "--decode-prompt",
@@ -142,6 +159,10 @@ def register(sub, commands) -> None:
         default=1,
         help="repeats of decoding at batch sizes above 1",
     )
+
+
+def _section_args(p: argparse.ArgumentParser) -> None:
+    """The corpus, collect and dashboard sections, repeats and the output."""
     p.add_argument(
         "--corpus-collect-tokens",
         type=cli_type(whole_number, "--corpus-collect-tokens"),
@@ -170,4 +191,3 @@ def register(sub, commands) -> None:
         "--repeats", type=cli_type(whole_number, "--repeats", minimum=1), default=2, help="repeats of each timing"
     )
     p.add_argument("--out", help="also write the results as JSON")
-    commands["bench"] = cmd_bench

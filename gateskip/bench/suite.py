@@ -296,17 +296,48 @@ def bench_decode(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
 
 
 def _decode_batch(base, views: dict[str, GatedModel], cfg: BenchConfig, batch_size: int, log) -> list[dict]:
-    rows = []
+    """One batch size: HF generate and our dense walk per set of weights, and every view at every
+    skip, timed in turns."""
     prompts = [_text_of_tokens(base, cfg.decode_prompt, offset=i) for i in range(batch_size)]
     batch = base.encode(prompts)
+    skips = cfg.decode_skips if batch_size == 1 else cfg.decode_skips[-1:]
+    fns, short, weights_of = _decode_timers(base, views, cfg, prompts, batch, skips)
+    repeats = cfg.decode_repeats if batch_size == 1 else cfg.batched_decode_repeats
+    t, outputs = interleaved(fns, repeats, warmups=short)
+    generated = batch_size * cfg.new_tokens
+    rows = []
+    for weights in dict.fromkeys(weights_of.values()):
+        hf, dense = t["hf-generate", weights]["median_s"], t["dense-walk", weights]["median_s"]
+        common = {"batch": batch_size, "weights": weights}
+        hf_row = {"method": "hf-generate", "skip": 0.0, "tokens_per_s": generated / hf, **t["hf-generate", weights]}
+        dense_row = {"method": "dense-walk", "skip": 0.0, "tokens_per_s": generated / dense, **t["dense-walk", weights]}
+        rows += [{**common, **hf_row}, {**common, **dense_row, "vs_hf_generate": hf / dense}]
+        log(
+            f"decode b{batch_size} ({weights}): HF {generated / hf:.1f} tok/s, dense walk {generated / dense:.1f} tok/s"
+        )
     prompt_len = int(batch.attention_mask.sum(1).max())
+    for spec, view in views.items():
+        weights = weights_of[spec]
+        baseline = (t["hf-generate", weights]["median_s"], t["dense-walk", weights]["median_s"])
+        for skip in skips:
+            trace = outputs[spec, skip].trace
+            row = _gated_decode_row(view, spec, weights, skip, t[spec, skip], baseline, trace, prompt_len, generated)
+            rows.append(row)
+            log(
+                f"decode b{batch_size} {spec} skip {skip}: {row['speedup_vs_dense_walk']:.2f}x dense walk "
+                f"(bytes model {row['predicted_speedup_bytes']:.2f}x)"
+            )
+    return rows
+
+
+def _decode_timers(base, views: dict[str, GatedModel], cfg: BenchConfig, prompts, batch, skips):
+    """The timed calls (HF generate and the dense walk once per set of weights, each view at each skip),
+    their short warm-up versions, and which weights each view runs on."""
     n_new = cfg.new_tokens
-    generated = batch_size * n_new
 
     def ours(model, n=n_new, **skip_args):
         return model.generate(prompts, max_new_tokens=n, stop_at_eos=False, **skip_args)
 
-    skips = cfg.decode_skips if batch_size == 1 else cfg.decode_skips[-1:]
     fns, short, weights_of = {}, {}, {}
     for spec, view in views.items():  # one dense walk and HF generate per set of weights
         weights = "original" if view.backbone is base.original else f"merged copy ({spec})"
@@ -321,62 +352,31 @@ def _decode_batch(base, views: dict[str, GatedModel], cfg: BenchConfig, batch_si
             args = dict(skip=skip, policy="calibrated", path="physical", adapter_scope=scope_of(spec))
             fns[spec, skip] = partial(ours, view, **args)
             short[spec, skip] = partial(ours, view, 4, **args)
-    repeats = cfg.decode_repeats if batch_size == 1 else cfg.batched_decode_repeats
-    t, outputs = interleaved(fns, repeats, warmups=short)
-    for weights in dict.fromkeys(weights_of.values()):
-        hf, dense = t["hf-generate", weights]["median_s"], t["dense-walk", weights]["median_s"]
-        common = {"batch": batch_size, "weights": weights}
-        rows.append(
-            {
-                **common,
-                "method": "hf-generate",
-                "skip": 0.0,
-                "tokens_per_s": generated / hf,
-                **t["hf-generate", weights],
-            }
-        )
-        rows.append(
-            {
-                **common,
-                "method": "dense-walk",
-                "skip": 0.0,
-                "tokens_per_s": generated / dense,
-                **t["dense-walk", weights],
-                "vs_hf_generate": hf / dense,
-            }
-        )
-        log(
-            f"decode b{batch_size} ({weights}): HF {generated / hf:.1f} tok/s, dense walk {generated / dense:.1f} tok/s"
-        )
-    for spec, view in views.items():
-        weights = weights_of[spec]
-        hf, dense = t["hf-generate", weights]["median_s"], t["dense-walk", weights]["median_s"]
-        scope = scope_of(spec) if scope_of(spec) != "auto" else view.adapter_scope
-        for skip in skips:
-            timing = t[spec, skip]
-            predictions = _decode_predictions(view, outputs[spec, skip].trace, prompt_len, batch_size, scope)
-            speedup = dense / timing["median_s"]
-            rows.append(
-                {
-                    "batch": batch_size,
-                    "weights": weights,
-                    "method": f"gated ({spec}, calibrated, physical)",
-                    "gates": spec,
-                    "adapter_scope": scope,
-                    "skip": skip,
-                    "tokens_per_s": generated / timing["median_s"],
-                    **timing,
-                    "vs_hf_generate": hf / timing["median_s"],
-                    "speedup_vs_dense_walk": speedup,
-                    **predictions,
-                    "realised_over_bytes_model": speedup / predictions["predicted_speedup_bytes"],
-                }
-            )
-            log(
-                f"decode b{batch_size} {spec} skip {skip}: {speedup:.2f}x dense walk "
-                f"(bytes model {predictions['predicted_speedup_bytes']:.2f}x)"
-            )
-    return rows
+    return fns, short, weights_of
+
+
+def _gated_decode_row(view, spec, weights, skip, timing, baseline, trace, prompt_len, generated) -> dict:
+    """One gated view's decoding row: speed against HF generate and the dense walk (`baseline`: their
+    median seconds), and what the bytes and FLOPs models predicted from its skip decisions."""
+    hf, dense = baseline
+    batch_size = len(trace.sequences)
+    scope = scope_of(spec) if scope_of(spec) != "auto" else view.adapter_scope
+    predictions = _decode_predictions(view, trace, prompt_len, batch_size, scope)
+    speedup = dense / timing["median_s"]
+    return {
+        "batch": batch_size,
+        "weights": weights,
+        "method": f"gated ({spec}, calibrated, physical)",
+        "gates": spec,
+        "adapter_scope": scope,
+        "skip": skip,
+        "tokens_per_s": generated / timing["median_s"],
+        **timing,
+        "vs_hf_generate": hf / timing["median_s"],
+        "speedup_vs_dense_walk": speedup,
+        **predictions,
+        "realised_over_bytes_model": speedup / predictions["predicted_speedup_bytes"],
+    }
 
 
 # ---- capture overhead
