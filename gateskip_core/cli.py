@@ -425,7 +425,7 @@ def cmd_fit_fill(args: argparse.Namespace) -> int:
     if args.calibrate:
         model.attach_gates(model.gates, "fitted", ckpt)
         _progress("calibrating thresholds with the stand-ins")
-        calibrate_checkpoint(model, ckpt, texts)
+        calibrate_checkpoint(model, ckpt, texts, _progress)
     save_gates(ckpt, out, int8=ckpt.weights != "float32")
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {spec.label} stand-ins, adapter scope {scope}")
     return 0

@@ -56,7 +56,7 @@ def test_help_prints_the_defaults(capsys):
 
 def test_every_command_that_loads_a_model_takes_device_and_dtype():
     loads = {"trace", "train", "fit-fill", "collect", "sweep", "faithfulness", "quality", "chat-fidelity"}
-    loads |= {"settled", "eval", "causal"}
+    loads |= {"settled", "eval", "causal", "generate"}
     parsers = _subparsers()
     lacking = [n for n in sorted(loads) if not {"--device", "--dtype"} <= set(parsers[n]._option_string_actions)]
     assert not lacking, lacking
@@ -90,6 +90,7 @@ def cli(capsys, monkeypatch):
 
 def _mistakes(tmp, gates_file):
     out = str(tmp / "t.csv")
+    gates = str(tmp / "g.safetensors")
     trace = ["trace", "--model", "tiny-llama", "--text", TEXT, "--out", out]
     return [  # argv, what the one line says after "gateskip: error: "
         (["trcae"], "unknown command 'trcae'"),
@@ -107,6 +108,12 @@ def _mistakes(tmp, gates_file):
         (["trace", "--model", str(tmp / "no" / "qwen2"), "--text", TEXT, "--out", out], "does not exist"),
         (["dashboard", "--model", str(tmp / "no" / "qwen2")], "does not exist"),
         (["trace", "--model", "tiny-llama", "--device", "cuda:7", "--text", TEXT, "--out", out], "not available"),
+        (["train", "--model", "tiny-llama", "--data", str(tmp / "corpus.txt"), "--out", gates], "file not found"),
+        (
+            ["train", "--model", "tiny-llama", "--init", str(tmp / "start.safetensors"), "--out", gates],
+            "gate checkpoint not found",
+        ),
+        (["train", "--model", "tiny-llama", "--device", "cuda:7", "--out", gates], "not available"),
     ]
 
 
@@ -164,3 +171,15 @@ def test_dashboard_opens_with_the_gates_given_on_the_command_line(monkeypatch, t
     gates = app.sidebar.selectbox(key="gates")
     assert gates.value == str(path) and str(path) in gates.options
     assert not app.sidebar.error
+
+
+def test_training_reports_each_slow_phase_and_counts_it_in_the_last_line(capsys, tmp_path):
+    out = tmp_path / "g.safetensors"
+    argv = ["train", "--model", "tiny-llama", "--steps", "1", "--seq-len", "16", "--batch", "1", "--val-batches", "1"]
+    assert main([*argv, "--allocation", "global", "--out", str(out)]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    said = "\n".join(lines)
+    assert "measuring the sensitivity of every (layer, branch)" in said and "measured the sensitivity in" in said
+    assert "calibrated uniform thresholds" in said and "calibrated global thresholds" in said
+    last = next(line for line in reversed(lines) if line.startswith("wrote "))
+    assert "s measuring sensitivity" in last and "s calibrating and saving" in last and "s in all" in last

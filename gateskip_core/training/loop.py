@@ -54,6 +54,7 @@ from torch import nn
 
 from gateskip_core.backbone.quantisation import parse_weights
 from gateskip_core.backbone.registry import DEFAULT_MODEL
+from gateskip_core.branches import branches_per_token
 from gateskip_core.data import paragraphs, read_text_file, token_blocks
 from gateskip_core.errors import GateSkipError
 from gateskip_core.files import check_writable
@@ -118,7 +119,6 @@ class TrainConfig:
 
     def validate(self) -> None:
         parse_gate_variant(self.gate)
-        adapter = AdapterSpec.parse(self.adapter)
         resolve_device(self.device)
         resolve_dtype(self.dtype)
         if parse_weights(self.weights).kernels:  # quanto's frozen modules have no float weights to train through
@@ -166,6 +166,12 @@ class TrainConfig:
                 raise GateSkipError(f"--{name.replace('_', '-')} must lie in [0, 1]")
         if not self.out.endswith(".safetensors"):
             raise GateSkipError("--out must end in .safetensors")
+        # Files are looked for now, before the model loads (read once it has: the tokenizer is needed).
+        for name in [] if self.data == ["builtin"] else self.data:
+            if not Path(name).is_file():
+                raise GateSkipError(f"file not found: {name}")  # data.read_text_file's words
+        if self.init and not Path(self.init).is_file():
+            raise GateSkipError(f"gate checkpoint not found: {self.init}")
         for name in ("lr", "adapter_lr"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
                 raise GateSkipError(f"--{name.replace('_', '-')} must be a positive number")
@@ -215,6 +221,7 @@ class _Setup:
     train_data: torch.Tensor  # [N, seq_len]
     val_data: torch.Tensor
     sensitivity: np.ndarray | None  # the global allocation's profile, measured on the original
+    sensitivity_seconds: float = 0.0  # time the measurement took (0 when none ran)
 
     def budget_table(self, total: float) -> np.ndarray:
         """The step's [n_layers, 2] skip rates for a total budget (uniform, or the global allocation)."""
@@ -262,8 +269,16 @@ def _setup(
                 sensitivity = f.get_tensor("sensitivity").numpy()
     if config.allocation == "global" and sensitivity is None:
         # Measured on the original model (the student starts equal to it), from fixed training blocks.
-        log("measuring the sensitivity of every (layer, branch) for the global allocation")
-        sensitivity = measure_sensitivity(gm.spec, train_data[: max(4, config.batch)].to(device))
+        blocks = train_data[: max(4, config.batch)].to(device)
+        log(
+            f"measuring the sensitivity of every (layer, branch) for the global allocation: "
+            f"{branches_per_token(gm.spec.n_layers) + 1} passes over {len(blocks)} blocks"
+        )
+        start = time.perf_counter()
+        sensitivity = measure_sensitivity(gm.spec, blocks)
+        measured = time.perf_counter() - start
+        log(f"measured the sensitivity in {measured:.0f} s")
+        return _Setup(gm, gates, adapter, student, lora, fill, train_data, val_data, sensitivity, measured)
     return _Setup(gm, gates, adapter, student, lora, fill, train_data, val_data, sensitivity)
 
 
@@ -333,20 +348,24 @@ def _validate(objective: GateObjective, setup: _Setup, config: TrainConfig, budg
     return {"val_loss": float(np.mean(losses)), "val_budget": budget}
 
 
-def calibrate_checkpoint(gm: GatedModel, ckpt: GateCheckpoint, texts: list[str]) -> None:
-    """Fit and store calibrated thresholds (uniform and, with a profile, global) for CALIBRATION_BUDGETS."""
+def calibrate_checkpoint(
+    gm: GatedModel, ckpt: GateCheckpoint, texts: list[str], progress: Callable[[str], None] = lambda m: None
+) -> None:
+    """Fit and store calibrated thresholds (uniform and, with a profile, global) for CALIBRATION_BUDGETS;
+    `progress` hears one line per allocation with the time it took."""
     ckpt.calibration_budgets = CALIBRATION_BUDGETS
     record_calibration_texts(ckpt, texts)  # on-the-fly fits of other budgets reuse them
     allocations = ["uniform"] + (["global"] if ckpt.sensitivity is not None else [])
-    fitted = {
-        allocation: np.stack(
+    fitted = {}
+    for allocation in allocations:
+        start = time.perf_counter()
+        fitted[allocation] = np.stack(
             [
                 gm.fit_thresholds(gm.budget(b, allocation=allocation), texts=texts).thresholds
                 for b in CALIBRATION_BUDGETS
             ]
         )
-        for allocation in allocations
-    }
+        progress(f"calibrated {allocation} thresholds on {len(texts)} texts in {time.perf_counter() - start:.0f} s")
     ckpt.calibration_thresholds = fitted["uniform"]
     ckpt.global_thresholds = fitted.get("global", ckpt.global_thresholds)
 
@@ -373,7 +392,7 @@ def _checkpoint(setup: _Setup, config: TrainConfig, out: Path, metrics: dict, tr
     if config.calibrate:
         log(f"calibrating thresholds for budgets {CALIBRATION_BUDGETS[0]:g} .. {CALIBRATION_BUDGETS[-1]:g}")
         gm.attach_gates(setup.gates, out.name, ckpt)  # the adapted backbone, rebuilt from what the checkpoint stores
-        calibrate_checkpoint(gm, ckpt, calibration_texts(gm, log))
+        calibrate_checkpoint(gm, ckpt, calibration_texts(gm, log), log)
     return ckpt
 
 
@@ -395,6 +414,8 @@ def _accelerator(config: TrainConfig):
 def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar: bool = True) -> TrainResult:
     """Train gates as `config` says; returns where the gates were written and the metrics."""
     from tqdm.auto import tqdm
+
+    started = time.perf_counter()
 
     config.validate()
     out = check_writable(config.out)
@@ -435,8 +456,14 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print, show_bar
         p.requires_grad_(False)
     if is_main:
         training = {**asdict(config), "seconds": round(seconds, 1), "processes": accelerator.num_processes}
+        calibrating = time.perf_counter()
         save_gates(_checkpoint(setup, config, out, metrics, training, log), out, int8=config.int8)
-        log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) after {config.steps} steps in {seconds:.0f} s")
+        calibrated = time.perf_counter() - calibrating
+        log(
+            f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) after {config.steps} steps: {seconds:.0f} s of steps, "
+            f"{setup.sensitivity_seconds:.0f} s measuring sensitivity, {calibrated:.0f} s calibrating and saving; "
+            f"{time.perf_counter() - started:.0f} s in all (model and data loading included)"
+        )
     accelerator.wait_for_everyone()
     return TrainResult(
         out=out, steps=config.steps, seconds=seconds, history=history, metrics=metrics, is_main_process=is_main
