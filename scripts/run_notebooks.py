@@ -1,7 +1,7 @@
 """Execute the notebooks and store them with their outputs, or check that the stored outputs are the
 ones the code produces now.
 
-    python scripts/run_notebooks.py                 # re-execute all seven and store them executed
+    python scripts/run_notebooks.py                 # re-execute all eight and store them executed
     python scripts/run_notebooks.py 03_budgets      # one (or several) by name
     python scripts/run_notebooks.py --check         # re-execute, compare with the stored, store nothing
 
