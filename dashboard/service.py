@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from gateskip_core import GatedModel, GateSkipError, Trace, load_gates, load_model
+from gateskip_core.forward.generation import SkipRates
 from gateskip_core.model import shipped_gate_specs
 from gateskip_core.reference import kl_to_reference, log_probs, top1_agreement
 
@@ -144,6 +145,20 @@ class Continuations:
     ungated: list[str]
     skipping: list[str]
     first_divergence: int | None  # index of the first differing token, None if identical
+    skip_rates: SkipRates  # of the skipping run: budget, prompt and generated tokens' rates
+
+    def caption(self) -> str:
+        """Where the continuations part, and the rates the skipping run reached next to its budget."""
+        rates = self.skip_rates
+        divergence = (
+            "identical"
+            if self.first_divergence is None
+            else f"first divergent token (marked ⟦ ⟧): #{self.first_divergence}"
+        )
+        return (
+            f"{divergence}; skipped: prompt {rates.prompt:.1%}, generated {rates.generated:.1%} "
+            f"of eligible branches at budget {rates.budget:.1%}"
+        )
 
 
 def continuations(model: GatedModel, text: str, chat: bool, n_new: int, **skip_kwargs) -> Continuations:
@@ -154,7 +169,7 @@ def continuations(model: GatedModel, text: str, chat: bool, n_new: int, **skip_k
     first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
     if first is None and len(a) != len(b):
         first = min(len(a), len(b))
-    return Continuations(model.token_strings(a), model.token_strings(b), first)
+    return Continuations(model.token_strings(a), model.token_strings(b), first, skipping.skip_rates())
 
 
 @dataclass

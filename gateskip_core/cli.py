@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from gateskip_core.backbone.registry import DEFAULT_MODEL
-from gateskip_core.branches import branches_per_token, skipped_fraction
+from gateskip_core.branches import branches_per_token
 from gateskip_core.errors import GateSkipError
 from gateskip_core.files import check_writable
 from gateskip_core.validation import cli_type, skip_args_of, whole_number
@@ -245,16 +245,13 @@ def _generate_inputs(args: argparse.Namespace) -> tuple[str, Path | None]:
 
 
 def generation_summary(gen) -> str:
-    """One line: tokens generated, the skip rates of prompt and generated tokens, and the drafts' acceptance."""
-    seq = gen.trace.sequences[0]
+    """One line: tokens generated, the skip rates of prompt and generated tokens next to the budget
+    (they can differ: `Generation.skip_rates`), and the drafts' acceptance."""
     n_new = len(gen.trace.extra["generated_token_ids"][0])
-
-    def skip_rate(part: slice) -> str:
-        return f"{skipped_fraction(seq.skipped[part].sum(), seq.eligible[part].sum(), seq.skipped.shape[1]):.1%}"
-
+    rates = gen.skip_rates()
     line = (
-        f"{n_new} new tokens | skipped: prompt {skip_rate(slice(0, seq.prompt_length))}, "
-        f"generated {skip_rate(slice(seq.prompt_length, None))} of eligible branches"
+        f"{n_new} new tokens | skipped: prompt {rates.prompt:.1%}, generated {rates.generated:.1%} "
+        f"of eligible branches at budget {rates.budget:.1%}"
     )
     record = gen.speculative
     if record is not None:

@@ -173,11 +173,7 @@ def continuation_panel(view, cfg: service.Settings, text: str, chat: bool) -> No
     right.markdown("**With skipping**")
     marked = "".join(f"⟦{tok}⟧" if i == result.first_divergence else tok for i, tok in enumerate(result.skipping))
     right.code(marked or "(nothing)")
-    st.caption(
-        "identical"
-        if result.first_divergence is None
-        else f"first divergent token (marked ⟦ ⟧): #{result.first_divergence}"
-    )
+    st.caption(result.caption())
 
 
 def gate_caption(shown, branches: tuple[str, ...]) -> str:

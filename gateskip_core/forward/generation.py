@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from gateskip_core.branches import skipped_fraction
 from gateskip_core.forward.cache import KVCache
 from gateskip_core.forward.execution import ForwardResult
 from gateskip_core.skipping.plan import SkipPlan
@@ -37,6 +38,28 @@ class Generation(_TextAndTrace):
         self = super().__new__(cls, text, trace)
         self.speculative = speculative
         return self
+
+    def skip_rates(self) -> SkipRates:
+        """The budget asked and the share of eligible branch evaluations skipped on prompt tokens and
+        on generated tokens, over all sequences: the two can differ (thresholds fitted on prompt-like
+        text skip generated tokens less; `calibration.fit_generated_thresholds` fits decode steps)."""
+        counts = {"prompt": [0, 0], "generated": [0, 0]}  # skipped, eligible tokens
+        for seq in self.trace.sequences:
+            for part, span in (("prompt", slice(0, seq.prompt_length)), ("generated", slice(seq.prompt_length, None))):
+                counts[part][0] += int(seq.skipped[span].sum())
+                counts[part][1] += int(seq.eligible[span].sum())
+        n_layers = self.trace.n_layers
+        return SkipRates(
+            budget=self.trace.budget_fraction(),
+            prompt=skipped_fraction(*counts["prompt"], n_layers),
+            generated=skipped_fraction(*counts["generated"], n_layers),
+        )
+
+
+class SkipRates(NamedTuple):
+    budget: float  # the share of eligible branch evaluations the budget asks to skip
+    prompt: float  # skipped on prompt tokens
+    generated: float  # skipped on generated tokens (those decode steps fed)
 
 
 def next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, rng) -> torch.Tensor:
