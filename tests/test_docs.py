@@ -261,6 +261,7 @@ EXEMPT: dict[tuple[str, str], Quick] = {
     ("dashboard.md", "gateskip dashboard"): SERVER,
     ("dashboard.md", "gateskip dashboard --host 0.0.0.0 --port 8601"): SERVER,
     ("dashboard.md", "gateskip dashboard --data-dir ~/gateskip-datasets"): SERVER,
+    ("dashboard.md", "gateskip dashboard --gates my-gates.safetensors"): SERVER,
     ("models.md", "gateskip train --model path/to/ckpt --gate lowrank:16 --adapter lora:16 --distill --adapter-scope skipped --skip-fill lowrank:16 --budget-schedule random --skip-end 0.6 --allocation global --steps 400 --out my-gates.safetensors"): Quick(
         "400 training steps, then thresholds fitted at 12 budgets", SHORT_TRAINING
     ),
