@@ -22,7 +22,6 @@ def app(monkeypatch):
     return at
 
 
-
 def test_tasks_view_shows_every_shipped_eval_table_and_its_matched_comparison(app):
     tables = shipped_tables()
     assert "eval_smollm2.csv" in tables and "eval_vs_hf.csv" not in tables  # only gateskip eval tables
