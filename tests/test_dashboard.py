@@ -254,7 +254,7 @@ def test_latency_bench_runs_on_a_tiny_model():
     res = subprocess.run(
         [
             sys.executable,
-            str(ROOT_DIR / "bench" / "dashboard_latency.py"),
+            str(ROOT_DIR / "gateskip" / "bench" / "dashboard_latency.py"),
             "--model",
             "tiny-llama",
             "--gates",

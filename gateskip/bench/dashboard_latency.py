@@ -15,6 +15,7 @@ import statistics
 import time
 from pathlib import Path
 
+import dashboard
 from analysis.traces import figures
 from dashboard import service
 from gateskip_core.backbone.registry import DEFAULT_MODEL
@@ -87,7 +88,7 @@ def app_rerun(model: str, text: str, repeats: int) -> dict[str, float]:
     from streamlit.testing.v1 import AppTest
 
     os.environ["GATESKIP_DASHBOARD_MODEL"] = model
-    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py"), default_timeout=300)
+    at = AppTest.from_file(str(Path(dashboard.__file__).parent / "app.py"), default_timeout=300)
     at.run()
     at.text_area[0].set_value(text).run()
     times = {}
