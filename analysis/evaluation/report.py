@@ -141,11 +141,16 @@ def targets_markdown(table: pd.DataFrame) -> str:
     tasks, as a share of the original's, at 15% net saved, and the net saving it keeps 90% up to."""
     tasks = accuracy_tasks(table)
     at_claim, kept_to = mean_retained(table, CLAIMED_SAVING), saving_at_retention(table)
-    at_claim_text = "n/a (its budgets stop short of it)" if math.isnan(at_claim) else f"{at_claim:.0%}"
+    if math.isnan(at_claim):  # its budgets stop short of the claimed saving: say so, no share
+        at_claim_text = f"not measured at {CLAIMED_SAVING:.0%} net saved (its budgets stop short of it)"
+        share = "the original's accuracy"
+    else:
+        at_claim_text = f"{at_claim:.0%} of the original's accuracy at {CLAIMED_SAVING:.0%} net saved"
+        share = "it"
     kept_text = "not even at its lowest budget" if math.isnan(kept_to) else f"up to {kept_to:.1%} net saved"
     return (
-        f"GateSkip averaged over {len(tasks)} accuracy task(s): {at_claim_text} of the original's accuracy "
-        f"at {CLAIMED_SAVING:.0%} net saved; at least {RETAINED_LEVEL:.0%} of it {kept_text}."
+        f"GateSkip averaged over {len(tasks)} accuracy task(s): {at_claim_text}; "
+        f"at least {RETAINED_LEVEL:.0%} of {share} {kept_text}."
     )
 
 
