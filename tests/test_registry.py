@@ -73,7 +73,9 @@ def test_local_checkpoint_directory_loads(tmp_path):
     assert again.spec.n_layers == 4 and again.spec.model_type == "gemma3_text"
 
 
-@pytest.mark.parametrize("name, message", [("nope", "unknown model"), ("./missing-dir", "model folder .*missing-dir does not exist")])
+@pytest.mark.parametrize(
+    "name, message", [("nope", "unknown model"), ("./missing-dir", "model folder .*missing-dir does not exist")]
+)
 def test_unknown_models(name, message):
     with pytest.raises(GateSkipError, match=message):
         load_model(name)
