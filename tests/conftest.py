@@ -117,6 +117,18 @@ ROOT_DIR = Path(__file__).resolve().parent.parent
 APP = str(ROOT_DIR / "dashboard" / "app.py")
 
 
+@pytest.fixture
+def app(monkeypatch):
+    """The dashboard opened on the tiny random Llama, first run done without an exception."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("GATESKIP_DASHBOARD_MODEL", "tiny-llama")
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
 def metrics(at) -> dict[str, str]:
     """The dashboard's metric tiles (label -> shown value) in a Streamlit AppTest."""
     return {m.label: m.value for m in at.metric}

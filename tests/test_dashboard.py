@@ -15,15 +15,6 @@ from .conftest import APP, metrics
 
 
 @pytest.fixture
-def app(monkeypatch):
-    monkeypatch.setenv("GATESKIP_DASHBOARD_MODEL", "tiny-llama")
-    at = AppTest.from_file(APP, default_timeout=120)
-    at.run()
-    assert not at.exception, at.exception
-    return at
-
-
-@pytest.fixture
 def forward_calls(monkeypatch):
     calls = []
     original = GatedModel.forward

@@ -4,22 +4,10 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from streamlit.testing.v1 import AppTest
 
 from dashboard.views.tasks import shipped_tables
 
-from .conftest import APP
-
 pytest.importorskip("lm_eval")
-
-
-@pytest.fixture
-def app(monkeypatch):
-    monkeypatch.setenv("GATESKIP_DASHBOARD_MODEL", "tiny-llama")
-    at = AppTest.from_file(APP, default_timeout=120)
-    at.run()
-    assert not at.exception, at.exception
-    return at
 
 
 def test_tasks_view_shows_every_shipped_eval_table_and_its_matched_comparison(app):
