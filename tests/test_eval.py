@@ -67,6 +67,42 @@ def test_budget_zero_equals_hf_item_by_item(tiny, tasks):
     assert gated.account.sequences > 0 and gated.account.skipped_cells == 0
 
 
+class _AllPositions(GateSkipLM):
+    """The head on every position, as before: what HFLM's `_model_call` returns for `hf`."""
+
+    def _scored_logits(self, final_hidden, rows):
+        return self.gated.spec.logits(final_hidden)
+
+
+class _WidthRecording(GateSkipLM):
+    """The shipped model, recording (returned positions, batch positions) of every model call."""
+
+    widths: list[tuple[int, int]]
+
+    def _scored_logits(self, final_hidden, rows):
+        out = super()._scored_logits(final_hidden, rows)
+        self.widths.append((out.shape[1], final_hidden.shape[1]))
+        return out
+
+
+def test_head_on_continuations_only_equals_the_head_on_every_position(tiny, tasks):
+    """Under skipping, batches of 3 (right padding, rows of different lengths), every loglikelihood
+    request type: the per-item numbers of the head on continuation positions only are those of the
+    head on every position, and the returned window is narrower than the batch."""
+    names = ["gateskip_pydoc_nextsent", "gateskip_legal_lastword", "gateskip_legal_ppl"]
+    fast = _WidthRecording(tiny, skip=0.4, batch_size=3)
+    fast.widths = []
+    ours, _ = _samples(fast, tasks, names, limit=4)
+    reference, _ = _samples(_AllPositions(tiny, skip=0.4, batch_size=3), tasks, names, limit=4)
+    for name in names:
+        a, b = (
+            np.array([float(x) for r in res[name] for x in np.ravel(np.array(r, dtype=object))])
+            for res in (ours, reference)
+        )
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+    assert any(width < positions for width, positions in fast.widths)
+
+
 def test_skipping_ranks_no_padding(tiny, tasks):
     """Quantile skipping ranks each row's own tokens: a request scores the same alone (batch 1)
     as right-padded in a batch of 4 (with padding counted as tokens, the budget would skip more)."""

@@ -7,11 +7,14 @@ context truncation from the left, the request order and batching, the one-token-
 logits cache, rolling windows, stop sequences and the chat template. At budget 0 in adapter
 scope `skipped` the gated walk is the original model, so its numbers are `hf`'s (tested).
 
-Two things HFLM does not need and we do:
+Two things HFLM does not need and we do, and one it does not do:
 - a mask for the right-padded rows of a loglikelihood batch: HFLM calls the model without one
   (padding after a causal row changes nothing), but the quantile policy ranks a row's eligible
   tokens and must not count its padding. The row lengths are planned from the same `Collator`
   HFLM batches with, and checked against every batch;
+- logits only where HFLM reads them: the LM head runs on each row's continuation positions, not
+  on every position (on Gemma-3's 262k-word vocabulary the head was most of a forward). The
+  planned rows carry each continuation's length; the result equals the all-positions one (tested);
 - the compute account, summed over every request: `account` (dense and skipping FLOPs, gates
   charged) and the skipped fraction.
 
@@ -33,6 +36,7 @@ from lm_eval.models.utils import Collator
 
 from gateskip_core import GatedModel, GateSkipError, SkipPlan, load_model
 from gateskip_core.backbone.registry import DEFAULT_MODEL
+from gateskip_core.forward.execution import Capture
 from gateskip_core.forward.generation import generate
 from gateskip_core.model import Batch
 from gateskip_core.traces.compute import ComputeAccount, account_sequence
@@ -48,7 +52,9 @@ class EvalAccount:
     sequences: int = 0
 
     def add_rows(self, model: GatedModel, plan: SkipPlan, skipped: torch.Tensor, real: torch.Tensor) -> None:
-        """Rows of one forward: `skipped` [B, T, L, 2], `real` [B, T] (logits at every real position)."""
+        """Rows of one forward: `skipped` [B, T, L, 2], `real` [B, T]. The LM head is charged at every
+        real position, as `hf` runs it and as traces count a pass (`GateSkipLM` computes it only where
+        HFLM reads it; the same on both sides of the account, so this only makes the saving smaller)."""
         skipped, real = skipped.cpu(), real.bool().cpu()
         for b in range(skipped.shape[0]):
             row = skipped[b][real[b]].numpy()
@@ -95,6 +101,15 @@ class EvalAccount:
     def from_totals(cls, totals: np.ndarray) -> EvalAccount:
         *flops, tokens, skipped, cells, sequences = totals.tolist()
         return cls(ComputeAccount(*flops, int(tokens)), int(skipped), int(cells), int(sequences))
+
+
+@dataclass(frozen=True)
+class ScoredRow:
+    """One row of a loglikelihood batch: its length (context + continuation, the last token
+    dropped) and how many of its last positions HFLM scores (the continuation's tokens)."""
+
+    length: int
+    continuation: int
 
 
 @register_model("gateskip")
@@ -151,7 +166,7 @@ class GateSkipLM(HFLM):
         )
         self._join_launch()
         self.account = EvalAccount()
-        self._row_lengths: deque[list[int]] = deque()
+        self._planned_rows: deque[list[ScoredRow]] = deque()
 
     def _join_launch(self) -> None:
         """Under `accelerate launch` (more than one process): take this process's share of the
@@ -168,15 +183,15 @@ class GateSkipLM(HFLM):
 
     # ---- loglikelihood: HFLM's loop, with our model call
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
-        self._row_lengths = deque(self._planned_row_lengths(requests))
+        self._planned_rows = deque(self._planned_batches(requests))
         results = super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-        if self._row_lengths:
-            raise RuntimeError("lm-eval's batching no longer matches the planned row lengths")
+        if self._planned_rows:
+            raise RuntimeError("lm-eval's batching no longer matches the planned rows")
         return results
 
-    def _planned_row_lengths(self, requests) -> list[list[int]]:
-        """The length of every row of every batch HFLM's `_loglikelihood_tokens` will build, in order:
-        the same Collator (sort and context grouping) and the same left truncation."""
+    def _planned_batches(self, requests) -> list[list[ScoredRow]]:
+        """Every row of every batch HFLM's `_loglikelihood_tokens` will build, in order: the same
+        Collator (sort and context grouping) and the same left truncation."""
 
         def sort_key(req):
             toks = req[1] + req[2]
@@ -190,20 +205,41 @@ class GateSkipLM(HFLM):
         )
         limit = self.max_length + 1
         return [
-            [len((ctx + cont)[-limit:][:-1]) for _, ctx, cont in chunk]
+            [ScoredRow(len((ctx + cont)[-limit:][:-1]), len(cont)) for _, ctx, cont in chunk]
             for chunk in collator.get_batched(n=self.batch_size, batch_fn=None)
         ]
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
         if attn_mask is not None or labels is not None:
             raise GateSkipError("the gateskip model is a decoder-only (causal) model")
-        lengths = self._row_lengths.popleft() if self._row_lengths else [inps.shape[1]] * inps.shape[0]
-        if len(lengths) != inps.shape[0] or max(lengths) != inps.shape[1]:
+        if not self._planned_rows:  # a call from outside `_loglikelihood_tokens`: every position
+            rows = [ScoredRow(inps.shape[1], inps.shape[1])] * inps.shape[0]
+        else:
+            rows = self._planned_rows.popleft()
+        lengths = [row.length for row in rows]
+        if len(rows) != inps.shape[0] or max(lengths) != inps.shape[1]:
             raise RuntimeError(f"batch of shape {tuple(inps.shape)} does not match the planned rows {lengths}")
         mask = (torch.arange(inps.shape[1])[None, :] < torch.tensor(lengths)[:, None]).long()
-        result = self.gated.forward(inps, mask, self.plan)
+        # The walk's own head runs on one position per row; ours on the rows HFLM scores.
+        result = self.gated.forward(inps, mask, self.plan, logits_for="last", capture=Capture(hidden_states=True))
         self.account.add_rows(self.gated, self.plan, result.skipped, mask)
-        return result.logits.to(inps.device)
+        return self._scored_logits(result.hidden_states[-1], rows).to(inps.device)
+
+    def _scored_logits(self, final_hidden: torch.Tensor, rows: list[ScoredRow]) -> torch.Tensor:
+        """Logits [B, W, V] of the last W positions of the batch, W = the fewest that hold every
+        row's continuation, computed only where a continuation is (zero elsewhere: never read).
+
+        HFLM reads row b's continuation at `[inplen + W - T - contlen, inplen + W - T)` of what the
+        model call returns (`_select_cont_toks`), so the last W positions are all it needs. On
+        Gemma-3 (a 262k-word vocabulary) the head over every position was most of a forward."""
+        T, device = final_hidden.shape[1], final_hidden.device
+        width = max(T - row.length + row.continuation for row in rows)
+        batch_index = torch.cat([torch.full((row.continuation,), b, device=device) for b, row in enumerate(rows)])
+        position = torch.cat([torch.arange(row.length - row.continuation, row.length, device=device) for row in rows])
+        logits = self.gated.spec.logits(final_hidden[batch_index, position])
+        out = logits.new_zeros((len(rows), width, logits.shape[-1]))
+        out[batch_index, position + width - T] = logits
+        return out
 
     # ---- generation: our cached decoding under the plan
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
