@@ -445,6 +445,7 @@ class GatedModel:
             kv=plan.kv,
             protect_bos=plan.protect_bos,
             adapter_scope=plan.adapter_scope,
+            weights=self.weights,
         )
 
     def gate_flops(self) -> tuple[int, int]:

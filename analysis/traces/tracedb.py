@@ -28,7 +28,7 @@ import pandas as pd
 
 from gateskip_core import BRANCHES, GateSkipError, Trace
 from gateskip_core.branches import branches_per_token
-from gateskip_core.traces.trace import NO_GATES
+from gateskip_core.traces.trace import NO_GATES, UNRECORDED_WEIGHTS
 
 from .dataset import is_dataset_path, open_dataset
 from .flow import TOKEN_TYPES, token_type
@@ -55,6 +55,7 @@ _CSV_TYPES = {
     "skip_budget": "DOUBLE",
     "policy": "VARCHAR",
     "model": "VARCHAR",
+    "weights": "VARCHAR",
     "gates": "VARCHAR",
     "adapter_scope": "VARCHAR",
     "path": "VARCHAR",
@@ -85,6 +86,8 @@ def _traces_columns(columns: list[str]) -> str:
     select = ["* REPLACE (coalesce(token, '') AS token)"]
     if "module" in columns and "branch" not in columns:
         select = ["* RENAME (module AS branch)"]
+    if "weights" not in columns:  # written before traces recorded the backbone's weights
+        select.append(f"'{UNRECORDED_WEIGHTS}' AS weights")
     scope = "adapter_scope"
     if "adapter_scope" not in columns:
         scope = "CASE WHEN gates LIKE '%(adapter scope: skipped)%' THEN 'skipped' ELSE 'all' END"

@@ -106,7 +106,7 @@ def metrics_row(shown, quality, seconds: float | None) -> None:
         cols[3].metric("KL to ungated", "–", help="measured in exact mode (sidebar: Mode)")
         cols[4].metric("Top-1 agreement", "–", help="measured in exact mode (sidebar: Mode)")
         st.caption("estimate mode: gate values captured once, re-thresholded without a model call")
-    st.caption(f"gates: {shown.gates}")
+    st.caption(f"weights: {shown.weights} · gates: {shown.gates}")  # the backbone the trace ran on
 
 
 def heatmap_panel(view, shown):

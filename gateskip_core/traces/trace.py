@@ -12,7 +12,9 @@ Column reference (stable names):
     gate <= threshold; -inf: nothing skipped, NaN: policy without threshold), skipped (0/1),
     gate_applied (0/1: the gate's value multiplied the branch's output; see below),
     eligible (0/1: could be skipped; padding never appears, BOS is ineligible when protected),
-    skip_budget, policy, model, gates, adapter_scope ('all' | 'skipped'), path, kv, protect_bos, branches,
+    skip_budget, policy, model, weights (the backbone's projections: 'fp32' | 'int8' | 'int4' |
+    'int8:quanto' | 'int4:quanto', as `load_model(weights=...)`; files written before the column read as
+    'unrecorded'), gates, adapter_scope ('all' | 'skipped'), path, kv, protect_bos, branches,
     prompt_length (tokens of the prompt; later positions were generated),
     dense_flops, skipping_flops, executed_flops, gate_flops (per sequence).
 
@@ -61,6 +63,7 @@ TRACE_COLUMNS = [
     "skip_budget",
     "policy",
     "model",
+    "weights",
     "gates",
     "adapter_scope",
     "path",
@@ -75,6 +78,8 @@ TRACE_COLUMNS = [
 ]
 # Columns added after the first release: derived on reading a file that lacks them.
 DERIVED_COLUMNS = ("gate_applied", "adapter_scope")
+# The weights of a trace written before the `weights` column: not known, so not guessed.
+UNRECORDED_WEIGHTS = "unrecorded"
 ADAPTER_SCOPES = ("all", "skipped")
 NO_GATES = "none"  # the `gates` label of a model without gates
 
@@ -143,6 +148,7 @@ class Trace:
     kv: str
     protect_bos: bool
     adapter_scope: str = "all"  # 'skipped': gates scale a token's branches only from its first skip on
+    weights: str = "fp32"  # the backbone's projections (GatedModel.weights): fp32, int8, int4, ...
     extra: dict = field(default_factory=dict)
     # Notices of the call that made this trace (a text truncated to the context, ...): returned with
     # the result, not raised as process-wide warnings, so that a server's threads never mix them.
@@ -208,6 +214,7 @@ class Trace:
                 "skip_budget": self.skip_budget[layer, mod],
                 "policy": self.policy,
                 "model": self.model,
+                "weights": self.weights,
                 "gates": self.gates,
                 "adapter_scope": self.adapter_scope,
                 "path": self.path,
@@ -244,7 +251,7 @@ class Trace:
 
     @classmethod
     def from_dataframe(cls, df: pd.DataFrame) -> Trace:
-        df = with_derived_columns(df)
+        df = with_derived_columns(with_weights_column(df))
         missing = [c for c in TRACE_COLUMNS if c not in df.columns]
         if missing:
             raise GateSkipError(f"not a GateSkip trace: missing columns {', '.join(missing)}")
@@ -300,6 +307,7 @@ class Trace:
             kv=str(first["kv"]),
             protect_bos=bool(int(first["protect_bos"])),
             adapter_scope=str(first["adapter_scope"]),
+            weights=str(first["weights"]),
         )
 
     # ---- display
@@ -307,7 +315,7 @@ class Trace:
         c = self.compute
         n_tok = sum(s.n_tokens for s in self.sequences)
         lines = [
-            f"model {self.model} | gates {self.gates} | policy {self.policy} | budget {self.budget_label()} "
+            f"model {self.model} | weights {self.weights} | gates {self.gates} | policy {self.policy} | budget {self.budget_label()} "
             f"({'+'.join(self.branches)}) | path {self.path}",
             f"{len(self.sequences)} sequence(s), {n_tok} tokens, {self.n_layers} layers",
             f"skipped {self.skipped_fraction():.1%} of eligible branch evaluations "
@@ -362,6 +370,14 @@ NUMERIC_COLUMNS = (
 )
 
 
+def with_weights_column(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` with a `weights` column: a file written before it gets `UNRECORDED_WEIGHTS` (row by row, so
+    a chunk of a file is completed as the whole file would be)."""
+    if "weights" in df.columns:
+        return df
+    return df.assign(weights=UNRECORDED_WEIGHTS)
+
+
 def with_derived_columns(df: pd.DataFrame) -> pd.DataFrame:
     """`df` with the columns of `DERIVED_COLUMNS` a file written before them lacks, derived from its
     decisions and its gates label (`applied_gates`); a frame that has them is returned as it is."""
@@ -394,7 +410,10 @@ def read_trace_frames(path: str | Path, chunk_rows: int | None = None) -> Iterat
     try:
         if suffix == ".csv":
             frames = pd.read_csv(
-                path, keep_default_na=False, chunksize=chunk_rows, dtype={"token": str, "model": str, "gates": str}
+                path,
+                keep_default_na=False,
+                chunksize=chunk_rows,
+                dtype={"token": str, "model": str, "weights": str, "gates": str},
             )
             frames = [frames] if chunk_rows is None else frames
         elif chunk_rows is None:
@@ -404,6 +423,7 @@ def read_trace_frames(path: str | Path, chunk_rows: int | None = None) -> Iterat
         for df in frames:
             if "module" in df.columns and "branch" not in df.columns:  # files written before the rename
                 df = df.rename(columns={"module": "branch"})
+            df = with_weights_column(df)
             if chunk_rows is None:  # deriving needs whole sequences; a chunk may cut one
                 df = with_derived_columns(df)
             missing = [c for c in TRACE_COLUMNS if c not in df.columns]
