@@ -1,10 +1,13 @@
 """`gateskip` at budget 0 against lm-eval's own `hf` model on the same tasks, in one run: scores and time.
 
     OMP_NUM_THREADS=1 python3 scripts/eval_vs_hf.py --out docs/results/eval_vs_hf.csv [--limit 16] [--repeats 2]
+        [--tasks T1,T2 --merge]
 
 SmolLM2-135M-Instruct with its shipped gates (adapter scope `skipped`: at budget 0 the original model),
 one torch thread, batch size 8. The two models alternate, `--repeats` times per task, and the fastest
-run of each counts (the machine is shared: the minimum is the least disturbed). One row per task.
+run of each counts (the machine is shared: the minimum is the least disturbed). One row per task, with
+its item count and repeats. `--merge` keeps the rows of `--out` for other tasks (so tasks can be added in
+runs of their own).
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ import pandas as pd
 import torch
 
 TASKS = ["gateskip_pydoc_nextsent", "gateskip_legal_ppl", "gateskip_legal_lastword_gen"]
+# every shipped task: the same cut of two texts into the four task kinds
+SHIPPED = [
+    f"gateskip_{text}_{kind}" for kind in ("nextsent", "lastword", "lastword_gen", "ppl") for text in ("pydoc", "legal")
+]
 MAIN_METRIC = {
     "nextsent": "acc,none",
     "lastword": "acc,none",
@@ -38,7 +45,10 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--limit", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(SHIPPED)}")
+    parser.add_argument("--merge", action="store_true", help="keep the rows of --out for the other tasks")
     args = parser.parse_args()
+    tasks = args.tasks.split(",")
     torch.set_num_threads(1)
     from lm_eval.models.huggingface import HFLM
 
@@ -47,9 +57,9 @@ def main() -> None:
     from gateskip_core import load_model
 
     model = load_model("smollm2-135m-instruct", gates="default")
-    loaded = load_tasks(TASKS)
+    loaded = load_tasks(tasks)
     rows = []
-    for name in TASKS:
+    for name in tasks:
         task, seconds, scores = loaded.tasks[name], {"hf": [], "gateskip": []}, {}
         for _ in range(args.repeats):
             for kind in ("hf", "gateskip"):
@@ -66,6 +76,7 @@ def main() -> None:
                 "task": name,
                 "metric": metric.split(",")[0],
                 "n": args.limit,
+                "repeats": args.repeats,
                 "hf": scores["hf"][metric],
                 "gateskip_b0": scores["gateskip"][metric],
                 "hf_seconds": min(seconds["hf"]),
@@ -75,6 +86,11 @@ def main() -> None:
         )
         print(rows[-1], flush=True)
     table = pd.DataFrame(rows)
+    if args.merge and Path(args.out).exists():
+        kept = pd.read_csv(args.out)
+        table = pd.concat([kept[~kept.task.isin(tasks)], table], ignore_index=True)
+        table["order"] = table.task.map(SHIPPED.index)
+        table = table.sort_values("order", kind="stable").drop(columns="order")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
