@@ -76,12 +76,12 @@ def main() -> None:
                 "task": name,
                 "metric": metric.split(",")[0],
                 "n": args.limit,
-                "repeats": args.repeats,
                 "hf": scores["hf"][metric],
                 "gateskip_b0": scores["gateskip"][metric],
                 "hf_seconds": min(seconds["hf"]),
                 "gateskip_seconds": min(seconds["gateskip"]),
                 "time_ratio": min(seconds["gateskip"]) / min(seconds["hf"]),
+                "repeats": args.repeats,
             }
         )
         print(rows[-1], flush=True)
