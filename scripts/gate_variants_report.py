@@ -9,7 +9,8 @@ resampled for both). Random skipping at the same budgets is the floor.
 
     python scripts/gate_variants_report.py [--runs runs/variants] [--blocks 12] [--out docs/results/gate_variants_matched.csv]
 
-Writes the per-(variant, text, budget) table next to the matched one (`..._sweep.csv`).
+Writes the per-(variant, text, budget, block) rows (`..._sweep.csv`) and the paired differences
+(`..._paired.csv`) next to the matched table.
 """
 
 from __future__ import annotations
@@ -113,6 +114,26 @@ def _summary(text: str, variant: str, target: float, metric: str, vals: list[flo
             "value": point, "low": float(low), "high": float(high)}  # fmt: skip
 
 
+def wide(summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per (text, variant or difference, net saving): each metric with its METRIC_low / METRIC_high
+    interval beside it (the layout scripts/doc_tables.py's `intervals` renderer shows); rows outside a
+    variant's budget curve are dropped."""
+    summary = summary.dropna(subset=["value"])
+    table = summary.pivot_table(
+        index=["text", "variant", "net_flops_saved"], columns="metric", values=["value", "low", "high"], sort=False
+    )
+    out = pd.DataFrame(index=table.index)
+    for metric in METRICS:
+        out[metric] = table[("value", metric)]
+        out[f"{metric}_low"] = table[("low", metric)]
+        out[f"{metric}_high"] = table[("high", metric)]
+    out = out.reset_index()
+    order = {key: i for i, key in enumerate(dict.fromkeys(zip(summary["text"], summary["variant"])))}
+    out["rank"] = [order[key] for key in zip(out["text"], out["variant"])]
+    out = out.sort_values(["rank", "net_flops_saved"]).drop(columns="rank")
+    return out.rename(columns={"variant": "gates"})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default="runs/variants", help="where compare_gate_variants.sh wrote the gates")
@@ -126,21 +147,30 @@ def main() -> None:
     if not done:
         raise SystemExit(f"gate_variants_report: no finished variant in {runs} (run scripts/compare_gate_variants.sh)")
     model = load_model("smollm2-135m-instruct", gates="none")
-    rows = []
+    tables = []
     for text, texts in heldout_texts().items():
         model.remove_gates()
         blocks = evaluation_blocks(model, texts, args.blocks, 128)
         ref = reference(model, blocks, batch_size=1)
         for variant in tqdm(done, desc=f"variants on {text}"):
-            model.load_gates(runs / f"{variant}.safetensors")
-            rows += per_block_rows(model, ref, variant, text, "quantile")
-            # random skipping with the same adapter, stand-ins and compute account: the floor of its ranking
-            rows += per_block_rows(model, ref, f"{variant} random", text, "random")
-    table = pd.DataFrame(rows)
+            # one variant's rows are kept next to its gates, so a rerun after a new variant finishes
+            # scores only the new one (each costs minutes of CPU per text)
+            cache = runs / f"{variant}.report-{text}-{args.blocks}.csv"
+            if not cache.exists():
+                model.load_gates(runs / f"{variant}.safetensors")
+                rows = per_block_rows(model, ref, variant, text, "quantile")
+                # random skipping with the same adapter, stand-ins and compute account: the floor of its ranking
+                rows += per_block_rows(model, ref, f"{variant} random", text, "random")
+                pd.DataFrame(rows).to_csv(cache, index=False)
+            tables.append(pd.read_csv(cache))
+    table = pd.concat(tables, ignore_index=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out.with_name(out.stem.removesuffix("_matched") + "_sweep.csv"), index=False)
-    bootstrap_matched(table, args.boot).to_csv(out, index=False)
+    matched_table = wide(bootstrap_matched(table, args.boot))
+    paired = matched_table["gates"].str.contains(" - ")
+    matched_table[~paired].to_csv(out, index=False)
+    matched_table[paired].to_csv(out.with_name(out.stem.removesuffix("_matched") + "_paired.csv"), index=False)
     print(f"wrote {out} ({', '.join(done)})")
 
 
