@@ -10,7 +10,8 @@ resampled for both). Random skipping at the same budgets is the floor.
     python scripts/gate_variants_report.py [--runs runs/variants] [--blocks 12] [--out docs/results/gate_variants_matched.csv]
 
 Writes the per-(variant, text, budget, block) rows (`..._sweep.csv`) and the paired differences
-(`..._paired.csv`) next to the matched table.
+(`..._paired.csv`) next to the matched table, and the cloze tasks' accuracy pooled per variant, method
+and budget (`..._tasks.csv`, from scripts/gate_variants_eval.sh's CSVs in the same folder).
 """
 
 from __future__ import annotations
@@ -134,6 +135,25 @@ def wide(summary: pd.DataFrame) -> pd.DataFrame:
     return out.rename(columns={"variant": "gates"})
 
 
+def task_summary(paths: dict[str, Path]) -> pd.DataFrame:
+    """Per variant, method and budget: the shipped cloze tasks' items answered correctly, pooled over the
+    tasks, with a 95% Wilson interval (scripts/gate_variants_eval.sh's `gateskip eval` CSVs)."""
+    from analysis.traces.tracedb import wilson
+
+    rows = []
+    for variant, path in paths.items():
+        acc = pd.read_csv(path)
+        acc = acc[(acc.kind == "measured") & (acc.metric == "acc")].drop_duplicates(["task", "method", "skip_budget"])
+        for (method, budget), part in acc.groupby(["method", "skip_budget"], sort=False):
+            correct, total = int(round((part.value * part.n).sum())), int(part.n.sum())
+            low, high = wilson(correct, total)
+            rows.append({"gates": variant, "method": method, "skip_budget": budget,
+                         "net_flops_saved": round(float((part.net_flops_saved * part.n).sum() / total), 3),
+                         "correct": correct, "n": total, "accuracy": correct / total,
+                         "accuracy_low": low, "accuracy_high": high})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default="runs/variants", help="where compare_gate_variants.sh wrote the gates")
@@ -142,10 +162,13 @@ def main() -> None:
     parser.add_argument("--out", default="docs/results/gate_variants_matched.csv")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    runs = Path(args.runs)
+    runs, out = Path(args.runs), Path(args.out)
     done = [v for v in VARIANTS if (runs / f"{v}.done").exists()]
     if not done:
         raise SystemExit(f"gate_variants_report: no finished variant in {runs} (run scripts/compare_gate_variants.sh)")
+    evals = {v: out.with_name(f"gate_variants_eval_{v}.csv") for v in done}
+    tasks = task_summary({v: path for v, path in evals.items() if path.exists()})
+    tasks.to_csv(out.with_name(out.stem.removesuffix("_matched") + "_tasks.csv"), index=False)
     model = load_model("smollm2-135m-instruct", gates="none")
     tables = []
     for text, texts in heldout_texts().items():
@@ -164,7 +187,6 @@ def main() -> None:
                 pd.DataFrame(rows).to_csv(cache, index=False)
             tables.append(pd.read_csv(cache))
     table = pd.concat(tables, ignore_index=True)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out.with_name(out.stem.removesuffix("_matched") + "_sweep.csv"), index=False)
     matched_table = wide(bootstrap_matched(table, args.boot))
