@@ -2,7 +2,8 @@
 
 The server listens on the loopback interface unless `--host` says otherwise (with a warning:
 the app has no login); the URL printed is the one it listens on. `--gates FILE` adds a gate
-checkpoint to the sidebar's choices and opens the app with it (read before the server starts). Datasets the Corpus view
+checkpoint to the sidebar's choices and opens the app with it (read before the server starts); `--device` and
+`--dtype` (checked before it starts) place every model the app loads. Datasets the Corpus view
 lists, opens and collects live in `--data-dir` (default: `<cache>/dashboard-data`).
 """
 
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 from gateskip_core.backbone.registry import DEFAULT_MODEL, REGISTRY, cache_root
+from gateskip_core.cli import add_device_dtype_args
 from gateskip_core.errors import GateSkipError
 
 APP = Path(__file__).resolve().parent / "app.py"
@@ -96,6 +98,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         raise GateSkipError(f"cannot create --data-dir {data_dir}: {err.strerror or err}") from None
     env = dict(os.environ, GATESKIP_DASHBOARD_MODEL=model, GATESKIP_DASHBOARD_DATA=str(data_dir.resolve()))
     env["GATESKIP_DASHBOARD_WEIGHTS"] = check_weights(args.weights)
+    env["GATESKIP_DASHBOARD_DEVICE"], env["GATESKIP_DASHBOARD_DTYPE"] = args.device, args.dtype  # checked already
     if args.gates is not None:  # read already (gateskip_core.cli.check_inputs); matched to the model in the app
         env["GATESKIP_DASHBOARD_GATES"] = str(Path(args.gates).expanduser().resolve())
     cmd = [
@@ -145,5 +148,6 @@ def register(sub, commands) -> None:
         default="fp32",
         help="the backbone's projections selected when the app opens: fp32 | int8 | int4 (optimum-quanto, weight only)",
     )
+    add_device_dtype_args(p)  # every model the app loads; checked before the server starts
     p.add_argument("--data-dir", help="the Corpus view's datasets (default: <cache>/dashboard-data)")
     commands["dashboard"] = cmd_dashboard

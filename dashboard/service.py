@@ -40,17 +40,21 @@ EXAMPLE_PROMPTS = {
 
 
 class ModelHub:
-    """Process-wide model cache; loading is serialised, use is concurrent."""
+    """Process-wide model cache; loading is serialised, use is concurrent. Every model it loads lives
+    on `device` in `dtype` (`gateskip dashboard --device/--dtype`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu", dtype: str = "float32") -> None:
         self._models: dict[tuple[str, str], GatedModel] = {}
         self._lock = threading.Lock()
+        self.device, self.dtype = device, dtype
 
     def base(self, name: str, progress=lambda msg: None, weights: str = "fp32") -> GatedModel:
         """The backbone `name` with its projections in `weights` (fp32, int8, int4: one copy each)."""
         with self._lock:
             if (name, weights) not in self._models:
-                self._models[(name, weights)] = load_model(name, progress=progress, weights=weights)
+                self._models[(name, weights)] = load_model(
+                    name, progress=progress, device=self.device, dtype=self.dtype, weights=weights
+                )
             return self._models[(name, weights)]
 
     def view(self, name: str, gates: str, uploaded: bytes | None = None, weights: str = "fp32") -> GatedModel:

@@ -44,13 +44,18 @@ def budget_type(text: str) -> float:
 
 
 def check_inputs(args: argparse.Namespace) -> None:
-    """What every command can check before any model loads: a --model folder that does not exist, and
-    a --gates FILE, read in full (whether it fits the model is checked once the model is loaded;
-    quality's LABEL=SPEC too). A mistake is then reported in a second, not after the model loaded."""
+    """What every command can check before any model loads: a --device or --dtype this machine lacks, a
+    --model folder that does not exist, and a --gates FILE, read in full (whether it fits the model is
+    checked once the model is loaded; quality's LABEL=SPEC too). A mistake is then reported in a second,
+    not after the model loaded."""
     from gateskip_core.backbone.registry import missing_folder
     from gateskip_core.gating.checkpoint import load_gates
-    from gateskip_core.model import RETIRED_GATES, SHIPPED_GATES
+    from gateskip_core.model import RETIRED_GATES, SHIPPED_GATES, resolve_device, resolve_dtype
 
+    if isinstance(getattr(args, "device", None), str):  # a device or dtype this machine lacks, in one line
+        resolve_device(args.device)
+    if isinstance(getattr(args, "dtype", None), str):
+        resolve_dtype(args.dtype)
     model = getattr(args, "model", None)
     if isinstance(model, str) and missing_folder(model):
         raise GateSkipError(missing_folder(model))
@@ -79,15 +84,21 @@ def add_model_args(p: argparse.ArgumentParser, gates_default: str = "none") -> N
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
     """--device, --dtype and --weights of a command that loads a model (`load_model` checks them)."""
-    p.add_argument("--device", default="cpu", help="where the model runs: cpu | cuda | cuda:N | mps")
-    p.add_argument(
-        "--dtype", default="float32", help="the model's weights and activations: float32 | bfloat16 | float16"
-    )
+    add_device_dtype_args(p)
     p.add_argument(
         "--weights",
         default="fp32",
         help="the backbone's projections: fp32 | int8 | int4 (weight-only quantisation by optimum-quanto, run as "
         "its dequantised weights; gates, adapter and stand-ins stay float) | int8:quanto | int4:quanto (quanto's kernels)",
+    )
+
+
+def add_device_dtype_args(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype alone, for a command with its own --weights (bench, dashboard); `check_inputs`
+    checks both before any model loads."""
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu | cuda | cuda:N | mps")
+    p.add_argument(
+        "--dtype", default="float32", help="the model's weights and activations: float32 | bfloat16 | float16"
     )
 
 

@@ -2,7 +2,7 @@
 
 There is no GPU on the machines that run the tests, so a tensor made on the CPU where the model
 lives on `cuda` cannot fail here. What can be checked on the CPU is the construction: every
-factory call in project code (files under gateskip_core/, analysis/, dashboard/) names its device
+factory call in project code (files under gateskip_core/, analysis/, dashboard/, gateskip/) names its device
 (`device=`), and a device it names is the model's (or "cpu", said on purpose for host-side data:
 token ids before they are moved, seeded index permutations, checkpoint tensors). Parameters made in
 an `nn.Module.__init__` are exempt: the modules are moved with `.to(device)` as a whole.
@@ -18,7 +18,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 ROOT = Path(__file__).resolve().parent.parent
-PROJECT = tuple(str(ROOT / folder) + "/" for folder in ("gateskip_core", "analysis", "dashboard"))
+PROJECT = tuple(str(ROOT / folder) + "/" for folder in ("gateskip_core", "analysis", "dashboard", "gateskip"))
 TORCH = str(Path(torch.__file__).parent) + "/"
 FACTORIES = {
     torch.zeros,

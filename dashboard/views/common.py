@@ -32,9 +32,14 @@ def model_names() -> list[str]:
     return list(REGISTRY) + ([start] if start not in REGISTRY else [])
 
 
+def start_device() -> tuple[str, str]:
+    """(device, dtype) every model of this process loads on (`gateskip dashboard --device/--dtype`)."""
+    return os.environ.get("GATESKIP_DASHBOARD_DEVICE", "cpu"), os.environ.get("GATESKIP_DASHBOARD_DTYPE", "float32")
+
+
 @st.cache_resource(show_spinner=False)
 def hub() -> service.ModelHub:
-    return service.ModelHub()
+    return service.ModelHub(*start_device())
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)

@@ -6,6 +6,7 @@ import argparse
 import math
 
 from gateskip_core.backbone.registry import DEFAULT_MODEL
+from gateskip_core.cli import add_device_dtype_args
 from gateskip_core.files import check_writable, write_all
 from gateskip_core.validation import cli_type, whole_number
 
@@ -34,6 +35,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = check_writable(Path(args.out), "--out") if args.out else None
     cfg = BenchConfig(
         model=args.model,
+        device=args.device,
         dtype=args.dtype,
         weights=args.weights,
         gates=args.gates,
@@ -77,7 +79,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     """The model, its gates and weights, and what is measured."""
     p.add_argument("--model", default=DEFAULT_MODEL, help="registry name, checkpoint dir or hub id")
     p.add_argument("--gates", default="default", help="gates for decode, capture, collect, dashboard and rates")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
+    add_device_dtype_args(p)  # the same flags, checked the same way, as every other command's
     p.add_argument(
         "--weights",
         default="fp32",

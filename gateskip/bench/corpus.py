@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -22,6 +21,7 @@ import pyarrow.parquet as pq
 
 from analysis.traces.dataset import STAMP, Manifest, open_dataset, shard_name, shard_stamp
 
+from .clock import clock
 from .memory import PeakRSS
 
 
@@ -77,10 +77,10 @@ def query_latencies(dataset: str | Path) -> list[dict]:
 
     rows = []
     with PeakRSS() as mem:
-        start = time.perf_counter()
+        start = clock()
         db = TraceDB(dataset)
         counts = db.counts()
-        seconds = time.perf_counter() - start
+        seconds = clock() - start
     rows.append({"query": "open", "seconds": seconds, "peak_rss_mb": mem.peak / 2**20})
     last = counts["layers"] - 1
     calls = {
@@ -93,9 +93,9 @@ def query_latencies(dataset: str | Path) -> list[dict]:
     }
     for name, call in calls.items():
         with PeakRSS() as mem:
-            start = time.perf_counter()
+            start = clock()
             call()
-            seconds = time.perf_counter() - start
+            seconds = clock() - start
         rows.append({"query": name, "seconds": seconds, "peak_rss_mb": mem.peak / 2**20})
     db.close()
     # The running app has its modules loaded before a view renders (dashboard.service imports torch,
@@ -104,9 +104,9 @@ def query_latencies(dataset: str | Path) -> list[dict]:
     from dashboard import service  # noqa: F401
 
     with PeakRSS() as mem:  # what the dashboard's Corpus view computes on its first render, on a new connection
-        start = time.perf_counter()
+        start = clock()
         corpus_view_first_render(dataset)
-        seconds = time.perf_counter() - start
+        seconds = clock() - start
     rows.append({"query": "dashboard_first_render", "seconds": seconds, "peak_rss_mb": mem.peak / 2**20})
     for row in rows:
         row.update(tokens=counts["tokens"], trace_rows=counts["tokens"] * counts["layers"] * 2)
@@ -138,16 +138,22 @@ def query_latencies_in_fresh_process(dataset: Path) -> list[dict]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def collect_seconds(corpus: Path, out: Path, model: str, gates: str, processes: int) -> float:
-    """Wall seconds of `gateskip collect` into a dataset (model loading included), 1 or N processes."""
+def collect_seconds(corpus: Path, out: Path, cfg, processes: int) -> float:
+    """Wall seconds of `gateskip collect` into a dataset (model loading included), 1 or N processes, with
+    the bench's model, gates, device and dtype (`cfg`: the suite's `BenchConfig`). Several processes on
+    the CPU are told to see no GPU; on a GPU each process uses the device `accelerate` gives it."""
     args = [
         "-m",
         "gateskip",
         "collect",
         "--model",
-        model,
+        cfg.model,
         "--gates",
-        gates,
+        cfg.gates,
+        "--device",
+        cfg.device,
+        "--dtype",
+        cfg.dtype,
         "--file",
         str(corpus),
         "--out",
@@ -178,10 +184,12 @@ def collect_seconds(corpus: Path, out: Path, model: str, gates: str, processes: 
             *args,
         ]
         threads = max(1, (os.cpu_count() or 2) // processes)
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=str(threads))
-    start = time.perf_counter()
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        if cfg.device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""
+    start = clock()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    seconds = time.perf_counter() - start
+    seconds = clock() - start
     if done.returncode != 0:
         raise RuntimeError(f"collect with {processes} process(es) failed: {done.stderr.strip()[-500:]}")
     return seconds

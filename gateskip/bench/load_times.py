@@ -10,14 +10,16 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 
+from gateskip.bench.clock import clock
 from gateskip_core.backbone.registry import DEFAULT_MODEL
+from gateskip_core.cli import add_device_dtype_args
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", default=[DEFAULT_MODEL, "gemma3-270m"])
+    add_device_dtype_args(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as cache:
         os.environ["GATESKIP_CACHE"] = cache
@@ -25,12 +27,12 @@ def main() -> None:
 
         print(f"{'model':24s} {'cold (s)':>9s} {'warm (s)':>9s}")
         for name in args.models:
-            start = time.perf_counter()
-            load_model(name)
-            cold = time.perf_counter() - start
-            start = time.perf_counter()
-            load_model(name)
-            warm = time.perf_counter() - start
+            start = clock()
+            load_model(name, device=args.device, dtype=args.dtype)
+            cold = clock() - start
+            start = clock()
+            load_model(name, device=args.device, dtype=args.dtype)
+            warm = clock() - start
             print(f"{name:24s} {cold:9.1f} {warm:9.2f}")
 
 

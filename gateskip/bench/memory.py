@@ -3,7 +3,10 @@
 runs, so every weight has been read into memory). Each measurement is its own process, so
 nothing one left behind counts against the next.
 
-    python -m gateskip.bench.memory MODEL GATES   # prints the peak in bytes (used by the bench section)
+    python -m gateskip.bench.memory MODEL GATES [DEVICE DTYPE]   # prints the peaks in bytes (the bench section's)
+
+On a CUDA device the weights live in device memory, so the probe also reports the device's peak
+allocation (`torch.cuda.max_memory_allocated`) and the rows compare that too; not run here (no GPU).
 """
 
 from __future__ import annotations
@@ -39,36 +42,46 @@ class PeakRSS:
         self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
-def peak_of(model: str, gates: str) -> int:
-    """Peak RSS (bytes) of a fresh process: load `model` with `gates`, trace one sentence."""
+def peak_of(model: str, gates: str, device: str = "cpu", dtype: str = "float32") -> tuple[int, int]:
+    """(peak RSS, peak CUDA allocation; 0 off CUDA) in bytes of a fresh process: load `model` with
+    `gates` on `device` in `dtype`, trace one sentence."""
     result = subprocess.run(
-        [sys.executable, "-m", "gateskip.bench.memory", model, gates], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "gateskip.bench.memory", model, gates, device, dtype],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if result.returncode != 0:
         raise RuntimeError(f"memory probe for {gates!r} failed: {result.stderr.strip().splitlines()[-1:]}")
-    return int(result.stdout.strip().splitlines()[-1])
+    rss, device_peak = result.stdout.strip().splitlines()[-1].split()
+    return int(rss), int(device_peak)
 
 
-def bench_memory(model: str, specs: tuple[str, ...], log) -> list[dict]:
-    baseline = peak_of(model, "none")
+def bench_memory(model: str, specs: tuple[str, ...], log, device: str = "cpu", dtype: str = "float32") -> list[dict]:
+    baseline, device_baseline = peak_of(model, "none", device, dtype)
     rows = [{"gates": "none", "peak_rss_mb": baseline / 2**20, "vs_no_gates": 1.0}]
     for spec in specs:
-        peak = peak_of(model, spec)
+        peak, device_peak = peak_of(model, spec, device, dtype)
         rows.append({"gates": spec, "peak_rss_mb": peak / 2**20, "vs_no_gates": peak / baseline})
         log(f"memory {spec}: {peak / 2**20:.0f} MB peak, {peak / baseline:.2f}x --gates none")
+        if device_baseline:  # a CUDA run: the weights' memory is the device's
+            rows[-1].update(peak_device_mb=device_peak / 2**20, device_vs_no_gates=device_peak / device_baseline)
+    if device_baseline:
+        rows[0].update(peak_device_mb=device_baseline / 2**20, device_vs_no_gates=1.0)
     return rows
 
 
-def _probe(model: str, gates: str) -> None:
+def _probe(model: str, gates: str, device: str = "cpu", dtype: str = "float32") -> None:
     import torch
 
     from gateskip_core import load_model
 
     torch.set_num_threads(1)
-    gated = load_model(model, gates=gates)
+    gated = load_model(model, gates=gates, device=device, dtype=dtype)
     skip = 0.0 if gates == "none" else 0.25
     gated.trace(SENTENCE, skip=skip)
-    print(_peak_rss())
+    on_cuda = gated.device.type == "cuda"
+    print(_peak_rss(), torch.cuda.max_memory_allocated(gated.device) if on_cuda else 0)
 
 
 def _peak_rss() -> int:
@@ -84,4 +97,4 @@ def _peak_rss() -> int:
 
 
 if __name__ == "__main__":
-    _probe(sys.argv[1], sys.argv[2])
+    _probe(*sys.argv[1:5])

@@ -10,22 +10,23 @@ each branch. Also prints the analytic account's net FLOPs saved (gates included)
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from analysis.experiments.quality import evaluation_blocks
+from gateskip.bench.clock import clock
 from gateskip_core import load_model
 from gateskip_core.backbone.registry import DEFAULT_MODEL
+from gateskip_core.cli import add_device_dtype_args
 
 
 def timed(model, ids, plan, repeats: int) -> float:
     model.forward(ids, torch.ones_like(ids), plan)  # warm-up
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         model.forward(ids, torch.ones_like(ids), plan)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
     return best
 
 
@@ -37,9 +38,10 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budgets", default="0,0.25,0.5,0.7")
+    add_device_dtype_args(parser)
     args = parser.parse_args()
-    model = load_model(args.model, gates=args.gates)
-    ids = evaluation_blocks(model, n_blocks=args.batch, seq_len=args.seq_len)
+    model = load_model(args.model, gates=args.gates, device=args.device, dtype=args.dtype)
+    ids = evaluation_blocks(model, n_blocks=args.batch, seq_len=args.seq_len).to(model.device)  # copied once
     tokens = ids.numel()
     base = timed(model.view(), ids, model.view().make_plan(0.0), args.repeats)
     print(

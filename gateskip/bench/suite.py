@@ -30,7 +30,6 @@ import os
 import platform
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -44,6 +43,7 @@ from gateskip_core.branches import branches_per_token, skipped_fraction
 from gateskip_core.model import Batch, GatedModel
 from gateskip_core.traces.compute import account_sequence, adapted_rows, decode_step_bytes
 
+from .clock import clock
 from .memory import PeakRSS, bench_memory
 from .speculative import bench_speculative
 
@@ -53,6 +53,7 @@ SECTIONS = ("prefill", "decode", "speculative", "memory", "capture", "collect", 
 @dataclass
 class BenchConfig:
     model: str = "smollm2-135m-instruct"
+    device: str = "cpu"  # where the model runs; every clock read waits for it (clock.py)
     dtype: str = "float32"  # bfloat16 halves the bytes read; fast only on CPUs with native bf16 (AVX-512 BF16, AMX)
     gates: str = "default"  # the gates of decode, capture, collect, dashboard and rates
     weights: str = "fp32"  # the base model's projections (prefill, decode): fp32 | int8 | int4 | int4:quanto
@@ -147,6 +148,11 @@ def scope_of(spec: str) -> str:
     return {"": "auto", "merged": "all"}.get(option, option)
 
 
+def on_device(batch: Batch, device: torch.device) -> Batch:
+    """`batch` with its tensors on `device` (encoded batches are host data), moved once, outside any timing."""
+    return Batch(batch.input_ids.to(device), batch.attention_mask.to(device), batch.truncated)
+
+
 # ---- prefill
 def interleaved(fns: dict, repeats: int, warmups: dict | None = None) -> tuple[dict, dict]:
     """`timed` for several methods, run in turns (one warm-up each, then repeats rounds), so a
@@ -159,9 +165,9 @@ def interleaved(fns: dict, repeats: int, warmups: dict | None = None) -> tuple[d
     outputs = {}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = clock()
             outputs[name] = fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     stats = {n: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t)} for n, t in times.items()}
     return stats, outputs
 
@@ -181,7 +187,7 @@ def bench_prefill(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
 
     rows = []
     for batch_size in cfg.prefill_batches:
-        ids = evaluation_blocks(base, n_blocks=batch_size, seq_len=cfg.prefill_tokens)
+        ids = evaluation_blocks(base, n_blocks=batch_size, seq_len=cfg.prefill_tokens).to(base.device)
         mask = torch.ones_like(ids)
         batch = Batch(ids, mask, [False] * len(ids))
         tokens = ids.numel()
@@ -299,7 +305,7 @@ def _decode_batch(base, views: dict[str, GatedModel], cfg: BenchConfig, batch_si
     """One batch size: HF generate and our dense walk per set of weights, and every view at every
     skip, timed in turns."""
     prompts = [_text_of_tokens(base, cfg.decode_prompt, offset=i) for i in range(batch_size)]
-    batch = base.encode(prompts)
+    batch = on_device(base.encode(prompts), base.device)  # Hugging Face `generate` takes it as it is
     skips = cfg.decode_skips if batch_size == 1 else cfg.decode_skips[-1:]
     fns, short, weights_of = _decode_timers(base, views, cfg, prompts, batch, skips)
     repeats = cfg.decode_repeats if batch_size == 1 else cfg.batched_decode_repeats
@@ -384,7 +390,7 @@ def bench_capture(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
     from analysis.experiments.quality import evaluation_blocks
 
     view = _views(base, [cfg.gates])[cfg.gates]
-    ids = evaluation_blocks(base, n_blocks=1, seq_len=cfg.prefill_tokens)
+    ids = evaluation_blocks(base, n_blocks=1, seq_len=cfg.prefill_tokens).to(base.device)
     mask = torch.ones_like(ids)
     batch = Batch(ids, mask, [False])
     plan = view.make_plan(0.25)
@@ -437,9 +443,9 @@ def bench_collect(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
             paras = _paragraphs_for(base, n_tokens)
             out = Path(tmp) / f"traces_{n_tokens}.parquet"
             with PeakRSS() as mem:
-                start = time.perf_counter()
+                start = clock()
                 counts = collect(view, paras, out, batch_size=8, show_progress=False, skip=0.25, max_tokens=128)
-                seconds = time.perf_counter() - start
+                seconds = clock() - start
             tokens = counts["rows"] // branches_per_token(base.spec.n_layers)
             rows.append(
                 {
@@ -532,7 +538,7 @@ def bench_corpus(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
         collected = {}
         for processes in (1, 2):
             out = tmp / f"collected_{processes}"
-            seconds = collect_seconds(corpus, out, cfg.model, cfg.gates, processes)
+            seconds = collect_seconds(corpus, out, cfg, processes)
             from analysis.traces.dataset import open_dataset
 
             tokens = open_dataset(out).n_tokens
@@ -573,7 +579,7 @@ def bench_corpus(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
 
 BENCHES = {
     "corpus": bench_corpus,
-    "memory": lambda base, cfg, log: bench_memory(cfg.model, cfg.memory_variants, log),
+    "memory": lambda base, cfg, log: bench_memory(cfg.model, cfg.memory_variants, log, cfg.device, cfg.dtype),
     "prefill": bench_prefill,
     "decode": bench_decode,
     "speculative": lambda base, cfg, log: bench_speculative(base, cfg, log, interleaved, _text_of_tokens),
@@ -590,13 +596,13 @@ def run(cfg: BenchConfig, log=print) -> dict:
         raise GateSkipError(
             f"unknown bench section(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(SECTIONS)}"
         )
-    base = load_model(cfg.model, dtype=cfg.dtype, weights=cfg.weights)
-    started = time.perf_counter()
+    base = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, weights=cfg.weights)
+    started = clock()
     results = {"config": asdict(cfg), "machine": machine()}
     for section in cfg.sections:
         with torch.no_grad():
             results[section] = BENCHES[section](base, cfg, log)
-    results["seconds"] = time.perf_counter() - started
+    results["seconds"] = clock() - started
     return results
 
 

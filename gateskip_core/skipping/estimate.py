@@ -32,7 +32,7 @@ def estimate_trace(
         eligible = seq.eligible.copy()
         eligible[0] = not plan.protect_bos  # the first position is always a real token
         elig_t = torch.from_numpy(eligible)[None]
-        positions = torch.arange(seq.n_tokens)[None]
+        positions = torch.arange(seq.n_tokens, device="cpu")[None]  # host data: estimate runs no model
         skipped = np.zeros_like(seq.skipped)
         threshold = np.full(seq.threshold.shape, -np.inf)
         for layer in range(trace.n_layers):
