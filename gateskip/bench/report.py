@@ -70,6 +70,52 @@ def prefill_table(rows: list[dict], path: str = "physical") -> str:
     return "\n".join(lines)
 
 
+def memory_table(runs: list[tuple[str, list[dict]]]) -> str:
+    """The memory section of each (model, rows) run: peak resident memory of a fresh process that loads the
+    model and traces a sentence, against `--gates none`."""
+    lines = ["| model | gates | peak RSS | vs `--gates none` |", "|---|---|---:|---:|"]
+    for model, rows in runs:
+        for r in rows:
+            lines.append(f"| {model} | {r['gates']} | {r['peak_rss_mb']:.0f} MB | {_x(r['vs_no_gates'])} |")
+    return "\n".join(lines)
+
+
+def speedup_table(rows: list[dict], section: str, skips: list[float]) -> str:
+    """Batch 1 speedups over our dense walk per gate spec and budget (decode: calibrated policy; prefill:
+    the physical path), with the model's prediction for the first spec in the last row (decode: bytes,
+    with the realised share of it at the highest budget; prefill: FLOPs)."""
+    decode = section == "decode"
+    gated = [r for r in rows if r["batch"] == 1 and "gates" in r and (decode or r["path"] == "physical")]
+    gated = [r for r in gated if r.get("setting", "prose") == "prose"]  # a chat setting's rows have their own table
+    speedup, predicted = (
+        ("speedup_vs_dense_walk", "predicted_speedup_bytes") if decode else ("speedup_vs_dense", "predicted_speedup")
+    )
+    head = f"| {'decoding, batch 1' if decode else 'prefill, batch 1, physical path'} | budget " + " | ".join(
+        f"{s:g}" for s in skips
+    )
+    lines = [
+        head + (f" | realised / bytes model at {skips[-1]:g} |" if decode else " |"),
+        "|---|" + "---:|" * (len(skips) + decode),
+    ]
+    by_spec: dict[str, dict[float, dict]] = {}
+    for r in gated:
+        by_spec.setdefault(r["gates"], {})[r["skip"]] = r
+    for spec, at in by_spec.items():
+        cells = [_x(at[s][speedup]) for s in skips] + (
+            [f"{at[skips[-1]]['realised_over_bytes_model']:.2f}"] if decode else []
+        )
+        lines.append(f"| `{spec}` | " + " | ".join(cells) + " |")
+    first, at = next(iter(by_spec.items()))
+    model = "bytes model" if decode else "FLOP account's prediction"
+    lines.append(
+        f"| {model} for `{first}` | "
+        + " | ".join(_x(at[s][predicted]) for s in skips)
+        + " |"
+        + (" |" if decode else "")
+    )
+    return "\n".join(lines)
+
+
 def rest_table(results: dict) -> str:
     lines = ["| what | measured |", "|---|---|"]
     if "capture" in results:
@@ -128,6 +174,8 @@ def markdown(results: dict) -> str:
         ]
     if "prefill" in results:
         out += ["", prefill_table(results["prefill"])]
+    if "memory" in results:
+        out += ["", memory_table([(results["config"]["model"], results["memory"])])]
     out += ["", rest_table(results)]
     if "corpus" in results:
         out += ["", corpus_table(results["corpus"])]
