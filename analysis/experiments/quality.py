@@ -44,6 +44,7 @@ def evaluation_blocks(
 def reference(model: GatedModel, blocks: torch.Tensor, batch_size: int = 4) -> Reference:
     """Run the original (ungated, unadapted) model once; every evaluation compares against it."""
     reference_log_probs = []
+    blocks = blocks.to(model.device)  # token ids are host data until here; every evaluation reads them there
     with torch.no_grad():
         for i in range(0, len(blocks), batch_size):
             logits = model.original(input_ids=blocks[i : i + batch_size]).logits[:, :-1].float()
@@ -71,7 +72,7 @@ def evaluate(model: GatedModel, ref: Reference, plan: SkipPlan) -> dict[str, flo
         for b in range(ids.shape[0]):
             acc = account_sequence(
                 model.spec,
-                out.skipped[b].numpy(),
+                out.skipped[b].cpu().numpy(),
                 gate_flops,
                 ids.shape[1],
                 "physical",
