@@ -56,7 +56,7 @@ def test_help_prints_the_defaults(capsys):
 
 def test_every_command_that_loads_a_model_takes_device_and_dtype():
     loads = {"trace", "train", "fit-fill", "collect", "sweep", "faithfulness", "quality", "chat-fidelity"}
-    loads |= {"settled", "eval", "causal", "generate"}
+    loads |= {"settled", "eval", "causal", "generate", "bench", "dashboard"}
     parsers = _subparsers()
     lacking = [n for n in sorted(loads) if not {"--device", "--dtype"} <= set(parsers[n]._option_string_actions)]
     assert not lacking, lacking
