@@ -41,7 +41,7 @@ WEIGHTS = ("fp32", "int8", "int4")
 
 
 def quality_rows(model, ref, weights: str, budgets, seeds: int, label: str | None = None) -> list[dict]:
-    """One row per budget for the gates, and per (budget, seed) for random skipping."""
+    """One row per budget for the gates, and per (budget, seed) for random skipping (none when `seeds` is 0)."""
     rows = []
     for budget in budgets:
         row = evaluate(model, ref, model.make_plan(budget, "quantile"))
@@ -104,10 +104,13 @@ def main() -> int:
     parser.add_argument("--budgets", default="0,0.1,0.2,0.3")
     parser.add_argument("--blocks", type=int, default=8, help="held-out pydoc blocks of 128 tokens")
     parser.add_argument("--seeds", type=int, default=3, help="random-skipping draws per budget")
+    parser.add_argument("--random-on", default="fp32,int8,int4", help="the weights that get random-skipping rows")
+    parser.add_argument("--no-int4-gates", action="store_true", help="leave out the int4+gates rows (saves time)")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--shift-out", required=True)
+    parser.add_argument("--shift-out", help="the gate-shift CSV; left out when not given (saves time)")
     args = parser.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
+    random_on = set(args.random_on.split(",")) if args.random_on else set()
 
     models = {w: load_model(args.model, gates=args.gates, weights=w) for w in WEIGHTS}
     blocks = evaluation_blocks(models["fp32"], n_blocks=args.blocks)
@@ -115,12 +118,15 @@ def main() -> int:
     rows = []
     for weights, model in models.items():
         print(f"{weights} ...", file=sys.stderr)
-        rows += quality_rows(model, ref, weights, budgets, args.seeds)
-    rows += quality_rows(with_int4_gates(models["int4"]), ref, "int4", budgets, 0, label="int4+gates")
+        rows += quality_rows(model, ref, weights, budgets, args.seeds if weights in random_on else 0)
+    if not args.no_int4_gates:
+        rows += quality_rows(with_int4_gates(models["int4"]), ref, "int4", budgets, 0, label="int4+gates")
     table = pd.DataFrame(rows)
     table.insert(0, "model", models["fp32"].name)
     table.to_csv(args.out, index=False, float_format="%.6g")
     print(f"wrote {args.out}", file=sys.stderr)
+    if args.shift_out is None:
+        return 0
     shift = gate_shift(models["fp32"], models["int4"], blocks, [b for b in budgets if b > 0])
     shift.insert(0, "model", models["fp32"].name)
     shift.to_csv(args.shift_out, index=False, float_format="%.6g")
