@@ -159,9 +159,10 @@ class Continuations:
             if self.first_divergence is None
             else f"first divergent token (marked ⟦ ⟧): #{self.first_divergence}"
         )
+        thresholds = f" (thresholds: {rates.thresholds})" if rates.thresholds else ""
         return (
             f"{divergence}; skipped: prompt {rates.prompt:.1%}, generated {rates.generated:.1%} "
-            f"of eligible branches at budget {rates.budget:.1%}"
+            f"of eligible branches at budget {rates.budget:.1%}{thresholds}"
         )
 
 

@@ -218,6 +218,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         chat=args.chat,
         draft_skip=args.draft_skip,
         draft_tokens=args.draft_tokens,
+        generated_thresholds=args.generated_thresholds,
         **skip_args,
     )
     for notice in gen.trace.notices:
@@ -264,6 +265,8 @@ def generation_summary(gen) -> str:
         f"{n_new} new tokens | skipped: prompt {rates.prompt:.1%}, generated {rates.generated:.1%} "
         f"of eligible branches at budget {rates.budget:.1%}"
     )
+    if rates.thresholds:
+        line += f" (thresholds: {rates.thresholds})"
     record = gen.speculative
     if record is not None:
         line += (
@@ -475,6 +478,13 @@ def register(sub) -> None:
         "(output = the original's greedy tokens); the skip options then steer the draft",
     )
     p.add_argument("--draft-tokens", type=cli_type(whole_number, "--draft-tokens"), help="tokens per draft (4)")
+    p.add_argument(
+        "--generated-thresholds",
+        choices=("auto", "prompt"),
+        default="auto",
+        help="calibrated policy: 'auto' decides generated tokens with the gates' decode-fitted thresholds "
+        "where they store them; 'prompt': every token with the prompt's",
+    )
     p.add_argument("--out", help="the trace of the generation: FILE.csv or FILE.parquet")
 
     p = sub.add_parser("train", help="train gates (only gates by default)")

@@ -32,7 +32,7 @@ from gateskip_core.branches import BRANCHES
 from gateskip_core.errors import GateSkipError
 from gateskip_core.forward.cache import KVCache
 from gateskip_core.forward.execution import Capture, ForwardResult, gated_forward
-from gateskip_core.forward.generation import Generation, generate
+from gateskip_core.forward.generation import Generation, generate, with_generated_thresholds
 from gateskip_core.forward.speculative import speculative_generate
 from gateskip_core.gating.adapter import ADAPTED, LoraAdapter
 from gateskip_core.gating.checkpoint import GateCheckpoint, load_gates
@@ -340,6 +340,12 @@ class GatedModel:
             raise GateSkipError("policy 'calibrated' needs gates; load gates or use 'random'")
         return self._calibrator.policy(self, budget, protect_bos, texts)
 
+    def calibrate_generated(self, budget: SkipBudget, protect_bos: bool = True) -> CalibratedPolicy | None:
+        """Thresholds for generated tokens, fitted on decode steps of the model's own answers: the
+        checkpoint's stored ones, else fitted on the prompts it records and memoised; None when the
+        gates carry no decode calibration (see `calibration.Calibrator.generated_policy`)."""
+        return self._calibrator.generated_policy(self, budget, protect_bos)
+
     def fit_thresholds(self, budget: SkipBudget, protect_bos: bool = True, texts=None) -> CalibratedPolicy:
         """Fit calibrated thresholds now (no checkpoint lookup, no memo)."""
         return fit_thresholds(self, budget, protect_bos, texts)
@@ -521,6 +527,7 @@ class GatedModel:
         stop_at_eos: bool = True,
         draft_skip: float | None = None,
         draft_tokens: int | None = None,
+        generated_thresholds: str = "auto",  # or 'prompt' (drafts keep the prompt's): generation.with_generated_thresholds
         **skip_args: Unpack[SkipArgs],
     ) -> Generation:
         """Generate with a KV cache under skipping (default policy: calibrated); returns the
@@ -541,6 +548,8 @@ class GatedModel:
         else:
             plan = self.make_plan(**{"policy": "calibrated", **skip_args})
         batch = self.encode(prompts, chat=chat)
+        if draft_tokens is None:  # generated tokens decide with the gates' decode-fitted thresholds, if any
+            plan = with_generated_thresholds(self, plan, generated_thresholds, skip_args, batch.attention_mask.sum(1))
         longest = int(batch.attention_mask.sum(1).max())
         if longest >= self.max_context or any(batch.truncated):
             raise GateSkipError(

@@ -1,13 +1,16 @@
 """Budgets that generated tokens keep: the skip rate of prompt tokens and of generated tokens against
-the budget, for thresholds fitted on prompt-like text (the checkpoint's, `prompt`) and on the model's
-own answers at decode time (`generated`, `calibration.fit_generated_thresholds`).
+the budget, with the prompt's thresholds for every token (`prompt`, `generate(...,
+generated_thresholds="prompt")`, the behaviour before decode-fitted thresholds) and with the default
+`phased` thresholds (prompt tokens: the stored prompt-fitted ones; generated tokens: the stored
+decode-fitted ones, scripts/fit_decode_thresholds.py).
 
-Greedy, chat template, calibrated policy, physical path, KV cache. The rates are measured on the
-held-out chat prompts (analysis/experiments/quality.py HELDOUT_CHAT_PROMPTS, used by no fit); the
-decode-step fit reads the model's answers to the training's calibration chat prompts
-(training/chat_data.py chat_prompts()[5::11]), none of them held out.
+Greedy, chat template, calibrated policy, physical path, KV cache, SmolLM2 with its `default` gates.
+The rates are measured on the held-out chat prompts (analysis/experiments/quality.py
+HELDOUT_CHAT_PROMPTS, used by no fit; the decode fit read the answers to the training's calibration
+chat prompts, training/chat_data.py chat_prompts()[5::11]). Each rate is pooled over the prompts (as
+`Generation.skip_rates`), with a 95% percentile interval from resampling whole prompts (1,000 draws).
 
-python scripts/generated_skip_rates.py [--prompts 6] [--fit-prompts 16] [--out docs/results/generated_skip_rates.csv]
+python scripts/generated_skip_rates.py [--prompts 12] [--out docs/results/generated_skip_rates.csv]
 """
 
 from __future__ import annotations
@@ -15,55 +18,82 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
 from analysis.experiments.quality import HELDOUT_CHAT_PROMPTS
+from analysis.traces.intervals import cluster_bootstrap
 from gateskip_core import load_model
-from gateskip_core.skipping.calibration import GENERATED_FIT_TOKENS, fit_generated_thresholds, own_answers
-from gateskip_core.training.chat_data import chat_prompts
 
 BUDGETS = (0.1, 0.2, 0.25, 0.3, 0.4, 0.5)
 NEW_TOKENS = 48
+THRESHOLDS = {"prompt": "prompt", "phased": "auto"}  # row label -> generate's generated_thresholds
 
 
-def rates_row(model, prompts: list[str], calibration: str, budget: float, policy) -> dict:
+def pooled_rate(counts: list[tuple[int, int]]) -> float:
+    """Skipped over eligible branch evaluations, over (skipped, eligible evaluations) per prompt."""
+    skipped, eligible = np.sum(counts, axis=0)
+    return float(skipped / eligible) if eligible else float("nan")
+
+
+def part_counts(gen, part: str) -> list[tuple[int, int]]:
+    """Per prompt: (skipped, eligible branch evaluations) of its prompt or generated tokens."""
+    counts = []
+    branches = 2 * gen.trace.n_layers  # branch evaluations per eligible token
+    for seq in gen.trace.sequences:
+        span = slice(0, seq.prompt_length) if part == "prompt" else slice(seq.prompt_length, None)
+        counts.append((int(seq.skipped[span].sum()), int(seq.eligible[span].sum()) * branches))
+    return counts
+
+
+def rates_row(model, prompts: list[str], label: str, budget: float) -> dict:
     """One generation over all held-out prompts (a left-padded batch; decisions are per token)."""
-    gen = model.generate(prompts, max_new_tokens=NEW_TOKENS, chat=True, skip=budget, policy=policy, path="physical")
-    rates = gen.skip_rates()
-    generated = sum(s.n_tokens - s.prompt_length for s in gen.trace.sequences)
-    return {
-        "model": model.name,
-        "gates": "default",
-        "calibration": calibration,
-        "skip_budget": budget,
-        "prompt_skip_rate": round(rates.prompt, 4),
-        "generated_skip_rate": round(rates.generated, 4),
-        "generated_minus_budget": round(rates.generated - budget, 4),
-        "held_out_prompts": len(prompts),
-        "generated_tokens": generated,
-        "new_tokens_per_prompt": NEW_TOKENS,
-    }
+    gen = model.generate(
+        prompts,
+        max_new_tokens=NEW_TOKENS,
+        chat=True,
+        skip=budget,
+        path="physical",
+        generated_thresholds=THRESHOLDS[label],
+    )
+    row = {"model": model.name, "gates": "default", "thresholds": label, "skip_budget": budget}
+    for part in ("prompt", "generated"):
+        interval = cluster_bootstrap(part_counts(gen, part), pooled_rate)
+        row.update(
+            {
+                f"{part}_skip_rate": round(interval.estimate, 4),
+                f"{part}_low": round(interval.low, 4),
+                f"{part}_high": round(interval.high, 4),
+            }
+        )
+    row["generated_minus_budget"] = round(row["generated_skip_rate"] - budget, 4)
+    row["generated_tokens"] = sum(s.n_tokens - s.prompt_length for s in gen.trace.sequences)
+    row["held_out_prompts"] = len(prompts)
+    row["new_tokens_per_prompt"] = NEW_TOKENS
+    row["threshold_sets"] = gen.skip_rates().thresholds
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=6, help="held-out chat prompts measured")
-    parser.add_argument("--fit-prompts", type=int, default=16, help="calibration chat prompts the decode fit answers")
+    parser.add_argument("--prompts", type=int, default=12, help="held-out chat prompts measured")
+    parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="comma separated")
     parser.add_argument("--out", default="docs/results/generated_skip_rates.csv")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = load_model("smollm2-135m-instruct", gates="default")
+    if model.calibrate_generated(model.budget(0.25)) is None:
+        raise SystemExit("the default gates store no decode-fitted thresholds: run scripts/fit_decode_thresholds.py")
     held_out = HELDOUT_CHAT_PROMPTS[: args.prompts]
-    fit_prompts = chat_prompts()[5::11][: args.fit_prompts]
-    assert not set(fit_prompts) & set(HELDOUT_CHAT_PROMPTS)
-    answers = own_answers(model, fit_prompts, GENERATED_FIT_TOKENS)
     rows = []
-    for budget in BUDGETS:
-        rows.append(rates_row(model, held_out, "prompt", budget, "calibrated"))
-        fitted = fit_generated_thresholds(model, model.budget(budget), fit_prompts, answers=answers)
-        rows.append(rates_row(model, held_out, "generated", budget, fitted))
-        print(pd.DataFrame(rows[-2:]).to_string(index=False), flush=True)
+    for budget in (float(b) for b in args.budgets.split(",")):
+        for label in THRESHOLDS:
+            rows.append(rates_row(model, held_out, label, budget))
+        print(
+            pd.DataFrame(rows[-2:]).drop(columns=["model", "gates", "threshold_sets"]).to_string(index=False),
+            flush=True,
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(out, index=False)

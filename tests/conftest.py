@@ -44,7 +44,10 @@ HEAVY = {
     "test_browser.py": {"*"},
     "test_docs.py": {"test_every_command_shown_runs_as_written"},
     "test_analysis.py": {"test_analysis_cli_round_trip"},
-    "test_generated_calibration.py": {"test_smollm2_calibrated_skip_rate_never_falls_as_the_budget_rises"},
+    "test_generated_calibration.py": {
+        "test_smollm2_calibrated_skip_rate_never_falls_as_the_budget_rises",
+        "test_smollm2_generated_tokens_keep_the_budget_and_prompt_tokens_their_rate",
+    },
     "test_eval_extras.py": {"test_lm_evals_own_command_line_runs_the_gateskip_model"},
     "test_dataset.py": {
         "test_other_settings_foreign_and_damaged_shards_are_refused_with_one_line",

@@ -106,7 +106,7 @@ def test_the_dashboards_continuation_caption_shows_the_rates_next_to_the_budget(
     rates = result.skip_rates
     assert rates.budget == pytest.approx(0.3)
     assert f"prompt {rates.prompt:.1%}, generated {rates.generated:.1%}" in result.caption()
-    assert result.caption().endswith("at budget 30.0%")
+    assert "at budget 30.0% (thresholds: one set for prompt and generated tokens)" in result.caption()
 
 
 @pytest.mark.real
@@ -122,6 +122,197 @@ def test_smollm2_calibrated_skip_rate_never_falls_as_the_budget_rises():
         for p in HELDOUT_CHAT_PROMPTS[:4]
     ]
     prose = [p for t in pydoc_texts("validation") for p in paragraphs(t)][:4]
-    for texts in (prose, chat):
-        rates = calibrated_rates(smollm2, texts)
+    answers = own_answers(smollm2, HELDOUT_CHAT_PROMPTS[4:8], max_new_tokens=24)
+    for rates in (calibrated_rates(smollm2, prose), calibrated_rates(smollm2, chat), generated_rates(smollm2, answers)):
         assert all(b >= a for a, b in zip(rates, rates[1:])), list(zip(MONOTONE_BUDGETS, np.round(rates, 4)))
+
+
+def generated_rates(model, answers) -> list[float]:
+    """The skip rate of the answers' tokens under the phased thresholds (the decode set's), in one
+    pass over prompt + answer: what a cached generation decides (tested on tiny models above)."""
+    from gateskip_core.skipping.calibration import PhasedCalibratedPolicy, answer_batch
+
+    ids, mask, answer = answer_batch(model, answers)
+    rates = []
+    for value in MONOTONE_BUDGETS:
+        budget = model.budget(float(value))
+        generated = model.calibrate_generated(budget)
+        assert generated is not None
+        policy = PhasedCalibratedPolicy(model.calibrate(budget), generated).for_prompts([n for _, n in answers])
+        out = model.forward(ids, mask, model.make_plan(budget, policy, path="physical"))
+        rates.append(float(out.skipped[answer].float().mean()))
+    return rates
+
+
+# ---- phased thresholds: prompt tokens decide with the prompt's set, generated tokens with the decode fit's
+
+PROMPTS = ["Once upon a time there was", "The gates decide"]
+GRID = np.array([0.1, 0.2, 0.3])  # a short grid keeps the tiny fits fast
+
+
+@pytest.fixture(scope="module")
+def phased_model():
+    """tiny-llama with spread gates and a checkpoint storing prompt and decode-fitted thresholds
+    (uniform grid `GRID`) and the prompts of its decode fit."""
+    from gateskip_core import GateCheckpoint
+    from gateskip_core.skipping.calibration import record_decode_calibration
+
+    model = spread_gates(load_model("tiny-llama"))
+    texts = [p for t in pydoc_texts("calibration") for p in paragraphs(t)][:8]
+    # A random tiny model answers with one token repeated (all gates tied): real text stands for its answers.
+    answers = [(model.encode([text], max_tokens=24).input_ids[0].tolist(), 8) for text in texts[:4]]
+    prompt_rows, generated_rows = [], []
+    for b in GRID:
+        budget = model.budget(float(b), allocation="uniform")
+        prompt_rows.append(model.fit_thresholds(budget, texts=texts).thresholds)
+        generated_rows.append(fit_generated_thresholds(model, budget, FIT_PROMPTS, answers=answers).thresholds)
+    ckpt = GateCheckpoint(gates=model.gates, model=model.name, fingerprint=model.spec.fingerprint())
+    ckpt.calibration_budgets = GRID
+    ckpt.calibration_thresholds = np.stack(prompt_rows)
+    ckpt.generated_thresholds = np.stack(generated_rows)
+    record_decode_calibration(ckpt, FIT_PROMPTS, max_new_tokens=4)
+    model.attach_gates(model.gates, "phased", ckpt)
+    return model
+
+
+def _thresholds(policy) -> np.ndarray:
+    return policy.thresholds.astype(np.float32).astype(np.float64)  # as decided: float32 gates
+
+
+def test_generation_decides_prompt_tokens_with_prompt_thresholds_and_generated_ones_with_the_decode_fit(phased_model):
+    model = phased_model
+    budget = model.budget(0.2)
+    prompt, generated = model.calibrate(budget), model.calibrate_generated(budget)
+    assert not np.allclose(prompt.thresholds, generated.thresholds)
+    gen = model.generate(PROMPTS, max_new_tokens=6, skip=0.2, stop_at_eos=False)
+    for seq in gen.trace.sequences:
+        n = seq.prompt_length
+        assert np.array_equal(seq.threshold[1:n], np.broadcast_to(_thresholds(prompt), seq.threshold[1:n].shape))
+        assert np.array_equal(seq.threshold[n:], np.broadcast_to(_thresholds(generated), seq.threshold[n:].shape))
+    assert "decode-fitted for generated tokens" in gen.skip_rates().thresholds
+    # Prompt tokens keep their decisions and rate; 'prompt' decides every token as before.
+    plain = model.generate(PROMPTS, max_new_tokens=6, skip=0.2, stop_at_eos=False, generated_thresholds="prompt")
+    assert plain.skip_rates().thresholds == "one set for prompt and generated tokens"
+    assert plain.skip_rates().prompt == gen.skip_rates().prompt
+    for a, b in zip(plain.trace.sequences, gen.trace.sequences):
+        assert np.array_equal(a.skipped[: a.prompt_length], b.skipped[: b.prompt_length])
+        assert np.array_equal(a.threshold[1:], np.broadcast_to(_thresholds(prompt), a.threshold[1:].shape))
+
+
+@pytest.mark.parametrize("path", ["masked", "physical"])
+def test_phased_decisions_of_a_cached_generation_equal_one_pass_over_prompt_and_answer(phased_model, path):
+    """masked == physical == cached: the phased policy bound to each row's prompt length decides,
+    in one uncached pass over prompt + answer, exactly as the cached generation did."""
+    model = phased_model
+    gen = model.generate(PROMPTS, max_new_tokens=6, skip=0.3, stop_at_eos=False)
+    phased = model.make_plan(0.3, "calibrated")  # the prompt set; phased below
+    generated = model.calibrate_generated(phased.budget)
+    from gateskip_core.skipping.calibration import PhasedCalibratedPolicy
+
+    for seq in gen.trace.sequences:
+        policy = PhasedCalibratedPolicy(phased.policy, generated).for_prompts([seq.prompt_length])
+        ids = torch.as_tensor(seq.token_ids)[None]
+        out = model.forward(ids, torch.ones_like(ids), model.make_plan(0.3, policy, path=path))
+        assert np.array_equal(out.skipped[0].numpy(), seq.skipped)
+        assert seq.skipped[seq.prompt_length :].any()
+
+
+def test_a_budget_off_the_grid_fits_decode_thresholds_on_the_recorded_prompts(phased_model):
+    model = phased_model
+    budget = model.budget(0.45)  # above the grid: fitted on the fly
+    fitted = model.calibrate_generated(budget)
+    answers = own_answers(model, FIT_PROMPTS, max_new_tokens=4)
+    expected = fit_generated_thresholds(model, budget, FIT_PROMPTS, answers=answers)
+    assert np.array_equal(fitted.thresholds, expected.thresholds)
+    assert model.calibrate_generated(budget) is fitted  # memoised
+
+
+def test_gates_without_decode_thresholds_generate_as_before(tiny_llama):
+    """Old checkpoints (no decode calibration): one threshold set for every token, as before."""
+    assert tiny_llama.calibrate_generated(tiny_llama.budget(0.3)) is None
+    gen = tiny_llama.generate(PROMPTS, max_new_tokens=5, skip=0.3, stop_at_eos=False)
+    again = tiny_llama.generate(
+        PROMPTS, max_new_tokens=5, skip=0.3, stop_at_eos=False, policy="calibrated", generated_thresholds="prompt"
+    )
+    thresholds = _thresholds(tiny_llama.calibrate(tiny_llama.budget(0.3)))
+    for a, b in zip(gen.trace.sequences, again.trace.sequences):
+        assert np.array_equal(a.skipped, b.skipped)
+        assert np.array_equal(a.threshold[1:], np.broadcast_to(thresholds, a.threshold[1:].shape))
+    assert gen.skip_rates().thresholds == "one set for prompt and generated tokens"
+
+
+def _raw_tensors(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys()}
+
+
+def test_decode_thresholds_round_trip_and_amending_a_file_keeps_every_tensor(phased_model, tmp_path):
+    from gateskip_core import load_gates, save_gates
+    from gateskip_core.gating.checkpoint import amend_checkpoint_file
+
+    path = save_gates(phased_model.checkpoint, tmp_path / "phased.safetensors", int8=True)
+    back = load_gates(path)
+    assert np.array_equal(back.generated_thresholds, phased_model.checkpoint.generated_thresholds)
+    assert back.training["decode_calibration"] == {"prompts": FIT_PROMPTS, "max_new_tokens": 4}
+    before = _raw_tensors(path)
+    amend_checkpoint_file(path, training={"calibration_texts": ["one text"]})
+    after = _raw_tensors(path)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    amended = load_gates(path)
+    assert amended.training["calibration_texts"] == ["one text"]
+    assert amended.training["decode_calibration"] == back.training["decode_calibration"]
+
+
+def test_a_format_1_checkpoint_loads_and_generates_with_one_threshold_set(phased_model, tmp_path):
+    """Files written before the decode-fitted grids (format 1) load as gates without them."""
+    from safetensors.torch import save_file
+
+    from gateskip_core import GateCheckpoint, load_gates, save_gates
+
+    old = GateCheckpoint(gates=phased_model.gates, model="tiny-llama", fingerprint=phased_model.spec.fingerprint())
+    old.calibration_budgets, old.calibration_thresholds = GRID, phased_model.checkpoint.calibration_thresholds
+    path = save_gates(old, tmp_path / "old.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = {**f.metadata(), "format": "gateskip-gates/1"}
+    save_file(_raw_tensors(path), str(path), metadata=metadata)
+    loaded = load_gates(path)
+    assert not len(loaded.generated_thresholds) and "decode_calibration" not in loaded.training
+    model = load_model("tiny-llama", gates=str(path))
+    gen = model.generate(PROMPTS, max_new_tokens=4, skip=0.2, stop_at_eos=False)
+    assert gen.skip_rates().thresholds == "one set for prompt and generated tokens"
+
+
+def test_the_cli_says_which_thresholds_decided_and_can_turn_the_decode_set_off(phased_model, tmp_path, capsys):
+    from gateskip.cli import main
+    from gateskip_core import save_gates
+
+    path = save_gates(phased_model.checkpoint, tmp_path / "phased.safetensors")
+    common = ["generate", "Once upon a time", "--model", "tiny-llama", "--gates", str(path), "--skip", "0.2"]
+    assert main([*common, "--max-new-tokens", "3"]) == 0
+    assert "at budget 20.0% (thresholds: prompt-fitted for prompt tokens, decode-fitted for generated tokens)" in (
+        capsys.readouterr().out
+    )
+    assert main([*common, "--max-new-tokens", "3", "--generated-thresholds", "prompt"]) == 0
+    assert "(thresholds: one set for prompt and generated tokens)" in capsys.readouterr().out
+
+
+@pytest.mark.real
+def test_smollm2_generated_tokens_keep_the_budget_and_prompt_tokens_their_rate():
+    """The shipped default's decode-fitted thresholds on held-out chat prompts (used by no fit): the
+    generated tokens skip within 0.04 of the budget; the prompt's tokens skip as a plain pass with
+    the stored thresholds skips them (the decode set does not touch them)."""
+    smollm2 = load_model("smollm2-135m-instruct", gates="default")
+    prompts = HELDOUT_CHAT_PROMPTS[:6]
+    batch = smollm2.encode(prompts, chat=True)
+    for budget in (0.25, 0.5):
+        gen = smollm2.generate(prompts, max_new_tokens=32, chat=True, skip=budget)
+        rates = gen.skip_rates()
+        assert "decode-fitted" in rates.thresholds
+        assert abs(rates.generated - budget) <= 0.04, (budget, rates)
+        plain = smollm2.forward(batch.input_ids, batch.attention_mask, smollm2.make_plan(budget, "calibrated"))
+        prompt_rate = float(plain.skipped.sum()) / (2 * smollm2.spec.n_layers * float(plain.eligible.sum()))
+        assert rates.prompt == pytest.approx(prompt_rate, abs=1e-9)

@@ -2,21 +2,28 @@
 
 The same skip plan steers prefill and every step; with the `calibrated` policy
 a token gets the same decisions as in an uncached run over the whole text
-(tested). Finished sequences feed padding so the batch stays aligned.
+(tested). Finished sequences feed padding so the batch stays aligned. With phased thresholds
+(`calibration.PhasedCalibratedPolicy`, the default where the gates store decode-fitted ones: see
+`with_generated_thresholds`) the prefill decides with the prompt's thresholds and every step with
+the decode-fitted ones.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from gateskip_core.branches import skipped_fraction
+from gateskip_core.errors import GateSkipError
 from gateskip_core.forward.cache import KVCache
 from gateskip_core.forward.execution import ForwardResult
+from gateskip_core.skipping.calibration import PhasedCalibratedPolicy, threshold_sets
 from gateskip_core.skipping.plan import SkipPlan
+from gateskip_core.skipping.policies import CalibratedPolicy
 from gateskip_core.traces.trace import Trace
 
 if TYPE_CHECKING:
@@ -53,6 +60,7 @@ class Generation(_TextAndTrace):
             budget=self.trace.budget_fraction(),
             prompt=skipped_fraction(*counts["prompt"], n_layers),
             generated=skipped_fraction(*counts["generated"], n_layers),
+            thresholds=self.trace.extra.get("thresholds", ""),
         )
 
 
@@ -60,6 +68,42 @@ class SkipRates(NamedTuple):
     budget: float  # the share of eligible branch evaluations the budget asks to skip
     prompt: float  # skipped on prompt tokens
     generated: float  # skipped on generated tokens (those decode steps fed)
+    thresholds: str = ""  # which calibrated thresholds decided which tokens ('' without thresholds)
+
+
+GENERATED_THRESHOLDS = ("auto", "prompt")
+
+
+def with_generated_thresholds(
+    model, plan: SkipPlan, generated_thresholds: str, skip_args: dict, prompt_lengths: Sequence[int] = ()
+) -> SkipPlan:
+    """The plan of a generation: where its policy is the calibrated one by name (`skip_args`' policy,
+    'calibrated' by default) and `generated_thresholds` is 'auto', generated tokens decide with the
+    gates' decode-fitted thresholds when they have them (`PhasedCalibratedPolicy`, bound to each row's
+    prompt length); 'prompt' (or no decode calibration, or a policy object): every token with the
+    prompt's thresholds, as before."""
+    if generated_thresholds not in GENERATED_THRESHOLDS:
+        raise GateSkipError(f"generated_thresholds must be 'auto' or 'prompt', got {generated_thresholds!r}")
+    named = skip_args.get("policy", "calibrated") == "calibrated"
+    if generated_thresholds == "prompt" or not named or type(plan.policy) is not CalibratedPolicy:
+        return plan
+    if plan.budget.is_zero():
+        return plan
+    generated = model.calibrate_generated(plan.budget, plan.protect_bos)
+    if generated is None:
+        return plan
+    lengths = [int(n) for n in prompt_lengths]
+    phased = PhasedCalibratedPolicy(prompt=plan.policy, generated=generated).for_prompts(lengths)
+    return dataclasses.replace(plan, policy=phased)
+
+
+def phase_plans(plan: SkipPlan) -> tuple[SkipPlan, SkipPlan]:
+    """(prefill plan, decode-step plan): a phased policy's two threshold sets, each its own plain
+    calibrated policy (every prefill token is a prompt token, every fed token a generated one)."""
+    if not isinstance(plan.policy, PhasedCalibratedPolicy):
+        return plan, plan
+    prompt, generated = plan.policy.prompt, plan.policy.generated
+    return dataclasses.replace(plan, policy=prompt), dataclasses.replace(plan, policy=generated)
 
 
 def next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, rng) -> torch.Tensor:
@@ -93,7 +137,8 @@ def generate(
     B = batch.input_ids.shape[0]
     eos, pad = model.tokenizer.eos_token_id, model.tokenizer.pad_token_id
     all_ids, all_mask = [batch.input_ids], [batch.attention_mask]
-    result = model.forward(batch.input_ids, batch.attention_mask, plan, cache=cache, logits_for="last")
+    prefill_plan, step_plan = phase_plans(plan)
+    result = model.forward(batch.input_ids, batch.attention_mask, prefill_plan, cache=cache, logits_for="last")
     results = [result]
     done = torch.zeros(B, dtype=torch.bool, device="cpu")  # host-side bookkeeping, read per token
     new_tokens: list[list[int]] = [[] for _ in range(B)]
@@ -111,7 +156,7 @@ def generate(
         heads = [n + int(m) for n, m in zip(heads, mask[:, 0])]
         all_ids.append(feed)
         all_mask.append(mask)
-        result = model.forward(feed, mask, plan, cache=cache, logits_for="last")
+        result = model.forward(feed, mask, step_plan, cache=cache, logits_for="last")
         results.append(result)
     merged = ForwardResult(
         logits=torch.empty(0, device=model.device),  # not kept: each step's logits were used as they came
@@ -125,4 +170,6 @@ def generate(
     prompt_lengths = batch.attention_mask.sum(1).tolist()
     trace = model.make_trace(model.sequence_traces(ids, mask, merged, plan, prompt_lengths, heads), plan)
     trace.extra["generated_token_ids"] = new_tokens
+    if threshold_sets(plan.policy):
+        trace.extra["thresholds"] = threshold_sets(plan.policy)
     return new_tokens, trace

@@ -4,7 +4,10 @@ Tensors: the GateSet's parameters (optionally int8 with one float32 scale per
 output row, dequantised at load), plus `calibration.budgets` [K] and
 `calibration.thresholds` [K, n_layers, 2] for the `calibrated` policy (uniform
 budgets), `calibration.global_thresholds` [K, n_layers, 2] for the same budgets
-spent by the global allocation, `allocation.sensitivity` [n_layers, 2] (the
+spent by the global allocation, optionally `calibration.generated_thresholds` and
+`calibration.generated_global_thresholds` (the same grids fitted on decode steps of the model's own
+answers, for generated tokens; format 2, with the prompts they were fitted on in
+`training["decode_calibration"]`), `allocation.sensitivity` [n_layers, 2] (the
 profile the global allocation uses; absent for gates trained without one), and
 `adapter.*` (the backbone adaptation, see `adapter.py`) and `fill.*` (stand-ins for skipped
 branches, see `fill.py`).
@@ -32,7 +35,12 @@ from gateskip_core.gating.fill import FillSpec, SkipFill, fill_tensors, load_fil
 from gateskip_core.gating.gates import GateSet
 from gateskip_core.skipping.plan import ADAPTER_SCOPES
 
-FORMAT = "gateskip-gates/1"
+FORMAT = "gateskip-gates/2"  # 2 added the decode-fitted threshold grids
+READABLE_FORMATS = ("gateskip-gates/1", FORMAT)  # a format-1 file loads as one without them
+GENERATED_TABLES = {  # file key -> GateCheckpoint field
+    "calibration.generated_thresholds": "generated_thresholds",
+    "calibration.generated_global_thresholds": "generated_global_thresholds",
+}
 
 
 @dataclass
@@ -51,6 +59,9 @@ class GateCheckpoint:
     global_thresholds: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 2)))
     fill: SkipFill | None = None  # stand-ins for skipped branches (None: the paper's zero)
     adapter_scope: str = "all"  # where the adapter applies by default (execution.ADAPTER_SCOPES)
+    # Decode-fitted thresholds [K, n_layers, 2] at `calibration_budgets` (uniform, global); empty: none.
+    generated_thresholds: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 2)))
+    generated_global_thresholds: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 2)))
 
     @property
     def fill_label(self) -> str:
@@ -88,6 +99,9 @@ def save_gates(ckpt: GateCheckpoint, path: str | Path, int8: bool = False) -> Pa
     tensors["calibration.thresholds"] = torch.as_tensor(ckpt.calibration_thresholds, **cpu64)
     if len(ckpt.global_thresholds):
         tensors["calibration.global_thresholds"] = torch.as_tensor(ckpt.global_thresholds, **cpu64)
+    for key, name in GENERATED_TABLES.items():
+        if len(getattr(ckpt, name)):
+            tensors[key] = torch.as_tensor(getattr(ckpt, name), **cpu64)
     if ckpt.sensitivity is not None:
         tensors["allocation.sensitivity"] = torch.as_tensor(ckpt.sensitivity, **cpu64)
     tensors.update({k: v.contiguous() for k, v in ckpt.adapter_tensors.items()})
@@ -123,6 +137,21 @@ def save_gates(ckpt: GateCheckpoint, path: str | Path, int8: bool = False) -> Pa
     return path
 
 
+def amend_checkpoint_file(
+    path: str | Path, training: dict | None = None, tensors: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Add `training` keys and `tensors` to the checkpoint file at `path`, in place, leaving every
+    tensor it holds bit for bit as it is (no load and re-save: int8 weights are not re-quantised)."""
+    path = Path(path)
+    metadata, stored = _read_checkpoint_file(path)
+    metadata = {**metadata, "format": FORMAT}
+    if training:
+        metadata["training"] = json.dumps({**json.loads(metadata.get("training", "{}")), **training}, sort_keys=True)
+    stored.update({k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()})
+    atomic_write(path, lambda tmp: save_file(stored, str(tmp), metadata=metadata))
+    return path
+
+
 def load_gates(path: str | Path, expected_fingerprint: dict | None = None) -> GateCheckpoint:
     """Read a gate checkpoint; every problem is one clear `GateSkipError` line."""
     path = Path(path)
@@ -152,7 +181,7 @@ def _read_checkpoint_file(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     except Exception as err:  # safetensors raises several types for bad headers and truncated data
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise GateSkipError(f"{path.name} is not a valid safetensors gate checkpoint ({reason})") from None
-    if metadata.get("format") != FORMAT:
+    if metadata.get("format") not in READABLE_FORMATS:
         raise GateSkipError(f"{path.name} is a safetensors file but not a GateSkip gate checkpoint")
     return metadata, tensors
 
@@ -197,6 +226,13 @@ def _checkpoint_from(metadata: dict, tensors: dict[str, torch.Tensor]) -> GateCh
             else np.zeros((0, 0, 2))
         ),
     )
+    for key, name in GENERATED_TABLES.items():
+        if key in tensors:
+            setattr(ckpt, name, tensors[key].numpy())
+            if getattr(ckpt, name).shape[0] != len(ckpt.calibration_budgets):
+                raise ValueError(
+                    f"{key} has {getattr(ckpt, name).shape[0]} rows for {len(ckpt.calibration_budgets)} budgets"
+                )
     ckpt.fill = load_fill(FillSpec.parse(metadata.get("skip_fill", "zero")), tensors, gates.n_layers, gates.d_model)
     ckpt.adapter_scope = metadata.get("adapter_scope", "all")
     if ckpt.adapter_scope not in ADAPTER_SCOPES:

@@ -12,6 +12,13 @@ in the checkpoint (`record_calibration_texts`, under `training["calibration_text
 on-the-fly fit for a budget the checkpoint does not store uses the same texts
 (`calibration_set`), so stored and fitted thresholds describe the same text. Gates saved
 before texts were recorded fall back to the pydoc calibration prose.
+
+Two threshold sets: prompt tokens are read in one prefill pass, generated tokens one decode step
+at a time, and their gates differ (thresholds fitted on prompt-like text skipped generated tokens
+0.14 at budget 0.25 on SmolLM2's default gates). `fit_generated_thresholds` fits decode steps; a
+checkpoint may store such thresholds beside the prompt ones (`calibration.generated_*`), with the
+chat prompts whose answers they were fitted on (`training["decode_calibration"]`), and
+`PhasedCalibratedPolicy` decides prompt tokens with the one set and generated tokens with the other.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -34,6 +42,7 @@ TIE_TOLERANCE = 1e-6
 CALIBRATION_SEQUENCES = 96  # texts a fit runs, each its own sequence
 CALIBRATION_MAX_TOKENS = 128
 RECORDED_TEXTS = "calibration_texts"  # the key in a checkpoint's `training` record
+DECODE_CALIBRATION = "decode_calibration"  # the key of the decode fit's prompts and answer length
 
 
 def fitted_texts(texts: Sequence[str], n_sequences: int = CALIBRATION_SEQUENCES) -> list[str]:
@@ -131,46 +140,93 @@ class Calibrator:
     """One model's calibrated policies: from the thresholds its checkpoint stores for a grid of
     budgets (`CALIBRATION_BUDGETS`, fitted on the training's calibration texts), interpolated
     between the grid's budgets; fitted once per budget and memoised where the checkpoint stores
-    none (no thresholds, another allocation, a budget above the grid, other texts)."""
+    none (no thresholds, another allocation, a budget above the grid, other texts). The same for
+    decode-fitted thresholds (`generated_policy`), where the checkpoint records their prompts."""
 
     def __init__(self) -> None:
         self._memo: dict[tuple, CalibratedPolicy] = {}
+        self._answers: dict[tuple, list[tuple[list[int], int]]] = {}  # decode fits' answers, generated once
         self._lock = threading.Lock()
 
     def clear(self) -> None:
         with self._lock:
             self._memo.clear()
+            self._answers.clear()
 
     def policy(self, model, budget: SkipBudget, protect_bos: bool = True, texts=None) -> CalibratedPolicy:
+        """Thresholds fitted on prompt-like text (the checkpoint's calibration texts, or `texts`)."""
         if budget.is_zero():
-            return CalibratedPolicy(thresholds=np.full((model.spec.n_layers, 2), -math.inf), budget=budget)
+            return never_skipping(model, budget)
         stored = self._stored(model.checkpoint, budget) if texts is None and protect_bos else None
         if stored is not None:
             return CalibratedPolicy(thresholds=stored, budget=budget)
-        key = (budget.fractions.tobytes(), budget.branches, protect_bos, None if texts is None else tuple(texts))
+        key = (
+            "prompt",
+            budget.fractions.tobytes(),
+            budget.branches,
+            protect_bos,
+            None if texts is None else tuple(texts),
+        )
+        return self._memoised(key, lambda: fit_thresholds(model, budget, protect_bos, texts))
+
+    def generated_policy(self, model, budget: SkipBudget, protect_bos: bool = True) -> CalibratedPolicy | None:
+        """Thresholds fitted on decode steps of the model's own answers: the checkpoint's stored
+        ones, else fitted on the answers to the prompts it records (`decode_calibration`); None
+        when it records no decode calibration."""
+        recorded = decode_calibration(model.checkpoint)
+        if recorded is None:
+            return None
+        if budget.is_zero():
+            return never_skipping(model, budget)
+        stored = self._stored(model.checkpoint, budget, generated=True) if protect_bos else None
+        if stored is not None:
+            return CalibratedPolicy(thresholds=stored, budget=budget)
+        prompts, new_tokens = tuple(recorded["prompts"]), int(recorded["max_new_tokens"])
+        key = ("generated", budget.fractions.tobytes(), budget.branches, protect_bos)
+
+        def fit() -> CalibratedPolicy:
+            with self._lock:
+                answers = self._answers.get((prompts, new_tokens))
+            if answers is None:
+                answers = own_answers(model, prompts, new_tokens)
+                with self._lock:
+                    self._answers[(prompts, new_tokens)] = answers
+            return fit_generated_thresholds(model, budget, prompts, protect_bos, new_tokens, answers=answers)
+
+        return self._memoised(key, fit)
+
+    def _memoised(self, key: tuple, fit) -> CalibratedPolicy:
         with self._lock:
             memo = self._memo.get(key)
         if memo is None:
-            memo = fit_thresholds(model, budget, protect_bos, texts)
+            memo = fit()
             with self._lock:
                 self._memo[key] = memo
         return memo
 
     @staticmethod
-    def _stored(ckpt, budget: SkipBudget) -> np.ndarray | None:
-        """The checkpoint's thresholds for this budget (uniform or global, both branches), at a grid
-        budget or interpolated (`interpolate_thresholds`), if it stores a grid that reaches it."""
+    def _stored(ckpt, budget: SkipBudget, generated: bool = False) -> np.ndarray | None:
+        """The checkpoint's thresholds for this budget (uniform or global, both branches; the
+        decode-fitted ones with `generated`), at a grid budget or interpolated
+        (`interpolate_thresholds`), if it stores a grid that reaches it."""
         if ckpt is None or budget.branches != BRANCHES or not len(ckpt.calibration_budgets):
             return None
         if budget.total is not None:
-            table, total = ckpt.global_thresholds, budget.total
+            table = ckpt.generated_global_thresholds if generated else ckpt.global_thresholds
+            total = budget.total
         elif budget.is_uniform():
-            table, total = ckpt.calibration_thresholds, budget.fractions[0, 0]
+            table = ckpt.generated_thresholds if generated else ckpt.calibration_thresholds
+            total = budget.fractions[0, 0]
         else:
             return None
         if not len(table):
             return None
         return interpolate_thresholds(np.asarray(ckpt.calibration_budgets, dtype=np.float64), table, float(total))
+
+
+def never_skipping(model, budget: SkipBudget) -> CalibratedPolicy:
+    """Budget 0's thresholds: -inf everywhere."""
+    return CalibratedPolicy(thresholds=np.full((model.spec.n_layers, 2), -math.inf), budget=budget)
 
 
 def interpolate_thresholds(grid: np.ndarray, table: np.ndarray, budget: float) -> np.ndarray | None:
@@ -263,3 +319,73 @@ def fit_generated_thresholds(
     with torch.no_grad():
         model.walk(input_ids, mask, plan, logits_for="last")
     return CalibratedPolicy(thresholds=fitter.thresholds, budget=budget)
+
+
+def decode_calibration(ckpt) -> dict | None:
+    """The prompts (and new tokens per answer) `ckpt`'s decode-fitted thresholds were fitted on, or None."""
+    recorded = ckpt.training.get(DECODE_CALIBRATION) if ckpt is not None else None
+    return recorded if recorded and recorded.get("prompts") else None
+
+
+def record_decode_calibration(ckpt, prompts: Sequence[str], max_new_tokens: int = GENERATED_FIT_TOKENS) -> None:
+    """Store in `ckpt` the chat prompts whose answers its decode-fitted thresholds are fitted on."""
+    record = {"prompts": list(prompts), "max_new_tokens": int(max_new_tokens)}
+    ckpt.training = {**ckpt.training, DECODE_CALIBRATION: record}
+
+
+@dataclass(frozen=True)
+class PhasedCalibratedPolicy(SkipPolicy):
+    """Calibrated thresholds per phase of a generation: a prompt's tokens (one prefill pass) decide
+    with `prompt`'s thresholds, generated tokens (one decode step each) with `generated`'s.
+
+    The token at position p (0 = first real token) of row b is a generated one when p >=
+    `prompt_lengths[b]`, the real tokens of that row's prompt; without prompt lengths every token is
+    a prompt token. Causal and per token like `CalibratedPolicy`, so a cached decode and one pass
+    over prompt + answer decide alike (tested). Generation binds the lengths per call
+    (`for_prompts`); nothing is stored on modules."""
+
+    prompt: CalibratedPolicy
+    generated: CalibratedPolicy
+    prompt_lengths: tuple[int, ...] | None = None
+    name: str = "calibrated"
+
+    @property
+    def budget(self) -> SkipBudget | None:
+        return self.prompt.budget
+
+    def for_prompts(self, prompt_lengths: Sequence[int]) -> PhasedCalibratedPolicy:
+        return replace(self, prompt_lengths=tuple(int(n) for n in prompt_lengths))
+
+    def decide(self, inp: BranchInput) -> Decision:
+        prompt = self.prompt.decide(inp)
+        if self.prompt_lengths is None:
+            return prompt
+        if len(self.prompt_lengths) != inp.positions.shape[0]:
+            raise GateSkipError(
+                f"phased thresholds: {len(self.prompt_lengths)} prompt lengths for a batch of {inp.positions.shape[0]}"
+            )
+        lengths = torch.as_tensor(self.prompt_lengths, device=inp.positions.device)
+        generated = self.generated.decide(inp)
+        threshold = torch.where(inp.positions >= lengths[:, None], generated.threshold, prompt.threshold)
+        return Decision(skip=inp.eligible & (inp.gate <= threshold), threshold=threshold)
+
+
+def threshold_sets(policy: SkipPolicy | None) -> str:
+    """Which calibrated thresholds decide which tokens, in words ('' for policies without thresholds)."""
+    if isinstance(policy, PhasedCalibratedPolicy):
+        return "prompt-fitted for prompt tokens, decode-fitted for generated tokens"
+    if isinstance(policy, CalibratedPolicy):
+        return "one set for prompt and generated tokens"
+    return ""
+
+
+def fit_generated_table(
+    model, allocation: str, prompts: Sequence[str], answers: Sequence[tuple[list[int], int]]
+) -> np.ndarray:
+    """Decode-fitted thresholds [K, L, 2] for every budget of `CALIBRATION_BUDGETS` under `allocation`
+    ('uniform' or 'global'), from the model's `answers` to `prompts` (see `own_answers`)."""
+    rows = [
+        fit_generated_thresholds(model, model.budget(float(b), allocation=allocation), prompts, answers=answers)
+        for b in CALIBRATION_BUDGETS
+    ]
+    return np.stack([row.thresholds for row in rows])
