@@ -284,3 +284,20 @@ def test_smollm2_budget_zero_matches_hf_and_skipping_saves(tasks):
     _samples(skipping, tasks, names, limit=2)
     account = skipping.gathered_account()
     assert 0.1 < account.net_flops_saved < 0.3 and not math.isnan(account.skipped_fraction)
+
+
+def test_perplexity_stderr_is_bootstrapped_in_process(tiny, monkeypatch):
+    """lm-eval's stderr bootstrap forks a multiprocessing pool unless DISABLE_MULTIPROC is set; forked from
+    a process with torch threads it hung `gateskip eval`. Building our model must switch the fork off."""
+    import multiprocessing
+
+    from lm_eval.api.metrics import bootstrap_stderr, perplexity
+
+    monkeypatch.delenv("DISABLE_MULTIPROC", raising=False)
+    GateSkipLM(tiny, skip=0.0, batch_size=1)
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("lm-eval forked a bootstrap pool")
+
+    monkeypatch.setattr(multiprocessing, "Pool", no_pool)
+    assert bootstrap_stderr(perplexity, [-1.0, -2.0, -0.5, -3.0], 2000) > 0

@@ -25,6 +25,7 @@ which `gateskip eval` does).
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -140,6 +141,11 @@ class GateSkipLM(HFLM):
     ) -> None:
         if str(batch_size).startswith("auto"):
             raise GateSkipError("batch size 'auto' is not supported by the gateskip model; give a number")
+        # lm-eval bootstraps the perplexity stderr in a forked multiprocessing pool; forking a process whose
+        # torch threads hold locks can leave the child waiting forever (seen: `gateskip eval` stuck after
+        # "bootstrapping for stddev"). Its documented switch keeps the bootstrap in this process (~1 s for 60 items at
+        # lm-eval's 100,000 draws, on a busy core).
+        os.environ.setdefault("DISABLE_MULTIPROC", "1")
         if isinstance(pretrained, GatedModel):
             model = pretrained
         else:
