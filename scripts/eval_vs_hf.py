@@ -37,7 +37,8 @@ def timed(lm, task, manager, limit: int) -> tuple[float, dict]:
 
     start = time.perf_counter()
     out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, log_samples=False)
-    return time.perf_counter() - start, out["results"][task.config.task]
+    name = task.config.task
+    return time.perf_counter() - start, {**out["results"][name], "n": out["n-samples"][name]["effective"]}
 
 
 def main() -> None:
@@ -75,7 +76,7 @@ def main() -> None:
             {
                 "task": name,
                 "metric": metric.split(",")[0],
-                "n": args.limit,
+                "n": scores["gateskip"]["n"],  # the items evaluated: the task may have fewer than --limit
                 "hf": scores["hf"][metric],
                 "gateskip_b0": scores["gateskip"][metric],
                 "hf_seconds": min(seconds["hf"]),
@@ -90,7 +91,7 @@ def main() -> None:
         kept = pd.read_csv(args.out)
         table = pd.concat([kept[~kept.task.isin(tasks)], table], ignore_index=True)
         table["order"] = table.task.map(SHIPPED.index)
-        table = table.sort_values("order", kind="stable").drop(columns="order")
+        table = table.sort_values("order", kind="stable").drop(columns="order").astype({"repeats": "Int64"})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
