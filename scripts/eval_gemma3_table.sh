@@ -2,7 +2,7 @@
 # Accuracy against net compute for Gemma-3-270M with its shipped default gates, on the shipped last-word
 # cloze tasks (held-out pydoc and legal text), GateSkip against random skipping and both ShortGPT variants
 # at budgets 0-0.3: SmolLM2's table (scripts/eval_smollm2_table.sh) on the other model, 40 items per task.
-# About 45 minutes on one thread of a core shared with ~6 other jobs (the LM head runs only on the
+# About 35 minutes on one thread of a core shared with ~6 other jobs (the LM head runs only on the
 # continuation positions lm-eval reads: 2x faster than on every position, docs/results/eval_head_rows.csv).
 # Writes docs/results/eval_gemma3.csv (+ .json).
 set -euo pipefail
