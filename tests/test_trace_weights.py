@@ -42,3 +42,10 @@ def test_a_file_written_before_the_column_reads_as_unrecorded(int8_trace, tmp_pa
     assert read_trace(path).weights == UNRECORDED_WEIGHTS
     db = TraceDB(path)
     assert db.con.execute("SELECT DISTINCT weights FROM traces").fetchall() == [(UNRECORDED_WEIGHTS,)]
+
+
+def test_the_dashboard_shows_the_weights_the_trace_ran_on(app):
+    assert any(c.value.startswith("weights: fp32 · gates: ") for c in app.caption)
+    app.sidebar.selectbox(key="weights").set_value("int8").run()
+    assert not app.exception
+    assert any(c.value.startswith("weights: int8 · gates: ") for c in app.caption)
