@@ -5,7 +5,8 @@ Each variant runs the quantile policy at budgets 0 … 0.6 over fixed blocks of 
 validation split and Python's LICENSE: neither is in training or calibration data). Every block is scored
 on its own, so a bootstrap over blocks gives 95% intervals of each variant's quality at 10 / 20 / 30% net
 FLOPs saved (gates and stand-ins charged), and of the paired difference between two variants (same blocks
-resampled for both). Random skipping at the same budgets is the floor.
+resampled for both). Random skipping at the same budgets is the floor; the shipped `default` gates (a
+longer low-rank recipe) on the same blocks give the scale.
 
     python scripts/gate_variants_report.py [--runs runs/variants] [--blocks 12] [--out docs/results/gate_variants_matched.csv]
 
@@ -33,8 +34,9 @@ VARIANTS = ("vector", "vector-shared", "lowrank16", "scalar")
 BUDGETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 TARGETS = (0.1, 0.2, 0.3)
 METRICS = ("kl_to_full", "top1_agreement", "nll")
+SHIPPED = "default (shipped)"
 PAIRS = (("vector", "vector-shared"), ("vector", "lowrank16"), ("vector", "scalar"), ("lowrank16", "scalar"))
-PAIRS += tuple((v, f"{v} random") for v in VARIANTS)
+PAIRS += tuple((v, f"{v} random") for v in VARIANTS) + (("lowrank16", SHIPPED), ("scalar", SHIPPED))
 
 
 def heldout_texts() -> dict[str, list[str]]:
@@ -186,6 +188,12 @@ def main() -> None:
                 rows += per_block_rows(model, ref, f"{variant} random", text, "random")
                 pd.DataFrame(rows).to_csv(cache, index=False)
             tables.append(pd.read_csv(cache))
+        # the shipped default (low-rank gates, a longer recipe: docs/training.md) on the same blocks, for scale
+        cache = runs / f"shipped-default.report-{text}-{args.blocks}.csv"
+        if not cache.exists():
+            model.load_gates("default")
+            pd.DataFrame(per_block_rows(model, ref, SHIPPED, text, "quantile")).to_csv(cache, index=False)
+        tables.append(pd.read_csv(cache))
     table = pd.concat(tables, ignore_index=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out.with_name(out.stem.removesuffix("_matched") + "_sweep.csv"), index=False)
