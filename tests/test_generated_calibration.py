@@ -11,6 +11,7 @@ from analysis.experiments.quality import HELDOUT_CHAT_PROMPTS
 from gateskip_core import KVCache, load_model
 from gateskip_core.data import paragraphs, pydoc_texts
 from gateskip_core.skipping.calibration import fit_generated_thresholds, own_answers
+from gateskip_core.training.chat_data import chat_prompts
 
 from .conftest import spread_gates
 from .test_fill_and_scope import _lora_checkpoint
@@ -155,12 +156,19 @@ def phased_model():
     """tiny-llama with spread gates and a checkpoint storing prompt and decode-fitted thresholds
     (uniform grid `GRID`) and the prompts of its decode fit."""
     from gateskip_core import GateCheckpoint
-    from gateskip_core.skipping.calibration import record_decode_calibration
+    from gateskip_core.skipping.calibration import record_calibration_texts, record_decode_calibration
 
     model = spread_gates(load_model("tiny-llama"))
-    texts = [p for t in pydoc_texts("calibration") for p in paragraphs(t)][:8]
+    prose = [p for t in pydoc_texts("calibration") for p in paragraphs(t)][:8]
+    # Its calibration texts: chat prompts as users send them (the pydoc fallback is unlike them).
+    texts = [
+        model.tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p in chat_prompts()[5::11][:12]
+    ]
     # A random tiny model answers with one token repeated (all gates tied): real text stands for its answers.
-    answers = [(model.encode([text], max_tokens=24).input_ids[0].tolist(), 8) for text in texts[:4]]
+    answers = [(model.encode([text], max_tokens=24).input_ids[0].tolist(), 8) for text in prose[:4]]
     prompt_rows, generated_rows = [], []
     for b in GRID:
         budget = model.budget(float(b), allocation="uniform")
@@ -171,6 +179,7 @@ def phased_model():
     ckpt.calibration_thresholds = np.stack(prompt_rows)
     ckpt.generated_thresholds = np.stack(generated_rows)
     record_decode_calibration(ckpt, FIT_PROMPTS, max_new_tokens=4)
+    record_calibration_texts(ckpt, texts)  # budgets off the grid are fitted on the same texts
     model.attach_gates(model.gates, "phased", ckpt)
     return model
 
