@@ -16,6 +16,7 @@ python scripts/generated_skip_rates.py [--prompts 12] [--out docs/results/genera
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,25 +26,26 @@ import torch
 from analysis.experiments.quality import HELDOUT_CHAT_PROMPTS
 from analysis.traces.intervals import cluster_bootstrap
 from gateskip_core import load_model
+from gateskip_core.branches import skipped_fraction
 
 BUDGETS = (0.1, 0.2, 0.25, 0.3, 0.4, 0.5)
 NEW_TOKENS = 48
 THRESHOLDS = {"prompt": "prompt", "phased": "auto"}  # row label -> generate's generated_thresholds
 
 
-def pooled_rate(counts: list[tuple[int, int]]) -> float:
-    """Skipped over eligible branch evaluations, over (skipped, eligible evaluations) per prompt."""
+def pooled_rate(counts: list[tuple[int, int]], n_layers: int) -> float:
+    """Skipped over eligible branch evaluations of all (skipped, eligible tokens) pairs, as
+    `Generation.skip_rates` pools them."""
     skipped, eligible = np.sum(counts, axis=0)
-    return float(skipped / eligible) if eligible else float("nan")
+    return skipped_fraction(skipped, eligible, n_layers)
 
 
 def part_counts(gen, part: str) -> list[tuple[int, int]]:
-    """Per prompt: (skipped, eligible branch evaluations) of its prompt or generated tokens."""
+    """Per prompt: (skipped branch evaluations, eligible tokens) of its prompt or generated tokens."""
     counts = []
-    branches = 2 * gen.trace.n_layers  # branch evaluations per eligible token
     for seq in gen.trace.sequences:
         span = slice(0, seq.prompt_length) if part == "prompt" else slice(seq.prompt_length, None)
-        counts.append((int(seq.skipped[span].sum()), int(seq.eligible[span].sum()) * branches))
+        counts.append((int(seq.skipped[span].sum()), int(seq.eligible[span].sum())))
     return counts
 
 
@@ -58,8 +60,9 @@ def rates_row(model, prompts: list[str], label: str, budget: float) -> dict:
         generated_thresholds=THRESHOLDS[label],
     )
     row = {"model": model.name, "gates": "default", "thresholds": label, "skip_budget": budget}
+    pooled = partial(pooled_rate, n_layers=model.spec.n_layers)
     for part in ("prompt", "generated"):
-        interval = cluster_bootstrap(part_counts(gen, part), pooled_rate)
+        interval = cluster_bootstrap(part_counts(gen, part), pooled)
         row.update(
             {
                 f"{part}_skip_rate": round(interval.estimate, 4),
