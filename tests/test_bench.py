@@ -22,6 +22,7 @@ def test_bench_runs_every_section_on_a_tiny_configuration(tmp_path):
         "--memory-variants", "untrained:scalar",
         "--prefill-tokens", "16", "--prefill-skips", "0,0.5", "--prefill-batches", "1,2",
         "--decode-prompt", "16", "--new-tokens", "4", "--decode-skips", "0.5", "--decode-batches", "1,2",
+        "--chat-new-tokens", "3",
         "--collect-tokens", "200,400", "--dashboard-tokens", "16", "--repeats", "1", "--decode-repeats", "1",
         "--corpus-collect-tokens", "300", "--corpus-query-tokens", "1500",
         "--out", str(out),
@@ -40,7 +41,8 @@ def test_bench_runs_every_section_on_a_tiny_configuration(tmp_path):
     decode = data["decode"]
     assert [r["method"] for r in decode if r["batch"] == 1][:2] == ["hf-generate", "dense-walk"]
     skipping = [r for r in decode if r["skip"] == 0.5]
-    assert [r["batch"] for r in skipping] == [1, 2] and all(
+    # prose at batch 1 and 2, then the chat setting (a chat answer at batch 1)
+    assert [(r["setting"], r["batch"]) for r in skipping] == [("prose", 1), ("prose", 2), ("chat", 1)] and all(
         0 < r["reached_skip_rate"] <= 1 and r["predicted_speedup_bytes"] > 0 for r in skipping
     )
     assert skipping[0]["batch"] == 1 and skipping[0]["predicted_speedup_bytes"] > 1  # one token: every skip saves reads
@@ -55,8 +57,9 @@ def test_bench_runs_every_section_on_a_tiny_configuration(tmp_path):
     from gateskip.bench.report import main, markdown, merge
 
     table = markdown(merge([out]))
-    assert table.count("| 1 | gated untrained:lowrank:4 | 0.5 |") == 1
-    assert table.count("| 2 | gated untrained:lowrank:4 | 0.5 |") == 1
+    assert table.count("| prose | 1 | gated untrained:lowrank:4 | 0.5 |") == 1
+    assert table.count("| prose | 2 | gated untrained:lowrank:4 | 0.5 |") == 1
+    assert table.count("| chat | 1 | gated untrained:lowrank:4 | 0.5 |") == 1
     assert table.count("`collect`") == 2 and "reached on prose / code / chat" in table
     assert "| contexts |" in table and "2 process(es)" in table
     extra = tmp_path / "collect.json"

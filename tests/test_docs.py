@@ -259,6 +259,7 @@ EXEMPT: dict[tuple[str, str], Quick] = {
     ("benchmarks.md", "gateskip bench --sections memory"): BENCH,
     ("benchmarks.md", "gateskip bench --model gemma3-270m --sections memory --memory-variants default --out docs/results/bench_memory_gemma3.json"): BENCH,
     ("benchmarks.md", "gateskip bench --sections prefill,decode,memory --prefill-batches 1 --prefill-skips 0,0.25,0.5 --variants default,default@all,default@merged,default-scalar --decode-batches 1 --new-tokens 64 --decode-repeats 3 --repeats 5 --out docs/results/bench_one_backbone.json"): BENCH,
+    ("benchmarks.md", "gateskip bench --sections decode --decode-variants default --decode-batches 1 --decode-prompt 256 --new-tokens 64 --chat-new-tokens 48 --decode-repeats 3 --clock cpu --out docs/results/bench_decode_chat.json"): BENCH,
     ("dashboard.md", "gateskip dashboard"): SERVER,
     ("dashboard.md", "gateskip dashboard --host 0.0.0.0 --port 8601"): SERVER,
     ("dashboard.md", "gateskip dashboard --data-dir ~/gateskip-datasets"): SERVER,

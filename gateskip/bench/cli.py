@@ -47,6 +47,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         prefill_batches=args.prefill_batches,
         decode_prompt=args.decode_prompt,
         new_tokens=args.new_tokens,
+        chat_new_tokens=args.chat_new_tokens,
+        clock=args.clock,
         decode_skips=args.decode_skips,
         decode_batches=args.decode_batches,
         collect_tokens=args.collect_tokens,
@@ -160,6 +162,18 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
         type=cli_type(whole_number, "--batched-decode-repeats", minimum=1),
         default=1,
         help="repeats of decoding at batch sizes above 1",
+    )
+    p.add_argument(
+        "--chat-new-tokens",
+        type=cli_type(whole_number, "--chat-new-tokens", minimum=0),
+        default=48,
+        help="the chat setting: tokens answered to a held-out chat prompt at batch 1 with --gates (0: none)",
+    )
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="time by the wall clock, or (CPU runs on a shared machine) by this process's CPU time",
     )
 
 

@@ -25,7 +25,12 @@ def synchronize() -> None:
         torch.mps.synchronize()
 
 
+CPU_TIME = False  # `gateskip bench --clock cpu`: this process's CPU time instead of wall time
+
+
 def clock() -> float:
-    """Seconds (`time.perf_counter`) once every device has finished what was queued before the call."""
+    """Seconds (`time.perf_counter`) once every device has finished what was queued before the call;
+    with `CPU_TIME` (CPU runs on a shared machine) this process's CPU time (`time.process_time`), which
+    leaves out the time other processes hold the cores."""
     synchronize()
-    return time.perf_counter()
+    return time.process_time() if CPU_TIME else time.perf_counter()

@@ -69,6 +69,8 @@ class BenchConfig:
     decode_skips: tuple[float, ...] = (0.0, 0.25, 0.5)  # batch 1; larger batches run the last one
     decode_batches: tuple[int, ...] = (1, 8)
     decode_repeats: int = 2  # batch 1
+    clock: str = "wall"  # 'wall' or 'cpu' (this process's CPU time: a shared machine; CPU runs only)
+    chat_new_tokens: int = 48  # the chat setting: tokens answered to a held-out chat prompt, batch 1, `gates` (0: none)
     batched_decode_repeats: int = 1  # larger batches (the targets are at batch 1; each run is long)
     collect_tokens: tuple[int, ...] = (2_000, 10_000)
     corpus_collect_tokens: int = 20_000  # collected for real, with 1 and 2 processes
@@ -291,58 +293,88 @@ def _decode_predictions(view: GatedModel, trace, prompt_len: int, batch_size: in
     }
 
 
+@dataclass(frozen=True)
+class DecodeSetting:
+    """What is decoded: `prompts` (one per sequence of the batch), through the chat template or not."""
+
+    name: str  # 'prose' (held-out pydoc, `decode_prompt` tokens) or 'chat' (a held-out chat prompt)
+    prompts: tuple[str, ...]
+    chat: bool
+    new_tokens: int
+
+
+# A held-out chat prompt (training/chat_data.py: chat_prompts()[5::11] are never trained or calibrated on)
+CHAT_PROMPT_INDEX = 5
+
+
 def bench_decode(base: GatedModel, cfg: BenchConfig, log) -> list[dict]:
     """Decoding per batch size: every gate variant (batch 1; larger batches: `cfg.gates`) and
-    budget, timed in turns with Hugging Face `generate` and our dense walk over the same weights."""
+    budget, timed in turns with Hugging Face `generate` and our dense walk over the same weights;
+    then the chat setting (a chat answer at batch 1, `cfg.gates`)."""
+    from gateskip_core.training.chat_data import chat_prompts
+
     rows = []
     for batch_size in cfg.decode_batches:
         variants = cfg.decode_variants if batch_size == 1 else (cfg.gates,)
-        rows += _decode_batch(base, _views(base, variants), cfg, batch_size, log)
+        prompts = tuple(_text_of_tokens(base, cfg.decode_prompt, offset=i) for i in range(batch_size))
+        prose = DecodeSetting("prose", prompts, False, cfg.new_tokens)
+        rows += _decode_batch(base, _views(base, variants), cfg, prose, log)
+    if cfg.chat_new_tokens and base.tokenizer.chat_template:
+        chat = DecodeSetting("chat", (chat_prompts()[CHAT_PROMPT_INDEX],), True, cfg.chat_new_tokens)
+        rows += _decode_batch(base, _views(base, (cfg.gates,)), cfg, chat, log)
     return rows
 
 
-def _decode_batch(base, views: dict[str, GatedModel], cfg: BenchConfig, batch_size: int, log) -> list[dict]:
-    """One batch size: HF generate and our dense walk per set of weights, and every view at every
-    skip, timed in turns."""
-    prompts = [_text_of_tokens(base, cfg.decode_prompt, offset=i) for i in range(batch_size)]
-    batch = on_device(base.encode(prompts), base.device)  # Hugging Face `generate` takes it as it is
+def _decode_batch(base, views: dict[str, GatedModel], cfg: BenchConfig, setting: DecodeSetting, log) -> list[dict]:
+    """One setting and batch size: HF generate and our dense walk per set of weights, and every view
+    at every skip, timed in turns."""
+    batch_size = len(setting.prompts)
+    batch = on_device(base.encode(setting.prompts, chat=setting.chat), base.device)  # HF `generate` takes it as it is
     skips = cfg.decode_skips if batch_size == 1 else cfg.decode_skips[-1:]
-    fns, short, weights_of = _decode_timers(base, views, cfg, prompts, batch, skips)
+    fns, short, weights_of = _decode_timers(base, views, setting, batch, skips)
     repeats = cfg.decode_repeats if batch_size == 1 else cfg.batched_decode_repeats
     t, outputs = interleaved(fns, repeats, warmups=short)
-    generated = batch_size * cfg.new_tokens
+    generated = batch_size * setting.new_tokens
     rows = []
     for weights in dict.fromkeys(weights_of.values()):
         hf, dense = t["hf-generate", weights]["median_s"], t["dense-walk", weights]["median_s"]
-        common = {"batch": batch_size, "weights": weights}
+        common = {"setting": setting.name, "batch": batch_size, "weights": weights}
         hf_row = {"method": "hf-generate", "skip": 0.0, "tokens_per_s": generated / hf, **t["hf-generate", weights]}
         dense_row = {"method": "dense-walk", "skip": 0.0, "tokens_per_s": generated / dense, **t["dense-walk", weights]}
-        rows += [{**common, **hf_row}, {**common, **dense_row, "vs_hf_generate": hf / dense}]
+        best = t["hf-generate", weights]["min_s"] / t["dense-walk", weights]["min_s"]
+        rows += [
+            {**common, **hf_row},
+            {**common, **dense_row, "vs_hf_generate": hf / dense, "vs_hf_generate_best": best},
+        ]
         log(
-            f"decode b{batch_size} ({weights}): HF {generated / hf:.1f} tok/s, dense walk {generated / dense:.1f} tok/s"
+            f"decode {setting.name} b{batch_size} ({weights}): HF {generated / hf:.1f} tok/s, dense walk "
+            f"{generated / dense:.1f} tok/s"
         )
     prompt_len = int(batch.attention_mask.sum(1).max())
     for spec, view in views.items():
         weights = weights_of[spec]
-        baseline = (t["hf-generate", weights]["median_s"], t["dense-walk", weights]["median_s"])
+        baseline = (t["hf-generate", weights], t["dense-walk", weights])
         for skip in skips:
             trace = outputs[spec, skip].trace
             row = _gated_decode_row(view, spec, weights, skip, t[spec, skip], baseline, trace, prompt_len, generated)
-            rows.append(row)
+            rows.append({"setting": setting.name, **row})
             log(
-                f"decode b{batch_size} {spec} skip {skip}: {row['speedup_vs_dense_walk']:.2f}x dense walk "
-                f"(bytes model {row['predicted_speedup_bytes']:.2f}x)"
+                f"decode {setting.name} b{batch_size} {spec} skip {skip}: {row['speedup_vs_dense_walk']:.2f}x dense "
+                f"walk (best of each {row['speedup_vs_dense_walk_best']:.2f}x; bytes model "
+                f"{row['predicted_speedup_bytes']:.2f}x; generated tokens skip {row['reached_skip_rate']:.1%})"
             )
     return rows
 
 
-def _decode_timers(base, views: dict[str, GatedModel], cfg: BenchConfig, prompts, batch, skips):
+def _decode_timers(base, views: dict[str, GatedModel], setting: DecodeSetting, batch, skips):
     """The timed calls (HF generate and the dense walk once per set of weights, each view at each skip),
     their short warm-up versions, and which weights each view runs on."""
-    n_new = cfg.new_tokens
+    n_new = setting.new_tokens
 
     def ours(model, n=n_new, **skip_args):
-        return model.generate(prompts, max_new_tokens=n, stop_at_eos=False, **skip_args)
+        return model.generate(
+            list(setting.prompts), max_new_tokens=n, chat=setting.chat, stop_at_eos=False, **skip_args
+        )
 
     fns, short, weights_of = {}, {}, {}
     for spec, view in views.items():  # one dense walk and HF generate per set of weights
@@ -364,7 +396,7 @@ def _decode_timers(base, views: dict[str, GatedModel], cfg: BenchConfig, prompts
 def _gated_decode_row(view, spec, weights, skip, timing, baseline, trace, prompt_len, generated) -> dict:
     """One gated view's decoding row: speed against HF generate and the dense walk (`baseline`: their
     median seconds), and what the bytes and FLOPs models predicted from its skip decisions."""
-    hf, dense = baseline
+    hf, dense = (b["median_s"] for b in baseline)
     batch_size = len(trace.sequences)
     scope = scope_of(spec) if scope_of(spec) != "auto" else view.adapter_scope
     predictions = _decode_predictions(view, trace, prompt_len, batch_size, scope)
@@ -380,6 +412,7 @@ def _gated_decode_row(view, spec, weights, skip, timing, baseline, trace, prompt
         **timing,
         "vs_hf_generate": hf / timing["median_s"],
         "speedup_vs_dense_walk": speedup,
+        "speedup_vs_dense_walk_best": baseline[1]["min_s"] / timing["min_s"],  # fastest run of each
         **predictions,
         "realised_over_bytes_model": speedup / predictions["predicted_speedup_bytes"],
     }
@@ -596,6 +629,11 @@ def run(cfg: BenchConfig, log=print) -> dict:
         raise GateSkipError(
             f"unknown bench section(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(SECTIONS)}"
         )
+    if cfg.clock not in ("wall", "cpu") or (cfg.clock == "cpu" and cfg.device != "cpu"):
+        raise GateSkipError(f"--clock must be 'wall' or, on the CPU, 'cpu'; got {cfg.clock!r} on {cfg.device!r}")
+    from . import clock as clock_module
+
+    clock_module.CPU_TIME = cfg.clock == "cpu"
     base = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, weights=cfg.weights)
     started = clock()
     results = {"config": asdict(cfg), "machine": machine()}

@@ -62,6 +62,7 @@ from gateskip_core.branches import BRANCHES
 from gateskip_core.errors import GateSkipError
 from gateskip_core.forward.attention import attend, attention_mask, flat_positions, project_kv, project_q
 from gateskip_core.forward.cache import KVCache
+from gateskip_core.forward.one_token import OneTokenDecisions
 from gateskip_core.forward.rows import AdapterRows, Rows, pack_rows
 from gateskip_core.gating.adapter import LoraAdapter
 from gateskip_core.gating.fill import SkipFill
@@ -141,6 +142,10 @@ class _Call:
     n_adapted: int = 0
     all_real: bool = True  # no padding in this call
     no_skip: tuple[torch.Tensor, torch.Tensor] | None = None  # (skip, threshold) of a branch with budget 0
+    # One token (a decoding step at batch 1) under a threshold policy and no forced cells: its decisions
+    # are Python comparisons and its records Python numbers, made into tensors once when the walk ends
+    # (`one_token`); None: per-branch tensors (`records`).
+    one_token: OneTokenDecisions | None = None
 
     def mark_skipped(self, skip: torch.Tensor, n_skip: int) -> None:
         """Scope "skipped": tokens that skipped this branch run the adapted model from here on."""
@@ -244,6 +249,8 @@ def decide_branch(call: _Call, layer: int, branch: str, x: torch.Tensor):
     many tokens skip it."""
     bi = BRANCHES.index(branch)
     res = call.result
+    if call.one_token is not None:
+        return _decide_one_token(call, layer, bi, x)
     g = call.gates.gate(layer, branch)(x) if call.gates is not None else None
     if g is None:
         gate = call.no_gate
@@ -273,6 +280,18 @@ def decide_branch(call: _Call, layer: int, branch: str, x: torch.Tensor):
     )
     call.records.append((gate, threshold, skip))
     return g, skip, int(skip.sum())
+
+
+def _decide_one_token(call: _Call, layer: int, bi: int, x: torch.Tensor):
+    """`decide_branch` for a call of one token (`one_token.py`): a branch that cannot skip and whose
+    gate scales nothing has its gate evaluated with the others' when the walk ends."""
+    one, gates = call.one_token, call.gates
+    if gates is not None and gates.batchable and one.can_defer(layer, bi) and call.scaled() is False:
+        one.defer(layer, bi, x)
+        return None, one.masks[False], 0
+    g = gates.gate(layer, BRANCHES[bi])(x) if gates is not None else None
+    skip = one.decide(layer, bi, g)
+    return g, one.masks[skip], int(skip)
 
 
 def layer_keys_values(call: _Call, layer: int, x: torch.Tensor, skip: torch.Tensor, cos, sin):
@@ -407,6 +426,9 @@ def _start_call(spec, gates, fill, lora, input_ids, attention_mask, plan, cache,
         skip_direction=[] if capture.skip_direction else None,
     )
     scoped = plan.adapter_scope == "skipped"
+    one_token = None
+    if OneTokenDecisions.applies(plan, B * T, capture.gate_values or capture.gate_vectors):
+        one_token = OneTokenDecisions(plan, L, bool(result.eligible.all()), device)
     return _Call(
         spec=spec,
         gates=gates,
@@ -424,6 +446,7 @@ def _start_call(spec, gates, fill, lora, input_ids, attention_mask, plan, cache,
         no_gate=torch.ones(B, T, device=device),
         adapted=torch.zeros(B, T, dtype=torch.bool, device=device) if scoped else None,
         all_real=bool(real.all()),
+        one_token=one_token,
     )
 
 
@@ -483,10 +506,12 @@ def gated_forward(
         hidden.append(h)
     res = call.result
     B, T = call.real.shape
-    # One stack per record instead of one indexed write per branch: [B, T, 2L] -> [B, T, L, 2].
-    res.gate, res.threshold, res.skipped = (
-        torch.stack(column, -1).view(B, T, spec.n_layers, 2) for column in zip(*call.records)
-    )
+    if call.one_token is not None:
+        res.gate, res.threshold, res.skipped = call.one_token.records(spec.n_layers, h.device, gates)
+    else:  # one stack per record instead of one indexed write per branch: [B, T, 2L] -> [B, T, L, 2]
+        res.gate, res.threshold, res.skipped = (
+            torch.stack(column, -1).view(B, T, spec.n_layers, 2) for column in zip(*call.records)
+        )
     if cache is not None:
         n_real = cache.n_real + call.real.long().sum(1) if cache.n_real is not None else call.real.long().sum(1)
         cache.append_tokens(call.slot_real, n_real, res.gate, res.eligible)

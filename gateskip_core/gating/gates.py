@@ -116,6 +116,38 @@ class GateSet(nn.Module):
         return self.gate(0, branch).flops_per_token()
 
     @property
+    def batchable(self) -> bool:
+        """Whether `mean_gates` can evaluate several cells' gates in one batched call (low-rank and
+        scalar gates: their weights stacked over every cell are small)."""
+        return self.variant in ("lowrank", "scalar")
+
+    def mean_gates(self, cells: list[int], x: torch.Tensor) -> torch.Tensor:
+        """The mean gate value [n] of each cell (`layer * 2 + branch index`) for its own input row
+        x [n, d]: every cell's gate in one batched matmul per step of the gate, not one call per cell."""
+        stacked = self._stacked()
+        if cells != list(range(2 * self.n_layers)):
+            index = torch.tensor(cells, device=x.device)
+            stacked = [t.index_select(0, index) for t in stacked]
+        y = x[:, None, :]
+        for i, weight_t in enumerate(stacked[:-1]):
+            y = torch.bmm(y, weight_t) if i < len(stacked) - 2 else torch.baddbmm(stacked[-1], y, weight_t)
+        return torch.sigmoid(y).mean(-1).float()[:, 0]
+
+    def _stacked(self) -> list[torch.Tensor]:
+        """Every cell's gate weights, transposed and stacked [2L, in, out] per linear step, then the
+        last step's bias [2L, 1, out]; cached until a parameter changes."""
+        stamp = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        cached = getattr(self, "_stacked_cache", None)
+        if cached is None or cached[0] != stamp:
+            gates = [self.gate(layer, branch) for layer in range(self.n_layers) for branch in ("attn", "mlp")]
+            linears = [[m for m in g.net.modules() if isinstance(m, nn.Linear)] for g in gates]
+            steps = [torch.stack([ls[i].weight.detach().t() for ls in linears]) for i in range(len(linears[0]))]
+            bias = torch.stack([ls[-1].bias.detach()[None] for ls in linears])
+            cached = (stamp, steps + [bias])
+            self._stacked_cache = cached
+        return cached[1]
+
+    @property
     def variant_label(self) -> str:
         """'vector', 'scalar', 'mlp' or 'lowrank:R' (what `parse_gate_variant` reads)."""
         return f"lowrank:{self.rank}" if self.variant == "lowrank" else self.variant
