@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
-from gateskip_core import load_model
+from gateskip_core import GateSkipError, load_model
 from gateskip_core.traces.compute import LayerCosts, decode_step_bytes
 
 from .conftest import run_cli
@@ -92,3 +93,22 @@ def test_bytes_read_model_counts_the_weights_a_decoding_step_touches():
     assert nothing == 4 * (L * costs.kv / 2 + costs.lm_head / 2 + spec.d_model)  # k/v projections, head, embedding
     with_gates = decode_step_bytes(spec, np.zeros((L, 2), bool), 10, 1, gate_params=(100, 100))
     assert with_gates - nothing == 4 * L * 200
+
+
+def test_cpu_clock_leaves_out_time_the_process_does_not_run(monkeypatch):
+    """`--clock cpu`: a timing that waits (another process holding the core) counts only this process's work."""
+    import time
+
+    from gateskip.bench import clock as clock_module
+    from gateskip.bench.suite import BenchConfig, run
+
+    monkeypatch.setattr(clock_module, "CPU_TIME", True)
+    start = clock_module.clock()
+    time.sleep(0.3)
+    assert clock_module.clock() - start < 0.1
+    monkeypatch.setattr(clock_module, "CPU_TIME", False)
+    start = clock_module.clock()
+    time.sleep(0.3)
+    assert clock_module.clock() - start >= 0.3
+    with pytest.raises(GateSkipError, match="--clock"):
+        run(BenchConfig(model="tiny-llama", clock="cpu", device="cuda", sections=("decode",)))
