@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # the tables docs/evaluation.md prints (Gemma-3's once scripts/eval_gemma3_table.sh has written it)
 SHIPPED = {
     name: ROOT / "docs" / "results" / name
-    for name in ("eval_smollm2.csv", "eval_gemma3.csv")
+    for name in ("eval_smollm2.csv", "eval_gemma3.csv", "eval_smollm2_nextsent.csv")
     if (ROOT / "docs" / "results" / name).exists()
 }
 
