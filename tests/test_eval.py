@@ -165,6 +165,7 @@ def test_eval_command_writes_rows_matched_rows_and_json(tmp_path):
 
 
 LAUNCHED = """
+import os
 import torch
 torch.set_num_threads(1)
 import lm_eval
@@ -175,7 +176,8 @@ from tests.conftest import spread_gates
 tasks = load_tasks(["gateskip_legal_nextsent"])
 lm = GateSkipLM(spread_gates(load_model("tiny-llama")), skip=0.3, batch_size=2)
 lm_eval.simple_evaluate(model=lm, tasks=list(tasks.tasks.values()), task_manager=tasks.manager, limit=4)
-print("world", lm.world_size, "own", lm.account.compute.tokens, "all", lm.gathered_account().compute.tokens)
+line = f"world {lm.world_size} own {lm.account.compute.tokens} all {lm.gathered_account().compute.tokens}\\n"
+os.write(1, line.encode())  # one write per process: two print() calls can interleave their words on one line
 """
 
 
