@@ -203,118 +203,6 @@ def _bench_runs(kind: str, *paths: str) -> str:
     return report.speedup_table(run[kind], kind, list(run["config"][f"{kind}_skips"]))
 
 
-def _fmt(value) -> str:
-    return _script("results_tables").fmt(value)
-
-
-def _eval_vs_hf(path: str) -> str:
-    """scripts/eval_vs_hf.py's CSV: each task's score under `hf` and under `gateskip` at budget 0, and their times."""
-    lines = [
-        "| Task | Metric | n | `hf` | `gateskip`, budget 0 | `hf` time (s) | `gateskip` time (s) | time ratio |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in pd.read_csv(ROOT / path).itertuples():
-        lines.append(
-            f"| `{r.task}` | {r.metric} | {r.n} | {_fmt(r.hf)} | {_fmt(r.gateskip_b0)} | {r.hf_seconds:.1f} "
-            f"| {r.gateskip_seconds:.1f} | {r.time_ratio:.2f} |"
-        )
-    return "\n".join(lines)
-
-
-def _quantisation(path: str) -> str:
-    """scripts/quantisation_quality.py's CSV: per budget and weights, the gates' row beside the mean of the
-    random draws ([lowest, highest] perplexity); at budget 0 the perplexity over fp32's. int4+gates rows
-    are left out (the page quotes them)."""
-    frame = pd.read_csv(ROOT / path)
-    gates = frame[frame.policy == "gates"].set_index(["weights", "skip_budget"])
-    random = frame[frame.policy == "random"].groupby(["weights", "skip_budget"])
-    lines = [
-        "| Weights | Budget | Perplexity, gates | Perplexity, random | KL, gates | KL, random | Top-1, gates "
-        "| Top-1, random |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for budget in sorted(frame.skip_budget.unique()):
-        for weights in [w for w in dict.fromkeys(frame.weights) if w != "int4+gates"]:
-            g = gates.loc[(weights, budget)]
-            ppl = f"{g.ppl:.2f}"
-            if budget == 0 and weights != "fp32":
-                ppl += f" ({g.ppl / gates.loc[('fp32', budget)].ppl:.2f}x)"
-            cells = ["", "", ""]
-            if (weights, budget) in random.groups:
-                r = random.get_group((weights, budget))
-                cells = [f"{r.ppl.mean():.2f} [{r.ppl.min():.2f}, {r.ppl.max():.2f}]", f"{r.kl_to_full.mean():.3f}",
-                         f"{r.top1_agreement.mean():.1%}"]  # fmt: skip
-            lines.append(
-                f"| {weights} | {budget:g} | {ppl} | {cells[0]} | {g.kl_to_full:.3f} | {cells[1]} "
-                f"| {g.top1_agreement:.1%} | {cells[2]} |"
-            )
-    return "\n".join(lines)
-
-
-def _trained_on_int4(path: str) -> str:
-    """scripts/quantisation_train.sh's `quality` CSV: each gate set per budget, random skipping above budget 0."""
-    frame = pd.read_csv(ROOT / path)
-    frame = frame[(frame.gates != "ungated") & ~((frame.gates == "random skipping") & (frame.skip_budget == 0))]
-    lines = [
-        "| Gates on int4 | Budget | Perplexity | KL to int4 original | Top-1 | Net FLOPs saved |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in frame.sort_values("skip_budget", kind="stable").itertuples():
-        lines.append(
-            f"| {r.gates} | {r.skip_budget:g} | {r.ppl:.2f} | {r.kl_to_full:.3f} | {r.top1_agreement:.1%} "
-            f"| {r.flops_saved:.1%} |"
-        )
-    return "\n".join(lines)
-
-
-def _eval_pair(*specs: str) -> str:
-    """LABEL=FILE ...: `gateskip eval` CSVs side by side: each task's accuracy (± lm-eval's standard error)
-    at budget 0 and at the other budget measured, per file, then the correct items pooled over the tasks
-    with a 95% Wilson interval (analysis.traces.tracedb.wilson)."""
-    from analysis.traces.tracedb import wilson
-
-    columns = []  # (heading, the file's measured acc rows at one budget)
-    for spec in specs:
-        label, _, path = spec.partition("=")
-        acc = pd.read_csv(ROOT / path)
-        acc = acc[(acc.kind == "measured") & (acc.metric == "acc") & (acc.method == "gateskip")]
-        for budget, rows in acc.groupby("skip_budget"):
-            columns.append((budget, label, rows.set_index("task")))
-    columns.sort(key=lambda c: c[0])
-    headings = [
-        f"{label}, budget 0" if b == 0 else f"{label}, {rows.net_flops_saved.mean():.0%} net"
-        for b, label, rows in columns
-    ]
-    tasks = list(columns[0][2].index)
-    n = int(columns[0][2].n.iloc[0])
-    lines = [f"| Task (n = {n} each) | " + " | ".join(headings) + " |", "|---|" + "---|" * len(columns)]
-    for task in tasks:
-        cells = [f"{rows.value[task]:.2f} ± {rows.stderr[task]:.2f}" for _, _, rows in columns]
-        lines.append(f"| `{task}` acc | " + " | ".join(cells) + " |")
-    pooled = []
-    for _, _, rows in columns:
-        correct, total = int(round((rows.value * rows.n).sum())), int(rows.n.sum())
-        low, high = wilson(correct, total)
-        pooled.append(f"{correct} ({correct / total:.2f} [{low:.2f}, {high:.2f}])")
-    pooled_name = "both" if len(tasks) == 2 else "all"
-    lines.append(f"| {pooled_name}, correct of {total} [95% Wilson] | " + " | ".join(pooled) + " |")
-    return "\n".join(lines)
-
-
-def _bench_runs(kind: str, *paths: str) -> str:
-    """`gateskip bench` JSON files, each with its own model and settings: `memory` (every file's memory
-    rows, its model named), `decode` or `prefill` (batch-1 speedups per gate spec at the file's budgets)."""
-    import json
-
-    from gateskip.bench import report
-
-    runs = [json.loads((ROOT / path).read_text()) for path in paths]
-    if kind == "memory":
-        return report.memory_table([(run["config"]["model"], run["memory"]) for run in runs])
-    (run,) = runs
-    return report.speedup_table(run[kind], kind, list(run["config"][f"{kind}_skips"]))
-
-
 def _matched(path: str, *saved: str) -> str:
     """A sweep's --matched-out CSV; with SAVED fractions, only the rows at those net savings."""
     frame = pd.read_csv(ROOT / path)
@@ -385,11 +273,6 @@ RENDERERS: dict[str, Callable[..., str]] = {
     "third_text": _third_text,
     "labelled_rows": _labelled_rows,
     "bench": _bench,  # a section of `gateskip bench` JSON files
-    "eval_vs_hf": _eval_vs_hf,  # scripts/eval_vs_hf.py's CSV
-    "quantisation": _quantisation,  # scripts/quantisation_quality.py's CSV: gates beside random draws
-    "trained_on_int4": _trained_on_int4,  # scripts/quantisation_train.sh's quality CSV
-    "eval_pair": _eval_pair,  # LABEL=FILE ...: `gateskip eval` CSVs side by side, pooled Wilson row
-    "bench_runs": _bench_runs,  # memory FILE ... | decode FILE | prefill FILE: per-run tables of `gateskip bench` JSON
     "eval_vs_hf": _eval_vs_hf,  # scripts/eval_vs_hf.py's CSV
     "quantisation": _quantisation,  # scripts/quantisation_quality.py's CSV: gates beside random draws
     "trained_on_int4": _trained_on_int4,  # scripts/quantisation_train.sh's quality CSV

@@ -10,9 +10,10 @@ longer low-rank recipe) on the same blocks give the scale.
 
     python scripts/gate_variants_report.py [--runs runs/variants] [--blocks 12] [--out docs/results/gate_variants_matched.csv]
 
-Writes the per-(variant, text, budget, block) rows (`..._sweep.csv`) and the paired differences
-(`..._paired.csv`) next to the matched table, and the cloze tasks' accuracy pooled per variant, method
-and budget (`..._tasks.csv`, from scripts/gate_variants_eval.sh's CSVs in the same folder).
+Writes, next to the matched table: the per-(variant, text, budget, block) rows
+(docs/results/gate_variants_sweep.csv), the paired differences (docs/results/gate_variants_paired.csv),
+and the cloze tasks' accuracy pooled per variant, method and budget (docs/results/gate_variants_tasks.csv,
+from scripts/gate_variants_eval.sh's CSVs in the same folder).
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ def main() -> None:
     if not done:
         raise SystemExit(f"gate_variants_report: no finished variant in {runs} (run scripts/compare_gate_variants.sh)")
     evals = {v: out.with_name(f"gate_variants_eval_{v}.csv") for v in done}
-    tasks = task_summary({v: path for v, path in evals.items() if path.exists()})
+    tasks = task_summary({v: path for v, path in evals.items() if path.exists()}).round(3)
     tasks.to_csv(out.with_name(out.stem.removesuffix("_matched") + "_tasks.csv"), index=False)
     model = load_model("smollm2-135m-instruct", gates="none")
     tables = []
@@ -197,7 +198,7 @@ def main() -> None:
     table = pd.concat(tables, ignore_index=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out.with_name(out.stem.removesuffix("_matched") + "_sweep.csv"), index=False)
-    matched_table = wide(bootstrap_matched(table, args.boot))
+    matched_table = wide(bootstrap_matched(table, args.boot)).round(3)
     paired = matched_table["gates"].str.contains(" - ")
     matched_table[~paired].to_csv(out, index=False)
     matched_table[paired].to_csv(out.with_name(out.stem.removesuffix("_matched") + "_paired.csv"), index=False)

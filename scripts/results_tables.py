@@ -204,8 +204,9 @@ def page() -> str:
         out += gemma3_sections()
     if (DOCS / "fidelity_ablation.csv").is_file():
         out += ["", "## Skipping-fidelity ablation (ppl / KL / top-1)", fidelity()]
-    if (DOCS / "gate_variants.csv").is_file():
-        out += ["", "## Gate variants at equal training", quality("gate_variants.csv")]
+    if (DOCS / "gate_variants_matched.csv").is_file():
+        out += ["", "## Gate variants at equal training (matched net, 95% bootstrap intervals)"]
+        out += [table(pd.read_csv(DOCS / "gate_variants_matched.csv").round(4))]
     return "\n".join(out) + "\n"
 
 

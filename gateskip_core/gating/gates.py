@@ -125,7 +125,7 @@ class GateSet(nn.Module):
         """The mean gate value [n] of each cell (`layer * 2 + branch index`) for its own input row
         x [n, d]: every cell's gate in one batched matmul per step of the gate, not one call per cell."""
         stacked = self._stacked()
-        if cells != list(range(2 * self.n_layers)):
+        if cells != list(range(stacked[0].shape[0])):  # every cell, in order: no gather needed
             index = torch.tensor(cells, device=x.device)
             stacked = [t.index_select(0, index) for t in stacked]
         y = x[:, None, :]
