@@ -203,6 +203,63 @@ def _bench_runs(kind: str, *paths: str) -> str:
     return report.speedup_table(run[kind], kind, list(run["config"][f"{kind}_skips"]))
 
 
+def _script_runs(*paths: str) -> str:
+    """`--out` JSON files of gateskip/bench's stand-alone scripts (load_times.py, physical_speedup.py): per
+    file, the command as it was run and its figures as the script's own `summary` words them."""
+    import json
+
+    from gateskip.bench import load_times, physical_speedup
+
+    summaries = {"load_times": load_times.summary, "physical_speedup": physical_speedup.summary}
+    lines = ["| command | measured |", "|---|---|"]
+    for path in paths:
+        results = json.loads((ROOT / path).read_text())
+        lines.append(f"| `{results['command']}` | {summaries[results['script']](results)} |")
+    return "\n".join(lines)
+
+
+# The speed targets set for the one-backbone form, for the shipped `default` gates at batch 1:
+# what, the bench section, the row's field, the budget, the least value that meets the target.
+SPEED_TARGETS = (
+    ("decoding b1, budget 0: >= 0.97x", "decode", "speedup_vs_dense_walk", 0.0, 0.97),
+    ("decoding b1, budget 0.25: >= 1.15x", "decode", "speedup_vs_dense_walk", 0.25, 1.15),
+    ("decoding b1, budget 0.5: >= 1.6x", "decode", "speedup_vs_dense_walk", 0.5, 1.6),
+    ("realised / bytes model at 0.5: >= 0.8", "decode", "realised_over_bytes_model", 0.5, 0.8),
+    ("prefill b1, 128 tokens, budget 0.25: >= 1.05x", "prefill", "speedup_vs_dense", 0.25, 1.05),
+    ("prefill b1, 128 tokens, budget 0.5: >= 1.3x", "prefill", "speedup_vs_dense", 0.5, 1.3),
+)
+
+
+def _target_value(run: dict, section: str, field: str, skip: float) -> float:
+    """The shipped `default` gates' figure at batch 1 (decoding: the prose setting on the original
+    weights; prefill: the physical path), rounded as the page shows it."""
+    (row,) = [
+        r for r in run[section]
+        if r["batch"] == 1 and r.get("gates") == "default" and r["skip"] == skip and r.get("path", "physical") == "physical"
+        and r.get("setting", "prose") == "prose" and r.get("weights", "original") == "original"
+    ]  # fmt: skip
+    return round(row[field], 2)
+
+
+def _bench_targets(*paths: str) -> str:
+    """SPEED_TARGETS against `gateskip bench` JSON files: one column per run, in how many runs each target
+    is met, and by how much the runs that miss it fall short (from the figures as shown)."""
+    import json
+
+    runs = {Path(path).name: json.loads((ROOT / path).read_text()) for path in paths}
+    lines = ["| target | " + " | ".join(f"`{name}`" for name in runs) + " | met | short by |",
+             "|---|" + "---:|" * len(runs) + "---|---|"]  # fmt: skip
+    for what, section, field, skip, least in SPEED_TARGETS:
+        values = [_target_value(run, section, field, skip) for run in runs.values()]
+        unit = "x" if field != "realised_over_bytes_model" else ""
+        short = sorted(round(least - v, 2) for v in values if v < least)
+        by = "" if not short else f"{short[0]:.2f}" + (f"-{short[-1]:.2f}" if short[-1] != short[0] else "")
+        met = sum(v >= least for v in values)
+        cells = " | ".join(f"{v:.2f}{unit}" for v in values)
+        lines.append(f"| {what} | {cells} | {met} of {len(values)} | {by} |")
+    return "\n".join(lines)
+
+
 def _matched(path: str, *saved: str) -> str:
     """A sweep's --matched-out CSV; with SAVED fractions, only the rows at those net savings."""
     frame = pd.read_csv(ROOT / path)
@@ -278,6 +335,8 @@ RENDERERS: dict[str, Callable[..., str]] = {
     "trained_on_int4": _trained_on_int4,  # scripts/quantisation_train.sh's quality CSV
     "eval_pair": _eval_pair,  # LABEL=FILE ...: `gateskip eval` CSVs side by side, pooled Wilson row
     "bench_runs": _bench_runs,  # memory FILE ... | decode FILE | prefill FILE: per-run tables of `gateskip bench` JSON
+    "script_runs": _script_runs,  # --out JSON files of gateskip/bench/load_times.py and physical_speedup.py
+    "bench_targets": _bench_targets,  # SPEED_TARGETS against `gateskip bench` JSON files, a column per run
 }
 
 
