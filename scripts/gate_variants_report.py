@@ -12,8 +12,9 @@ longer low-rank recipe) on the same blocks give the scale.
 
 Writes, next to the matched table: the per-(variant, text, budget, block) rows
 (docs/results/gate_variants_sweep.csv), the paired differences (docs/results/gate_variants_paired.csv),
-and the cloze tasks' accuracy pooled per variant, method and budget (docs/results/gate_variants_tasks.csv,
-from scripts/gate_variants_eval.sh's CSVs in the same folder).
+the paired differences at equal skip budget, the gates' own cost ignored as in the paper
+(docs/results/gate_variants_equal_budget.csv), and the cloze tasks' accuracy pooled per variant, method and
+budget (docs/results/gate_variants_tasks.csv, from scripts/gate_variants_eval.sh's CSVs in the same folder).
 """
 
 from __future__ import annotations
@@ -118,6 +119,31 @@ def _summary(text: str, variant: str, target: float, metric: str, vals: list[flo
             "value": point, "low": float(low), "high": float(high)}  # fmt: skip
 
 
+def equal_budget(table: pd.DataFrame, n_boot: int, seed: int = 0) -> pd.DataFrame:
+    """The paper's framing: the variants at the same skip budget, the gates' own cost ignored. Mean over
+    blocks of each pair's difference at each budget, with a 95% bootstrap-over-blocks interval (wide
+    layout, as `wide`)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    pairs = [(a, b) for a, b in PAIRS if not b.endswith("random") and b != SHIPPED]
+    for text, part in table.groupby("text", sort=False):
+        n_blocks = part["block"].nunique()
+        draws = [rng.integers(0, n_blocks, n_blocks) for _ in range(n_boot)]
+        for a, b in pairs:
+            for budget in (0.1, 0.2, 0.3):
+                row = {"text": text, "gates": f"{a} - {b}", "skip_budget": budget}
+                for metric in ("kl_to_full", "top1_agreement"):
+                    at = part[np.isclose(part["skip_budget"], budget)].pivot(
+                        index="block", columns="variant", values=metric
+                    )
+                    diff = (at[a] - at[b]).to_numpy()
+                    boot = [diff[idx].mean() for idx in draws]
+                    row[metric] = diff.mean()
+                    row[f"{metric}_low"], row[f"{metric}_high"] = np.percentile(boot, [2.5, 97.5])
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def wide(summary: pd.DataFrame) -> pd.DataFrame:
     """One row per (text, variant or difference, net saving): each metric with its METRIC_low / METRIC_high
     interval beside it (the layout scripts/doc_tables.py's `intervals` renderer shows); rows outside a
@@ -202,6 +228,8 @@ def main() -> None:
     paired = matched_table["gates"].str.contains(" - ")
     matched_table[~paired].to_csv(out, index=False)
     matched_table[paired].to_csv(out.with_name(out.stem.removesuffix("_matched") + "_paired.csv"), index=False)
+    same_budget = equal_budget(table, args.boot).round(3)
+    same_budget.to_csv(out.with_name(out.stem.removesuffix("_matched") + "_equal_budget.csv"), index=False)
     print(f"wrote {out} ({', '.join(done)})")
 
 
