@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The gate variants of scripts/compare_gate_variants.sh on the shipped cloze tasks (held-out pydoc and legal
-# text, 60 items each), quantile policy at budgets 0-0.4 against random skipping with the same adapter and
-# stand-ins; one CSV per finished variant under docs/results/ (skipped when it exists). ~10 min per variant
-# on one thread. The matched-net comparison: python scripts/gate_variants_report.py.
+# text, --limit 60: 60 pydoc items, all 43 legal ones), quantile policy at budgets 0-0.4 against random
+# skipping with the same adapter and stand-ins; one CSV per finished variant under docs/results/ (skipped
+# when it exists). ~10 min per variant on one thread. The matched-net comparison:
+# python scripts/gate_variants_report.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${THREADS:-1}"

@@ -18,6 +18,7 @@ from analysis.evaluation.report import (
     report_markdown,
     retained_curve,
     saving_at_retention,
+    targets_markdown,
 )
 from gateskip_core import GateSkipError
 
@@ -86,6 +87,21 @@ def test_retained_accuracy_and_the_saving_it_lasts_to():
     assert mean_retained(pd.concat([table, never]), 0.1) == pytest.approx(0.95)
     # mean retained: 1 - x/2 up to 10%, then 0.95 - 2 (x - 10%): 0.9 at 12.5%
     assert saving_at_retention(table) == pytest.approx(0.125, abs=1e-3)
+
+
+def test_the_claims_line_says_what_was_testable_where_it_interpolates_and_when_it_is_noise():
+    """Budgets stopping at 10% net: the 15% claim is 'not testable' (with where they stop and what is
+    kept there), the 90% crossing (12.5% of a/b's curves cut at 10%: whole range) names its budgets;
+    a standard error of 0.10 or more at budget 0 makes the line open with 'Noise on N items'."""
+    a = _table({"gateskip": [(0, 0.0, 0.4), (0.1, 0.05, 0.36), (0.2, 0.1, 0.2)]}, "a")
+    b = _table({"gateskip": [(0, 0.0, 0.5), (0.1, 0.05, 0.5), (0.2, 0.1, 0.5)]}, "b")
+    line = targets_markdown(pd.concat([a, b]))
+    assert line.startswith("On 10 items per task: ")
+    assert "not testable at 15% net saved (its budgets stop at 10% net; there it keeps 75%" in line
+    # mean retained 1 - x up to 5%, then 0.95 - 4 (x - 5%): 0.9 at 6.25%, between budgets 0.1 and 0.2
+    assert "up to 6.2% net saved (interpolated between budgets 0.1 and 0.2)" in line
+    noisy = pd.concat([a, b]).assign(stderr=0.12)
+    assert targets_markdown(noisy).startswith("Noise on 10 items per task (one standard error 0.12-0.12): ")
 
 
 def test_matched_gap_is_gateskip_minus_the_better_shortgpt_and_flips_for_perplexity():
