@@ -17,6 +17,8 @@ blocks (the validation split, which no gate training or calibration reads):
     nice -n 10 env OMP_NUM_THREADS=1 .venv/bin/python scripts/quantisation_quality.py \
         --model smollm2-135m-instruct --out docs/results/quantisation_smollm2-135m-instruct.csv \
         --shift-out docs/results/quantisation_gate_shift_smollm2-135m-instruct.csv
+
+Without `--out` only the gate shift runs (fp32 and int4 loaded, no quality rows).
 """
 
 from __future__ import annotations
@@ -96,8 +98,7 @@ def gate_shift(fp32, int4, blocks, budgets) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def main() -> int:
-    torch.set_num_threads(1)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--gates", default="default")
@@ -106,25 +107,36 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=3, help="random-skipping draws per budget")
     parser.add_argument("--random-on", default="fp32,int8,int4", help="the weights that get random-skipping rows")
     parser.add_argument("--no-int4-gates", action="store_true", help="leave out the int4+gates rows (saves time)")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", help="the quality CSV; left out when not given (then only --shift-out runs)")
     parser.add_argument("--shift-out", help="the gate-shift CSV; left out when not given (saves time)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.out is None and args.shift_out is None:
+        parser.error("nothing to write: give --out, --shift-out or both")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    torch.set_num_threads(1)
+    args = parse_args(argv)
     budgets = [float(b) for b in args.budgets.split(",")]
     random_on = set(args.random_on.split(",")) if args.random_on else set()
 
-    models = {w: load_model(args.model, gates=args.gates, weights=w) for w in WEIGHTS}
+    # only the gate shift: int8 is not loaded (it compares fp32 with int4)
+    needed = WEIGHTS if args.out is not None else ("fp32", "int4")
+    models = {w: load_model(args.model, gates=args.gates, weights=w) for w in needed}
     blocks = evaluation_blocks(models["fp32"], n_blocks=args.blocks)
-    ref = reference(models["fp32"], blocks)  # the float32 ungated model: every row compares with it
-    rows = []
-    for weights, model in models.items():
-        print(f"{weights} ...", file=sys.stderr)
-        rows += quality_rows(model, ref, weights, budgets, args.seeds if weights in random_on else 0)
-    if not args.no_int4_gates:
-        rows += quality_rows(with_int4_gates(models["int4"]), ref, "int4", budgets, 0, label="int4+gates")
-    table = pd.DataFrame(rows)
-    table.insert(0, "model", models["fp32"].name)
-    table.to_csv(args.out, index=False, float_format="%.6g")
-    print(f"wrote {args.out}", file=sys.stderr)
+    if args.out is not None:
+        ref = reference(models["fp32"], blocks)  # the float32 ungated model: every row compares with it
+        rows = []
+        for weights, model in models.items():
+            print(f"{weights} ...", file=sys.stderr)
+            rows += quality_rows(model, ref, weights, budgets, args.seeds if weights in random_on else 0)
+        if not args.no_int4_gates:
+            rows += quality_rows(with_int4_gates(models["int4"]), ref, "int4", budgets, 0, label="int4+gates")
+        table = pd.DataFrame(rows)
+        table.insert(0, "model", models["fp32"].name)
+        table.to_csv(args.out, index=False, float_format="%.6g")
+        print(f"wrote {args.out}", file=sys.stderr)
     if args.shift_out is None:
         return 0
     shift = gate_shift(models["fp32"], models["int4"], blocks, [b for b in budgets if b > 0])
