@@ -400,8 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.show:
         try:
             print(render(f"<!-- table: {args.show} -->"))
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            print(f"doc_tables: {err}", file=sys.stderr)
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as err:  # IndexError: a file with no rows to show
+            print(f"doc_tables: {err or type(err).__name__}", file=sys.stderr)
             return 2
         return 0
     stale = []
