@@ -241,3 +241,15 @@ def assert_lens_matches_the_walk(lens, text: str, logits_atol: float = 1e-4, **s
     )
     torch.testing.assert_close(logits, ours.logits, atol=logits_atol, rtol=1e-4)
     return cache, ours
+
+
+def load_script(name: str):
+    """scripts/NAME.py as a module (scripts/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -3,11 +3,12 @@ every table of a page is rendered from its data by scripts/doc_tables.py (or say
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
+
+from .conftest import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -17,10 +18,7 @@ WRITERS = [*sorted((ROOT / "scripts").glob("*")), *sorted((ROOT / "gateskip" / "
 
 
 def doc_tables():
-    spec = importlib.util.spec_from_file_location("doc_tables", ROOT / "scripts" / "doc_tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("doc_tables")
 
 
 def visible(page: Path) -> str:

@@ -4,9 +4,6 @@ the report blocks are disjoint from the tuning blocks, and the paired comparison
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,15 +12,12 @@ import torch
 from analysis.experiments.quality import evaluation_blocks
 from gateskip_core.data import pydoc_texts
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("untouched", ROOT / "scripts" / "pruning_gates_untouched.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("pruning_gates_untouched")
 
 
 def test_the_choice_is_the_lowest_tuning_perplexity_mix_per_text_and_target(script):

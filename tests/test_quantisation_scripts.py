@@ -4,26 +4,18 @@ mode that writes no quality table."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pandas as pd
 import pytest
 
 from analysis.experiments.quality import evaluation_blocks
 from gateskip_core import load_model
 
-from .conftest import spread_gates
-
-ROOT = Path(__file__).resolve().parent.parent
+from .conftest import load_script, spread_gates
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("quantisation_quality", ROOT / "scripts" / "quantisation_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("quantisation_quality")
 
 
 def spread(weights: str):

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pandas as pd
 import pytest
 
-ROOT_DIR = Path(__file__).resolve().parent.parent
+from .conftest import load_script
 
 
 @pytest.fixture
 def tables(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("results_tables", ROOT_DIR / "scripts" / "results_tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("results_tables")
     monkeypatch.setattr(module, "DOCS", tmp_path)
     return module
 
