@@ -531,6 +531,26 @@ class _Interrupts:
             raise KeyboardInterrupt
 
 
+def script_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser of a standalone script (gateskip/bench/*.py): bad arguments are one line,
+    in the format of every other error (`run_script` reports the rest)."""
+    return _OneLineParser(description=description)
+
+
+def run_script(main: Callable[[], object]) -> int:
+    """Run a standalone script's `main()` as `run` runs a command: a `GateSkipError` (an unknown
+    model, a missing gate file) is one line and exit 2, an interrupt one line and exit 130."""
+    try:
+        main()
+    except GateSkipError as err:
+        print(error_line(str(err)), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gateskip: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
 def run(build_parser: Callable[[], argparse.ArgumentParser], argv: list[str] | None = None) -> int:
     """Parse `argv` with `build_parser()` and run the command: user errors exit 2 with one line,
     an interrupt exits 130 with one line."""

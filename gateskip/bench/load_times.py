@@ -10,7 +10,6 @@ scripts/doc_tables.py renders into docs/benchmarks.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -19,17 +18,19 @@ import tempfile
 import time
 from pathlib import Path
 
+from analysis.inputs import check_out
 from gateskip.bench.clock import clock
 from gateskip_core.backbone.registry import CACHE_ENV, DEFAULT_MODEL
-from gateskip_core.cli import add_device_dtype_args
+from gateskip_core.cli import add_device_dtype_args, run_script, script_parser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = script_parser(__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=[DEFAULT_MODEL, "gemma3-270m"])
     add_device_dtype_args(parser)
     parser.add_argument("--out", default=None, help="also write the times as JSON (the figures the docs quote)")
     args = parser.parse_args()
+    check_out(args.out, (".json",))  # before minutes of loading
     rows = []
     with tempfile.TemporaryDirectory() as cache:
         os.environ[CACHE_ENV] = cache
@@ -69,4 +70,4 @@ def summary(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_script(main))

@@ -22,21 +22,22 @@ from pathlib import Path
 import torch
 
 from analysis.experiments.quality import evaluation_blocks
+from analysis.inputs import budget_list, check_out
 from gateskip.bench import clock as clock_module
 from gateskip.bench.suite import interleaved, machine
 from gateskip_core import load_model
 from gateskip_core.backbone.registry import DEFAULT_MODEL
-from gateskip_core.cli import add_device_dtype_args
+from gateskip_core.cli import add_device_dtype_args, run_script, script_parser
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
+    parser = script_parser(__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--gates", default="default")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--budgets", default="0,0.25,0.5,0.7")
+    parser.add_argument("--budgets", type=budget_list, default="0,0.25,0.5,0.7", help="comma-separated skip budgets")
     parser.add_argument(
         "--clock",
         choices=["wall", "cpu"],
@@ -48,6 +49,7 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.clock == "cpu" and args.device != "cpu":
         parser.error(f"--clock cpu times CPU runs only; got --device {args.device}")
+    check_out(args.out, (".json",))  # before the timings
     return args
 
 
@@ -64,7 +66,7 @@ def main() -> None:
     print(f"{'skip':>5s} {'masked tok/s':>13s} {'physical tok/s':>15s} {'speedup vs masked':>18s} "
           f"{'vs dense':>9s} {'net FLOPs saved':>16s}")  # fmt: skip
     rows = []
-    for budget in [float(b) for b in args.budgets.split(",")]:
+    for budget in args.budgets:
         plans = {
             "masked": (model, model.make_plan(budget, path="masked")),
             "physical": (model, model.make_plan(budget, path="physical")),
@@ -116,4 +118,4 @@ def summary(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_script(main))
