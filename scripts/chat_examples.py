@@ -1,4 +1,4 @@
-"""Chat continuations, ungated original vs shipped default gates at the dashboard's default budget, per policy.
+"""Chat continuations (greedy, 48 new tokens), ungated original vs shipped default gates at the dashboard's default budget, per policy.
 
 python3 scripts/chat_examples.py [--gates default] [--skip 0.25] [--policies quantile,calibrated] [--out FILE]
 """
@@ -41,7 +41,9 @@ def main() -> None:
             lines += [
                 f"- {policy}: {gated.text.strip()!r}",
                 f"  (skipped branch fraction: prompt {prompt_rate:.1%}, generated {new_rate:.1%}; "
-                f"net FLOPs saved over the call {seq.compute.net_saved_fraction:+.1%})",
+                f"net FLOPs saved over the call {seq.compute.net_saved_fraction:+.1%}"
+                + (f"; thresholds: {sets}" if (sets := gated.skip_rates().thresholds) else "")
+                + ")",
             ]
         lines.append("")
     text = "\n".join(lines)

@@ -4,7 +4,9 @@ For every stored budget (`calibration.budgets`), under the uniform allocation an
 profile, the global one: thresholds fitted on decode steps of the model's own greedy answers (budget
 0, `--new-tokens` each) to the training's calibration chat prompts (training/chat_data.py
 chat_prompts()[5::11], the ones `calibration_texts` uses; none of analysis' held-out chat prompts),
-see `calibration.fit_generated_thresholds`. They are written as `calibration.generated_thresholds` /
+see `calibration.fit_generated_thresholds` (the prompts' tokens decided with the checkpoint's stored
+prompt set at each budget, as generation decides them: run it after that set is final, e.g. after
+scripts/recalibrate.py). They are written as `calibration.generated_thresholds` /
 `calibration.generated_global_thresholds` with the prompts in `training["decode_calibration"]` (so an
 on-the-fly fit of another budget reads the same answers); every tensor already in the file stays bit
 for bit. `generate` then decides generated tokens with them (prompt tokens keep the stored ones).

@@ -4,13 +4,17 @@ generated_thresholds="prompt")`, the behaviour before decode-fitted thresholds) 
 `phased` thresholds (prompt tokens: the stored prompt-fitted ones; generated tokens: the stored
 decode-fitted ones, scripts/fit_decode_thresholds.py).
 
-Greedy, chat template, calibrated policy, physical path, KV cache, SmolLM2 with its `default` gates.
+Greedy, calibrated policy, physical path, KV cache, `--model`'s `default` gates (SmolLM2 by default;
+the prompts go through the chat template where the model has one: Gemma-3-270M has none, so it
+continues them as plain text, as its decode set was fitted).
 The rates are measured on the held-out chat prompts (analysis/experiments/quality.py
 HELDOUT_CHAT_PROMPTS, used by no fit; the decode fit read the answers to the training's calibration
 chat prompts, training/chat_data.py chat_prompts()[5::11]). Each rate is pooled over the prompts (as
 `Generation.skip_rates`), with a 95% percentile interval from resampling whole prompts (1,000 draws).
+`allocated_rate`: the mean of the per-branch rates the budget's allocation sets (the default, global
+allocation spends a fraction of compute, so branch evaluations average slightly below the budget).
 
-python scripts/generated_skip_rates.py [--prompts 12] [--out docs/results/generated_skip_rates.csv]
+python scripts/generated_skip_rates.py [--model smollm2-135m-instruct] [--prompts 12] [--out docs/results/generated_skip_rates.csv]
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ def rates_row(model, prompts: list[str], label: str, budget: float) -> dict:
     gen = model.generate(
         prompts,
         max_new_tokens=NEW_TOKENS,
-        chat=True,
+        chat=bool(model.tokenizer.chat_template),
         skip=budget,
         path="physical",
         generated_thresholds=THRESHOLDS[label],
@@ -71,6 +75,9 @@ def rates_row(model, prompts: list[str], label: str, budget: float) -> dict:
             }
         )
     row["generated_minus_budget"] = round(row["generated_skip_rate"] - budget, 4)
+    # the budget is a fraction of compute; under the global allocation the per-branch rates it sets
+    # average (over branch evaluations, as these rates count) to slightly less
+    row["allocated_rate"] = round(float(model.budget(budget).fractions.mean()), 4)
     row["generated_tokens"] = sum(s.n_tokens - s.prompt_length for s in gen.trace.sequences)
     row["held_out_prompts"] = len(prompts)
     row["new_tokens_per_prompt"] = NEW_TOKENS
@@ -80,12 +87,13 @@ def rates_row(model, prompts: list[str], label: str, budget: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="a model with shipped `default` gates")
     parser.add_argument("--prompts", type=int, default=12, help="held-out chat prompts measured")
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="comma separated")
     parser.add_argument("--out", default="docs/results/generated_skip_rates.csv")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model = load_model("smollm2-135m-instruct", gates="default")
+    model = load_model(args.model, gates="default")
     if model.calibrate_generated(model.budget(0.25)) is None:
         raise SystemExit("the default gates store no decode-fitted thresholds: run scripts/fit_decode_thresholds.py")
     held_out = HELDOUT_CHAT_PROMPTS[: args.prompts]

@@ -47,6 +47,7 @@ HEAVY = {
     "test_generated_calibration.py": {
         "test_smollm2_calibrated_skip_rate_never_falls_as_the_budget_rises",
         "test_smollm2_generated_tokens_keep_the_budget_and_prompt_tokens_their_rate",
+        "test_smollm2_stored_threshold_sets_are_what_a_fit_on_the_recorded_texts_gives",
     },
     "test_eval_extras.py": {"test_lm_evals_own_command_line_runs_the_gateskip_model"},
     "test_dataset.py": {

@@ -3,19 +3,32 @@ reports, and a calibrated skip rate that never falls as the budget rises."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+import gateskip_core
 from analysis.experiments.quality import HELDOUT_CHAT_PROMPTS
-from gateskip_core import KVCache, load_model
+from gateskip_core import KVCache, load_gates, load_model
 from gateskip_core.data import paragraphs, pydoc_texts
-from gateskip_core.skipping.calibration import fit_generated_thresholds, own_answers
+from gateskip_core.errors import GateSkipError
+from gateskip_core.skipping.calibration import (
+    RECORDED_TEXTS,
+    PhasedCalibratedPolicy,
+    ThresholdFitter,
+    calibration_set,
+    decode_calibration,
+    fit_generated_thresholds,
+    own_answers,
+)
 from gateskip_core.training.chat_data import chat_prompts
 
 from .conftest import spread_gates
 from .test_fill_and_scope import _lora_checkpoint
 
+SHIPPED = Path(gateskip_core.__file__).parent / "shipped_gates"
 FIT_PROMPTS = ["Explain what a hash table is.", "Why is the sky blue?", "Write a short poem about rain."]
 BUDGET = 0.3
 
@@ -48,8 +61,9 @@ def lora_model(tmp_path_factory):
 @pytest.mark.parametrize("scope", ["all", "skipped"])
 def test_decode_step_thresholds_skip_the_budget_on_cached_decode_steps(lora_model, scope):
     """The thresholds fitted in one teacher-forced pass are, at every branch, the budget's quantile of
-    the gates a cached decode walk over the same answers sees (in scope `skipped` a token's gates
-    depend on its earlier skips: the pass decides with each layer's fitted threshold as it goes)."""
+    the gates a phased generation's cached decode walk over the same answers sees: prompt tokens
+    decided with the prompt set, answer tokens with the fitted one (a token's gates depend on the
+    earlier skips of its own and of the prompt's tokens: the pass decides as it goes)."""
     model = lora_model
     assert own_answers(model, FIT_PROMPTS[:1], max_new_tokens=3)[0][1] > 0
     # A random tiny model answers with one token repeated (all gates tied): real text stands for its answers.
@@ -57,8 +71,9 @@ def test_decode_step_thresholds_skip_the_budget_on_cached_decode_steps(lora_mode
     answers = [(model.encode([text], max_tokens=28).input_ids[0].tolist(), 10) for text in texts]
     budget = model.budget(BUDGET, allocation="uniform")
     policy = fit_generated_thresholds(model, budget, FIT_PROMPTS, answers=answers, adapter_scope=scope)
-    plan = model.make_plan(BUDGET, policy, path="physical", adapter_scope=scope)
-    walks = [cached_walk(model, plan, tokens, n_prompt) for tokens, n_prompt in answers]
+    phased = PhasedCalibratedPolicy(prompt=model.calibrate(budget), generated=policy)
+    plans = [model.make_plan(BUDGET, phased.for_prompts([n]), path="physical", adapter_scope=scope) for _, n in answers]
+    walks = [cached_walk(model, plan, tokens, n_prompt) for plan, (tokens, n_prompt) in zip(plans, answers)]
     skipped = np.concatenate([s for s, _ in walks])
     gates = np.concatenate([g for _, g in walks])
     n = len(skipped)
@@ -226,6 +241,12 @@ def test_phased_decisions_of_a_cached_generation_equal_one_pass_over_prompt_and_
         assert seq.skipped[seq.prompt_length :].any()
 
 
+def test_a_fit_that_decides_other_positions_by_a_policy_needs_the_fitted_positions(tiny_llama):
+    prompt_set = tiny_llama.calibrate(tiny_llama.budget(BUDGET))
+    with pytest.raises(GateSkipError, match="needs fitted_positions"):
+        ThresholdFitter(tiny_llama.spec.n_layers, others=prompt_set)
+
+
 def test_a_budget_off_the_grid_fits_decode_thresholds_on_the_recorded_prompts(phased_model):
     model = phased_model
     budget = model.budget(0.45)  # above the grid: fitted on the fly
@@ -325,3 +346,30 @@ def test_smollm2_generated_tokens_keep_the_budget_and_prompt_tokens_their_rate()
         plain = smollm2.forward(batch.input_ids, batch.attention_mask, smollm2.make_plan(budget, "calibrated"))
         prompt_rate = float(plain.skipped.sum()) / (2 * smollm2.spec.n_layers * float(plain.eligible.sum()))
         assert rates.prompt == pytest.approx(prompt_rate, abs=1e-9)
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct-default", "gemma3-270m-default"])
+def test_the_shipped_default_gates_record_what_both_threshold_sets_were_fitted_on(name):
+    """One calibration everywhere: a budget off the stored grid is fitted on the same texts (prompt
+    set) and the answers to the same prompts (decode set) as the stored grid."""
+    ckpt = load_gates(SHIPPED / f"{name}.safetensors")
+    assert len(ckpt.training.get(RECORDED_TEXTS) or []) >= 64
+    assert len(decode_calibration(ckpt)["prompts"]) == 24
+    grid = (len(ckpt.calibration_budgets), ckpt.calibration_thresholds.shape[1], 2)
+    assert ckpt.calibration_thresholds.shape == ckpt.generated_thresholds.shape == grid
+
+
+@pytest.mark.real
+def test_smollm2_stored_threshold_sets_are_what_a_fit_on_the_recorded_texts_gives():
+    """The shipped default's stored rows at budget 0.25 (uniform) equal a fit now: the prompt set on
+    its recorded calibration texts, the decode set on its answers to its recorded prompts."""
+    smollm2 = load_model("smollm2-135m-instruct", gates="default")
+    ckpt, budget = smollm2.checkpoint, smollm2.budget(0.25, allocation="uniform")
+    row = int(np.flatnonzero(np.isclose(ckpt.calibration_budgets, 0.25))[0])
+    prompt_set = smollm2.fit_thresholds(budget, texts=calibration_set(smollm2)).thresholds
+    np.testing.assert_allclose(prompt_set, ckpt.calibration_thresholds[row], atol=1e-6)
+    recorded = decode_calibration(ckpt)
+    decode_set = fit_generated_thresholds(
+        smollm2, budget, recorded["prompts"], max_new_tokens=recorded["max_new_tokens"], prompt_policy=None
+    ).thresholds
+    np.testing.assert_allclose(decode_set, ckpt.generated_thresholds[row], atol=1e-6)

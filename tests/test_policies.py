@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from gateskip_core import GateSkipError, RandomPolicy, SkipBudget, load_model
 from gateskip_core.data import pydoc_texts
@@ -143,3 +144,22 @@ def test_stored_thresholds_are_interpolated_between_grid_budgets_and_rates_follo
         for b in np.arange(0.2, 0.3501, 0.01)
     ]
     assert all(b >= a for a, b in zip(rates, rates[1:])), rates
+
+
+@pytest.mark.parametrize(
+    "values,k,skipped",
+    [
+        ([1.0] * 100, 1, 0),  # every gate tied (saturated): a budget of 1% skips none, not all
+        ([0.2, 0.5, 0.5, 0.5, 0.5, 0.9], 2, 1),  # the block would overshoot by 3, leaving it out by 1
+        ([0.2, 0.5, 0.5, 0.9], 2, 3),  # a draw (1 either way): the block is skipped
+        ([0.1, 0.2, 0.3, 0.4], 2, 2),  # no ties: exactly k
+        ([0.5, 0.5, 0.5, 0.9], 3, 3),
+    ],
+)
+def test_a_threshold_skips_a_tied_block_whole_whichever_way_is_nearer_the_budget(values, k, skipped):
+    from gateskip_core.skipping.calibration import threshold_between
+
+    sorted_values = torch.tensor(sorted(values), dtype=torch.float64)
+    threshold = threshold_between(sorted_values, k)
+    assert int((sorted_values <= threshold).sum()) == skipped
+    assert not (sorted_values == threshold).any()  # never on an observed value

@@ -71,25 +71,41 @@ def threshold_between(sorted_values: torch.Tensor, k: int) -> float:
     Placing it on an observed value would make decisions flip on rounding noise:
     at layer 0 a gate depends only on the token id, so calibration text contains
     exact copies of most tokens' importances.
+
+    Values tied with the k-th (within `TIE_TOLERANCE`) are skipped together or not at all: the
+    threshold goes above the tied block or below it, whichever skips a count nearer k (above on
+    a draw). Always above, a branch whose gates are all tied (saturated at 1.0: Gemma-3's layer 0
+    on every answer token) skipped every token at a budget of 1%.
     """
     if k <= 0:
         return -math.inf
     low = float(sorted_values[k - 1])
     above = sorted_values[sorted_values > low + TIE_TOLERANCE]
     high = float(above[0]) if above.numel() else low + 2 * TIE_TOLERANCE
-    return (low + high) / 2
+    n_below = int((sorted_values < low - TIE_TOLERANCE).sum())  # values below the tied block
+    n_through = sorted_values.numel() - above.numel()  # the block skipped too
+    if n_through - k <= k - n_below:
+        return (low + high) / 2
+    if n_below == 0:
+        return -math.inf
+    return (float(sorted_values[n_below - 1]) + float(sorted_values[n_below])) / 2
 
 
 class ThresholdFitter(SkipPolicy):
     """A policy that records, per branch, the threshold giving the budget's rate on this batch.
-    `fitted_positions` [B, T]: the tokens whose rate is fitted (default: all); every eligible
-    token is decided with the fitted threshold, as the calibrated policy will decide it."""
+    `fitted_positions` [B, T]: the tokens whose rate is fitted (default: all). Every eligible
+    fitted token is decided with the fitted threshold, as the calibrated policy will decide it; the
+    others with `others` (a decode fit: the prompt set that decides a prompt's tokens in
+    generation), or with the fitted threshold when it is None."""
 
     name = "calibrating"
 
-    def __init__(self, n_layers: int, fitted_positions: torch.Tensor | None = None):
+    def __init__(self, n_layers: int, fitted_positions: torch.Tensor | None = None, others: SkipPolicy | None = None):
+        if others is not None and fitted_positions is None:
+            raise GateSkipError("a threshold fit with a policy for the other positions needs fitted_positions")
         self.thresholds = np.full((n_layers, 2), -math.inf)
         self.fitted_positions = fitted_positions
+        self.others = others
 
     def decide(self, inp: BranchInput) -> Decision:
         fitted = inp.eligible if self.fitted_positions is None else inp.eligible & self.fitted_positions
@@ -98,6 +114,8 @@ class ThresholdFitter(SkipPolicy):
         thr = threshold_between(values, k)
         self.thresholds[inp.layer, BRANCHES.index(inp.branch)] = thr
         threshold = torch.full_like(inp.gate, thr)
+        if self.others is not None:
+            threshold = torch.where(self.fitted_positions, threshold, self.others.decide(inp).threshold)
         return Decision(skip=inp.eligible & (inp.gate <= threshold), threshold=threshold)
 
 
@@ -297,6 +315,7 @@ def fit_generated_thresholds(
     max_new_tokens: int = GENERATED_FIT_TOKENS,
     answers: Sequence[tuple[list[int], int]] | None = None,
     adapter_scope: str = "auto",
+    prompt_policy: CalibratedPolicy | None = None,
 ) -> CalibratedPolicy:
     """Thresholds whose skip rate over the model's own answers to `prompts` (its decode steps) is
     `budget` at every branch: the target where users generate (`fit_thresholds` fits prompt-like text,
@@ -304,16 +323,20 @@ def fit_generated_thresholds(
 
     One teacher-forced pass over prompt + answer gives the decode steps' gates: a calibrated
     decision depends only on a token's gate and fixed thresholds, so a cached step decides as the
-    uncached pass does (in scope `skipped` too: earlier skips enter through the same decisions),
-    and layer by layer the fit decides with the threshold it just fitted (tested against a cached,
-    token by token walk). `answers`: ready (ids, prompt length) pairs instead of generating them.
-    `adapter_scope`: the scope the thresholds will run in ('auto': the gates' own)."""
+    uncached pass does (in scope `skipped` too: earlier skips enter through the same decisions).
+    Layer by layer the fit decides the answers' tokens with the threshold it just fitted and the
+    prompts' tokens with `prompt_policy` (default: the model's prompt set at `budget`, which decides
+    them in generation), so the answers' gates are those of a phased generation (tested against a
+    cached, token by token walk). `answers`: ready (ids, prompt length) pairs instead of generating
+    them. `adapter_scope`: the scope the thresholds will run in ('auto': the gates' own)."""
     if answers is None:
         answers = own_answers(model, prompts, max_new_tokens)
     if not answers:
         raise GateSkipError("a decode-step fit needs at least one prompt the model answers")
     input_ids, mask, answer = answer_batch(model, answers)
-    fitter = ThresholdFitter(model.spec.n_layers, fitted_positions=answer)
+    if prompt_policy is None:
+        prompt_policy = model.calibrate(budget, protect_bos)
+    fitter = ThresholdFitter(model.spec.n_layers, fitted_positions=answer, others=prompt_policy)
     scope = model.adapter_scope if adapter_scope == "auto" else adapter_scope
     plan = SkipPlan(budget, fitter, "physical", "compute", protect_bos, adapter_scope=scope)
     with torch.no_grad():
