@@ -537,18 +537,23 @@ def script_parser(description: str | None = None) -> argparse.ArgumentParser:
     return _OneLineParser(description=description)
 
 
+def _reported(work: Callable[[], int]) -> tuple[int, bool]:
+    """`work()`'s exit status; a `GateSkipError` is reported as one line and exit 2, an interrupt as
+    one line and exit 130 (then the flag is True: the error is reported)."""
+    try:
+        return work(), False
+    except GateSkipError as err:
+        print(error_line(str(err)), file=sys.stderr)
+        return 2, True
+    except KeyboardInterrupt:
+        print("gateskip: interrupted", file=sys.stderr)
+        return 130, True
+
+
 def run_script(main: Callable[[], object]) -> int:
     """Run a standalone script's `main()` as `run` runs a command: a `GateSkipError` (an unknown
     model, a missing gate file) is one line and exit 2, an interrupt one line and exit 130."""
-    try:
-        main()
-    except GateSkipError as err:
-        print(error_line(str(err)), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("gateskip: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return _reported(lambda: main() or 0)[0]
 
 
 def run(build_parser: Callable[[], argparse.ArgumentParser], argv: list[str] | None = None) -> int:
@@ -559,20 +564,19 @@ def run(build_parser: Callable[[], argparse.ArgumentParser], argv: list[str] | N
     # notices from dependencies before it. Our own long steps print their own progress.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
+
+    def command() -> int:
         with interrupts.held():
             import torch  # noqa: F401  (held: see _Interrupts.held)
 
             parser = build_parser()  # builds the train flags from TrainConfig
         args = parser.parse_args(argv)
         check_inputs(args)
-        status = COMMANDS[args.command](args)
-    except GateSkipError as err:
-        print(error_line(str(err)), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("gateskip: interrupted", file=sys.stderr)
-        return 130
+        return COMMANDS[args.command](args)
+
+    status, reported = _reported(command)
+    if reported:
+        return status
     if interrupts.received:  # swallowed where Python ignores exceptions (a destructor)
         print("gateskip: interrupted", file=sys.stderr)
         return 130
