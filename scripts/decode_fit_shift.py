@@ -10,7 +10,7 @@ fit prompts: the prompt shift; held-out here vs the generation's rate in
 docs/results/generated_skip_rates*.csv: the drift. One row per (model, prompts, budget), a 95%
 percentile interval from resampling whole answers (1,000 draws).
 
-python scripts/decode_fit_shift.py [--models smollm2-135m-instruct,gemma3-270m] [--out docs/results/decode_fit_shift.csv]
+python scripts/decode_fit_shift.py [--models smollm2-135m-instruct] [--out docs/results/decode_fit_shift.csv]
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ def answer_rates(model, answers, budget: float) -> list[tuple[int, int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="smollm2-135m-instruct,gemma3-270m")
+    parser.add_argument(
+        "--models", default="smollm2-135m-instruct", help="models whose `default` gates carry a decode set"
+    )
     parser.add_argument("--out", default="docs/results/decode_fit_shift.csv")
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -2,7 +2,7 @@
 time goes beyond the dense walk's.
 
 SmolLM2-135M-Instruct with the shipped default gates, calibrated policy (the thresholds a decode step
-uses), physical path, one torch thread. The model answers a held-out chat prompt (48 new tokens at
+uses), physical path, one torch thread. The model answers a chat prompt (48 new tokens at
 budget 0.25); the prompt and the first 40 generated tokens fill a KV cache, and each of the last 8
 generated tokens is fed as one decode step at the end of it (the cache cropped back after each). Per
 round every setting runs its 8 steps, settings in turns; a step's time is its best over the rounds, as
@@ -63,7 +63,7 @@ def measure(rounds: int) -> pd.DataFrame:
     gated = load_model("smollm2-135m-instruct", gates="default")
     dense = gated.view()
     dense.remove_gates()
-    prompt = chat_prompts()[5]  # held out: chat_prompts()[5::11] are never trained or calibrated on
+    prompt = chat_prompts()[5]  # the bench's chat prompt: never trained on, a calibration prompt
     answer = gated.generate(prompt, max_new_tokens=48, chat=True, stop_at_eos=False, skip=0.25)
     seq = answer.trace.sequences[0]
     ids = torch.as_tensor(seq.token_ids)[None]

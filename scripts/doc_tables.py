@@ -232,13 +232,23 @@ SPEED_TARGETS = (
 
 def _target_value(run: dict, section: str, field: str, skip: float) -> float:
     """The shipped `default` gates' figure at batch 1 (decoding: the prose setting on the original
-    weights; prefill: the physical path), rounded as the page shows it."""
+    weights; prefill: the physical path), unrounded: a target is judged on the measured figure."""
     (row,) = [
         r for r in run[section]
         if r["batch"] == 1 and r.get("gates") == "default" and r["skip"] == skip and r.get("path", "physical") == "physical"
         and r.get("setting", "prose") == "prose" and r.get("weights", "original") == "original"
     ]  # fmt: skip
-    return round(row[field], 2)
+    return float(row[field])
+
+
+def _shown(value: float, least: float) -> str:
+    """Two decimals, or three where two would round a miss up to the target (0.968 against 0.97)."""
+    return f"{value:.3f}" if value < least <= round(value, 2) else f"{value:.2f}"
+
+
+def _gap(short: float) -> str:
+    """How far a figure falls short, with a third decimal when two would read 0.00."""
+    return f"{short:.2f}" if round(short, 2) >= 0.01 else f"{short:.3f}"
 
 
 def _bench_targets(*paths: str) -> str:
@@ -252,10 +262,10 @@ def _bench_targets(*paths: str) -> str:
     for what, section, field, skip, least in SPEED_TARGETS:
         values = [_target_value(run, section, field, skip) for run in runs.values()]
         unit = "x" if field != "realised_over_bytes_model" else ""
-        short = sorted(round(least - v, 2) for v in values if v < least)
-        by = "" if not short else f"{short[0]:.2f}" + (f"-{short[-1]:.2f}" if short[-1] != short[0] else "")
+        short = sorted(least - v for v in values if v < least)
+        by = "" if not short else _gap(short[0]) + (f"-{_gap(short[-1])}" if _gap(short[-1]) != _gap(short[0]) else "")
         met = sum(v >= least for v in values)
-        cells = " | ".join(f"{v:.2f}{unit}" for v in values)
+        cells = " | ".join(f"{_shown(v, least)}{unit}" for v in values)
         lines.append(f"| {what} | {cells} | {met} of {len(values)} | {by} |")
     return "\n".join(lines)
 

@@ -14,7 +14,14 @@ chat prompts, training/chat_data.py chat_prompts()[5::11]). Each rate is pooled 
 `allocated_rate`: the mean of the per-branch rates the budget's allocation sets (the default, global
 allocation spends a fraction of compute, so branch evaluations average slightly below the budget).
 
-python scripts/generated_skip_rates.py [--model smollm2-135m-instruct] [--prompts 12] [--out docs/results/generated_skip_rates.csv]
+python scripts/generated_skip_rates.py [--model smollm2-135m-instruct] [--gates default] [--prompts 12] [--out docs/results/generated_skip_rates.csv]
+
+Gemma-3's shipped gates carry no decode set (measured with one, it kept the budget worse than the
+prompt set on these prompts); its table was made on a copy given one:
+    cp gateskip_core/shipped_gates/gemma3-270m-default.safetensors /tmp/gemma3-decode.safetensors
+    python scripts/fit_decode_thresholds.py /tmp/gemma3-decode.safetensors
+    python scripts/generated_skip_rates.py --model gemma3-270m --gates /tmp/gemma3-decode.safetensors \
+        --out docs/results/generated_skip_rates_gemma3.csv
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ def part_counts(gen, part: str) -> list[tuple[int, int]]:
     return counts
 
 
-def rates_row(model, prompts: list[str], label: str, budget: float) -> dict:
+def rates_row(model, gates: str, prompts: list[str], label: str, budget: float) -> dict:
     """One generation over all held-out prompts (a left-padded batch; decisions are per token)."""
     gen = model.generate(
         prompts,
@@ -63,7 +70,7 @@ def rates_row(model, prompts: list[str], label: str, budget: float) -> dict:
         path="physical",
         generated_thresholds=THRESHOLDS[label],
     )
-    row = {"model": model.name, "gates": "default", "thresholds": label, "skip_budget": budget}
+    row = {"model": model.name, "gates": gates, "thresholds": label, "skip_budget": budget}
     pooled = partial(pooled_rate, n_layers=model.spec.n_layers)
     for part in ("prompt", "generated"):
         interval = cluster_bootstrap(part_counts(gen, part), pooled)
@@ -88,19 +95,22 @@ def rates_row(model, prompts: list[str], label: str, budget: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct", help="a model with shipped `default` gates")
+    parser.add_argument("--gates", default="default", help="gates with a decode set (a spec or a checkpoint file)")
     parser.add_argument("--prompts", type=int, default=12, help="held-out chat prompts measured")
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="comma separated")
     parser.add_argument("--out", default="docs/results/generated_skip_rates.csv")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model = load_model(args.model, gates="default")
+    model = load_model(args.model, gates=args.gates)
     if model.calibrate_generated(model.budget(0.25)) is None:
-        raise SystemExit("the default gates store no decode-fitted thresholds: run scripts/fit_decode_thresholds.py")
+        raise SystemExit(
+            f"gates {args.gates!r} store no decode-fitted thresholds: run scripts/fit_decode_thresholds.py"
+        )
     held_out = HELDOUT_CHAT_PROMPTS[: args.prompts]
     rows = []
     for budget in (float(b) for b in args.budgets.split(",")):
         for label in THRESHOLDS:
-            rows.append(rates_row(model, held_out, label, budget))
+            rows.append(rates_row(model, args.gates, held_out, label, budget))
         print(
             pd.DataFrame(rows[-2:]).drop(columns=["model", "gates", "threshold_sets"]).to_string(index=False),
             flush=True,

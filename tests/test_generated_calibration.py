@@ -348,15 +348,19 @@ def test_smollm2_generated_tokens_keep_the_budget_and_prompt_tokens_their_rate()
         assert rates.prompt == pytest.approx(prompt_rate, abs=1e-9)
 
 
-@pytest.mark.parametrize("name", ["smollm2-135m-instruct-default", "gemma3-270m-default"])
-def test_the_shipped_default_gates_record_what_both_threshold_sets_were_fitted_on(name):
+@pytest.mark.parametrize("name, decode_set", [("smollm2-135m-instruct-default", True), ("gemma3-270m-default", False)])
+def test_the_shipped_default_gates_record_what_their_threshold_sets_were_fitted_on(name, decode_set):
     """One calibration everywhere: a budget off the stored grid is fitted on the same texts (prompt
-    set) and the answers to the same prompts (decode set) as the stored grid."""
+    set) and the answers to the same prompts (decode set) as the stored grid. Gemma-3 ships no decode
+    set (on held-out prompts it kept the budget worse than the prompt set, docs/generation.md)."""
     ckpt = load_gates(SHIPPED / f"{name}.safetensors")
     assert len(ckpt.training.get(RECORDED_TEXTS) or []) >= 64
-    assert len(decode_calibration(ckpt)["prompts"]) == 24
     grid = (len(ckpt.calibration_budgets), ckpt.calibration_thresholds.shape[1], 2)
-    assert ckpt.calibration_thresholds.shape == ckpt.generated_thresholds.shape == grid
+    assert ckpt.calibration_thresholds.shape == grid
+    if decode_set:
+        assert len(decode_calibration(ckpt)["prompts"]) == 24 and ckpt.generated_thresholds.shape == grid
+    else:
+        assert decode_calibration(ckpt) is None and len(ckpt.generated_thresholds) == 0
 
 
 @pytest.mark.real

@@ -167,7 +167,7 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
         "--chat-new-tokens",
         type=cli_type(whole_number, "--chat-new-tokens", minimum=0),
         default=48,
-        help="the chat setting: tokens answered to a held-out chat prompt at batch 1 with --gates (0: none)",
+        help="the chat setting: tokens answered to a chat prompt (a calibration prompt, never trained on) at batch 1 with --gates (0: none)",
     )
     p.add_argument(
         "--clock",

@@ -70,7 +70,7 @@ class BenchConfig:
     decode_batches: tuple[int, ...] = (1, 8)
     decode_repeats: int = 2  # batch 1
     clock: str = "wall"  # 'wall' or 'cpu' (this process's CPU time: a shared machine; CPU runs only)
-    chat_new_tokens: int = 48  # the chat setting: tokens answered to a held-out chat prompt, batch 1, `gates` (0: none)
+    chat_new_tokens: int = 48  # the chat setting: tokens answered to a chat prompt, batch 1, `gates` (0: none)
     batched_decode_repeats: int = 1  # larger batches (the targets are at batch 1; each run is long)
     collect_tokens: tuple[int, ...] = (2_000, 10_000)
     corpus_collect_tokens: int = 20_000  # collected for real, with 1 and 2 processes
@@ -297,13 +297,14 @@ def _decode_predictions(view: GatedModel, trace, prompt_len: int, batch_size: in
 class DecodeSetting:
     """What is decoded: `prompts` (one per sequence of the batch), through the chat template or not."""
 
-    name: str  # 'prose' (held-out pydoc, `decode_prompt` tokens) or 'chat' (a held-out chat prompt)
+    name: str  # 'prose' (held-out pydoc, `decode_prompt` tokens) or 'chat' (one chat prompt, below)
     prompts: tuple[str, ...]
     chat: bool
     new_tokens: int
 
 
-# A held-out chat prompt (training/chat_data.py: chat_prompts()[5::11] are never trained or calibrated on)
+# A chat prompt never trained on; chat_prompts()[5::11] are the calibration prompts (the prompt set's chat
+# texts and the decode set's fit read them), so its skip rates are not held-out ones
 CHAT_PROMPT_INDEX = 5
 
 

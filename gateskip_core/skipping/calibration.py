@@ -74,8 +74,8 @@ def threshold_between(sorted_values: torch.Tensor, k: int) -> float:
 
     Values tied with the k-th (within `TIE_TOLERANCE`) are skipped together or not at all: the
     threshold goes above the tied block or below it, whichever skips a count nearer k (above on
-    a draw). Always above, a branch whose gates are all tied (saturated at 1.0: Gemma-3's layer 0
-    on every answer token) skipped every token at a budget of 1%.
+    a draw). Always above, a branch whose gates are all tied (Gemma-3's layer 0: one value for
+    every token) skipped every token at a budget of 1%.
     """
     if k <= 0:
         return -math.inf
