@@ -13,6 +13,10 @@ model at budgets 0 / 0.25 / 0.5 with every lever on (`all`), without the one-tok
 gate evaluated when its branch is reached).
 
     python scripts/decode_step_levers.py [--rounds 8] [--out docs/results/decode_step_levers.csv]
+
+docs/results/decode_step_levers_first_run.csv is the same command (`--rounds 8`) run minutes before the
+stored one, written with `--out docs/results/decode_step_levers_first_run.csv`: a repeat, kept to show
+how far two runs on an idle core differ.
 """
 
 from __future__ import annotations
