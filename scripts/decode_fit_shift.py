@@ -25,24 +25,11 @@ import torch
 from analysis.experiments.quality import HELDOUT_CHAT_PROMPTS
 from analysis.traces.intervals import cluster_bootstrap
 from gateskip_core import load_model
-from gateskip_core.skipping.calibration import GENERATED_FIT_TOKENS, PhasedCalibratedPolicy, answer_batch, own_answers
+from gateskip_core.skipping.calibration import GENERATED_FIT_TOKENS, own_answers, phased_answer_skips
 from gateskip_core.training.chat_data import chat_prompts
 
 BUDGETS = (0.1, 0.25, 0.5)
 PROMPTS = 12
-
-
-def answer_rates(model, answers, budget: float) -> list[tuple[int, int]]:
-    """Per answer: (skipped branch evaluations, answer tokens x branches) under the phased thresholds."""
-    ids, mask, answer = answer_batch(model, answers)
-    skip = model.budget(budget)
-    policy = PhasedCalibratedPolicy(model.calibrate(skip), model.calibrate_generated(skip))
-    plan = model.make_plan(skip, policy.for_prompts([n for _, n in answers]), path="physical")
-    with torch.no_grad():
-        out = model.forward(ids, mask, plan)
-    skipped = out.skipped.flatten(2).sum(-1)  # [B, T]
-    cells = out.skipped.shape[2] * out.skipped.shape[3]
-    return [(int(skipped[b][answer[b]].sum()), int(answer[b].sum()) * cells) for b in range(len(answers))]
 
 
 def main() -> None:
@@ -60,7 +47,7 @@ def main() -> None:
         for label, prompts in sets.items():
             answers = own_answers(model, prompts, GENERATED_FIT_TOKENS)
             for budget in BUDGETS:
-                counts = answer_rates(model, answers, budget)
+                counts = phased_answer_skips(model, answers, model.budget(budget))
                 interval = cluster_bootstrap(counts, lambda c: float(np.sum(c, axis=0)[0] / np.sum(c, axis=0)[1]))
                 rows.append({"model": name, "prompts": label, "answers": "original (budget 0), teacher-forced",
                              "skip_budget": budget, "generated_skip_rate": round(interval.estimate, 4),

@@ -393,6 +393,23 @@ class PhasedCalibratedPolicy(SkipPolicy):
         return Decision(skip=inp.eligible & (inp.gate <= threshold), threshold=threshold)
 
 
+def phased_answer_skips(model, answers: Sequence[tuple[list[int], int]], budget: SkipBudget) -> list[tuple[int, int]]:
+    """Per answer (ids of prompt + answer, prompt length): (skipped branch evaluations, branch
+    evaluations) of its answer's tokens, prompt + answer read in one pass under the phased
+    thresholds at `budget` (prompt set for the prompt, decode set for the answer): what a cached
+    generation of that answer decides (tests/test_generated_calibration.py checks the two agree)."""
+    generated = model.calibrate_generated(budget)
+    if generated is None:
+        raise GateSkipError("the gates store no decode-fitted thresholds (scripts/fit_decode_thresholds.py)")
+    ids, mask, answer = answer_batch(model, answers)
+    policy = PhasedCalibratedPolicy(model.calibrate(budget), generated).for_prompts([n for _, n in answers])
+    with torch.no_grad():
+        out = model.forward(ids, mask, model.make_plan(budget, policy, path="physical"))
+    skipped = out.skipped.flatten(2).sum(-1)  # [B, T]
+    cells = out.skipped.shape[2] * out.skipped.shape[3]
+    return [(int(skipped[b][answer[b]].sum()), int(answer[b].sum()) * cells) for b in range(len(answers))]
+
+
 def threshold_sets(policy: SkipPolicy | None) -> str:
     """Which calibrated thresholds decide which tokens, in words ('' for policies without thresholds)."""
     if isinstance(policy, PhasedCalibratedPolicy):
